@@ -1,0 +1,219 @@
+"""Back-end selection shared by every op.
+
+Each op runs on one of three back ends:
+
+* ``cuda``   - hand-written CUDA C++ in ``csrc/``, bound into ``crosslmm_ops._C``;
+* ``triton`` - Triton kernels in ``crosslmm_ops/triton/``;
+* ``torch``  - the plain-PyTorch reference, the CPU path and the test oracle.
+
+``backend="auto"`` (the default, or the ``CROSSLMM_BACKEND`` environment variable) takes the first
+of cuda -> triton -> torch that can run the call. Asking for a back end that cannot run the call is a
+``RuntimeError`` that says why; there is no silent fallback. The back end that ran each call is
+recorded, so tests and benchmarks can assert it (:func:`last_backend`, :func:`record_backends`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+_CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "CROSSLMM_BACKEND"
+
+
+# ----------------------------------------------------------------------------------------------
+# What is installed
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled module ``crosslmm_ops._C``, or ``None`` when it was not built."""
+    try:
+        from crosslmm_ops import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _C
+
+
+@functools.lru_cache(maxsize=None)
+def extension_import_error() -> str | None:
+    """Why ``crosslmm_ops._C`` could not be imported (``None`` when it imports)."""
+    try:
+        from crosslmm_ops import _C  # noqa: F401  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # triton can fail to import in odd ways (missing libcuda, old glibc)
+        return False
+    return True
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def extension_archs() -> list[str]:
+    """The GPU architectures the extension was compiled for (empty when not built)."""
+    ext = extension()
+    if ext is None:
+        return []
+    return [a for a in ext.cuda_archs().split(",") if a]
+
+
+def _device_arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def cuda_runnable(device: torch.device) -> tuple[bool, str]:
+    """Whether the CUDA back end can run on ``device``, and if not, why."""
+    if device.type != "cuda":
+        return False, f"the CUDA back end needs CUDA tensors, got tensors on {device}"
+    if extension() is None:
+        return False, (
+            "the CUDA extension crosslmm_ops._C is not built "
+            f"({extension_import_error()}); reinstall with a CUDA toolchain: "
+            "CROSSLMM_FORCE_BUILD=1 pip install --no-build-isolation crosslmm-ops"
+        )
+    arch = _device_arch(device)
+    built = extension_archs()
+    # Machine code for sm_XY runs on sm_XZ with Z >= Y (same major); "90a" code only on sm_90.
+    for a in built:
+        num = int(a.rstrip("a"))
+        if a.endswith("a") and num == arch:
+            return True, ""
+        if not a.endswith("a") and num // 10 == arch // 10 and num <= arch:
+            return True, ""
+    return False, (
+        f"the CUDA extension was built for sm_{', sm_'.join(built) or 'none'}, "
+        f"not for this GPU (sm_{arch}); rebuild with CROSSLMM_CUDA_ARCHS={arch}"
+    )
+
+
+def triton_runnable(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton back end can run on ``device``, and if not, why."""
+    if not triton_available():
+        return False, "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and triton_interpreted():
+        return True, ""
+    return False, (
+        f"the Triton back end needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing a back end for one call
+# ----------------------------------------------------------------------------------------------
+
+
+def requested_backend(backend: str | None) -> str:
+    """The back end a call asked for: its argument, else ``CROSSLMM_BACKEND``, else ``auto``."""
+    if backend is None:
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+    if not isinstance(backend, str) or backend.lower() not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
+    return backend.lower()
+
+
+def resolve(
+    op: str,
+    backend: str | None,
+    device: torch.device,
+    *,
+    cuda_ok: tuple[bool, str] | None = None,
+    triton_ok: tuple[bool, str] | None = None,
+) -> str:
+    """Pick the back end for one call of ``op`` on ``device``.
+
+    ``cuda_ok`` / ``triton_ok`` let an op add its own limits (dtype, head dim ...) on top of what is
+    installed: ``(False, reason)`` excludes that back end for this call.
+    """
+    wanted = requested_backend(backend)
+    checks = {
+        "cuda": cuda_ok if cuda_ok is not None else cuda_runnable(device),
+        "triton": triton_ok if triton_ok is not None else triton_runnable(device),
+        "torch": (True, ""),
+    }
+    if wanted != "auto":
+        ok, why = checks[wanted]
+        if not ok:
+            raise RuntimeError(f"{op}: backend={wanted!r} cannot run this call: {why}")
+        return wanted
+    for name in BACKENDS:
+        # auto never picks the Triton interpreter: it is a testing tool, far too slow to use.
+        if name == "triton" and device.type == "cpu":
+            continue
+        if checks[name][0]:
+            return name
+    raise AssertionError("unreachable: the torch back end always runs")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output allocation (poisoned under test, so that an element a kernel forgets to write fails)
+# ----------------------------------------------------------------------------------------------
+
+_poison = threading.local()
+
+
+def poisoning() -> bool:
+    return getattr(_poison, "on", False) or os.environ.get("CROSSLMM_POISON_OUTPUTS", "0") == "1"
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised output tensor; filled with NaN (floats) or INT_MIN (ints) when poisoning
+    is on (:func:`crosslmm_ops.testing.poison_outputs`, or ``CROSSLMM_POISON_OUTPUTS=1``)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poisoning():
+        out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording which back end ran
+# ----------------------------------------------------------------------------------------------
+
+_last: dict[str, str] = {}
+_recorders = threading.local()
+
+
+def note(op: str, backend: str) -> None:
+    """Record that ``op`` just ran on ``backend`` (called by each op's implementation)."""
+    _last[op] = backend
+    for log in getattr(_recorders, "stack", ()):
+        log.append((op, backend))
+
+
+def last_backend(op: str) -> str | None:
+    """The back end that ran the most recent call of ``op`` in this process (``None`` if none)."""
+    return _last.get(op)
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[list[tuple[str, str]]]:
+    """Collect ``(op, backend)`` for every op call in this thread inside the ``with`` block."""
+    log: list[tuple[str, str]] = []
+    stack = getattr(_recorders, "stack", None)
+    if stack is None:
+        stack = _recorders.stack = []
+    stack.append(log)
+    try:
+        yield log
+    finally:
+        stack.remove(log)

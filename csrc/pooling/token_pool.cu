@@ -1,0 +1,413 @@
+// Token pooling on token-major [B, T, N, D] tensors, forward and backward, in one kernel.
+//
+// Every spatial pooling mode of token_pool is a map from the N tokens of a frame to n output tokens
+// in which each output token reads a short list of input tokens:
+//   avg / adaptive / bilinear : out[o] = sum_j w_j * x[idx_j]          (a sparse matrix, CSR)
+//   max                       : out[o] = max_j x[idx_j], remembering which j won
+// The Python side (crosslmm_ops/ops/token_pool.py, `pool_plan`) builds that CSR once per pooling
+// spec and also its transpose. The backward of a linear mode is the same weighted sum over the
+// transposed CSR, and the backward of max is a sum over the transposed CSR of the gradients whose
+// recorded winner is this token. So a single gather kernel serves forward and backward of every
+// mode, and the backward needs no atomics: each input token's gradient is written by one thread,
+// in a fixed order, so it is deterministic.
+//
+// Temporal pooling (stride s over frames, the last group possibly shorter) is folded in: an output
+// frame t reads input frames [t*s, min(t*s+s, T)); in the backward ("time transposed") an input frame
+// f reads output frame f/s.
+//
+// Layout: the channel dimension D is innermost with stride 1, so a thread owns VEC consecutive
+// channels (16 bytes when alignment allows) of one output token; the B, T, N dimensions may have any
+// strides, so sliced and non-contiguous inputs are read in place without a copy.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "../common/check.h"
+
+namespace crosslmm {
+namespace {
+
+enum MixKind : int {
+  kWeightedSum = 0,  // avg, adaptive, bilinear forward, and their backward (transposed CSR)
+  kMaxForward = 1,   // max over the CSR row; writes the winning input position to argmax
+  kMaxBackward = 2,  // gradient of max: sum of grad_out over the rows whose winner is this token
+};
+
+struct TokenMixParams {
+  const void* src;           // [B, Ts, Ns, D], channel stride 1
+  void* dst;                 // [B, Td, Nd, D], channel stride 1
+  const int32_t* argmax_in;  // kMaxBackward: [B, Ts, Ns, D] winners of the forward (contiguous)
+  int32_t* argmax_out;       // kMaxForward: [B, Td, Nd, D] (contiguous)
+  const int32_t* row_ptr;    // [Nd + 1]
+  const int32_t* col_idx;    // [nnz], token indices into the Ns source tokens
+  const float* weight;       // [nnz] (kWeightedSum only)
+  int64_t batch, src_frames, src_tokens, dst_frames, dst_tokens, channels;
+  int64_t src_sb, src_st, src_sn;  // element strides of src
+  int64_t dst_sb, dst_st, dst_sn;  // element strides of dst
+  int64_t temporal_stride;         // s >= 1
+  int64_t frames_in;               // frame count before temporal pooling (sizes the last group)
+  int64_t tokens_in;               // token count per input frame (argmax encoding: f * N + i)
+  bool time_transposed;            // backward direction over frames
+  int lanes;                       // threads along the channels in one block (blockDim.x)
+  int chunk_channels;              // channels covered by one block (lanes * VEC)
+};
+
+// c10::Half and c10::BFloat16 convert to and from float on the device (one instruction each).
+template <typename T>
+__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Packed {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_packed(const T* p, float (&out)[VEC]) {
+  Packed<T, VEC> pk = *reinterpret_cast<const Packed<T, VEC>*>(p);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = to_float(pk.v[k]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_packed(T* p, const float (&in)[VEC]) {
+  Packed<T, VEC> pk;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(in[k]);
+  *reinterpret_cast<Packed<T, VEC>*>(p) = pk;
+}
+
+// Frames of the source that feed destination frame `t`, and the weight of each (1/count for the
+// averaging modes; the max modes ignore it).
+struct FrameRange {
+  int64_t first, last;  // [first, last)
+  float weight;
+};
+
+__device__ __forceinline__ FrameRange frames_for(const TokenMixParams& p, int64_t t) {
+  const int64_t s = p.temporal_stride;
+  if (!p.time_transposed) {
+    const int64_t first = t * s;
+    const int64_t last = min(first + s, p.src_frames);
+    return {first, last, 1.0f / static_cast<float>(last - first)};
+  }
+  const int64_t group = t / s;  // the output frame that input frame t was pooled into
+  const int64_t count = min(s, p.frames_in - group * s);
+  return {group, group + 1, 1.0f / static_cast<float>(count)};
+}
+
+// Max with a fixed tie-break: the larger value wins; equal values go to the earlier position in
+// scan order (frames, then the CSR row); NaN wins over numbers so it propagates, as in torch.
+__device__ __forceinline__ bool beats(float v, int32_t rank, float best, int32_t best_rank) {
+  if (best_rank < 0) return true;
+  const bool v_nan = isnan(v), b_nan = isnan(best);
+  if (v_nan != b_nan) return v_nan;
+  if (v_nan) return rank < best_rank;
+  return v > best || (v == best && rank < best_rank);
+}
+
+template <typename T, int VEC, int KIND>
+__global__ void token_mix_kernel(const TokenMixParams p) {
+  constexpr int kUnroll = 4;  // source rows loaded before the first is used: loads in flight
+  extern __shared__ float smem[];
+
+  const int lane = threadIdx.x;
+  const int group = threadIdx.y;
+  const int groups = blockDim.y;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * p.chunk_channels +
+                     static_cast<int64_t>(lane) * VEC;
+  const bool active = c0 < p.channels;
+
+  const int64_t row = blockIdx.x;  // (b, t, o) of the destination token
+  const int64_t o = row % p.dst_tokens;
+  const int64_t bt = row / p.dst_tokens;
+  const int64_t t = bt % p.dst_frames;
+  const int64_t b = bt / p.dst_frames;
+
+  const int32_t row_begin = p.row_ptr[o];
+  const int32_t row_len = p.row_ptr[o + 1] - row_begin;
+  const FrameRange fr = frames_for(p, t);
+
+  const T* src = static_cast<const T*>(p.src) + b * p.src_sb + c0;
+
+  float acc[VEC];
+  int32_t best_rank[VEC];
+  int32_t best_pos[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    acc[k] = 0.f;
+    best_rank[k] = -1;
+    best_pos[k] = -1;
+  }
+  // kMaxBackward: the forward position that this destination token (input frame t, token o) has.
+  const int32_t my_pos = static_cast<int32_t>(t * p.tokens_in + o);
+
+  if (active) {
+    for (int64_t f = fr.first; f < fr.last; ++f) {
+      const T* frame = src + f * p.src_st;
+      for (int32_t j0 = group; j0 < row_len; j0 += groups * kUnroll) {
+        float vals[kUnroll][VEC];
+        int32_t am[kUnroll][VEC];
+        float w[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int32_t j = j0 + u * groups;
+          if (j < row_len) {
+            const int32_t tok = p.col_idx[row_begin + j];
+            load_packed<T, VEC>(frame + tok * p.src_sn, vals[u]);
+            if (KIND == kWeightedSum) w[u] = p.weight[row_begin + j] * fr.weight;
+            if (KIND == kMaxBackward) {
+              const int32_t* a = p.argmax_in +
+                                 ((b * p.src_frames + f) * p.src_tokens + tok) * p.channels + c0;
+              const Packed<int32_t, VEC> pk = *reinterpret_cast<const Packed<int32_t, VEC>*>(a);
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) am[u][k] = pk.v[k];
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int32_t j = j0 + u * groups;
+          if (j < row_len) {
+            if (KIND == kWeightedSum) {
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) acc[k] = fmaf(w[u], vals[u][k], acc[k]);
+            } else if (KIND == kMaxBackward) {
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) acc[k] += (am[u][k] == my_pos) ? vals[u][k] : 0.f;
+            } else {
+              const int32_t rank = static_cast<int32_t>((f - fr.first) * row_len + j);
+              const int32_t tok = p.col_idx[row_begin + j];
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) {
+                if (beats(vals[u][k], rank, acc[k], best_rank[k])) {
+                  acc[k] = vals[u][k];
+                  best_rank[k] = rank;
+                  best_pos[k] = static_cast<int32_t>(f * p.tokens_in + tok);
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Combine the partial results of the groups that split this row's taps between them.
+  if (groups > 1) {
+    const int lanes = blockDim.x;
+    float* s_acc = smem;                                                     // [groups][lanes][VEC]
+    int32_t* s_rank = reinterpret_cast<int32_t*>(smem + groups * lanes * VEC);  // max only
+    int32_t* s_pos = reinterpret_cast<int32_t*>(s_rank + groups * lanes * VEC);
+    const int slot = (group * lanes + lane) * VEC;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      s_acc[slot + k] = acc[k];
+      if (KIND == kMaxForward) {
+        s_rank[slot + k] = best_rank[k];
+        s_pos[slot + k] = best_pos[k];
+      }
+    }
+    __syncthreads();
+    if (group != 0) return;
+    for (int g = 1; g < groups; ++g) {
+      const int other = (g * lanes + lane) * VEC;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        if (KIND == kMaxForward) {
+          const int32_t r = s_rank[other + k];
+          if (r >= 0 && beats(s_acc[other + k], r, acc[k], best_rank[k])) {
+            acc[k] = s_acc[other + k];
+            best_rank[k] = r;
+            best_pos[k] = s_pos[other + k];
+          }
+        } else {
+          acc[k] += s_acc[other + k];
+        }
+      }
+    }
+  }
+  if (!active) return;
+
+  if (KIND == kMaxForward) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      // An empty window (impossible for valid specs) yields -inf and no winner.
+      if (best_rank[k] < 0) acc[k] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  if (KIND == kMaxForward && p.argmax_out != nullptr) {
+    int32_t* am = p.argmax_out + ((b * p.dst_frames + t) * p.dst_tokens + o) * p.channels + c0;
+    Packed<int32_t, VEC> pk;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) pk.v[k] = best_pos[k];
+    *reinterpret_cast<Packed<int32_t, VEC>*>(am) = pk;
+  }
+  T* dst = static_cast<T*>(p.dst) + b * p.dst_sb + t * p.dst_st + o * p.dst_sn + c0;
+  store_packed<T, VEC>(dst, acc);
+}
+
+// The widest vector (up to 16 bytes) that every access can use: channel count, the strides of
+// both tensors and their base addresses must all be multiples of it.
+int pick_vec(int64_t elem_size, const at::Tensor& src, const at::Tensor& dst,
+             const c10::optional<at::Tensor>& argmax) {
+  int vec = static_cast<int>(16 / elem_size);
+  auto fits = [&](int v) {
+    const int64_t bytes = v * elem_size;
+    if (src.size(3) % v) return false;
+    for (int d = 0; d < 3; ++d) {
+      if (src.stride(d) % v || dst.stride(d) % v) return false;
+    }
+    if (reinterpret_cast<uintptr_t>(src.data_ptr()) % bytes) return false;
+    if (reinterpret_cast<uintptr_t>(dst.data_ptr()) % bytes) return false;
+    if (argmax && reinterpret_cast<uintptr_t>(argmax->data_ptr()) % (v * 4)) return false;
+    return true;
+  };
+  while (vec > 1 && !fits(vec)) vec /= 2;
+  return vec;
+}
+
+template <typename T, int VEC, int KIND>
+void launch(TokenMixParams p, int64_t rows, int64_t max_taps, cudaStream_t stream) {
+  const int64_t lanes_total = ceil_div(p.channels, VEC);
+  const int sms = multiprocessor_count();
+  // Split the channels over several blocks only when there are too few rows to fill the GPU.
+  // A block covers at most 256 lanes of channels (2048 bf16 channels at 16 bytes a lane).
+  int64_t chunks = ceil_div(lanes_total, 256);
+  int64_t lanes = ceil_div(lanes_total, chunks);
+  while (rows * chunks < 8LL * sms && lanes > 32) {
+    chunks *= 2;
+    lanes = ceil_div(lanes_total, chunks);
+  }
+  chunks = ceil_div(lanes_total, lanes);
+  // Then split each row's taps over groups of threads so long rows (27x27 -> 1) keep many loads in
+  // flight; a block stays near 256 threads.
+  int64_t groups = std::max<int64_t>(1, std::min<int64_t>(256 / std::max<int64_t>(lanes, 1), max_taps));
+  groups = std::min<int64_t>(groups, 32);
+  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "token_pool: too many output rows: ", rows);
+  TORCH_CHECK(chunks <= 65535, "token_pool: too many channel chunks: ", chunks);
+  p.lanes = static_cast<int>(lanes);
+  p.chunk_channels = static_cast<int>(lanes * VEC);
+  const dim3 block(static_cast<unsigned>(lanes), static_cast<unsigned>(groups));
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks));
+  size_t smem = 0;
+  if (groups > 1) {
+    smem = groups * lanes * VEC * sizeof(float);
+    if (KIND == kMaxForward) smem += groups * lanes * VEC * 2 * sizeof(int32_t);
+  }
+  token_mix_kernel<T, VEC, KIND><<<grid, block, smem, stream>>>(p);
+  CROSSLMM_CHECK_LAUNCH();
+}
+
+template <typename T, int KIND>
+void launch_vec(int vec, const TokenMixParams& p, int64_t rows, int64_t max_taps, cudaStream_t s) {
+  switch (vec) {
+    case 8:
+      if constexpr (sizeof(T) <= 2) return launch<T, 8, KIND>(p, rows, max_taps, s);
+      break;
+    case 4: return launch<T, 4, KIND>(p, rows, max_taps, s);
+    case 2: return launch<T, 2, KIND>(p, rows, max_taps, s);
+    case 1: return launch<T, 1, KIND>(p, rows, max_taps, s);
+  }
+  TORCH_CHECK(false, "token_pool: unsupported vector width ", vec);
+}
+
+}  // namespace
+
+// dst[b, t, o, :] = combine over frames f of t and CSR row o of src[b, f, col_idx[j], :].
+// See the file comment for `kind`. `argmax` is written (kind 1) or read (kind 2), unused otherwise.
+void token_pool_mix(const at::Tensor& src, at::Tensor& dst, const at::Tensor& row_ptr,
+                    const at::Tensor& col_idx, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& argmax, int64_t kind,
+                    int64_t temporal_stride, int64_t frames_in, int64_t tokens_in,
+                    bool time_transposed, int64_t max_row_len) {
+  CROSSLMM_CHECK_CUDA(src);
+  CROSSLMM_CHECK_SAME_DEVICE(src, dst);
+  CROSSLMM_CHECK_SAME_DEVICE(src, row_ptr);
+  CROSSLMM_CHECK_SAME_DEVICE(src, col_idx);
+  CROSSLMM_CHECK_DIM(src, 4);
+  CROSSLMM_CHECK_DIM(dst, 4);
+  TORCH_CHECK(src.scalar_type() == dst.scalar_type(), "src and dst must have the same dtype, got ",
+              src.scalar_type(), " and ", dst.scalar_type());
+  TORCH_CHECK(src.stride(3) == 1 && dst.stride(3) == 1,
+              "src and dst must have channel stride 1, got ", src.strides(), " and ", dst.strides());
+  TORCH_CHECK(src.size(0) == dst.size(0) && src.size(3) == dst.size(3),
+              "src and dst must agree in batch and channels, got ", src.sizes(), " and ", dst.sizes());
+  CROSSLMM_CHECK_DTYPE(row_ptr, at::kInt);
+  CROSSLMM_CHECK_DTYPE(col_idx, at::kInt);
+  CROSSLMM_CHECK_CONTIGUOUS(row_ptr);
+  CROSSLMM_CHECK_CONTIGUOUS(col_idx);
+  TORCH_CHECK(row_ptr.numel() == dst.size(2) + 1, "row_ptr must have ", dst.size(2) + 1,
+              " entries, got ", row_ptr.numel());
+  TORCH_CHECK(kind >= 0 && kind <= 2, "kind must be 0, 1 or 2, got ", kind);
+  TORCH_CHECK(temporal_stride >= 1, "temporal_stride must be >= 1, got ", temporal_stride);
+  if (kind == kWeightedSum) {
+    CROSSLMM_CHECK_SAME_DEVICE(src, weight);
+    CROSSLMM_CHECK_DTYPE(weight, at::kFloat);
+    CROSSLMM_CHECK_CONTIGUOUS(weight);
+    TORCH_CHECK(weight.numel() == col_idx.numel(), "weight and col_idx must have equal length");
+  } else if (argmax.has_value()) {  // required by the max backward, optional in the forward
+    CROSSLMM_CHECK_SAME_DEVICE(src, (*argmax));
+    CROSSLMM_CHECK_DTYPE((*argmax), at::kInt);
+    CROSSLMM_CHECK_CONTIGUOUS((*argmax));
+    const auto& shaped = kind == kMaxForward ? dst : src;
+    TORCH_CHECK(argmax->sizes() == shaped.sizes(), "argmax must have shape ", shaped.sizes(),
+                ", got ", argmax->sizes());
+  }
+  TORCH_CHECK(kind != kMaxBackward || argmax.has_value(), "the max backward needs argmax");
+  if (time_transposed) {
+    TORCH_CHECK(ceil_div(dst.size(1), temporal_stride) == src.size(1),
+                "frame counts do not match the temporal stride");
+  } else {
+    TORCH_CHECK(ceil_div(src.size(1), temporal_stride) == dst.size(1),
+                "frame counts do not match the temporal stride");
+  }
+  if (dst.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard guard(src.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  TokenMixParams p{};
+  p.src = src.data_ptr();
+  p.dst = dst.data_ptr();
+  p.argmax_in = kind == kMaxBackward ? argmax->data_ptr<int32_t>() : nullptr;
+  p.argmax_out = kind == kMaxForward && argmax ? argmax->data_ptr<int32_t>() : nullptr;
+  p.row_ptr = row_ptr.data_ptr<int32_t>();
+  p.col_idx = col_idx.data_ptr<int32_t>();
+  p.weight = kind == kWeightedSum ? weight.data_ptr<float>() : nullptr;
+  p.batch = src.size(0);
+  p.src_frames = src.size(1);
+  p.src_tokens = src.size(2);
+  p.dst_frames = dst.size(1);
+  p.dst_tokens = dst.size(2);
+  p.channels = src.size(3);
+  p.src_sb = src.stride(0);
+  p.src_st = src.stride(1);
+  p.src_sn = src.stride(2);
+  p.dst_sb = dst.stride(0);
+  p.dst_st = dst.stride(1);
+  p.dst_sn = dst.stride(2);
+  p.temporal_stride = temporal_stride;
+  p.frames_in = frames_in;
+  p.tokens_in = tokens_in;
+  p.time_transposed = time_transposed;
+
+  const int64_t rows = dst.size(0) * dst.size(1) * dst.size(2);
+  const int64_t frames_per_row = time_transposed ? 1 : temporal_stride;
+  const int64_t max_taps = std::max<int64_t>(1, max_row_len * frames_per_row);
+  const int vec = pick_vec(src.element_size(), src, dst, argmax);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "token_pool_mix", [&] {
+    switch (kind) {
+      case kWeightedSum: launch_vec<scalar_t, kWeightedSum>(vec, p, rows, max_taps, stream); break;
+      case kMaxForward: launch_vec<scalar_t, kMaxForward>(vec, p, rows, max_taps, stream); break;
+      case kMaxBackward: launch_vec<scalar_t, kMaxBackward>(vec, p, rows, max_taps, stream); break;
+    }
+  });
+}
+
+}  // namespace crosslmm
