@@ -42,3 +42,10 @@ def non_contiguous(x: torch.Tensor, dim: int = -2) -> torch.Tensor:
     view.copy_(x)
     assert not view.is_contiguous()
     return view
+
+
+def fast_backends(device: str | torch.device) -> list[str]:
+    """The non-reference back ends (``cuda``, ``triton``) that can run on ``device`` here."""
+    dev = torch.device(device)
+    return [name for name, check in (("cuda", _backend.cuda_runnable), ("triton", _backend.triton_runnable))
+            if check(dev)[0]]

@@ -353,7 +353,9 @@ def _forward(backend: str, x: torch.Tensor, spec: PoolSpec, need_argmax: bool):
             else:
                 out = token_pool_reference(x, spec)
                 argmax = x.new_empty(0, dtype=torch.int32)
-        return out.to(x.dtype), (argmax if need_argmax else x.new_empty(0, dtype=torch.int32))
+        # Contiguous, as the fake kernel (and the CUDA/Triton back ends) promise.
+        argmax = argmax.contiguous() if need_argmax else x.new_empty(0, dtype=torch.int32)
+        return out.to(x.dtype).contiguous(), argmax
 
     plan = _plan_tensors(spec, x.device)
     x = _kernel_input(x)
@@ -374,16 +376,17 @@ def _backward(backend: str, grad: torch.Tensor, argmax: torch.Tensor, spec: Pool
     N = spec.tokens_in
     in_shape = (B, frames_in, N, D)
     if backend == "torch":
+        cdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
         if spec.mode == "max":
-            grad_x = grad.new_zeros(B, frames_in * N, D, dtype=torch.float32)
-            grad_x.scatter_add_(1, argmax.reshape(B, -1, D).long(), grad.reshape(B, -1, D).float())
+            grad_x = grad.new_zeros(B, frames_in * N, D, dtype=cdt)
+            grad_x.scatter_add_(1, argmax.reshape(B, -1, D).long(), grad.reshape(B, -1, D).to(cdt))
             return grad_x.reshape(in_shape).to(grad.dtype)
-        spatial = _dense_map(spec, torch.float32, grad.device)
-        g = torch.einsum("on,btod->btnd", spatial, grad.float())
+        spatial = _dense_map(spec, cdt, grad.device)
+        g = torch.einsum("on,btod->btnd", spatial, grad.to(cdt))
         if spec.temporal_stride > 1:
-            temporal = _temporal_map(frames_in, spec.temporal_stride, torch.float32, grad.device)
+            temporal = _temporal_map(frames_in, spec.temporal_stride, cdt, grad.device)
             g = torch.einsum("ut,bund->btnd", temporal, g)
-        return g.to(grad.dtype)
+        return g.to(grad.dtype).contiguous()
 
     plan = _plan_tensors(spec, grad.device)
     grad = _kernel_input(grad)

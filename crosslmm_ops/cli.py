@@ -1,0 +1,123 @@
+"""The ``crosslmm-ops`` command.
+
+  crosslmm-ops info   versions, the extension's build, the GPU, and which back ends each op can use
+  crosslmm-ops pool   pools a synthetic SigLIP-shaped video with every available back end
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+import crosslmm_ops
+from crosslmm_ops import _backend
+
+# The ops and what limits their fast back ends beyond what is installed.
+OPS = {
+    "token_pool": "fp16, bf16, fp32 on cuda/triton; fp64 on torch",
+}
+
+
+def info(_args=None) -> int:
+    ext = _backend.extension()
+    lines = [
+        f"crosslmm-ops   {crosslmm_ops.__version__}",
+        f"python         {platform.python_version()} ({sys.executable})",
+        f"torch          {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+    ]
+    try:
+        import triton
+
+        lines.append(f"triton         {triton.__version__}"
+                     + ("  [TRITON_INTERPRET=1: CPU interpreter]" if _backend.triton_interpreted() else ""))
+    except Exception as exc:  # noqa: BLE001 - report whatever went wrong
+        lines.append(f"triton         not usable ({exc.__class__.__name__}: {exc})")
+    if ext is not None:
+        lines.append(f"extension      built: crosslmm_ops._C {ext.version()}, CUDA runtime "
+                     f"{ext.cuda_version() // 1000}.{ext.cuda_version() % 1000 // 10}, "
+                     f"archs sm_{', sm_'.join(_backend.extension_archs())}")
+    else:
+        lines.append(f"extension      not built ({_backend.extension_import_error()})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"GPU {i}          {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+                         f"{p.total_memory / 2**30:.0f} GiB")
+        device = torch.device("cuda")
+    else:
+        lines.append("GPU            none (ops run on the torch back end; triton only under "
+                     "TRITON_INTERPRET=1)")
+        device = torch.device("cpu")
+    lines.append(f"back ends on {device.type}:")
+    for op, limits in OPS.items():
+        usable = []
+        for name, check in (("cuda", _backend.cuda_runnable), ("triton", _backend.triton_runnable)):
+            ok, why = check(device)
+            usable.append(name if ok else f"{name} (no: {why})")
+        usable.append("torch")
+        auto = _backend.resolve(op, "auto", device)
+        lines.append(f"  {op:<12} auto -> {auto}; " + "; ".join(usable) + f"  [{limits}]")
+    print("\n".join(lines))
+    return 0
+
+
+def pool(args) -> int:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    frames, grid, dim = args.frames, 27, 1152
+    x = torch.randn(1, frames, grid * grid, dim, device=device, dtype=dtype)
+    print(f"video features: {tuple(x.shape)} ({frames} frames of {grid}x{grid} SigLIP tokens, "
+          f"D={dim}, {x.dtype}, {device})")
+    settings = [
+        ("avg 3x3 stride 3 (81 tokens/frame)", dict(mode="avg", kernel_size=3)),
+        ("avg 9x9 stride 9 (CrossLMM: 9 tokens/frame)", dict(mode="avg", kernel_size=9)),
+        ("adaptive to 4x4 (16 tokens/frame)", dict(mode="adaptive", output_size=4)),
+        ("bilinear to 14x14 (LLaVA-OneVision)", dict(mode="bilinear", output_size=14)),
+        ("mean (1 token/frame)", dict(mode="adaptive", output_size=1)),
+    ]
+    backends = ["torch"] + [b for b, check in (("cuda", _backend.cuda_runnable),
+                                               ("triton", _backend.triton_runnable))
+                            if check(device)[0] and not (device.type == "cpu" and b == "triton")]
+    for label, kw in settings:
+        results = []
+        ref = None
+        for backend in backends:
+            out = crosslmm_ops.token_pool(x, grid, backend=backend, **kw)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.repeat):
+                out = crosslmm_ops.token_pool(x, grid, backend=backend, **kw)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / args.repeat * 1e3
+            ref = out.float() if ref is None else ref
+            err = (out.float() - ref).norm().item() / max(ref.norm().item(), 1e-30)
+            results.append(f"{crosslmm_ops.last_backend('token_pool')} {ms:.3f} ms"
+                           + (f" (rel. diff {err:.1e})" if backend != "torch" else ""))
+        print(f"  {label:<45} -> {tuple(out.shape)}: " + ", ".join(results))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="crosslmm-ops", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, build, GPU and back ends").set_defaults(func=info)
+    p = sub.add_parser("pool", help="pool a synthetic video with every available back end")
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                   choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--repeat", type=int, default=3)
+    p.set_defaults(func=pool)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
