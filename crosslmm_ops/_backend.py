@@ -67,6 +67,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
 def extension_archs() -> list[str]:
     """The GPU architectures the extension was compiled for (empty when not built)."""
     ext = extension()
@@ -84,6 +85,13 @@ def cuda_runnable(device: torch.device) -> tuple[bool, str]:
     """Whether the CUDA back end can run on ``device``, and if not, why."""
     if device.type != "cuda":
         return False, f"the CUDA back end needs CUDA tensors, got tensors on {device}"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_runnable_on(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_runnable_on(index: int) -> tuple[bool, str]:
+    device = torch.device("cuda", index)
     if extension() is None:
         return False, (
             "the CUDA extension crosslmm_ops._C is not built "

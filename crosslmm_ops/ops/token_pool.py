@@ -148,6 +148,23 @@ class PoolSpec:
         return -(-frames_in // self.temporal_stride)
 
 
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _make_spec(*args) -> PoolSpec:
+    """PoolSpec.make, memoised: validation runs once per distinct set of arguments."""
+    try:
+        return _make_spec_cached(*(_hashable(a) for a in args))
+    except TypeError:  # unhashable argument: validate uncached (make raises the clear error)
+        return PoolSpec.make(*args)
+
+
+@functools.lru_cache(maxsize=1024)
+def _make_spec_cached(*args) -> PoolSpec:
+    return PoolSpec.make(*args)
+
+
 def pooled_grid(grid, mode: str = "avg", **kwargs) -> tuple[int, int]:
     """The output grid ``(h, w)`` of :func:`token_pool` with the same arguments."""
     return PoolSpec.make(grid, mode, **kwargs).output_size
@@ -483,6 +500,28 @@ def _backward_formula(ctx, grad_out, _grad_argmax):
 _token_pool_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
+class _TokenPoolEager(torch.autograd.Function):
+    """The same forward and backward as the custom op, for eager calls: torch.library's Python
+    dispatch costs tens of microseconds a call, as much as the kernel itself on short videos.
+    Under torch.compile (and export) the public function uses the custom op instead."""
+
+    @staticmethod
+    def forward(ctx, x, spec, need_argmax, backend):
+        out, argmax = _forward(backend, x, spec, need_argmax)
+        _backend.note(OP_NAME, backend)
+        ctx.spec, ctx.backend, ctx.frames_in = spec, backend, x.shape[1]
+        ctx.save_for_backward(argmax)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (argmax,) = ctx.saved_tensors
+        grad_x = _backward(ctx.backend, grad_out, argmax, ctx.spec, ctx.frames_in)
+        _backend.note(OP_NAME + "_backward", ctx.backend)
+        return grad_x, None, None, None
+
+
 # ----------------------------------------------------------------------------------------------
 # The public function
 # ----------------------------------------------------------------------------------------------
@@ -503,12 +542,23 @@ def _check_input(x: torch.Tensor, spec: PoolSpec) -> None:
                          f"grid {spec.grid} needs N = {spec.grid[0]}*{spec.grid[1]} = {spec.tokens_in}")
 
 
-def _fast_ok(x: torch.Tensor, runnable: tuple[bool, str]) -> tuple[bool, str]:
+def _fast_ok(dtype: torch.dtype, runnable: tuple[bool, str]) -> tuple[bool, str]:
     if not runnable[0]:
         return runnable
-    if x.dtype not in _FAST_DTYPES:
-        return False, f"dtype {x.dtype} runs on the torch back end only"
+    if dtype not in _FAST_DTYPES:
+        return False, f"dtype {dtype} runs on the torch back end only"
     return True, ""
+
+
+# Evaluated once at trace time under torch.compile (it asks the extension and the GPU, which the
+# compiler cannot trace), so the compiled graph holds the chosen back end as a constant.
+@torch.compiler.assume_constant_result
+def _choose_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    return _backend.resolve(
+        OP_NAME, backend, device,
+        cuda_ok=_fast_ok(dtype, _backend.cuda_runnable(device)),
+        triton_ok=_fast_ok(dtype, _backend.triton_runnable(device)),
+    )
 
 
 def token_pool(
@@ -544,16 +594,15 @@ def token_pool(
     ``backend``: ``"auto"`` (default; env ``CROSSLMM_BACKEND``), ``"cuda"``, ``"triton"`` or
     ``"torch"``; :func:`crosslmm_ops.last_backend` says which ran.
     """
-    spec = PoolSpec.make(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                         output_size, align_corners, temporal_stride)
+    spec = _make_spec(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                      output_size, align_corners, temporal_stride)
     _check_input(x, spec)
-    chosen = _backend.resolve(
-        OP_NAME, backend, x.device,
-        cuda_ok=_fast_ok(x, _backend.cuda_runnable(x.device)),
-        triton_ok=_fast_ok(x, _backend.triton_runnable(x.device)),
-    )
+    chosen = _choose_backend(backend, x.device, x.dtype)
     lead = x.shape[:-3]
     x4 = x.reshape(-1, *x.shape[-3:])
     need_argmax = spec.mode == "max" and torch.is_grad_enabled() and x.requires_grad
-    out, _ = _token_pool_op(x4, *_spec_args(spec), need_argmax, chosen)
+    if torch.compiler.is_compiling():
+        out, _ = _token_pool_op(x4, *_spec_args(spec), need_argmax, chosen)
+    else:
+        out = _TokenPoolEager.apply(x4, spec, need_argmax, chosen)
     return out.reshape(*lead, *out.shape[1:])

@@ -57,20 +57,39 @@ struct TokenMixParams {
   int chunk_channels;              // channels covered by one block (lanes * VEC)
 };
 
-// c10::Half and c10::BFloat16 convert to and from float on the device (one instruction each).
 template <typename T>
 __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+// bf16 -> float is a 16-bit shift of the bits; spelled out, it keeps the registers of a packed
+// load down (c10's conversion operator costs the compiler more of them).
+template <>
+__device__ __forceinline__ float to_float<c10::BFloat16>(c10::BFloat16 v) {
+  return __uint_as_float(static_cast<uint32_t>(v.x) << 16);
+}
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Packed {
   T v[VEC];
 };
 
-template <typename T, int VEC>
-__device__ __forceinline__ void load_packed(const T* p, float (&out)[VEC]) {
-  Packed<T, VEC> pk = *reinterpret_cast<const Packed<T, VEC>*>(p);
+// Read-only loads (ld.global.nc) of 2 to 32 bytes: the sources are never written by this kernel.
+template <typename P>
+__device__ __forceinline__ P load_readonly(const void* p) {
+  static_assert(sizeof(P) % 16 == 0 || sizeof(P) == 8 || sizeof(P) == 4 || sizeof(P) == 2,
+                "unsupported vector size");
+  P out;
+  if constexpr (sizeof(P) % 16 == 0) {
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = to_float(pk.v[k]);
+    for (int i = 0; i < static_cast<int>(sizeof(P) / 16); ++i) {
+      reinterpret_cast<uint4*>(&out)[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+    }
+  } else if constexpr (sizeof(P) == 8) {
+    *reinterpret_cast<uint2*>(&out) = __ldg(reinterpret_cast<const uint2*>(p));
+  } else if constexpr (sizeof(P) == 4) {
+    *reinterpret_cast<unsigned int*>(&out) = __ldg(reinterpret_cast<const unsigned int*>(p));
+  } else {
+    *reinterpret_cast<unsigned short*>(&out) = __ldg(reinterpret_cast<const unsigned short*>(p));
+  }
+  return out;
 }
 
 template <typename T, int VEC>
@@ -111,8 +130,12 @@ __device__ __forceinline__ bool beats(float v, int32_t rank, float best, int32_t
 }
 
 template <typename T, int VEC, int KIND>
-__global__ void token_mix_kernel(const TokenMixParams p) {
-  constexpr int kUnroll = 4;  // source rows loaded before the first is used: loads in flight
+__global__ void __launch_bounds__(256, 2) token_mix_kernel(const TokenMixParams p) {
+  constexpr bool kMaxBackwardOnly = KIND == kMaxBackward;
+  // Source rows loaded before the first is used (loads in flight per thread). The max kinds keep
+  // more state per channel (winners), so they take fewer at a time to stay within the register
+  // budget of __launch_bounds__(256, 2) (128 registers, no spills).
+  constexpr int kUnroll = KIND == kWeightedSum ? 8 : 4;
   extern __shared__ float smem[];
 
   const int lane = threadIdx.x;
@@ -132,7 +155,7 @@ __global__ void token_mix_kernel(const TokenMixParams p) {
   const int32_t row_len = p.row_ptr[o + 1] - row_begin;
   const FrameRange fr = frames_for(p, t);
 
-  const T* src = static_cast<const T*>(p.src) + b * p.src_sb + c0;
+  const T* __restrict__ src = static_cast<const T*>(p.src) + b * p.src_sb + c0;
 
   float acc[VEC];
   int32_t best_rank[VEC];
@@ -150,45 +173,45 @@ __global__ void token_mix_kernel(const TokenMixParams p) {
     for (int64_t f = fr.first; f < fr.last; ++f) {
       const T* frame = src + f * p.src_st;
       for (int32_t j0 = group; j0 < row_len; j0 += groups * kUnroll) {
-        float vals[kUnroll][VEC];
-        int32_t am[kUnroll][VEC];
-        float w[kUnroll];
+        // Issue all of this batch's loads before using any: kUnroll rows in flight per thread.
+        // They stay packed (16 bytes = 4 registers for 8 bf16) until they are accumulated.
+        int32_t tok[kUnroll];
+        Packed<T, VEC> raw[kUnroll];
+        Packed<int32_t, VEC> won[kMaxBackwardOnly ? kUnroll : 1];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int32_t j = j0 + u * groups;
-          if (j < row_len) {
-            const int32_t tok = p.col_idx[row_begin + j];
-            load_packed<T, VEC>(frame + tok * p.src_sn, vals[u]);
-            if (KIND == kWeightedSum) w[u] = p.weight[row_begin + j] * fr.weight;
-            if (KIND == kMaxBackward) {
-              const int32_t* a = p.argmax_in +
-                                 ((b * p.src_frames + f) * p.src_tokens + tok) * p.channels + c0;
-              const Packed<int32_t, VEC> pk = *reinterpret_cast<const Packed<int32_t, VEC>*>(a);
+          tok[u] = j < row_len ? p.col_idx[row_begin + j] : -1;
+        }
 #pragma unroll
-              for (int k = 0; k < VEC; ++k) am[u][k] = pk.v[k];
-            }
+        for (int u = 0; u < kUnroll; ++u) {
+          if (tok[u] < 0) continue;
+          raw[u] = load_readonly<Packed<T, VEC>>(frame + tok[u] * p.src_sn);
+          if constexpr (kMaxBackwardOnly) {
+            won[u] = load_readonly<Packed<int32_t, VEC>>(
+                p.argmax_in + ((b * p.src_frames + f) * p.src_tokens + tok[u]) * p.channels + c0);
           }
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
+          if (tok[u] < 0) continue;
           const int32_t j = j0 + u * groups;
-          if (j < row_len) {
-            if (KIND == kWeightedSum) {
+          if constexpr (KIND == kWeightedSum) {
+            const float w = p.weight[row_begin + j] * fr.weight;
 #pragma unroll
-              for (int k = 0; k < VEC; ++k) acc[k] = fmaf(w[u], vals[u][k], acc[k]);
-            } else if (KIND == kMaxBackward) {
+            for (int k = 0; k < VEC; ++k) acc[k] = fmaf(w, to_float(raw[u].v[k]), acc[k]);
+          } else if constexpr (KIND == kMaxBackward) {
 #pragma unroll
-              for (int k = 0; k < VEC; ++k) acc[k] += (am[u][k] == my_pos) ? vals[u][k] : 0.f;
-            } else {
-              const int32_t rank = static_cast<int32_t>((f - fr.first) * row_len + j);
-              const int32_t tok = p.col_idx[row_begin + j];
+            for (int k = 0; k < VEC; ++k) acc[k] += won[u].v[k] == my_pos ? to_float(raw[u].v[k]) : 0.f;
+          } else {
+            const int32_t rank = static_cast<int32_t>((f - fr.first) * row_len + j);
 #pragma unroll
-              for (int k = 0; k < VEC; ++k) {
-                if (beats(vals[u][k], rank, acc[k], best_rank[k])) {
-                  acc[k] = vals[u][k];
-                  best_rank[k] = rank;
-                  best_pos[k] = static_cast<int32_t>(f * p.tokens_in + tok);
-                }
+            for (int k = 0; k < VEC; ++k) {
+              const float v = to_float(raw[u].v[k]);
+              if (beats(v, rank, acc[k], best_rank[k])) {
+                acc[k] = v;
+                best_rank[k] = rank;
+                best_pos[k] = static_cast<int32_t>(f * p.tokens_in + tok[u]);
               }
             }
           }
