@@ -168,6 +168,7 @@ KERNEL_CASES = [
     ("avg", dict(kernel_size=2, temporal_stride=2)),
     ("max", dict(kernel_size=3)),
     ("max", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, temporal_stride=3)),
+    ("max", dict(kernel_size=5, stride=4, padding=2)),  # 25-tap windows: several tap blocks
     ("adaptive", dict(output_size=1)),
     ("adaptive", dict(output_size=4)),
     ("bilinear", dict(output_size=(4, 5))),

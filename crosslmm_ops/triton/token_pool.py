@@ -1,14 +1,18 @@
 """Triton fallback of the token-pooling gather kernel (same function as csrc/pooling/token_pool.cu).
 
-One program computes one destination token of one frame for a block of channels. It walks the
-frames that feed it and its CSR row of source tokens, a block of taps at a time so that all of the
-block's loads are in flight together, and combines them by weighted sum (avg, adaptive, bilinear,
+The CSR plan is handed to this kernel as a padded table: destination token ``o`` reads source
+tokens ``taps[o, :]`` with ``weights[o, :]`` (padding has weight 0 and token -1). One program
+computes ``ROWS`` consecutive destination tokens for a block of channels; it loads a
+``[ROWS, BLOCK_J, BLOCK_D]`` tile of source rows at once (all loads in flight together, no
+dependent loop for the usual short rows) and combines it by weighted sum (avg, adaptive, bilinear,
 and every backward except max's), by max with the first winner in scan order (max forward), or by
 summing the gradients whose recorded winner is this token (max backward). No atomics: each output
 element is written once, deterministically.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -19,27 +23,28 @@ from crosslmm_ops._backend import triton_interpreted
 
 @triton.jit
 def _token_mix_kernel(
-    src, dst, argmax, row_ptr, col_idx, weight,
+    src, dst, argmax, taps, weights,
     src_sb, src_st, src_sn, dst_sb, dst_st, dst_sn,
-    src_frames, src_tokens, dst_frames, dst_tokens, channels,
+    total_rows, src_frames, src_tokens, dst_frames, dst_tokens, channels, width,
     temporal_stride, frames_in, tokens_in,
     KIND: tl.constexpr,  # 0 weighted sum, 1 max forward, 2 max backward
     TIME_TRANSPOSED: tl.constexpr,
+    FRAMES_PER_ROW: tl.constexpr,  # most source frames one destination row reads
     WRITE_ARGMAX: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    o = row % dst_tokens
-    bt = row // dst_tokens
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < total_rows
+    rows = tl.where(row_ok, rows, 0)
+    o = rows % dst_tokens
+    bt = rows // dst_tokens
     t = bt % dst_frames
     b = bt // dst_frames
 
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < channels
-    begin = tl.load(row_ptr + o)
-    end = tl.load(row_ptr + o + 1)
-    row_len = end - begin
 
     if TIME_TRANSPOSED:  # backward: input frame t was pooled into output frame t // s
         f_first = t // temporal_stride
@@ -49,56 +54,80 @@ def _token_mix_kernel(
         f_first = t * temporal_stride
         f_last = tl.minimum(f_first + temporal_stride, src_frames)
         count = f_last - f_first
-    frame_weight = 1.0 / count.to(tl.float32)
+    frame_weight = 1.0 / count.to(tl.float32)  # [ROWS]
 
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    best = tl.full([BLOCK_D], float("-inf"), tl.float32)
-    best_pos = tl.full([BLOCK_D], -1, tl.int32)
-    my_pos = (t * tokens_in + o).to(tl.int32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    best = tl.full([ROWS, BLOCK_D], float("-inf"), tl.float32)
+    best_pos = tl.full([ROWS, BLOCK_D], -1, tl.int32)
+    my_pos = (t * tokens_in + o).to(tl.int32)  # [ROWS]
     big = 2147483647
 
-    for f in range(f_first, f_last):
-        for j0 in range(0, row_len, BLOCK_J):
+    for df in tl.static_range(FRAMES_PER_ROW):
+        f = f_first + df  # [ROWS]
+        frame_ok = row_ok & (f < f_last)
+        for j0 in range(0, width, BLOCK_J):
             offs_j = j0 + tl.arange(0, BLOCK_J)
-            mask_j = offs_j < row_len
-            tok = tl.load(col_idx + begin + offs_j, mask=mask_j, other=0).to(tl.int64)
-            mask = mask_j[:, None] & mask_d[None, :]
-            ptrs = src + b * src_sb + f * src_st + tok[:, None] * src_sn + offs_d[None, :]
+            tap_ok = frame_ok[:, None] & (offs_j[None, :] < width)
+            tok = tl.load(taps + o[:, None] * width + offs_j[None, :], mask=tap_ok, other=-1)
+            tap_ok = tap_ok & (tok >= 0)
+            tok = tl.where(tap_ok, tok, 0).to(tl.int64)  # [ROWS, BLOCK_J]
+            mask = tap_ok[:, :, None] & mask_d[None, None, :]
+            ptrs = (src + (b * src_sb + f * src_st)[:, None, None] + tok[:, :, None] * src_sn
+                    + offs_d[None, None, :])
             if KIND == 0:
                 vals = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(weight + begin + offs_j, mask=mask_j, other=0.0) * frame_weight
-                acc += tl.sum(vals * w[:, None], axis=0)
+                w = tl.load(weights + o[:, None] * width + offs_j[None, :], mask=tap_ok, other=0.0)
+                w = w * frame_weight[:, None]
+                acc += tl.sum(vals * w[:, :, None], axis=1)
             elif KIND == 2:
                 vals = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                a_ptrs = argmax + ((b * src_frames + f) * src_tokens + tok[:, None]) * channels \
-                    + offs_d[None, :]
-                won = tl.load(a_ptrs, mask=mask, other=-1)
-                acc += tl.sum(tl.where(won == my_pos, vals, 0.0), axis=0)
+                won = tl.load(argmax + (((b * src_frames + f)[:, None] * src_tokens + tok) * channels)[:, :, None]
+                              + offs_d[None, None, :], mask=mask, other=-1)
+                acc += tl.sum(tl.where(won == my_pos[:, None, None], vals, 0.0), axis=1)
             else:
                 vals = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
                 is_nan = vals != vals
-                has_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
-                top = tl.max(tl.where(is_nan, float("-inf"), vals), axis=0)
-                hit = tl.where(has_nan[None, :], is_nan, vals == top[None, :]) & mask
-                first = tl.min(tl.where(hit, offs_j[:, None], big), axis=0)  # earliest winner
-                winner_tok = tl.load(col_idx + begin + first, mask=mask_d & (first < row_len),
-                                     other=0)
+                has_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0  # [ROWS, BLOCK_D]
+                top = tl.max(tl.where(is_nan, float("-inf"), vals), axis=1)
+                hit = tl.where(has_nan[:, None, :], is_nan, vals == top[:, None, :]) & mask
+                jj = tl.broadcast_to(offs_j[None, :, None], [ROWS, BLOCK_J, BLOCK_D])
+                first = tl.min(tl.where(hit, jj, big), axis=1)  # earliest winner in this block
+                found = first < big
+                winner_tok = tl.load(taps + o[:, None] * width + tl.where(found, first, 0),
+                                     mask=found & mask_d[None, :], other=0)
                 block_best = tl.where(has_nan, float("nan"), top)
                 # Earlier blocks win ties; NaN beats numbers; nothing beats an earlier NaN.
                 best_nan = best != best
                 better = (best_pos < 0) | (has_nan & ~best_nan) | (~has_nan & ~best_nan & (top > best))
-                better = better & (first < row_len)
+                better = better & found
                 best = tl.where(better, block_best, best)
-                best_pos = tl.where(better, (f * tokens_in + winner_tok).to(tl.int32), best_pos)
+                best_pos = tl.where(better, (f[:, None] * tokens_in + winner_tok).to(tl.int32), best_pos)
 
-    out_ptrs = dst + b * dst_sb + t * dst_st + o * dst_sn + offs_d
+    out_mask = row_ok[:, None] & mask_d[None, :]
+    out_ptrs = dst + (b * dst_sb + t * dst_st + o * dst_sn)[:, None] + offs_d[None, :]
     if KIND == 1:
-        tl.store(out_ptrs, best.to(dst.dtype.element_ty), mask=mask_d)
+        tl.store(out_ptrs, best.to(dst.dtype.element_ty), mask=out_mask)
         if WRITE_ARGMAX:
-            tl.store(argmax + ((b * dst_frames + t) * dst_tokens + o) * channels + offs_d, best_pos,
-                     mask=mask_d)
+            tl.store(argmax + (((b * dst_frames + t) * dst_tokens + o) * channels)[:, None]
+                     + offs_d[None, :], best_pos, mask=out_mask)
     else:
-        tl.store(out_ptrs, acc.to(dst.dtype.element_ty), mask=mask_d)
+        tl.store(out_ptrs, acc.to(dst.dtype.element_ty), mask=out_mask)
+
+
+@functools.lru_cache(maxsize=256)
+def _padded_table(row_ptr: torch.Tensor, col_idx: torch.Tensor, weight: torch.Tensor):
+    """The CSR rows as a [rows, width] table of tokens (-1 = padding) and weights (0 = padding).
+    Keyed on the (cached, per-device) plan tensors themselves, so it is built once per plan."""
+    lengths = (row_ptr[1:] - row_ptr[:-1]).long()
+    rows = lengths.numel()
+    width = max(int(lengths.max().item()) if rows else 1, 1)
+    taps = torch.full((rows, width), -1, dtype=torch.int32, device=row_ptr.device)
+    table_w = torch.zeros((rows, width), dtype=torch.float32, device=row_ptr.device)
+    row_of = torch.repeat_interleave(torch.arange(rows, device=row_ptr.device), lengths)
+    slot = torch.arange(col_idx.numel(), device=row_ptr.device) - row_ptr[:-1].long()[row_of]
+    taps[row_of, slot] = col_idx
+    table_w[row_of, slot] = weight
+    return taps, table_w
 
 
 def token_pool_mix(src: torch.Tensor, dst: torch.Tensor, row_ptr: torch.Tensor,
@@ -109,22 +138,25 @@ def token_pool_mix(src: torch.Tensor, dst: torch.Tensor, row_ptr: torch.Tensor,
     assert src.stride(3) == 1 and dst.stride(3) == 1, "channels must be contiguous"
     if kind == 2:
         assert argmax is not None and argmax.is_contiguous() and argmax.shape == src.shape
-    rows = dst.shape[0] * dst.shape[1] * dst.shape[2]
-    if rows == 0:
+    total_rows = dst.shape[0] * dst.shape[1] * dst.shape[2]
+    if total_rows == 0:
         return
+    taps, table_w = _padded_table(row_ptr, col_idx, weight)
+    width = taps.shape[1]
     channels = src.shape[3]
-    if triton_interpreted():
-        block_d = min(triton.next_power_of_2(channels), 64)
-    else:
-        block_d = min(triton.next_power_of_2(channels), 256)
-    block_j = max(1, min(triton.next_power_of_2(max(max_row_len, 1)), 16))
-    grid = (rows, triton.cdiv(channels, block_d))
+    block_d = min(triton.next_power_of_2(channels), 64 if triton_interpreted() else 128)
+    block_j = min(triton.next_power_of_2(width), 16)
+    # Enough rows per program that a tile holds ~32 source rows (fewer, larger programs).
+    rows_per_program = max(1, min(32 // block_j, 8))
+    grid = (triton.cdiv(total_rows, rows_per_program), triton.cdiv(channels, block_d))
     _token_mix_kernel[grid](
-        src, dst, argmax if argmax is not None else dst, row_ptr, col_idx, weight,
+        src, dst, argmax if argmax is not None else dst, taps, table_w,
         src.stride(0), src.stride(1), src.stride(2), dst.stride(0), dst.stride(1), dst.stride(2),
-        src.shape[1], src.shape[2], dst.shape[1], dst.shape[2], channels,
+        total_rows, src.shape[1], src.shape[2], dst.shape[1], dst.shape[2], channels, width,
         temporal_stride, frames_in, tokens_in,
-        KIND=kind, TIME_TRANSPOSED=time_transposed, WRITE_ARGMAX=argmax is not None,
-        BLOCK_J=block_j, BLOCK_D=block_d,
+        KIND=kind, TIME_TRANSPOSED=time_transposed,
+        FRAMES_PER_ROW=1 if time_transposed else temporal_stride,
+        WRITE_ARGMAX=argmax is not None,
+        ROWS=rows_per_program, BLOCK_J=block_j, BLOCK_D=block_d,
         num_warps=4,
     )
