@@ -4,6 +4,10 @@ Ops (each on the ``cuda``, ``triton`` and ``torch`` back ends, differentiable, r
 ``torch.library`` custom ops under ``crosslmm::``):
 
 * :func:`token_pool` - per-frame pooling of token-major ``[..., T, N, D]`` vision tokens.
+* :func:`cross_attention` - non-causal attention with flash-attn's layouts (batched or varlen
+  segments), GQA, the LSE, split-KV and DCAL's gated residual; :func:`merge_attention_states`,
+  :func:`attention_weights`, and flash-attn drop-ins :func:`flash_attn_func`,
+  :func:`flash_attn_varlen_func`.
 """
 
 __version__ = "0.1.0"
@@ -12,6 +16,16 @@ from crosslmm_ops._backend import (  # noqa: E402
     BACKENDS,
     last_backend,
     record_backends,
+)
+from crosslmm_ops.flash_attn_compat import (  # noqa: E402
+    flash_attn_func,
+    flash_attn_varlen_func,
+)
+from crosslmm_ops.ops.cross_attention import (  # noqa: E402
+    attention_weights,
+    cross_attention,
+    cross_attention_reference,
+    merge_attention_states,
 )
 from crosslmm_ops.ops.token_pool import (  # noqa: E402
     PoolSpec,
@@ -23,7 +37,13 @@ from crosslmm_ops.ops.token_pool import (  # noqa: E402
 __all__ = [
     "BACKENDS",
     "PoolSpec",
+    "attention_weights",
+    "cross_attention",
+    "cross_attention_reference",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
     "last_backend",
+    "merge_attention_states",
     "pooled_grid",
     "record_backends",
     "token_pool",

@@ -1,0 +1,680 @@
+"""cross_attention: non-causal softmax attention of queries against materialised keys and values,
+with flash-attn's layouts, segments (varlen), GQA/MQA, the log-sum-exp, split-KV and a gated
+residual epilogue (DCAL's ``out = residual + tanh(gate) * attention``).
+
+Everything about the op lives here, side by side:
+
+* :func:`_check_inputs` - the user's arguments, validated, as an :class:`AttentionLayout` (every op
+  below works on the packed varlen layout; batched ``(B, S, H, D)`` input is viewed as ``B``
+  segments of equal length);
+* :func:`cross_attention_reference` - the plain-PyTorch reference (the test oracle), segment by
+  segment in float32 (float64 for float64 input), differentiable through autograd; the ``torch``
+  back end runs the same code (:func:`_reference_forward`) and the backward written out by hand
+  (:func:`_reference_backward`), which is also the formula the kernels implement;
+* the ``crosslmm::cross_attention_fwd`` / ``crosslmm::cross_attention_bwd`` custom ops (+ fake
+  kernels + autograd), whose implementations run the chosen back end: CUDA in ``csrc/attention/``,
+  Triton in ``crosslmm_ops/triton/cross_attention.py``, or the reference;
+* :func:`cross_attention`, the public function, and two helpers around the LSE:
+  :func:`merge_attention_states` (combine attention over disjoint key sets) and
+  :func:`attention_weights` (the probabilities of a few queries, recomputed from the LSE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Sequence
+
+import torch
+
+from crosslmm_ops import _backend
+
+OP_NAME = "cross_attention"
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_HEAD_DIMS = (64, 128)
+_TRITON_MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# The arguments, validated
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayout:
+    """One call's shapes. ``batch`` is the number of segments; ``seqlen_q/k`` are set for batched
+    input (every segment that long) and ``None`` for packed input."""
+
+    batched: bool
+    batch: int
+    heads_q: int
+    heads_k: int
+    head_dim: int
+    total_q: int
+    total_k: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    seqlen_q: int | None = None
+    seqlen_k: int | None = None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _checking_values() -> bool:
+    """Whether to read cu_seqlens back to the host to check them. Skipped while torch.compile
+    traces or a CUDA graph captures (both forbid the host read; the caller vouches for them)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_cu_seqlens(name: str, cu, device: torch.device) -> None:
+    cu = _tensor(name, cu)
+    if cu.dtype != torch.int32:
+        raise ValueError(f"{name} must be an int32 tensor (as in flash-attn), got dtype {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
+
+
+def _check_cu_values(name: str, values: list[int], total: int) -> list[int]:
+    """The segment lengths of valid cu_seqlens ``values``."""
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"{name} must be non-decreasing, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{name} must end at the number of packed tokens {total}, got "
+                         f"{values[-1]}")
+    return lengths
+
+
+def _check_max_seqlen(name: str, given, lengths: list[int] | None) -> int:
+    if given is not None and (not isinstance(given, numbers.Integral) or isinstance(given, bool)
+                              or given < 0):
+        raise ValueError(f"{name} must be an int >= 0, got {given!r}")
+    if lengths is None:
+        if given is None:
+            raise ValueError(f"{name} must be given when cu_seqlens cannot be read (torch.compile, "
+                             "CUDA graph capture)")
+        return given
+    actual = max(lengths, default=0)
+    if given is not None and given < actual:
+        raise ValueError(f"{name}={given} is smaller than the longest segment ({actual})")
+    return actual if given is None else given
+
+
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                  max_seqlen_k) -> AttentionLayout:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, t)
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"q must be a floating tensor (float16, bfloat16, float32 or float64), "
+                         f"got dtype {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (packed layout) or "
+                         "both left out (batched layout)")
+    packed = cu_seqlens_q is not None
+    want = 3 if packed else 4
+    layout_text = "(total, H, D) with cu_seqlens" if packed else "(B, S, H, D)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != want:
+            raise ValueError(f"{name} must have shape {layout_text}, got {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v "
+                         f"{tuple(v.shape)}")
+    Hq, D = q.shape[-2:]
+    Hk, Dk = k.shape[-2:]
+    if D == 0 or Hq == 0 or Hk == 0:
+        raise ValueError(f"q and k need at least one head of width >= 1, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
+    if Dk != D:
+        raise ValueError(f"k and v must have q's head dim {D}, got {Dk}")
+    if Hq % Hk != 0:
+        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of "
+                         f"key/value heads ({Hk})")
+    if not packed:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k and v must have q's batch size {q.shape[0]}, got {k.shape[0]}")
+        for name, given in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if given is not None:
+                raise ValueError(f"{name} is for the packed layout (with cu_seqlens); batched "
+                                 "input takes its lengths from the shapes")
+        B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+        return AttentionLayout(True, B, Hq, Hk, D, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+    batch = cu_seqlens_q.shape[0] - 1
+    if cu_seqlens_k.shape[0] != batch + 1:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
+                         f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    lens_q = lens_k = None
+    if _checking_values():  # one host read (a device sync on the GPU) for both
+        values = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()
+        lens_q = _check_cu_values("cu_seqlens_q", values[: batch + 1], q.shape[0])
+        lens_k = _check_cu_values("cu_seqlens_k", values[batch + 1:], k.shape[0])
+    # A larger max_seqlen is a valid upper bound (flash-attn callers pass one); no segment is
+    # longer than all the tokens.
+    return AttentionLayout(
+        False, batch, Hq, Hk, D, q.shape[0], k.shape[0],
+        min(_check_max_seqlen("max_seqlen_q", max_seqlen_q, lens_q), q.shape[0]),
+        min(_check_max_seqlen("max_seqlen_k", max_seqlen_k, lens_k), k.shape[0]))
+
+
+def _check_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) \
+            or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _check_epilogue(gate, residual, q: torch.Tensor, out_shape: tuple, heads_q: int) -> None:
+    if gate is not None:
+        gate = _tensor("gate", gate)
+        if not gate.dtype.is_floating_point:
+            raise ValueError(f"gate must be a floating tensor, got dtype {gate.dtype}")
+        if gate.device != q.device:
+            raise ValueError(f"gate must be on q's device {q.device}, got {gate.device}")
+        if gate.numel() != 1 and tuple(gate.shape) != (heads_q,):
+            raise ValueError(f"gate must be a scalar (0-dim or 1 element) or per head of shape "
+                             f"({heads_q},), got shape {tuple(gate.shape)}")
+    if residual is not None:
+        residual = _tensor("residual", residual)
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"residual must have the output's shape {out_shape}, got "
+                             f"{tuple(residual.shape)}")
+        if residual.dtype != q.dtype:
+            raise ValueError(f"residual must have q's dtype {q.dtype}, got {residual.dtype}")
+        if residual.device != q.device:
+            raise ValueError(f"residual must be on q's device {q.device}, got {residual.device}")
+    if (gate is None) != (residual is None):
+        raise ValueError("gate and residual must be given together (out = residual + "
+                         "tanh(gate) * attention)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts: batched <-> packed
+# ----------------------------------------------------------------------------------------------
+
+
+def _uniform_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+
+
+def _packed(layout: AttentionLayout, q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """``(q, k, v, cu_seqlens_q, cu_seqlens_k)`` in the packed layout. Batched ``(B, S, H, D)``
+    becomes ``(B*S, H, D)`` (a view for every layout that allows one, a copy otherwise) with
+    uniform cu_seqlens; packed input is returned as it is."""
+    if not layout.batched:
+        return q, k, v, cu_seqlens_q, cu_seqlens_k
+    return (q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
+            _uniform_cu_seqlens(layout.batch, layout.seqlen_q, q.device),
+            _uniform_cu_seqlens(layout.batch, layout.seqlen_k, q.device))
+
+
+def _lse_batched(lse: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Packed ``[Hq, B*S]`` -> flash-attn's batched ``[B, Hq, S]`` (contiguous)."""
+    return lse.reshape(lse.shape[0], batch, seqlen).transpose(0, 1).contiguous()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
+    """(query slice, key slice) of every segment, read on the host."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])) for i in range(len(cq) - 1)]
+
+
+def _apply_epilogue(attn: torch.Tensor, gate, residual, compute_dtype) -> torch.Tensor:
+    """``residual + tanh(gate) * attn`` in ``compute_dtype``; gate scalar or per head (dim -2)."""
+    g = torch.tanh(gate.to(compute_dtype))
+    g = g.reshape(()) if g.numel() == 1 else g.reshape(-1, 1)
+    return residual.to(compute_dtype) + g * attn.to(compute_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference (torch back end and test oracle)
+# ----------------------------------------------------------------------------------------------
+
+
+def _segment_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scores ``[Hq, Sq, Sk]`` of one segment (``q [Sq, Hq, D]``, ``k [Sk, Hk, D]``, GQA)."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return torch.einsum("qhd,khd->hqk", q, k) * scale
+
+
+def _reference_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, compute_dtype):
+    """Packed forward, segment by segment: ``(out [total_q, Hq, D], lse [Hq, total_q])`` in
+    ``compute_dtype``. Differentiable through autograd."""
+    q, k, v = (t.to(compute_dtype) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    outs, lses = [], []
+    for qs, ks in _segments(cu_seqlens_q, cu_seqlens_k):
+        qi, ki, vi = q[qs], k[ks], v[ks]
+        if ki.shape[0] == 0:  # no keys: the output is 0 and the LSE -inf (an empty softmax)
+            outs.append(torch.zeros_like(qi))
+            lses.append(qi.new_full((q.shape[1], qi.shape[0]), float("-inf")))
+            continue
+        s = _segment_scores(qi, ki, scale)
+        lse = torch.logsumexp(s, dim=-1)  # [Hq, Sq]
+        p = torch.exp(s - lse.unsqueeze(-1))
+        outs.append(torch.einsum("hqk,khd->qhd", p, vi.repeat_interleave(group, dim=1)))
+        lses.append(lse)
+    out = torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+    lse = torch.cat(lses, 1) if lses else q.new_zeros(q.shape[1], 0)
+    return out, lse
+
+
+def _reference_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale):
+    """The attention backward written out, segment by segment (what the kernels compute)::
+
+        P = exp(S - lse),  dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP - delta),
+        delta = rowsum(dO ∘ O) - dlse,  dQ = scale · dS K,  dK = scale · dSᵀ Q
+
+    with dK, dV summed over the query heads of each GQA group."""
+    cdt = _compute_dtype(q.dtype)
+    q, k, v, dout, out = (t.to(cdt) for t in (q, k, v, dout, out))
+    lse = lse.to(cdt)
+    Hq, Hk = q.shape[1], k.shape[1]
+    group = Hq // Hk
+    delta = (dout * out).sum(-1).transpose(0, 1)  # [Hq, total_q]
+    if dlse is not None:
+        delta = delta - dlse.to(cdt)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for qs, ks in _segments(cu_seqlens_q, cu_seqlens_k):
+        if qs.stop == qs.start or ks.stop == ks.start:
+            continue
+        qi, ki, doi = q[qs], k[ks], dout[qs]
+        vi = v[ks].repeat_interleave(group, dim=1)
+        p = torch.exp(_segment_scores(qi, ki, scale) - lse[:, qs].unsqueeze(-1))  # [Hq, Sq, Sk]
+        dv_h = torch.einsum("hqk,qhd->khd", p, doi)
+        ds = p * (torch.einsum("qhd,khd->hqk", doi, vi) - delta[:, qs].unsqueeze(-1))
+        dq[qs] = torch.einsum("hqk,khd->qhd", ds, ki.repeat_interleave(group, dim=1)) * scale
+        dk_h = torch.einsum("hqk,qhd->khd", ds, qi) * scale
+        dk[ks] = dk_h.unflatten(1, (Hk, group)).sum(2)
+        dv[ks] = dv_h.unflatten(1, (Hk, group)).sum(2)
+    return dq, dk, dv
+
+
+def cross_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    return_lse: bool = False,
+    compute_dtype: torch.dtype | None = None,
+):
+    """Plain-PyTorch :func:`cross_attention` (same arguments and layouts), differentiable through
+    autograd. Computes in ``compute_dtype`` (default: float32, or float64 for float64 input),
+    segment by segment (memory ``O(Hq * Sq_seg * Sk_seg)``), and returns that dtype."""
+    layout = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, None, None)
+    scale = _check_scale(softmax_scale, layout.head_dim)
+    _check_epilogue(gate, residual, q, tuple(q.shape), layout.heads_q)
+    cdt = compute_dtype or _compute_dtype(q.dtype)
+    out, lse = _reference_forward(*_packed(layout, q, k, v, cu_seqlens_q, cu_seqlens_k), scale, cdt)
+    if layout.batched:
+        out = out.reshape(q.shape)
+        lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
+    if gate is not None:
+        out = _apply_epilogue(out, gate, residual, cdt)
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Back ends
+# ----------------------------------------------------------------------------------------------
+
+
+def _kernel_input(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """The kernels read any token/head strides but need the channels contiguous; the CUDA kernels
+    move 16 bytes at a time, so they also need token/head strides that are multiples of 8
+    elements and a 16-byte aligned base. Anything else is copied once."""
+    ok = x.stride(-1) == 1
+    if backend == "cuda":
+        ok = ok and x.data_ptr() % 16 == 0 and all(
+            x.shape[d] <= 1 or x.stride(d) % 8 == 0 for d in range(x.dim() - 1))
+    return x if ok else x.contiguous()
+
+
+def _kernels(backend: str):
+    """The module holding ``attention_forward`` / ``attention_backward`` for ``backend``."""
+    if backend == "cuda":
+        return _backend.extension()
+    from crosslmm_ops.triton import cross_attention as triton_kernels
+
+    return triton_kernels
+
+
+def _forward(backend, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits):
+    if backend == "torch":
+        with torch.no_grad():
+            out, lse = _reference_forward(q, k, v, cu_q, cu_k, scale, _compute_dtype(q.dtype))
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return out.to(q.dtype).contiguous(), lse.to(lse_dtype).contiguous()
+    q, k, v = (_kernel_input(t, backend) for t in (q, k, v))
+    out = _backend.new_output(q.shape, q.dtype, q.device)
+    lse = _backend.new_output((q.shape[1], q.shape[0]), torch.float32, q.device)
+    _kernels(backend).attention_forward(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+                                        scale, num_splits)
+    return out, lse
+
+
+def _backward_backend(backend: str, dlse, device: torch.device) -> str:
+    """The CUDA backward has no LSE-gradient input: a gradient reaching the LSE (merging partial
+    attentions in training) runs the Triton backward, or the reference without Triton."""
+    if backend == "cuda" and dlse is not None:
+        return "triton" if _backend.triton_runnable(device)[0] else "torch"
+    return backend
+
+
+def _backward(backend, dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
+              deterministic):
+    if backend == "torch":
+        with torch.no_grad():
+            grads = _reference_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, scale)
+        return tuple(g.to(q.dtype).contiguous() for g in grads)
+    q, k, v, dout, out = (_kernel_input(t, backend) for t in (q, k, v, dout, out))
+    dq = _backend.new_output(q.shape, q.dtype, q.device)
+    dk = _backend.new_output(k.shape, k.dtype, k.device)
+    dv = _backend.new_output(v.shape, v.dtype, v.device)
+    args = (dout, q, k, v, out, lse.contiguous(), dq, dk, dv, cu_q, cu_k, max_seqlen_q,
+            max_seqlen_k, scale, deterministic)
+    if dlse is not None:  # only the Triton kernels take it (see _backward_backend)
+        _kernels(backend).attention_backward(*args, dlse=dlse)
+    else:
+        _kernels(backend).attention_backward(*args)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom ops (torch.library): what torch.compile and autograd see
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("crosslmm::cross_attention_fwd", mutates_args=())
+def _cross_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+    num_splits: int, deterministic: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _forward(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        softmax_scale, num_splits)
+    _backend.note(OP_NAME, backend)
+    return out, lse
+
+
+@_cross_attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, num_splits,
+      deterministic, backend):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
+
+
+@torch.library.custom_op("crosslmm::cross_attention_bwd", mutates_args=())
+def _cross_attention_bwd_op(
+    dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+    deterministic: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backward_backend(backend, dlse, q.device)
+    grads = _backward(backend, dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                      max_seqlen_q, max_seqlen_k, softmax_scale, deterministic)
+    _backend.note(OP_NAME + "_backward", backend)
+    return grads
+
+
+@_cross_attention_bwd_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale, deterministic, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k = inputs[:5]
+    ctx.params = inputs[5:8] + inputs[9:11]  # max_seqlen_q/k, softmax_scale, deterministic, backend
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+    # An unused LSE then arrives as None, not zeros: the common case skips the dlse path.
+    ctx.set_materialize_grads(False)
+
+
+def _backward_formula(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _cross_attention_bwd_op(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k,
+                                         *ctx.params)
+    return (dq, dk, dv) + (None,) * 8
+
+
+_cross_attention_fwd_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# The public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _fast_ok(layout: AttentionLayout, dtype: torch.dtype, runnable: tuple[bool, str], *,
+             dtypes: tuple, head_dims) -> tuple[bool, str]:
+    if not runnable[0]:
+        return runnable
+    if dtype not in dtypes:
+        return False, f"dtype {dtype} is not supported (only {', '.join(map(str, dtypes))})"
+    if not head_dims(layout.head_dim):
+        return False, f"head dim {layout.head_dim} is not supported"
+    return True, ""
+
+
+def _cuda_ok(layout: AttentionLayout, dtype: torch.dtype, device: torch.device):
+    runnable = _backend.cuda_runnable(device)
+    if runnable[0] and not hasattr(_backend.extension(), "attention_forward"):
+        runnable = (False, "the CUDA extension was built without the attention kernels; rebuild it")
+    return _fast_ok(layout, dtype, runnable, dtypes=_CUDA_DTYPES,
+                    head_dims=lambda d: d in _CUDA_HEAD_DIMS)
+
+
+def _triton_ok(layout: AttentionLayout, dtype: torch.dtype, device: torch.device):
+    return _fast_ok(layout, dtype, _backend.triton_runnable(device), dtypes=_TRITON_DTYPES,
+                    head_dims=lambda d: d <= _TRITON_MAX_HEAD_DIM)
+
+
+def cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    num_splits: int = 0,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    backend: str | None = None,
+):
+    """``softmax(q kᵀ · softmax_scale) v``, non-causal, with flash-attn's layouts.
+
+    * batched: ``q (B, Sq, Hq, D)``, ``k, v (B, Sk, Hk, D)`` -> ``out (B, Sq, Hq, D)``, ``lse
+      (B, Hq, Sq)``;
+    * packed (varlen): ``q (total_q, Hq, D)``, ``k, v (total_k, Hk, D)`` with int32
+      ``cu_seqlens_q / cu_seqlens_k`` of shape ``[B + 1]``: query segment ``i`` attends to key
+      segment ``i`` only -> ``out (total_q, Hq, D)``, ``lse (Hq, total_q)``. A segment without
+      keys outputs zeros (lse ``-inf``); one without queries is skipped. ``max_seqlen_q/k``
+      default to the longest segment (read from ``cu_seqlens``, which is also checked).
+
+    Any ``Sq``, ``Sk``; GQA/MQA (``Hq`` a multiple of ``Hk``; query head ``h`` reads key head
+    ``h // (Hq // Hk)``). ``softmax_scale`` defaults to ``1 / sqrt(D)``. ``return_lse=True`` also
+    returns the natural-log log-sum-exp of the scaled scores, float32 (float64 for float64 input);
+    it is differentiable, so partial results can be merged in training
+    (:func:`merge_attention_states`).
+
+    ``gate`` and ``residual`` (given together) apply DCAL's epilogue ``out = residual +
+    tanh(gate) * attention`` (in float32), ``gate`` a scalar tensor (0-dim or 1 element) or per
+    query head ``(Hq,)``, ``residual`` of the output's shape and dtype; differentiable in both. The
+    LSE stays the attention's own.
+
+    ``num_splits``: how many ranges each segment's keys are split into (flash-decoding); ``0``
+    picks from the occupancy of the GPU. ``deterministic=True`` asks for a backward whose result
+    is bitwise reproducible (the Triton backward always is). ``backend``: ``"auto"`` (default; env
+    ``CROSSLMM_BACKEND``), ``"cuda"`` (fp16/bf16, head dims 64 and 128), ``"triton"`` (fp16, bf16,
+    fp32, head dims up to 256) or ``"torch"``; :func:`crosslmm_ops.last_backend` says which ran.
+    """
+    layout = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = _check_scale(softmax_scale, layout.head_dim)
+    if not _is_int(num_splits) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
+    _check_epilogue(gate, residual, q, tuple(q.shape), layout.heads_q)
+    chosen = _backend.resolve(
+        OP_NAME, backend, q.device,
+        cuda_ok=_cuda_ok(layout, q.dtype, q.device),
+        triton_ok=_triton_ok(layout, q.dtype, q.device),
+    )
+    out, lse = _cross_attention_fwd_op(*_packed(layout, q, k, v, cu_seqlens_q, cu_seqlens_k),
+                                       layout.max_seqlen_q, layout.max_seqlen_k, scale, num_splits,
+                                       deterministic, chosen)
+    if layout.batched:
+        out = out.reshape(q.shape)
+        lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
+    if gate is not None:
+        out = _apply_epilogue(out, gate, residual, _compute_dtype(q.dtype)).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention_states(
+    outs: torch.Tensor | Sequence[torch.Tensor],
+    lses: torch.Tensor | Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge attention computed over disjoint key sets into attention over their union.
+
+    ``outs``: ``S`` partial outputs, stacked ``[S, ..., total_q, H, D]`` or a list of
+    ``[..., total_q, H, D]``; ``lses``: their LSEs, ``[S, ..., H, total_q]`` or a list (packed
+    layout ``outs [S, total_q, H, D]``, ``lses [S, H, total_q]``; batched ``outs [S, B, Sq, H, D]``,
+    ``lses [S, B, H, Sq]`` - exactly what :func:`cross_attention` returns with
+    ``return_lse=True``). Returns ``(out [..., total_q, H, D]`` in the partials' dtype, ``lse
+    [..., H, total_q]`` float32 (float64 for float64 input)). Partials with ``lse = -inf`` (no
+    keys) weigh nothing; when every partial is empty the result is 0 and ``-inf``, never NaN.
+    Plain differentiable torch ops, on any device.
+    """
+    outs = torch.stack(list(outs)) if not isinstance(outs, torch.Tensor) else outs
+    lses = torch.stack(list(lses)) if not isinstance(lses, torch.Tensor) else lses
+    if outs.dim() < 4 or lses.dim() != outs.dim() - 1 \
+            or lses.shape != (*outs.shape[:-3], outs.shape[-2], outs.shape[-3]):
+        raise ValueError(f"outs must be [S, ..., total_q, H, D] and lses [S, ..., H, total_q], got "
+                         f"outs {tuple(outs.shape)} and lses {tuple(lses.shape)}")
+    cdt = _compute_dtype(outs.dtype)
+    lses = lses.to(cdt)
+    top = lses.amax(0)
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    w = torch.exp(lses - top)  # [S, ..., H, total_q]
+    total = w.sum(0)
+    has_keys = total > 0
+    safe = torch.where(has_keys, total, torch.ones_like(total))
+    weights = (w / safe).transpose(-1, -2).unsqueeze(-1)  # [S, ..., total_q, H, 1]
+    out = (weights * outs.to(cdt)).sum(0)
+    lse = torch.where(has_keys, top + torch.log(safe), torch.full_like(top, float("-inf")))
+    return out.to(outs.dtype), lse
+
+
+@torch.no_grad()
+def attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    query_index,
+    lse: torch.Tensor | None = None,
+    block_size: int = 4096,
+) -> torch.Tensor:
+    """The softmax probabilities of a few queries, for inspection (attention maps); not
+    differentiable.
+
+    ``query_index``: indices into ``Sq`` (batched) or ``total_q`` (packed). ``lse``: as returned by
+    :func:`cross_attention` (``(B, Hq, Sq)`` / ``(Hq, total_q)``); recomputed when left out. Keys
+    are visited ``block_size`` at a time, so memory is ``O(n * Hq * Sk)``, never ``Sq * Sk``.
+
+    Returns float32 (float64 for float64 input) probabilities:
+
+    * batched: ``[B, n, Hq, Sk]`` - for each batch element, its queries ``query_index``;
+    * packed: ``[n, Hq, L]`` with ``L`` the longest key segment among the chosen queries'
+      segments; row ``r`` holds its own segment's keys ``0 .. Sk_seg - 1`` and zeros after.
+    """
+    layout = _check_inputs(q, k, k, cu_seqlens_q, cu_seqlens_k, None, None)
+    scale = _check_scale(softmax_scale, layout.head_dim)
+    idx = torch.as_tensor(query_index, dtype=torch.long).reshape(-1).cpu()
+    limit = layout.seqlen_q if layout.batched else layout.total_q
+    if idx.numel() and (idx.min() < -limit or idx.max() >= limit):
+        raise ValueError(f"query_index must index the {limit} queries, got {idx.tolist()}")
+    idx = idx % max(limit, 1)
+    cdt = _compute_dtype(q.dtype)
+    qp, kp, _, cu_q, cu_k = _packed(layout, q, k, k, cu_seqlens_q, cu_seqlens_k)
+    if layout.batched:
+        rows = (torch.arange(layout.batch).unsqueeze(1) * layout.seqlen_q + idx).reshape(-1)
+        expected_lse_shape = (layout.batch, layout.heads_q, layout.seqlen_q)
+    else:
+        rows = idx
+        expected_lse_shape = (layout.heads_q, layout.total_q)
+    if lse is not None:
+        _tensor("lse", lse)
+        if tuple(lse.shape) != expected_lse_shape:
+            raise ValueError(f"lse must have shape {expected_lse_shape}, got {tuple(lse.shape)}")
+        lse = lse.to(cdt)
+        lse_p = lse.transpose(0, 1).reshape(layout.heads_q, -1) if layout.batched else lse
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    seg_of = torch.searchsorted(torch.tensor(cq[1:]), rows, right=True)
+    width = max((ck[s + 1] - ck[s] for s in seg_of.tolist()), default=0)
+    probs = torch.zeros(rows.numel(), layout.heads_q, width, dtype=cdt, device=q.device)
+    for seg in seg_of.unique().tolist():
+        picked = (seg_of == seg).nonzero().reshape(-1)
+        qi = qp[rows[picked].to(q.device)].to(cdt)  # [m, Hq, D]
+        keys = kp[ck[seg]: ck[seg + 1]]
+        blocks = range(0, keys.shape[0], block_size)
+        if lse is None:  # running log-sum-exp over key blocks
+            seg_lse = qi.new_full((layout.heads_q, qi.shape[0]), float("-inf"))
+            for j in blocks:
+                s = _segment_scores(qi, keys[j: j + block_size].to(cdt), scale)
+                seg_lse = torch.logaddexp(seg_lse, torch.logsumexp(s, -1))
+        else:
+            seg_lse = lse_p[:, rows[picked].to(q.device)]
+        for j in blocks:
+            s = _segment_scores(qi, keys[j: j + block_size].to(cdt), scale)  # [Hq, m, blk]
+            probs[picked.to(q.device), :, j: j + s.shape[-1]] = \
+                torch.exp(s - seg_lse.unsqueeze(-1)).transpose(0, 1)
+    if layout.batched:
+        probs = probs.reshape(layout.batch, idx.numel(), layout.heads_q, width)
+    return probs
