@@ -81,6 +81,9 @@ def _device_arch(device: torch.device) -> int:
     return major * 10 + minor
 
 
+# cuda_runnable / triton_runnable ask the extension, the GPU and the environment, which
+# torch.compile cannot trace: under compilation each is evaluated once and its answer baked in.
+@torch.compiler.assume_constant_result
 def cuda_runnable(device: torch.device) -> tuple[bool, str]:
     """Whether the CUDA back end can run on ``device``, and if not, why."""
     if device.type != "cuda":
@@ -113,6 +116,7 @@ def _cuda_runnable_on(index: int) -> tuple[bool, str]:
     )
 
 
+@torch.compiler.assume_constant_result
 def triton_runnable(device: torch.device) -> tuple[bool, str]:
     """Whether the Triton back end can run on ``device``, and if not, why."""
     if not triton_available():

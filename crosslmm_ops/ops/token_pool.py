@@ -153,7 +153,10 @@ def _hashable(v):
 
 
 def _make_spec(*args) -> PoolSpec:
-    """PoolSpec.make, memoised: validation runs once per distinct set of arguments."""
+    """PoolSpec.make, memoised: validation runs once per distinct set of arguments (eagerly;
+    torch.compile traces the validation itself, once)."""
+    if torch.compiler.is_compiling():
+        return PoolSpec.make(*args)
     try:
         return _make_spec_cached(*(_hashable(a) for a in args))
     except TypeError:  # unhashable argument: validate uncached (make raises the clear error)
