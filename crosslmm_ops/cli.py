@@ -19,6 +19,8 @@ from crosslmm_ops import _backend
 # The ops and what limits their fast back ends beyond what is installed.
 OPS = {
     "token_pool": "fp16, bf16, fp32 on cuda/triton; fp64 on torch",
+    "cross_attention": "cuda: fp16/bf16, head dim 64/128; triton: fp16/bf16/fp32, head dim <= 256; "
+                       "torch: any",
 }
 
 

@@ -14,6 +14,16 @@ void token_pool_mix(const at::Tensor& src, at::Tensor& dst, const at::Tensor& ro
                     const c10::optional<at::Tensor>& argmax, int64_t kind,
                     int64_t temporal_stride, int64_t frames_in, int64_t tokens_in,
                     bool time_transposed, int64_t max_row_len);
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       at::Tensor& out, at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+                       const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                       double softmax_scale, int64_t num_splits);
+void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                        int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                        bool deterministic);
 }  // namespace crosslmm
 
 #ifndef CROSSLMM_CUDA_ARCHS
@@ -23,6 +33,34 @@ void token_pool_mix(const at::Tensor& src, at::Tensor& dst, const at::Tensor& ro
 #define CROSSLMM_VERSION "unknown"
 #endif
 
+namespace {
+
+// Every entry point reports a failed check (TORCH_CHECK, a failed launch) as a Python RuntimeError
+// raised here, rather than through pybind11's exception translators: those live in pybind11's
+// internals, which this module may not share with torch's own build (a mismatch crashed the
+// interpreter on the first failed check).
+[[noreturn]] void raise_runtime_error(const char* message) {
+  PyErr_SetString(PyExc_RuntimeError, message);
+  throw pybind11::error_already_set();
+}
+
+template <typename... Args>
+auto guarded(void (*fn)(Args...)) {
+  return [fn](Args... args) {
+    try {
+      fn(std::forward<Args>(args)...);
+    } catch (const c10::Error& e) {
+      raise_runtime_error(e.what_without_backtrace());
+    } catch (const pybind11::error_already_set&) {
+      throw;
+    } catch (const std::exception& e) {
+      raise_runtime_error(e.what());
+    }
+  };
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "crosslmm-ops CUDA kernels (see crosslmm_ops/ops for the Python interface)";
   m.def("cuda_archs", [] { return std::string(CROSSLMM_CUDA_ARCHS); },
@@ -30,9 +68,23 @@ PYBIND11_MODULE(_C, m) {
   m.def("version", [] { return std::string(CROSSLMM_VERSION); },
         "The crosslmm-ops version this module was built from.");
   m.def("cuda_version", [] { return CUDART_VERSION; }, "CUDART_VERSION at build time.");
-  m.def("token_pool_mix", &crosslmm::token_pool_mix, "Gather-pool tokens along a CSR plan.",
+  m.def("token_pool_mix", guarded(&crosslmm::token_pool_mix), "Gather-pool tokens along a CSR plan.",
         pybind11::arg("src"), pybind11::arg("dst"), pybind11::arg("row_ptr"),
         pybind11::arg("col_idx"), pybind11::arg("weight"), pybind11::arg("argmax"),
         pybind11::arg("kind"), pybind11::arg("temporal_stride"), pybind11::arg("frames_in"),
         pybind11::arg("tokens_in"), pybind11::arg("time_transposed"), pybind11::arg("max_row_len"));
+  m.def("attention_forward", guarded(&crosslmm::attention_forward),
+        "Varlen cross-attention forward: writes out = softmax(q k^T * scale) v and lse (natural "
+        "log, [Hq, total_q]); num_splits 0 = heuristic key split.",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
+        pybind11::arg("lse"), pybind11::arg("cu_seqlens_q"), pybind11::arg("cu_seqlens_k"),
+        pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"),
+        pybind11::arg("softmax_scale"), pybind11::arg("num_splits"));
+  m.def("attention_backward", guarded(&crosslmm::attention_backward),
+        "Varlen cross-attention backward: writes dq, dk, dv (always deterministic).",
+        pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+        pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("dq"), pybind11::arg("dk"),
+        pybind11::arg("dv"), pybind11::arg("cu_seqlens_q"), pybind11::arg("cu_seqlens_k"),
+        pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"),
+        pybind11::arg("softmax_scale"), pybind11::arg("deterministic"));
 }

@@ -29,10 +29,12 @@ if has build; then
 fi
 
 if has test; then
+  step "errors from the extension"
+  $PY scripts/check_errors.py 2>&1 | tail -5 || status=1
   step "GPU tests"
-  $PY -m pytest tests -m cuda -q -x -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
+  $PY -m pytest tests -m cuda -q --maxfail="${MAXFAIL:-25}" -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
   rc=$?; [[ $rc -ne 0 ]] && status=1
-  tail -25 "$OUT/gpu_tests.log"
+  grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -40; tail -3 "$OUT/gpu_tests.log"
 fi
 
 if has sanitize; then

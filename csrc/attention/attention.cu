@@ -1,0 +1,342 @@
+// Host entry points of the cross-attention kernels: argument checks, the launch plan (tile height,
+// GQA packing, key splits), scratch buffers, and dispatch to the per-(dtype, head dim) kernel
+// files.
+//
+//   attention_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+//                     softmax_scale, num_splits)
+//   attention_backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+//                      max_seqlen_q, max_seqlen_k, softmax_scale, deterministic)
+//
+// Layout: packed varlen as in flash-attn's varlen API. q, out, dout, dq: [total_q, Hq, D];
+// k, v, dk, dv: [total_k, Hk, D]; channel stride 1, token and head strides any multiple of 8
+// elements (so slices of a fused qkv tensor are read in place); lse: fp32 [Hq, total_q], natural
+// log. cu_seqlens_q / cu_seqlens_k: int32 [B + 1] on the device; segment b's queries attend only to
+// segment b's keys. max_seqlen_q / max_seqlen_k must bound the segment lengths (as in flash-attn
+// they are trusted, not recomputed: a segment longer than max_seqlen_q is not fully computed).
+// Hq must be a multiple of Hk (GQA: query head h reads kv head h / (Hq / Hk)). dtypes fp16 and
+// bf16, head dims 64 and 128.
+//
+// The backward is deterministic whatever `deterministic` says: no kernel uses atomics (see
+// attention_bwd_kernel.cuh), so repeated calls give bitwise-equal gradients.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "attention/attention_params.h"
+#include "common/check.h"
+
+namespace crosslmm {
+namespace {
+
+using attention::AttentionBackwardParams;
+using attention::AttentionForwardParams;
+using attention::kBlockN;
+
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+// Key splits: never more than this many (scratch memory and the combine's loop stay small), and
+// each split keeps at least kMinKeyTilesPerSplit key tiles (its fixed costs, loading Q and writing
+// a partial result, stay small against its main loop).
+constexpr int64_t kMaxSplits = 128;
+constexpr int64_t kMinKeyTilesPerSplit = 4;
+
+// Calls fn.template operator()<T, kHeadDim>() for the tensor's dtype and head dim.
+template <typename Fn>
+void dispatch_dtype_head_dim(const char* op, at::ScalarType dtype, int64_t head_dim, Fn&& fn) {
+  if (dtype == at::kHalf) {
+    if (head_dim == 64) return fn.template operator()<__half, 64>();
+    if (head_dim == 128) return fn.template operator()<__half, 128>();
+  } else if (dtype == at::kBFloat16) {
+    if (head_dim == 64) return fn.template operator()<__nv_bfloat16, 64>();
+    if (head_dim == 128) return fn.template operator()<__nv_bfloat16, 128>();
+  }
+  TORCH_CHECK(false, op, ": unsupported dtype ", dtype, " / head dim ", head_dim);
+}
+
+// A [tokens, heads, head_dim] tensor the kernels read or write: on q's device, q's dtype, channel
+// stride 1, token and head strides multiples of 8 elements and a 16-byte aligned base (the kernels
+// move 16 bytes at a time). `expected` is its required shape.
+void check_token_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
+                        at::IntArrayRef expected) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have dtype ",
+              q.scalar_type(), " like q, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 3, op, ": ", name,
+              " must have 3 dimensions [tokens, heads, head_dim], got shape ", t.sizes());
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.stride(2) == 1, op, ": ", name,
+              " must have channel (last-dim) stride 1, got strides ", t.strides());
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK(t.size(d) <= 1 || t.stride(d) % 8 == 0, op, ": ", name,
+                " must have token and head strides that are multiples of 8 elements, got strides ",
+                t.strides());
+  }
+  TORCH_CHECK(t.numel() == 0 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+              " must start at a 16-byte aligned address");
+}
+
+// Outputs must not alias themselves (a zero or too-small stride would make CTAs race).
+void check_no_self_overlap(const char* op, const char* name, const at::Tensor& t) {
+  const int64_t tokens = t.size(0), heads = t.size(1), head_dim = t.size(2);
+  const int64_t ts = t.stride(0), hs = t.stride(1);
+  bool ok = true;
+  if (heads > 1) ok = ok && hs >= head_dim;
+  if (tokens > 1) ok = ok && ts >= head_dim;
+  if (tokens > 1 && heads > 1) ok = ok && (ts >= hs * heads || hs >= ts * tokens);
+  TORCH_CHECK(ok, op, ": ", name, " must not overlap itself, got shape ", t.sizes(),
+              " and strides ", t.strides());
+}
+
+void check_cu_seqlens(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), op, ": ", name, " must be on ", q.device(),
+              " like q, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must have dtype int32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.numel() >= 1, op, ": ", name,
+              " must be 1-D with batch + 1 entries, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+void check_lse(const char* op, const at::Tensor& lse, const at::Tensor& q) {
+  TORCH_CHECK(lse.is_cuda() && lse.device() == q.device(), op, ": lse must be on ", q.device(),
+              " like q, got ", lse.device());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, op, ": lse must have dtype float32, got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0), op,
+              ": lse must have shape [num_heads_q, total_q] = [", q.size(1), ", ", q.size(0),
+              "], got ", lse.sizes());
+  TORCH_CHECK(lse.is_contiguous(), op, ": lse must be contiguous");
+}
+
+// Checks shared by forward and backward: q, k, v and the segments. Returns nothing; throws.
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+               int64_t max_seqlen_k, double softmax_scale) {
+  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": q must have dtype float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.dim() == 3, op,
+              ": q must have 3 dimensions [total_q, num_heads_q, head_dim], got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, op,
+              ": k must have 3 dimensions [total_k, num_heads_k, head_dim], got shape ", k.sizes());
+  const int64_t head_dim = q.size(2);
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, op,
+              ": head dim (q.size(2)) must be 64 or 128, got ", head_dim);
+  TORCH_CHECK(k.size(2) == head_dim, op, ": k must have q's head dim ", head_dim, ", got ",
+              k.size(2));
+  const int64_t heads_q = q.size(1), heads_k = k.size(1);
+  TORCH_CHECK(heads_k >= 1 && heads_q >= 1 && heads_q % heads_k == 0, op,
+              ": num_heads_q (q.size(1) = ", heads_q,
+              ") must be a positive multiple of num_heads_k (k.size(1) = ", heads_k, ")");
+  check_token_tensor(op, "q", q, q, q.sizes());
+  check_token_tensor(op, "k", k, q, k.sizes());
+  check_token_tensor(op, "v", v, q, k.sizes());
+  check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q);
+  check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, q);
+  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(), op,
+              ": cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got ",
+              cu_seqlens_q.numel(), " and ", cu_seqlens_k.numel());
+  TORCH_CHECK(q.size(0) <= kInt32Max && k.size(0) <= kInt32Max && q.size(0) * heads_q <= kInt32Max,
+              op, ": too many tokens (total_q = ", q.size(0), ", total_k = ", k.size(0), ")");
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, op,
+              ": max_seqlen_q and max_seqlen_k must be >= 0, got ", max_seqlen_q, " and ",
+              max_seqlen_k);
+  TORCH_CHECK(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ",
+              softmax_scale);
+}
+
+int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       at::Tensor& out, at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+                       const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                       double softmax_scale, int64_t num_splits) {
+  constexpr const char* op = "attention_forward";
+  check_qkv(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale);
+  check_token_tensor(op, "out", out, q, q.sizes());
+  check_no_self_overlap(op, "out", out);
+  check_lse(op, lse, q);
+  TORCH_CHECK(num_splits >= 0, op, ": num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+
+  const int64_t batch = cu_seqlens_q.numel() - 1;
+  const int64_t total_q = q.size(0), total_k = k.size(0);
+  const int64_t heads_q = q.size(1), heads_k = k.size(1), head_dim = q.size(2);
+  // A bound larger than the whole packed dimension is allowed (as in flash-attn) but means no more.
+  max_seqlen_q = std::min(max_seqlen_q, total_q);
+  max_seqlen_k = std::min(max_seqlen_k, total_k);
+  if (batch == 0 || total_q == 0 || max_seqlen_q == 0) return;  // no query rows to write
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  // GQA packing: the query heads of a group share one CTA (rows = (token, head in group) pairs), so
+  // K/V are read once per group and short query sets (decode, 9 queries per frame) fill the tile.
+  const int64_t group = heads_q / heads_k;
+  const int64_t rows_per_query = group;
+  const int64_t head_ctas = heads_q / rows_per_query;
+  const int64_t rows = max_seqlen_q * rows_per_query;
+  TORCH_CHECK(rows <= kInt32Max, op, ": too many rows per segment (", rows, ")");
+  const int64_t key_tiles = ceil_div64(max_seqlen_k, kBlockN);
+  const int64_t useful_splits = std::max<int64_t>(1, key_tiles / kMinKeyTilesPerSplit);
+  const int sms = multiprocessor_count();
+
+  // Tile height: 128 rows (8 warps) halves the K/V traffic per row against 64 rows (4 warps), but
+  // gives fewer CTAs; use 64 when the rows fit in one 64-row tile, or when even splitting the keys
+  // could not give 128-row tiles one CTA per multiprocessor.
+  auto ctas_for = [&](int64_t block_m) { return ceil_div64(rows, block_m) * head_ctas * batch; };
+  int block_m = rows > 64 ? 128 : 64;
+  if (block_m == 128 && ctas_for(128) * useful_splits < sms) block_m = 64;
+  const int64_t ctas = ctas_for(block_m);
+
+  // Key splits: when the grid does not fill one wave of the GPU, split the keys into enough CTAs
+  // for about two waves, each split keeping at least kMinKeyTilesPerSplit key tiles.
+  int64_t splits = 1;
+  if (num_splits == 0) {
+    int ctas_per_sm = 1;
+    dispatch_dtype_head_dim(op, q.scalar_type(), head_dim, [&]<typename T, int kHeadDim>() {
+      ctas_per_sm = attention::attention_forward_ctas_per_sm<T, kHeadDim>(block_m);
+    });
+    const int64_t wave = static_cast<int64_t>(sms) * ctas_per_sm;
+    if (ctas < wave) splits = ceil_div64(2 * wave, ctas);
+    splits = std::min({splits, useful_splits, kMaxSplits});
+  } else {
+    splits = std::min({num_splits, std::max<int64_t>(1, key_tiles), kMaxSplits});
+  }
+
+  at::Tensor out_partial, lse_partial;
+  if (splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    out_partial = at::empty({splits, heads_q, total_q, head_dim}, f32);
+    lse_partial = at::empty({splits, heads_q, total_q}, f32);
+  }
+
+  AttentionForwardParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.out_partial = splits > 1 ? out_partial.data_ptr<float>() : nullptr;
+  p.lse_partial = splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.q_token_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.k_token_stride = k.stride(0);
+  p.k_head_stride = k.stride(1);
+  p.v_token_stride = v.stride(0);
+  p.v_head_stride = v.stride(1);
+  p.out_token_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.batch = static_cast<int>(batch);
+  p.num_heads_q = static_cast<int>(heads_q);
+  p.num_heads_k = static_cast<int>(heads_k);
+  p.total_q = static_cast<int>(total_q);
+  p.total_k = static_cast<int>(total_k);
+  p.rows_per_query = static_cast<int>(rows_per_query);
+  p.head_ctas = static_cast<int>(head_ctas);
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.num_m_blocks = static_cast<int>(ceil_div64(rows, block_m));
+  p.num_splits = static_cast<int>(splits);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+
+  dispatch_dtype_head_dim(op, q.scalar_type(), head_dim, [&]<typename T, int kHeadDim>() {
+    attention::run_attention_forward<T, kHeadDim>(p, block_m, stream);
+  });
+}
+
+void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                        int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                        bool deterministic) {
+  constexpr const char* op = "attention_backward";
+  (void)deterministic;  // always deterministic: no atomics anywhere (see the file comment)
+  check_qkv(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale);
+  check_token_tensor(op, "dout", dout, q, q.sizes());
+  check_token_tensor(op, "out", out, q, q.sizes());
+  check_token_tensor(op, "dq", dq, q, q.sizes());
+  check_token_tensor(op, "dk", dk, q, k.sizes());
+  check_token_tensor(op, "dv", dv, q, k.sizes());
+  check_no_self_overlap(op, "dq", dq);
+  check_no_self_overlap(op, "dk", dk);
+  check_no_self_overlap(op, "dv", dv);
+  check_lse(op, lse, q);
+
+  const int64_t batch = cu_seqlens_q.numel() - 1;
+  const int64_t total_q = q.size(0), total_k = k.size(0);
+  const int64_t heads_q = q.size(1), heads_k = k.size(1), head_dim = q.size(2);
+  // A bound larger than the whole packed dimension is allowed (as in flash-attn) but means no more.
+  max_seqlen_q = std::min(max_seqlen_q, total_q);
+  max_seqlen_k = std::min(max_seqlen_k, total_k);
+  if (batch == 0) return;
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const int64_t group = heads_q / heads_k;
+  const int64_t rows_per_query = group;  // GQA packing in the dQ kernel, as in the forward
+  const int64_t rows = max_seqlen_q * rows_per_query;
+  TORCH_CHECK(rows <= kInt32Max, op, ": too many rows per segment (", rows, ")");
+  at::Tensor delta = at::empty({heads_q, total_q}, q.options().dtype(at::kFloat));
+
+  AttentionBackwardParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.q_token_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.k_token_stride = k.stride(0);
+  p.k_head_stride = k.stride(1);
+  p.v_token_stride = v.stride(0);
+  p.v_head_stride = v.stride(1);
+  p.out_token_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.dout_token_stride = dout.stride(0);
+  p.dout_head_stride = dout.stride(1);
+  p.dq_token_stride = dq.stride(0);
+  p.dq_head_stride = dq.stride(1);
+  p.dk_token_stride = dk.stride(0);
+  p.dk_head_stride = dk.stride(1);
+  p.dv_token_stride = dv.stride(0);
+  p.dv_head_stride = dv.stride(1);
+  p.batch = static_cast<int>(batch);
+  p.num_heads_q = static_cast<int>(heads_q);
+  p.num_heads_k = static_cast<int>(heads_k);
+  p.total_q = static_cast<int>(total_q);
+  p.total_k = static_cast<int>(total_k);
+  p.rows_per_query = static_cast<int>(rows_per_query);
+  p.head_ctas = static_cast<int>(heads_q / rows_per_query);
+  p.num_m_blocks = static_cast<int>(ceil_div64(rows, attention::kBackwardBlockM));
+  p.num_n_blocks = static_cast<int>(ceil_div64(max_seqlen_k, kBlockN));
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+
+  dispatch_dtype_head_dim(op, q.scalar_type(), head_dim, [&]<typename T, int kHeadDim>() {
+    attention::run_attention_backward<T, kHeadDim>(p, stream);
+  });
+}
+
+}  // namespace crosslmm

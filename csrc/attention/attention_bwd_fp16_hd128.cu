@@ -1,0 +1,8 @@
+// Attention backward for __half, head dim 128 (one file per instantiation so builds parallelise).
+#include "attention/attention_bwd_launch.cuh"
+
+namespace crosslmm {
+namespace attention {
+template void run_attention_backward<__half, 128>(const AttentionBackwardParams&, cudaStream_t);
+}  // namespace attention
+}  // namespace crosslmm

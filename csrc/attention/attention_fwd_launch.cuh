@@ -1,0 +1,70 @@
+// Host-side launchers of the attention forward kernels (attention_fwd_kernel.cuh), included by the
+// per-(dtype, head dim) attention_fwd_<dtype>_hd<D>.cu files that instantiate them.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "attention/attention_fwd_kernel.cuh"
+#include "attention/attention_params.h"
+#include "common/check.h"
+
+namespace crosslmm {
+namespace attention {
+
+template <typename T, int kHeadDim, int kNWarps>
+void launch_attention_forward(const AttentionForwardParams& p, cudaStream_t stream) {
+  using Tile = ForwardTile<kHeadDim, kNWarps>;
+  auto kernel = attention_forward_kernel<T, kHeadDim, kNWarps>;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  const int64_t ctas = static_cast<int64_t>(p.num_m_blocks) * p.head_ctas * p.batch * p.num_splits;
+  TORCH_CHECK(ctas <= 0x7fffffff, "attention_forward: grid too large (", ctas, " CTAs)");
+  kernel<<<static_cast<unsigned>(ctas), Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+  CROSSLMM_CHECK_LAUNCH();
+}
+
+template <typename T, int kHeadDim>
+void run_attention_forward(const AttentionForwardParams& p, int block_m, cudaStream_t stream) {
+  if (p.num_m_blocks == 0 || p.head_ctas == 0 || p.batch == 0) return;
+  TORCH_CHECK(block_m == 64 || block_m == 128, "attention_forward: block_m must be 64 or 128");
+  if (block_m == 64) {
+    launch_attention_forward<T, kHeadDim, 4>(p, stream);
+  } else {
+    launch_attention_forward<T, kHeadDim, 8>(p, stream);
+  }
+  if (p.num_splits > 1) {
+    const int64_t token_tiles =
+        (static_cast<int64_t>(p.max_seqlen_q) + kCombineWarps - 1) / kCombineWarps;
+    const int64_t ctas = token_tiles * p.num_heads_q * p.batch;
+    TORCH_CHECK(ctas <= 0x7fffffff, "attention_forward: combine grid too large (", ctas, " CTAs)");
+    attention_forward_combine_kernel<T, kHeadDim>
+        <<<static_cast<unsigned>(ctas), 32 * kCombineWarps, 0, stream>>>(
+            p, static_cast<int>(token_tiles));
+    CROSSLMM_CHECK_LAUNCH();
+  }
+}
+
+template <typename T, int kHeadDim>
+int attention_forward_ctas_per_sm(int block_m) {
+  auto query = [](auto kernel, int threads, int smem_bytes) {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    int ctas = 0;
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, threads, smem_bytes));
+    return ctas > 0 ? ctas : 1;
+  };
+  if (block_m == 64) {
+    using Tile = ForwardTile<kHeadDim, 4>;
+    return query(attention_forward_kernel<T, kHeadDim, 4>, Tile::kThreads, Tile::kSmemBytes);
+  }
+  using Tile = ForwardTile<kHeadDim, 8>;
+  return query(attention_forward_kernel<T, kHeadDim, 8>, Tile::kThreads, Tile::kSmemBytes);
+}
+
+}  // namespace attention
+}  // namespace crosslmm
