@@ -147,6 +147,9 @@ def bench_forward_backward(benchmark, record, case, impl):
         step()
     except RuntimeError as exc:
         pytest.skip(f"{impl} cannot run {case} forward+backward: {exc}")
+    if impl in OURS:  # the backward must run where the forward did
+        assert crosslmm_ops.last_backend("cross_attention") == impl
+        assert crosslmm_ops.last_backend("cross_attention_backward") == impl
     floor, flops, moved = floor_ms(case, backward=True)
     ms = do_bench_ms(step)
     benchmark.pedantic(gpu_synced(lambda _: step(), [None]), rounds=5, warmup_rounds=1)

@@ -13,6 +13,10 @@ Every test needs a GPU and an extension built with the attention kernels.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -303,6 +307,17 @@ def _bad_call(**changes):
 
 
 def test_bad_input_raises():
+    """The checks run in a child process (this file run as a script): a failed check must come
+    back as a RuntimeError, and a crash must fail this test rather than end the test session."""
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600)
+    if proc.returncode == -signal.SIGSEGV and os.environ.get("CROSSLMM_EXTENSION_THROW_CRASHES") == "1":
+        pytest.xfail("on this machine any C++ exception thrown by a torch extension crashes the "
+                     "interpreter, torch's own load_inline extensions included (scripts/diag_throw.py)")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert "bad input checks: ok" in proc.stdout
+
+
+def _bad_input_checks():
     def t(*shape, dtype=torch.float16):
         return torch.randn(*shape, device="cuda", dtype=dtype)
 
@@ -335,3 +350,8 @@ def test_bad_input_raises():
         _extension().attention_backward(
             torch.randn_like(q), q, k, v, torch.randn_like(q), torch.zeros(4, 9, device="cuda"),
             torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), cu, cu, 5, 5, 0.1, False)
+
+
+if __name__ == "__main__":  # the child process of test_bad_input_raises
+    _bad_input_checks()
+    print("bad input checks: ok")
