@@ -102,7 +102,10 @@ class CMakeBuild(build_ext):
 
         cuda_home = find_cuda_home()
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # A persistent build folder (ignored by git), so a reinstall recompiles only what changed;
+        # setuptools' build_temp is a fresh folder for every editable install. `rm -rf build` forces
+        # a clean build.
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
         archs = os.environ.get("CROSSLMM_CUDA_ARCHS", "80;90a").replace(",", ";").replace(" ", ";")
         archs = ";".join(a.replace(".", "") for a in archs.split(";") if a)
