@@ -190,11 +190,12 @@ class PoolPlan:
     t_col_idx: np.ndarray
     t_weight: np.ndarray
 
-    @property
+    # Read on every kernel launch: computed once per (cached) plan.
+    @functools.cached_property
     def max_row_len(self) -> int:
         return int(np.diff(self.row_ptr).max(initial=0))
 
-    @property
+    @functools.cached_property
     def t_max_row_len(self) -> int:
         return int(np.diff(self.t_row_ptr).max(initial=0))
 
