@@ -19,13 +19,17 @@ from crosslmm_ops import _backend  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+RUN_SLOW = os.environ.get("CROSSLMM_RUN_SLOW", "0") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_slow = pytest.mark.skip(reason="slow: set CROSSLMM_RUN_SLOW=1 to run")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not RUN_SLOW:
+            item.add_marker(skip_slow)
 
 
 def pytest_report_header(config):

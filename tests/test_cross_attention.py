@@ -143,10 +143,16 @@ def check_backend(backend, q, k, v, *, cu_q=None, cu_k=None, num_splits=0, gate=
     # The CUDA backward takes no LSE gradient: that case runs the Triton backward (on record).
     ran = "triton" if backend == "cuda" and lse_grad else backend
     assert crosslmm_ops.last_backend("cross_attention_backward") == ran
+    # Every back end forms dS = P * (dO·v - Delta), Delta = rowsum(dO * O), in float32: where the
+    # two nearly cancel (one key: P = 1, O = v) the true dq, dk are ~0 but float32 leaves
+    # eps32 * |dO·v| * |q or k| behind, while autograd's softmax backward cancels exactly.
+    # That float32 floor is negligible next to fp16/bf16 bounds but not in float32.
+    mags = [t.detach().abs().max().item() if t.numel() else 0.0 for t in (g, q, k, v)]
+    cancel = 8 * torch.finfo(torch.float32).eps * mags[0] * mags[3] * q.shape[-1] * max(mags[1:3])
     for name, a, e, lo in zip(("dq", "dk", "dv", "dgate", "dresidual"), actual, expected, low):
         assert a.dtype == dtype or name == "dgate"
         assert not torch.isnan(a).any(), f"unwritten {name} elements"
-        bound = 3 * max_err(lo, e) + rounding(e, dtype)
+        bound = 3 * max_err(lo, e) + rounding(e, dtype) + (cancel if name in ("dq", "dk") else 0)
         assert max_err(a, e) <= bound, (name, max_err(a, e), bound)
 
 

@@ -335,22 +335,25 @@ def _max_reference(x: torch.Tensor, spec: PoolSpec) -> tuple[torch.Tensor, torch
 
 
 def token_pool_reference(x: torch.Tensor, spec: PoolSpec, *, compute_dtype=None) -> torch.Tensor:
-    """Plain-PyTorch token pooling of ``x: [B, T, N, D]``, differentiable through autograd.
+    """Plain-PyTorch token pooling of ``x: [..., T, N, D]`` (as :func:`token_pool`),
+    differentiable through autograd.
 
     Computes in ``compute_dtype`` (default: float32, or float64 for float64 input) and returns
     that dtype; the torch back end casts the result to the input's dtype.
     """
     if compute_dtype is None:
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(compute_dtype)
+    lead = x.shape[:-3]
+    x = x.to(compute_dtype).reshape(-1, *x.shape[-3:])
     if spec.mode == "max":
-        return _max_reference(x, spec)[0]
-    spatial = _dense_map(spec, compute_dtype, x.device)
-    out = torch.einsum("on,btnd->btod", spatial, x)
-    if spec.temporal_stride > 1:
-        temporal = _temporal_map(x.shape[1], spec.temporal_stride, compute_dtype, x.device)
-        out = torch.einsum("ut,btod->buod", temporal, out)
-    return out
+        out = _max_reference(x, spec)[0]
+    else:
+        spatial = _dense_map(spec, compute_dtype, x.device)
+        out = torch.einsum("on,btnd->btod", spatial, x)
+        if spec.temporal_stride > 1:
+            temporal = _temporal_map(x.shape[1], spec.temporal_stride, compute_dtype, x.device)
+            out = torch.einsum("ut,btod->buod", temporal, out)
+    return out.reshape(*lead, *out.shape[1:])
 
 
 # ----------------------------------------------------------------------------------------------

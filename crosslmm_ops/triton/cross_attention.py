@@ -112,8 +112,9 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    # No keys (an empty segment or an empty split): output 0 and lse -inf, never NaN.
-    has_keys = l_i > 0.0
+    # No keys (an empty segment or an empty split): output 0 and lse -inf, never NaN. A NaN in the
+    # inputs makes l NaN, which must reach the output (`!= 0`, not `> 0`, lets it through).
+    has_keys = l_i != 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = tl.where(has_keys[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
@@ -151,7 +152,7 @@ def _attn_merge_kernel(
         w_sum += w
         acc += w[:, None] * tl.load(o_ptrs, mask=mask, other=0.0)
         o_ptrs += sp_s
-    has_keys = w_sum > 0.0
+    has_keys = w_sum != 0.0  # NaN partials stay NaN (see the forward's epilogue)
     w_safe = tl.where(has_keys, w_sum, 1.0)
     out = tl.where(has_keys[:, None], acc / w_safe[:, None], 0.0)
     lse = tl.where(has_keys, m_safe + tl.log(w_safe), float("-inf"))

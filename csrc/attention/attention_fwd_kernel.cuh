@@ -230,8 +230,9 @@ __global__ void __launch_bounds__(32 * kNWarps)
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const float sum = quad_sum(row_sum[i]);  // all lanes, before any lane skips a row
-    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
-    const float lse = sum > 0.f ? (row_max[i] + log2f(sum)) * kLn2 : -INFINITY;
+    // sum == 0: no keys. A NaN input makes sum NaN, and NaN must reach the output, not a 0.
+    const float inv_sum = sum != 0.f ? 1.f / sum : 0.f;
+    const float lse = sum != 0.f ? (row_max[i] + log2f(sum)) * kLn2 : -INFINITY;
     const int r = warp * 16 + lane / 4 + 8 * i;
     if (r >= rows_in_tile) continue;
     const int row = m0 + r;
@@ -281,11 +282,16 @@ __global__ void __launch_bounds__(32 * kCombineWarps)
   const int64_t split_stride = static_cast<int64_t>(p.num_heads_q) * p.total_q;  // rows per split
   const int64_t row = static_cast<int64_t>(head) * p.total_q + token;
 
+  // fmaxf drops NaN, so a split whose inputs held a NaN is tracked apart and poisons the merge.
   float lse_max = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s)
-    lse_max = fmaxf(lse_max, p.lse_partial[row + s * split_stride]);
-  float lse = -INFINITY;
-  if (lse_max != -INFINITY) {
+  bool nan_seen = false;
+  for (int s = 0; s < p.num_splits; ++s) {
+    const float split_lse = p.lse_partial[row + s * split_stride];
+    nan_seen |= isnan(split_lse);
+    lse_max = fmaxf(lse_max, split_lse);
+  }
+  float lse = nan_seen ? NAN : -INFINITY;
+  if (lse_max != -INFINITY || nan_seen) {
     float sum = 0.f;
     for (int s = 0; s < p.num_splits; ++s)
       sum += expf(p.lse_partial[row + s * split_stride] - lse_max);
