@@ -188,6 +188,15 @@ def poisoning() -> bool:
     return getattr(_poison, "on", False) or os.environ.get("CROSSLMM_POISON_OUTPUTS", "0") == "1"
 
 
+@contextlib.contextmanager
+def reference_mode(device: torch.device):
+    """How the torch back end runs an op: without autograd (the op has its own formula) and with
+    autocast off, so the reference computes in the precision it declares (float32 or float64)
+    even when the caller is inside ``torch.autocast``."""
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        yield
+
+
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised output tensor; filled with NaN (floats) or INT_MIN (ints) when poisoning
     is on (:func:`crosslmm_ops.testing.poison_outputs`, or ``CROSSLMM_POISON_OUTPUTS=1``)."""

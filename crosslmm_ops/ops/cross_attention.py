@@ -374,7 +374,7 @@ def _kernels(backend: str):
 
 def _forward(backend, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits):
     if backend == "torch":
-        with torch.no_grad():
+        with _backend.reference_mode(q.device):
             out, lse = _reference_forward(q, k, v, cu_q, cu_k, scale, _compute_dtype(q.dtype))
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return out.to(q.dtype).contiguous(), lse.to(lse_dtype).contiguous()
@@ -397,7 +397,7 @@ def _backward_backend(backend: str, dlse, device: torch.device) -> str:
 def _backward(backend, dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
               deterministic):
     if backend == "torch":
-        with torch.no_grad():
+        with _backend.reference_mode(q.device):
             grads = _reference_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, scale)
         return tuple(g.to(q.dtype).contiguous() for g in grads)
     q, k, v, dout, out = (_kernel_input(t, backend) for t in (q, k, v, dout, out))

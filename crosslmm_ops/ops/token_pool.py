@@ -371,7 +371,7 @@ def _forward(backend: str, x: torch.Tensor, spec: PoolSpec, need_argmax: bool):
     out_shape = (B, spec.frames_out(T), spec.tokens_out, D)
     is_max = spec.mode == "max"
     if backend == "torch":
-        with torch.no_grad():
+        with _backend.reference_mode(x.device):
             if is_max:
                 out, argmax = _max_reference(x, spec)
             else:
@@ -394,23 +394,31 @@ def _forward(backend: str, x: torch.Tensor, spec: PoolSpec, need_argmax: bool):
     return out, argmax
 
 
+def _backward_reference(grad: torch.Tensor, argmax: torch.Tensor, spec: PoolSpec,
+                        in_shape: tuple) -> torch.Tensor:
+    """The torch back end's backward: the transposed pooling map (or the max's winners)."""
+    B, frames_in, N, D = in_shape
+    cdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    if spec.mode == "max":
+        grad_x = grad.new_zeros(B, frames_in * N, D, dtype=cdt)
+        grad_x.scatter_add_(1, argmax.reshape(B, -1, D).long(), grad.reshape(B, -1, D).to(cdt))
+        return grad_x.reshape(in_shape).to(grad.dtype)
+    spatial = _dense_map(spec, cdt, grad.device)
+    g = torch.einsum("on,btod->btnd", spatial, grad.to(cdt))
+    if spec.temporal_stride > 1:
+        temporal = _temporal_map(frames_in, spec.temporal_stride, cdt, grad.device)
+        g = torch.einsum("ut,bund->btnd", temporal, g)
+    return g.to(grad.dtype).contiguous()
+
+
 def _backward(backend: str, grad: torch.Tensor, argmax: torch.Tensor, spec: PoolSpec,
               frames_in: int) -> torch.Tensor:
     B, _, _, D = grad.shape
     N = spec.tokens_in
     in_shape = (B, frames_in, N, D)
     if backend == "torch":
-        cdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        if spec.mode == "max":
-            grad_x = grad.new_zeros(B, frames_in * N, D, dtype=cdt)
-            grad_x.scatter_add_(1, argmax.reshape(B, -1, D).long(), grad.reshape(B, -1, D).to(cdt))
-            return grad_x.reshape(in_shape).to(grad.dtype)
-        spatial = _dense_map(spec, cdt, grad.device)
-        g = torch.einsum("on,btod->btnd", spatial, grad.to(cdt))
-        if spec.temporal_stride > 1:
-            temporal = _temporal_map(frames_in, spec.temporal_stride, cdt, grad.device)
-            g = torch.einsum("ut,bund->btnd", temporal, g)
-        return g.to(grad.dtype).contiguous()
+        with _backend.reference_mode(grad.device):
+            return _backward_reference(grad, argmax, spec, in_shape)
 
     plan = _plan_tensors(spec, grad.device)
     grad = _kernel_input(grad)
