@@ -8,6 +8,12 @@ Ops (each on the ``cuda``, ``triton`` and ``torch`` back ends, differentiable, r
   segments), GQA, the LSE, split-KV and DCAL's gated residual; :func:`merge_attention_states`,
   :func:`attention_weights`, and flash-attn drop-ins :func:`flash_attn_func`,
   :func:`flash_attn_varlen_func`.
+
+Modules (:mod:`crosslmm_ops.nn`, plain ``nn.Linear`` weights): :class:`DualCrossAttention` (one
+DCAL: V2V and T2V behind tanh gates initialised to 0), :class:`V2VCrossAttention`,
+:class:`T2VCrossAttention`, :class:`CrossAttention`, :class:`TokenPooling`, :class:`VisionMemory`
+(the original vision tokens every DCAL attends to). The reference model and ``patch_llava`` live
+in :mod:`crosslmm_ops.models`.
 """
 
 __version__ = "0.1.0"
@@ -27,6 +33,15 @@ from crosslmm_ops.ops.cross_attention import (  # noqa: E402
     cross_attention_reference,
     merge_attention_states,
 )
+from crosslmm_ops.nn import (  # noqa: E402
+    CrossAttention,
+    DualCrossAttention,
+    T2VCrossAttention,
+    TanhGate,
+    TokenPooling,
+    V2VCrossAttention,
+    VisionMemory,
+)
 from crosslmm_ops.ops.token_pool import (  # noqa: E402
     PoolSpec,
     pooled_grid,
@@ -36,6 +51,13 @@ from crosslmm_ops.ops.token_pool import (  # noqa: E402
 
 __all__ = [
     "BACKENDS",
+    "CrossAttention",
+    "DualCrossAttention",
+    "T2VCrossAttention",
+    "TanhGate",
+    "TokenPooling",
+    "V2VCrossAttention",
+    "VisionMemory",
     "PoolSpec",
     "attention_weights",
     "cross_attention",
