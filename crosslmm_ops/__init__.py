@@ -8,6 +8,9 @@ Ops (each on the ``cuda``, ``triton`` and ``torch`` back ends, differentiable, r
   segments), GQA, the LSE, split-KV and DCAL's gated residual; :func:`merge_attention_states`,
   :func:`attention_weights`, and flash-attn drop-ins :func:`flash_attn_func`,
   :func:`flash_attn_varlen_func`.
+* :func:`projected_cross_attention` - the same result as projecting vision tokens into K/V and
+  calling :func:`cross_attention`, computed over the raw tokens without materialising K or V
+  when a cost model says it is cheaper (frame-local V2V, decoding); :func:`normalize_tokens`.
 
 Modules (:mod:`crosslmm_ops.nn`, plain ``nn.Linear`` weights): :class:`DualCrossAttention` (one
 DCAL: V2V and T2V behind tanh gates initialised to 0), :class:`V2VCrossAttention`,
@@ -42,6 +45,11 @@ from crosslmm_ops.nn import (  # noqa: E402
     V2VCrossAttention,
     VisionMemory,
 )
+from crosslmm_ops.ops.projected_attention import (  # noqa: E402
+    normalize_tokens,
+    projected_cross_attention,
+    projected_cross_attention_reference,
+)
 from crosslmm_ops.ops.token_pool import (  # noqa: E402
     PoolSpec,
     pooled_grid,
@@ -66,6 +74,9 @@ __all__ = [
     "flash_attn_varlen_func",
     "last_backend",
     "merge_attention_states",
+    "normalize_tokens",
+    "projected_cross_attention",
+    "projected_cross_attention_reference",
     "pooled_grid",
     "record_backends",
     "token_pool",

@@ -1,0 +1,888 @@
+"""projected_cross_attention: attention over projected keys and values without materialising them.
+
+For one head ``h`` with ``k_j = Wk_h x_j + bk_h`` and ``v_j = Wv_h x_j + bv_h``::
+
+    q . k_j = (Wk_h^T q) . x_j + q . bk_h     (the second term is the same for every j: it cancels)
+    sum_j p_j v_j = Wv_h (sum_j p_j x_j) + bv_h     (sum_j p_j = 1)
+
+so attention over the projected keys equals attention over the raw tokens ``x`` with the per-head
+query ``q~ = Wk_h^T q`` (width ``Dv``, 1152 for SigLIP) followed by ``Wv_h``: multi-query attention
+whose keys and values are the same tensor. When each key is seen by few queries (frame-local V2V: 9
+per frame; T2V decoding: 1 per step) this skips the K/V projections, which dominate the cost, and K
+and V themselves: a decode cache holds ``x`` once for every DCAL layer.
+
+Everything about the op lives here, side by side:
+
+* :func:`_check_inputs` - the user's arguments, validated, as a :class:`ProjectedLayout`;
+* :func:`normalize_tokens` and :func:`_fold` - a LayerNorm/RMSNorm on ``x`` splits into the
+  normalisation, computed once and shareable across layers, and its affine part, folded into the
+  weights (``W diag(gamma)``) and the biases (``b + W beta``) with differentiable torch ops;
+* the core ``crosslmm::mqa_shared_kv`` / ``crosslmm::mqa_shared_kv_backward`` custom ops (+ fake
+  kernels + autograd, and an eager ``autograd.Function`` with the same code for eager calls), whose
+  back ends are CUDA (``_C.projected_attention_forward``, csrc/projected/; its backward runs on
+  Triton or torch), Triton (crosslmm_ops/triton/projected_attention.py) and the reference
+  (:func:`_core_reference_forward` / :func:`_core_reference_backward`, segment runs of equal size
+  batched with ``bmm``);
+* :class:`CostModel` / :func:`choose_path` - fused or materialised, per call, from the shapes;
+* :func:`projected_cross_attention`, the public function, and
+  :func:`projected_cross_attention_reference`, the plain-PyTorch oracle (project, then
+  :func:`~crosslmm_ops.cross_attention_reference`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+
+import torch
+import torch.nn.functional as F
+
+from crosslmm_ops import _backend
+from crosslmm_ops.ops.cross_attention import _check_inputs as _check_attention_inputs
+from crosslmm_ops.ops.cross_attention import (
+    _check_cu_seqlens,
+    _check_cu_values,
+    _check_max_seqlen,
+    _check_scale,
+    _checking_values,
+    _compute_dtype,
+    _is_int,
+    _lse_batched,
+    _tensor,
+    _uniform_cu_seqlens,
+    cross_attention,
+    cross_attention_reference,
+)
+
+OP_NAME = "projected_cross_attention"
+CORE_OP_NAME = "mqa_shared_kv"
+PATHS = ("auto", "fused", "materialized")
+PATH_ENV_VAR = "CROSSLMM_PROJECTED_PATH"
+NORMS = (None, "layernorm", "rmsnorm")
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_MAX_WIDTH = 2048  # the CUDA contract: Dv a multiple of 8, at most 2048
+_TRITON_MAX_WIDTH = 2048
+
+
+# ----------------------------------------------------------------------------------------------
+# The arguments, validated
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectedLayout:
+    """One call's shapes. ``batch`` is the number of segments; ``seqlen_q/k`` are set for batched
+    input; ``lens_q/k`` are the segment lengths when they could be read (``None`` under
+    torch.compile or CUDA graph capture)."""
+
+    batched: bool
+    batch: int
+    heads_q: int
+    heads_k: int
+    head_dim: int
+    width: int
+    total_q: int
+    total_k: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    seqlen_q: int | None = None
+    seqlen_k: int | None = None
+    lens_q: tuple | None = None
+    lens_k: tuple | None = None
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_k
+
+    def pairs(self) -> int:
+        """Sum over segments of (queries x keys): exact when the lengths are known, else the
+        uniform estimate ``total_q * total_k / batch``."""
+        if self.lens_q is not None:
+            return sum(a * b for a, b in zip(self.lens_q, self.lens_k))
+        return self.total_q * self.total_k // max(self.batch, 1)
+
+    def every_segment_has_keys(self) -> bool | None:
+        if self.batched:
+            return self.seqlen_k > 0
+        if self.lens_k is not None:
+            return all(n > 0 for n, m in zip(self.lens_k, self.lens_q) if m > 0)
+        return None
+
+
+def _floating(name: str, t, device: torch.device) -> torch.Tensor:
+    t = _tensor(name, t)
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+    return t
+
+
+def _check_vector(name: str, t, size: int, device: torch.device, what: str) -> None:
+    if t is None:
+        return
+    t = _floating(name, t, device)
+    if tuple(t.shape) != (size,):
+        raise ValueError(f"{name} must have shape ({size},) ({what}), got {tuple(t.shape)}")
+
+
+def _check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                  max_seqlen_k, norm, norm_weight, norm_bias, norm_eps) -> ProjectedLayout:
+    q, x = _tensor("q", q), _tensor("x", x)
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"q must be a floating tensor (float16, bfloat16, float32 or float64), "
+                         f"got dtype {q.dtype}")
+    if x.dtype != q.dtype:
+        raise ValueError(f"x must have q's dtype {q.dtype}, got {x.dtype}")
+    if x.device != q.device:
+        raise ValueError(f"x must be on q's device {q.device}, got {x.device}")
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (packed layout) or "
+                         "both left out (batched layout)")
+    packed = cu_seqlens_q is not None
+    q_text, x_text = (("(total_q, Hq, d)", "(total_k, Dv)") if packed
+                      else ("(B, Sq, Hq, d)", "(B, Sk, Dv)"))
+    with_cu = " with cu_seqlens" if packed else ""
+    if q.dim() != (3 if packed else 4):
+        raise ValueError(f"q must have shape {q_text}{with_cu}, got {tuple(q.shape)}")
+    if x.dim() != (2 if packed else 3):
+        raise ValueError(f"x must have shape {x_text}{with_cu}, got {tuple(x.shape)}")
+    Hq, d = q.shape[-2:]
+    Dv = x.shape[-1]
+    if Hq == 0 or d == 0 or Dv == 0:
+        raise ValueError(f"q needs at least one head of width >= 1 and x a width >= 1, got q "
+                         f"{tuple(q.shape)}, x {tuple(x.shape)}")
+    w_k = _floating("w_k", w_k, q.device)
+    w_v = _floating("w_v", w_v, q.device)
+    if w_k.dim() != 2 or w_k.shape[1] != Dv or w_k.shape[0] == 0 or w_k.shape[0] % d != 0:
+        raise ValueError(f"w_k must have shape (Hk * d, Dv) = (Hk * {d}, {Dv}) (nn.Linear.weight), "
+                         f"got {tuple(w_k.shape)}")
+    if w_v.shape != w_k.shape:
+        raise ValueError(f"w_v must have w_k's shape {tuple(w_k.shape)}, got {tuple(w_v.shape)}")
+    Hk = w_k.shape[0] // d
+    if Hq % Hk != 0:
+        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of "
+                         f"key/value heads (w_k rows / head dim = {Hk})")
+    _check_vector("b_k", b_k, Hk * d, q.device, "Hk * d")
+    _check_vector("b_v", b_v, Hk * d, q.device, "Hk * d")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    _check_vector("norm_weight", norm_weight, Dv, q.device, "Dv")
+    _check_vector("norm_bias", norm_bias, Dv, q.device, "Dv")
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, numbers.Real) \
+            or not math.isfinite(norm_eps) or norm_eps < 0:
+        raise ValueError(f"norm_eps must be a finite number >= 0, got {norm_eps!r}")
+    if not packed:
+        if x.shape[0] != q.shape[0]:
+            raise ValueError(f"x must have q's batch size {q.shape[0]}, got {x.shape[0]}")
+        for name, given in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if given is not None:
+                raise ValueError(f"{name} is for the packed layout (with cu_seqlens); batched "
+                                 "input takes its lengths from the shapes")
+        B, Sq, Sk = q.shape[0], q.shape[1], x.shape[1]
+        return ProjectedLayout(True, B, Hq, Hk, d, Dv, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+    batch = cu_seqlens_q.shape[0] - 1
+    if cu_seqlens_k.shape[0] != batch + 1:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
+                         f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    lens_q = lens_k = None
+    if _checking_values():  # one host read (a device sync on the GPU) for both
+        values = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()
+        lens_q = tuple(_check_cu_values("cu_seqlens_q", values[: batch + 1], q.shape[0]))
+        lens_k = tuple(_check_cu_values("cu_seqlens_k", values[batch + 1:], x.shape[0]))
+    return ProjectedLayout(
+        False, batch, Hq, Hk, d, Dv, q.shape[0], x.shape[0],
+        min(_check_max_seqlen("max_seqlen_q", max_seqlen_q, lens_q and list(lens_q)), q.shape[0]),
+        min(_check_max_seqlen("max_seqlen_k", max_seqlen_k, lens_k and list(lens_k)), x.shape[0]),
+        lens_q=lens_q, lens_k=lens_k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Norm folding
+# ----------------------------------------------------------------------------------------------
+
+
+def normalize_tokens(x: torch.Tensor, norm: str | None = "layernorm", eps: float = 1e-6
+                     ) -> torch.Tensor:
+    """The per-token normalisation of a LayerNorm / RMSNorm without its affine part:
+    ``(x - mean) * rstd`` (``"layernorm"``) or ``x * rstd`` (``"rmsnorm"``) over the last dim,
+    statistics in float32 (float64 for float64 input), returned in ``x``'s dtype;
+    ``norm=None`` returns ``x``. Differentiable.
+
+    Every DCAL layer normalises the same vision tokens with its own ``gamma, beta``; those fold
+    into the layer's weights, so a model computes ``normalize_tokens(x)`` once, keeps it (the
+    decode cache) and passes it to every layer with ``norm=None, norm_weight=gamma,
+    norm_bias=beta``."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if norm is None:
+        return x
+    if norm == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), eps=eps)
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, dtype, need_b_k: bool = True):
+    """``(w_k', w_v', b_k', b_v')`` in ``dtype`` such that ``W (x^ gamma + beta) + b = W' x^ + b'``:
+    ``W' = W diag(gamma)``, ``b' = b + W beta`` (``W`` unscaled), computed in float32 (float64)
+    with differentiable ops. ``b_k'`` (``None`` without ``b_k`` and ``beta``) is skipped unless
+    ``need_b_k``: it only moves the LSE."""
+    if norm_weight is None and norm_bias is None:
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return cast(w_k), cast(w_v), cast(b_k) if need_b_k else None, cast(b_v)
+    cdt = _compute_dtype(dtype)
+    wk, wv = w_k.to(cdt), w_v.to(cdt)
+    bk = b_k.to(cdt) if b_k is not None and need_b_k else None
+    bv = b_v.to(cdt) if b_v is not None else None
+    if norm_bias is not None:
+        beta = norm_bias.to(cdt)
+        if need_b_k:
+            bk = wk @ beta if bk is None else bk + wk @ beta
+        bv = wv @ beta if bv is None else bv + wv @ beta
+    if norm_weight is not None:
+        gamma = norm_weight.to(cdt)
+        wk, wv = wk * gamma, wv * gamma
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(wk), cast(wv), cast(bk), cast(bv)
+
+
+class _ZeroGradFor(torch.autograd.Function):
+    """Passes ``out`` through and gives ``params`` a zero gradient: ``b_k`` cancels in the softmax,
+    but an optimiser (and ``torch.autograd.grad``) still expects it to have a gradient, as it
+    does on the materialised path."""
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        ctx.specs = [(p.shape, p.dtype, p.device) for p in params]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad,) + tuple(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.specs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The core: multi-query attention with K = V = x (reference)
+# ----------------------------------------------------------------------------------------------
+# Layout (shared by every back end): q [Hk, total_q, G, Dv] ("grouped": what one batched GEMM per
+# kv head produces, so q~ is never copied), x [total_k, Dv], out [Hk, total_q, G, Dv] contiguous,
+# lse [Hq, total_q] with head h = k * G + g.
+
+
+def _rows_view(q: torch.Tensor) -> torch.Tensor:
+    """Grouped ``[Hk, total_q, G, Dv]`` -> ``[total_q, Hq, Dv]`` (a copy unless Hk or G is 1)."""
+    hk, total_q, group, dv = q.shape
+    return q.permute(1, 0, 2, 3).reshape(total_q, hk * group, dv)
+
+
+def _grouped(t: torch.Tensor, hk: int) -> torch.Tensor:
+    """``[total_q, Hq, Dv]`` -> grouped ``[Hk, total_q, G, Dv]``, contiguous."""
+    total_q, hq, dv = t.shape
+    return t.reshape(total_q, hk, hq // hk, dv).permute(1, 0, 2, 3).contiguous()
+
+
+def _runs(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
+    """Consecutive segments of equal (queries, keys) as runs ``(n, q0, lq, k0, lk)``: a run is a
+    contiguous block of ``n`` segments, batched as one ``bmm`` (every frame of frame-local V2V is
+    one run)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    runs = []
+    for i in range(len(cq) - 1):
+        lq, lk = cq[i + 1] - cq[i], ck[i + 1] - ck[i]
+        if runs and runs[-1][2] == lq and runs[-1][4] == lk:
+            n, q0, _, k0, _ = runs[-1]
+            runs[-1] = (n + 1, q0, lq, k0, lk)
+        else:
+            runs.append((1, cq[i], lq, ck[i], lk))
+    return runs
+
+
+def _core_reference_forward(q, x, cu_seqlens_q, cu_seqlens_k, scale, compute_dtype):
+    """``(out [Hk, total_q, G, Dv], lse [Hq, total_q])`` in ``compute_dtype``, differentiable."""
+    hk = q.shape[0]
+    qr = _rows_view(q).to(compute_dtype)
+    xc = x.to(compute_dtype)
+    total_q, hq, dv = qr.shape
+    outs, lses = [], []
+    for n, q0, lq, k0, lk in _runs(cu_seqlens_q, cu_seqlens_k):
+        if lq == 0:
+            continue
+        qi = qr[q0: q0 + n * lq].reshape(n, lq * hq, dv)
+        if lk == 0:  # no keys: the output is 0 and the LSE -inf (an empty softmax)
+            outs.append(torch.zeros_like(qi))
+            lses.append(qi.new_full((n, lq * hq), float("-inf")))
+            continue
+        xi = xc[k0: k0 + n * lk].reshape(n, lk, dv)
+        s = torch.bmm(qi, xi.transpose(1, 2)) * scale  # [n, rows, lk]
+        lse = torch.logsumexp(s, -1)
+        outs.append(torch.bmm(torch.exp(s - lse.unsqueeze(-1)), xi))
+        lses.append(lse)
+    out = torch.cat([o.reshape(-1, hq, dv) for o in outs]) if outs else qr.new_zeros(qr.shape)
+    lse = torch.cat([l.reshape(-1, hq) for l in lses]).t() if lses \
+        else qr.new_zeros(hq, total_q)
+    return _grouped(out, hk), lse
+
+
+def _core_reference_backward(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, scale):
+    """The backward written out (what the kernels compute), per run of equal segments::
+
+        P = exp(S - lse),  dP = dO x^T,  dS = P * (dP - delta),  delta = rowsum(dO * O) - dlse,
+        dq = scale * dS x,  dx = P^T dO (x as the value) + scale * dS^T q (x as the key)
+    """
+    cdt = _compute_dtype(q.dtype)
+    hk = q.shape[0]
+    qr, dor, outr = (_rows_view(t).to(cdt) for t in (q, dout, out))
+    xc = x.to(cdt)
+    total_q, hq, dv = qr.shape
+    delta = (dor * outr).sum(-1).t()  # [Hq, total_q]
+    if dlse is not None:
+        delta = delta - dlse.to(cdt)
+    lse = lse.to(cdt)
+    dq, dx = torch.zeros_like(qr), torch.zeros_like(xc)
+    for n, q0, lq, k0, lk in _runs(cu_seqlens_q, cu_seqlens_k):
+        if lq == 0 or lk == 0:
+            continue
+        rows = slice(q0, q0 + n * lq)
+        qi, doi = (t[rows].reshape(n, lq * hq, dv) for t in (qr, dor))
+        lse_i, delta_i = (t[:, rows].t().reshape(n, lq * hq, 1) for t in (lse, delta))
+        xi = xc[k0: k0 + n * lk].reshape(n, lk, dv)
+        p = torch.exp(torch.bmm(qi, xi.transpose(1, 2)) * scale - lse_i)
+        ds = p * (torch.bmm(doi, xi.transpose(1, 2)) - delta_i)
+        dq[rows] = (torch.bmm(ds, xi) * scale).reshape(n * lq, hq, dv)
+        dx[k0: k0 + n * lk] = (torch.bmm(p.transpose(1, 2), doi)
+                               + torch.bmm(ds.transpose(1, 2), qi) * scale).reshape(n * lk, dv)
+    return _grouped(dq, hk), dx
+
+
+# ----------------------------------------------------------------------------------------------
+# The core: back ends
+# ----------------------------------------------------------------------------------------------
+
+
+def _triton_kernels():
+    from crosslmm_ops.triton import projected_attention as kernels
+
+    return kernels
+
+
+def _cuda_input(t: torch.Tensor) -> torch.Tensor:
+    """The CUDA kernel moves 16 bytes at a time: channels contiguous, other strides multiples of
+    8 elements, a 16-byte aligned base; anything else is copied once."""
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        t.shape[d] <= 1 or t.stride(d) % 8 == 0 for d in range(t.dim() - 1))
+    return t if ok else t.contiguous()
+
+
+def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits):
+    if backend == "torch":
+        with torch.no_grad():
+            out, lse = _core_reference_forward(q, x, cu_q, cu_k, scale, _compute_dtype(q.dtype))
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return out.to(q.dtype), lse.to(lse_dtype).contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if backend == "cuda":
+        # The binding takes [total_q, Hq, Dv]: a copy of q~ and of the output when 1 < Hk < Hq.
+        hk = q.shape[0]
+        out, lse = _backend.extension().projected_attention_forward(
+            _cuda_input(_rows_view(q)), _cuda_input(x), cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+            scale, num_splits)
+        return _grouped(out, hk), lse
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = _backend.new_output(q.shape, q.dtype, q.device)
+    lse = _backend.new_output((q.shape[0] * q.shape[2], q.shape[1]), torch.float32, q.device)
+    _triton_kernels().mqa_shared_kv_forward(q, x, out, lse, cu_q, cu_k, max_seqlen_q,
+                                            max_seqlen_k, scale, num_splits)
+    return out, lse
+
+
+def _backward_backend(backend: str, device: torch.device) -> str:
+    """The CUDA binding is forward only: its backward runs on Triton, or the reference without
+    Triton (recorded as ``mqa_shared_kv_backward``)."""
+    if backend == "cuda":
+        return "triton" if _backend.triton_runnable(device)[0] else "torch"
+    return backend
+
+
+def _core_backward(backend, dout, dlse, q, x, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+                   scale, num_splits):
+    if backend == "torch":
+        with torch.no_grad():
+            dq, dx = _core_reference_backward(dout, dlse, q, x, out, lse, cu_q, cu_k, scale)
+        return dq.to(q.dtype), dx.to(x.dtype)
+    q, x, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, x, dout))
+    dq = _backend.new_output(q.shape, q.dtype, q.device)
+    dx = _backend.new_output(x.shape, x.dtype, x.device)
+    _triton_kernels().mqa_shared_kv_backward(
+        dout, q, x, out.contiguous(), lse.contiguous(), dq, dx, cu_q, cu_k, max_seqlen_q,
+        max_seqlen_k, scale, num_splits, dlse=dlse)
+    return dq, dx
+
+
+# ----------------------------------------------------------------------------------------------
+# The core: custom ops (what torch.compile sees) and the eager autograd.Function
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("crosslmm::mqa_shared_kv", mutates_args=())
+def _mqa_shared_kv_op(
+    q: torch.Tensor, x: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, num_splits: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _core_forward(backend, q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, softmax_scale, num_splits)
+    _backend.note(CORE_OP_NAME, backend)
+    return out, lse
+
+
+@_mqa_shared_kv_op.register_fake
+def _(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, num_splits,
+      backend):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (q.new_empty(q.shape),
+            q.new_empty((q.shape[0] * q.shape[2], q.shape[1]), dtype=lse_dtype))
+
+
+@torch.library.custom_op("crosslmm::mqa_shared_kv_backward", mutates_args=())
+def _mqa_shared_kv_backward_op(
+    dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, x: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, num_splits: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = _backward_backend(backend, q.device)
+    grads = _core_backward(backend, dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k,
+                           max_seqlen_q, max_seqlen_k, softmax_scale, num_splits)
+    _backend.note(CORE_OP_NAME + "_backward", backend)
+    return grads
+
+
+@_mqa_shared_kv_backward_op.register_fake
+def _(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale, num_splits, backend):
+    return q.new_empty(q.shape), x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, x, cu_q, cu_k = inputs[:4]
+    ctx.params = inputs[4:]  # max_seqlen_q/k, softmax_scale, num_splits, backend
+    ctx.save_for_backward(q, x, output[0], output[1], cu_q, cu_k)
+    # An unused LSE then arrives as None, not zeros: the common case skips the dlse path.
+    ctx.set_materialize_grads(False)
+
+
+def _backward_formula(ctx, grad_out, grad_lse):
+    q, x, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dx = _mqa_shared_kv_backward_op(grad_out, grad_lse, q, x, out, lse, cu_q, cu_k,
+                                        *ctx.params)
+    return (dq, dx) + (None,) * 7
+
+
+_mqa_shared_kv_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+class _MqaSharedKvEager(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager calls: torch.library's Python
+    dispatch costs tens of microseconds a call, as much as a decode step's kernel. Under
+    torch.compile (and export) the custom op is used instead."""
+
+    @staticmethod
+    def forward(ctx, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits, backend):
+        out, lse = _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
+                                 num_splits)
+        _backend.note(CORE_OP_NAME, backend)
+        ctx.params = (max_seqlen_q, max_seqlen_k, scale, num_splits, backend)
+        ctx.save_for_backward(q, x, out, lse, cu_q, cu_k)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, x, out, lse, cu_q, cu_k = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        backend = _backward_backend(ctx.params[-1], q.device)
+        dq, dx = _core_backward(backend, grad_out, grad_lse, q, x, out, lse, cu_q, cu_k,
+                                *ctx.params[:-1])
+        _backend.note(CORE_OP_NAME + "_backward", backend)
+        return (dq, dx) + (None,) * 7
+
+
+def _core_ok(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device):
+    """(cuda_ok, triton_ok) for the core of one call."""
+    cuda = _backend.cuda_runnable(device)
+    if cuda[0] and not hasattr(_backend.extension(), "projected_attention_forward"):
+        cuda = (False, "the CUDA extension was built without the projected-attention kernel; "
+                       "rebuild it")
+    if cuda[0] and dtype not in _CUDA_DTYPES:
+        cuda = (False, f"dtype {dtype} is not supported (only float16, bfloat16)")
+    if cuda[0] and (layout.width % 8 or layout.width > _CUDA_MAX_WIDTH):
+        cuda = (False, f"x's width {layout.width} is not supported (a multiple of 8, at most "
+                       f"{_CUDA_MAX_WIDTH})")
+    triton_ok = _backend.triton_runnable(device)
+    if triton_ok[0] and dtype not in _TRITON_DTYPES:
+        triton_ok = (False, f"dtype {dtype} is not supported (only float16, bfloat16, float32)")
+    if triton_ok[0] and layout.width > _TRITON_MAX_WIDTH:
+        triton_ok = (False, f"x's width {layout.width} is not supported (at most "
+                            f"{_TRITON_MAX_WIDTH})")
+    return cuda, triton_ok
+
+
+def _mqa_shared_kv(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits, backend):
+    if torch.compiler.is_compiling():
+        return _mqa_shared_kv_op(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits,
+                                 backend)
+    return _MqaSharedKvEager.apply(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
+                                   num_splits, backend)
+
+
+def shared_kv_attention(
+    q: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    num_splits: int = 0,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """The core on its own: ``softmax(q x^T * scale) x`` for every query head, i.e.
+    ``cross_attention(q, x[..., None, :], x[..., None, :])`` with one key/value head whose width is
+    ``x``'s (``Dv`` up to 2048 on Triton/CUDA, any on torch).
+
+    ``q (B, Sq, Hq, Dv)``, ``x (B, Sk, Dv)`` -> ``out (B, Sq, Hq, Dv)``, ``lse (B, Hq, Sq)``; or
+    packed ``q (total_q, Hq, Dv)``, ``x (total_k, Dv)`` with ``cu_seqlens`` -> ``out (total_q, Hq,
+    Dv)``, ``lse (Hq, total_q)``. ``softmax_scale`` defaults to ``1 / sqrt(Dv)``. Differentiable in
+    ``q`` and ``x``; :func:`crosslmm_ops.last_backend` ``("mqa_shared_kv")`` says which ran."""
+    q, x = _tensor("q", q), _tensor("x", x)
+    if x.dim() != q.dim() - 1:
+        raise ValueError(f"x must have shape (B, Sk, Dv) for q (B, Sq, Hq, Dv), or (total_k, Dv) "
+                         f"for q (total_q, Hq, Dv), got q {tuple(q.shape)}, x {tuple(x.shape)}")
+    # Validated as what it is: cross_attention with one key/value head, k = v = x.
+    att = _check_attention_inputs(q, x.unsqueeze(-2), x.unsqueeze(-2), cu_seqlens_q,
+                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    layout = ProjectedLayout(att.batched, att.batch, att.heads_q, 1, att.head_dim, att.head_dim,
+                             att.total_q, att.total_k, att.max_seqlen_q, att.max_seqlen_k,
+                             att.seqlen_q, att.seqlen_k)
+    scale = _check_scale(softmax_scale, layout.width)
+    _check_flags(num_splits, return_lse)
+    cuda_ok, triton_ok = _core_ok(layout, q.dtype, q.device)
+    chosen = _backend.resolve(CORE_OP_NAME, backend, q.device, cuda_ok=cuda_ok,
+                              triton_ok=triton_ok)
+    qp, xp, cu_q, cu_k = _packed(layout, q, x, cu_seqlens_q, cu_seqlens_k)
+    out, lse = _mqa_shared_kv(qp.unsqueeze(0), xp, cu_q, cu_k, layout.max_seqlen_q,
+                              layout.max_seqlen_k, scale, num_splits, chosen)
+    out = out.squeeze(0)
+    if layout.batched:
+        out = out.reshape(q.shape)
+        lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
+    return (out, lse) if return_lse else out
+
+
+def _check_flags(num_splits, return_lse) -> None:
+    if not _is_int(num_splits) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
+
+
+def _packed(layout: ProjectedLayout, q, x, cu_seqlens_q, cu_seqlens_k):
+    if not layout.batched:
+        return q, x, cu_seqlens_q, cu_seqlens_k
+    return (q.reshape(-1, *q.shape[2:]), x.reshape(-1, x.shape[-1]),
+            _uniform_cu_seqlens(layout.batch, layout.seqlen_q, q.device),
+            _uniform_cu_seqlens(layout.batch, layout.seqlen_k, q.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# The cost model: fused or materialised
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Time estimates of the two paths from the shapes, each stage ``max(FLOPs / rate, bytes /
+    bandwidth)``. Defaults: an H100 in bf16, from PERF.md's measurements in this project:
+
+    * ``matmul_tflops`` 700: cuBLAS bf16 (PERF.md: 731-802 TFLOP/s at 8192^3; the projection of
+      ``x`` is a (T*729) x 1152 x (2*Hk*d) GEMM, as large);
+    * ``attention_tflops`` 300: materialised attention on CrossLMM's shapes (PERF.md: SDPA flash
+      250-310, cuDNN up to 557, our kernels 126-345 TFLOP/s);
+    * ``fused_tflops`` 200: the fused core, whose tiles are 16 rows (M = 16 tensor-core tiles, keys
+      re-read from L2 by the seven row blocks of a frame). An estimate, not a measurement: the
+      benchmark (benchmarks/bench_projected_attention.py) prints this model's prediction next to
+      the measured times of both paths, the numbers to recalibrate it from;
+    * ``bandwidth_tbs`` 2.8: 93% of the measured device copy (2.97-3.02 TB/s).
+
+    Per key, the fused core costs ``4 * Dv * Hq * Lq_seg`` FLOPs (``Lq_seg`` queries per key
+    segment), the materialised path ``4 * Dv * Hk * d`` (projections) ``+ 4 * d * Hq * Lq_seg``
+    (attention): the fused path wins when each key is seen by few queries. At CrossLMM-2B's
+    shapes (Dv 1152, Hq 12, d 128) the FLOP break-even is
+    ``Lq_seg = Hk * d * Dv / ((Dv - d) * Hq)`` = 24 queries per key for Hk = 2 and 144 for
+    Hk = 12; with the rates above (T = 256 frames):
+
+    ============================  ==========  ===============  =========
+    call (Hk = 2 / Hk = 12)       fused ms    materialised ms  choice
+    ============================  ==========  ===============  =========
+    T2V decode, 1 query           0.15        0.38 / 2.3       fused
+    V2V frame-local, 9 q/frame    0.52        0.39 / 2.3       materialised / fused
+    T2V prefill, 128 queries      6.6         0.80 / 2.4       materialised
+    ============================  ==========  ===============  =========
+
+    Frame-local V2V with 2 KV heads is the close call: the fused core does 93 GFLOP against the
+    projections' 220, but at 16-row tiles it runs at a fraction of cuBLAS's rate (each frame's
+    keys are read by seven programs); with 12 KV heads (PERF.md's rows) the projections cost 1.3
+    TFLOP and the fused path wins 4x.
+
+    Replace ``crosslmm_ops.ops.projected_attention.COST_MODEL`` (or pass ``path=``, or set
+    ``CROSSLMM_PROJECTED_PATH``) to change the choice."""
+
+    matmul_tflops: float = 700.0
+    attention_tflops: float = 300.0
+    fused_tflops: float = 200.0
+    bandwidth_tbs: float = 2.8
+
+    def estimate(self, layout: ProjectedLayout, element_size: int = 2) -> tuple[float, float]:
+        """``(fused_ms, materialized_ms)`` for one call."""
+        e = element_size
+        pairs = layout.pairs()
+        hq, hk, d, dv = layout.heads_q, layout.heads_k, layout.head_dim, layout.width
+        tq, tk = layout.total_q, layout.total_k
+        mm, attn, fused = (r * 1e12 for r in (self.matmul_tflops, self.attention_tflops,
+                                              self.fused_tflops))
+        bw = self.bandwidth_tbs * 1e12
+        x_bytes = tk * dv * e
+        w_bytes = 2 * hk * d * dv * e
+        wide = tq * hq * dv * e  # q~ or o~: written by one kernel, read by the next
+        io = 2 * tq * hq * d * e  # q read, out written
+        fused_s = (max(4 * pairs * hq * dv / fused, (x_bytes + 2 * wide) / bw)
+                   + max(4 * tq * hq * d * dv / mm, (2 * wide + io + w_bytes) / bw))
+        kv = 2 * tk * hk * d * e
+        mat_s = (max(4 * tk * dv * hk * d / mm, (x_bytes + w_bytes + kv) / bw)
+                 + max(4 * pairs * hq * d / attn, (kv + io) / bw))
+        return fused_s * 1e3, mat_s * 1e3
+
+
+COST_MODEL = CostModel()
+
+
+def _path_override(path) -> str | None:
+    if not isinstance(path, str) or path.lower() not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    path = path.lower()
+    if path != "auto":
+        return path
+    env = os.environ.get(PATH_ENV_VAR, "auto").lower() or "auto"
+    if env not in PATHS:
+        raise ValueError(f"{PATH_ENV_VAR} must be one of {PATHS}, got {env!r}")
+    return None if env == "auto" else env
+
+
+def choose_path(layout: ProjectedLayout, dtype: torch.dtype, path: str = "auto") -> str:
+    """``"fused"`` or ``"materialized"`` for one call: ``path`` when it names one, else the
+    ``CROSSLMM_PROJECTED_PATH`` environment variable when it does, else the cheaper path by
+    :data:`COST_MODEL` (ties go to fused, which needs less memory)."""
+    forced = _path_override(path)
+    if forced is not None:
+        return forced
+    fused_ms, mat_ms = COST_MODEL.estimate(layout, dtype.itemsize)
+    return "fused" if fused_ms <= mat_ms else "materialized"
+
+
+_last_path: dict[str, str] = {}
+
+
+def last_path() -> str | None:
+    """The path (``"fused"`` or ``"materialized"``) of the most recent eager call of
+    :func:`projected_cross_attention` in this process (``None`` if none)."""
+    return _last_path.get("path")
+
+
+# ----------------------------------------------------------------------------------------------
+# The public function and the reference
+# ----------------------------------------------------------------------------------------------
+
+
+def _per_kv_head(w: torch.Tensor, hk: int, d: int) -> torch.Tensor:
+    return w.reshape(hk, d, w.shape[-1])
+
+
+def _fused(q, xhat, wk, wv, bk, bv, layout, scale, cu_q, cu_k, num_splits, backend):
+    """``(out (total_q, Hq, d), lse (Hq, total_q))`` through the core."""
+    hk, group, d, dv = layout.heads_k, layout.group, layout.head_dim, layout.width
+    tq = layout.total_q
+    # q~ = Wk_h^T q_h: one GEMM per kv head, [Hk, total_q * G, d] x [Hk, d, Dv], which lands in
+    # the grouped layout the core reads.
+    qg = q.reshape(tq, hk, group, d).transpose(0, 1).reshape(hk, tq * group, d)
+    q_tilde = torch.bmm(qg, _per_kv_head(wk, hk, d)).view(hk, tq, group, dv)
+    o_tilde, lse = _mqa_shared_kv(q_tilde, xhat, cu_q, cu_k, layout.max_seqlen_q,
+                                  layout.max_seqlen_k, scale, num_splits, backend)
+    # out = Wv_h o~ + bv_h: [Hk, total_q * G, Dv] x [Hk, Dv, d]
+    out = torch.bmm(o_tilde.view(hk, tq * group, dv), _per_kv_head(wv, hk, d).transpose(1, 2))
+    out = out.view(hk, tq, group, d)
+    if bv is not None:
+        bias = bv.view(hk, 1, 1, d)
+        if not layout.every_segment_has_keys():
+            # A query without keys outputs 0, as cross_attention does, not the bias.
+            has_keys = torch.isfinite(lse).view(hk, group, tq).transpose(1, 2).unsqueeze(-1)
+            bias = bias * has_keys.to(bias.dtype)
+        out = out + bias
+    out = out.transpose(0, 1).reshape(tq, hk * group, d)
+    if bk is not None:
+        # The term q . bk_h cancels in the softmax but not in the LSE of the projected scores.
+        qc = q.reshape(tq, hk, group, d).to(lse.dtype)
+        shift = torch.einsum("tkgd,kd->kgt", qc, bk.reshape(hk, d).to(lse.dtype))
+        lse = lse + scale * shift.reshape(hk * group, tq)
+    return out, lse
+
+
+def projected_cross_attention(
+    q: torch.Tensor,
+    x: torch.Tensor,
+    w_k: torch.Tensor,
+    w_v: torch.Tensor,
+    b_k: torch.Tensor | None = None,
+    b_v: torch.Tensor | None = None,
+    *,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    norm: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    num_splits: int = 0,
+    path: str = "auto",
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """``cross_attention(q, K, V)`` with ``K = n(x) w_k^T + b_k``, ``V = n(x) w_v^T + b_v`` and
+    ``n(x) = norm(x) * norm_weight + norm_bias``, computed without materialising K or V when that
+    is cheaper.
+
+    * batched: ``q (B, Sq, Hq, d)``, ``x (B, Sk, Dv)`` -> ``out (B, Sq, Hq, d)``, ``lse (B, Hq,
+      Sq)``; packed: ``q (total_q, Hq, d)``, ``x (total_k, Dv)`` with int32 ``cu_seqlens_q /
+      cu_seqlens_k`` (query segment ``i`` attends to token segment ``i``: frame-local V2V, a batch
+      of decoding sequences) -> ``out (total_q, Hq, d)``, ``lse (Hq, total_q)``; as
+      :func:`~crosslmm_ops.cross_attention`, including empty segments (zeros, lse ``-inf``);
+    * ``w_k, w_v (Hk * d, Dv)``: ``nn.Linear.weight`` of the K and V projections (``Hk`` divides
+      ``Hq``; query head ``h`` reads kv head ``h // (Hq // Hk)``); ``b_k, b_v (Hk * d,)``. Weights
+      and biases may have another floating dtype than ``q`` (fp32 master weights): they are used
+      in ``q``'s dtype. ``b_k`` shifts every score of a query equally, so it cancels in the
+      softmax: it only moves the LSE, and its gradient through the output is exactly zero here
+      (zero up to rounding on the materialised path);
+    * ``norm``: ``None``, ``"layernorm"`` or ``"rmsnorm"`` over ``x``'s last dim (eps
+      ``norm_eps``), then the affine ``norm_weight (Dv,)``, ``norm_bias (Dv,)`` (each optional,
+      also with ``norm=None``: pass ``x = normalize_tokens(x)`` computed once for every DCAL layer,
+      and each layer's own ``gamma, beta`` here). The affine part is folded into the weights
+      (``w diag(gamma)``) and the biases (``b + w beta``); everything is differentiable in ``q``,
+      ``x``, the weights, the biases and the norm's parameters;
+    * ``softmax_scale``: default ``1 / sqrt(d)`` (the projected head dim);
+    * ``path``: ``"fused"`` (attention over ``x`` with ``q~ = Wk_h^T q_h``, never K/V),
+      ``"materialized"`` (project, then :func:`~crosslmm_ops.cross_attention`) or ``"auto"``
+      (``CROSSLMM_PROJECTED_PATH`` if set, else :func:`choose_path`'s cost model);
+      :func:`last_path` says which ran;
+    * ``backend``: ``"auto"`` (default; env ``CROSSLMM_BACKEND``), ``"cuda"``, ``"triton"`` or
+      ``"torch"``, for the fused core (``crosslmm_ops.last_backend("mqa_shared_kv")``: CUDA
+      fp16/bf16 with ``Dv`` a multiple of 8 up to 2048, its backward on Triton; Triton
+      fp16/bf16/fp32 up to 2048) or for ``cross_attention`` on the materialised path;
+      ``last_backend("projected_cross_attention")`` is the one that ran either;
+    * ``num_splits``: key splits of the attention (0 = heuristic); ``return_lse``: also return the
+      natural-log LSE of the projected scores (``b_k`` included), float32 (float64 for float64).
+    """
+    layout = _check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                           max_seqlen_k, norm, norm_weight, norm_bias, norm_eps)
+    scale = _check_scale(softmax_scale, layout.head_dim)
+    _check_flags(num_splits, return_lse)
+    chosen_path = choose_path(layout, q.dtype, path)
+    xhat = normalize_tokens(x, norm, norm_eps)
+    if chosen_path == "materialized":
+        wk, wv, bk, bv = _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, q.dtype)
+        kv_shape = (*x.shape[:-1], layout.heads_k, layout.head_dim)
+        k = F.linear(xhat, wk, bk).view(kv_shape)
+        v = F.linear(xhat, wv, bv).view(kv_shape)
+        result = cross_attention(q, k, v, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q,
+                                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                 max_seqlen_k=max_seqlen_k, num_splits=num_splits,
+                                 return_lse=return_lse, backend=backend)
+        if not torch.compiler.is_compiling():
+            _last_path["path"] = chosen_path
+            _backend.note(OP_NAME, _backend.last_backend("cross_attention"))
+        return result
+    cuda_ok, triton_ok = _core_ok(layout, q.dtype, q.device)
+    core_backend = _backend.resolve(OP_NAME, backend, q.device, cuda_ok=cuda_ok,
+                                    triton_ok=triton_ok)
+    wk, wv, bk, bv = _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, q.dtype,
+                           need_b_k=return_lse)
+    qp, xp, cu_q, cu_k = _packed(layout, q, xhat, cu_seqlens_q, cu_seqlens_k)
+    out, lse = _fused(qp, xp, wk, wv, bk, bv, layout, scale, cu_q, cu_k, num_splits,
+                      core_backend)
+    if b_k is not None and b_k.requires_grad and torch.is_grad_enabled():
+        # b_k's gradient through the output is zero (it only moves the LSE, which adds its
+        # own part when returned): give it that zero, as the materialised path does.
+        out = _ZeroGradFor.apply(out, b_k)
+    if layout.batched:
+        out = out.reshape(q.shape)
+        lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
+    if not torch.compiler.is_compiling():
+        _last_path["path"] = chosen_path
+        _backend.note(OP_NAME, core_backend)
+    return (out, lse) if return_lse else out
+
+
+def projected_cross_attention_reference(
+    q: torch.Tensor,
+    x: torch.Tensor,
+    w_k: torch.Tensor,
+    w_v: torch.Tensor,
+    b_k: torch.Tensor | None = None,
+    b_v: torch.Tensor | None = None,
+    *,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    norm: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    return_lse: bool = False,
+    compute_dtype: torch.dtype | None = None,
+):
+    """Plain PyTorch, the way the op is defined: normalise ``x`` (the norm's own formula, its
+    weight and bias applied, not folded), project with ``F.linear`` and call
+    :func:`~crosslmm_ops.cross_attention_reference`, everything in ``compute_dtype`` (default
+    float32, float64 for float64 input). Differentiable through autograd."""
+    layout = _check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, None, None, norm,
+                           norm_weight, norm_bias, norm_eps)
+    cdt = compute_dtype or _compute_dtype(q.dtype)
+    cast = lambda t: None if t is None else t.to(cdt)  # noqa: E731
+    xc = x.to(cdt)
+    if norm == "layernorm":
+        mean = xc.mean(-1, keepdim=True)
+        xc = (xc - mean) * torch.rsqrt((xc - mean).square().mean(-1, keepdim=True) + norm_eps)
+    elif norm == "rmsnorm":
+        xc = xc * torch.rsqrt(xc.square().mean(-1, keepdim=True) + norm_eps)
+    if norm_weight is not None:
+        xc = xc * cast(norm_weight)
+    if norm_bias is not None:
+        xc = xc + cast(norm_bias)
+    kv_shape = (*x.shape[:-1], layout.heads_k, layout.head_dim)
+    k = F.linear(xc, cast(w_k), cast(b_k)).view(kv_shape)
+    v = F.linear(xc, cast(w_v), cast(b_v)).view(kv_shape)
+    return cross_attention_reference(q.to(cdt), k, v, softmax_scale=softmax_scale,
+                                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                     return_lse=return_lse, compute_dtype=cdt)

@@ -1,0 +1,800 @@
+"""projected_cross_attention: equal to projecting x (norm folded in) and calling cross_attention, on
+every back end and both paths, forward, LSE and every gradient (q, x, w_k, w_v, b_k, b_v, the norm's
+weight and bias); the core (multi-query attention with K = V = x) against cross_attention; gradcheck
+in float64; the Triton kernels in the interpreter (outputs poisoned, odd and real widths, splits,
+empty segments, non-contiguous input); the cost model and its overrides; bad input; torch.library.
+
+Error bounds follow tests/test_cross_attention.py (flash-attn's): a fast back end's error against a
+float64 reference is at most 2x (forward) / 3x (gradients) the error of plain PyTorch doing the
+whole projected computation in the same low precision, plus a rounding-sized atol.
+
+CPU tests run in CI (Triton under TRITON_INTERPRET=1, small shapes); tests marked ``cuda`` run on a
+GPU at CrossLMM-2B's sizes (Dv 1152, 12 query heads of 128, 2 KV heads).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import crosslmm_ops
+from crosslmm_ops import _backend, cross_attention_reference
+from crosslmm_ops.ops import projected_attention as pa
+from crosslmm_ops.ops.projected_attention import (
+    CostModel,
+    ProjectedLayout,
+    choose_path,
+    last_path,
+    normalize_tokens,
+    projected_cross_attention,
+    projected_cross_attention_reference,
+    shared_kv_attention,
+)
+from crosslmm_ops.testing import non_contiguous, poison_outputs
+
+OP = "projected_cross_attention"
+CORE = "mqa_shared_kv"
+PARAMS = ("q", "x", "w_k", "w_v", "b_k", "b_v", "norm_weight", "norm_bias")
+
+
+def triton_cpu() -> bool:
+    return _backend.triton_runnable(torch.device("cpu"))[0]
+
+
+needs_interpreter = pytest.mark.skipif(not triton_cpu(), reason="needs TRITON_INTERPRET=1")
+
+
+def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
+    return torch.tensor([0] + list(torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()),
+                        dtype=torch.int32, device=device)
+
+
+def max_err(actual, expected) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def lse_err(actual, expected) -> float:
+    assert torch.equal(torch.isneginf(actual), torch.isneginf(expected)), "-inf rows differ"
+    finite = torch.isfinite(expected)
+    return max_err(actual[finite], expected[finite])
+
+
+def rounding(x: torch.Tensor, dtype) -> float:
+    """flash-attn's atol: the rounding error of ``x``'s magnitude in ``dtype`` (see
+    tests/test_cross_attention.py)."""
+    x = x.detach().to(dtype)
+    return 2 * max_err(x + 0.3 - 0.3, x) + torch.finfo(dtype).eps / 8 + 1e-6
+
+
+def problem(*, batch=None, lens=None, hq=4, hk=2, d=16, dv=40, dtype=torch.float32,
+            device="cpu", biases=True, norm_params=True):
+    """Random inputs: batched ``(B, Sq, Sk)`` or packed ``lens = (lens_q, lens_k)``. Weights are
+    scaled so keys and values are O(1), biases and norm parameters are never trivial."""
+    make = lambda *s: torch.randn(*s, dtype=torch.float64, device=device)  # noqa: E731
+    if lens is not None:
+        q, x = make(sum(lens[0]), hq, d), make(sum(lens[1]), dv)
+        packed = dict(cu_seqlens_q=cu_seqlens(lens[0], device),
+                      cu_seqlens_k=cu_seqlens(lens[1], device))
+    else:
+        b, sq, sk = batch
+        q, x = make(b, sq, hq, d), make(b, sk, dv)
+        packed = {}
+    t = dict(q=q, x=x * 1.5 + 0.3, w_k=make(hk * d, dv) / math.sqrt(dv),
+             w_v=make(hk * d, dv) / math.sqrt(dv))
+    if biases:
+        t.update(b_k=make(hk * d), b_v=make(hk * d))
+    if norm_params:
+        t.update(norm_weight=1 + 0.3 * make(dv), norm_bias=0.5 * make(dv))
+    return {k: v.to(dtype) for k, v in t.items()}, packed
+
+
+def check_public(backend, tensors, packed, *, path="fused", norm="layernorm", num_splits=0,
+                 check_grad=True, lse_grad=True, ref_dtype=torch.float64, fwd_factor=2.0,
+                 grad_factor=3.0):
+    """Forward, LSE and every gradient of ``backend`` on ``path`` against the reference in
+    ``ref_dtype`` from the same low-precision inputs, bounded by plain PyTorch's own error in the
+    inputs' dtype. Outputs are poisoned."""
+    dtype = tensors["q"].dtype
+    names = [n for n in PARAMS if n in tensors]
+    leaves = {n: tensors[n].detach().requires_grad_(True) for n in names}
+    ref_leaves = {n: t.detach().to(ref_dtype).requires_grad_(True) for n, t in leaves.items()}
+    low_leaves = {n: t.detach().requires_grad_(True) for n, t in leaves.items()}
+    kw = dict(norm=norm, return_lse=True, **packed)
+    ref_out, ref_lse = projected_cross_attention_reference(**ref_leaves, **kw,
+                                                           compute_dtype=ref_dtype)
+    low_out, low_lse = projected_cross_attention_reference(**low_leaves, **kw, compute_dtype=dtype)
+    with poison_outputs():
+        out, lse = projected_cross_attention(**leaves, **kw, path=path, backend=backend,
+                                             num_splits=num_splits)
+    assert last_path() == path
+    assert crosslmm_ops.last_backend(OP) == backend
+    assert crosslmm_ops.last_backend(CORE if path == "fused" else "cross_attention") == backend
+    assert out.dtype == dtype and out.shape == tensors["q"].shape and lse.shape == ref_lse.shape
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten elements"
+    bound = fwd_factor * max_err(low_out, ref_out) + rounding(ref_out, dtype)
+    assert max_err(out, ref_out) <= bound, ("out", max_err(out, ref_out), bound)
+    assert lse_err(lse, ref_lse) <= fwd_factor * lse_err(low_lse, ref_lse) + 1e-5
+    if not check_grad:
+        return
+    g = torch.randn_like(ref_out)
+    g_lse = torch.randn_like(ref_lse)
+    finite = torch.isfinite(ref_lse)
+
+    def grads(o, l, ts):
+        loss = (o * g.to(o.dtype)).sum()
+        if lse_grad:
+            loss = loss + (l.where(finite, 0) * g_lse.to(l.dtype)).sum()
+        return torch.autograd.grad(loss, list(ts.values()))
+
+    expected = grads(ref_out, ref_lse, ref_leaves)
+    low = grads(low_out, low_lse, low_leaves)
+    with poison_outputs():
+        actual = grads(out, lse, leaves)
+    if path == "fused":
+        ran = "triton" if backend == "cuda" else backend
+        assert crosslmm_ops.last_backend(CORE + "_backward") == ran
+    for name, a, e, lo in zip(names, actual, expected, low):
+        assert a.dtype == leaves[name].dtype and a.shape == leaves[name].shape, name
+        assert not torch.isnan(a).any(), f"unwritten {name} elements"
+        bound = grad_factor * max_err(lo, e) + rounding(e, dtype)
+        assert max_err(a, e) <= bound, (name, max_err(a, e), bound)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference against modules: LayerNorm / RMSNorm -> nn.Linear -> dense softmax, float64
+# ----------------------------------------------------------------------------------------------
+
+
+def dense_projected(q, x, w_k, w_v, b_k, b_v, norm, norm_weight, norm_bias, eps, lens=None):
+    """What a user writes: torch.nn modules, repeat_kv, one masked softmax over everything."""
+    dv = x.shape[-1]
+    if norm == "layernorm":
+        mod = torch.nn.LayerNorm(dv, eps=eps, dtype=torch.float64)
+        mod.weight.data.copy_(norm_weight)
+        mod.bias.data.copy_(norm_bias)
+        xn = mod(x)
+    else:
+        mod = torch.nn.RMSNorm(dv, eps=eps, dtype=torch.float64)
+        mod.weight.data.copy_(norm_weight)
+        xn = mod(x) + norm_bias
+    hq, d = q.shape[-2:]
+    hk = w_k.shape[0] // d
+    k = torch.nn.functional.linear(xn, w_k, b_k).unflatten(-1, (hk, d))
+    v = torch.nn.functional.linear(xn, w_v, b_v).unflatten(-1, (hk, d))
+    k, v = (t.repeat_interleave(hq // hk, -2) for t in (k, v))
+    s = torch.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(d)
+    if lens is not None:
+        seg_q = torch.repeat_interleave(torch.arange(len(lens[0])), torch.tensor(lens[0]))
+        seg_k = torch.repeat_interleave(torch.arange(len(lens[1])), torch.tensor(lens[1]))
+        s = s.masked_fill(seg_q[:, None] != seg_k[None, :], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
+    return torch.einsum("...hqk,...khd->...qhd", p, v), lse
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+def test_reference_matches_modules(norm, layout):
+    lens = ([3, 0, 5, 2], [7, 4, 0, 9]) if layout == "packed" else None
+    t, packed = problem(batch=(2, 5, 11) if lens is None else None, lens=lens, hq=6, hk=2, d=8,
+                        dv=24, dtype=torch.float64)
+    out, lse = projected_cross_attention_reference(**t, **packed, norm=norm, norm_eps=1e-5,
+                                                   return_lse=True)
+    e_out, e_lse = dense_projected(*(t[n] for n in PARAMS[:6]), norm, t["norm_weight"],
+                                   t["norm_bias"], 1e-5, lens)
+    torch.testing.assert_close(out, e_out, rtol=1e-12, atol=1e-12)
+    assert lse_err(lse, e_lse) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# Both paths on the torch back end equal the reference exactly (float64), every gradient
+# ----------------------------------------------------------------------------------------------
+
+CASES = {
+    "batched-gqa": dict(batch=(2, 3, 17), hq=6, hk=2),
+    "batched-mha": dict(batch=(1, 4, 9), hq=3, hk=3),
+    "frame-local-mqa": dict(lens=([9] * 3, [29] * 3), hq=4, hk=1),  # one bmm run of 3 frames
+    "varlen-empty": dict(lens=([2, 0, 3, 1, 4], [5, 3, 0, 6, 6]), hq=4, hk=2),  # odd runs
+}
+
+
+@pytest.mark.parametrize("path", ["fused", "materialized"])
+@pytest.mark.parametrize("norm", [None, "layernorm", "rmsnorm"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_paths_equal_reference_float64(case, norm, path):
+    t, packed = problem(**CASES[case], d=8, dv=20, dtype=torch.float64)
+    if norm is None:  # then x is taken as normalised; keep an affine part to fold
+        t.pop("norm_bias")
+    leaves = {n: v.requires_grad_(True) for n, v in t.items()}
+    kw = dict(norm=norm, return_lse=True, softmax_scale=0.37, **packed)
+    e_out, e_lse = projected_cross_attention_reference(**leaves, **kw)
+    out, lse = projected_cross_attention(**leaves, **kw, path=path, backend="torch")
+    assert last_path() == path and crosslmm_ops.last_backend(OP) == "torch"
+    torch.testing.assert_close(out, e_out, rtol=1e-10, atol=1e-10)
+    assert lse_err(lse, e_lse) < 1e-10
+    g, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    finite = torch.isfinite(e_lse)
+    loss = lambda o, l: (o * g).sum() + (l.where(finite, 0) * g_lse).sum()  # noqa: E731
+    expected = torch.autograd.grad(loss(e_out, e_lse), list(leaves.values()))
+    actual = torch.autograd.grad(loss(out, lse), list(leaves.values()))
+    for name, a, e in zip(leaves, actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def test_b_k_gradient():
+    """b_k cancels in the softmax: its gradient through the output is exactly zero on the fused
+    path (and still present, so optimisers and autograd.grad see it); through the LSE it is
+    q's sum scaled, as on the materialised path."""
+    t, _ = problem(batch=(2, 3, 10), d=8, dv=12, dtype=torch.float64, norm_params=False)
+    leaves = {n: v.requires_grad_(True) for n, v in t.items()}
+    out = projected_cross_attention(**leaves, path="fused", backend="torch")
+    (db_k,) = torch.autograd.grad(out.square().sum(), [leaves["b_k"]])
+    assert torch.equal(db_k, torch.zeros_like(db_k))
+    ref = projected_cross_attention(**leaves, path="materialized", backend="torch")
+    (ref_db_k,) = torch.autograd.grad(ref.square().sum(), [leaves["b_k"]])
+    assert ref_db_k.abs().max() < 1e-12  # zero up to rounding
+    _, lse = projected_cross_attention(**leaves, path="fused", backend="torch", return_lse=True)
+    (db_k,) = torch.autograd.grad(lse.sum(), [leaves["b_k"]])
+    q = leaves["q"].detach()  # d lse / d b_k = scale * sum of q over the kv head's queries
+    expected = (q.unflatten(2, (2, 2)).sum((0, 1, 3)) / math.sqrt(8)).reshape(-1)
+    torch.testing.assert_close(db_k, expected)
+
+
+def test_normalize_tokens_shared_across_layers():
+    """A model normalises x once and passes each layer's gamma, beta: the same result as letting
+    every layer normalise."""
+    x = torch.randn(2, 13, 24, dtype=torch.float64) * 2 + 1
+    torch.testing.assert_close(normalize_tokens(x, "layernorm", 1e-5),
+                               torch.nn.functional.layer_norm(x, (24,), eps=1e-5))
+    rms = torch.nn.RMSNorm(24, eps=1e-6, dtype=torch.float64)
+    torch.testing.assert_close(normalize_tokens(x, "rmsnorm"), rms(x))
+    assert normalize_tokens(x, None) is x
+    xh = normalize_tokens(x, "rmsnorm")
+    for _layer in range(2):
+        t, _ = problem(batch=(2, 4, 13), dv=24, dtype=torch.float64)
+        t["x"] = x
+        full = projected_cross_attention(**t, norm="rmsnorm", backend="torch")
+        shared = projected_cross_attention(**{**t, "x": xh}, norm=None, backend="torch")
+        torch.testing.assert_close(shared, full, rtol=1e-12, atol=1e-12)
+    bf = x.to(torch.bfloat16)
+    assert normalize_tokens(bf, "layernorm").dtype == torch.bfloat16
+
+
+def test_weights_in_another_dtype():
+    """fp32 master weights with fp16 activations: used in q's dtype, gradients in their own."""
+    t, _ = problem(batch=(1, 3, 20), dv=24, dtype=torch.float16)
+    for n in ("w_k", "w_v", "b_v", "norm_weight"):
+        t[n] = t[n].float().requires_grad_(True)
+    out = projected_cross_attention(**t, norm="layernorm", backend="torch")
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    assert t["w_k"].grad.dtype == torch.float32 and torch.isfinite(t["w_k"].grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# gradcheck (float64, torch back end) and the hand-written core backward
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["batched", "varlen-empty"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_gradcheck_float64(layout, norm):
+    kw = dict(batch=(2, 2, 5)) if layout == "batched" else dict(lens=([2, 0, 1], [3, 2, 0]))
+    t, packed = problem(**kw, hq=4, hk=2, d=3, dv=6, dtype=torch.float64)
+    names = list(t)
+
+    def f(*ts):
+        out, lse = projected_cross_attention(**dict(zip(names, ts)), **packed, norm=norm,
+                                             return_lse=True, path="fused", backend="torch")
+        return out, lse.where(torch.isfinite(lse), 0)
+
+    assert torch.autograd.gradcheck(f, tuple(v.requires_grad_(True) for v in t.values()))
+
+
+def test_gradcheck_core_float64():
+    q = torch.randn(2, 5, 3, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(12, 7, dtype=torch.float64, requires_grad=True)
+    cu_q, cu_k = cu_seqlens([2, 0, 3]), cu_seqlens([5, 4, 3])
+
+    def f(q, x):
+        out, lse = pa._mqa_shared_kv(q, x, cu_q, cu_k, 3, 5, 0.4, 0, "torch")
+        return out, lse
+
+    assert torch.autograd.gradcheck(f, (q, x))
+
+
+def test_core_backward_formula_matches_autograd():
+    """The registered backward (hand-written, batched over runs of equal segments) equals autograd
+    through the reference, LSE gradient included."""
+    lens = ([9, 9, 9, 0, 4, 1], [29, 29, 29, 5, 0, 33])
+    q = torch.randn(2, sum(lens[0]), 3, 10, dtype=torch.float64)  # grouped: Hk 2, G 3
+    x = torch.randn(sum(lens[1]), 10, dtype=torch.float64)
+    cu_q, cu_k = cu_seqlens(lens[0]), cu_seqlens(lens[1])
+    q.requires_grad_(True)
+    x.requires_grad_(True)
+    e_out, e_lse = pa._core_reference_forward(q, x, cu_q, cu_k, 0.3, torch.float64)
+    out, lse = pa._mqa_shared_kv(q, x, cu_q, cu_k, 9, 33, 0.3, 0, "torch")
+    torch.testing.assert_close(out, e_out)
+    g, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    finite = torch.isfinite(e_lse)
+    loss = lambda o, l: (o * g).sum() + (l.where(finite, 0) * g_lse).sum()  # noqa: E731
+    expected = torch.autograd.grad(loss(e_out, e_lse), [q, x])
+    actual = torch.autograd.grad(loss(out, lse), [q, x])
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+def test_core_is_cross_attention_with_shared_kv(layout):
+    if layout == "batched":
+        q, x, kw = torch.randn(2, 5, 3, 12), torch.randn(2, 9, 12), {}
+    else:
+        q, x = torch.randn(7, 3, 12), torch.randn(11, 12)
+        kw = dict(cu_seqlens_q=cu_seqlens([3, 4, 0]), cu_seqlens_k=cu_seqlens([5, 0, 6]))
+    out, lse = shared_kv_attention(q, x, **kw, return_lse=True, backend="torch")
+    e_out, e_lse = cross_attention_reference(q, x.unsqueeze(-2), x.unsqueeze(-2), **kw,
+                                             return_lse=True)
+    torch.testing.assert_close(out, e_out)
+    assert lse_err(lse, e_lse) < 1e-5
+    assert crosslmm_ops.last_backend(CORE) == "torch"
+
+
+# ----------------------------------------------------------------------------------------------
+# The Triton kernels in the interpreter
+# ----------------------------------------------------------------------------------------------
+
+
+def check_core(backend, q, x, cu_q, cu_k, *, num_splits=0, scale=0.2, lse_grad=True):
+    """The core of ``backend`` (grouped q [Hk, total_q, G, Dv]) against the float64 reference,
+    bounded by the reference's own error in q's dtype. Outputs poisoned."""
+    dtype = q.dtype
+    lq, lk = cu_q.diff().tolist(), cu_k.diff().tolist()
+    mq, mk = max(lq, default=0), max(lk, default=0)
+    leaves = [q.detach().requires_grad_(True), x.detach().requires_grad_(True)]
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    low = [t.detach().requires_grad_(True) for t in leaves]
+    ref_out, ref_lse = pa._core_reference_forward(*ref, cu_q, cu_k, scale, torch.float64)
+    low_out, low_lse = pa._core_reference_forward(*low, cu_q, cu_k, scale, dtype)
+    with poison_outputs():
+        out, lse = pa._mqa_shared_kv(*leaves, cu_q, cu_k, mq, mk, scale, num_splits, backend)
+    assert crosslmm_ops.last_backend(CORE) == backend
+    assert out.shape == q.shape and lse.shape == (q.shape[0] * q.shape[2], q.shape[1])
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten elements"
+    assert max_err(out, ref_out) <= 2 * max_err(low_out, ref_out) + rounding(ref_out, dtype)
+    assert lse_err(lse, ref_lse) <= 2 * lse_err(low_lse.float(), ref_lse) + 1e-5
+    g = torch.randn_like(ref_out)
+    g_lse = torch.randn_like(ref_lse) if lse_grad else torch.zeros_like(ref_lse)
+    finite = torch.isfinite(ref_lse)
+
+    def grads(o, l, ts):
+        loss = (o * g.to(o.dtype)).sum()
+        if lse_grad:
+            loss = loss + (l.where(finite, 0) * g_lse.to(l.dtype)).sum()
+        if not loss.requires_grad:
+            return [torch.zeros_like(t) for t in ts]
+        return torch.autograd.grad(loss, ts, allow_unused=True, materialize_grads=True)
+
+    expected, lowg = grads(ref_out, ref_lse, ref), grads(low_out, low_lse, low)
+    with poison_outputs():
+        actual = grads(out, lse, leaves)
+    assert crosslmm_ops.last_backend(CORE + "_backward") == \
+        ("triton" if backend == "cuda" else backend)
+    for name, a, e, lo in zip(("dq", "dx"), actual, expected, lowg):
+        assert not torch.isnan(a).any(), f"unwritten {name} elements"
+        bound = 3 * max_err(lo, e) + rounding(e, dtype)
+        assert max_err(a, e) <= bound, (name, max_err(a, e), bound)
+
+
+CORE_LENS = {
+    "frames": ([3, 3, 3], [29, 29, 29]),
+    "decode-batch": ([1, 1, 1], [70, 1, 33]),
+    "empty-segments": ([2, 0, 3, 4], [5, 6, 0, 40]),
+    "no-queries": ([0, 0], [5, 0]),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(CORE_LENS))
+def test_triton_core_cpu(case, dtype):
+    lens = CORE_LENS[case]
+    q = torch.randn(2, sum(lens[0]), 3, 40, dtype=dtype)  # Hk 2, G 3: grouped layout
+    x = torch.randn(sum(lens[1]), 40, dtype=dtype)
+    check_core("triton", q, x, cu_seqlens(lens[0]), cu_seqlens(lens[1]))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dv", [16, 72, 100, 1152], ids=lambda d: f"dv{d}")
+def test_triton_core_widths_cpu(dv):
+    """Power-of-two widths (an all-masked second slab), odd ones, and SigLIP's 1152 = 1024 + 128."""
+    lens = ([2, 1], [37, 20])
+    q = torch.randn(1, 3, 5, dv, dtype=torch.float16)
+    x = torch.randn(57, dv, dtype=torch.float16)
+    check_core("triton", q, x, cu_seqlens(lens[0]), cu_seqlens(lens[1]), scale=dv ** -0.5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("num_splits", [0, 1, 2, 3, 7])
+def test_triton_core_splits_cpu(num_splits):
+    lens = ([1, 2, 1], [150, 40, 0])
+    q = torch.randn(2, 4, 2, 24)  # 2 kv heads: the merge's row -> (head, token) mapping
+    x = torch.randn(190, 24)
+    check_core("triton", q, x, cu_seqlens(lens[0]), cu_seqlens(lens[1]), num_splits=num_splits,
+               lse_grad=num_splits == 3)
+
+
+@needs_interpreter
+def test_triton_core_non_contiguous_cpu():
+    """q~ in any grouped strides (here token-major, as a permuted view) and x with a row stride."""
+    lens = ([3, 4], [30, 15])
+    q = torch.randn(7, 2, 3, 24).permute(1, 0, 2, 3)
+    x = non_contiguous(torch.randn(45, 24), dim=0)
+    assert not q.is_contiguous() and not x.is_contiguous()
+    check_core("triton", q, x, cu_seqlens(lens[0]), cu_seqlens(lens[1]))
+
+
+@needs_interpreter
+def test_triton_core_deterministic_cpu():
+    q = torch.randn(1, 6, 4, 24, requires_grad=True)
+    x = torch.randn(80, 24, requires_grad=True)
+    cu_q, cu_k = cu_seqlens([2, 4]), cu_seqlens([50, 30])
+    grads = []
+    for _ in range(2):
+        out, _ = pa._mqa_shared_kv(q, x, cu_q, cu_k, 4, 50, 0.3, 3, "triton")
+        grads.append(torch.autograd.grad(out.sum(), [q, x]))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+PUBLIC = {
+    "frame-local": dict(lens=([3] * 3, [29] * 3), hq=4, hk=2),
+    "decode-batch": dict(lens=([1, 1, 1], [70, 1, 33]), hq=6, hk=2),
+    "batched-mqa": dict(batch=(2, 5, 21), hq=4, hk=1),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(PUBLIC))
+def test_triton_public_cpu(case, dtype):
+    t, packed = problem(**PUBLIC[case], d=16, dv=40, dtype=dtype)
+    check_public("triton", t, packed, norm="layernorm")
+
+
+@needs_interpreter
+def test_triton_public_splits_cpu():
+    t, packed = problem(lens=([1, 2], [130, 0]), hq=6, hk=2, d=16, dv=40)
+    check_public("triton", t, packed, num_splits=3)
+
+
+@needs_interpreter
+def test_triton_public_non_contiguous_rmsnorm_cpu():
+    t, packed = problem(batch=(2, 3, 25), hq=4, hk=2, d=16, dv=40)
+    t["q"], t["x"] = non_contiguous(t["q"], dim=1), non_contiguous(t["x"], dim=1)
+    check_public("triton", t, packed, norm="rmsnorm")
+
+
+def test_torch_backend_low_precision():
+    """fp16 through the torch back end on both paths, within PyTorch's own fp16 error."""
+    t, packed = problem(lens=([3, 1, 4], [40, 9, 0]), hq=6, hk=2, d=16, dv=40,
+                        dtype=torch.float16)
+    for path in ("fused", "materialized"):
+        check_public("torch", t, packed, path=path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Back-end choice and the cost model
+# ----------------------------------------------------------------------------------------------
+
+
+def _layout(b, sq, sk, hk, hq=12, d=128, dv=1152):
+    return ProjectedLayout(True, b, hq, hk, d, dv, b * sq, b * sk, sq, sk, sq, sk)
+
+
+@pytest.mark.parametrize("hk", [2, 12])
+def test_cost_model_choices_at_crosslmm_2b(hk):
+    frames = 256
+    decode = _layout(1, 1, frames * 729, hk)
+    frame_local = _layout(frames, 9, 729, hk)
+    prefill = _layout(1, 128, frames * 729, hk)
+    bf16 = torch.bfloat16
+    assert choose_path(decode, bf16) == "fused"  # 1 query per key: no projection of every key
+    assert choose_path(prefill, bf16) == "materialized"  # 1536 rows per key
+    # the close call (see CostModel): 12 KV heads make the projections 6x dearer
+    assert choose_path(frame_local, bf16) == ("fused" if hk == 12 else "materialized")
+    fused_ms, mat_ms = pa.COST_MODEL.estimate(decode)
+    assert fused_ms < mat_ms / 2
+    # a faster fused kernel moves the close call
+    faster = CostModel(fused_tflops=400.0)
+    f, m = faster.estimate(_layout(frames, 9, 729, 2))
+    assert f < m
+
+
+def test_path_overrides(monkeypatch):
+    t, _ = problem(batch=(1, 2, 9))
+    projected_cross_attention(**t, backend="torch", path="materialized")
+    assert last_path() == "materialized"
+    assert crosslmm_ops.last_backend(OP) == "torch"
+    monkeypatch.setenv(pa.PATH_ENV_VAR, "materialized")
+    projected_cross_attention(**t, backend="torch")
+    assert last_path() == "materialized"
+    projected_cross_attention(**t, backend="torch", path="fused")  # the argument wins
+    assert last_path() == "fused"
+    monkeypatch.setenv(pa.PATH_ENV_VAR, "sideways")
+    with pytest.raises(ValueError, match=pa.PATH_ENV_VAR):
+        projected_cross_attention(**t, backend="torch")
+    monkeypatch.delenv(pa.PATH_ENV_VAR)
+    layout = pa._check_inputs(t["q"], t["x"], t["w_k"], t["w_v"], None, None, None, None, None,
+                              None, None, None, None, 1e-6)
+    projected_cross_attention(**t, backend="torch")
+    assert last_path() == choose_path(layout, t["q"].dtype)
+
+
+def test_auto_on_cpu_is_torch_and_recorded():
+    t, _ = problem(batch=(1, 2, 9))
+    with crosslmm_ops.record_backends() as log:
+        projected_cross_attention(**t, path="fused")
+    assert log == [(CORE, "torch"), (OP, "torch")]
+    with crosslmm_ops.record_backends() as log:
+        projected_cross_attention(**t, path="materialized")
+    assert log == [("cross_attention", "torch"), (OP, "torch")]
+
+
+def test_cuda_backward_routing():
+    cpu = torch.device("cpu")
+    assert pa._backward_backend("cuda", cpu) == ("triton" if triton_cpu() else "torch")
+    assert pa._backward_backend("triton", cpu) == "triton"
+    assert pa._backward_backend("torch", cpu) == "torch"
+
+
+def test_width_slabs():
+    from crosslmm_ops.triton.projected_attention import width_slabs
+
+    assert width_slabs(1152) == (1024, 128)
+    assert width_slabs(1024) == (1024, 16)
+    assert width_slabs(768) == (512, 256)
+    assert width_slabs(40) == (32, 16)
+    assert width_slabs(8) == (16, 16)
+    assert width_slabs(2048) == (2048, 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument
+# ----------------------------------------------------------------------------------------------
+
+
+def _args(**over):
+    t, packed = problem(batch=(1, 2, 5), hq=4, hk=2, d=8, dv=12)
+    t.update(over)
+    return t
+
+
+CU = cu_seqlens([2, 3])
+BAD = [
+    (lambda: projected_cross_attention(**_args(q=[1.0])), TypeError, "q must be a torch.Tensor"),
+    (lambda: projected_cross_attention(**_args(q=torch.ones(1, 2, 4, 8, dtype=torch.int32))),
+     ValueError, "q must be a floating tensor"),
+    (lambda: projected_cross_attention(**_args(x=torch.randn(1, 5, 12).half())), ValueError,
+     "x must have q's dtype"),
+    (lambda: projected_cross_attention(**_args(x=torch.randn(1, 5, 12, device="meta"))),
+     ValueError, "x must be on q's device"),
+    (lambda: projected_cross_attention(**_args(q=torch.randn(2, 4, 8))), ValueError,
+     r"q must have shape \(B, Sq, Hq, d\)"),
+    (lambda: projected_cross_attention(**_args(x=torch.randn(5, 12))), ValueError,
+     r"x must have shape \(B, Sk, Dv\)"),
+    (lambda: projected_cross_attention(**_args(x=torch.randn(2, 5, 12))), ValueError,
+     "batch size"),
+    (lambda: projected_cross_attention(**_args(w_k=torch.randn(16, 11))), ValueError,
+     r"w_k must have shape \(Hk \* d, Dv\)"),
+    (lambda: projected_cross_attention(**_args(w_k=torch.randn(12, 12), w_v=torch.randn(12, 12))),
+     ValueError, r"w_k must have shape"),
+    (lambda: projected_cross_attention(**_args(w_v=torch.randn(8, 12))), ValueError,
+     "w_v must have w_k's shape"),
+    (lambda: projected_cross_attention(**_args(w_k=torch.randn(24, 12), w_v=torch.randn(24, 12),
+                                               b_k=None, b_v=None)), ValueError,
+     r"query heads \(4\) must be a multiple"),
+    (lambda: projected_cross_attention(**_args(w_k=torch.ones(16, 12, dtype=torch.int64))),
+     ValueError, "w_k must be a floating tensor"),
+    (lambda: projected_cross_attention(**_args(b_k=torch.randn(8))), ValueError,
+     r"b_k must have shape \(16,\)"),
+    (lambda: projected_cross_attention(**_args(b_v=torch.randn(16, device="meta"))), ValueError,
+     "b_v must be on q's device"),
+    (lambda: projected_cross_attention(**_args(), norm="batchnorm"), ValueError, "norm must be"),
+    (lambda: projected_cross_attention(**_args(norm_weight=torch.randn(11))), ValueError,
+     r"norm_weight must have shape \(12,\)"),
+    (lambda: projected_cross_attention(**_args(norm_bias=torch.randn(1, 12))), ValueError,
+     "norm_bias must have shape"),
+    (lambda: projected_cross_attention(**_args(), norm_eps=-1.0), ValueError, "norm_eps"),
+    (lambda: projected_cross_attention(**_args(), path="fast"), ValueError, "path must be"),
+    (lambda: projected_cross_attention(**_args(), softmax_scale=float("nan")), ValueError,
+     "softmax_scale"),
+    (lambda: projected_cross_attention(**_args(), num_splits=-2), ValueError, "num_splits"),
+    (lambda: projected_cross_attention(**_args(), return_lse="yes"), ValueError, "return_lse"),
+    (lambda: projected_cross_attention(**_args(), max_seqlen_q=3), ValueError,
+     "max_seqlen_q is for the packed layout"),
+    (lambda: projected_cross_attention(**_args(q=torch.randn(5, 4, 8), x=torch.randn(5, 12)),
+                                       cu_seqlens_q=CU), ValueError, "given together"),
+    (lambda: projected_cross_attention(**_args(q=torch.randn(5, 4, 8), x=torch.randn(6, 12)),
+                                       cu_seqlens_q=CU, cu_seqlens_k=CU), ValueError,
+     "cu_seqlens_k must end at the number of packed tokens 6"),
+    (lambda: projected_cross_attention(**_args(q=torch.randn(5, 4, 8), x=torch.randn(5, 12)),
+                                       cu_seqlens_q=CU.long(), cu_seqlens_k=CU), ValueError,
+     "cu_seqlens_q must be an int32"),
+    (lambda: projected_cross_attention(**_args(), backend="flash"), ValueError, "backend"),
+    (lambda: projected_cross_attention(**_args(), backend="cuda", path="fused"), RuntimeError,
+     "projected_cross_attention: backend='cuda' cannot run"),
+    (lambda: projected_cross_attention(**_args(q=torch.randn(1, 2, 4, 8).double(),
+                                               x=torch.randn(1, 5, 12).double()),
+                                       backend="triton", path="fused"), RuntimeError,
+     "backend='triton' cannot run"),
+    (lambda: normalize_tokens(torch.randn(2, 3), "layer"), ValueError, "norm must be"),
+    (lambda: shared_kv_attention(torch.randn(1, 2, 3, 8), torch.randn(1, 4, 6)), ValueError,
+     "head dim 8"),
+    (lambda: shared_kv_attention(torch.randn(1, 2, 3, 8), torch.randn(4, 8)), ValueError,
+     r"x must have shape \(B, Sk, Dv\)"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD, ids=[m[:40] for _, _, m in BAD])
+def test_bad_input_raises_clear_error(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_triton_width_limit_named():
+    if not triton_cpu():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    t = _args(x=torch.randn(1, 5, 2056), w_k=torch.randn(16, 2056), w_v=torch.randn(16, 2056),
+              norm_weight=None, norm_bias=None)
+    with pytest.raises(RuntimeError, match="width 2056"):
+        projected_cross_attention(**{k: v for k, v in t.items() if v is not None},
+                                  backend="triton", path="fused")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library integration: fake kernels, autograd registration, torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+def test_opcheck():
+    q = torch.randn(2, 7, 3, 10, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(11, 10, dtype=torch.float64, requires_grad=True)
+    cu_q, cu_k = cu_seqlens([3, 0, 4]), cu_seqlens([5, 6, 0])
+    args = (q, x, cu_q, cu_k, 4, 6, 0.3, 0, "torch")
+    torch.library.opcheck(pa._mqa_shared_kv_op, args)
+    out, lse = pa._mqa_shared_kv_op(*args)
+    bwd = (torch.randn_like(out), torch.randn_like(lse), q.detach(), x.detach(), out.detach(),
+           lse.detach(), cu_q, cu_k, 4, 6, 0.3, 0, "torch")
+    torch.library.opcheck(pa._mqa_shared_kv_backward_op, bwd)
+    torch.library.opcheck(pa._mqa_shared_kv_backward_op, bwd[:1] + (None,) + bwd[2:])
+
+
+def test_torch_compile_fullgraph():
+    t, _ = problem(batch=(2, 3, 9), hq=4, hk=2, d=8, dv=12)
+    leaves = {n: v.requires_grad_(True) for n, v in t.items()}
+
+    def f(**ts):
+        out, lse = projected_cross_attention(**ts, norm="layernorm", path="fused",
+                                             return_lse=True, backend="torch")
+        return out.square().sum() + lse.sum()
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(**leaves)
+    y.backward()
+    torch.testing.assert_close(y, f(**leaves))
+    assert all(v.grad is not None for v in leaves.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: CUDA and Triton at CrossLMM-2B's sizes (Dv 1152, 12 query heads of 128, 2 KV heads)
+# ----------------------------------------------------------------------------------------------
+
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+def require(backend: str) -> None:
+    if backend == "cuda" and not hasattr(_backend.extension(), "projected_attention_forward"):
+        pytest.skip("the CUDA extension has no projected-attention kernel (not built)")
+    ok, why = (_backend.cuda_runnable if backend == "cuda" else _backend.triton_runnable)(
+        torch.device("cuda"))
+    if not ok:
+        pytest.fail(f"{backend} back end cannot run on this GPU: {why}")
+
+
+def crosslmm_2b(lens, dtype=torch.bfloat16, hk=2):
+    return problem(lens=lens, hq=12, hk=hk, d=128, dv=1152, dtype=dtype, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_frame_local(backend, dtype):
+    """Frame-local V2V, T = 16: 9 pooled queries per frame against the frame's 729 tokens."""
+    require(backend)
+    t, packed = crosslmm_2b(([9] * 16, [729] * 16), dtype)
+    check_public(backend, t, packed, norm="layernorm")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("hk", [2, 12])
+def test_gpu_decode_batch(backend, hk):
+    """One T2V decode step for 3 sequences of 32, 17 and 5 frames (+3 tokens) of 729 tokens."""
+    require(backend)
+    t, packed = crosslmm_2b(([1, 1, 1], [32 * 729, 17 * 729, 5 * 729 + 3]), hk=hk)
+    check_public(backend, t, packed, norm="rmsnorm")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("num_splits", [1, 3, 16, 128])
+def test_gpu_decode_splits(backend, num_splits):
+    require(backend)
+    t, packed = crosslmm_2b(([1, 1], [32 * 729, 0]))
+    check_public(backend, t, packed, num_splits=num_splits, check_grad=num_splits == 3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_core_non_contiguous_and_empty(backend):
+    require(backend)
+    lens = ([9, 0, 9, 1], [729, 5, 0, 2000])
+    q = torch.randn(sum(lens[0]), 2, 6, 1152, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(sum(lens[1]), 1152, device="cuda", dtype=torch.bfloat16)
+    check_core(backend, q.permute(1, 0, 2, 3), non_contiguous(x, dim=0),
+               cu_seqlens(lens[0], "cuda"), cu_seqlens(lens[1], "cuda"), scale=128 ** -0.5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_paths_agree_t2v_prefill(backend):
+    """128 text queries against 4 frames: the two paths compute the same function."""
+    require(backend)
+    t, packed = crosslmm_2b(([128], [4 * 729]))
+    for path in ("fused", "materialized"):
+        if path == "materialized" and backend == "cuda" and \
+                not hasattr(_backend.extension(), "attention_forward"):
+            continue
+        check_public(backend, t, packed, path=path, norm="layernorm")
+
+
+@pytest.mark.cuda
+def test_gpu_auto_path_and_backend():
+    t, packed = crosslmm_2b(([1], [64 * 729]))
+    projected_cross_attention(**t, **packed, norm="layernorm")
+    assert last_path() == "fused"
+    has_cuda = hasattr(_backend.extension(), "projected_attention_forward") and \
+        _backend.cuda_runnable(torch.device("cuda"))[0]
+    assert crosslmm_ops.last_backend(CORE) == ("cuda" if has_cuda else "triton")
+    t, packed = crosslmm_2b(([128], [64 * 729]))
+    projected_cross_attention(**t, **packed, norm="layernorm")
+    assert last_path() == "materialized"
+
+
+@pytest.mark.cuda
+def test_gpu_triton_backward_deterministic():
+    require("triton")
+    t, packed = crosslmm_2b(([9] * 4 + [1], [729] * 4 + [5000]))
+    leaves = {n: v.requires_grad_(True) for n, v in t.items()}
+    runs = []
+    for _ in range(2):
+        out = projected_cross_attention(**leaves, **packed, path="fused", backend="triton")
+        runs.append(torch.autograd.grad(out.float().square().sum(), list(leaves.values())))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.cuda
+def test_gpu_torch_compile_fullgraph():
+    t, packed = crosslmm_2b(([9] * 4, [729] * 4))
+    leaves = {n: v.requires_grad_(True) for n, v in t.items()}
+
+    def f(**ts):
+        return projected_cross_attention(**ts, **packed, max_seqlen_q=9, max_seqlen_k=729,
+                                         norm="layernorm", path="fused").float().square().sum()
+
+    y = torch.compile(f, fullgraph=True)(**leaves)
+    y.backward()
+    assert math.isfinite(y.item()) and torch.isfinite(leaves["x"].grad).all()
