@@ -27,6 +27,7 @@ import numbers
 from typing import Sequence
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from crosslmm_ops import _backend
 
@@ -475,6 +476,29 @@ def _backward_formula(ctx, grad_out, grad_lse):
 
 
 _cross_attention_fwd_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+def _attended_pairs(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int) -> int:
+    """Σ over segments of (queries x keys): read from cu_seqlens when they are real tensors, else
+    (under tracing) the bound from the longest segments."""
+    try:
+        lq, lk = cu_q.diff().tolist(), cu_k.diff().tolist()
+        return sum(a * b for a, b in zip(lq, lk))
+    except Exception:  # noqa: BLE001 - fake/meta tensors have no values
+        return (cu_q.shape[0] - 1) * max_q * max_k
+
+
+# FLOPs for torch.utils.flop_counter.FlopCounterMode (which cannot see inside a custom op): the
+# convention of PERF.md and flash-attn, 4·pairs·H·d forward (QKᵀ and PV) and 2.5x that backward.
+@register_flop_formula(torch.ops.crosslmm.cross_attention_fwd, get_raw=True)
+def _forward_flops(q, k, v, cu_q, cu_k, max_q, max_k, *args, out_val=None, **kwargs) -> int:
+    return 4 * _attended_pairs(cu_q, cu_k, max_q, max_k) * q.shape[1] * q.shape[2]
+
+
+@register_flop_formula(torch.ops.crosslmm.cross_attention_bwd, get_raw=True)
+def _backward_flops(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *args, out_val=None,
+                    **kwargs) -> int:
+    return 10 * _attended_pairs(cu_q, cu_k, max_q, max_k) * q.shape[1] * q.shape[2]
 
 
 # ----------------------------------------------------------------------------------------------
