@@ -1,5 +1,7 @@
 """The ``crosslmm-ops`` command.
 
+  crosslmm-ops demo   a CrossLMM against a LLaVA-OneVision-shaped baseline on a synthetic video:
+                      visual tokens, prefill and decode time, memory, back ends, generated tokens
   crosslmm-ops info   versions, the extension's build, the GPU, and which back ends each op can use
   crosslmm-ops pool   pools a synthetic SigLIP-shaped video with every available back end
 """
@@ -21,6 +23,8 @@ OPS = {
     "token_pool": "fp16, bf16, fp32 on cuda/triton; fp64 on torch",
     "cross_attention": "cuda: fp16/bf16, head dim 64/128; triton: fp16/bf16/fp32, head dim <= 256; "
                        "torch: any",
+    "mqa_shared_kv": "the core of projected_cross_attention; cuda: fp16/bf16 forward (backward on "
+                     "triton); triton: fp16/bf16/fp32; torch: any",
 }
 
 
@@ -105,10 +109,87 @@ def pool(args) -> int:
     return 0
 
 
+def _size(n_bytes) -> str:
+    if n_bytes is None:
+        return "n/a (CPU)"
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes < 2**30 else f"{n_bytes / 2**30:.2f} GiB"
+
+
+def demo(args) -> int:
+    from crosslmm_ops import study
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        tqdm = None
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    variants = ["baseline", "crosslmm"] + (["crosslmm-frame"] if args.frame_scope else [])
+    print(f"Building {args.preset} models ({', '.join(variants)}; random weights, shared between "
+          f"them) on {device} in {dtype} ...")
+    models = study.build_models(args.preset, variants, device=device, dtype=dtype, seed=args.seed)
+    config = models["crosslmm"].config
+    vc = config.vision_config
+    video = study.synthetic_video(args.frames, vc.image_size, device=device, dtype=dtype,
+                                  seed=args.seed)
+    print(f"Synthetic video: {args.frames} frames of {vc.image_size}x{vc.image_size} px -> "
+          f"{config.tokens_per_frame} encoder tokens per frame ({args.frames * config.tokens_per_frame} "
+          f"in all), width {vc.hidden_size}")
+    steps_per_model = args.repeats * 3 + args.new_tokens - 1
+    bar = tqdm(total=steps_per_model * len(variants), desc="measuring", unit="step",
+               disable=tqdm is None or args.quiet) if tqdm else None
+    results = []
+    for variant in variants:
+        model = models[variant]
+        ids = study.video_prompt(model.config, args.frames, device=device, seed=args.seed)
+        if bar is not None:
+            bar.set_postfix_str(variant)
+        results.append(study.measure(model, variant, video, ids, new_tokens=args.new_tokens,
+                                     repeats=args.repeats,
+                                     progress=(lambda _stage: bar.update(1)) if bar else None))
+    if bar is not None:
+        bar.close()
+    base = results[0]
+    rows = [("visual tokens into the LLM", lambda m: f"{m.visual_tokens} ({m.visual_tokens // m.frames}/frame)"),
+            ("reduction vs baseline", lambda m: f"{100 * (1 - m.visual_tokens / base.visual_tokens):.1f}%"),
+            ("prompt length", lambda m: str(m.sequence_length)),
+            ("vision tower", lambda m: f"{m.vision_ms:.1f} ms"),
+            ("prefill from encoder tokens", lambda m: f"{m.llm_prefill_ms:.1f} ms ({base.llm_prefill_ms / m.llm_prefill_ms:.2f}x)"),
+            ("prefill from pixels", lambda m: f"{m.prefill_ms:.1f} ms ({base.prefill_ms / m.prefill_ms:.2f}x)"),
+            ("decode per token", lambda m: f"{m.decode_ms_per_token:.2f} ms"),
+            ("peak prefill memory (total)", lambda m: _size(m.peak_memory_bytes)),
+            ("  of which activations", lambda m: _size(m.activation_memory_bytes)),
+            ("cache after prefill (KV + vision)", lambda m: _size(m.cache_bytes)),
+            ("back ends", lambda m: "; ".join(f"{op}: {b}" for op, b in m.backends.items()) or "-"),
+            ("generated token ids", lambda m: " ".join(map(str, m.generated)))]
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'':<{width}}  " + "  |  ".join(m.variant for m in results))
+    for label, fmt in rows:
+        print(f"{label:<{width}}  " + "  |  ".join(fmt(m) for m in results))
+    print("\n(Random weights: the generated ids show the pipeline runs end to end, not an answer. "
+          "Timings on this device only; see README for GPU numbers.)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="crosslmm-ops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    gpu = torch.cuda.is_available()
+    d = sub.add_parser("demo", help="CrossLMM vs a LLaVA-OneVision-shaped baseline on a synthetic video")
+    d.add_argument("--preset", default="demo", choices=["demo", "crosslmm-2b", "crosslmm-7b"],
+                   help="model shapes (random weights); 'demo' is small enough for a CPU")
+    d.add_argument("--frames", type=int, default=16)
+    d.add_argument("--device", default="cpu", help="cpu or cuda")
+    d.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    d.add_argument("--new-tokens", type=int, default=8)
+    d.add_argument("--repeats", type=int, default=1, help="prefill runs (the best is reported)")
+    d.add_argument("--frame-scope", action="store_true", help="also run V2V per frame")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=demo)
     sub.add_parser("info", help="versions, build, GPU and back ends").set_defaults(func=info)
     p = sub.add_parser("pool", help="pool a synthetic video with every available back end")
     p.add_argument("--frames", type=int, default=32)
@@ -118,6 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.set_defaults(func=pool)
     args = parser.parse_args(argv)
+    if getattr(args, "dtype", "") is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     return args.func(args)
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build, test, sanitize and benchmark on a GPU machine in one go (what the lent H100 runs):
 #
-#   bash scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-attention]   (default: all)
+#   bash scripts/gpu_check.sh [build] [test] [fuzz] [sanitize] [bench] [bench-attention]
+#                             [bench-projected] [probe-sm90] [efficiency] [demo]
+#                             (default: build test sanitize bench)
 #
 # Logs and results go to $OUT (default ./gpu_out): gpu_tests.log, sanitizer.log, bench.log and the
 # benchmark JSON files. A short summary is printed last.
@@ -18,6 +20,12 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 step() { echo; echo "=== $* ($(date +%T))"; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader || true
+# The lent GPU machine has no internet: test-only packages it lacks (hypothesis, matplotlib) can be
+# brought as wheels in gpu_wheels/ (pip download on a connected machine; see the README).
+if [[ -d gpu_wheels ]]; then
+  $PY -m pip install -q --no-index --find-links gpu_wheels hypothesis matplotlib > "$OUT/wheels.log" 2>&1 \
+    || { echo "installing gpu_wheels failed:"; tail -5 "$OUT/wheels.log"; }
+fi
 
 if has build; then
   step "build (archs $CROSSLMM_CUDA_ARCHS, $MAX_JOBS jobs)"
@@ -72,11 +80,40 @@ if has bench; then
   sed -n '/results written/,$p' "$OUT/bench.log" | head -80
 fi
 
-if has bench-attention && [[ -f benchmarks/bench_cross_attention.py ]]; then
-  step "benchmarks: cross-attention"
-  CROSSLMM_BENCH_DIR="$OUT" $PY -m pytest benchmarks/bench_cross_attention.py --benchmark-only -q \
-    -p no:cacheprovider --benchmark-columns=median,rounds > "$OUT/bench_attention.log" 2>&1 || status=1
-  sed -n '/results written/,$p' "$OUT/bench_attention.log" | head -80
+run_bench() {  # run_bench <file> <log>: one pytest-benchmark file, its summary table printed
+  step "benchmarks: $1"
+  CROSSLMM_BENCH_DIR="$OUT" $PY -m pytest "$1" --benchmark-only -q \
+    -p no:cacheprovider --benchmark-columns=median,rounds > "$OUT/$2" 2>&1 || status=1
+  sed -n '/results written/,$p' "$OUT/$2" | head -80
+  grep -E "^(FAILED|ERROR)" "$OUT/$2" | head -20
+}
+has bench-attention && run_bench benchmarks/bench_cross_attention.py bench_attention.log
+has bench-projected && [[ -f benchmarks/bench_projected_attention.py ]] && \
+  run_bench benchmarks/bench_projected_attention.py bench_projected.log
+
+if has fuzz; then
+  step "fuzzing against the reference (${FUZZ_EXAMPLES:-200} examples per test)"
+  CROSSLMM_FUZZ_EXAMPLES="${FUZZ_EXAMPLES:-200}" CROSSLMM_FUZZ_REPORT="$OUT/fuzz_gpu.json" \
+    $PY -m pytest tests/test_fuzz.py -q -p no:cacheprovider > "$OUT/fuzz.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)" "$OUT/fuzz.log" | head -20; tail -2 "$OUT/fuzz.log"
+fi
+
+if has demo; then
+  step "crosslmm-ops demo at the paper's scale"
+  $PY -m crosslmm_ops.cli demo --preset crosslmm-2b --frames "${DEMO_FRAMES:-64}" --device cuda \
+    --quiet 2>&1 | tail -20 || status=1
+fi
+
+if has efficiency; then
+  step "efficiency study (${EFF_ARGS:-default presets and lengths})"
+  $PY benchmarks/efficiency.py --out "$OUT" ${EFF_ARGS:-} > "$OUT/efficiency.log" 2>&1 || status=1
+  grep -E "^\[(oom|flops)\]" "$OUT/efficiency.log"; sed -n '/^| preset/,$p' "$OUT/efficiency.log" | head -40
+  grep -E "Error|Traceback" "$OUT/efficiency.log" | head -5
+fi
+
+if has probe-sm90 && [[ -f benchmarks/sm90_probe.py ]]; then
+  step "sm90 attention probe"
+  $PY benchmarks/sm90_probe.py 2>&1 | tail -40 || status=1
 fi
 echo; echo "gpu_check: exit $status"
 exit $status

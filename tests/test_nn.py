@@ -3,7 +3,9 @@ here (dense per-sample masked softmax in float64), forward and backward; the ide
 untrained DCAL; GQA; global and frame scope; batches with different numbers of frames (0 too),
 text lengths and padding; shared gates and K/V; state_dict layout; transformers' weight
 initialisation; VisionMemory and TokenPooling; bad input; the Triton back end (CPU interpreter)
-and, marked ``cuda``, the CUDA back end in bf16.
+and, marked ``cuda``, the CUDA back end in bf16. The reference tests run both attention paths
+(``kv_path``: materialised K/V, and projection-fused); tests/test_nn_paths.py tests the choice
+between them and the shared normalised tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from crosslmm_ops.nn import (
     V2VCrossAttention,
     VisionMemory,
 )
+from crosslmm_ops.ops.projected_attention import last_path
 from crosslmm_ops.testing import non_contiguous, poison_outputs
 
 
@@ -202,14 +205,20 @@ def case_id(kw):
     return "-".join(f"{k}={v}" for k, v in kw.items()) or "paper"
 
 
+KV_PATHS = ["materialized", "fused"]
+
+
+@pytest.mark.parametrize("kv_path", KV_PATHS)
 @pytest.mark.parametrize("kw", DCAL_CASES, ids=case_id)
-def test_dcal_matches_reference(kw):
-    """float64 end to end (torch back end): forward and every gradient (hidden states, original
-    tokens, all parameters) against the dense reference. Frames 2, 0, 3 (a sample without video,
-    whose text passes through), padding after the text (neither visual nor text)."""
+def test_dcal_matches_reference(kw, kv_path):
+    """float64 end to end (torch back end), on both attention paths: forward and every gradient
+    (hidden states, original tokens, all parameters) against the dense reference. Frames 2, 0, 3
+    (a sample without video, whose text passes through), padding after the text (neither visual
+    nor text)."""
     kw = dict(kw)
     kv_heads = kw.pop("num_kv_heads", KV_HEADS)
-    dcal = DualCrossAttention(HIDDEN, VISION, HEADS, kv_heads, HEAD_DIM, **kw, backend="torch")
+    dcal = DualCrossAttention(HIDDEN, VISION, HEADS, kv_heads, HEAD_DIM, **kw, kv_path=kv_path,
+                              backend="torch")
     randomize(dcal.double())
     frames, L = [2, 0, 3], 11
     feats, h, visual = make_batch(frames, L)
@@ -222,6 +231,7 @@ def test_dcal_matches_reference(kw):
     ref_feats = [f.detach().clone().requires_grad_() for f in feats]
     ref_h = h.detach().clone().requires_grad_()
     out = dcal(h, memory, visual, text)
+    assert last_path() == kv_path
     cfg = dcal_cfg(**kw)
     cfg["kv_heads"] = kv_heads
     expected = ref_dcal(ref, dcal, ref_h, ref_feats, visual, text, cfg=cfg)
@@ -233,9 +243,11 @@ def test_dcal_matches_reference(kw):
     check_grads(dcal, ref, out, expected, [h, *feats], [ref_h, *ref_feats], atol=1e-9)
 
 
+@pytest.mark.parametrize("kv_path", KV_PATHS)
 @pytest.mark.parametrize("scope", ["global", "frame"])
-def test_v2v_module_matches_reference(scope):
-    v2v = V2VCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, scope=scope, bias=True)
+def test_v2v_module_matches_reference(scope, kv_path):
+    v2v = V2VCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, scope=scope, bias=True,
+                            kv_path=kv_path)
     randomize(v2v.double())
     feats, h, visual = make_batch([3, 1], 9)
     memory = VisionMemory.from_list(feats, POOLED)
@@ -276,30 +288,34 @@ def test_sample_with_frames_but_no_visual_positions(scope):
     torch.testing.assert_close(dcal(h, memory, visual), expected, atol=1e-10, rtol=1e-10)
 
 
-def test_t2v_and_generic_modules():
+@pytest.mark.parametrize("kv_path", KV_PATHS)
+def test_t2v_and_generic_modules(kv_path):
     """T2V with a mask and without one (every position queries), and the generic block with GQA
     and no norms, against the reference."""
     feats, h, _ = make_batch([2, 3], 7)
     memory = VisionMemory.from_list(feats, POOLED)
     text = torch.rand(2, 7) < 0.6
-    t2v = randomize(T2VCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM).double())
+    t2v = randomize(T2VCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM,
+                                      kv_path=kv_path).double())
     for mask in (text, None):
         rows = positions_of(text) if mask is not None else [list(range(7))] * 2
         expected = h + ref_branch(Ref(t2v).sub(""), h, feats, rows, scope="global",
                                   query_norm="rmsnorm", vision_norm="rmsnorm", **CFG)
         torch.testing.assert_close(t2v(h, memory, mask), expected, atol=1e-10, rtol=1e-10)
     gen = randomize(CrossAttention(HIDDEN, VISION, 6, 3, 7, query_norm=None, vision_norm=None,
-                                   bias=True).double())
+                                   bias=True, kv_path=kv_path).double())
     cfg = dict(CFG, heads=6, kv_heads=3, head_dim=7)
     expected = h + ref_branch(Ref(gen).sub(""), h, feats, [list(range(7))] * 2, scope="global",
                               query_norm=None, vision_norm=None, **cfg)
     torch.testing.assert_close(gen(h, memory), expected, atol=1e-10, rtol=1e-10)
 
 
-def test_float32_module_close_to_float64_reference():
+@pytest.mark.parametrize("kv_path", KV_PATHS)
+def test_float32_module_close_to_float64_reference(kv_path):
     """The default float32 module against the float64 reference (the precision users train in
     on the CPU): forward and gradients within float32 rounding."""
-    dcal = randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM))
+    dcal = randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM,
+                                        kv_path=kv_path))
     feats, h, visual = make_batch([2, 3], 9, dtype=torch.float32)
     memory = VisionMemory.from_list(feats, POOLED)
     h.requires_grad_()
@@ -387,7 +403,8 @@ def test_decoding_and_text_only_rows():
     h = torch.randn(3, 1, HIDDEN, dtype=torch.float64)
     with crosslmm_ops.record_backends() as log:
         out = dcal(h, memory)
-    assert len(log) == 1, "only T2V attends while decoding"
+    assert [op for op, _ in log].count("projected_cross_attention") == 1, \
+        "only T2V attends while decoding"
     expected = ref_dcal(Ref(dcal), dcal, h, feats, None, None, cfg=dcal_cfg())
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
     assert torch.equal(out[1], h[1])
@@ -443,10 +460,12 @@ def test_plan_is_reused_and_follows_in_place_changes():
 
 
 def test_cache_kv_for_generation():
-    """cache_kv=True: K/V computed once per layer under no_grad / inference_mode and reused; the
-    same outputs as without; a weight update in place recomputes; with gradients it is unused."""
+    """cache_kv=True (the materialised path's): K/V computed once per layer under no_grad /
+    inference_mode and reused; the same outputs as without; a weight update in place
+    recomputes; with gradients it is unused."""
     layers = [randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM,
-                                           share_kv=share)) for share in (False, True)]
+                                           share_kv=share, kv_path="materialized"))
+              for share in (False, True)]
     feats, h, visual = make_batch([2, 1], 7, dtype=torch.float32)
     plain = VisionMemory.from_list(feats, POOLED)
     cached = VisionMemory.from_list(feats, POOLED, cache_kv=True)
@@ -712,14 +731,16 @@ def test_autocast_mixes_dtypes():
 
 
 @needs_interpreter
+@pytest.mark.parametrize("kv_path", KV_PATHS)
 @pytest.mark.parametrize("kw", [dict(), dict(v2v_scope="frame", share_kv=True)], ids=case_id)
-def test_triton_backend_cpu(kw):
-    """The modules on the Triton kernels (CPU interpreter, float32, small shapes): the same
-    output and gradients as on the torch back end, outputs poisoned, the back end on record."""
+def test_triton_backend_cpu(kw, kv_path):
+    """The modules on the Triton kernels (CPU interpreter, float32, small shapes), on both paths:
+    the same output and gradients as on the torch back end, outputs poisoned, the back end on
+    record."""
     torch_dcal = randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, **kw,
-                                              backend="torch"))
+                                              kv_path=kv_path, backend="torch"))
     triton_dcal = DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, **kw,
-                                     backend="triton")
+                                     kv_path=kv_path, backend="triton")
     triton_dcal.load_state_dict(torch_dcal.state_dict())
     feats, h, visual = make_batch([2, 0, 1], 7, dtype=torch.float32)
     memory = VisionMemory.from_list(feats, POOLED)
@@ -733,7 +754,9 @@ def test_triton_backend_cpu(kw):
         results.append((out, x.grad, [p.grad for p in module.parameters()], log))
     (ref_out, ref_dx, ref_dp, _), (out, dx, dp, log) = results
     assert {b for _, b in log} == {"triton"}
-    assert ("cross_attention", "triton") in log and ("cross_attention_backward", "triton") in log
+    op = "cross_attention" if kv_path == "materialized" else "mqa_shared_kv"
+    assert (op, "triton") in log and (op + "_backward", "triton") in log
+    assert [o for o, _ in log].count("projected_cross_attention") == 2  # V2V and T2V
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(dx, ref_dx, atol=2e-5, rtol=2e-5)
     for a, e in zip(dp, ref_dp):
@@ -744,24 +767,33 @@ def test_backend_is_passed_and_recorded():
     dcal = DualCrossAttention(HIDDEN, VISION, HEADS)
     feats, h, visual = make_batch([1, 1], 5, dtype=torch.float32)
     memory = VisionMemory.from_list(feats, POOLED)
-    with crosslmm_ops.record_backends() as log:
-        dcal(h, memory, visual)
-    assert log == [("cross_attention", "torch")] * 2  # auto on the CPU
-    dcal.backend = "cuda"
-    assert dcal.v2v.backend == "cuda" and dcal.t2v.backend == "cuda"
-    with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
-        dcal(h, memory, visual)
+    for kv_path in KV_PATHS:
+        dcal.kv_path = kv_path
+        dcal.backend = None
+        with crosslmm_ops.record_backends() as log:
+            dcal(h, memory, visual)
+        # auto on the CPU, for V2V and T2V
+        assert [e for e in log if e[0] == "projected_cross_attention"] == \
+            [("projected_cross_attention", "torch")] * 2
+        assert {b for _, b in log} == {"torch"}
+        dcal.backend = "cuda"
+        assert dcal.v2v.backend == "cuda" and dcal.t2v.backend == "cuda"
+        with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
+            dcal(h, memory, visual)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kv_path", KV_PATHS)
 @pytest.mark.parametrize("kw", [dict(), dict(v2v_scope="frame"), dict(share_kv=True)],
                          ids=case_id)
-def test_cuda_dcal_bf16(kw):
+def test_cuda_dcal_bf16(kw, kv_path):
     """A DCAL with the paper's shapes per frame (27x27 tokens of width 1152, 9 pooled) in bf16 on
     the CUDA kernels against the float64 reference; the error at most 2x that of the same module
     on plain PyTorch in bf16 (+ rounding), gradients 3x."""
     if not hasattr(_backend.extension(), "attention_forward"):
         pytest.skip("the CUDA extension has no attention kernels (not built)")
+    if kv_path == "fused" and not hasattr(_backend.extension(), "projected_attention_forward"):
+        pytest.skip("the CUDA extension has no projected-attention kernel (not built)")
     hidden, vision, heads, kv_heads, head_dim, tokens, pooled = 512, 1152, 4, 2, 128, 729, 9
     frames = [4, 0, 2]
     dev = "cuda"
@@ -775,7 +807,7 @@ def test_cuda_dcal_bf16(kw):
 
     def run(dtype, backend):
         module = DualCrossAttention(hidden, vision, heads, kv_heads, head_dim, **kw,
-                                    backend=backend)
+                                    kv_path=kv_path, backend=backend)
         module.load_state_dict(base.state_dict())
         module = module.to(dev, dtype)
         x = h.to(dev, dtype).requires_grad_()
@@ -789,7 +821,14 @@ def test_cuda_dcal_bf16(kw):
     ref_out, ref_dx, _ = run(torch.float64, "torch")
     low_out, low_dx, _ = run(torch.bfloat16, "torch")
     out, dx, log = run(torch.bfloat16, "cuda")
-    assert ("cross_attention", "cuda") in log and ("cross_attention_backward", "cuda") in log
+    # record_backends() sees this thread's calls; a CUDA backward runs on autograd's device
+    # thread, so its back end is read from last_backend() (the CUDA run is the last one here).
+    if kv_path == "materialized":
+        assert ("cross_attention", "cuda") in log
+        assert crosslmm_ops.last_backend("cross_attention_backward") == "cuda"
+    else:  # the fused core's backward runs on Triton (the CUDA binding is forward only)
+        assert ("mqa_shared_kv", "cuda") in log
+        assert crosslmm_ops.last_backend("mqa_shared_kv_backward") == "triton"
     assert not torch.isnan(out).any() and not torch.isnan(dx).any()
     eps = torch.finfo(torch.bfloat16).eps
     err = (out - ref_out).abs().max().item()

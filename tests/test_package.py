@@ -29,6 +29,17 @@ def test_pool_command_runs(capsys):
     assert "avg 9x9 stride 9" in out and "(1, 2, 9, 1152)" in out
 
 
+def test_demo_command_runs(capsys):
+    """The README's main job on small settings: both models run end to end, CrossLMM feeds the LLM
+    9 tokens per frame against the baseline's 196, and its DCALs ran cross_attention."""
+    assert cli.main(["demo", "--frames", "2", "--new-tokens", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "visual tokens into the LLM" in out
+    assert "392 (196/frame)" in out and "18 (9/frame)" in out
+    assert "95.4%" in out
+    assert "cross_attention: torch" in out
+
+
 def test_pool_example_script_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "python" / "pool_example.py"), "--frames", "2",
                            "--device", "cpu"], capture_output=True, text=True, timeout=300)

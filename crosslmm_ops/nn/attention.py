@@ -4,15 +4,28 @@
   the identity);
 * :class:`CrossAttention` - the generic block: optional pre-norm of the queries, optional norm of the
   vision tokens, ``q/k/v/o`` projections as plain ``nn.Linear`` (LoRA/PEFT, FSDP and ``state_dict``
-  see ordinary weights), GQA, attention through :func:`crosslmm_ops.cross_attention` (packed varlen,
-  any back end), the gate and the residual;
+  see ordinary weights), GQA, attention (packed varlen, any back end), the gate and the residual;
 * :class:`V2VCrossAttention` - the pooled visual positions query the original tokens of their
   sample (``scope="global"``, the paper) or of their own frame (``scope="frame"``);
 * :class:`T2VCrossAttention` - the text positions query the original tokens of their sample.
 
-Queries are gathered with a boolean mask into a packed ``(total_q, Hq, d)`` tensor, keys and values
-are projected from the packed :class:`~crosslmm_ops.nn.VisionMemory`, and the gated result is added
-back out of place, so nothing is padded and autograd sees ordinary ops.
+Queries are gathered with a boolean mask into a packed ``(total_q, Hq, d)`` tensor and the gated
+result is added back out of place, so nothing is padded and autograd sees ordinary ops. The
+attention itself takes one of two paths per call (``kv_path``), the same function either way:
+
+* **materialised**: keys and values projected from the packed
+  :class:`~crosslmm_ops.nn.VisionMemory` (``vision_norm``, ``k_proj``, ``v_proj``; once per call for
+  both branches of a DCAL with ``share_kv``; kept across calls with ``VisionMemory(cache_kv=True)``),
+  then :func:`crosslmm_ops.cross_attention`;
+* **fused**: :func:`crosslmm_ops.projected_cross_attention` over the normalised tokens, which the
+  memory computes once for every layer (:meth:`~crosslmm_ops.nn.VisionMemory.normalized_tokens`);
+  the queries are folded through ``k_proj``'s weight and the output through ``v_proj``'s, the
+  norm's weight and bias folded into both, so K and V are never formed. Cheaper when each token is
+  seen by few queries: decoding (1 query per sample) and frame-local V2V.
+
+``kv_path="auto"`` (the default) asks the cost model of
+:func:`crosslmm_ops.ops.projected_attention.choose_path` (or ``CROSSLMM_PROJECTED_PATH``);
+``last_path()`` of that module says which path ran.
 
 Transformers' weight initialisation: ``PreTrainedModel._init_weights`` re-initialises ``nn.Linear``
 (normal) and modules whose class name holds ``RMSNorm``/``LayerNorm`` (ones/zeros), and leaves
@@ -31,8 +44,16 @@ import math
 import torch
 from torch import nn
 
-from crosslmm_ops.nn.memory import VisionMemory
+from crosslmm_ops import _backend
+from crosslmm_ops.nn.memory import VisionMemory, _version
+from crosslmm_ops.ops import projected_attention as _projected
 from crosslmm_ops.ops.cross_attention import cross_attention
+from crosslmm_ops.ops.projected_attention import (
+    PATHS,
+    ProjectedLayout,
+    choose_path,
+    projected_cross_attention,
+)
 
 NORMS = ("rmsnorm", "layernorm", None)
 SCOPES = ("global", "frame")
@@ -108,15 +129,10 @@ def _head_shape(hidden_size, num_heads, num_kv_heads, head_dim) -> tuple[int, in
     return num_heads, num_kv_heads, _positive_int("head_dim", head_dim)
 
 
-def _version(t: torch.Tensor) -> int:
-    """``t``'s version counter (bumped by in-place writes); inference tensors have none: 0."""
-    return 0 if torch.is_inference(t) else t._version
-
-
 def _project_kv(memory: VisionMemory, vision_norm, k_proj: nn.Linear, v_proj: nn.Linear,
                 num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``(total_k, Hk, d)`` of the packed original tokens. The only place K and V
-    are computed (a projection-fused attention will replace it where a cost model says so)."""
+    """Keys and values ``(total_k, Hk, d)`` of the packed original tokens: the materialised path
+    (the only place K and V are computed)."""
     cached = memory.cache_kv and not torch.is_grad_enabled()
     if cached:
         modules = [m for m in (vision_norm, k_proj, v_proj) if m is not None]
@@ -143,6 +159,104 @@ def _autocasting(device: torch.device) -> bool:
         return torch.is_autocast_enabled(device.type)
     except (TypeError, RuntimeError):  # device types without autocast
         return False
+
+
+def _check_kv_path(value) -> str:
+    if value not in PATHS:
+        raise ValueError(f"kv_path must be one of {PATHS}, got {value!r}")
+    return value
+
+
+def _unfused_reason(name: str, module: nn.Module, types: tuple) -> str | None:
+    """Why the fused path may not read ``module``'s parameters directly, or None if it may."""
+    if type(module) not in types:
+        # A subclass or wrapper (PEFT/LoRA, a quantised or parametrised layer) computes something
+        # other than its ``weight``: reading the weight would silently skip it.
+        return (f"{name} is a {type(module).__name__}, not a plain "
+                f"{' or '.join(t.__name__ for t in types)}")
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{name} has forward hooks, which the fused path would not run"
+    return None
+
+
+class _KVSource:
+    """Where a branch's keys and values come from: the vision norm and K/V projections (the
+    branch's own, or its DCAL's with ``share_kv``) and the two ways of attending through them.
+    The DCAL hands one instance to both branches, so the materialised K/V are computed once per
+    call."""
+
+    def __init__(self, vision_norm: nn.Module | None, k_proj: nn.Linear, v_proj: nn.Linear,
+                 num_kv_heads: int, head_dim: int):
+        self.vision_norm, self.k_proj, self.v_proj = vision_norm, k_proj, v_proj
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self._kv = None
+
+    def keys_values(self, memory: VisionMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        """The materialised keys and values (computed on first use)."""
+        if self._kv is None:
+            self._kv = _project_kv(memory, self.vision_norm, self.k_proj, self.v_proj,
+                                   self.num_kv_heads, self.head_dim)
+        return self._kv
+
+    def unfused_reason(self, vision_size: int) -> str | None:
+        """Why the fused path cannot stand in for these modules (None: it can)."""
+        for name, module in (("k_proj", self.k_proj), ("v_proj", self.v_proj)):
+            reason = _unfused_reason(name, module, (nn.Linear,))
+            if reason is not None:
+                return reason
+        norm = self.vision_norm
+        if norm is not None:
+            reason = _unfused_reason("vision_norm", norm, (nn.RMSNorm, nn.LayerNorm))
+            if reason is not None:
+                return reason
+            if tuple(norm.normalized_shape) != (vision_size,):
+                return (f"vision_norm normalises over {tuple(norm.normalized_shape)}, not the "
+                        f"token width ({vision_size},)")
+        return None
+
+    def fused(self, q: torch.Tensor, memory: VisionMemory, segments: tuple, softmax_scale,
+              backend) -> torch.Tensor:
+        """:func:`projected_cross_attention` over the memory's normalised tokens (shared by every
+        layer), with this norm's weight and bias passed as ``norm_weight``/``norm_bias`` (folded
+        into the K/V weights by the op, so their gradients are the norm module's)."""
+        cu_q, cu_k, max_q, max_k = segments
+        norm = self.vision_norm
+        kind, eps = None, 0.0
+        if norm is not None:
+            kind = "layernorm" if isinstance(norm, nn.LayerNorm) else "rmsnorm"
+            # nn.RMSNorm(eps=None) uses the input dtype's machine epsilon, as F.rms_norm does.
+            eps = norm.eps if norm.eps is not None else torch.finfo(memory.dtype).eps
+        # In q's dtype: under autocast the memory may be in another one than the projections.
+        x = memory.normalized_tokens(kind, eps, q.dtype)
+        return projected_cross_attention(
+            q, x, self.k_proj.weight, self.v_proj.weight, self.k_proj.bias, self.v_proj.bias,
+            softmax_scale=softmax_scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+            max_seqlen_q=max_q, max_seqlen_k=max_k,
+            norm_weight=getattr(norm, "weight", None), norm_bias=getattr(norm, "bias", None),
+            path="fused", backend=backend)
+
+
+def _fused_core_is_fast(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device,
+                        backend) -> bool:
+    """Whether the fused core can run on the back end this call asks for, and on a GPU on a
+    kernel: the cost model assumes kernels on both paths, and the core has limits the
+    materialised attention does not (e.g. a token width above 2048) where ``auto`` would fall to
+    the plain-PyTorch reference."""
+    cuda_ok, triton_ok = _projected._core_ok(layout, dtype, device)
+    wanted = _backend.requested_backend(backend)
+    if wanted == "auto":
+        return device.type != "cuda" or cuda_ok[0] or triton_ok[0]
+    return {"cuda": cuda_ok[0], "triton": triton_ok[0], "torch": True}[wanted]
+
+
+def _note_materialized() -> None:
+    """Record a materialised call the way :func:`projected_cross_attention` records its own, so
+    that ``last_path()`` and ``last_backend("projected_cross_attention")`` describe every DCAL
+    attention, whichever path it took. (The module runs this path itself, to reuse K/V shared by
+    the branches of a DCAL or kept by ``cache_kv``, which the op cannot see.)"""
+    if not torch.compiler.is_compiling():
+        _projected._last_path["path"] = "materialized"
+        _backend.note(_projected.OP_NAME, _backend.last_backend("cross_attention"))
 
 
 def _check_call(hidden_states, memory, hidden_size: int, vision_size: int) -> None:
@@ -205,6 +319,7 @@ class _Queries:
 
     counts: list[int]
     index: tuple[torch.Tensor, torch.Tensor] | None
+    _lengths: dict = dataclasses.field(default_factory=dict)
     _segments: dict = dataclasses.field(default_factory=dict)
     _keep: dict = dataclasses.field(default_factory=dict)
 
@@ -212,28 +327,47 @@ class _Queries:
     def total(self) -> int:
         return sum(self.counts)
 
-    def segments(self, scope: str, memory: VisionMemory, device: torch.device):
-        """``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`` for ``scope``."""
-        if scope not in self._segments:
+    def lengths(self, scope: str, memory: VisionMemory) -> tuple[list[int], list[int]]:
+        """Queries and keys per segment of ``scope``, on the host (no device read)."""
+        if scope not in self._lengths:
             if scope == "global":  # one key segment per sample
-                cu_q = [0]
-                for c in self.counts:
-                    cu_q.append(cu_q[-1] + c)
-                seg = (torch.tensor(cu_q, dtype=torch.int32, device=device), memory.cu_seqlens,
-                       max(self.counts, default=0), memory.max_seqlen)
+                lens = (list(self.counts),
+                        [t * memory.tokens_per_frame for t in memory.frames_per_sample])
             else:
                 # One key segment per frame: pooled token i of sample b sits in frame i // n; a
                 # sample without queries (decoding) has empty query segments for its frames.
                 n = memory.pooled_per_frame
-                cu_q = [0]
-                for c, frames in zip(self.counts, memory.frames_per_sample):
-                    step = n if c else 0
-                    for _ in range(frames):
-                        cu_q.append(cu_q[-1] + step)
-                seg = (torch.tensor(cu_q, dtype=torch.int32, device=device),
-                       memory.frame_cu_seqlens, n, memory.tokens_per_frame)
+                lens = ([n if c else 0 for c, frames in zip(self.counts, memory.frames_per_sample)
+                         for _ in range(frames)],
+                        [memory.tokens_per_frame] * memory.num_frames)
+            self._lengths[scope] = lens
+        return self._lengths[scope]
+
+    def segments(self, scope: str, memory: VisionMemory, device: torch.device):
+        """``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`` for ``scope``."""
+        if scope not in self._segments:
+            lens_q, _ = self.lengths(scope, memory)
+            cu_q = [0]
+            for c in lens_q:
+                cu_q.append(cu_q[-1] + c)
+            cu_q = torch.tensor(cu_q, dtype=torch.int32, device=device)
+            if scope == "global":
+                seg = (cu_q, memory.cu_seqlens, max(self.counts, default=0), memory.max_seqlen)
+            else:
+                seg = (cu_q, memory.frame_cu_seqlens, memory.pooled_per_frame,
+                       memory.tokens_per_frame)
             self._segments[scope] = seg
         return self._segments[scope]
+
+    def layout(self, scope: str, memory: VisionMemory, heads: int, kv_heads: int,
+               head_dim: int) -> ProjectedLayout:
+        """This call's shapes as :func:`choose_path`'s cost model reads them."""
+        lens_q, lens_k = self.lengths(scope, memory)
+        return ProjectedLayout(
+            batched=False, batch=len(lens_q), heads_q=heads, heads_k=kv_heads, head_dim=head_dim,
+            width=memory.vision_size, total_q=sum(lens_q), total_k=memory.tokens.shape[0],
+            max_seqlen_q=max(lens_q, default=0), max_seqlen_k=max(lens_k, default=0),
+            lens_q=tuple(lens_q), lens_k=tuple(lens_k))
 
     def rows_with_keys(self, memory: VisionMemory, device: torch.device) -> torch.Tensor | None:
         """``(total_q,)`` bool: the rows whose sample has frames; None when all have."""
@@ -257,7 +391,10 @@ def _cached(memory: VisionMemory, key: tuple, masks: tuple, build):
     holds the masks, so their ids cannot be reused by other tensors while it lives."""
     if torch.compiler.is_compiling():
         return build()
-    full_key = key + tuple(None if m is None else (id(m), _version(m)) for m in masks)
+    # A plan built in inference mode holds inference tensors (offsets, indices), which autograd
+    # cannot save: it is not reused outside inference mode.
+    full_key = key + (torch.is_inference_mode_enabled(),) + tuple(
+        None if m is None else (id(m), _version(m)) for m in masks)
     hit = memory._plans.get(full_key)
     if hit is not None and all(a is b for a, b in zip(hit[0], masks)):
         return hit[1]
@@ -313,7 +450,22 @@ class CrossAttention(nn.Module):
     * ``gate=False``: no gate (the result is added ungated); ``gate_init``: ``alpha``'s start value;
     * ``kv_proj=False``: no ``vision_norm``/``k_proj``/``v_proj`` here; the caller passes the keys
       and values (a :class:`DualCrossAttention` sharing them between its branches);
-    * ``backend``: the :func:`crosslmm_ops.cross_attention` back end (None = auto).
+    * ``kv_path``: how the attention meets the keys and values, per call (also settable later):
+      ``"materialized"`` projects them (``vision_norm``, ``k_proj``, ``v_proj``) and calls
+      :func:`crosslmm_ops.cross_attention`; ``"fused"`` calls
+      :func:`crosslmm_ops.projected_cross_attention` over the memory's normalised tokens, shared by
+      every layer, and never forms K or V; ``"auto"`` (default) takes the one the op's cost model
+      (or ``CROSSLMM_PROJECTED_PATH``) finds cheaper: fused for decoding, often for frame-local
+      V2V. Both compute the same function with the same gradients. ``auto`` stays materialised
+      where the fused path cannot stand in for the modules (``k_proj``/``v_proj`` not plain
+      ``nn.Linear``, e.g. under LoRA; a norm other than ``nn.RMSNorm``/``nn.LayerNorm``; forward
+      hooks on them), where ``"fused"`` raises;
+    * ``backend``: the back end of the attention (:func:`crosslmm_ops.cross_attention`, or the
+      fused core of :func:`crosslmm_ops.projected_cross_attention`; None = auto).
+
+    Each call records its path and back end as :func:`projected_cross_attention` does:
+    ``crosslmm_ops.ops.projected_attention.last_path()`` and
+    ``crosslmm_ops.last_backend("projected_cross_attention")``.
 
     A query of a sample without frames (global scope) gets zeros from the attention and adds
     nothing (also with biases), so its hidden state passes through unchanged.
@@ -341,6 +493,7 @@ class CrossAttention(nn.Module):
         gate: bool = True,
         gate_init: float = 0.0,
         kv_proj: bool = True,
+        kv_path: str = "auto",
         backend: str | None = None,
     ):
         super().__init__()
@@ -361,6 +514,7 @@ class CrossAttention(nn.Module):
             raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
         self.scope = scope
         self.softmax_scale = softmax_scale
+        self.kv_path = kv_path
         self.backend = backend
         inner_q = self.num_heads * self.head_dim
         inner_kv = self.num_kv_heads * self.head_dim
@@ -385,28 +539,63 @@ class CrossAttention(nn.Module):
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
 
-    def _keys_values(self, memory: VisionMemory) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def kv_path(self) -> str:
+        return self._kv_path
+
+    @kv_path.setter
+    def kv_path(self, value: str) -> None:
+        self._kv_path = _check_kv_path(value)
+
+    def _kv_source(self) -> _KVSource:
         if not self.has_kv_proj:
             raise RuntimeError(f"this {type(self).__name__} was built with kv_proj=False (its keys "
                                "and values belong to its DualCrossAttention); call that instead")
-        return _project_kv(memory, self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads,
-                           self.head_dim)
+        return _KVSource(self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads,
+                         self.head_dim)
+
+    def _choose_path(self, source: _KVSource, memory: VisionMemory, queries: _Queries,
+                     dtype: torch.dtype, device: torch.device) -> str:
+        """``"fused"`` or ``"materialized"`` for this call (see ``kv_path``)."""
+        forced = _projected._path_override(self.kv_path)  # kv_path, else CROSSLMM_PROJECTED_PATH
+        if forced == "materialized":
+            return "materialized"
+        reason = source.unfused_reason(self.vision_size)
+        if reason is not None:
+            if self.kv_path == "fused":
+                raise ValueError(f"kv_path='fused' cannot be used: {reason} (the fused path reads "
+                                 "the weights directly); use kv_path='auto' or 'materialized'")
+            return "materialized"
+        if forced == "fused":
+            return "fused"
+        layout = queries.layout(self.scope, memory, self.num_heads, self.num_kv_heads,
+                                self.head_dim)
+        if choose_path(layout, dtype) == "fused" \
+                and _fused_core_is_fast(layout, dtype, device, self.backend):
+            return "fused"
+        return "materialized"
 
     def _attend(self, hidden_states: torch.Tensor, memory: VisionMemory, queries: _Queries,
-                kv=None) -> torch.Tensor:
+                kv: _KVSource | None = None) -> torch.Tensor:
         """The branch's (gated) update at its query rows, packed ``(total_q, hidden)`` in the
-        order of ``queries.index``. ``kv``: keys and values computed by the caller (shared)."""
+        order of ``queries.index``. ``kv``: the caller's K/V source (a DCAL sharing it)."""
         B, L, H = hidden_states.shape
         hq = hidden_states.reshape(B * L, H) if queries.index is None \
             else hidden_states[queries.index]
         total_q = hq.shape[0]
         x = self.query_norm(hq) if self.query_norm is not None else hq
         q = self.q_proj(x).view(total_q, self.num_heads, self.head_dim)
-        k, v = self._keys_values(memory) if kv is None else kv
-        cu_q, cu_k, max_q, max_k = queries.segments(self.scope, memory, q.device)
-        attn = cross_attention(q, k, v, softmax_scale=self.softmax_scale, cu_seqlens_q=cu_q,
-                               cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-                               backend=self.backend)
+        source = self._kv_source() if kv is None else kv
+        segments = queries.segments(self.scope, memory, q.device)
+        if self._choose_path(source, memory, queries, q.dtype, q.device) == "fused":
+            attn = source.fused(q, memory, segments, self.softmax_scale, self.backend)
+        else:
+            k, v = source.keys_values(memory)
+            cu_q, cu_k, max_q, max_k = segments
+            attn = cross_attention(q, k, v, softmax_scale=self.softmax_scale, cu_seqlens_q=cu_q,
+                                   cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                                   backend=self.backend)
+            _note_materialized()
         out = self.o_proj(attn.reshape(total_q, self.num_heads * self.head_dim))
         if self.o_proj.bias is not None and self.scope == "global":
             # Rows of a sample without frames got zeros from the attention; o_proj's bias would
@@ -429,7 +618,7 @@ class CrossAttention(nn.Module):
         if queries.total == 0:
             return hidden_states
         if not self.has_kv_proj:
-            self._keys_values(memory)  # raises the error that says what to call instead
+            self._kv_source()  # raises the error that says what to call instead
         delta = self._attend(hidden_states, memory, queries)
         return _scatter_add(hidden_states, queries.index, delta)
 
@@ -439,6 +628,8 @@ class CrossAttention(nn.Module):
                  f"head_dim={self.head_dim}", f"scope={self.scope!r}"]
         if not self.has_kv_proj:
             parts.append("kv_proj=False")
+        if self.kv_path != "auto":
+            parts.append(f"kv_path={self.kv_path!r}")
         if self.backend is not None:
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)

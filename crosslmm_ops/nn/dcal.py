@@ -12,12 +12,13 @@ from crosslmm_ops.nn.attention import (
     V2VCrossAttention,
     _cached,
     _check_call,
+    _check_kv_path,
     _check_mask,
     _check_visual_counts,
     _head_shape,
+    _KVSource,
     _make_norm,
     _positive_int,
-    _project_kv,
     _Queries,
     _scatter_add,
 )
@@ -43,8 +44,12 @@ class DualCrossAttention(nn.Module):
       computed once per call); ``share_gate``: one gate for both;
     * ``vision_norm`` / ``query_norm``: ``"rmsnorm"``, ``"layernorm"`` or None, before the K/V and
       the Q projection;
+    * ``kv_path``: ``"auto"`` (default), ``"fused"`` or ``"materialized"``, per call and branch:
+      projection-fused attention over the normalised tokens (computed once per
+      :class:`~crosslmm_ops.nn.VisionMemory` for every DCAL) or projected K/V, as
+      :class:`~crosslmm_ops.nn.CrossAttention` describes; settable later for both branches;
     * ``num_kv_heads`` (GQA), ``head_dim``, ``bias``, ``norm_eps``, ``softmax_scale``,
-      ``backend`` (of :func:`crosslmm_ops.cross_attention`; None = auto).
+      ``backend`` (of the attention; None = auto).
 
     Parameters: ``v2v.*`` and ``t2v.*`` (:class:`~crosslmm_ops.nn.V2VCrossAttention` /
     :class:`~crosslmm_ops.nn.T2VCrossAttention`: ``query_norm``, ``q_proj``, ``vision_norm``,
@@ -73,6 +78,7 @@ class DualCrossAttention(nn.Module):
         norm_eps: float = 1e-6,
         softmax_scale: float | None = None,
         gate_init: float = 0.0,
+        kv_path: str = "auto",
         backend: str | None = None,
     ):
         super().__init__()
@@ -93,7 +99,8 @@ class DualCrossAttention(nn.Module):
         self.shares_gate = share_gate and both
         common = dict(vision_norm=vision_norm, query_norm=query_norm, bias=bias,
                       norm_eps=norm_eps, softmax_scale=softmax_scale, gate=not self.shares_gate,
-                      gate_init=gate_init, kv_proj=not self.shares_kv, backend=backend)
+                      gate_init=gate_init, kv_proj=not self.shares_kv, kv_path=kv_path,
+                      backend=backend)
         self.v2v = V2VCrossAttention(hidden_size, vision_size, num_heads, num_kv_heads, head_dim,
                                      scope=v2v_scope, **common) if v2v else None
         self.t2v = T2VCrossAttention(hidden_size, vision_size, num_heads, num_kv_heads, head_dim,
@@ -103,6 +110,7 @@ class DualCrossAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.v2v_scope = v2v_scope
         self._backend = backend
+        self._kv_path = _check_kv_path(kv_path)
         if self.shares_kv:
             inner_kv = num_kv_heads * head_dim
             self.vision_norm = _make_norm(vision_norm, vision_size, norm_eps, "vision_norm")
@@ -122,6 +130,17 @@ class DualCrossAttention(nn.Module):
             if branch is not None:
                 branch.backend = value
 
+    @property
+    def kv_path(self) -> str:
+        return self._kv_path
+
+    @kv_path.setter
+    def kv_path(self, value: str) -> None:
+        self._kv_path = _check_kv_path(value)
+        for branch in (self.v2v, self.t2v):
+            if branch is not None:
+                branch.kv_path = value
+
     def reset_parameters(self) -> None:
         """Projections as torch initialises ``nn.Linear``, norms to ones/zeros, gates to their
         start value."""
@@ -130,10 +149,11 @@ class DualCrossAttention(nn.Module):
                     and not isinstance(m, (V2VCrossAttention, T2VCrossAttention)):
                 m.reset_parameters()
 
-    def _keys_values(self, memory: VisionMemory) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shared keys and values (``share_kv``), computed once for both branches."""
-        return _project_kv(memory, self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads,
-                           self.head_dim)
+    def _kv_source(self) -> _KVSource:
+        """The shared norm and K/V projections (``share_kv``): one source for both branches of
+        a call, so materialised keys and values are computed once for both."""
+        return _KVSource(self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads,
+                         self.head_dim)
 
     def forward(
         self,
@@ -154,13 +174,11 @@ class DualCrossAttention(nn.Module):
         visual_mask = _check_mask("visual_mask", visual_mask, hidden_states)
         text_mask = _check_mask("text_mask", text_mask, hidden_states)
         visual, text = _dcal_queries(memory, hidden_states, visual_mask, text_mask)
-        kv = None
+        kv = self._kv_source() if self.shares_kv else None
         out = hidden_states
         for branch, queries in ((self.v2v, visual), (self.t2v, text)):
             if branch is None or queries.total == 0:
                 continue
-            if self.shares_kv and kv is None:
-                kv = self._keys_values(memory)
             # Both branches read the original hidden_states; their rows are disjoint, so adding
             # the updates one after the other is the same as adding both to the input.
             delta = branch._attend(hidden_states, memory, queries, kv)
@@ -171,6 +189,8 @@ class DualCrossAttention(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"v2v_scope={self.v2v_scope!r}"]
+        if self.kv_path != "auto":
+            parts.append(f"kv_path={self.kv_path!r}")
         if self.shares_kv:
             parts.append("share_kv=True")
         if self.shares_gate:

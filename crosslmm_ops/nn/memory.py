@@ -8,14 +8,23 @@ flash-attn's varlen layout, so the attention needs no padding and no mask:
 
 * ``cu_seqlens`` - one key segment per sample (global scope: a query sees its whole video);
 * ``frame_cu_seqlens`` - one key segment per frame (frame scope: a pooled token sees its frame).
+
+On the projection-fused path (:func:`crosslmm_ops.projected_cross_attention`) every DCAL layer
+reads the *normalised* tokens, the part of its vision norm that does not depend on the layer (its
+weight and bias fold into the layer's K/V projections): :meth:`VisionMemory.normalized_tokens`
+computes them once and keeps them here for every layer and every decode step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import weakref
 from typing import Sequence
 
 import torch
+
+from crosslmm_ops.ops.projected_attention import normalize_tokens
 
 
 def _cu_seqlens(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -27,6 +36,14 @@ def _cu_seqlens(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t``'s version counter (bumped by in-place writes); inference tensors have none: 0."""
+    return 0 if torch.is_inference(t) else t._version
+
+
+_entry_ids = itertools.count()
 
 
 @dataclasses.dataclass(eq=False)
@@ -48,10 +65,12 @@ class VisionMemory:
     * ``pooled_per_frame`` - ``n``: how many pooled tokens of each frame sit in the LLM sequence
       (sample ``b`` has ``T_b * n`` visual positions in a prefill);
     * ``max_seqlen`` - the longest sample in tokens (``max_seqlen_k`` of the global scope);
-    * ``cache_kv`` - opt-in for generation: each layer's keys and values computed without
+    * ``cache_kv`` - opt-in for generation, on the materialised path (``kv_path="materialized"``,
+      or ``"auto"`` where the cost model picks it): each layer's keys and values computed without
       gradients are kept here and reused while the layer's K/V weights and the tokens are
       unchanged (tracked by their version counters; swapping LoRA adapters in and out is not
-      tracked: leave it off then). Costs ``2 * Hk * d`` values per token per layer.
+      tracked: leave it off then). Costs ``2 * Hk * d`` values per token per layer; the fused
+      path needs no K/V, only :meth:`normalized_tokens`, kept always (one copy for all layers).
     """
 
     tokens: torch.Tensor
@@ -68,6 +87,8 @@ class VisionMemory:
     # the first layer of a forward and reused by the others (crosslmm_ops.nn.attention._cached).
     _plans: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
     _kv: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+    # normalize_tokens(tokens) per (norm, eps, dtype), for the fused path (see normalized_tokens).
+    _normalized: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         # Shape-level checks only (no device reads): the constructors derive consistent values.
@@ -226,6 +247,38 @@ class VisionMemory:
             start += n
         return out
 
+    def normalized_tokens(self, norm: str | None, eps: float,
+                          dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:func:`crosslmm_ops.normalize_tokens` ``(tokens, norm, eps)`` in ``dtype`` (default the
+        tokens'): what every DCAL layer's vision norm computes before its own weight and bias,
+        which the fused path folds into the layer's K/V weights. Computed once and reused by every
+        layer, and every decode step, while ``tokens`` is the same tensor, unchanged (its version
+        counter).
+
+        Under autograd (grad mode on, tokens that require grad) the entry carries its graph: the
+        layers of one forward share it, their gradients add up in it, and it is dropped as soon as
+        a backward passes through it, so the next forward builds its own (a freed graph is never
+        reused, and the graph is not kept past its backward). An entry computed without a graph
+        is not handed out where one is needed (the gradient would not reach the tokens), nor an
+        inference-mode tensor outside inference mode (autograd cannot save it)."""
+        tokens = self.tokens
+        dtype = tokens.dtype if dtype is None else dtype
+        if norm is None and dtype == tokens.dtype:
+            return tokens
+        if torch.compiler.is_compiling():
+            # No memo while tracing: the dict would be filled at trace time, not at run time.
+            return normalize_tokens(tokens, norm, eps).to(dtype)
+        key = (norm, float(eps), dtype)
+        hit = self._normalized.get(key)
+        if hit is not None and _reusable(hit, tokens):
+            return hit[2]
+        value = _NormalizeTokens.apply(tokens, norm, float(eps)).to(dtype)
+        entry_id = next(_entry_ids)
+        self._normalized[key] = (tokens, _version(tokens), value, entry_id)
+        if value.requires_grad:
+            value.register_hook(_forget_after_backward(self, key, entry_id))
+        return value
+
     # ------------------------------------------------------------------------------------------
     # Moving and reordering
     # ------------------------------------------------------------------------------------------
@@ -263,6 +316,64 @@ class VisionMemory:
         frames = [self.frames_per_sample[i] for i in idx]
         return self._from_packed(self.tokens.index_select(0, rows), frames, self.tokens_per_frame,
                                  self.pooled_per_frame, self.cache_kv)
+
+
+class _NormalizeTokens(torch.autograd.Function):
+    """:func:`normalize_tokens` whose backward recomputes it from the tokens instead of saving
+    its statistics through autograd's saved-tensor hooks. The result is shared by every layer,
+    but only the first layer of a forward computes it: under non-reentrant activation
+    checkpointing (``torch.utils.checkpoint``, transformers' gradient checkpointing) the
+    recomputation of that layer finds it cached and would save fewer tensors than the original
+    forward, which checkpointing rejects. Saving nothing through the hooks keeps every layer's
+    count the same; the tokens themselves are held by the memory anyway."""
+
+    @staticmethod
+    def forward(ctx, tokens, norm, eps):
+        ctx.tokens, ctx.version, ctx.norm, ctx.eps = tokens, _version(tokens), norm, eps
+        return normalize_tokens(tokens, norm, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        tokens = ctx.tokens
+        if _version(tokens) != ctx.version:  # what autograd checks for a saved tensor
+            raise RuntimeError("VisionMemory.tokens were modified in place after the normalised "
+                               "tokens were computed from them; the gradient would be wrong")
+        with torch.enable_grad():
+            x = tokens.detach().requires_grad_()
+            (dx,) = torch.autograd.grad(normalize_tokens(x, ctx.norm, ctx.eps), x, grad)
+        return dx, None, None
+
+
+def _reusable(entry: tuple, tokens: torch.Tensor) -> bool:
+    """Whether a ``_normalized`` entry ``(source, version, value, id)`` still stands for
+    ``tokens`` and can be used in the current grad mode."""
+    source, version, value, _ = entry
+    if source is not tokens or version != _version(tokens):
+        return False
+    if torch.is_grad_enabled():
+        if tokens.requires_grad and not value.requires_grad:
+            return False  # computed without a graph: the gradient would not reach the tokens
+        if torch.is_inference(value) and not torch.is_inference_mode_enabled():
+            return False  # autograd cannot save an inference tensor for backward
+    return True
+
+
+def _forget_after_backward(memory: VisionMemory, key: tuple, entry_id: int):
+    """A gradient hook that drops ``memory._normalized[key]`` once a backward reaches it (the
+    graph's buffers are freed then). It holds the memory weakly and the entry by its id only, so
+    the tensor's hook keeps nothing alive."""
+    memory_ref = weakref.ref(memory)
+
+    def hook(grad):
+        owner = memory_ref()
+        if owner is not None:
+            entry = owner._normalized.get(key)
+            if entry is not None and entry[3] == entry_id:
+                del owner._normalized[key]
+        return None
+
+    return hook
 
 
 def _check_pooled(pooled_per_frame) -> None:

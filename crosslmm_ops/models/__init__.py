@@ -1,0 +1,56 @@
+"""``crosslmm_ops.models``: a reference CrossLMM built from transformers' parts.
+
+* :class:`CrossLMMConfig`, :data:`PRESETS` / :func:`preset_config` (``crosslmm-2b``,
+  ``crosslmm-7b``: the paper's shapes, random weights; ``crosslmm-tiny`` for tests);
+* :class:`CrossLMMForConditionalGeneration` (+ :class:`CrossLMMModel`): SigLIP -> token pooling ->
+  2-layer GELU projector -> Qwen2 with a DCAL after the self-attention of every K-th layer;
+  training forward with ``labels``, ``generate()`` whose cache (:class:`CrossLMMCache`) keeps the
+  original vision tokens once for every DCAL; ``save_pretrained`` / ``from_pretrained``
+  (safetensors);
+* :func:`set_training_stage`: the paper's two training stages.
+"""
+
+from crosslmm_ops.models.configuration import PRESETS, CrossLMMConfig, preset_config
+from crosslmm_ops.models.crosslmm import (
+    CrossLMMCache,
+    CrossLMMForConditionalGeneration,
+    CrossLMMModel,
+    CrossLMMPreTrainedModel,
+    CrossLMMTextModel,
+    DCALInputs,
+    cache_vision_memory,
+    set_training_stage,
+)
+
+try:  # patch_llava lives beside the reference model (written separately)
+    from crosslmm_ops.models.patching import fix_processor_token_count, patch_llava  # noqa: F401
+except ImportError:  # pragma: no cover - until patching.py exists
+    pass
+
+
+def _register_auto_classes() -> None:
+    """Let ``AutoConfig`` / ``AutoModel`` / ``AutoModelForImageTextToText`` load a saved CrossLMM
+    once this package is imported."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    AutoConfig.register(CrossLMMConfig.model_type, CrossLMMConfig, exist_ok=True)
+    AutoModel.register(CrossLMMConfig, CrossLMMModel, exist_ok=True)
+    AutoModelForImageTextToText.register(CrossLMMConfig, CrossLMMForConditionalGeneration,
+                                         exist_ok=True)
+
+
+_register_auto_classes()
+
+__all__ = [
+    "PRESETS",
+    "CrossLMMCache",
+    "CrossLMMConfig",
+    "CrossLMMForConditionalGeneration",
+    "CrossLMMModel",
+    "CrossLMMPreTrainedModel",
+    "CrossLMMTextModel",
+    "DCALInputs",
+    "cache_vision_memory",
+    "preset_config",
+    "set_training_stage",
+]

@@ -1,0 +1,786 @@
+"""The reference CrossLMM (arXiv 2505.17020): SigLIP -> token pooling -> 2-layer GELU MLP
+projector -> Qwen2 with a dual cross-attention layer (DCAL) after the self-attention of every K-th
+layer.
+
+How it is put together (DESIGN.md, "Model side"):
+
+* :class:`CrossLMMModel` - ``vision_tower`` (transformers' ``SiglipVisionModel``), ``pooling``
+  (:class:`crosslmm_ops.nn.TokenPooling`, no parameters), ``multi_modal_projector`` and
+  ``language_model`` (:class:`CrossLMMTextModel`, a ``Qwen2Model``). The video's frames are encoded
+  once; their pooled, projected tokens replace the ``video_token_id`` placeholders of
+  ``input_ids``, and their *unpooled* tokens become the :class:`~crosslmm_ops.nn.VisionMemory`
+  every DCAL attends to.
+* :class:`CrossLMMTextModel` - transformers' ``Qwen2Model`` whose decoder layers are converted in
+  place (see :class:`CrossLMMQwen2DecoderLayer`): the DCAL of layer ``i`` lives at
+  ``language_model.layers.<i>.dcal`` and every other parameter keeps its Qwen2 name, so a Qwen2
+  checkpoint's tensors load into it unchanged. No transformers forward code is copied: the layer's
+  own forward runs, and the DCAL is applied to the residual stream right after the self-attention
+  through the attention's output.
+* :class:`CrossLMMForConditionalGeneration` - the model plus ``lm_head``: a training forward with
+  ``labels`` -> loss, and ``generate()``. Generation keeps the memory once, in the cache beside the
+  self-attention K/V (:class:`CrossLMMCache`), so decode steps pass no pixels and no features.
+* :func:`set_training_stage` - the paper's two stages (1: projector + V2V, T2V off, the rest
+  frozen; 2: everything, T2V on).
+
+Written against transformers 5.17 .. 5.23 (tested on both). Not supported: a second video in a
+conversation that continues a cache (the cache keeps one memory per sample), chunked prefill
+(``prefill_chunk_size``: a chunk would hold only part of the video's placeholders) and
+``torch.compile(fullgraph=True)`` (the DCALs read segment lengths on the host). Activation
+checkpointing must keep transformers' default ``use_reentrant=False``: the memory reaches the
+checkpointed layers as a keyword argument, which reentrant checkpointing does not differentiate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel, SiglipVisionModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2Attention,
+    Qwen2DecoderLayer,
+    Qwen2Model,
+)
+
+from crosslmm_ops.models.configuration import CrossLMMConfig, preset_config
+from crosslmm_ops.nn import DualCrossAttention, TanhGate, TokenPooling, VisionMemory
+
+# The keyword that carries one forward's DCAL inputs from CrossLMMTextModel.forward to its decoder
+# layers (Qwen2Model forwards unknown keywords to every layer), and the one that carries a layer's
+# "after the self-attention" step to its attention module (each layer forwards them to self_attn).
+_DCAL_INPUTS_KWARG = "crosslmm_dcal_inputs"
+_AFTER_ATTENTION_KWARG = "crosslmm_after_attention"
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache: self-attention K/V + the vision memory, once for all DCAL layers
+# ----------------------------------------------------------------------------------------------
+
+
+class CrossLMMCache(DynamicCache):
+    """transformers' ``DynamicCache`` (the self-attention K/V of every layer) plus
+    ``vision_memory``: the original, unpooled vision tokens of the prompt's video
+    (:class:`~crosslmm_ops.nn.VisionMemory`), kept *once* and read by every DCAL at every decode
+    step. ``generate()`` makes one (a prefill stores the memory in it); a forward with
+    ``use_cache=True`` and no cache makes one too. Beam search and batch selection reorder the
+    memory with the K/V.
+
+    Caches of other types (a static cache passed by the user) carry the memory as an attribute
+    of the same name.
+    """
+
+    vision_memory: VisionMemory | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.vision_memory = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.vision_memory is not None:
+            self.vision_memory = self.vision_memory.select(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.vision_memory is not None:
+            idx = torch.arange(self.vision_memory.batch_size).repeat_interleave(repeats)
+            self.vision_memory = self.vision_memory.select(idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.vision_memory is not None:
+            self.vision_memory = self.vision_memory.select(indices)
+
+
+def cache_vision_memory(cache: Cache | None) -> VisionMemory | None:
+    """The vision memory a cache holds (None when it holds none)."""
+    return getattr(cache, "vision_memory", None) if cache is not None else None
+
+
+def _store_vision_memory(cache: Cache, memory: VisionMemory) -> None:
+    # A CrossLMMCache declares the field; any other cache object gets it as an attribute.
+    cache.vision_memory = memory
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoder: Qwen2 layers with a DCAL after the self-attention of every K-th layer
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DCALInputs:
+    """What every DCAL of one forward reads: the memory, and which positions query which branch
+    (``visual_mask``: the pooled visual tokens, V2V; ``text_mask``: the T2V queries, None = every
+    position that is not visual)."""
+
+    memory: VisionMemory
+    visual_mask: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+    # Under activation checkpointing each layer gets its own copy of the memory object (same
+    # tensors): what the memory memoises for the layers (normalised tokens, plans) must not be
+    # shared across checkpointed layers, or a layer's recompute would find, ready-made, what its
+    # forward computed and save fewer tensors than the forward did (torch's CheckpointError).
+    per_layer_memory: bool = False
+
+
+class CrossLMMQwen2Attention(Qwen2Attention):
+    """Qwen2's self-attention, then the layer's "after the self-attention" step (the DCAL) when the
+    layer passes one. The step gets the attention output and returns the one the layer adds to its
+    residual; nothing else changes (same parameters, same names)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        after_attention: Callable | None = kwargs.pop(_AFTER_ATTENTION_KWARG, None)
+        attn_output, attn_weights = super().forward(hidden_states, *args, **kwargs)
+        if after_attention is not None:
+            attn_output = after_attention(attn_output)
+        return attn_output, attn_weights
+
+
+class CrossLMMQwen2DecoderLayer(Qwen2DecoderLayer):
+    """A Qwen2 decoder layer with an optional DCAL (``self.dcal``) after its self-attention::
+
+        h = x + self_attn(input_layernorm(x))
+        h = dcal(h)                                  # V2V at the pooled visual tokens, T2V at text
+        out = h + mlp(post_attention_layernorm(h))
+
+    The layer's own (transformers') forward runs unchanged; the DCAL step reaches the residual
+    stream through the attention output: ``self_attn`` returns ``a + (dcal(x + a) - (x + a))``,
+    which the layer adds to ``x``. With every gate at 0 the DCAL returns its input exactly, the
+    added term is exactly 0 and the layer computes exactly what the plain Qwen2 layer computes.
+
+    Layers are converted in place by :class:`CrossLMMTextModel` (their class is swapped for this
+    subclass, which adds a forward and no state), so no weight is allocated twice and everything
+    transformers set on a layer stays.
+    """
+
+    @property
+    def dcal(self) -> DualCrossAttention | None:
+        """This layer's DCAL (None for a layer without one). A property over ``_modules``, so that a
+        layer without a DCAL has no ``dcal`` entry at all (a checkpoint's DCAL weights for it are
+        then reported as unexpected keys, not silently dropped)."""
+        return self._modules.get("dcal")
+
+    def forward(self, hidden_states, *args, **kwargs):
+        inputs: DCALInputs | None = kwargs.pop(_DCAL_INPUTS_KWARG, None)
+        if self.dcal is None or inputs is None:
+            return super().forward(hidden_states, *args, **kwargs)
+        residual, dcal = hidden_states, self.dcal
+        # (inside the checkpointed region: a recompute makes its own fresh copy too)
+        memory = dataclasses.replace(inputs.memory) if inputs.per_layer_memory else inputs.memory
+
+        def after_attention(attn_output: torch.Tensor) -> torch.Tensor:
+            h = residual + attn_output  # what the layer's residual add is about to compute
+            out = dcal(h, memory, visual_mask=inputs.visual_mask, text_mask=inputs.text_mask)
+            return attn_output + (out - h)
+
+        kwargs[_AFTER_ATTENTION_KWARG] = after_attention
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+class CrossLMMTextModel(Qwen2Model):
+    """transformers' ``Qwen2Model`` with a :class:`~crosslmm_ops.nn.DualCrossAttention` after the
+    self-attention of the layers ``dcal_layers`` (``layers.<i>.dcal``). ``forward`` takes the
+    usual Qwen2 arguments plus ``crosslmm_dcal_inputs`` (:class:`DCALInputs`; None: no DCAL
+    runs)."""
+
+    def __init__(self, config, dcal_layers: Sequence[int] = (), dcal_kwargs: dict | None = None):
+        super().__init__(config)
+        # Every layer becomes a CrossLMMQwen2DecoderLayer, so that each one takes the DCAL inputs
+        # out of its keyword arguments before its attention sees them.
+        for layer in self.layers:
+            if type(layer) is not Qwen2DecoderLayer or type(layer.self_attn) is not Qwen2Attention:
+                raise TypeError(f"CrossLMMTextModel converts Qwen2 decoder layers, got "
+                                f"{type(layer).__name__} / {type(layer.self_attn).__name__}")
+            layer.__class__ = CrossLMMQwen2DecoderLayer
+        for i in dcal_layers:
+            layer = self.layers[i]
+            layer.self_attn.__class__ = CrossLMMQwen2Attention
+            layer.dcal = DualCrossAttention(**(dcal_kwargs or {}))
+        self.dcal_layers = tuple(dcal_layers)
+
+    @property
+    def dcals(self) -> dict[int, DualCrossAttention]:
+        """``{layer index: DCAL}``."""
+        return {i: self.layers[i].dcal for i in self.dcal_layers}
+
+    def _init_weights(self, module):
+        # Qwen2's init leaves unknown modules alone, so a gate materialised empty by
+        # from_pretrained (a checkpoint without DCALs) would keep garbage: give it its start value
+        # (transformers' init guard skips a gate that was loaded).
+        if isinstance(module, TanhGate):
+            module.reset_parameters()
+            return
+        super()._init_weights(module)
+
+    def forward(self, *args, **kwargs):
+        if kwargs.get(_DCAL_INPUTS_KWARG, 0) is None:
+            kwargs.pop(_DCAL_INPUTS_KWARG)
+        return super().forward(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision side
+# ----------------------------------------------------------------------------------------------
+
+
+class CrossLMMMultiModalProjector(nn.Module):
+    """The 2-layer MLP from vision width to text width (LLaVA's: ``linear_1``, GELU,
+    ``linear_2``)."""
+
+    def __init__(self, config: CrossLMMConfig):
+        super().__init__()
+        vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision, text, bias=config.projector_bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text, text, bias=config.projector_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def _memory_from_packed(tokens: torch.Tensor, frames: Sequence[int], tokens_per_frame: int,
+                        pooled_per_frame: int, cache_kv: bool = False) -> VisionMemory:
+    """A VisionMemory over ``tokens (F * N, Dv)`` (the real frames, sample after sample), without
+    copying them (``VisionMemory.from_list`` would concatenate per-sample tensors)."""
+    N, device = tokens_per_frame, tokens.device
+    cu = [0]
+    for t in frames:
+        cu.append(cu[-1] + t * N)
+    return VisionMemory(
+        tokens=tokens,
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+        frame_cu_seqlens=torch.arange(sum(frames) + 1, dtype=torch.int32, device=device) * N,
+        frames_per_sample=tuple(frames),
+        tokens_per_frame=N,
+        pooled_per_frame=pooled_per_frame,
+        max_seqlen=max(frames, default=0) * N,
+        cache_kv=cache_kv,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CrossLMMModelOutputWithPast(BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus ``vision_memory``: the memory the DCALs of this forward
+    read (None when there was no video)."""
+
+    vision_memory: VisionMemory | None = None
+
+
+@dataclasses.dataclass
+class CrossLMMCausalLMOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    vision_memory: VisionMemory | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The models
+# ----------------------------------------------------------------------------------------------
+
+
+class CrossLMMPreTrainedModel(PreTrainedModel):
+    config_class = CrossLMMConfig
+    config: CrossLMMConfig
+    base_model_prefix = "model"
+    input_modalities = ("video", "text")
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    # Class names (accelerate's device maps): a DCAL stays on its decoder layer's device.
+    _no_split_modules = ["CrossLMMQwen2DecoderLayer", "SiglipEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # The DCALs read segment lengths back to the host (varlen attention): no fullgraph compile.
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        if isinstance(module, TanhGate):
+            module.reset_parameters()
+            return
+        super()._init_weights(module)
+
+
+class CrossLMMModel(CrossLMMPreTrainedModel):
+    """Vision tower, pooling, projector and the DCAL-equipped Qwen2 decoder, without the LM head."""
+
+    def __init__(self, config: CrossLMMConfig):
+        super().__init__(config)
+        self.vision_tower = SiglipVisionModel(config.vision_config)
+        self.pooling = TokenPooling(**config.pool_kwargs())
+        self.multi_modal_projector = CrossLMMMultiModalProjector(config)
+        self.language_model = CrossLMMTextModel(config.text_config, config.dcal_layer_indices,
+                                                config.dcal_kwargs())
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    @property
+    def dcals(self) -> dict[int, DualCrossAttention]:
+        """``{decoder layer index: DCAL}``."""
+        return self.language_model.dcals
+
+    # ------------------------------------------------------------------------------------------
+    # Video -> features
+    # ------------------------------------------------------------------------------------------
+
+    def _frame_mask(self, video_frame_mask, batch: int, frames: int) -> list[int]:
+        """Frames per sample from ``video_frame_mask (B, T)`` (True = real frame, a prefix of
+        each row; None = every frame real)."""
+        if video_frame_mask is None:
+            return [frames] * batch
+        if not isinstance(video_frame_mask, torch.Tensor) or video_frame_mask.dtype != torch.bool:
+            got = getattr(video_frame_mask, "dtype", type(video_frame_mask).__name__)
+            raise ValueError(f"video_frame_mask must be a bool tensor (True = real frame), got "
+                             f"{got}")
+        if tuple(video_frame_mask.shape) != (batch, frames):
+            raise ValueError(f"video_frame_mask must have shape (B, T) = {(batch, frames)}, got "
+                             f"{tuple(video_frame_mask.shape)}")
+        counts = video_frame_mask.sum(1)
+        prefix = torch.arange(frames, device=video_frame_mask.device) < counts.unsqueeze(1)
+        values = torch.cat([(prefix == video_frame_mask).all().reshape(1).long(),
+                            counts.long()]).tolist()  # one host read
+        if not values[0]:
+            raise ValueError("video_frame_mask must mark a prefix of each row: real frames first, "
+                             "padding frames after")
+        return values[1:]
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor | None = None,
+                           video_frame_mask: torch.Tensor | None = None, *,
+                           vision_features: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, list[int]]:
+        """The encoder tokens of the real frames, packed: ``(F, N, Dv)`` with sample 0's frames
+        first, and the number of frames of each sample.
+
+        ``pixel_values_videos (B, T, 3, H, W)`` go through the vision tower (only the real frames);
+        ``vision_features (B, T, N, Dv)`` are taken as the tower's output (precomputed features,
+        e.g. to skip SigLIP in benchmarks). ``video_frame_mask (B, T)`` bool marks the real frames
+        (a prefix of each row; None: all).
+        """
+        config = self.config
+        if (pixel_values_videos is None) == (vision_features is None):
+            raise ValueError("give exactly one of pixel_values_videos and vision_features")
+        if pixel_values_videos is not None:
+            x, name = pixel_values_videos, "pixel_values_videos"
+            vc = config.vision_config
+            if not isinstance(x, torch.Tensor) or x.dim() != 5:
+                raise ValueError(f"pixel_values_videos must have shape (B, T, {vc.num_channels}, "
+                                 f"H, W), got {getattr(x, 'shape', type(x).__name__)}")
+            if x.shape[2] != vc.num_channels or x.shape[3] != vc.image_size \
+                    or x.shape[4] != vc.image_size:
+                raise ValueError(f"pixel_values_videos must have frames of shape "
+                                 f"({vc.num_channels}, {vc.image_size}, {vc.image_size}) "
+                                 f"(vision_config), got {tuple(x.shape[2:])}")
+        else:
+            x, name = vision_features, "vision_features"
+            N, Dv = config.tokens_per_frame, config.vision_config.hidden_size
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                raise ValueError(f"vision_features must have shape (B, T, N, Dv) = (B, T, {N}, "
+                                 f"{Dv}), got {getattr(x, 'shape', type(x).__name__)}")
+            if x.shape[2] != N:
+                grid = config.encoder_grid
+                raise ValueError(f"vision_features has N = {x.shape[2]} tokens per frame, but the "
+                                 f"encoder grid {grid[0]}x{grid[1]} (vision_config image_size "
+                                 f"{config.vision_config.image_size} / patch_size "
+                                 f"{config.vision_config.patch_size}) has {N}")
+            if x.shape[3] != Dv:
+                raise ValueError(f"vision_features has width {x.shape[3]}, the vision tower's is "
+                                 f"{Dv}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating tensor (normalised pixels / features), "
+                             f"got dtype {x.dtype}")
+        B, T = x.shape[:2]
+        frames = self._frame_mask(video_frame_mask, B, T)
+        real = x.reshape(B * T, *x.shape[2:]) if video_frame_mask is None \
+            else x[video_frame_mask.to(x.device)]
+        if pixel_values_videos is None:
+            return real, frames
+        if real.shape[0] == 0:
+            N, Dv = config.tokens_per_frame, config.vision_config.hidden_size
+            return real.new_zeros(0, N, Dv, dtype=self.vision_tower.dtype), frames
+        tower_dtype = self.vision_tower.dtype
+        if config.vision_feature_layer is None:
+            out = self.vision_tower(pixel_values=real.to(tower_dtype))
+            return out.last_hidden_state, frames
+        out = self.vision_tower(pixel_values=real.to(tower_dtype), output_hidden_states=True)
+        return out.hidden_states[config.vision_feature_layer], frames
+
+    # ------------------------------------------------------------------------------------------
+
+    def _visual_mask(self, input_ids: torch.Tensor, frames: list[int]) -> torch.Tensor:
+        config = self.config
+        n = self.pooling.tokens_out
+        mask = input_ids == config.video_token_id
+        counts = mask.sum(1).tolist()
+        for b, (c, t) in enumerate(zip(counts, frames)):
+            if c != t * n:
+                raise ValueError(
+                    f"sample {b} of input_ids has {c} video placeholder tokens (video_token_id="
+                    f"{config.video_token_id}), but its {t} frames x {n} pooled tokens per frame "
+                    f"need {t * n}: the frame count does not match the placeholders")
+        return mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        video_frame_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CrossLMMModelOutputWithPast | tuple:
+        """See :meth:`CrossLMMForConditionalGeneration.forward`."""
+        config = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and (not isinstance(input_ids, torch.Tensor)
+                                      or input_ids.dtype.is_floating_point
+                                      or input_ids.dtype == torch.bool or input_ids.dim() != 2):
+            raise ValueError(f"input_ids must be an integer tensor of shape (B, L), got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        has_video = pixel_values_videos is not None or vision_features is not None
+        if has_video and input_ids is None:
+            raise ValueError("a video needs input_ids: its pooled tokens replace the "
+                             "video_token_id placeholders")
+        if video_frame_mask is not None and not has_video:
+            raise ValueError("video_frame_mask was given without pixel_values_videos or "
+                             "vision_features")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        B = inputs_embeds.shape[0]
+        if use_cache is None:
+            use_cache = getattr(config.text_config, "use_cache", True)
+        if self.language_model.gradient_checkpointing and self.training:
+            use_cache = False  # as transformers does: caching and checkpointing do not mix
+        if use_cache and past_key_values is None:
+            past_key_values = CrossLMMCache(config=config.text_config)
+
+        memory = None
+        visual_mask = None
+        features = None
+        if has_video:
+            source = pixel_values_videos if pixel_values_videos is not None else vision_features
+            if source.shape[0] != B:
+                raise ValueError(f"the video batch ({source.shape[0]}) must match input_ids' "
+                                 f"batch ({B})")
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError("a video can only come with the first forward of a cache (the "
+                                 "prefill): the cache keeps one memory per sample")
+            features, frames = self.get_video_features(
+                pixel_values_videos, video_frame_mask, vision_features=vision_features)
+            visual_mask = self._visual_mask(input_ids, frames)
+            if features.shape[0] == 0:  # every sample without frames: nothing to pool or attend
+                features = None
+                visual_mask = None
+        if features is not None:
+            features = features.to(self.multi_modal_projector.linear_1.weight.dtype)
+            # Pool before the projector (DESIGN.md): the LLM sees n tokens per frame.
+            pooled = self.multi_modal_projector(self.pooling(features))
+            inputs_embeds = inputs_embeds.masked_scatter(
+                visual_mask.unsqueeze(-1), pooled.to(inputs_embeds.dtype))
+            N = features.shape[1]
+            flat = features.reshape(-1, features.shape[-1])
+            if config.dcal_keys == "projected":
+                flat = self.multi_modal_projector(flat)
+            memory = _memory_from_packed(flat.to(inputs_embeds.dtype), frames, N,
+                                         self.pooling.tokens_out, config.dcal_cache_kv)
+            if past_key_values is not None:
+                _store_vision_memory(past_key_values, memory)
+        elif not has_video:
+            memory = cache_vision_memory(past_key_values)
+            prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+            # A prompt with placeholders needs its video (checked in a prefill only: while
+            # decoding, the placeholder id is suppressed and no host read is wanted per token).
+            if memory is None and prefill and input_ids is not None:
+                placeholders = int((input_ids == config.video_token_id).sum())
+                if placeholders:
+                    raise ValueError(
+                        f"input_ids holds {placeholders} video placeholder tokens (video_token_id="
+                        f"{config.video_token_id}) but no pixel_values_videos or vision_features "
+                        "were given (and the cache holds no video)")
+
+        dcal_inputs = None
+        if memory is not None and self.language_model.dcal_layers:
+            if not (config.dcal_t2v and config.dcal_t2v_enabled):
+                text_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool,
+                                        device=inputs_embeds.device)
+            elif visual_mask is not None:
+                text_mask = ~visual_mask
+                if attention_mask is not None and attention_mask.dim() == 2:
+                    text_mask = text_mask & attention_mask.to(torch.bool)  # padding asks nothing
+            else:
+                text_mask = None  # decoding: every new position is text
+            checkpointing = (self.language_model.gradient_checkpointing and self.training
+                             and torch.is_grad_enabled())
+            dcal_inputs = DCALInputs(memory, visual_mask, text_mask, checkpointing)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            crosslmm_dcal_inputs=dcal_inputs,
+            **kwargs,
+        )
+        out = CrossLMMModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            vision_memory=memory,
+        )
+        return out.to_tuple() if return_dict is False else out
+
+
+class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin):
+    """A CrossLMM with its LM head: ``forward`` (with ``labels``: the causal-LM loss) and
+    ``generate()``.
+
+    Inputs: ``input_ids (B, L)`` holding ``video_token_id`` placeholders, ``pooled_per_frame`` per
+    frame, frame after frame; the video as ``pixel_values_videos (B, T, 3, H, W)`` or as
+    precomputed encoder tokens ``vision_features (B, T, N, Dv)``; ``video_frame_mask (B, T)`` bool
+    when samples have different frame counts (real frames first). Generation encodes the video in
+    the prefill only: the decode steps read the memory from the cache.
+
+    Build one with ``CrossLMMForConditionalGeneration(config)``,
+    :meth:`from_preset` (``"crosslmm-2b"``, ``"crosslmm-7b"``, ``"crosslmm-tiny"``; random
+    weights) or ``from_pretrained(path)`` (safetensors, written by ``save_pretrained``).
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: CrossLMMConfig):
+        super().__init__(config)
+        self.model = CrossLMMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size,
+                                 bias=False)
+        self.post_init()
+        # A video placeholder is never a token to produce: generating one would make the next
+        # step's input claim frames that do not exist.
+        if self.generation_config is not None and not self.generation_config.suppress_tokens:
+            self.generation_config.suppress_tokens = [config.video_token_id]
+
+    @classmethod
+    def from_preset(cls, name: str, *, dtype: torch.dtype | None = None,
+                    **overrides) -> "CrossLMMForConditionalGeneration":
+        """A randomly initialised model of preset ``name`` (see :func:`preset_config`;
+        ``overrides`` change its config). Build on the GPU directly with
+        ``with torch.device("cuda"): CrossLMMForConditionalGeneration.from_preset(...)``."""
+        config = preset_config(name, **overrides)
+        if dtype is None:
+            return cls(config)
+        return cls._from_config(config, dtype=dtype)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    @property
+    def dcals(self) -> dict[int, DualCrossAttention]:
+        """``{decoder layer index: DCAL}``."""
+        return self.model.dcals
+
+    def get_video_features(self, *args, **kwargs):
+        return self.model.get_video_features(*args, **kwargs)
+
+    def set_training_stage(self, stage: int, **kwargs) -> list[str]:
+        """See :func:`set_training_stage`."""
+        return set_training_stage(self, stage, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        video_frame_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CrossLMMCausalLMOutputWithPast | tuple:
+        """Logits (and with ``labels`` the shifted causal-LM loss; label -100 is ignored, as for
+        padding and the video placeholders, which are not tokens to predict).
+
+        * ``input_ids (B, L)`` with ``pooled_per_frame`` ``video_token_id`` placeholders per frame;
+        * ``pixel_values_videos (B, T, 3, H, W)`` or ``vision_features (B, T, N, Dv)``;
+        * ``video_frame_mask (B, T)`` bool: real frames (a prefix of each row), for batches whose
+          samples have different frame counts;
+        * ``attention_mask``, ``position_ids``, ``past_key_values``, ``use_cache``,
+          ``logits_to_keep``: as for any transformers causal LM. A cache holds the video's memory
+          after the prefill (:class:`CrossLMMCache`); later calls give no video.
+        """
+        outputs = self.model(
+            return_dict=True,
+            input_ids=input_ids,
+            pixel_values_videos=pixel_values_videos,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_features=vision_features,
+            video_frame_mask=video_frame_mask,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels,
+                                      vocab_size=self.config.text_config.vocab_size, **kwargs)
+        out = CrossLMMCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            vision_memory=outputs.vision_memory,
+        )
+        return out.to_tuple() if return_dict is False else out
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------------
+
+    def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs)
+        # transformers drops pixel_values_videos after the prefill when a cache is used; drop the
+        # other video inputs too: the memory is in the cache, the decode steps carry text only.
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in ("pixel_values_videos", "vision_features", "video_frame_mask"):
+                model_inputs.pop(key, None)
+        return model_inputs
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args,
+                                                       **kwargs)
+        # generate() makes a plain DynamicCache for the default cache implementation; make it a
+        # CrossLMMCache (the same cache plus the memory field, reordered with beams). Other
+        # caches (static, offloaded, user-given) carry the memory as an attribute.
+        cache = model_kwargs.get("past_key_values")
+        if type(cache) is DynamicCache and generation_config.cache_implementation in (None,
+                                                                                      "dynamic"):
+            model_kwargs["past_key_values"] = CrossLMMCache(
+                config=self.config.get_text_config(decoder=True))
+        return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Training stages
+# ----------------------------------------------------------------------------------------------
+
+
+def _crosslmm_model(model: nn.Module) -> CrossLMMModel:
+    if isinstance(model, CrossLMMForConditionalGeneration):
+        return model.model
+    if isinstance(model, CrossLMMModel):
+        return model
+    raise ValueError(f"model must be a CrossLMMForConditionalGeneration or CrossLMMModel, got "
+                     f"{type(model).__name__}")
+
+
+def _v2v_parameters(dcal: DualCrossAttention) -> list[nn.Parameter]:
+    """The parameters the V2V branch computes with (its own, and what it shares with T2V)."""
+    if dcal.v2v is None:
+        return []
+    params = list(dcal.v2v.parameters())
+    if dcal.shares_kv:
+        for name in ("vision_norm", "k_proj", "v_proj"):
+            module = getattr(dcal, name, None)
+            if module is not None:
+                params += list(module.parameters())
+    if dcal.shares_gate:
+        params += list(dcal.gate.parameters())
+    return params
+
+
+def set_training_stage(model: nn.Module, stage: int, *, train_vision_tower: bool = True,
+                       ) -> list[str]:
+    """Set up the paper's training stages; returns the names of the trainable parameters.
+
+    * ``stage=1``: only the projector and the V2V branch of every DCAL train (with a shared K/V or
+      gate, those too); the vision tower, the LLM, the T2V branches (and the LM head) are frozen,
+      and T2V does not run (``config.dcal_t2v_enabled = False``).
+    * ``stage=2``: everything trains (the vision tower only with ``train_vision_tower=True``), and
+      T2V runs.
+
+    ``model``: a :class:`CrossLMMForConditionalGeneration` or :class:`CrossLMMModel`.
+    """
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    if not isinstance(train_vision_tower, bool):
+        raise ValueError(f"train_vision_tower must be a bool, got {train_vision_tower!r}")
+    inner = _crosslmm_model(model)
+    if stage == 1:
+        model.requires_grad_(False)
+        inner.multi_modal_projector.requires_grad_(True)
+        for dcal in inner.dcals.values():
+            for p in _v2v_parameters(dcal):
+                p.requires_grad_(True)
+        enabled = False
+    else:
+        model.requires_grad_(True)
+        inner.vision_tower.requires_grad_(train_vision_tower)
+        enabled = True
+    # The same config object is shared by the wrapper and the inner model.
+    inner.config.dcal_t2v_enabled = enabled
+    if model.config is not inner.config:
+        model.config.dcal_t2v_enabled = enabled
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+__all__ = [
+    "CrossLMMCache",
+    "CrossLMMForConditionalGeneration",
+    "CrossLMMModel",
+    "CrossLMMPreTrainedModel",
+    "CrossLMMQwen2Attention",
+    "CrossLMMQwen2DecoderLayer",
+    "CrossLMMTextModel",
+    "DCALInputs",
+    "cache_vision_memory",
+    "set_training_stage",
+]

@@ -1,0 +1,293 @@
+"""CrossLMM against a LLaVA-OneVision-shaped baseline: the models, a synthetic video, and the
+measurements (prefill, per-token decode, peak memory, visual tokens, FLOPs) shared by
+``crosslmm-ops demo`` and the efficiency study (``benchmarks/efficiency.py``).
+
+The baseline is the same vision encoder, projector and LLM with LLaVA-OneVision's video pooling
+(bilinear 27x27 -> 14x14 = 196 tokens per frame) and no DCAL; the CrossLMM pools to 3x3 = 9 tokens
+per frame and adds a DCAL every 4 layers. Both share their weights, so the comparison isolates the
+compression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import torch
+
+from crosslmm_ops import _backend
+
+# LLaVA-OneVision's video pooling of SigLIP's 27x27 grid.
+BASELINE_POOLING = dict(pool_mode="bilinear", pooled_grid=14)
+
+# A CrossLMM small enough for a CPU demo in well under a minute, with the real 27x27 token grid
+# (SigLIP /14 at 384 px), so the token counts are the paper's; widths and depths are shrunk.
+DEMO_PRESET_OVERRIDES = dict(
+    vision_config=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                       num_attention_heads=2, image_size=384, patch_size=14),
+    text_config=dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+                     tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    video_token_id=1023,
+)
+
+
+def study_config(preset: str, variant: str, **overrides):
+    """The config of ``variant`` for ``preset`` (``"crosslmm-2b"``, ``"crosslmm-7b"``,
+    ``"demo"``): ``"baseline"`` (LLaVA-OneVision-shaped: 196 bilinear tokens per frame, no DCAL),
+    ``"crosslmm"`` (9 tokens per frame, DCAL every 4 layers, V2V global) or ``"crosslmm-frame"``
+    (V2V per frame)."""
+    from crosslmm_ops.models import preset_config
+
+    base = "crosslmm-tiny" if preset == "demo" else preset
+    fields: dict[str, Any] = {}
+    if preset == "demo":
+        fields.update({k: (dict(v) if isinstance(v, dict) else v)
+                       for k, v in DEMO_PRESET_OVERRIDES.items()})
+        fields["dcal_every"] = 4
+    if variant == "baseline":
+        fields.update(BASELINE_POOLING, dcal_layers=[])
+    elif variant == "crosslmm-frame":
+        fields["dcal_v2v_scope"] = "frame"
+    elif variant != "crosslmm":
+        raise ValueError(f"variant must be 'baseline', 'crosslmm' or 'crosslmm-frame', got {variant!r}")
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(fields.get(key), dict):
+            fields[key].update(value)
+        else:
+            fields[key] = value
+    return preset_config(base, **fields)
+
+
+def build_models(preset: str, variants=("baseline", "crosslmm"), *, device="cpu",
+                 dtype=torch.float32, seed: int = 0, **overrides) -> dict[str, torch.nn.Module]:
+    """One model per variant, all sharing the first one's weights (vision tower, projector, LLM);
+    DCAL weights exist only where a variant has DCALs. Random weights: nothing is downloaded."""
+    from crosslmm_ops.models import CrossLMMForConditionalGeneration
+
+    models: dict[str, torch.nn.Module] = {}
+    shared = None
+    for variant in variants:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = CrossLMMForConditionalGeneration(study_config(preset, variant, **overrides))
+        model = model.to(dtype).eval()
+        if shared is None:
+            shared = model.state_dict()
+        else:
+            own = model.state_dict()
+            model.load_state_dict({k: v for k, v in shared.items() if k in own and
+                                   own[k].shape == v.shape}, strict=False)
+        models[variant] = model
+    return models
+
+
+def synthetic_video(frames: int, image_size: int, *, device="cpu", dtype=torch.float32,
+                    seed: int = 0) -> torch.Tensor:
+    """``[1, T, 3, S, S]`` frames of a smooth random background with a bright square that moves
+    across the frame: structured, never zeros, and different in every frame."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(1, 3, 8, 8, generator=g)
+    background = torch.nn.functional.interpolate(low, size=(image_size, image_size),
+                                                 mode="bilinear", align_corners=False)
+    video = background.expand(frames, -1, -1, -1).clone()
+    side = max(image_size // 8, 2)
+    for t in range(frames):
+        pos = int((image_size - side) * t / max(frames - 1, 1))
+        video[t, :, pos:pos + side, pos:pos + side] = 2.0
+    return video.unsqueeze(0).to(device=device, dtype=dtype)
+
+
+def video_prompt(config, frames: int, *, text_before: int = 8, text_after: int = 24,
+                 device="cpu", seed: int = 0) -> torch.Tensor:
+    """``input_ids [1, L]``: BOS, some text, ``frames * pooled_per_frame`` video placeholders,
+    a question's worth of text."""
+    g = torch.Generator().manual_seed(seed)
+    tc = config.text_config
+    hi = min(config.video_token_id, tc.vocab_size)
+    text = lambda n: torch.randint(3, hi, (n,), generator=g)  # noqa: E731
+    ids = torch.cat([torch.tensor([tc.bos_token_id if tc.bos_token_id is not None else 1]),
+                     text(text_before),
+                     torch.full((frames * config.pooled_per_frame,), config.video_token_id),
+                     text(text_after)])
+    return ids.unsqueeze(0).to(device)
+
+
+@dataclasses.dataclass
+class Measurement:
+    variant: str
+    frames: int
+    visual_tokens: int          # pooled visual tokens fed to the LLM
+    sequence_length: int        # the whole prompt
+    vision_ms: float            # the vision tower alone (frames -> encoder tokens)
+    llm_prefill_ms: float       # prefill from the encoder tokens: pooling, projector, LLM, DCALs
+    prefill_ms: float           # prefill from pixels: all of the above
+    decode_ms_per_token: float
+    peak_memory_bytes: int | None        # CUDA: max allocated in the pixel prefill, weights included
+    activation_memory_bytes: int | None  # CUDA: that peak minus the weights
+    llm_activation_memory_bytes: int | None  # CUDA: the same for the prefill from encoder tokens
+    cache_bytes: int            # the self-attention KV cache + the kept vision tokens after prefill
+    generated: list[int]
+    backends: dict[str, str]
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of every distinct tensor reachable from a cache object (its layers' K/V and the vision
+    memory)."""
+    seen, total, stack = set(), 0, [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if item.data_ptr() not in seen:
+                seen.add(item.data_ptr())
+                total += item.numel() * item.element_size()
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif hasattr(item, "__dict__") and not isinstance(item, (torch.nn.Module, type)):
+            stack.extend(vars(item).values())
+    return total
+
+
+@torch.no_grad()
+def measure(model, variant: str, video: torch.Tensor, input_ids: torch.Tensor, *,
+            new_tokens: int = 8, repeats: int = 1,
+            progress: Callable[[str], None] | None = None) -> Measurement:
+    """The vision tower alone, the prefill from its tokens (what the LLM side costs), the prefill
+    from pixels (each the best of ``repeats``, with peak CUDA memory), then ``new_tokens`` greedy
+    decode steps from that prefill's cache (mean per token). Only the last position's logits are
+    computed, as ``generate()`` does."""
+    device = input_ids.device
+    cuda = device.type == "cuda"
+    frames = video.shape[1]
+
+    def timed(fn):
+        best, result, peak = math.inf, None, None
+        for _ in range(repeats):
+            result = None
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            result = fn()
+            _sync(device)
+            best = min(best, (time.perf_counter() - t0) * 1e3)
+            if cuda:
+                peak = torch.cuda.max_memory_allocated()
+            if progress:
+                progress("prefill")
+        return best, result, peak
+
+    weights = torch.cuda.memory_allocated() if cuda else 0
+    with _backend.record_backends() as ran:
+        vision_ms, (features, _), _ = timed(lambda: model.get_video_features(video))
+        features = features.reshape(1, frames, *features.shape[1:])
+        llm_ms, _, llm_peak = timed(lambda: model(input_ids=input_ids, vision_features=features,
+                                                  use_cache=True, logits_to_keep=1))
+        del features
+        prefill_ms, out, peak = timed(lambda: model(input_ids=input_ids, pixel_values_videos=video,
+                                                    use_cache=True, logits_to_keep=1))
+        cache = out.past_key_values
+        cache_bytes = _tensor_bytes(cache)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        del out
+        generated = [int(token)]
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            step = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = step.logits[:, -1].argmax(-1, keepdim=True)
+            generated.append(int(token))
+            if progress:
+                progress("decode")
+        _sync(device)
+        decode_ms = (time.perf_counter() - t0) * 1e3 / max(new_tokens - 1, 1)
+    backends = {op: ", ".join(sorted({b for o, b in ran if o == op})) for op, _ in ran}
+    minus = (lambda b: None if b is None else b - weights)
+    return Measurement(variant, frames, frames * model.config.pooled_per_frame, input_ids.shape[1],
+                       vision_ms, llm_ms, prefill_ms, decode_ms, peak, minus(peak), minus(llm_peak),
+                       cache_bytes, generated, backends)
+
+
+def prefill_flops(config, frames: int, sequence_length: int, *, causal: bool = True) -> dict:
+    """Analytical FLOPs of one prefill (batch 1) by part: ``vision`` (the tower), ``projector``,
+    ``llm`` (decoder layers and the last position's LM head) and ``dcal`` (projections and
+    attention of every DCAL), 2 FLOPs per multiply-add. ``causal=False`` counts the LLM's causal
+    attention in full, as ``torch.utils.flop_counter`` does."""
+    vc, tc = config.vision_config, config.text_config
+    N, Dv, Iv = config.tokens_per_frame, vc.hidden_size, vc.intermediate_size
+    patch = 2 * N * vc.num_channels * vc.patch_size ** 2 * Dv
+    vision_layer = 8 * N * Dv * Dv + 4 * N * Dv * Iv + 4 * N * N * Dv
+    vision = frames * (patch + vc.num_hidden_layers * vision_layer)
+
+    P = frames * config.pooled_per_frame          # pooled visual tokens in the sequence
+    H, L = tc.hidden_size, sequence_length
+    projector = 2 * P * Dv * H + 2 * P * H * H
+
+    hq, hk = tc.num_attention_heads, tc.num_key_value_heads
+    d = getattr(tc, "head_dim", None) or H // hq
+    linear = 2 * L * H * (2 * hq * d + 2 * hk * d) + 2 * L * 3 * H * tc.intermediate_size
+    attention = 4 * L * L * hq * d * (0.5 if causal else 1.0)
+    llm = tc.num_hidden_layers * (linear + attention) + 2 * H * tc.vocab_size
+
+    kw = config.dcal_kwargs()
+    dq, dh, dkv = kw["head_dim"], kw["num_heads"], kw["num_kv_heads"]
+    keys = frames * N
+    Dk = config.dcal_vision_size
+    text = L - P
+
+    def branch(queries: int, attended_pairs: int) -> float:
+        return (2 * queries * H * dh * dq * 2          # q_proj and o_proj
+                + 2 * keys * Dk * dkv * dq * 2         # k_proj and v_proj over every vision token
+                + 4 * attended_pairs * dh * dq)        # QKᵀ and PV
+
+    per_dcal = 0.0
+    if config.dcal_v2v:
+        pairs = P * (N if config.dcal_v2v_scope == "frame" else keys)
+        per_dcal += branch(P, pairs)
+    if config.dcal_t2v and config.dcal_t2v_enabled:
+        per_dcal += branch(text, text * keys)
+    if config.dcal_share_kv and config.dcal_v2v and config.dcal_t2v and config.dcal_t2v_enabled:
+        per_dcal -= 2 * keys * Dk * dkv * dq * 2      # one K/V projection serves both branches
+    dcal = len(config.dcal_layer_indices) * per_dcal
+    return dict(vision=vision, projector=projector, llm=llm, dcal=dcal,
+                total=vision + projector + llm + dcal)
+
+
+def flop_check(preset: str, variant: str, *, device="cpu", dtype=torch.float32,
+               frames: int = 4) -> dict:
+    """:func:`prefill_flops` of a prefill from encoder tokens against the count of
+    ``torch.utils.flop_counter.FlopCounterMode`` (which counts causal attention in full, so the
+    analytical side does too). The LLM's attention runs eagerly here because the counter does not
+    see every SDPA kernel (the CPU flash kernel, for one)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # The analytical model counts the materialised K/V path (the counter cannot see inside the
+    # projection-fused core either), so the DCALs are pinned to it here.
+    model = build_models(preset, [variant], device=device, dtype=dtype,
+                         dcal_kv_path="materialized")[variant]
+    model.set_attn_implementation("eager")
+    video = synthetic_video(frames, model.config.vision_config.image_size, device=device,
+                            dtype=dtype)
+    ids = video_prompt(model.config, frames, device=device)
+    with torch.no_grad():
+        features, _ = model.get_video_features(video)
+        features = features.reshape(1, frames, *features.shape[1:])
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids, vision_features=features, logits_to_keep=1)
+    parts = prefill_flops(model.config, frames, ids.shape[1], causal=False)
+    analytic = parts["total"] - parts["vision"]
+    counted = counter.get_total_flops()
+    return dict(preset=preset, variant=variant, frames=frames, analytic=analytic, counted=counted,
+                ratio=analytic / counted if counted else float("nan"))
