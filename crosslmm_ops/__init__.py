@@ -57,7 +57,22 @@ from crosslmm_ops.ops.token_pool import (  # noqa: E402
     token_pool_reference,
 )
 
+# The reference model and patch_llava need transformers: imported on first use, so that
+# `import crosslmm_ops` stays light.
+_MODEL_EXPORTS = ("CrossLMMConfig", "CrossLMMForConditionalGeneration", "patch_llava",
+                  "patch_llava_processor")
+
+
+def __getattr__(name: str):
+    if name in _MODEL_EXPORTS:
+        from crosslmm_ops import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'crosslmm_ops' has no attribute {name!r}")
+
+
 __all__ = [
+    *_MODEL_EXPORTS,
     "BACKENDS",
     "CrossAttention",
     "DualCrossAttention",

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <tuple>
 
 namespace crosslmm {
 void token_pool_mix(const at::Tensor& src, at::Tensor& dst, const at::Tensor& row_ptr,
@@ -24,6 +25,11 @@ void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::T
                         const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                         int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
                         bool deterministic);
+std::tuple<at::Tensor, at::Tensor> projected_attention_forward(
+    const at::Tensor& q, const at::Tensor& x, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double softmax_scale, int64_t num_splits);
+std::string attention_forward_kernel_name();
 }  // namespace crosslmm
 
 #ifndef CROSSLMM_CUDA_ARCHS
@@ -44,11 +50,11 @@ namespace {
   throw pybind11::error_already_set();
 }
 
-template <typename... Args>
-auto guarded(void (*fn)(Args...)) {
-  return [fn](Args... args) {
+template <typename R, typename... Args>
+auto guarded(R (*fn)(Args...)) {
+  return [fn](Args... args) -> R {
     try {
-      fn(std::forward<Args>(args)...);
+      return fn(std::forward<Args>(args)...);
     } catch (const c10::Error& e) {
       raise_runtime_error(e.what_without_backtrace());
     } catch (const pybind11::error_already_set&) {
@@ -80,6 +86,9 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("lse"), pybind11::arg("cu_seqlens_q"), pybind11::arg("cu_seqlens_k"),
         pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"),
         pybind11::arg("softmax_scale"), pybind11::arg("num_splits"));
+  m.def("attention_forward_kernel_name", &crosslmm::attention_forward_kernel_name,
+        "Which forward kernel the last attention_forward call on this thread ran: 'sm90_wgmma', "
+        "'mma_sync', or 'none' (nothing to compute).");
   m.def("attention_backward", guarded(&crosslmm::attention_backward),
         "Varlen cross-attention backward: writes dq, dk, dv (always deterministic).",
         pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
@@ -87,4 +96,13 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("dv"), pybind11::arg("cu_seqlens_q"), pybind11::arg("cu_seqlens_k"),
         pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"),
         pybind11::arg("softmax_scale"), pybind11::arg("deterministic"));
+  m.def("projected_attention_forward", guarded(&crosslmm::projected_attention_forward),
+        "Projection-fused attention core (csrc/projected/): per segment and head, "
+        "out = softmax(q x^T * scale) x with q [total_q, H, Dv] and x [total_k, Dv] (keys = values "
+        "= x); returns (out [total_q, H, Dv], lse [H, total_q] fp32, natural log); num_splits 0 = "
+        "heuristic key split.",
+        pybind11::arg("q"), pybind11::arg("x"), pybind11::arg("cu_seqlens_q"),
+        pybind11::arg("cu_seqlens_k"), pybind11::arg("max_seqlen_q"),
+        pybind11::arg("max_seqlen_k"), pybind11::arg("softmax_scale"),
+        pybind11::arg("num_splits"));
 }

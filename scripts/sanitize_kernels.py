@@ -43,4 +43,20 @@ if attention is not None and ext is not None and hasattr(ext, "attention_forward
                 out.backward(torch.randn_like(out))
                 runs += 2
     torch.cuda.synchronize()
+if ext is not None and hasattr(ext, "projected_attention_forward"):
+    # The projection-fused attention core (csrc/projected/), called directly: 16- and 32-row tiles
+    # (1 and 3 queries x 12 heads), Dv with idle warps and a half k-step (64, 200) and the large-Dv
+    # bucket (1160), key tails, a segment without keys, one without queries, key splits (3 and the
+    # heuristic), a non-contiguous q.
+    lens_q, lens_k = [1, 3, 0, 2], [37, 100, 5, 0]
+    cu_q = torch.tensor([0, 1, 4, 4, 6], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 37, 137, 142, 142], dtype=torch.int32, device="cuda")
+    for dtype, dv in ((torch.bfloat16, 64), (torch.float16, 200), (torch.bfloat16, 1160)):
+        x = torch.randn(sum(lens_k), dv, device="cuda", dtype=dtype)
+        q = torch.randn(sum(lens_q), 12, dv, device="cuda", dtype=dtype)
+        for qq in (q, non_contiguous(q, dim=1)):
+            for splits in (1, 3, 0):
+                ext.projected_attention_forward(qq, x, cu_q, cu_k, 3, 100, 0.1, splits)
+                runs += 2 if splits == 3 else 1  # 3 splits: forward + combine
+    torch.cuda.synchronize()
 print(f"sanitize_kernels: {runs} kernels run")

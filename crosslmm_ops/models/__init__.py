@@ -22,10 +22,12 @@ from crosslmm_ops.models.crosslmm import (
     set_training_stage,
 )
 
-try:  # patch_llava lives beside the reference model (written separately)
-    from crosslmm_ops.models.patching import fix_processor_token_count, patch_llava  # noqa: F401
-except ImportError:  # pragma: no cover - until patching.py exists
-    pass
+from crosslmm_ops.models.patching import (  # noqa: E402
+    CrossLMMPatch,
+    fix_processor_token_count,
+    patch_llava,
+    patch_llava_processor,
+)
 
 
 def _register_auto_classes() -> None:
@@ -47,10 +49,14 @@ __all__ = [
     "CrossLMMConfig",
     "CrossLMMForConditionalGeneration",
     "CrossLMMModel",
+    "CrossLMMPatch",
     "CrossLMMPreTrainedModel",
     "CrossLMMTextModel",
     "DCALInputs",
     "cache_vision_memory",
+    "fix_processor_token_count",
+    "patch_llava",
+    "patch_llava_processor",
     "preset_config",
     "set_training_stage",
 ]

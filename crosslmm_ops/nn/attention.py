@@ -176,6 +176,12 @@ def _unfused_reason(name: str, module: nn.Module, types: tuple) -> str | None:
                 f"{' or '.join(t.__name__ for t in types)}")
     if module._forward_hooks or module._forward_pre_hooks:
         return f"{name} has forward hooks, which the fused path would not run"
+    if hasattr(module, "_hf_hook"):
+        # accelerate's offloading wraps forward() to bring the weights in; they are on the meta
+        # device until then, so only calling the module works.
+        return f"{name} is managed by an accelerate hook (offloaded weights)"
+    if any(p.is_meta for p in module.parameters(recurse=False)):
+        return f"{name} has parameters on the meta device"
     return None
 
 

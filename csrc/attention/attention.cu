@@ -18,6 +18,13 @@
 //
 // The backward is deterministic whatever `deterministic` says: no kernel uses atomics (see
 // attention_bwd_kernel.cuh), so repeated calls give bitwise-equal gradients.
+//
+// Forward kernels: the mma.sync kernel (attention_fwd_kernel.cuh) everywhere, or on an sm_90 GPU
+// the wgmma + TMA kernel (attention_fwd_sm90_kernel.cuh) for head dim 128 and softmax_scale > 0
+// when the environment variable CROSSLMM_ATTENTION_SM90 allows it: "0" never, "1" whenever it can
+// run, "auto" when the query segments are long enough for its 128-row tiles (max_seqlen_q >= 64);
+// unset means kSm90DefaultMode below. attention_forward_kernel_name() says which kernel the last
+// call on this thread ran.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,7 +35,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
+#include <string_view>
 
 #include "attention/attention_params.h"
 #include "common/check.h"
@@ -157,7 +167,63 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 
 int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// ---------------------------------------------------------------------------------------------
+// The Hopper (sm_90a) forward: when to use it and its launch plan.
+// ---------------------------------------------------------------------------------------------
+
+enum class Sm90Mode { kOff, kAuto, kOn };
+// Unset CROSSLMM_ATTENTION_SM90: kAuto (the kernel passed tests/test_attention_sm90.py, the cuda
+// tests and compute-sanitizer on an H100; "0" turns it off, e.g. to compare with mma.sync).
+constexpr Sm90Mode kSm90DefaultMode = Sm90Mode::kAuto;
+// kAuto: the 128-row tiles of the sm90 kernel hold one query head each (no GQA packing), so short
+// query segments (decode, 9 queries per frame) stay on the packed mma.sync kernel.
+constexpr int64_t kSm90AutoMinSeqlenQ = 64;
+
+Sm90Mode sm90_mode(const char* op) {
+  const char* env = std::getenv("CROSSLMM_ATTENTION_SM90");
+  if (env == nullptr || env[0] == '\0') return kSm90DefaultMode;
+  const std::string_view value(env);
+  if (value == "0") return Sm90Mode::kOff;
+  if (value == "1") return Sm90Mode::kOn;
+  if (value == "auto") return Sm90Mode::kAuto;
+  TORCH_CHECK(false, op, ": CROSSLMM_ATTENTION_SM90 must be 0, 1 or auto, got '", value, "'");
+  return Sm90Mode::kOff;
+}
+
+bool device_is_sm90(int device) {
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
+}
+
+// Key splits for the sm90 kernel (num_splits == 0): the count that minimises a simple time model
+// in units of one CTA's work on one 128-key tile (about 2 us on an H100): full waves of
+// ceil(key_tiles / s) + 1 tiles each (the + 1: loading Q, the epilogue), plus for s > 1 the fp32
+// partial results written and merged (128 KB per CTA and split at ~3 TB/s, ~0.02 tile) and the
+// combine launch (~1.5 tiles). Wave quantisation matters here: V2V at T = 128 is 108 CTAs of
+// 729 key tiles, one wave 82% full on 132 multiprocessors; 6 splits give 648 CTAs in 4.9 waves.
+int64_t sm90_key_splits(int64_t ctas, int64_t key_tiles, int64_t sms) {
+  const int64_t max_splits = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, key_tiles / 2));
+  int64_t best = 1;
+  double best_cost = 0.0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const double waves = static_cast<double>(ceil_div64(ctas * s, sms));
+    double cost = waves * static_cast<double>(ceil_div64(key_tiles, s) + 1);
+    if (s > 1) cost += 1.5 + 0.0225 * static_cast<double>(ctas * s);
+    if (s == 1 || cost < best_cost * 0.98) {  // a new split count must win by 2%
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+thread_local const char* last_forward_kernel = "none";
+
 }  // namespace
+
+std::string attention_forward_kernel_name() { return last_forward_kernel; }
 
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        at::Tensor& out, at::Tensor& lse, const at::Tensor& cu_seqlens_q,
@@ -176,10 +242,77 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   // A bound larger than the whole packed dimension is allowed (as in flash-attn) but means no more.
   max_seqlen_q = std::min(max_seqlen_q, total_q);
   max_seqlen_k = std::min(max_seqlen_k, total_k);
+  last_forward_kernel = "none";
   if (batch == 0 || total_q == 0 || max_seqlen_q == 0) return;  // no query rows to write
 
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  // Hopper: wgmma + TMA kernel, one query head per 128-row CTA. It returns false (launching
+  // nothing) when TMA cannot describe the tensors; the mma.sync kernel below then runs.
+  // (Its softmax takes the row max of the unscaled scores, which needs a positive scale.)
+  const float scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  if (attention::attention_forward_sm90_compiled() && head_dim == 128 && scale_log2 > 0.f &&
+      std::isfinite(scale_log2)) {
+    const Sm90Mode mode = sm90_mode(op);
+    if ((mode == Sm90Mode::kOn ||
+         (mode == Sm90Mode::kAuto && max_seqlen_q >= kSm90AutoMinSeqlenQ)) &&
+        device_is_sm90(q.get_device())) {
+      const int64_t m_blocks = ceil_div64(max_seqlen_q, attention::kSm90BlockM);
+      const int64_t ctas = m_blocks * heads_q * batch;
+      const int64_t key_tiles = ceil_div64(max_seqlen_k, attention::kSm90BlockN);
+      const int64_t splits =
+          num_splits == 0
+              ? sm90_key_splits(ctas, key_tiles, multiprocessor_count())
+              : std::min({num_splits, std::max<int64_t>(1, key_tiles), kMaxSplits});
+      at::Tensor out_partial, lse_partial;
+      if (splits > 1) {
+        const auto f32 = q.options().dtype(at::kFloat);
+        out_partial = at::empty({splits, heads_q, total_q, head_dim}, f32);
+        lse_partial = at::empty({splits, heads_q, total_q}, f32);
+      }
+      AttentionForwardParams p{};
+      p.q = q.data_ptr();
+      p.k = k.data_ptr();
+      p.v = v.data_ptr();
+      p.out = out.data_ptr();
+      p.lse = lse.data_ptr<float>();
+      p.out_partial = splits > 1 ? out_partial.data_ptr<float>() : nullptr;
+      p.lse_partial = splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
+      p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+      p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+      p.q_token_stride = q.stride(0);
+      p.q_head_stride = q.stride(1);
+      p.k_token_stride = k.stride(0);
+      p.k_head_stride = k.stride(1);
+      p.v_token_stride = v.stride(0);
+      p.v_head_stride = v.stride(1);
+      p.out_token_stride = out.stride(0);
+      p.out_head_stride = out.stride(1);
+      p.batch = static_cast<int>(batch);
+      p.num_heads_q = static_cast<int>(heads_q);
+      p.num_heads_k = static_cast<int>(heads_k);
+      p.total_q = static_cast<int>(total_q);
+      p.total_k = static_cast<int>(total_k);
+      p.rows_per_query = 1;
+      p.head_ctas = static_cast<int>(heads_q);
+      p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+      p.num_m_blocks = static_cast<int>(m_blocks);
+      p.num_splits = static_cast<int>(splits);
+      p.scale_log2 = scale_log2;
+      bool launched = false;
+      if (q.scalar_type() == at::kHalf) {
+        launched = attention::run_attention_forward_sm90<__half, 128>(p, stream);
+      } else {
+        launched = attention::run_attention_forward_sm90<__nv_bfloat16, 128>(p, stream);
+      }
+      if (launched) {
+        last_forward_kernel = "sm90_wgmma";
+        return;
+      }
+    }
+  }
+  last_forward_kernel = "mma_sync";
 
   // GQA packing: the query heads of a group share one CTA (rows = (token, head in group) pairs), so
   // K/V are read once per group and short query sets (decode, 9 queries per frame) fill the tile.

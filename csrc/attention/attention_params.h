@@ -103,5 +103,30 @@ void run_attention_backward(const AttentionBackwardParams& p, cudaStream_t strea
 // Query rows per dQ-kernel CTA and per dK/dV-kernel inner step (fixed, not a heuristic).
 constexpr int kBackwardBlockM = 64;
 
+// Hopper (sm_90a) forward, wgmma + TMA (attention_fwd_sm90_kernel.cuh), implemented once per T in
+// attention_fwd_sm90_<dtype>_hd128.cu for head dim 128. Takes the same parameters as
+// run_attention_forward with one query head per CTA (rows_per_query = 1, head_ctas = num_heads_q),
+// kSm90BlockM rows per CTA (num_m_blocks counted with it) and key splits over kSm90BlockN-key tiles
+// (out_partial / lse_partial when num_splits > 1; the mma.sync combine kernel merges them).
+// Returns false, having launched nothing, when the tensors cannot be described by TMA tensor maps
+// (the caller then runs the mma.sync kernel); throws (c10::Error) when a launch fails. The caller
+// must have checked that the device is sm_90 and the build has sm_90a code
+// (attention_forward_sm90_compiled()), and that softmax_scale > 0.
+constexpr int kSm90BlockM = 128;
+constexpr int kSm90BlockN = 128;
+
+template <typename T, int kHeadDim>
+bool run_attention_forward_sm90(const AttentionForwardParams& p, cudaStream_t stream);
+
+// Whether this build holds sm_90a code for the kernel above (CROSSLMM_CUDA_ARCHS names 90a).
+constexpr bool attention_forward_sm90_compiled() {
+#ifdef CROSSLMM_CUDA_ARCHS
+  for (const char* a = CROSSLMM_CUDA_ARCHS; a[0] != '\0'; ++a) {
+    if (a[0] == '9' && a[1] == '0' && a[2] == 'a') return true;
+  }
+#endif
+  return false;
+}
+
 }  // namespace attention
 }  // namespace crosslmm

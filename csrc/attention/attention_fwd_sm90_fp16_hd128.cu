@@ -1,0 +1,9 @@
+// Hopper (sm_90a) attention forward for __half, head dim 128 (one file per instantiation so builds
+// parallelise). Other targets of the same build compile an empty kernel that is never launched.
+#include "attention/attention_fwd_sm90_launch.cuh"
+
+namespace crosslmm {
+namespace attention {
+template bool run_attention_forward_sm90<__half, 128>(const AttentionForwardParams&, cudaStream_t);
+}  // namespace attention
+}  // namespace crosslmm

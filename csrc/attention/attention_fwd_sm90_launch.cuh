@@ -1,0 +1,136 @@
+// Host side of the Hopper (sm_90a) attention forward: TMA tensor maps and the launch. Included by
+// the per-dtype attention_fwd_sm90_<dtype>_hd128.cu files that instantiate it.
+//
+// The tensor maps are built with the driver's cuTensorMapEncodeTiled, reached through the runtime
+// (cudaGetDriverEntryPoint*), so the extension does not link libcuda. Each map is 3-D over a
+// [tokens, heads, head_dim] tensor with its own strides (innermost first: channel, head, token), so
+// the head is a coordinate and strided views (slices of a fused qkv tensor) are read in place; the
+// box is 64 channels x 1 head x 128 tokens in the 128-byte swizzle.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "attention/attention_fwd_kernel.cuh"  // the split-KV combine kernel
+#include "attention/attention_fwd_sm90_kernel.cuh"
+#include "attention/attention_params.h"
+#include "common/check.h"
+
+namespace crosslmm {
+namespace attention {
+namespace sm90_host {
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled from the driver, or nullptr when the driver does not provide it.
+inline EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = []() -> EncodeTiledFn {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
+                                                             cudaEnableDefault, &status);
+#else
+    const cudaError_t err =
+        cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &status);
+#endif
+    if (err != cudaSuccess || status != cudaDriverEntryPointSuccess || ptr == nullptr) {
+      (void)cudaGetLastError();  // not sticky, but leave no error behind for the next check
+      return nullptr;
+    }
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+// A [tokens, heads, kHeadDim] tensor of T (channel stride 1, other strides in elements) as a TMA
+// map with boxes of 64 channels x 1 head x box_rows tokens. False when TMA cannot describe it
+// (strides not multiples of 16 bytes or too large, base not 16-byte aligned, no tokens).
+template <typename T, int kHeadDim>
+bool encode_token_map(CUtensorMap* map, const void* ptr, int64_t tokens, int64_t heads,
+                      int64_t token_stride, int64_t head_stride, int box_rows) {
+  const EncodeTiledFn encode = encode_tiled();
+  if (encode == nullptr || tokens <= 0 || heads <= 0) return false;
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  constexpr int64_t kElem = static_cast<int64_t>(sizeof(T));
+  // A dimension of size 1 is never stepped along, so its stride is free: give it a valid one.
+  const int64_t head_bytes = heads > 1 ? head_stride * kElem : kHeadDim * kElem;
+  const int64_t token_bytes = tokens > 1 ? token_stride * kElem : heads * kHeadDim * kElem;
+  for (const int64_t bytes : {head_bytes, token_bytes}) {
+    if (bytes <= 0 || bytes % 16 != 0 || bytes >= (int64_t{1} << 40)) return false;
+  }
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(kHeadDim), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(tokens)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_bytes),
+                                 static_cast<cuuint64_t>(token_bytes)};
+  const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType dtype = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                              : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUresult res = encode(map, dtype, 3, const_cast<void*>(ptr), dims, strides, box,
+                              element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS;
+}
+
+}  // namespace sm90_host
+
+constexpr int kSm90Stages = 2;
+
+template <typename T, int kHeadDim>
+bool run_attention_forward_sm90(const AttentionForwardParams& p, cudaStream_t stream) {
+  static_assert(kHeadDim == 128, "the sm90 forward is instantiated for head dim 128 only");
+  using Cfg = Sm90ForwardConfig<kHeadDim, kSm90Stages>;
+  if (p.num_m_blocks == 0 || p.batch == 0) return true;  // nothing to write
+  TORCH_CHECK(p.rows_per_query == 1 && p.head_ctas == p.num_heads_q,
+              "attention_forward (sm90): one query head per CTA expected");
+  TORCH_CHECK(p.scale_log2 > 0.f, "attention_forward (sm90): softmax_scale must be > 0");
+
+  CUtensorMap map_q, map_k, map_v;
+  if (!sm90_host::encode_token_map<T, kHeadDim>(&map_q, p.q, p.total_q, p.num_heads_q,
+                                                p.q_token_stride, p.q_head_stride,
+                                                Cfg::kBlockM) ||
+      !sm90_host::encode_token_map<T, kHeadDim>(&map_k, p.k, p.total_k, p.num_heads_k,
+                                                p.k_token_stride, p.k_head_stride,
+                                                Cfg::kBlockN) ||
+      !sm90_host::encode_token_map<T, kHeadDim>(&map_v, p.v, p.total_k, p.num_heads_k,
+                                                p.v_token_stride, p.v_head_stride,
+                                                Cfg::kBlockN)) {
+    return false;
+  }
+
+  auto kernel = attention_forward_sm90_kernel<T, kHeadDim, kSm90Stages>;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  const int64_t ctas =
+      static_cast<int64_t>(p.num_m_blocks) * p.num_heads_q * p.batch * p.num_splits;
+  TORCH_CHECK(ctas <= 0x7fffffff, "attention_forward: grid too large (", ctas, " CTAs)");
+  kernel<<<static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, map_q, map_k,
+                                                                                   map_v);
+  CROSSLMM_CHECK_LAUNCH();
+
+  if (p.num_splits > 1) {
+    const int64_t token_tiles =
+        (static_cast<int64_t>(p.max_seqlen_q) + kCombineWarps - 1) / kCombineWarps;
+    const int64_t combine_ctas = token_tiles * p.num_heads_q * p.batch;
+    TORCH_CHECK(combine_ctas <= 0x7fffffff, "attention_forward: combine grid too large (",
+                combine_ctas, " CTAs)");
+    attention_forward_combine_kernel<T, kHeadDim>
+        <<<static_cast<unsigned>(combine_ctas), 32 * kCombineWarps, 0, stream>>>(
+            p, static_cast<int>(token_tiles));
+    CROSSLMM_CHECK_LAUNCH();
+  }
+  return true;
+}
+
+}  // namespace attention
+}  // namespace crosslmm

@@ -1,0 +1,287 @@
+// Host entry of the projection-fused attention core: argument checks, the launch plan (Dv bucket,
+// row tile height, pipeline depth, key splits), scratch, and dispatch to the per-(dtype, Dv bucket)
+// kernel files.
+//
+//   projected_attention_forward(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+//                               softmax_scale, num_splits) -> (out, lse)
+//
+// For every segment b (queries cu_seqlens_q[b] .. cu_seqlens_q[b+1], keys cu_seqlens_k[b] ..
+// cu_seqlens_k[b+1]) and head h:
+//
+//   out[i, h] = softmax_j(q[i, h] . x[j] * softmax_scale) x[j]       lse[h, i] = log sum_j exp(...)
+//
+// i.e. cross_attention(q, x[:, None], x[:, None]) with head dim Dv: multi-query attention whose
+// keys and values are the same tensor (DESIGN.md, "Projection-fused attention").
+//
+// q: [total_q, H, Dv] fp16/bf16, channel stride 1, any token/head strides; x: [total_k, Dv], same
+// dtype, channel stride 1, any token stride (strides that are not multiples of 8 elements, or a
+// base that is not 16-byte aligned, cost one copy: the kernel moves 16 bytes at a time). Dv a
+// multiple of 8, at most 2048. cu_seqlens_*: int32 [B + 1] on q's device. out: new, contiguous,
+// q's dtype; lse: new, fp32 [H, total_q], natural log. A segment without keys gives out = 0 and
+// lse = -inf; a segment without queries is skipped; query tokens outside every segment are left
+// unwritten. max_seqlen_q / max_seqlen_k are trusted bounds on the segment lengths, as in
+// flash-attn (a longer segment is not fully computed; the Python layer computes them).
+// num_splits: 0 = heuristic, else that many key splits per segment (at most 256).
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "common/check.h"
+#include "projected/projected_params.h"
+
+namespace crosslmm {
+namespace {
+
+using projected::kBlockN;
+using projected::kDvLarge;
+using projected::kDvSmall;
+using projected::kMaxSplits;
+using projected::kMaxStages;
+using projected::kMinStages;
+using projected::kWarps;
+using projected::ProjectedForwardParams;
+using projected::ProjectedTile;
+
+constexpr const char* kOp = "projected_attention_forward";
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+// Split heuristic: a split keeps at least this many key tiles, and costs about this many key tiles
+// of fixed work (loading Q, filling the pipeline, writing and merging its partial result).
+constexpr int64_t kMinTilesPerSplit = 4;
+constexpr int64_t kSplitOverheadTiles = 3;
+
+int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Calls fn.template operator()<T, kDvMax>() for the dtype and Dv bucket.
+template <typename Fn>
+void dispatch_dtype_dv(at::ScalarType dtype, int dv_max, Fn&& fn) {
+  if (dtype == at::kHalf) {
+    if (dv_max == kDvSmall) return fn.template operator()<__half, kDvSmall>();
+    if (dv_max == kDvLarge) return fn.template operator()<__half, kDvLarge>();
+  } else if (dtype == at::kBFloat16) {
+    if (dv_max == kDvSmall) return fn.template operator()<__nv_bfloat16, kDvSmall>();
+    if (dv_max == kDvLarge) return fn.template operator()<__nv_bfloat16, kDvLarge>();
+  }
+  TORCH_CHECK(false, kOp, ": unsupported dtype ", dtype, " / Dv bucket ", dv_max);
+}
+
+int fixed_smem_bytes(int dv_max, int m_tiles) {
+  if (dv_max == kDvSmall) {
+    return m_tiles == 2 ? ProjectedTile<kDvSmall, 2>::kFixedBytes
+                        : ProjectedTile<kDvSmall, 1>::kFixedBytes;
+  }
+  return ProjectedTile<kDvLarge, 1>::kFixedBytes;
+}
+
+int stage_smem_bytes(int dv_max) {
+  return dv_max == kDvSmall ? ProjectedTile<kDvSmall, 1>::kStageBytes
+                            : ProjectedTile<kDvLarge, 1>::kStageBytes;
+}
+
+// x tiles that fit in the shared memory a CTA may use, at most kMaxStages (0 when fewer than
+// kMinStages fit).
+int stages_that_fit(int dv_max, int m_tiles, int smem_limit) {
+  const int stages =
+      std::min<int>(kMaxStages, (smem_limit - fixed_smem_bytes(dv_max, m_tiles)) /
+                                    stage_smem_bytes(dv_max));
+  return stages >= kMinStages ? stages : 0;
+}
+
+int max_smem_per_block() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
+
+// True when the kernel can read t in place: the 16-byte loads need every stride of a dimension of
+// size > 1 (other than the channels) to be a multiple of 8 elements and a 16-byte aligned base.
+bool loads_16_byte_aligned(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  }
+  return true;
+}
+
+void check_cu_seqlens(const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), kOp, ": ", name, " must be on ", q.device(),
+              " like q, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kInt, kOp, ": ", name, " must have dtype int32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.numel() >= 1, kOp, ": ", name,
+              " must be 1-D with batch + 1 entries, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
+}
+
+// Key splits per segment. With num_splits = 0: the number that minimises the estimated time,
+// waves(s) * (key tiles per split + fixed cost per split), where waves(s) = ceil(ctas * s / wave):
+// one split when the row tiles already fill the GPU, about one CTA per SM per sequence for decode
+// (a batch-1 decode step at T = 256 frames runs 132 splits of ~88 tiles on 132 SMs).
+int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t key_tiles, int64_t wave) {
+  if (num_splits > 0) {
+    return std::min<int64_t>({num_splits, std::max<int64_t>(1, key_tiles), kMaxSplits});
+  }
+  const int64_t max_splits =
+      std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, key_tiles / kMinTilesPerSplit));
+  int64_t best = 1;
+  double best_cost = -1.0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const double waves = static_cast<double>(ceil_div64(ctas * s, wave));
+    const double cost = waves * static_cast<double>(ceil_div64(key_tiles, s) + kSplitOverheadTiles);
+    if (best_cost < 0 || cost < best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> projected_attention_forward(
+    const at::Tensor& q, const at::Tensor& x, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double softmax_scale, int64_t num_splits) {
+  // ---- checks -------------------------------------------------------------------------------
+  CROSSLMM_CHECK_CUDA(q);
+  CROSSLMM_CHECK_CUDA(x);
+  CROSSLMM_CHECK_SAME_DEVICE(q, x);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
+              ": q must have dtype float16 or bfloat16, got ", q.scalar_type());
+  CROSSLMM_CHECK_DTYPE(x, q.scalar_type());
+  CROSSLMM_CHECK_DIM(q, 3);
+  CROSSLMM_CHECK_DIM(x, 2);
+  const int64_t total_q = q.size(0), heads = q.size(1), dv = q.size(2);
+  const int64_t total_k = x.size(0);
+  TORCH_CHECK(x.size(1) == dv, kOp, ": x must have q's width Dv = q.size(2) = ", dv,
+              " in its last dimension, got x of shape ", x.sizes());
+  TORCH_CHECK(dv > 0 && dv % 8 == 0 && dv <= kDvLarge, kOp,
+              ": Dv (q.size(2)) must be a positive multiple of 8 and at most ", kDvLarge, ", got ",
+              dv);
+  TORCH_CHECK(heads >= 1, kOp, ": q must have at least one head (q.size(1)), got shape ",
+              q.sizes());
+  TORCH_CHECK(q.stride(2) == 1, kOp,
+              ": q must have channel (last-dim) stride 1, got strides ", q.strides());
+  TORCH_CHECK(x.stride(1) == 1, kOp,
+              ": x must have channel (last-dim) stride 1, got strides ", x.strides());
+  check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q);
+  check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q);
+  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(), kOp,
+              ": cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got ",
+              cu_seqlens_q.numel(), " and ", cu_seqlens_k.numel());
+  TORCH_CHECK(total_q * heads <= kInt32Max && total_k <= kInt32Max, kOp,
+              ": too many rows (total_q * num_heads = ", total_q * heads, ", total_k = ", total_k,
+              "; at most 2^31 - 1 each)");
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, kOp,
+              ": max_seqlen_q and max_seqlen_k must be >= 0, got ", max_seqlen_q, " and ",
+              max_seqlen_k);
+  TORCH_CHECK(std::isfinite(softmax_scale), kOp, ": softmax_scale must be finite, got ",
+              softmax_scale);
+  TORCH_CHECK(num_splits >= 0, kOp, ": num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({total_q, heads, dv}, q.options());
+  at::Tensor lse = at::empty({heads, total_q}, q.options().dtype(at::kFloat));
+  const int64_t batch = cu_seqlens_q.numel() - 1;
+  // A bound larger than the whole packed dimension is allowed (as in flash-attn) but means no more.
+  max_seqlen_q = std::min(max_seqlen_q, total_q);
+  max_seqlen_k = std::min(max_seqlen_k, total_k);
+  if (batch == 0 || total_q == 0 || max_seqlen_q == 0) return {out, lse};  // no rows to write
+
+  // Strides the 16-byte loads cannot follow: one contiguous copy (the common callers pass
+  // contiguous tensors, and slices at multiples of 8 elements are read in place).
+  const at::Tensor q_read = loads_16_byte_aligned(q) ? q : q.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor x_read = loads_16_byte_aligned(x) ? x : x.clone(at::MemoryFormat::Contiguous);
+
+  // ---- launch plan --------------------------------------------------------------------------
+  // Dv bucket and column split: round_up(Dv, 16) columns spread evenly over the 8 warps in whole
+  // 16-column k-steps (1152 -> 144 per warp; 200 -> 32 per warp, 7 warps busy).
+  const int dv_max = dv <= kDvSmall ? kDvSmall : kDvLarge;
+  const int64_t dv16 = ceil_div64(dv, 16) * 16;
+  const int64_t cols_per_warp = ceil_div64(ceil_div64(dv16, kWarps), 16) * 16;
+  const int64_t active_warps = ceil_div64(dv16, cols_per_warp);
+
+  // Row tile: one m16 tile when a segment has at most 16 rows (decode: 1 token x 12 heads), else
+  // two (32 rows: half the re-reads of each frame's x against 16-row tiles) where the registers
+  // (Dv <= 1152) and this GPU's shared memory allow.
+  const int smem_limit = max_smem_per_block();
+  const int64_t rows = max_seqlen_q * heads;
+  int m_tiles = 1;
+  int stages = stages_that_fit(dv_max, 1, smem_limit);
+  if (rows > 16 && dv_max == kDvSmall) {
+    const int stages2 = stages_that_fit(dv_max, 2, smem_limit);
+    if (stages2 > 0) {
+      m_tiles = 2;
+      stages = stages2;
+    }
+  }
+  TORCH_CHECK(stages > 0, kOp, ": Dv = ", dv, " needs ",
+              ProjectedTile<kDvLarge, 1>::smem_bytes(kMinStages),
+              " bytes of shared memory per block, this GPU allows ", smem_limit,
+              " (Dv <= ", kDvSmall, " needs ", ProjectedTile<kDvSmall, 1>::smem_bytes(kMinStages),
+              ")");
+  const int64_t num_m_blocks = ceil_div64(rows, 16 * m_tiles);
+
+  const int64_t key_tiles = ceil_div64(max_seqlen_k, kBlockN);
+  int ctas_per_sm = 1;
+  if (num_splits == 0) {
+    dispatch_dtype_dv(q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
+      ctas_per_sm = projected::projected_forward_ctas_per_sm<T, kDvMax>(m_tiles, stages);
+    });
+  }
+  const int64_t wave = static_cast<int64_t>(multiprocessor_count()) * ctas_per_sm;
+  const int64_t splits = choose_splits(num_splits, num_m_blocks * batch, key_tiles, wave);
+  TORCH_CHECK(num_m_blocks * batch * splits <= kInt32Max, kOp, ": grid too large (",
+              num_m_blocks * batch * splits, " CTAs)");
+
+  at::Tensor out_partial, lse_partial;
+  if (splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    out_partial = at::empty({splits, total_q * heads, dv}, f32);
+    lse_partial = at::empty({splits, total_q * heads}, f32);
+  }
+
+  ProjectedForwardParams p{};
+  p.q = q_read.data_ptr();
+  p.x = x_read.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.out_partial = splits > 1 ? out_partial.data_ptr<float>() : nullptr;
+  p.lse_partial = splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.q_token_stride = q_read.stride(0);
+  p.q_head_stride = q_read.stride(1);
+  p.x_token_stride = x_read.stride(0);
+  p.batch = static_cast<int>(batch);  // <= the grid size, checked above
+  p.num_heads = static_cast<int>(heads);
+  p.head_dim = static_cast<int>(dv);
+  p.total_q = static_cast<int>(total_q);
+  p.total_k = static_cast<int>(total_k);
+  p.cols_per_warp = static_cast<int>(cols_per_warp);
+  p.active_warps = static_cast<int>(active_warps);
+  p.stages = stages;
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.num_m_blocks = static_cast<int>(num_m_blocks);
+  p.num_splits = static_cast<int>(splits);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype_dv(q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
+    projected::run_projected_forward<T, kDvMax>(p, m_tiles, stream);
+  });
+  return {out, lse};
+}
+
+}  // namespace crosslmm

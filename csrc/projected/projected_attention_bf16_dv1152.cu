@@ -1,0 +1,11 @@
+// Projection-fused attention forward for __nv_bfloat16, Dv bucket 1152 (one file per
+// instantiation so builds parallelise).
+#include "projected/projected_attention_launch.cuh"
+
+namespace crosslmm {
+namespace projected {
+template void run_projected_forward<__nv_bfloat16, 1152>(const ProjectedForwardParams&, int,
+                                                       cudaStream_t);
+template int projected_forward_ctas_per_sm<__nv_bfloat16, 1152>(int, int);
+}  // namespace projected
+}  // namespace crosslmm

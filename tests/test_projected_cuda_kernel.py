@@ -1,0 +1,450 @@
+"""The CUDA kernel of the projection-fused attention core (csrc/projected/), called directly through
+``crosslmm_ops._C.projected_attention_forward(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+max_seqlen_k, softmax_scale, num_splits) -> (out, lse)``, against a float64 PyTorch reference of
+``softmax(q x^T * scale) x`` written here, segment by segment and head by head.
+
+Error bounds follow flash-attn's tests (as tests/test_attention_cuda_kernel.py): the max error of
+the kernel against the float64 reference is at most 2x the max error of plain PyTorch computing the
+same thing in the kernel's low precision, plus a rounding-sized floor. The binding allocates its
+outputs, so they cannot be pre-filled with NaN; instead the caching allocator is handed freshly
+freed NaN-filled blocks of the outputs' sizes just before each call (``poison_allocator``), and
+every comparison covers every element, with inputs that differ from call to call, so stale values
+of an earlier call cannot pass for a result.
+
+Every test needs a GPU and an extension built with ``projected_attention_forward``.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from crosslmm_ops import _backend
+
+
+def _extension():
+    ext = _backend.extension()
+    return ext if ext is not None and hasattr(ext, "projected_attention_forward") else None
+
+
+_needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or _extension() is None,
+    reason="needs a CUDA GPU and crosslmm_ops._C built with projected_attention_forward",
+)
+
+
+def gpu(test):
+    """Marks a test `cuda` and skips it without a GPU or without the binding."""
+    return pytest.mark.cuda(_needs_gpu(test))
+
+DTYPES = [torch.bfloat16, torch.float16]
+DTYPE_IDS = ["bf16", "fp16"]
+HQ = 12          # CrossLMM-2B: 12 query heads
+DV = 1152        # SigLIP width
+SCALE = 128 ** -0.5  # the softmax scale of the original head dim (d = 128), not Dv's
+FRAME = 729      # SigLIP tokens per frame
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def cu_seqlens(lengths) -> torch.Tensor:
+    bounds = [0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()
+    return torch.tensor(bounds, dtype=torch.int32, device="cuda")
+
+
+def make_inputs(lens_q, lens_k, heads, dv, dtype):
+    q = torch.randn(sum(lens_q), heads, dv, device="cuda", dtype=dtype)
+    x = torch.randn(sum(lens_k), dv, device="cuda", dtype=dtype)
+    return q, x, cu_seqlens(lens_q), cu_seqlens(lens_k)
+
+
+def max_seqlen(cu: torch.Tensor) -> int:
+    return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
+
+
+def poison_allocator(*shapes_dtypes) -> None:
+    """Put NaN-filled blocks of the given sizes into the caching allocator's free lists, so the
+    binding's next allocations of those sizes most likely receive NaN memory (best effort: the
+    allocator may pick another free block of the same size)."""
+    blocks = [torch.full(shape, math.nan, device="cuda", dtype=dtype)
+              for shape, dtype in shapes_dtypes]
+    del blocks
+
+
+def run(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, max_q=None, max_k=None):
+    """The kernel, with NaN-poisoned memory offered for its outputs; returns (out, lse)."""
+    total_q, heads, dv = q.shape
+    # (The fp32 split scratch is not poisoned here: compute-sanitizer's initcheck covers it, see
+    # scripts/sanitize_kernels.py.)
+    poison_allocator(((total_q, heads, dv), q.dtype), ((heads, total_q), torch.float32))
+    max_q = max_seqlen(cu_q) if max_q is None else max_q
+    max_k = max_seqlen(cu_k) if max_k is None else max_k
+    out, lse = _extension().projected_attention_forward(q, x, cu_q, cu_k, max_q, max_k, scale,
+                                                        num_splits)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), (
+        f"out: shape {tuple(out.shape)} dtype {out.dtype}, expected {tuple(q.shape)} {q.dtype}")
+    assert lse.shape == (heads, total_q) and lse.dtype == torch.float32, (
+        f"lse: shape {tuple(lse.shape)} dtype {lse.dtype}, expected {(heads, total_q)} float32")
+    return out, lse
+
+
+def reference(q, x, cu_q, cu_k, scale, dtype):
+    """softmax(q x^T * scale) x per segment and head, computed in ``dtype`` (float64 for the
+    reference, q's dtype for "plain PyTorch in low precision"): (out [total_q, H, Dv] in dtype,
+    lse [H, total_q] in float64). A segment without keys gives out = 0, lse = -inf."""
+    total_q, heads, dv = q.shape
+    out = torch.zeros(total_q, heads, dv, device=q.device, dtype=dtype)
+    lse = torch.full((heads, total_q), -math.inf, device=q.device, dtype=torch.float64)
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(bq) - 1):
+        qi = q[bq[b]:bq[b + 1]].to(dtype)  # [n, H, Dv]
+        xi = x[bk[b]:bk[b + 1]].to(dtype)  # [m, Dv]
+        if qi.shape[0] == 0 or xi.shape[0] == 0:
+            continue
+        # Long key sets (decode at T = 256: 186,624 keys) in query blocks keep memory bounded.
+        for i in range(0, qi.shape[0], 64):
+            qb = qi[i:i + 64]
+            s = torch.einsum("qhd,kd->qhk", qb, xi) * scale
+            lse[:, bq[b] + i:bq[b] + i + qb.shape[0]] = torch.logsumexp(s.double(), -1).T
+            out[bq[b] + i:bq[b] + i + qb.shape[0]] = torch.einsum("qhk,kd->qhd",
+                                                                 torch.softmax(s, -1), xi)
+    return out, lse
+
+
+def rounding(x: torch.Tensor, dtype) -> float:
+    """flash-attn's atol: the rounding error of x's magnitude in dtype, and a fraction of an ulp."""
+    x = x.detach().to(dtype)
+    err = (x + 0.3 - 0.3).double() - x.double()
+    return 2 * (err.abs().max().item() if err.numel() else 0.0) + torch.finfo(dtype).eps / 8 + 1e-6
+
+
+def _describe(where: int, shape, cu_q: torch.Tensor) -> str:
+    """'token t (segment b), head h, channel c' of a flat index into [total_q, H, Dv]."""
+    _, heads, dv = shape
+    token, rest = divmod(where, heads * dv)
+    head, chan = divmod(rest, dv)
+    seg = int(torch.searchsorted(cu_q.cpu(), torch.tensor([token], dtype=torch.int32),
+                                 right=True).item()) - 1
+    return f"token {token} (segment {seg}), head {head}, channel {chan}"
+
+
+def check(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, label=""):
+    """Kernel vs the float64 reference, bounded by plain PyTorch's error in q's dtype. Returns the
+    kernel's (out, lse)."""
+    out, lse = run(q, x, cu_q, cu_k, scale, num_splits)
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        ref_out, ref_lse = reference(q, x, cu_q, cu_k, scale, torch.float64)
+        low_out, low_lse = reference(q, x, cu_q, cu_k, scale, q.dtype)
+    ctx = (f"[{label} q {tuple(q.shape)} {q.dtype}, x {tuple(x.shape)}, segments q "
+           f"{(cu_q[1:] - cu_q[:-1]).tolist()[:12]} k {(cu_k[1:] - cu_k[:-1]).tolist()[:12]}, "
+           f"scale {scale:.4g}, num_splits {num_splits}]")
+
+    nan = torch.isnan(out)
+    assert not nan.any(), (f"{ctx} out has {int(nan.sum())} NaN elements (unwritten?), first at "
+                           f"{_describe(int(nan.flatten().nonzero()[0]), q.shape, cu_q)}")
+    bad_lse = torch.isnan(lse).nonzero()[:5].tolist()
+    assert not bad_lse, f"{ctx} lse has NaN (unwritten?) at (head, token) {bad_lse}"
+    if ref_out.numel():
+        diff = (out.double() - ref_out).abs()
+        err = diff.max().item()
+        bound = 2 * (low_out.double() - ref_out).abs().max().item() + rounding(ref_out, q.dtype)
+        if not err <= bound:
+            where = int(diff.flatten().argmax())
+            raise AssertionError(
+                f"{ctx} out: max error {err:.3e} > bound {bound:.3e} (2x plain PyTorch's error in "
+                f"{q.dtype} + rounding), worst at {_describe(where, q.shape, cu_q)}: kernel "
+                f"{out.flatten()[where].item():.6g}, "
+                f"reference {ref_out.flatten()[where].item():.6g}")
+
+    empty = torch.isneginf(ref_lse)
+    mismatch = torch.isneginf(lse) != empty
+    assert not mismatch.any(), (f"{ctx} lse must be -inf exactly for rows without keys; wrong at "
+                                f"(head, token) {mismatch.nonzero()[:5].tolist()}")
+    if (~empty).any():
+        lse_diff = (lse.double() - ref_lse)[~empty].abs()
+        lse_err = lse_diff.max().item()
+        lse_bound = 2 * (low_lse - ref_lse)[~empty].abs().max().item() + 1e-5
+        assert lse_err <= lse_bound, f"{ctx} lse: max error {lse_err:.3e} > bound {lse_bound:.3e}"
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Odd sizes against the reference
+# ----------------------------------------------------------------------------------------------
+
+# (query tokens, key tokens) per segment: tails of the 16-key tiles (1, 15, 17, 729), rows past the
+# end of a 16- or 32-row tile (12 heads x 3 tokens = 36 rows), one query, more queries than keys.
+VARLEN_Q = [1, 3, 9, 2, 40, 1]
+VARLEN_K = [729, 17, 1, 15, 300, 2000]
+
+
+@pytest.mark.parametrize("dv", [64, 200, 1152, 1160, 2048])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@gpu
+def test_forward_odd_sizes(dtype, dv):
+    """Dv 64 and 200 (fewer than 8 busy warps, 200 % 16 = 8: a half-filled last k-step), 1152
+    (SigLIP), 1160 and 2048 (the large-Dv bucket, 16-row tiles only)."""
+    q, x, cu_q, cu_k = make_inputs(VARLEN_Q, VARLEN_K, HQ, dv, dtype)
+    check(q, x, cu_q, cu_k, label=f"Dv {dv}")
+
+
+@pytest.mark.parametrize("heads", [1, 5, 12, 16])
+@pytest.mark.parametrize("lq", [1, 2, 3, 7])
+@gpu
+def test_forward_rows_per_segment(heads, lq):
+    """Rows per segment = lq * heads from 1 to 112: one 16-row tile, just over it (17..), two
+    32-row tiles and a partial one."""
+    lens_q, lens_k = [lq, lq, lq], [333, 16, 1000]
+    q, x, cu_q, cu_k = make_inputs(lens_q, lens_k, heads, DV, torch.bfloat16)
+    check(q, x, cu_q, cu_k, label=f"{heads} heads x {lq} queries")
+
+
+@pytest.mark.parametrize("scale", [1152 ** -0.5, 1.0, -0.05])
+@gpu
+def test_forward_scales(scale):
+    """A flat softmax (1/sqrt(Dv)), a near one-hot one (logits ~ 30) and a negative scale."""
+    q, x, cu_q, cu_k = make_inputs([1, 9], [5000, 729], HQ, DV, torch.float16)
+    check(q, x, cu_q, cu_k, scale=scale, label=f"scale {scale}")
+
+
+@gpu
+def test_forward_late_maximum():
+    """The largest score of each row lies in the last key tile of a long segment, so the online
+    softmax must rescale everything accumulated before it."""
+    q, x, cu_q, cu_k = make_inputs([1, 2], [4000, 3001], HQ, DV, torch.bfloat16)
+    heads = q[0, :10].float()
+    x[3990:4000] = (8 * heads / heads.norm(dim=-1, keepdim=True)).to(x.dtype)
+    x[-1] = q[-1, 0]
+    check(q, x, cu_q, cu_k, label="late maximum")
+
+
+# ----------------------------------------------------------------------------------------------
+# Key splits
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_splits", [0, 1, 2, 3, 7, 64, 256, 5000])
+@gpu
+def test_num_splits(num_splits):
+    """Explicit splits (clamped to the key tiles and to 256), including more splits than a short
+    segment has tiles (empty splits must merge as nothing)."""
+    q, x, cu_q, cu_k = make_inputs([1, 1, 9, 1], [20000, 40, 729, 1], HQ, DV, torch.bfloat16)
+    check(q, x, cu_q, cu_k, num_splits=num_splits, label="splits")
+
+
+@gpu
+def test_splits_agree():
+    """Any split count computes the same function: results within a few ulps of each other."""
+    q, x, cu_q, cu_k = make_inputs([1, 3], [30000, 7000], HQ, DV, torch.bfloat16)
+    base, base_lse = run(q, x, cu_q, cu_k, num_splits=1)
+    for splits in (2, 5, 33, 0):
+        out, lse = run(q, x, cu_q, cu_k, num_splits=splits)
+        err = (out.float() - base.float()).abs().max().item()
+        ulp = torch.finfo(torch.bfloat16).eps * base.float().abs().max().item()
+        assert err <= 4 * ulp + 1e-3, f"num_splits {splits} vs 1: out differs by {err:.3e}"
+        assert torch.allclose(lse, base_lse, rtol=0, atol=1e-4), (
+            f"num_splits {splits} vs 1: lse differs by {(lse - base_lse).abs().max().item():.3e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Empty segments, non-contiguous inputs, determinism
+# ----------------------------------------------------------------------------------------------
+
+# Segments: ordinary, no queries, no keys, both empty, a tile edge, one query against one key.
+EMPTY_Q = [5, 0, 7, 0, 16, 1]
+EMPTY_K = [100, 50, 0, 0, 32, 1]
+
+
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+@pytest.mark.parametrize("dv", [64, 1152])
+@gpu
+def test_empty_segments(dv, num_splits):
+    q, x, cu_q, cu_k = make_inputs(EMPTY_Q, EMPTY_K, HQ, dv, torch.bfloat16)
+    out, lse = check(q, x, cu_q, cu_k, num_splits=num_splits, label="empty segments")
+    no_keys = slice(sum(EMPTY_Q[:2]), sum(EMPTY_Q[:3]))  # 7 queries without keys
+    assert torch.all(out[no_keys] == 0), "a segment without keys must give out = 0 exactly"
+    assert torch.all(torch.isneginf(lse[:, no_keys])), "a segment without keys must give lse = -inf"
+
+
+@pytest.mark.parametrize("num_splits", [0, 4])
+@gpu
+def test_no_keys_at_all(num_splits):
+    for lens_k in ([0, 0], []):
+        lens_q = [3, 4] if lens_k else []
+        q = torch.randn(sum(lens_q) or 5, HQ, 64, device="cuda", dtype=torch.float16)
+        x = torch.randn(0, 64, device="cuda", dtype=torch.float16)
+        cu_q = cu_seqlens(lens_q if lens_q else [5])
+        cu_k = cu_seqlens(lens_k if lens_k else [0])
+        out, lse = run(q, x, cu_q, cu_k, num_splits=num_splits)
+        assert torch.all(out == 0) and torch.all(torch.isneginf(lse)), "no keys: out 0, lse -inf"
+
+
+@gpu
+def test_no_queries():
+    q = torch.randn(0, HQ, 64, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(30, 64, device="cuda", dtype=torch.bfloat16)
+    out, lse = run(q, x, cu_seqlens([0, 0]), cu_seqlens([10, 20]))
+    assert out.shape == (0, HQ, 64) and lse.shape == (HQ, 0)
+
+
+@pytest.mark.parametrize("num_splits", [0, 3])
+@pytest.mark.parametrize("dv", [200, 1152])
+@gpu
+def test_non_contiguous(dv, num_splits):
+    """q with heads outermost in memory ([H, tokens, Dv] transposed), q at an odd channel offset of
+    a wider tensor (strides not multiples of 8: copied once), x every other row of a buffer: the
+    same bits as contiguous inputs, and correct."""
+    lens_q, lens_k = [9, 1, 40], [729, 3000, 333]
+    tq, tk = sum(lens_q), sum(lens_k)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    x_wide = torch.randn(tk, 2, dv, device="cuda", dtype=torch.bfloat16)
+    x = x_wide[:, 1]
+    q_heads_outer = torch.randn(HQ, tq, dv, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
+    q_odd = torch.randn(tq, HQ, dv + 3, device="cuda", dtype=torch.bfloat16)[..., 3:]
+    assert not (x.is_contiguous() or q_heads_outer.is_contiguous() or q_odd.is_contiguous())
+    for q in (q_heads_outer, q_odd):
+        out, lse = run(q, x, cu_q, cu_k, num_splits=num_splits)
+        out_c, lse_c = run(q.contiguous(), x.contiguous(), cu_q, cu_k, num_splits=num_splits)
+        assert torch.equal(out, out_c), "non-contiguous inputs must give the contiguous bits"
+        assert torch.equal(lse, lse_c)
+        check(q, x, cu_q, cu_k, num_splits=num_splits, label="non-contiguous")
+
+
+@gpu
+def test_deterministic():
+    q, x, cu_q, cu_k = make_inputs([1, 9, 40], [20000, 729, 1000], HQ, DV, torch.bfloat16)
+    first = run(q, x, cu_q, cu_k)
+    for _ in range(2):
+        again = run(q, x, cu_q, cu_k)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), (
+            "repeated calls must give the same bits")
+
+
+@gpu
+def test_loose_max_seqlen():
+    """max_seqlen_q / max_seqlen_k larger than any segment (even than the totals) are allowed."""
+    q, x, cu_q, cu_k = make_inputs([3, 5], [100, 40], HQ, 64, torch.float16)
+    # The split heuristic reads max_seqlen_k, so fix the splits: then the results are bitwise equal.
+    for splits in (1, 3):
+        out, lse = run(q, x, cu_q, cu_k, num_splits=splits, max_q=1000, max_k=10 ** 6)
+        ref, ref_lse = run(q, x, cu_q, cu_k, num_splits=splits)
+        assert torch.equal(out, ref) and torch.equal(lse, ref_lse), splits
+
+
+# ----------------------------------------------------------------------------------------------
+# CrossLMM-2B's shapes (Dv 1152, 12 heads)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("frames", [[256], [32, 64, 5, 128, 1, 200, 97, 256]],
+                         ids=["T256-batch1", "batch8"])
+@gpu
+def test_decode_real_size(frames, dtype):
+    """T2V decode: one query (12 rows) per sequence against all T * 729 tokens of its video."""
+    lens_k = [t * FRAME for t in frames]
+    q, x, cu_q, cu_k = make_inputs([1] * len(frames), lens_k, HQ, DV, dtype)
+    check(q, x, cu_q, cu_k, label="decode")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("frames", [32, 256])
+@gpu
+def test_frame_local_real_size(frames, dtype):
+    """Frame-local V2V: 9 pooled queries (108 rows) per frame against the frame's 729 tokens."""
+    q, x, cu_q, cu_k = make_inputs([9] * frames, [FRAME] * frames, HQ, DV, dtype)
+    check(q, x, cu_q, cu_k, label="frame-local")
+
+
+@gpu
+def test_long_query_prefill():
+    """T2V prefill: 128 text queries (1536 rows) against T = 32 frames of tokens."""
+    q, x, cu_q, cu_k = make_inputs([128], [32 * FRAME], HQ, DV, torch.bfloat16)
+    check(q, x, cu_q, cu_k, label="prefill")
+
+
+@pytest.mark.slow
+@gpu
+def test_long_query_prefill_t256():
+    q, x, cu_q, cu_k = make_inputs([128], [256 * FRAME], HQ, DV, torch.bfloat16)
+    check(q, x, cu_q, cu_k, label="prefill T=256")
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(_backend.extension() is None
+                    or not hasattr(_backend.extension(), "projected_attention_forward"),
+                    reason="crosslmm_ops._C not built with projected_attention_forward")
+def test_binding_rejects_cpu_tensors():
+    """Runs without a GPU (CI): the binding exists, and its first check comes back as a
+    RuntimeError naming the argument (through bindings.cpp's guarded wrapper), not a crash."""
+    q = torch.randn(9, 4, 64, dtype=torch.float16)
+    x = torch.randn(9, 64, dtype=torch.float16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
+        _backend.extension().projected_attention_forward(q, x, cu, cu, 5, 5, 0.125, 0)
+
+
+@gpu
+def test_bad_input_raises():
+    """The checks run in a child process (this file run as a script): a failed check must come
+    back as a RuntimeError naming the argument, and a crash must fail this test rather than end
+    the test session."""
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert "bad input checks: ok" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+def _bad_input_checks():
+    def t(*shape, dtype=torch.float16, device="cuda"):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    def call(**changes):
+        args = dict(q=t(9, 4, 64), x=t(9, 64), cu_seqlens_q=cu_seqlens([4, 5]),
+                    cu_seqlens_k=cu_seqlens([4, 5]), max_seqlen_q=5, max_seqlen_k=5,
+                    softmax_scale=0.125, num_splits=0)
+        args.update(changes)
+        return _extension().projected_attention_forward(**args)
+
+    cases = [
+        (dict(q=t(9, 4, 60), x=t(9, 60)), "multiple of 8"),
+        (dict(q=t(9, 4, 2056), x=t(9, 2056)), "at most 2048"),
+        (dict(x=t(9, 72)), "width Dv"),
+        (dict(x=t(9, 64, dtype=torch.bfloat16)), "x must have dtype"),
+        (dict(q=t(9, 4, 64, dtype=torch.float32), x=t(9, 64, dtype=torch.float32)),
+         "float16 or bfloat16"),
+        (dict(q=t(9, 4, 64, device="cpu")), "q must be a CUDA tensor"),
+        (dict(x=t(9, 64, device="cpu")), "x must be a CUDA tensor"),
+        (dict(x=t(9, 1, 64)), "x must have 2 dimensions"),
+        (dict(q=t(9, 64)), "q must have 3 dimensions"),
+        (dict(q=t(9, 4, 128)[..., ::2]), "channel"),
+        (dict(x=t(9, 128)[:, ::2]), "channel"),
+        (dict(cu_seqlens_q=cu_seqlens([4, 5]).long()), "cu_seqlens_q must have dtype int32"),
+        (dict(cu_seqlens_k=cu_seqlens([4, 5]).cpu()), "cu_seqlens_k must be on"),
+        (dict(cu_seqlens_k=cu_seqlens([4, 2, 3])), "same length"),
+        (dict(num_splits=-1), "num_splits"),
+        (dict(softmax_scale=math.inf), "softmax_scale"),
+        (dict(max_seqlen_k=-1), "max_seqlen"),
+    ]
+    for changes, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call(**changes)
+    out, lse = call()  # and the unchanged call works
+    torch.cuda.synchronize()
+    assert out.shape == (9, 4, 64) and lse.shape == (4, 9)
+
+
+if __name__ == "__main__":  # the child process of test_bad_input_raises
+    _bad_input_checks()
+    print("bad input checks: ok")
