@@ -620,10 +620,10 @@ class CostModel:
       ``x`` is a (T*729) x 1152 x (2*Hk*d) GEMM, as large);
     * ``attention_tflops`` 300: materialised attention on CrossLMM's shapes (PERF.md: SDPA flash
       250-310, cuDNN up to 557, our kernels 126-345 TFLOP/s);
-    * ``fused_tflops`` 200: the fused core, whose tiles are 16 rows (M = 16 tensor-core tiles, keys
-      re-read from L2 by the seven row blocks of a frame). An estimate, not a measurement: the
-      benchmark (benchmarks/bench_projected_attention.py) prints this model's prediction next to
-      the measured times of both paths, the numbers to recalibrate it from;
+    * ``fused_tflops`` 90: the fused core's CUDA kernel as measured on an H100 (bf16,
+      benchmarks/results/projected_attention_h100.json): 82-92 TFLOP/s on frame-local V2V, 112-125
+      on 128-query T2V prefill. Its 16/32-row tiles re-read each frame's keys from L2 and split
+      the Dv reduction across warps, far from cuBLAS's rate;
     * ``bandwidth_tbs`` 2.8: 93% of the measured device copy (2.97-3.02 TB/s).
 
     Per key, the fused core costs ``4 * Dv * Hq * Lq_seg`` FLOPs (``Lq_seg`` queries per key
@@ -637,21 +637,22 @@ class CostModel:
     call (Hk = 2 / Hk = 12)       fused ms    materialised ms  choice
     ============================  ==========  ===============  =========
     T2V decode, 1 query           0.15        0.38 / 2.3       fused
-    V2V frame-local, 9 q/frame    0.52        0.39 / 2.3       materialised / fused
-    T2V prefill, 128 queries      6.6         0.80 / 2.4       materialised
+    V2V frame-local, 9 q/frame    1.15        0.39 / 2.3       materialised / fused
+    T2V prefill, 128 queries      14.7        0.80 / 2.4       materialised
     ============================  ==========  ===============  =========
 
-    Frame-local V2V with 2 KV heads is the close call: the fused core does 93 GFLOP against the
-    projections' 220, but at 16-row tiles it runs at a fraction of cuBLAS's rate (each frame's
-    keys are read by seven programs); with 12 KV heads (PERF.md's rows) the projections cost 1.3
-    TFLOP and the fused path wins 4x.
+    Measured at T = 256 (H100): frame-local V2V fused 1.19 ms against cuBLAS projection + SDPA
+    cuDNN 0.70 ms (Hk = 2) and 2.41 ms (Hk = 12), so the model's choices are the faster ones.
+    Frame-local V2V with 2 KV heads stays materialised: the fused core does 93 GFLOP against the
+    projections' 220 but at a fraction of cuBLAS's rate; with 12 KV heads (PERF.md's rows) the
+    projections cost 1.3 TFLOP and the fused path wins 2x.
 
     Replace ``crosslmm_ops.ops.projected_attention.COST_MODEL`` (or pass ``path=``, or set
     ``CROSSLMM_PROJECTED_PATH``) to change the choice."""
 
     matmul_tflops: float = 700.0
     attention_tflops: float = 300.0
-    fused_tflops: float = 200.0
+    fused_tflops: float = 90.0
     bandwidth_tbs: float = 2.8
 
     def estimate(self, layout: ProjectedLayout, element_size: int = 2) -> tuple[float, float]:
