@@ -4,14 +4,21 @@
                       visual tokens, prefill and decode time, memory, back ends, generated tokens
   crosslmm-ops info   versions, the extension's build, the GPU, and which back ends each op can use
   crosslmm-ops pool   pools a synthetic SigLIP-shaped video with every available back end
+  crosslmm-ops bench  runs the kernel benchmarks (GPU; from a checkout) and plots ours vs peers
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import platform
+import shlex
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -135,7 +142,7 @@ def demo(args) -> int:
     print(f"Synthetic video: {args.frames} frames of {vc.image_size}x{vc.image_size} px -> "
           f"{config.tokens_per_frame} encoder tokens per frame ({args.frames * config.tokens_per_frame} "
           f"in all), width {vc.hidden_size}")
-    steps_per_model = args.repeats * 3 + args.new_tokens - 1
+    steps_per_model = args.repeats * 3 + max(args.new_tokens - 2, 0)
     bar = tqdm(total=steps_per_model * len(variants), desc="measuring", unit="step",
                disable=tqdm is None or args.quiet) if tqdm else None
     results = []
@@ -172,6 +179,118 @@ def demo(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# bench
+# ----------------------------------------------------------------------------------------------
+
+BENCH_SUITES = ("token_pool", "cross_attention", "projected_attention")
+# Our back ends in the benchmarks' rows (benchmarks/conftest.py OURS); every other row is a peer.
+BENCH_OURS = ("cuda", "triton")
+
+
+def benchmarks_dir() -> Path | None:
+    """The repository's ``benchmarks/`` beside the package (an editable install or a checkout on
+    ``PYTHONPATH``); None where the package was installed without it (a wheel)."""
+    path = Path(crosslmm_ops.__file__).resolve().parent.parent / "benchmarks"
+    return path if (path / "conftest.py").is_file() else None
+
+
+def plot_bench(summary_json: Path, png: Path) -> int:
+    """A bar chart of one suite's summary JSON (``benchmarks/conftest.py`` writes it): median ms
+    per case (log scale), one bar per back end, ours (cuda, triton) in warm colours and the peers
+    in greys/blues. Returns the number of cases drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    data = json.loads(summary_json.read_text())
+    rows = [r for r in data.get("results", []) if isinstance(r.get("ms"), (int, float))
+            and math.isfinite(r["ms"]) and r["ms"] > 0]
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    backends = [b for b in BENCH_OURS if b in backends] + [b for b in backends
+                                                           if b not in BENCH_OURS]
+    ms = {(r["group"], r["backend"]): r["ms"] for r in rows}
+    ours_colours = {"cuda": "#d62728", "triton": "#ff7f0e"}
+    peer_cmap = plt.get_cmap("tab20c")
+    width = 0.8 / max(len(backends), 1)
+    fig, ax = plt.subplots(figsize=(min(18.0, max(6.0, 0.3 * len(groups) * max(len(backends), 2))), 4.8))
+    peer_i = 0
+    for i, backend in enumerate(backends):
+        xs = [g for g, group in enumerate(groups) if (group, backend) in ms]
+        ys = [ms[(groups[g], backend)] for g in xs]
+        if backend in ours_colours:
+            colour = ours_colours[backend]
+        else:
+            colour = peer_cmap(peer_i % 20)
+            peer_i += 1
+        ax.bar([x - 0.4 + (i + 0.5) * width for x in xs], ys, width, color=colour,
+               label=backend + (" (ours)" if backend in BENCH_OURS else ""))
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("median ms (lower is faster)")
+    env = data.get("environment", {})
+    suite = rows[0]["suite"] if rows else summary_json.stem
+    ax.set_title(f"{suite}: ours vs peers on {env.get('gpu', 'unknown GPU')} (torch "
+                 f"{env.get('torch', '?')}, triton {env.get('triton', '?')})", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return len(groups)
+
+
+def bench(args) -> int:
+    if not torch.cuda.is_available():
+        print("crosslmm-ops bench: the kernel benchmarks need a CUDA GPU, and this machine has none "
+              "(torch.cuda.is_available() is False); run it on a GPU machine", file=sys.stderr)
+        return 1
+    root = benchmarks_dir()
+    if root is None:
+        print(f"crosslmm-ops bench: no benchmarks/ folder beside the package "
+              f"({Path(crosslmm_ops.__file__).resolve().parent.parent}); the benchmarks ship "
+              "with the repository, not the wheel: install from a checkout (pip install -e .) "
+              "and run it there", file=sys.stderr)
+        return 2
+    suites = args.only or list(BENCH_SUITES)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, CROSSLMM_BENCH_DIR=str(out))
+    failed = []
+    for suite in suites:
+        script = root / f"bench_{suite}.py"
+        if not script.is_file():
+            print(f"crosslmm-ops bench: {script} is missing", file=sys.stderr)
+            failed.append(suite)
+            continue
+        summary = out / f"{suite}.json"
+        summary.unlink(missing_ok=True)  # a stale summary must not pass for this run's
+        cmd = [sys.executable, "-m", "pytest", str(script), "--benchmark-only",
+               f"--benchmark-json={out / f'{suite}_pytest_benchmark.json'}", "-q",
+               "-p", "no:cacheprovider", *shlex.split(args.pytest_args or "")]
+        print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        # From the repository root, so that pyproject.toml's pytest settings (bench_* files and
+        # functions are tests) apply.
+        rc = subprocess.run(cmd, cwd=root.parent, env=env).returncode
+        if rc != 0 or not summary.is_file():
+            print(f"crosslmm-ops bench: {suite}: pytest exited with {rc}"
+                  + ("" if summary.is_file() else f" and wrote no {summary.name}"), file=sys.stderr)
+            failed.append(suite)
+            if not summary.is_file():
+                continue
+        png = out / f"{suite}.png"
+        cases = plot_bench(summary, png)
+        print(f"{suite}: {cases} cases -> {summary} and {png}")
+    if failed:
+        print(f"crosslmm-ops bench: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="crosslmm-ops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,6 +317,14 @@ def main(argv=None) -> int:
                    choices=["float32", "float16", "bfloat16"])
     p.add_argument("--repeat", type=int, default=3)
     p.set_defaults(func=pool)
+    b = sub.add_parser("bench", help="run the kernel benchmarks (GPU) and plot ours vs peers")
+    b.add_argument("--only", action="append", choices=BENCH_SUITES,
+                   help="one suite (repeat for several; default: all)")
+    b.add_argument("--out", default="bench-results",
+                   help="folder for <op>.json (summary), <op>_pytest_benchmark.json and <op>.png")
+    b.add_argument("--pytest-args", default="",
+                   help="extra pytest arguments, e.g. \"-k 'T=32'\" for a quick run")
+    b.set_defaults(func=bench)
     args = parser.parse_args(argv)
     if getattr(args, "dtype", "") is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"

@@ -125,9 +125,10 @@ class Measurement:
     llm_prefill_ms: float       # prefill from the encoder tokens: pooling, projector, LLM, DCALs
     prefill_ms: float           # prefill from pixels: all of the above
     decode_ms_per_token: float
-    peak_memory_bytes: int | None        # CUDA: max allocated in the pixel prefill, weights included
-    activation_memory_bytes: int | None  # CUDA: that peak minus the weights
+    peak_memory_bytes: int | None        # CUDA: weights + activation_memory_bytes
+    activation_memory_bytes: int | None  # CUDA: the pixel prefill's peak beyond weights and input
     llm_activation_memory_bytes: int | None  # CUDA: the same for the prefill from encoder tokens
+                                             # (the encoder tokens themselves are its input)
     cache_bytes: int            # the self-attention KV cache + the kept vision tokens after prefill
     generated: list[int]
     backends: dict[str, str]
@@ -165,59 +166,70 @@ def measure(model, variant: str, video: torch.Tensor, input_ids: torch.Tensor, *
             new_tokens: int = 8, repeats: int = 1,
             progress: Callable[[str], None] | None = None) -> Measurement:
     """The vision tower alone, the prefill from its tokens (what the LLM side costs), the prefill
-    from pixels (each the best of ``repeats``, with peak CUDA memory), then ``new_tokens`` greedy
-    decode steps from that prefill's cache (mean per token). Only the last position's logits are
-    computed, as ``generate()`` does."""
+    from pixels (each the best of ``repeats``, with the peak CUDA memory the call needs beyond its
+    weights and inputs), then greedy decode steps from that prefill's cache: one untimed, then
+    ``new_tokens - 2`` timed (mean per token; NaN when none). Only the last position's logits are computed, as
+    ``generate()`` does."""
     device = input_ids.device
     cuda = device.type == "cuda"
     frames = video.shape[1]
 
     def timed(fn):
-        best, result, peak = math.inf, None, None
+        """Best time of ``fn`` and its peak memory beyond what was allocated when it started
+        (weights and inputs), i.e. what the call itself needs."""
+        best, result, grown = math.inf, None, None
         for _ in range(repeats):
             result = None
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+                start = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
             result = fn()
             _sync(device)
             best = min(best, (time.perf_counter() - t0) * 1e3)
             if cuda:
-                peak = torch.cuda.max_memory_allocated()
+                grown = torch.cuda.max_memory_allocated() - start
             if progress:
                 progress("prefill")
-        return best, result, peak
+        return best, result, grown
 
     weights = torch.cuda.memory_allocated() if cuda else 0
     with _backend.record_backends() as ran:
         vision_ms, (features, _), _ = timed(lambda: model.get_video_features(video))
         features = features.reshape(1, frames, *features.shape[1:])
-        llm_ms, _, llm_peak = timed(lambda: model(input_ids=input_ids, vision_features=features,
-                                                  use_cache=True, logits_to_keep=1))
+        llm_ms, _, llm_activations = timed(lambda: model(input_ids=input_ids,
+                                                         vision_features=features,
+                                                         use_cache=True, logits_to_keep=1))
         del features
-        prefill_ms, out, peak = timed(lambda: model(input_ids=input_ids, pixel_values_videos=video,
-                                                    use_cache=True, logits_to_keep=1))
+        prefill_ms, out, activations = timed(lambda: model(input_ids=input_ids,
+                                                           pixel_values_videos=video,
+                                                           use_cache=True, logits_to_keep=1))
         cache = out.past_key_values
         cache_bytes = _tensor_bytes(cache)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         del out
         generated = [int(token)]
+        # One untimed step first: the first decode call picks kernels for one-token shapes.
+        step = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = step.logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(int(token))
         _sync(device)
         t0 = time.perf_counter()
-        for _ in range(new_tokens - 1):
+        timed_steps = max(new_tokens - 2, 0)  # new_tokens in all: prefill's, the warm-up's, these
+        for _ in range(timed_steps):
             step = model(input_ids=token, past_key_values=cache, use_cache=True)
             token = step.logits[:, -1].argmax(-1, keepdim=True)
             generated.append(int(token))
             if progress:
                 progress("decode")
         _sync(device)
-        decode_ms = (time.perf_counter() - t0) * 1e3 / max(new_tokens - 1, 1)
+        decode_ms = ((time.perf_counter() - t0) * 1e3 / timed_steps) if timed_steps else math.nan
     backends = {op: ", ".join(sorted({b for o, b in ran if o == op})) for op, _ in ran}
-    minus = (lambda b: None if b is None else b - weights)
+    peak = None if activations is None else weights + activations
     return Measurement(variant, frames, frames * model.config.pooled_per_frame, input_ids.shape[1],
-                       vision_ms, llm_ms, prefill_ms, decode_ms, peak, minus(peak), minus(llm_peak),
-                       cache_bytes, generated, backends)
+                       vision_ms, llm_ms, prefill_ms, decode_ms, peak, activations,
+                       llm_activations, cache_bytes, generated, backends)
 
 
 def prefill_flops(config, frames: int, sequence_length: int, *, causal: bool = True) -> dict:
