@@ -215,7 +215,8 @@ def plot_bench(summary_json: Path, png: Path) -> int:
     ours_colours = {"cuda": "#d62728", "triton": "#ff7f0e"}
     peer_cmap = plt.get_cmap("tab20c")
     width = 0.8 / max(len(backends), 1)
-    fig, ax = plt.subplots(figsize=(min(18.0, max(6.0, 0.3 * len(groups) * max(len(backends), 2))), 4.8))
+    bars = len(groups) * max(len(backends), 2)
+    fig, ax = plt.subplots(figsize=(min(18.0, max(6.0, 0.3 * bars)), 4.8))
     peer_i = 0
     for i, backend in enumerate(backends):
         xs = [g for g, group in enumerate(groups) if (group, backend) in ms]
@@ -246,8 +247,9 @@ def plot_bench(summary_json: Path, png: Path) -> int:
 
 def bench(args) -> int:
     if not torch.cuda.is_available():
-        print("crosslmm-ops bench: the kernel benchmarks need a CUDA GPU, and this machine has none "
-              "(torch.cuda.is_available() is False); run it on a GPU machine", file=sys.stderr)
+        print("crosslmm-ops bench: the kernel benchmarks need a CUDA GPU, and this machine has "
+              "none (torch.cuda.is_available() is False); run it on a GPU machine",
+              file=sys.stderr)
         return 1
     root = benchmarks_dir()
     if root is None:
