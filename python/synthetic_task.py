@@ -13,21 +13,29 @@ Five settings with the same budget (steps, data, widths), each frame pooled to o
 
 The frames are given to the model as encoder tokens (``vision_features``): no SigLIP tower runs.
 
-Study (CPU, one thread; results JSON + a bar plot)::
+Presets (task + recipe): ``colour`` (the main study: 4 frames, the colour question, 2000 steps),
+``full`` (the same videos, three questions: colour, cell, frame; 4000 steps) and ``ci`` (the CI
+test's: the first 800 steps of ``colour``). A study runs on the CPU, one thread per process,
+seed-major, rewriting its JSON after every run (an interrupted study resumes); processes over
+disjoint settings or seeds are merged afterwards::
 
-    python python/synthetic_task.py --settings pooled,t2v,v2v,both,unpooled --seeds 0,1,2 \\
+    nice python python/synthetic_task.py --preset colour --settings unpooled --seeds 0,1,2,3,4 \
+        --out /tmp/colour_unpooled.json &
+    nice python python/synthetic_task.py --preset colour --settings both,v2v,t2v,pooled \
+        --seeds 0,1,2,3,4 --out /tmp/colour_dcal.json &
+    python python/synthetic_task.py --merge /tmp/colour_*.json \
         --out benchmarks/results/synthetic_task.json --plot benchmarks/results/synthetic_task.png
 
-The shortened configuration the CI test runs (``--preset ci``) over several seeds::
+The CI preset over several seeds (justifies the CI test's margin)::
 
-    python python/synthetic_task.py --preset ci --settings pooled,v2v --seeds 0,1,2,3,4,5,6,7 \\
+    python python/synthetic_task.py --preset ci --settings pooled,v2v --seeds 0,1,2,3,4,5,6,7,8,9 \
         --out benchmarks/results/synthetic_task_ci.json
 
-Training on the GPU back ends: the same run (same initial weights, same batches) with the DCAL's
-cross-attention and the token pooling on each back end, against the torch back end (and a float32
-torch run, whose distance to the bf16 torch run is the bf16 noise)::
+Training on the GPU back ends: the same run (initial weights, batches) with the DCAL attention
+(materialised and projection-fused K/V paths) and the token pooling on each back end, against the
+torch back end; a float32 torch run measures the bf16 noise (200 steps by default)::
 
-    python python/synthetic_task.py --device cuda --dtype bfloat16 --backend cuda,triton \\
+    python python/synthetic_task.py --device cuda --dtype bfloat16 --backend cuda,triton \
         --compare-backends --out benchmarks/results/synthetic_task_backends_h100.json
 
 ``--plot-only`` redraws the plot from an existing JSON.
@@ -49,7 +57,6 @@ import time
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 import crosslmm_ops
 from crosslmm_ops import _backend
@@ -100,7 +107,16 @@ class Recipe:
 
 
 PRESETS: dict[str, tuple[MarkerTaskConfig, Recipe]] = {
-    # The study: 4 frames of 6x6 tokens (144 encoder tokens), all three questions. (At 8 frames
+    # The main study: 4 frames of 6x6 tokens (144 encoder tokens), the colour question, at a
+    # constant rate (its first 800 steps are the CI preset's run).
+    "colour": (MarkerTaskConfig(frames=4, questions=("colour",), texture_scale=0.5),
+               Recipe(steps=2000, batch_size=32, lr=2e-3, warmup=0, min_lr_ratio=1.0,
+                      grad_clip=0.0, eval_size=1024, eval_every=100, curve_size=256)),
+    # The main study's task at 8 frames (288 encoder tokens): a longer video, same recipe.
+    "colour8": (MarkerTaskConfig(frames=8, questions=("colour",), texture_scale=0.5),
+                Recipe(steps=2000, batch_size=32, lr=2e-3, warmup=0, min_lr_ratio=1.0,
+                       grad_clip=0.0, eval_size=1024, eval_every=100, curve_size=256)),
+    # The harder study: the same videos, all three questions. (At 8 frames
     # every setting, the unpooled ceiling included, was still at chance after 1500 steps: more
     # than this CPU can afford for the ceiling, whose LLM sees all 288 tokens.)
     "full": (MarkerTaskConfig(frames=4, questions=QUESTIONS, texture_scale=0.5),
@@ -484,6 +500,29 @@ def plot_study(data: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def markdown_table(data: dict[str, Any]) -> str:
+    """The study as a README table: per setting the tokens it feeds the LLM, its trained
+    parameters, its CPU time per step, and each accuracy as mean ± std [min, max] over seeds."""
+    questions = list(data["task"]["questions"])
+    keys = ["all", *questions] if len(questions) > 1 else questions
+    head = ["setting", "visual tokens to the LLM", "DCAL reads", "parameters", "ms/step (CPU)",
+            "seeds"] + [f"{k} accuracy" if k == "all" else
+                        f"{k} (chance {data['task']['chance'][k]:.3f})" for k in keys]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for setting in SETTINGS:
+        if setting not in data["summary"]:
+            continue
+        d, sm = data["settings"][setting], data["summary"][setting]
+        cells = [SETTING_LABELS[setting], str(d["visual_tokens_to_llm"]),
+                 f"{d['dcal_memory_tokens']} tokens" if d["dcal_memory_tokens"] else "-",
+                 f"{d['trained_parameters'] / 1e3:.0f}k",
+                 f"{1e3 * sm['median_step_seconds']:.0f}", str(len(sm["seeds"]))]
+        cells += [f"{sm[k]['mean']:.3f} ± {sm[k]['std']:.3f} [{sm[k]['min']:.2f}, "
+                  f"{sm[k]['max']:.2f}]" for k in keys]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # The same run on each back end
 # ----------------------------------------------------------------------------------------------
@@ -709,7 +748,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", default=None, help="results JSON (a study resumes from it)")
     parser.add_argument("--plot", default=None, help="PNG bar plot of the study")
-    parser.add_argument("--plot-only", action="store_true", help="redraw --plot from --out")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw --plot from --out (and print the study as a markdown table)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="merge these study JSONs (same recipe) into --out, then plot")
     parser.add_argument("--no-resume", action="store_true")
@@ -720,6 +760,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.out:
             parser.error("--merge needs --out")
         data = merge_results(args.merge, args.out)
+        print(markdown_table(data))
         print(f"wrote {args.out}")
         if args.plot:
             plot_study(data, args.plot)
@@ -731,6 +772,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(args.out) as f:
             data = json.load(f)
         plot_study(data, args.plot)
+        print(markdown_table(data))
         print(f"wrote {args.plot}")
         return data
 

@@ -23,7 +23,6 @@ import sys
 import pytest
 import torch
 
-import crosslmm_ops
 from crosslmm_ops.data import IGNORE_INDEX, QUESTIONS, MarkerTaskConfig, MarkerVideoTask
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

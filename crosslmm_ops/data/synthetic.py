@@ -6,8 +6,8 @@ answer is a single token. The frames are rendered directly as the vision encoder
 (``vision_features (B, T, N, Dv)``, a ``grid x grid`` token grid of width ``Dv`` per frame), so a
 model can be trained on a CPU in minutes without a vision tower. Every token of a frame is::
 
-    x[t, i] = texture_scale * a[t]        the frame's texture (random per frame, shared by its tokens)
-            + noise_scale   * e[t, i]     per-token noise
+    x[t, i] = texture_scale * a[t]        the frame's texture (random, shared by its tokens)
+            + noise_scale * e[t, i]       per-token noise
             + position_scale * p[i]       the cell's position embedding (fixed, like SigLIP's)
 
 and the marker token additionally carries ``marker_scale * m + colour_scale * c[k]``: a marker
