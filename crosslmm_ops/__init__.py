@@ -68,6 +68,10 @@ def __getattr__(name: str):
         from crosslmm_ops import models
 
         return getattr(models, name)
+    if name == "distributed":  # frame-sharded attention and training (torch.distributed)
+        import importlib
+
+        return importlib.import_module("crosslmm_ops.distributed")
     raise AttributeError(f"module 'crosslmm_ops' has no attribute {name!r}")
 
 

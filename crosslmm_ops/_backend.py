@@ -178,6 +178,60 @@ def resolve(
 
 
 # ----------------------------------------------------------------------------------------------
+# Eager calls without torch.library's Python dispatch
+# ----------------------------------------------------------------------------------------------
+
+# Each op is a torch.library custom op (what torch.compile, export, fake tensors and
+# FlopCounterMode see) with an autograd formula. In plain eager mode, torch's Python dispatch of a
+# custom op costs 60-180 us of host time a call (measured on the H100 machine, torch 2.11), more
+# than a decode step's or a short T2V call's kernels: the GPU then waits on the host. Plain eager
+# calls therefore run an autograd.Function built from the same forward, context and backward
+# functions. CROSSLMM_EAGER_FUNCTION=0 sends every call through the custom ops.
+EAGER_FUNCTION = os.environ.get("CROSSLMM_EAGER_FUNCTION", "1") != "0"
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_function_ok(*tensors) -> bool:
+    """Whether a call on ``tensors`` may take an op's autograd.Function twin: not compiling or
+    tracing, no dispatch mode (fake tensors, FlopCounterMode, ...) or functorch transform
+    active, and plain tensors only (subclasses dispatch through the custom op)."""
+    if not EAGER_FUNCTION or torch.compiler.is_compiling():
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if _get_current_dispatch_mode() is not None:
+        return False
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if transforms_active is not None and transforms_active():
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+
+
+def eager_function(name: str, forward, setup_context, backward_formula):
+    """An autograd.Function computing what a custom op does whose implementation is ``forward``
+    and whose autograd is ``register_autograd(backward_formula, setup_context=setup_context)``.
+    ``ctx.eager`` is True in its backward, so ``backward_formula`` can call its backward's plain
+    implementation instead of the backward custom op."""
+
+    def function_forward(ctx, *inputs):
+        output = forward(*inputs)
+        ctx.eager = True
+        setup_context(ctx, inputs, output)
+        outputs = output if isinstance(output, tuple) else (output,)
+        ctx.mark_non_differentiable(*(t for t in outputs if not t.dtype.is_floating_point))
+        return output
+
+    def function_backward(ctx, *grads):
+        return backward_formula(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(function_forward),
+        "backward": staticmethod(torch.autograd.function.once_differentiable(function_backward)),
+        "__doc__": f"The eager twin of the custom op behind {name} (see eager_function_ok).",
+    })
+
+
+# ----------------------------------------------------------------------------------------------
 # Output allocation (poisoned under test, so that an element a kernel forgets to write fails)
 # ----------------------------------------------------------------------------------------------
 

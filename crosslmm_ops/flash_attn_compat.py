@@ -33,6 +33,16 @@ def _unsupported(dropout_p, causal, window_size, softcap, alibi_slopes, block_ta
             "for these")
 
 
+def _seqlen(name: str, value) -> int:
+    """flash-attn takes Python ints (or 0-d integer tensors) here: say which argument is wrong."""
+    try:
+        if isinstance(value, (bool, float, str, bytes)):
+            raise TypeError
+        return int(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}") from None
+
+
 def _result(result, return_attn_probs: bool):
     if not return_attn_probs:
         return result
@@ -84,7 +94,8 @@ def flash_attn_varlen_func(
     (Hq, total_q), None)`` with ``return_attn_probs``."""
     _unsupported(dropout_p, causal, window_size, softcap, alibi_slopes, block_table)
     return _result(cross_attention(q, k, v, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
-                                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
-                                   max_seqlen_k=int(max_seqlen_k),
+                                   cu_seqlens_k=cu_seqlens_k,
+                                   max_seqlen_q=_seqlen("max_seqlen_q", max_seqlen_q),
+                                   max_seqlen_k=_seqlen("max_seqlen_k", max_seqlen_k),
                                    return_lse=bool(return_attn_probs),
                                    deterministic=bool(deterministic)), return_attn_probs)

@@ -92,10 +92,20 @@ has bench-projected && [[ -f benchmarks/bench_projected_attention.py ]] && \
   run_bench benchmarks/bench_projected_attention.py bench_projected.log
 
 if has fuzz; then
-  step "fuzzing against the reference (${FUZZ_EXAMPLES:-200} examples per test)"
-  CROSSLMM_FUZZ_EXAMPLES="${FUZZ_EXAMPLES:-200}" CROSSLMM_FUZZ_REPORT="$OUT/fuzz_gpu.json" \
-    $PY -m pytest tests/test_fuzz.py -q -p no:cacheprovider > "$OUT/fuzz.log" 2>&1 || status=1
+  # Hypothesis tests at a modest count (bounded by a timeout, so the campaign below always runs),
+  # then the time-bounded campaign over every op, back end and module (scripts/fuzz_campaign.py;
+  # its report is written even when it is cut short).
+  step "fuzz tests (${FUZZ_EXAMPLES:-40} examples per test, at most ${FUZZ_TEST_TIMEOUT:-240} s)"
+  CROSSLMM_FUZZ_EXAMPLES="${FUZZ_EXAMPLES:-40}" CROSSLMM_FUZZ_REPORT="$OUT/fuzz_gpu.json" \
+    timeout "${FUZZ_TEST_TIMEOUT:-240}" $PY -m pytest tests/test_fuzz.py -q -p no:cacheprovider \
+    > "$OUT/fuzz.log" 2>&1
+  rc=$?; [[ $rc -ne 0 ]] && status=1; [[ $rc -eq 124 ]] && echo "fuzz tests: cut by the timeout"
   grep -E "^(FAILED|ERROR)" "$OUT/fuzz.log" | head -20; tail -2 "$OUT/fuzz.log"
+  step "fuzz campaign (${FUZZ_SECONDS:-240} s)"
+  timeout -s TERM "$(( ${FUZZ_SECONDS:-240} + 60 ))" $PY scripts/fuzz_campaign.py --device cuda \
+    --seconds "${FUZZ_SECONDS:-240}" --out "$OUT/fuzz_campaign_h100.json" > "$OUT/fuzz_campaign.log" 2>&1
+  rc=$?; [[ $rc -ne 0 ]] && status=1
+  grep -E "^FAIL" "$OUT/fuzz_campaign.log" | head -20; tail -3 "$OUT/fuzz_campaign.log"
 fi
 
 if has demo; then

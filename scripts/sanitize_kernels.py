@@ -1,5 +1,13 @@
 """Runs every CUDA kernel of the extension once on small, odd shapes (forward and backward), for
-compute-sanitizer (memcheck, racecheck, initcheck): see scripts/gpu_check.sh."""
+compute-sanitizer (memcheck, racecheck, initcheck): see scripts/gpu_check.sh.
+
+Kernels: token pooling (every mode, fwd + bwd), the attention forward on both kernels (the sm90
+wgmma + TMA one, chosen for head dim 128 fp16/bf16 with >= 64 query rows, and the mma.sync one,
+forced per call with CROSSLMM_ATTENTION_SM90=0, which attention.cu reads at every call), their
+split-KV combine, the attention backward, and the projection-fused core (direct and through
+projected_cross_attention), with its split combine."""
+
+import os
 
 import torch
 
@@ -42,7 +50,31 @@ if attention is not None and ext is not None and hasattr(ext, "attention_forward
                 out = attention(q, k, v, num_splits=splits, backend="cuda")
                 out.backward(torch.randn_like(out))
                 runs += 2
-    torch.cuda.synchronize()
+    # The sm90 forward (auto: head dim 128 with >= 64 query rows; fp16 and bf16; a key tail, GQA,
+    # varlen with an empty segment, splits) and the same calls on mma.sync (SM90=0).
+    kernels = set()
+    for sm90 in ("auto", "0"):
+        os.environ["CROSSLMM_ATTENTION_SM90"] = sm90
+        for dtype in (torch.bfloat16, torch.float16):
+            for sq, sk in ((64, 200), (130, 333)):
+                q = torch.randn(1, sq, 4, 128, device="cuda", dtype=dtype)
+                k = torch.randn(1, sk, 2, 128, device="cuda", dtype=dtype)
+                for splits in (1, 3, 0):
+                    attention(q, k, k, num_splits=splits, backend="cuda")
+                    kernels.add(ext.attention_forward_kernel_name())
+                    runs += 1 if splits == 1 else 2
+            lens_q, lens_k = [70, 0, 65], [129, 40, 0]
+            cu_q = torch.tensor([0, 70, 70, 135], dtype=torch.int32, device="cuda")
+            cu_k = torch.tensor([0, 129, 169, 169], dtype=torch.int32, device="cuda")
+            q = torch.randn(135, 4, 128, device="cuda", dtype=dtype)
+            k = torch.randn(169, 2, 128, device="cuda", dtype=dtype)
+            attention(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, num_splits=2,
+                      backend="cuda")
+            kernels.add(ext.attention_forward_kernel_name())
+            runs += 2
+        torch.cuda.synchronize()
+    os.environ.pop("CROSSLMM_ATTENTION_SM90", None)
+    print(f"sanitize_kernels: attention forward kernels run: {sorted(kernels)}")
 if ext is not None and hasattr(ext, "projected_attention_forward"):
     # The projection-fused attention core (csrc/projected/), called directly: 16- and 32-row tiles
     # (1 and 3 queries x 12 heads), Dv with idle warps and a half k-step (64, 200) and the large-Dv
@@ -58,5 +90,20 @@ if ext is not None and hasattr(ext, "projected_attention_forward"):
             for splits in (1, 3, 0):
                 ext.projected_attention_forward(qq, x, cu_q, cu_k, 3, 100, 0.1, splits)
                 runs += 2 if splits == 3 else 1  # 3 splits: forward + combine
+    torch.cuda.synchronize()
+if ext is not None and hasattr(ext, "projected_attention_forward"):
+    # Through the public op: the fused path's forward on CUDA (its backward runs on Triton),
+    # frame-local segments and a decode row against a long segment, with splits.
+    lens_q, lens_k = [9, 9, 1], [729, 729, 3000]
+    cu_q = torch.tensor([0, 9, 18, 19], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 729, 1458, 4458], dtype=torch.int32, device="cuda")
+    q = torch.randn(19, 12, 128, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4458, 1152, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(256, 1152, device="cuda", dtype=torch.bfloat16) / 34
+    for splits in (1, 4, 0):
+        crosslmm_ops.projected_cross_attention(q, x, w, w, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                               norm="layernorm", path="fused", backend="cuda",
+                                               num_splits=splits)
+        runs += 1 if splits == 1 else 2
     torch.cuda.synchronize()
 print(f"sanitize_kernels: {runs} kernels run")

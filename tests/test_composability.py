@@ -1,8 +1,10 @@
 """The ops inside the machinery users put them in (issue #9): deterministic mode, several threads,
-autocast, CUDA graph capture, and bounded memory (no op allocates O(Sq·Sk)).
+autocast, CUDA graph capture, and bounded memory (no op allocates O(Sq·Sk)), for
+cross_attention, token_pool and projected_cross_attention (and the DCAL module's memory).
 
 torch.compile(fullgraph=True) is covered next to each op (test_token_pool.py,
-test_cross_attention.py).
+test_cross_attention.py, test_projected_attention.py: CPU with aot_eager and, marked cuda,
+inductor).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 import crosslmm_ops
-from crosslmm_ops import cross_attention, token_pool
+from crosslmm_ops import cross_attention, projected_cross_attention, token_pool
+from crosslmm_ops.nn import DualCrossAttention, VisionMemory
 from crosslmm_ops.testing import fast_backends
 
 HAS_CUDA = torch.cuda.is_available()
@@ -46,6 +49,25 @@ def _pool_step(backend, seed, dtype=torch.float32):
     return [out.detach(), x.grad]
 
 
+def _projected_step(backend, seed, dtype=torch.float32):
+    """Forward + backward of projected attention on its fused path (the core's own kernels), a
+    varlen problem with a LayerNorm folded in and biases; returns every result."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    make = lambda *s: torch.randn(*s, device=DEVICE, generator=g).to(dtype)  # noqa: E731
+    leaves = dict(q=make(11, 4, 16), x=make(70, 64), w_k=make(32, 64) / 8, w_v=make(32, 64) / 8,
+                  b_k=make(32), b_v=make(32), norm_weight=1 + make(64) / 4)
+    leaves = {n: t.requires_grad_(True) for n, t in leaves.items()}
+    cu_q = torch.tensor([0, 9, 11], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 41, 70], dtype=torch.int32, device=DEVICE)
+    out = projected_cross_attention(**leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                    norm="layernorm", path="fused", backend=backend)
+    out.backward(torch.ones_like(out))
+    return [out.detach()] + [t.grad for t in leaves.values()]
+
+
+STEPS = (_attention_step, _pool_step, _projected_step)
+
+
 def _dtype(backend):
     return torch.bfloat16 if backend == "cuda" else torch.float32
 
@@ -57,7 +79,7 @@ def test_deterministic_algorithms_mode(backend):
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=False)
     try:
-        for step in (_attention_step, _pool_step):
+        for step in STEPS:
             first = step(backend, 0, _dtype(backend))
             again = step(backend, 0, _dtype(backend))
             for a, b in zip(first, again):
@@ -72,15 +94,14 @@ def test_several_threads_at_once(backend):
     different problems at once get exactly the single-threaded results."""
     if backend == "triton" and crosslmm_ops._backend.triton_interpreted():
         pytest.skip("Triton's CPU interpreter keeps the launch grid in global state: not thread-safe")
-    expected = {seed: (_attention_step(backend, seed, _dtype(backend)),
-                       _pool_step(backend, seed, _dtype(backend))) for seed in range(4)}
+    expected = {seed: [step(backend, seed, _dtype(backend)) for step in STEPS]
+                for seed in range(4)}
     results, errors = {}, []
 
     def work(seed):
         try:
             for _ in range(2):
-                results[seed] = (_attention_step(backend, seed, _dtype(backend)),
-                                 _pool_step(backend, seed, _dtype(backend)))
+                results[seed] = [step(backend, seed, _dtype(backend)) for step in STEPS]
         except Exception as error:  # noqa: BLE001 - re-raised in the main thread
             errors.append(error)
 
@@ -90,24 +111,36 @@ def test_several_threads_at_once(backend):
     for t in threads:
         t.join()
     assert not errors, errors
-    for seed, (attn, pool) in expected.items():
-        for a, b in zip(attn + pool, results[seed][0] + results[seed][1]):
-            assert torch.equal(a, b)
+    for seed, want in expected.items():
+        for step, a_list, b_list in zip(STEPS, want, results[seed]):
+            for a, b in zip(a_list, b_list):
+                assert torch.equal(a, b), step.__name__
 
 
 def test_autocast_keeps_the_op_dtype():
-    """Inside autocast the ops compute in their inputs' dtype and return it (they are not on
-    autocast's lists, so no silent cast happens around them); the following matmul is autocast."""
+    """Inside autocast the attention and pooling ops compute in their inputs' dtype and return it
+    (they are not on autocast's lists, so no silent cast happens around them); the following
+    matmul is autocast, and so are projected attention's own projections."""
     device_type = "cuda" if HAS_CUDA else "cpu"
     x = torch.randn(2, 4, 81, 32, device=DEVICE)
     q = torch.randn(2, 5, 4, 32, device=DEVICE)
     kv = torch.randn(2, 40, 2, 32, device=DEVICE)
+    w = torch.randn(64, 32, device=DEVICE) / 6  # 2 KV heads of 32
     with torch.autocast(device_type, dtype=torch.bfloat16):
         pooled = token_pool(x, (9, 9), "avg", kernel_size=3)
         out = cross_attention(q, kv, kv)
         projected = out @ torch.randn(32, 8, device=DEVICE)
+        fused = projected_cross_attention(q, x[0, 0, :40, :32].unsqueeze(0).expand(2, 40, 32),
+                                          w, w, path="fused")
     assert pooled.dtype == torch.float32 and out.dtype == torch.float32
     assert projected.dtype == torch.bfloat16
+    # projected attention's projections (q~ = Wk^T q, Wv o~) are matmuls, which autocast runs in
+    # bf16 as it does nn.Linear; its attention core then runs in that dtype: a bf16 result close
+    # to the float32 one.
+    assert fused.dtype == torch.bfloat16
+    expected = projected_cross_attention(q, x[0, 0, :40, :32].unsqueeze(0).expand(2, 40, 32), w,
+                                         w, path="fused")
+    torch.testing.assert_close(fused.float(), expected, atol=0.05, rtol=0.05)
     torch.testing.assert_close(pooled, token_pool(x, (9, 9), "avg", kernel_size=3))
     torch.testing.assert_close(out, cross_attention(q, kv, kv))
 
@@ -115,8 +148,8 @@ def test_autocast_keeps_the_op_dtype():
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_cuda_graph_capture_and_replay(backend):
-    """Both ops can be captured in a CUDA graph (max_seqlen given, so no host read of cu_seqlens
-    happens during capture) and replay on new data in the captured buffers."""
+    """The ops (projected attention's fused path too) can be captured in a CUDA graph (max_seqlen
+    given, so no host read of cu_seqlens happens during capture) and replay on new data in the captured buffers."""
     torch.manual_seed(0)
     dtype = torch.bfloat16
     q = torch.randn(13, 4, 64, device="cuda", dtype=dtype)
@@ -126,10 +159,16 @@ def test_cuda_graph_capture_and_replay(backend):
     cu_q = torch.tensor([0, 6, 13], dtype=torch.int32, device="cuda")
     cu_k = torch.tensor([0, 41, 90], dtype=torch.int32, device="cuda")
 
+    xv = torch.randn(90, 1152, device="cuda", dtype=dtype)
+    w = torch.randn(2 * 64, 1152, device="cuda", dtype=dtype) / 34
+
     def run():
         attn = cross_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=7,
                                max_seqlen_k=49, backend=backend)
-        return attn, token_pool(x, (27, 27), "avg", kernel_size=3, backend=backend)
+        fused = projected_cross_attention(q, xv, w, w, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                          max_seqlen_q=7, max_seqlen_k=49, path="fused",
+                                          backend=backend)
+        return attn, token_pool(x, (27, 27), "avg", kernel_size=3, backend=backend), fused
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -139,7 +178,7 @@ def test_cuda_graph_capture_and_replay(backend):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = run()
-    for t in (q, k, v, x):
+    for t in (q, k, v, x, xv):
         t.copy_(torch.randn_like(t))
     graph.replay()
     torch.cuda.synchronize()
@@ -181,3 +220,131 @@ def test_peak_memory_is_bounded_by_the_inputs(backend):
     extra = torch.cuda.max_memory_allocated() - base
     output = pooled.numel() * pooled.element_size()
     assert extra < output + (1 << 20), (extra, output)
+
+
+def _peak_extra(fn):
+    """Peak memory allocated while ``fn`` runs, beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, result
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["fused", "materialized"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_projected_peak_memory_is_bounded(backend, path):
+    """projected_cross_attention, forward + backward, at V2V T=32 scale (288 queries x 23,328
+    tokens of width 1152, 12 query heads of 128, 2 KV heads): the score matrix would be 161 MB in
+    bf16; the extra memory stays within a small multiple of inputs + outputs (+ gradients), which
+    also covers the fused path's q~ / o~ (Hq x Dv per query) and the materialised path's K, V."""
+    if backend == "cuda" and not hasattr(crosslmm_ops._backend.extension(),
+                                         "projected_attention_forward" if path == "fused"
+                                         else "attention_forward"):
+        pytest.skip("the CUDA extension lacks this path's kernels")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    q = torch.randn(1, 288, 12, 128, device="cuda", dtype=dtype, requires_grad=True)
+    x = torch.randn(1, 23328, 1152, device="cuda", dtype=dtype, requires_grad=True)
+    w_k = (torch.randn(256, 1152, device="cuda", dtype=dtype) / 34).requires_grad_(True)
+    w_v = (torch.randn(256, 1152, device="cuda", dtype=dtype) / 34).requires_grad_(True)
+    inputs = _nbytes(q, x, w_k, w_v)
+    scores = 288 * 23328 * 12 * 2
+
+    def step():
+        out = projected_cross_attention(q, x, w_k, w_v, norm="rmsnorm", path=path,
+                                        backend=backend)
+        out.backward(torch.ones_like(out))
+        return out
+
+    extra, out = _peak_extra(step)
+    # out + dout + the gradients (= inputs) + K/V or q~/o~ and their gradients, normalised x.
+    bound = 4 * (inputs + _nbytes(out))
+    assert extra < bound, (extra, bound, inputs)
+    assert extra < scores / 2, (extra, scores)
+    assert crosslmm_ops.last_backend("projected_cross_attention") == backend
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv_path", ["fused", "materialized"])
+def test_dcal_peak_memory_is_bounded(kv_path):
+    """A CrossLMM-2B-sized DCAL (hidden 1536, 12 heads of 128, 2 KV heads, SigLIP width 1152)
+    over 64 frames of 729 tokens, 576 pooled + 128 text queries, forward + backward in bf16 on the
+    default back ends: the two branches' score matrices would be 0.79 GB; the extra memory stays
+    within a small multiple of inputs + outputs + parameters (their gradients, the normalised
+    tokens, K/V per branch)."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    frames, tokens, pooled, text = 64, 729, 9, 128
+    dcal = DualCrossAttention(1536, 1152, 12, 2, 128, kv_path=kv_path).to("cuda", dtype)
+    with torch.no_grad():
+        for name, p in dcal.named_parameters():
+            if name.endswith("alpha"):
+                p.fill_(0.5)
+    feats = torch.randn(1, frames, tokens, 1152, device="cuda", dtype=dtype)
+    memory = VisionMemory.from_features(feats, pooled)
+    L = frames * pooled + text
+    h = torch.randn(1, L, 1536, device="cuda", dtype=dtype, requires_grad=True)
+    visual = torch.zeros(1, L, dtype=torch.bool, device="cuda")
+    visual[0, : frames * pooled] = True
+    params = _nbytes(*dcal.parameters())
+    inputs = _nbytes(feats, h)
+    scores = L * frames * tokens * 12 * 2
+
+    def step():
+        out = dcal(h, memory, visual)
+        out.backward(torch.ones_like(out))
+        return out
+
+    extra, out = _peak_extra(step)
+    bound = 4 * (inputs + _nbytes(out) + params)
+    assert extra < bound, (extra, bound, inputs, params)
+    assert extra < scores / 2, (extra, scores)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("step", [_attention_step, _pool_step, _projected_step],
+                         ids=["cross_attention", "token_pool", "projected_cross_attention"])
+def test_eager_function_equals_the_custom_op(monkeypatch, backend, step):
+    """Plain eager calls run each op's autograd.Function twin (no torch.library host cost); with
+    CROSSLMM_EAGER_FUNCTION=0 the same call runs the custom op. Both run the same functions:
+    outputs and gradients must be bitwise equal, and each path must be the one taken."""
+    from crosslmm_ops import _backend
+
+    assert _backend.eager_function_ok(torch.ones(1))
+    eager = step(backend, 7)
+    monkeypatch.setattr(_backend, "EAGER_FUNCTION", False)
+    assert not _backend.eager_function_ok(torch.ones(1))
+    custom = step(backend, 7)
+    for a, b in zip(eager, custom):
+        assert torch.equal(a, b)
+
+
+def test_eager_function_is_skipped_under_dispatch_modes():
+    """Fake tensors, FlopCounterMode and subclasses must see the custom op (they dispatch on it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from crosslmm_ops import _backend
+
+    q = torch.randn(1, 5, 2, 16)
+    k = torch.randn(1, 9, 2, 16)
+    with FlopCounterMode(display=False) as counter:
+        assert not _backend.eager_function_ok(q)
+        out = cross_attention(q, k, k, backend="torch")
+    assert counter.get_total_flops() == 4 * 5 * 9 * 2 * 16
+    with FakeTensorMode() as mode:
+        fq, fk = mode.from_tensor(q), mode.from_tensor(k)
+        assert not _backend.eager_function_ok(fq)
+        assert cross_attention(fq, fk, fk, backend="torch").shape == q.shape
+    assert not _backend.eager_function_ok(q.as_subclass(_Sub))
+
+
+class _Sub(torch.Tensor):
+    pass

@@ -1,14 +1,21 @@
 """Fuzzing every back end against the reference (issue #9), plus numerical extremes.
 
-Hypothesis draws shapes, dtypes, layouts and options for ``token_pool`` and ``cross_attention`` and
-checks each back end that can run here against the float64 reference, forward and backward, with the
-same bounds (and poisoned outputs) as the per-op tests, whose checkers are reused.
+Hypothesis draws shapes, dtypes, layouts and options for every op -- ``cross_attention``,
+``token_pool``, ``projected_cross_attention`` (both paths forced, norms, biases, segments, splits),
+``merge_attention_states``, ``attention_weights``, the flash-attn shims -- and the modules
+(``DualCrossAttention`` and its branches over a ``VisionMemory``, ``kv_path`` fused/materialised,
+global/frame scope, samples with 0 frames), and checks each back end that can run here against a
+float64 reference, forward and backward, with the same bounds (and poisoned outputs) as the per-op
+tests, whose checkers are reused. The draws live in tests/fuzz_cases.py, shared with the
+time-bounded GPU campaign ``scripts/fuzz_campaign.py``.
 
 * CI (CPU): the torch back end and the Triton kernels under the interpreter, small draws,
-  ``CROSSLMM_FUZZ_EXAMPLES`` examples per test (default 12), derandomised so CI is reproducible.
-* GPU campaign: ``CROSSLMM_FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py -m cuda`` draws larger
-  problems for the CUDA and Triton back ends; ``CROSSLMM_FUZZ_REPORT=path.json`` records how many
-  cases ran and which failed (``scripts/gpu_check.sh fuzz`` does both).
+  ``CROSSLMM_FUZZ_EXAMPLES`` examples per test (default 12; the slower interpreter tests of
+  projected attention and the modules take half), derandomised so CI is reproducible.
+* GPU: the same tests draw larger problems for the CUDA and Triton back ends
+  (``CROSSLMM_FUZZ_EXAMPLES=40 pytest tests/test_fuzz.py``); ``CROSSLMM_FUZZ_REPORT=path.json``
+  records how many cases ran and which failed. The long campaign is scripts/fuzz_campaign.py
+  (``scripts/gpu_check.sh fuzz`` runs both).
 """
 
 from __future__ import annotations
@@ -21,21 +28,23 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import crosslmm_ops  # noqa: E402
-from crosslmm_ops import PoolSpec, cross_attention, cross_attention_reference  # noqa: E402
-from crosslmm_ops.testing import fast_backends, non_contiguous, poison_outputs  # noqa: E402
-from test_cross_attention import check_backend as check_attention  # noqa: E402
+import fuzz_cases as fc  # noqa: E402
+from crosslmm_ops import cross_attention, cross_attention_reference  # noqa: E402
+from crosslmm_ops.testing import fast_backends, poison_outputs  # noqa: E402
 from test_cross_attention import cu_seqlens  # noqa: E402
-from test_token_pool import check_backend as check_pool  # noqa: E402
 
 EXAMPLES = int(os.environ.get("CROSSLMM_FUZZ_EXAMPLES", "12"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
+# Projected attention and the modules run several Triton kernels per case in the interpreter.
+FUZZ_SLOW = settings(FUZZ, max_examples=max(2, EXAMPLES // 2))
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+LIMITS = fc.limits_for(DEVICE)
 
 # Cases run and failures seen, per test, written to CROSSLMM_FUZZ_REPORT at the end of the module.
 _REPORT: dict[str, dict] = {}
@@ -51,7 +60,7 @@ def _record(test: str, case: dict, error: BaseException | None) -> None:
 def _run(test: str, case: dict, fn) -> None:
     try:
         fn()
-    except (AssertionError, RuntimeError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - recorded, then re-raised for hypothesis
         _record(test, case, error)
         raise
     _record(test, case, None)
@@ -68,6 +77,83 @@ def _write_report():
                        "tests": _REPORT}, f, indent=1)
 
 
+class HypothesisDrawer:
+    """fuzz_cases' drawer interface over hypothesis' ``draw`` (so failing cases shrink)."""
+
+    def __init__(self, draw):
+        self._draw = draw
+
+    def integers(self, lo, hi):
+        return self._draw(st.integers(lo, hi))
+
+    def sampled_from(self, seq):
+        return self._draw(st.sampled_from(list(seq)))
+
+    def booleans(self):
+        return self._draw(st.booleans())
+
+
+def _fuzz(op: str, backend: str, data) -> None:
+    """Draw one case of ``op`` valid for ``backend`` and check it (skip back ends not here)."""
+    if backend not in fc.runnable_backends(op, DEVICE):
+        pytest.skip(f"the {backend} back end cannot run {op} here")
+    draw, run = fc.OPS[op]
+    case = draw(HypothesisDrawer(data.draw), backend, LIMITS)
+    note(repr(fc.describe(case)))
+    _run(f"{op}[{backend}]", fc.describe(case), lambda: run(backend, case, DEVICE))
+
+
+ALL = ["torch", "triton", "cuda"]
+
+
+@pytest.mark.parametrize("backend", ALL)
+@FUZZ
+@given(data=st.data())
+def test_fuzz_cross_attention(backend, data):
+    _fuzz("cross_attention", backend, data)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@FUZZ
+@given(data=st.data())
+def test_fuzz_token_pool(backend, data):
+    _fuzz("token_pool", backend, data)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@FUZZ_SLOW
+@given(data=st.data())
+def test_fuzz_projected_cross_attention(backend, data):
+    _fuzz("projected_cross_attention", backend, data)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@FUZZ_SLOW
+@given(data=st.data())
+def test_fuzz_merge_attention_states(backend, data):
+    _fuzz("merge_attention_states", backend, data)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_attention_weights(data):
+    _fuzz("attention_weights", "torch", data)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@FUZZ_SLOW
+@given(data=st.data())
+def test_fuzz_flash_attn_shims(backend, data):
+    _fuzz("flash_attn", backend, data)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@FUZZ_SLOW
+@given(data=st.data())
+def test_fuzz_modules(backend, data):
+    _fuzz("modules", backend, data)
+
+
 def _backends(dtype: torch.dtype, head_dim: int | None = None) -> list[str]:
     """The back ends to check for a draw: the reference's own low-precision path always, plus
     every fast back end that supports the dtype (and head dim)."""
@@ -77,133 +163,6 @@ def _backends(dtype: torch.dtype, head_dim: int | None = None) -> list[str]:
             continue
         chosen.append(name)
     return chosen
-
-
-# ----------------------------------------------------------------------------------------------
-# cross_attention
-# ----------------------------------------------------------------------------------------------
-
-# CPU draws stay small enough for the Triton interpreter; the GPU campaign draws real lengths.
-MAX_Q, MAX_K = (300, 3000) if HAS_CUDA else (20, 70)
-HEAD_DIMS = [16, 40, 64, 96, 128] if HAS_CUDA else [8, 24, 40, 64]
-DTYPES = [torch.bfloat16, torch.float16, torch.float32] if HAS_CUDA else [torch.float32, torch.float16]
-
-
-@st.composite
-def attention_problems(draw):
-    varlen = draw(st.booleans())
-    if varlen:
-        segments = draw(st.integers(1, 4))
-        lens_q = draw(st.lists(st.integers(0, MAX_Q), min_size=segments, max_size=segments))
-        lens_k = draw(st.lists(st.integers(0, MAX_K), min_size=segments, max_size=segments))
-        batch = None
-    else:
-        batch = draw(st.integers(1, 3))
-        lens_q = [draw(st.integers(1, MAX_Q))]
-        lens_k = [draw(st.integers(1, MAX_K))]
-    return dict(
-        varlen=varlen, batch=batch, lens_q=lens_q, lens_k=lens_k,
-        hk=draw(st.sampled_from([1, 2, 3])), group=draw(st.sampled_from([1, 2, 4])),
-        d=draw(st.sampled_from(HEAD_DIMS)), dtype=draw(st.sampled_from(DTYPES)),
-        num_splits=draw(st.integers(0, 5)), strided=draw(st.booleans()),
-        epilogue=draw(st.sampled_from([None, "scalar", "per-head"])),
-        lse_grad=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)),
-    )
-
-
-def _strided(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a non-contiguous view along its first dimension (from the heads back) longer than
-    1; a tensor with no such dimension stays as it is (every view of it is contiguous)."""
-    for dim in range(t.dim() - 2, -1, -1):
-        if t.shape[dim] > 1 and t.numel() > 0:
-            return non_contiguous(t, dim=dim)
-    return t
-
-
-def _attention_inputs(case):
-    torch.manual_seed(case["seed"])
-    hq, hk, d, dtype = case["hk"] * case["group"], case["hk"], case["d"], case["dtype"]
-    if case["varlen"]:
-        shape_q, shape_k = (sum(case["lens_q"]), hq, d), (sum(case["lens_k"]), hk, d)
-    else:
-        shape_q = (case["batch"], case["lens_q"][0], hq, d)
-        shape_k = (case["batch"], case["lens_k"][0], hk, d)
-    q, k, v = (torch.randn(s, dtype=dtype, device=DEVICE) for s in (shape_q, shape_k, shape_k))
-    if case["strided"]:  # heads (or tokens) strided, channels contiguous: slices of wider tensors
-        q, k, v = (_strided(t) for t in (q, k, v))
-    gate = residual = None
-    if case["epilogue"]:
-        gate = torch.randn((hq,) if case["epilogue"] == "per-head" else (), device=DEVICE)
-        residual = torch.randn(shape_q, dtype=dtype, device=DEVICE)
-    cu_q = cu_seqlens(case["lens_q"], DEVICE) if case["varlen"] else None
-    cu_k = cu_seqlens(case["lens_k"], DEVICE) if case["varlen"] else None
-    return q, k, v, cu_q, cu_k, gate, residual
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-@FUZZ
-@given(case=attention_problems())
-def test_fuzz_cross_attention(backend, case):
-    if backend not in ["torch", *fast_backends(DEVICE)]:
-        pytest.skip(f"the {backend} back end cannot run here")
-    assume(backend in _backends(case["dtype"], case["d"]))
-    q, k, v, cu_q, cu_k, gate, residual = _attention_inputs(case)
-    _run(f"cross_attention[{backend}]", {**case, "dtype": str(case["dtype"])},
-         lambda: check_attention(backend, q, k, v, cu_q=cu_q, cu_k=cu_k,
-                                 num_splits=case["num_splits"], gate=gate, residual=residual,
-                                 lse_grad=case["lse_grad"]))
-
-
-# ----------------------------------------------------------------------------------------------
-# token_pool
-# ----------------------------------------------------------------------------------------------
-
-MAX_GRID = 29 if HAS_CUDA else 10
-
-
-@st.composite
-def pool_problems(draw):
-    h, w = draw(st.integers(1, MAX_GRID)), draw(st.integers(1, MAX_GRID))
-    mode = draw(st.sampled_from(["avg", "max", "adaptive", "bilinear"]))
-    kw: dict = {}
-    if mode in ("avg", "max"):
-        kh, kw_ = draw(st.integers(1, min(h, 6) + 1)), draw(st.integers(1, min(w, 6) + 1))
-        kw = dict(kernel_size=(kh, kw_), stride=(draw(st.integers(1, 4)), draw(st.integers(1, 4))),
-                  padding=(draw(st.integers(0, kh // 2)), draw(st.integers(0, kw_ // 2))),
-                  ceil_mode=draw(st.booleans()))
-        if mode == "avg":
-            kw["count_include_pad"] = draw(st.booleans())
-    else:
-        kw = dict(output_size=(draw(st.integers(1, h + 3)), draw(st.integers(1, w + 3))))
-        if mode == "bilinear":
-            kw["align_corners"] = draw(st.booleans())
-    kw["temporal_stride"] = draw(st.integers(1, 3))
-    return dict(grid=(h, w), mode=mode, kw=kw, frames=draw(st.integers(1, 5)),
-                lead=draw(st.sampled_from([(), (2,)])), channels=draw(st.integers(1, 70)),
-                dtype=draw(st.sampled_from(DTYPES)), strided=draw(st.booleans()),
-                seed=draw(st.integers(0, 2**31 - 1)))
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-@FUZZ
-@given(case=pool_problems())
-def test_fuzz_token_pool(backend, case):
-    try:
-        PoolSpec.make(case["grid"], case["mode"], **case["kw"])
-    except ValueError:
-        assume(False)  # an invalid draw: the bad-input tests cover the errors
-    if backend not in ["torch", *fast_backends(DEVICE)]:
-        pytest.skip(f"the {backend} back end cannot run here")
-    # The torch back end is the reference itself: fuzz its layouts in float32 only.
-    assume(backend in _backends(case["dtype"]) and (backend != "torch" or case["dtype"] == torch.float32))
-    torch.manual_seed(case["seed"])
-    h, w = case["grid"]
-    x = torch.randn(*case["lead"], case["frames"], h * w, case["channels"], dtype=case["dtype"],
-                    device=DEVICE)
-    if case["strided"]:
-        x = _strided(x)
-    _run(f"token_pool[{backend}]", {**case, "dtype": str(case["dtype"])},
-         lambda: check_pool(backend, x, case["grid"], case["mode"], case["kw"]))
 
 
 # ----------------------------------------------------------------------------------------------

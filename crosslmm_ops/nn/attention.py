@@ -234,7 +234,10 @@ class _KVSource:
             eps = norm.eps if norm.eps is not None else torch.finfo(memory.dtype).eps
         # In q's dtype: under autocast the memory may be in another one than the projections.
         x = memory.normalized_tokens(kind, eps, q.dtype)
-        return projected_cross_attention(
+        # A frame-sharded memory holds this rank's tokens: its shard runs the sharded op.
+        shard = memory.frame_shard
+        attend = projected_cross_attention if shard is None else shard.projected_cross_attention
+        return attend(
             q, x, self.k_proj.weight, self.v_proj.weight, self.k_proj.bias, self.v_proj.bias,
             softmax_scale=softmax_scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
             max_seqlen_q=max_q, max_seqlen_k=max_k,
@@ -371,7 +374,9 @@ class _Queries:
         lens_q, lens_k = self.lengths(scope, memory)
         return ProjectedLayout(
             batched=False, batch=len(lens_q), heads_q=heads, heads_k=kv_heads, head_dim=head_dim,
-            width=memory.vision_size, total_q=sum(lens_q), total_k=memory.tokens.shape[0],
+            # total_k from the segments: the whole batch's tokens, also for a frame-sharded
+            # memory, so that every rank of its group picks the same path.
+            width=memory.vision_size, total_q=sum(lens_q), total_k=sum(lens_k),
             max_seqlen_q=max(lens_q, default=0), max_seqlen_k=max(lens_k, default=0),
             lens_q=tuple(lens_q), lens_k=tuple(lens_k))
 
@@ -598,9 +603,11 @@ class CrossAttention(nn.Module):
         else:
             k, v = source.keys_values(memory)
             cu_q, cu_k, max_q, max_k = segments
-            attn = cross_attention(q, k, v, softmax_scale=self.softmax_scale, cu_seqlens_q=cu_q,
-                                   cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-                                   backend=self.backend)
+            shard = memory.frame_shard  # this rank's keys: the sharded op merges over ranks
+            attend = cross_attention if shard is None else shard.cross_attention
+            attn = attend(q, k, v, softmax_scale=self.softmax_scale, cu_seqlens_q=cu_q,
+                          cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                          backend=self.backend)
             _note_materialized()
         out = self.o_proj(attn.reshape(total_q, self.num_heads * self.head_dim))
         if self.o_proj.bias is not None and self.scope == "global":

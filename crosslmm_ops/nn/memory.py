@@ -83,6 +83,11 @@ class VisionMemory:
     # Opt-in, for generation: keep each DCAL layer's keys and values (computed under no_grad) with
     # the memory, so decoding steps do not re-project every original token at every step.
     cache_kv: bool = False
+    # Frame sharding (crosslmm_ops.distributed.FrameShard, built by its memory() method): this
+    # rank holds only its frames' tokens (cu_seqlens / frame_cu_seqlens index them; the frames of
+    # other ranks are empty segments) and the DCALs run the sharded attention over its group.
+    # frames_per_sample stay the whole batch's. None: every frame is here.
+    frame_shard: object | None = None
     # What the DCAL layers derive from the query masks (counts, indices, cu_seqlens), computed by
     # the first layer of a forward and reused by the others (crosslmm_ops.nn.attention._cached).
     _plans: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
@@ -119,10 +124,11 @@ class VisionMemory:
             if cu.device != self.tokens.device:
                 raise ValueError(f"VisionMemory.{name} must be on the tokens' device "
                                  f"{self.tokens.device}, got {cu.device}")
-        if self.tokens.shape[0] != frames * self.tokens_per_frame:
+        here = frames if self.frame_shard is None else self.frame_shard.num_local_frames
+        if self.tokens.shape[0] != here * self.tokens_per_frame:
             raise ValueError(f"VisionMemory.tokens has {self.tokens.shape[0]} rows, but "
-                             f"{frames} frames x {self.tokens_per_frame} tokens per frame = "
-                             f"{frames * self.tokens_per_frame}")
+                             f"{here} frames x {self.tokens_per_frame} tokens per frame = "
+                             f"{here * self.tokens_per_frame}")
 
     # ------------------------------------------------------------------------------------------
     # Construction
@@ -240,6 +246,7 @@ class VisionMemory:
 
     def per_sample(self) -> list[torch.Tensor]:
         """The tokens of each sample as ``(T_b, N, Dv)`` views (the inverse of :meth:`from_list`)."""
+        _check_unsharded(self, "per_sample()")
         out, start = [], 0
         for t in self.frames_per_sample:
             n = t * self.tokens_per_frame
@@ -296,6 +303,7 @@ class VisionMemory:
     def select(self, batch_indices) -> "VisionMemory":
         """The memory of samples ``batch_indices`` (a list or 1-D integer tensor; repeats allowed),
         in that order: for beam search (``repeat_interleave``) and cache reordering."""
+        _check_unsharded(self, "select()")
         idx = torch.as_tensor(batch_indices).reshape(-1)
         if idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise ValueError(f"batch_indices must be integers, got dtype {idx.dtype}")
@@ -374,6 +382,12 @@ def _forget_after_backward(memory: VisionMemory, key: tuple, entry_id: int):
         return None
 
     return hook
+
+
+def _check_unsharded(memory: VisionMemory, what: str) -> None:
+    if memory.frame_shard is not None:
+        raise NotImplementedError(f"VisionMemory.{what} is not supported on a frame-sharded "
+                                  "memory (it holds only this rank's frames)")
 
 
 def _check_pooled(pooled_per_frame) -> None:

@@ -218,8 +218,29 @@ def _check_epilogue(gate, residual, q: torch.Tensor, out_shape: tuple, heads_q: 
 # ----------------------------------------------------------------------------------------------
 
 
+# Uniform cu_seqlens of batched calls, kept per (batch, seqlen, device, stream): building them is
+# two kernel launches each, a good part of the host time of a short call (decode, T2V) whose GPU
+# time is tens of microseconds. Per stream, so a cached tensor is always written earlier on the
+# stream that reads it. Never cached under compilation (traced) or CUDA graph capture (the tensor
+# would only be written when the graph is replayed). Nothing writes these tensors afterwards.
+_UNIFORM_CU_SEQLENS: dict[tuple, torch.Tensor] = {}
+_UNIFORM_CU_SEQLENS_MAX = 64
+
+
 def _uniform_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+    def build() -> torch.Tensor:
+        return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+
+    if torch.compiler.is_compiling() or device.type != "cuda" \
+            or torch.cuda.is_current_stream_capturing():
+        return build()
+    key = (batch, seqlen, device.index, torch.cuda.current_stream(device).cuda_stream)
+    cached = _UNIFORM_CU_SEQLENS.get(key)
+    if cached is None:
+        if len(_UNIFORM_CU_SEQLENS) >= _UNIFORM_CU_SEQLENS_MAX:
+            _UNIFORM_CU_SEQLENS.clear()
+        cached = _UNIFORM_CU_SEQLENS[key] = build()
+    return cached
 
 
 def _packed(layout: AttentionLayout, q, k, v, cu_seqlens_q, cu_seqlens_k):
@@ -425,6 +446,13 @@ def _cross_attention_fwd_op(
     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
     num_splits: int, deterministic: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         softmax_scale, num_splits, deterministic, backend)
+
+
+def _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                  num_splits, deterministic, backend):
+    """The forward custom op's implementation (also the eager function's forward)."""
     out, lse = _forward(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         softmax_scale, num_splits)
     _backend.note(OP_NAME, backend)
@@ -445,6 +473,13 @@ def _cross_attention_bwd_op(
     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
     deterministic: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, softmax_scale, deterministic, backend)
+
+
+def _backward_impl(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                   max_seqlen_k, softmax_scale, deterministic, backend):
+    """The backward custom op's implementation (also the eager function's backward)."""
     backend = _backward_backend(backend, dlse, q.device)
     grads = _backward(backend, dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                       max_seqlen_q, max_seqlen_k, softmax_scale, deterministic)
@@ -470,12 +505,22 @@ def _backward_formula(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _cross_attention_bwd_op(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k,
-                                         *ctx.params)
+    backward = _backward_impl if getattr(ctx, "eager", False) else _cross_attention_bwd_op
+    dq, dk, dv = backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
     return (dq, dk, dv) + (None,) * 8
 
 
 _cross_attention_fwd_op.register_autograd(_backward_formula, setup_context=_setup_context)
+_CrossAttentionFunction = _backend.eager_function("_CrossAttentionFunction", _forward_impl,
+                                                  _setup_context, _backward_formula)
+
+
+def _cross_attention_fwd(q, k, v, *args):
+    """The forward op for this call: the custom op, or in plain eager mode its autograd.Function
+    twin (the same functions, without torch.library's per-call host cost)."""
+    if _backend.eager_function_ok(q, k, v):
+        return _CrossAttentionFunction.apply(q, k, v, *args)
+    return _cross_attention_fwd_op(q, k, v, *args)
 
 
 def _attended_pairs(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int) -> int:
@@ -587,15 +632,33 @@ def cross_attention(
         cuda_ok=_cuda_ok(layout, q.dtype, q.device),
         triton_ok=_triton_ok(layout, q.dtype, q.device),
     )
-    out, lse = _cross_attention_fwd_op(*_packed(layout, q, k, v, cu_seqlens_q, cu_seqlens_k),
-                                       layout.max_seqlen_q, layout.max_seqlen_k, scale, num_splits,
-                                       deterministic, chosen)
+    out, lse = _cross_attention_fwd(*_packed(layout, q, k, v, cu_seqlens_q, cu_seqlens_k),
+                                    layout.max_seqlen_q, layout.max_seqlen_k, scale, num_splits,
+                                    deterministic, chosen)
     if layout.batched:
         out = out.reshape(q.shape)
-        lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
+        if return_lse:  # a copy (flash-attn's layout): only when asked for
+            lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
     if gate is not None:
         out = _apply_epilogue(out, gate, residual, _compute_dtype(q.dtype)).to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _stacked(name: str, value) -> torch.Tensor:
+    """A stacked tensor, or a list/tuple of tensors of one shape, dtype and device, stacked."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if not isinstance(value, (list, tuple)) or not value \
+            or not all(isinstance(t, torch.Tensor) for t in value):
+        raise TypeError(f"{name} must be a tensor or a non-empty list of tensors, got "
+                        f"{type(value).__name__}")
+    first = value[0]
+    for i, t in enumerate(value):
+        if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(f"{name}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}, {name}[0] "
+                             f"is {tuple(first.shape)} {first.dtype} on {first.device}: all must "
+                             "match")
+    return torch.stack(list(value))
 
 
 def merge_attention_states(
@@ -613,8 +676,12 @@ def merge_attention_states(
     keys) weigh nothing; when every partial is empty the result is 0 and ``-inf``, never NaN.
     Plain differentiable torch ops, on any device.
     """
-    outs = torch.stack(list(outs)) if not isinstance(outs, torch.Tensor) else outs
-    lses = torch.stack(list(lses)) if not isinstance(lses, torch.Tensor) else lses
+    outs, lses = _stacked("outs", outs), _stacked("lses", lses)
+    if not outs.dtype.is_floating_point or not lses.dtype.is_floating_point:
+        raise ValueError(f"outs and lses must be floating tensors, got {outs.dtype} and "
+                         f"{lses.dtype}")
+    if lses.device != outs.device:
+        raise ValueError(f"lses must be on outs' device {outs.device}, got {lses.device}")
     if outs.dim() < 4 or lses.dim() != outs.dim() - 1 \
             or lses.shape != (*outs.shape[:-3], outs.shape[-2], outs.shape[-3]):
         raise ValueError(f"outs must be [S, ..., total_q, H, D] and lses [S, ..., H, total_q], got "
@@ -660,7 +727,10 @@ def attention_weights(
     """
     layout = _check_inputs(q, k, k, cu_seqlens_q, cu_seqlens_k, None, None)
     scale = _check_scale(softmax_scale, layout.head_dim)
-    idx = torch.as_tensor(query_index, dtype=torch.long).reshape(-1).cpu()
+    idx = torch.as_tensor(query_index)
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError(f"query_index must hold integers, got dtype {idx.dtype}")
+    idx = idx.to(torch.long).reshape(-1).cpu()
     limit = layout.seqlen_q if layout.batched else layout.total_q
     if idx.numel() and (idx.min() < -limit or idx.max() >= limit):
         raise ValueError(f"query_index must index the {limit} queries, got {idx.tolist()}")
@@ -675,6 +745,8 @@ def attention_weights(
         expected_lse_shape = (layout.heads_q, layout.total_q)
     if lse is not None:
         _tensor("lse", lse)
+        if lse.device != q.device:
+            raise ValueError(f"lse must be on q's device {q.device}, got {lse.device}")
         if tuple(lse.shape) != expected_lse_shape:
             raise ValueError(f"lse must have shape {expected_lse_shape}, got {tuple(lse.shape)}")
         lse = lse.to(cdt)

@@ -221,6 +221,9 @@ def normalize_tokens(x: torch.Tensor, norm: str | None = "layernorm", eps: float
     norm_bias=beta``."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    x = _tensor("x", x)
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
     if norm is None:
         return x
     if norm == "layernorm":
@@ -436,6 +439,13 @@ def _mqa_shared_kv_op(
     q: torch.Tensor, x: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, num_splits: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _mqa_forward_impl(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             softmax_scale, num_splits, backend)
+
+
+def _mqa_forward_impl(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                      num_splits, backend):
+    """The forward custom op's implementation (also the eager function's forward)."""
     out, lse = _core_forward(backend, q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, softmax_scale, num_splits)
     _backend.note(CORE_OP_NAME, backend)
@@ -456,6 +466,13 @@ def _mqa_shared_kv_backward_op(
     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, num_splits: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _mqa_backward_impl(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, softmax_scale, num_splits, backend)
+
+
+def _mqa_backward_impl(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                       max_seqlen_k, softmax_scale, num_splits, backend):
+    """The backward custom op's implementation (also the eager function's backward)."""
     backend = _backward_backend(backend, q.device)
     grads = _core_backward(backend, dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k,
                            max_seqlen_q, max_seqlen_k, softmax_scale, num_splits)
@@ -481,40 +498,14 @@ def _backward_formula(ctx, grad_out, grad_lse):
     q, x, out, lse, cu_q, cu_k = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dx = _mqa_shared_kv_backward_op(grad_out, grad_lse, q, x, out, lse, cu_q, cu_k,
-                                        *ctx.params)
+    backward = _mqa_backward_impl if getattr(ctx, "eager", False) else _mqa_shared_kv_backward_op
+    dq, dx = backward(grad_out, grad_lse, q, x, out, lse, cu_q, cu_k, *ctx.params)
     return (dq, dx) + (None,) * 7
 
 
 _mqa_shared_kv_op.register_autograd(_backward_formula, setup_context=_setup_context)
-
-
-class _MqaSharedKvEager(torch.autograd.Function):
-    """The same forward and backward as the custom ops, for eager calls: torch.library's Python
-    dispatch costs tens of microseconds a call, as much as a decode step's kernel. Under
-    torch.compile (and export) the custom op is used instead."""
-
-    @staticmethod
-    def forward(ctx, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits, backend):
-        out, lse = _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
-                                 num_splits)
-        _backend.note(CORE_OP_NAME, backend)
-        ctx.params = (max_seqlen_q, max_seqlen_k, scale, num_splits, backend)
-        ctx.save_for_backward(q, x, out, lse, cu_q, cu_k)
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_lse):
-        q, x, out, lse, cu_q, cu_k = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        backend = _backward_backend(ctx.params[-1], q.device)
-        dq, dx = _core_backward(backend, grad_out, grad_lse, q, x, out, lse, cu_q, cu_k,
-                                *ctx.params[:-1])
-        _backend.note(CORE_OP_NAME + "_backward", backend)
-        return (dq, dx) + (None,) * 7
+_MqaSharedKvFunction = _backend.eager_function("_MqaSharedKvFunction", _mqa_forward_impl,
+                                               _setup_context, _backward_formula)
 
 
 def _core_ok(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device):
@@ -538,11 +529,13 @@ def _core_ok(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device):
 
 
 def _mqa_shared_kv(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits, backend):
-    if torch.compiler.is_compiling():
-        return _mqa_shared_kv_op(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits,
-                                 backend)
-    return _MqaSharedKvEager.apply(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
-                                   num_splits, backend)
+    """The core op for this call: the custom op, or in plain eager mode its autograd.Function
+    twin (the same functions, without torch.library's per-call host cost)."""
+    if _backend.eager_function_ok(q, x):
+        return _MqaSharedKvFunction.apply(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
+                                          num_splits, backend)
+    return _mqa_shared_kv_op(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits,
+                             backend)
 
 
 def shared_kv_attention(
@@ -587,7 +580,8 @@ def shared_kv_attention(
     out = out.squeeze(0)
     if layout.batched:
         out = out.reshape(q.shape)
-        lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
+        if return_lse:  # a copy (flash-attn's layout): only when asked for
+            lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
     return (out, lse) if return_lse else out
 
 
@@ -838,7 +832,8 @@ def projected_cross_attention(
         out = _ZeroGradFor.apply(out, b_k)
     if layout.batched:
         out = out.reshape(q.shape)
-        lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
+        if return_lse:  # a copy (flash-attn's layout): only when asked for
+            lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
     if not torch.compiler.is_compiling():
         _last_path["path"] = chosen_path
         _backend.note(OP_NAME, core_backend)

@@ -341,6 +341,9 @@ def token_pool_reference(x: torch.Tensor, spec: PoolSpec, *, compute_dtype=None)
     Computes in ``compute_dtype`` (default: float32, or float64 for float64 input) and returns
     that dtype; the torch back end casts the result to the input's dtype.
     """
+    if not isinstance(spec, PoolSpec):
+        raise TypeError(f"spec must be a PoolSpec (PoolSpec.make(grid, mode, ...)), got "
+                        f"{type(spec).__name__}")
     if compute_dtype is None:
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     lead = x.shape[:-3]
@@ -462,6 +465,14 @@ def _token_pool_op(
     padding: list[int], ceil_mode: bool, count_include_pad: bool, output_size: list[int],
     align_corners: bool, temporal_stride: int, need_argmax: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(x, grid, mode, kernel_size, stride, padding, ceil_mode,
+                         count_include_pad, output_size, align_corners, temporal_stride,
+                         need_argmax, backend)
+
+
+def _forward_impl(x, grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                  output_size, align_corners, temporal_stride, need_argmax, backend):
+    """The forward custom op's implementation (also the eager function's forward)."""
     spec = _spec_from_args(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
                            output_size, align_corners, temporal_stride)
     out, argmax = _forward(backend, x, spec, need_argmax)
@@ -485,6 +496,14 @@ def _token_pool_backward_op(
     count_include_pad: bool, output_size: list[int], align_corners: bool, temporal_stride: int,
     backend: str,
 ) -> torch.Tensor:
+    return _backward_impl(grad, argmax, frames_in, grid, mode, kernel_size, stride, padding,
+                          ceil_mode, count_include_pad, output_size, align_corners,
+                          temporal_stride, backend)
+
+
+def _backward_impl(grad, argmax, frames_in, grid, mode, kernel_size, stride, padding, ceil_mode,
+                   count_include_pad, output_size, align_corners, temporal_stride, backend):
+    """The backward custom op's implementation (also the eager function's backward)."""
     spec = _spec_from_args(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
                            output_size, align_corners, temporal_stride)
     grad_x = _backward(backend, grad, argmax, spec, frames_in)
@@ -508,33 +527,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_formula(ctx, grad_out, _grad_argmax):
     (argmax,) = ctx.saved_tensors
-    grad_x = _token_pool_backward_op(grad_out, argmax, ctx.frames_in, *ctx.spec_args, ctx.backend)
+    backward = _backward_impl if getattr(ctx, "eager", False) else _token_pool_backward_op
+    grad_x = backward(grad_out, argmax, ctx.frames_in, *ctx.spec_args, ctx.backend)
     return (grad_x,) + (None,) * 12
 
 
 _token_pool_op.register_autograd(_backward_formula, setup_context=_setup_context)
-
-
-class _TokenPoolEager(torch.autograd.Function):
-    """The same forward and backward as the custom op, for eager calls: torch.library's Python
-    dispatch costs tens of microseconds a call, as much as the kernel itself on short videos.
-    Under torch.compile (and export) the public function uses the custom op instead."""
-
-    @staticmethod
-    def forward(ctx, x, spec, need_argmax, backend):
-        out, argmax = _forward(backend, x, spec, need_argmax)
-        _backend.note(OP_NAME, backend)
-        ctx.spec, ctx.backend, ctx.frames_in = spec, backend, x.shape[1]
-        ctx.save_for_backward(argmax)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        (argmax,) = ctx.saved_tensors
-        grad_x = _backward(ctx.backend, grad_out, argmax, ctx.spec, ctx.frames_in)
-        _backend.note(OP_NAME + "_backward", ctx.backend)
-        return grad_x, None, None, None
+_TokenPoolFunction = _backend.eager_function("_TokenPoolFunction", _forward_impl, _setup_context,
+                                             _backward_formula)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,8 +616,7 @@ def token_pool(
     lead = x.shape[:-3]
     x4 = x.reshape(-1, *x.shape[-3:])
     need_argmax = spec.mode == "max" and torch.is_grad_enabled() and x.requires_grad
-    if torch.compiler.is_compiling():
-        out, _ = _token_pool_op(x4, *_spec_args(spec), need_argmax, chosen)
-    else:
-        out = _TokenPoolEager.apply(x4, spec, need_argmax, chosen)
+    # In plain eager mode the custom op's autograd.Function twin (no torch.library host cost).
+    pool = _TokenPoolFunction.apply if _backend.eager_function_ok(x4) else _token_pool_op
+    out, _ = pool(x4, *_spec_args(spec), need_argmax, chosen)
     return out.reshape(*lead, *out.shape[1:])

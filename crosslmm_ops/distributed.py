@@ -1,0 +1,732 @@
+"""crosslmm_ops.distributed: frame-sharded cross-attention and training on torch.distributed.
+
+Long videos outgrow one GPU: 1,000 frames are 729k original tokens. CrossLMM's cross-attention has
+few queries (the pooled visual tokens, the text) and many keys (every original token), so the
+natural split is by frames: each rank of a process group holds its frames' original tokens (and
+their K/V, or the raw tokens for the projection-fused path), every rank holds all the (small)
+queries, each computes attention over its key shard with its log-sum-exp, and the partial results
+are merged exactly by their LSE (the split-KV merge)::
+
+    m = all_reduce_max(lse_r),  w_r = exp(lse_r - m)
+    out = all_reduce_sum(w_r * out_r) / all_reduce_sum(w_r),   lse = m + log(all_reduce_sum(w_r))
+
+(a max of the LSE and one sum of ``(w_r * out_r, w_r)`` packed into one buffer, per call). A query
+whose keys all live elsewhere gets ``lse_r = -inf`` and weighs nothing; a query without keys
+anywhere gets 0 and ``-inf``, as :func:`~crosslmm_ops.cross_attention` gives a segment without keys.
+
+What is replicated and what is sharded:
+
+* **replicated** (the same on every rank): the queries ``q``, ``cu_seqlens_q``, the weights of the
+  projection-fused path (``w_k, w_v``, biases, the norm's parameters), the outputs ``out`` and
+  ``lse``, and the gradients that reach them (the loss is computed identically on every rank from
+  the replicated output, as in Megatron's tensor parallelism);
+* **sharded**: the keys and values ``k, v`` (or the tokens ``x``) of this rank's frames, with this
+  rank's ``cu_seqlens_k``: segment ``i`` holds this rank's part of key segment ``i`` (possibly
+  empty; every rank has the same number of segments).
+
+Backward, exactly: with the *global* ``out`` and ``lse``, the local attention's backward gives this
+rank's ``dk, dv`` exactly and its part of ``dq`` (``P = exp(S - lse)`` restricted to the local
+keys, ``delta = rowsum(dout * out) - dlse``); ``dq`` is the sum of the parts (one all-reduce). The
+materialised path does exactly that with the op's own backward kernels
+(:func:`sharded_cross_attention`); the projection-fused path composes the differentiable local op
+with the merge (:func:`sharded_projected_cross_attention`), whose reduction has an identity
+backward, and all-reduces the gradients of its replicated inputs (one buffer).
+
+Gradient conventions (``grad_scale``; :class:`FrameShard`'s ``gradients``):
+
+* ``"exact"`` (``grad_scale=1``, the ops' default): every rank holds the exact gradient of what it
+  holds: replicated inputs the full gradient (the same on every rank), shards their own. A
+  parameter that is applied to the local frames *outside* these ops (a vision tower, a projector,
+  a K/V projection on the materialised path) then holds this rank's part of its gradient: the
+  parts must be *summed* over the group, while parameters used only on replicated data must not.
+* ``"mean"`` (``grad_scale=world size``, :class:`FrameShard`'s default): the gradient flowing into
+  everything computed from the local frames is multiplied by the group size (the sharded keys,
+  values and tokens get ``world_size x`` their exact gradient). Replicated tensors still get their
+  exact gradient. Then the *average* over the ranks, which DDP and FSDP take, is the exact
+  gradient of every parameter, whichever side it is on. Use this to train.
+
+Frame-local attention (V2V with ``scope="frame"``) needs no communication at all when each rank
+holds whole frames *and their queries*: :func:`frame_local_cross_attention` (sharded in and out).
+Inside a model whose LLM sequence is replicated the frame-local queries are replicated too; their
+outputs then go through the same merge (a query's frame lives on one rank, so the merge returns that
+rank's result exactly, bit for bit).
+
+Module level: a :class:`FrameShard` describes how one batch's frames are split over the ranks;
+:meth:`FrameShard.memory` builds a :class:`~crosslmm_ops.nn.VisionMemory` holding only this
+rank's tokens, and every DCAL (:class:`~crosslmm_ops.nn.DualCrossAttention`) reading that memory
+runs the sharded attention. :class:`FrameShardedCrossLMM` wraps the reference model
+(:class:`~crosslmm_ops.models.CrossLMMForConditionalGeneration`): the vision tower runs on this
+rank's frames only, the pooled tokens (small) are all-gathered so every rank builds the same LLM
+sequence, and the memory is sharded. The LLM computation is replicated over the frame group; the
+data-parallel dimension is *between* frame groups (ranks of one frame group see the same samples).
+With ``gradients="mean"``, DDP or FSDP2 over all ranks averages correctly (see
+``python/train_distributed.py``).
+
+Collectives: the ops run on ``group`` (default: the default group). Inside DDP/FSDP training give
+the frame sharding its own group (:func:`frame_group`), so that its collectives, issued from
+autograd, can never interleave differently with DDP's or FSDP's on one communicator.
+Not supported: ``torch.compile`` through these functions (collectives and host reads), generation
+with a sharded memory (beam reordering), temporal pooling across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from crosslmm_ops import _backend
+from crosslmm_ops.ops import cross_attention as _ca
+from crosslmm_ops.ops.cross_attention import cross_attention
+from crosslmm_ops.ops.projected_attention import projected_cross_attention
+
+GRADIENTS = ("exact", "mean")
+OP_NAME = "sharded_cross_attention"
+PROJECTED_OP_NAME = "sharded_projected_cross_attention"
+
+
+# ----------------------------------------------------------------------------------------------
+# Groups
+# ----------------------------------------------------------------------------------------------
+
+
+def _require_initialized() -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("crosslmm_ops.distributed needs torch.distributed initialised: call "
+                           "torch.distributed.init_process_group first (torchrun sets the "
+                           "environment for it)")
+
+
+def _rank_and_size(group) -> tuple[int, int]:
+    _require_initialized()
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the given process group")
+    return rank, dist.get_world_size(group)
+
+
+_frame_groups: dict = {}
+
+
+def frame_group(ranks: Sequence[int] | None = None):
+    """A process group for frame sharding over ``ranks`` (default: all), created on first use and
+    cached. Creating a group is collective: every rank of the default group must call this, in
+    the same order (e.g. once at start-up). A dedicated group keeps the frame sharding's
+    collectives, which autograd issues during backward, apart from DDP's and FSDP's."""
+    _require_initialized()
+    key = tuple(range(dist.get_world_size())) if ranks is None else tuple(int(r) for r in ranks)
+    if key not in _frame_groups:
+        _frame_groups[key] = dist.new_group(list(key))
+    return _frame_groups[key]
+
+
+def _check_grad_scale(grad_scale) -> float:
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) \
+            or not math.isfinite(grad_scale) or grad_scale <= 0:
+        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
+    return float(grad_scale)
+
+
+def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Sums over ranks in float32 at least: adding bf16 partial sums would round at every rank.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives as autograd functions
+# ----------------------------------------------------------------------------------------------
+
+
+class _ReplicatedInputs(torch.autograd.Function):
+    """Replicated tensors entering this rank's local (sharded) computation: identity forward; the
+    backward sums their gradients over the group (one all-reduce of one flat buffer for all of
+    them, so every call issues exactly one collective) and divides by ``grad_scale``, which
+    undoes the scaling of the sharded side (``"mean"``), leaving the exact gradient."""
+
+    @staticmethod
+    def forward(ctx, group, grad_scale, *tensors):
+        ctx.group, ctx.grad_scale = group, grad_scale
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
+        if not wanted:
+            return (None, None) + (None,) * len(grads)
+        dtype = torch.float64 if any(grads[i].dtype == torch.float64 for i in wanted) \
+            else torch.float32
+        flat = torch.cat([grads[i].reshape(-1).to(dtype) for i in wanted])
+        dist.all_reduce(flat, group=ctx.group)
+        if ctx.grad_scale != 1.0:
+            flat = flat / ctx.grad_scale
+        out = [None] * len(grads)
+        offset = 0
+        for i in wanted:
+            n = grads[i].numel()
+            out[i] = flat[offset: offset + n].view(grads[i].shape).to(grads[i].dtype)
+            offset += n
+        return (None, None) + tuple(out)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``all_reduce(SUM)`` of a tensor each rank computed from its shard. Backward: every rank
+    holds the same gradient of the (replicated) sum, which is also the gradient of this rank's
+    term: passed through, times ``grad_scale``."""
+
+    @staticmethod
+    def forward(ctx, x, group, grad_scale):
+        ctx.grad_scale = grad_scale
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad * ctx.grad_scale if ctx.grad_scale != 1.0 else grad), None, None
+
+
+def _merge(out_r: torch.Tensor, lse_r: torch.Tensor, group, grad_scale: float):
+    """The global ``(out, lse)`` from this rank's partial ``(out_r, lse_r)`` (``out_r [..., S, H,
+    D]``, ``lse_r [..., H, S]``, either cross_attention layout). Differentiable in ``out_r`` and
+    ``lse_r`` (the reduction's backward is the identity times ``grad_scale``). ``out`` in
+    ``out_r``'s dtype, ``lse`` float32 (float64 for float64)."""
+    cdt = _reduce_dtype(out_r.dtype)
+    lse_r = lse_r.to(cdt)
+    # The common reference m only keeps exp() in range: out and lse do not depend on it (their
+    # derivative with respect to m is 0), so it is taken without a gradient.
+    top = lse_r.detach().clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    w = torch.exp(lse_r - top)  # an empty shard: exp(-inf) = 0, no NaN
+    weighted = w.transpose(-1, -2).unsqueeze(-1) * out_r.to(cdt)
+    flat = _SumOverRanks.apply(torch.cat([weighted.reshape(-1), w.reshape(-1)]), group,
+                               grad_scale)
+    num = flat[: weighted.numel()].view(weighted.shape)
+    den = flat[weighted.numel():].view(w.shape)
+    has_keys = den > 0
+    safe = torch.where(has_keys, den, torch.ones_like(den))
+    out = num / safe.transpose(-1, -2).unsqueeze(-1)
+    lse = torch.where(has_keys, top + torch.log(safe), torch.full_like(top, float("-inf")))
+    return out.to(out_r.dtype), lse
+
+
+class _ShardedAttention(torch.autograd.Function):
+    """Materialised sharded attention on the packed layout: the local forward kernel, the merge,
+    and a backward that runs the local backward kernel with the *global* ``out`` and ``lse``
+    (exact: see the module docstring) and all-reduces ``dq``. The CUDA backward kernel runs
+    whenever no gradient reaches the LSE, as for :func:`~crosslmm_ops.cross_attention`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, num_splits, deterministic, backend,
+                group, grad_scale):
+        out_r, lse_r = _ca._cross_attention_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, scale,
+                                                   num_splits, deterministic, backend)
+        out, lse = _merge(out_r, lse_r, group, 1.0)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.params = (max_q, max_k, scale, deterministic, backend)
+        ctx.group, ctx.grad_scale = group, grad_scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _ca._cross_attention_bwd_op(dout, dlse, q, k, v, out, lse, cu_q, cu_k,
+                                                 *ctx.params)
+        if ctx.needs_input_grad[0]:
+            total = dq.to(_reduce_dtype(dq.dtype))
+            dist.all_reduce(total, group=ctx.group)
+            dq = total.to(q.dtype)
+        else:
+            dq = None
+        if ctx.grad_scale != 1.0:
+            dk, dv = dk * ctx.grad_scale, dv * ctx.grad_scale
+        return (dq, dk, dv) + (None,) * 10
+
+
+# ----------------------------------------------------------------------------------------------
+# The ops
+# ----------------------------------------------------------------------------------------------
+
+
+def sharded_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    num_splits: int = 0,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    backend: str | None = None,
+    grad_scale: float = 1.0,
+):
+    """:func:`crosslmm_ops.cross_attention` with the keys and values sharded over the ranks of
+    ``group`` (default: the default group); the result is the one attention over all ranks' keys
+    would give, on every rank.
+
+    * ``q`` replicated (the same on every rank): ``(B, Sq, Hq, D)`` or packed ``(total_q, Hq, D)``
+      with ``cu_seqlens_q`` (the same on every rank);
+    * ``k, v`` this rank's shard: ``(B, Sk_r, Hk, D)`` (``Sk_r`` may differ between ranks, 0
+      included) or packed ``(total_k_r, Hk, D)`` with this rank's ``cu_seqlens_k`` (segment ``i``
+      = this rank's part of key segment ``i``, possibly empty); ``max_seqlen_k``: this rank's;
+    * returns ``out`` (``q``'s layout and dtype) and with ``return_lse=True`` the LSE over all
+      keys, replicated on every rank. A query without keys on any rank gets 0 and ``-inf``.
+
+    Differentiable: ``dq`` is the full gradient on every rank (one all-reduce in the backward),
+    ``dk, dv`` the exact gradient of this rank's shard times ``grad_scale`` (1: exact; the group
+    size: the ``"mean"`` convention of the module docstring). The gradient reaching ``out`` and
+    ``lse`` must be the same on every rank (a replicated loss). Collectives per call: two in the
+    forward (max of the LSE; one sum of the weighted outputs and weights), one in the backward.
+    ``softmax_scale``, ``num_splits``, ``deterministic``, ``backend``: as for
+    :func:`~crosslmm_ops.cross_attention`, for the local attention
+    (``last_backend("sharded_cross_attention")`` says which ran)."""
+    layout = _ca._check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = _ca._check_scale(softmax_scale, layout.head_dim)
+    if not _ca._is_int(num_splits) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
+    grad_scale = _check_grad_scale(grad_scale)
+    _rank_and_size(group)
+    chosen = _backend.resolve(OP_NAME, backend, q.device,
+                              cuda_ok=_ca._cuda_ok(layout, q.dtype, q.device),
+                              triton_ok=_ca._triton_ok(layout, q.dtype, q.device))
+    qp, kp, vp, cu_q, cu_k = _ca._packed(layout, q, k, v, cu_seqlens_q, cu_seqlens_k)
+    out, lse = _ShardedAttention.apply(qp, kp, vp, cu_q, cu_k, layout.max_seqlen_q,
+                                       layout.max_seqlen_k, scale, num_splits, deterministic,
+                                       chosen, group, grad_scale)
+    if layout.batched:
+        out = out.reshape(q.shape)
+        lse = _ca._lse_batched(lse, layout.batch, layout.seqlen_q)
+    _backend.note(OP_NAME, chosen)
+    return (out, lse) if return_lse else out
+
+
+def sharded_projected_cross_attention(
+    q: torch.Tensor,
+    x: torch.Tensor,
+    w_k: torch.Tensor,
+    w_v: torch.Tensor,
+    b_k: torch.Tensor | None = None,
+    b_v: torch.Tensor | None = None,
+    *,
+    group=None,
+    grad_scale: float = 1.0,
+    return_lse: bool = False,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    **kwargs,
+):
+    """:func:`crosslmm_ops.projected_cross_attention` with the tokens ``x`` sharded over the ranks
+    of ``group``: ``x`` (``(B, Sk_r, Dv)`` or packed ``(total_k_r, Dv)`` with this rank's
+    ``cu_seqlens_k``) holds this rank's tokens; ``q``, the weights, biases and norm parameters are
+    replicated. Every other argument (``softmax_scale``, ``cu_seqlens_q/k``, ``max_seqlen_q/k``,
+    ``norm``, ``norm_eps``, ``num_splits``, ``path``, ``backend``) as for that op, applied to the
+    local tokens.
+
+    Differentiable: ``q``, ``w_k``, ``w_v``, ``b_k``, ``b_v``, ``norm_weight``, ``norm_bias`` get
+    their full gradient on every rank (one all-reduce of one buffer in the backward), ``x`` the
+    exact gradient of its shard times ``grad_scale``. ``path="auto"`` decides from this rank's
+    shapes; the paths give the same function, and the collectives are the same whichever runs.
+    """
+    grad_scale = _check_grad_scale(grad_scale)
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
+    _rank_and_size(group)
+    names = ("q", "w_k", "w_v", "b_k", "b_v", "norm_weight", "norm_bias")
+    given = [(n, t) for n, t in zip(names, (q, w_k, w_v, b_k, b_v, norm_weight, norm_bias))
+             if t is not None]
+    for n, t in given:
+        _ca._tensor(n, t)
+    # Only the inputs that need a gradient pass through the (collective) backward; which ones do is
+    # the same on every rank.
+    tracked = [(n, t) for n, t in given if t.requires_grad and torch.is_grad_enabled()]
+    if tracked:
+        views = _ReplicatedInputs.apply(group, grad_scale, *(t for _, t in tracked))
+        replaced = dict(zip((n for n, _ in tracked), views))
+    else:
+        replaced = {}
+    get = lambda n, t: replaced.get(n, t)  # noqa: E731
+    out_r, lse_r = projected_cross_attention(
+        get("q", q), x, get("w_k", w_k), get("w_v", w_v), get("b_k", b_k), get("b_v", b_v),
+        norm_weight=get("norm_weight", norm_weight), norm_bias=get("norm_bias", norm_bias),
+        return_lse=True, **kwargs)
+    out, lse = _merge(out_r, lse_r, group, grad_scale)
+    _backend.note(PROJECTED_OP_NAME, _backend.last_backend("projected_cross_attention"))
+    return (out, lse) if return_lse else out
+
+
+def frame_local_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    queries_per_frame: int,
+    **kwargs,
+):
+    """Frame-local attention (V2V with ``scope="frame"``) when each rank holds whole frames *and
+    their queries*: ``q (F_r * queries_per_frame, Hq, D)``, ``k, v (F_r * N, Hk, D)`` for this
+    rank's ``F_r`` frames (0 allowed); query ``i`` attends to frame ``i // queries_per_frame``.
+    Sharded in and out, with no communication at all, forward or backward: each rank's result
+    is the rows of its frames. Gradients are this rank's (its frames' contribution to a
+    parameter's gradient, as in plain data parallelism). ``kwargs``: as for
+    :func:`~crosslmm_ops.cross_attention` (not ``cu_seqlens_*``)."""
+    if not _ca._is_int(queries_per_frame) or queries_per_frame < 1:
+        raise ValueError(f"queries_per_frame must be an int >= 1, got {queries_per_frame!r}")
+    for name in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"):
+        if name in kwargs:
+            raise ValueError(f"{name} is derived from queries_per_frame here; call "
+                             "cross_attention for other segments")
+    for name, t in (("q", q), ("k", k)):
+        _ca._tensor(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be packed (total, H, D), got {tuple(t.shape)}")
+    frames, rest = divmod(q.shape[0], queries_per_frame)
+    if rest:
+        raise ValueError(f"q has {q.shape[0]} rows, not a multiple of queries_per_frame="
+                         f"{queries_per_frame}")
+    if frames == 0:
+        if k.shape[0]:
+            raise ValueError(f"q holds no frames but k holds {k.shape[0]} tokens")
+        return q.new_zeros(q.shape) if not kwargs.get("return_lse") else \
+            (q.new_zeros(q.shape), q.new_zeros(q.shape[1], 0, dtype=_reduce_dtype(q.dtype)))
+    tokens, rest = divmod(k.shape[0], frames)
+    if rest:
+        raise ValueError(f"k has {k.shape[0]} rows, not a multiple of the {frames} frames of q")
+    cu_q = _ca._uniform_cu_seqlens(frames, queries_per_frame, q.device)
+    cu_k = _ca._uniform_cu_seqlens(frames, tokens, q.device)
+    return cross_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                           max_seqlen_q=queries_per_frame, max_seqlen_k=tokens, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Frames over ranks
+# ----------------------------------------------------------------------------------------------
+
+
+class _GatherFrames(torch.autograd.Function):
+    """All ranks' frame-major tensors ``(F_r, ...)`` concatenated in rank order (the global frame
+    order). Backward: this rank's rows of the (replicated) gradient, times ``grad_scale``."""
+
+    @staticmethod
+    def forward(ctx, local, group, counts, start, grad_scale):
+        ctx.start, ctx.stop, ctx.grad_scale = start, start + local.shape[0], grad_scale
+        width = max(counts)
+        if width == 0:
+            return local.new_zeros((0, *local.shape[1:]))
+        padded = local.new_zeros((width, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        mine = grad[ctx.start: ctx.stop]
+        return (mine * ctx.grad_scale if ctx.grad_scale != 1.0 else mine.clone()), None, None, \
+            None, None
+
+
+def _balanced(total: int, parts: int) -> list[int]:
+    return [total * (r + 1) // parts - total * r // parts for r in range(parts)]
+
+
+class FrameShard:
+    """How one batch's frames are split over the ranks of ``group``.
+
+    The frames of the batch are taken in order (sample 0's real frames, then sample 1's, ...: the
+    packed order of :class:`~crosslmm_ops.nn.VisionMemory`), ``F = sum(frames_per_sample)`` of
+    them, and rank ``r`` holds a contiguous run of ``frames_per_rank[r]`` (default: as even as
+    possible; a rank may hold none). A rank's run may cross samples.
+
+    * ``group``: the process group (default: :func:`frame_group` over all ranks, a group of its
+      own; pass the default group ``dist.group.WORLD`` to share it);
+    * ``gradients``: ``"mean"`` (default; for DDP/FSDP) or ``"exact"``, see the module docstring.
+
+    :meth:`local` takes this rank's frames out of a packed ``(F, ...)`` tensor, :meth:`gather`
+    puts all ranks' ``(F_r, ...)`` back together (differentiable), :meth:`memory` builds the
+    sharded :class:`~crosslmm_ops.nn.VisionMemory` every DCAL reads, and
+    :meth:`cross_attention` / :meth:`projected_cross_attention` are the sharded ops bound to the
+    group (what the DCALs call).
+    """
+
+    def __init__(self, frames_per_sample: Sequence[int], group=None, *,
+                 frames_per_rank: Sequence[int] | None = None, gradients: str = "mean"):
+        if gradients not in GRADIENTS:
+            raise ValueError(f"gradients must be one of {GRADIENTS}, got {gradients!r}")
+        frames = tuple(int(t) for t in frames_per_sample)
+        if not frames or any(t < 0 for t in frames):
+            raise ValueError(f"frames_per_sample must hold one int >= 0 per sample, got "
+                             f"{tuple(frames_per_sample)}")
+        self.group = frame_group() if group is None else group
+        self.rank, self.world_size = _rank_and_size(self.group)
+        total = sum(frames)
+        if frames_per_rank is None:
+            counts = _balanced(total, self.world_size)
+        else:
+            counts = [int(c) for c in frames_per_rank]
+            if len(counts) != self.world_size or any(c < 0 for c in counts) \
+                    or sum(counts) != total:
+                raise ValueError(f"frames_per_rank must hold one int >= 0 per rank "
+                                 f"({self.world_size}) summing to the {total} frames, got "
+                                 f"{tuple(frames_per_rank)}")
+        self.frames_per_sample = frames
+        self.frames_per_rank = tuple(counts)
+        self.gradients = gradients
+        self.grad_scale = float(self.world_size) if gradients == "mean" else 1.0
+        self.start = sum(counts[: self.rank])
+        self.stop = self.start + counts[self.rank]
+        local, offset = [], 0
+        for t in frames:
+            local.append(max(0, min(offset + t, self.stop) - max(offset, self.start)))
+            offset += t
+        self.local_frames_per_sample = tuple(local)
+
+    @property
+    def num_frames(self) -> int:
+        """``F``: the frames of the whole batch."""
+        return sum(self.frames_per_sample)
+
+    @property
+    def num_local_frames(self) -> int:
+        """This rank's frames."""
+        return self.stop - self.start
+
+    def local(self, packed: torch.Tensor) -> torch.Tensor:
+        """This rank's frames ``(F_r, ...)`` of a packed ``(F, ...)`` tensor (a view)."""
+        if not isinstance(packed, torch.Tensor) or packed.dim() < 1 \
+                or packed.shape[0] != self.num_frames:
+            raise ValueError(f"packed must be a tensor of the {self.num_frames} frames (F, ...), "
+                             f"got {getattr(packed, 'shape', type(packed).__name__)}")
+        return packed[self.start: self.stop]
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """All ranks' ``(F_r, ...)`` frames as ``(F, ...)``, on every rank (one all-gather).
+        Differentiable: this rank's rows of the gradient flow back, times ``grad_scale``."""
+        if not isinstance(local, torch.Tensor) or local.dim() < 1 \
+                or local.shape[0] != self.num_local_frames:
+            raise ValueError(f"local must hold this rank's {self.num_local_frames} frames "
+                             f"(F_r, ...), got {getattr(local, 'shape', type(local).__name__)}")
+        return _GatherFrames.apply(local, self.group, self.frames_per_rank, self.start,
+                                   self.grad_scale)
+
+    def memory(self, tokens: torch.Tensor, tokens_per_frame: int, pooled_per_frame: int, *,
+               cache_kv: bool = False):
+        """The :class:`~crosslmm_ops.nn.VisionMemory` of this rank: ``tokens (F_r * N, Dv)``,
+        this rank's frames back to back. Its segments index the local tokens (sample ``b``'s
+        local frames; one per global frame, empty for the frames of other ranks), its
+        ``frames_per_sample`` are the global ones (the LLM sequence holds every frame's pooled
+        tokens), and every DCAL reading it runs the sharded attention over ``group``."""
+        from crosslmm_ops.nn.memory import VisionMemory
+
+        N = int(tokens_per_frame)
+        device = tokens.device
+        cu = [0]
+        for t in self.local_frames_per_sample:
+            cu.append(cu[-1] + t * N)
+        frame_cu = [0]
+        for f in range(self.num_frames):
+            frame_cu.append(frame_cu[-1] + (N if self.start <= f < self.stop else 0))
+        return VisionMemory(
+            tokens=tokens,
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+            frame_cu_seqlens=torch.tensor(frame_cu, dtype=torch.int32, device=device),
+            frames_per_sample=self.frames_per_sample,
+            tokens_per_frame=N,
+            pooled_per_frame=pooled_per_frame,
+            max_seqlen=max(self.local_frames_per_sample, default=0) * N,
+            cache_kv=cache_kv,
+            frame_shard=self,
+        )
+
+    def cross_attention(self, q, k, v, **kwargs):
+        """:func:`sharded_cross_attention` over this shard's group and gradient convention."""
+        return sharded_cross_attention(q, k, v, group=self.group, grad_scale=self.grad_scale,
+                                       **kwargs)
+
+    def projected_cross_attention(self, q, x, w_k, w_v, b_k=None, b_v=None, **kwargs):
+        """:func:`sharded_projected_cross_attention` over this shard's group and convention."""
+        return sharded_projected_cross_attention(q, x, w_k, w_v, b_k, b_v, group=self.group,
+                                                 grad_scale=self.grad_scale, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"FrameShard(rank={self.rank}/{self.world_size}, frames {self.start}:{self.stop} "
+                f"of {self.num_frames}, frames_per_rank={self.frames_per_rank}, "
+                f"gradients={self.gradients!r})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference model, frame-sharded
+# ----------------------------------------------------------------------------------------------
+
+
+class FrameShardedCrossLMM(nn.Module):
+    """A :class:`~crosslmm_ops.models.CrossLMMForConditionalGeneration` whose video is sharded by
+    frames over ``group``: wrap it, then wrap this in DDP or apply FSDP2 as usual.
+
+    Per forward: this rank's frames go through the vision tower (or are taken as encoder
+    tokens), are pooled and projected, and the pooled tokens of all ranks are all-gathered (one
+    small collective) so that every rank builds the same LLM sequence; the original tokens stay
+    on their rank as a sharded :class:`~crosslmm_ops.nn.VisionMemory`, so every DCAL runs the
+    sharded attention. The LLM runs, replicated, on every rank of the group: the data-parallel
+    dimension is between groups. Logits and loss are the unsharded model's (up to rounding).
+
+    ``gradients``: ``"mean"`` (default: after DDP's/FSDP's average over the ranks every gradient
+    is exact) or ``"exact"``; see the module docstring. ``group``: default :func:`frame_group`
+    (all ranks, a group of its own). Training forward only (no cache, no generation).
+    """
+
+    def __init__(self, model: nn.Module, group=None, *, gradients: str = "mean"):
+        super().__init__()
+        from crosslmm_ops.models import CrossLMMForConditionalGeneration
+
+        if not isinstance(model, CrossLMMForConditionalGeneration):
+            raise ValueError(f"model must be a CrossLMMForConditionalGeneration, got "
+                             f"{type(model).__name__}")
+        if gradients not in GRADIENTS:
+            raise ValueError(f"gradients must be one of {GRADIENTS}, got {gradients!r}")
+        if model.model.pooling.temporal_stride != 1:
+            raise NotImplementedError("temporal pooling would mix frames of different ranks")
+        self.model = model
+        self.group = frame_group() if group is None else group
+        self.gradients = gradients
+
+    def frame_shard(self, frames_per_sample: Sequence[int],
+                    frames_per_rank: Sequence[int] | None = None) -> FrameShard:
+        return FrameShard(frames_per_sample, self.group, frames_per_rank=frames_per_rank,
+                          gradients=self.gradients)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values_videos: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        video_frame_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        frames_per_sample: Sequence[int] | None = None,
+        frames_per_rank: Sequence[int] | None = None,
+        logits_to_keep: int = 0,
+    ):
+        """The model's training forward (``input_ids``, ``attention_mask``, ``position_ids``,
+        ``labels`` replicated on every rank of the group), with the video given either
+
+        * whole, on every rank: ``pixel_values_videos (B, T, 3, H, W)`` or ``vision_features (B,
+          T, N, Dv)`` (+ ``video_frame_mask (B, T)``); this rank takes its frames, or
+        * already sharded: ``frames_per_sample`` (the batch's frame counts) and the video as this
+          rank's frames only, packed ``(F_r, 3, H, W)`` / ``(F_r, N, Dv)`` (the frames
+          :class:`FrameShard` assigns to this rank with ``frames_per_rank``).
+
+        Returns the model's output (``loss``, ``logits``, ``vision_memory``: this rank's)."""
+        from crosslmm_ops.models.crosslmm import CrossLMMCausalLMOutputWithPast, DCALInputs
+
+        outer, inner = self.model, self.model.model
+        config = inner.config
+        if (pixel_values_videos is None) == (vision_features is None):
+            raise ValueError("give exactly one of pixel_values_videos and vision_features")
+        pixels = pixel_values_videos is not None
+        video = pixel_values_videos if pixels else vision_features
+        if not isinstance(video, torch.Tensor):
+            raise ValueError(f"the video must be a tensor, got {type(video).__name__}")
+        if frames_per_sample is None:
+            if video.dim() != (5 if pixels else 4):
+                raise ValueError(f"the whole video must be (B, T, ...), got {tuple(video.shape)}")
+            B, T = video.shape[:2]
+            frames = inner._frame_mask(video_frame_mask, B, T)
+            packed = video.reshape(B * T, *video.shape[2:]) if video_frame_mask is None \
+                else video[video_frame_mask.to(video.device)]
+            shard = self.frame_shard(frames, frames_per_rank)
+            local = shard.local(packed)
+        else:
+            if video_frame_mask is not None:
+                raise ValueError("video_frame_mask is for the whole video; with frames_per_sample "
+                                 "the video is this rank's frames")
+            shard = self.frame_shard(frames_per_sample, frames_per_rank)
+            local = video
+            if local.dim() != (4 if pixels else 3) or local.shape[0] != shard.num_local_frames:
+                raise ValueError(f"with frames_per_sample the video must hold this rank's "
+                                 f"{shard.num_local_frames} frames packed (F_r, ...), got "
+                                 f"{tuple(local.shape)}")
+        if shard.num_frames == 0:  # no video anywhere: the plain model
+            return outer(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, labels=labels, use_cache=False,
+                         logits_to_keep=logits_to_keep)
+        if input_ids.shape[0] != len(shard.frames_per_sample):
+            raise ValueError(f"the video has {len(shard.frames_per_sample)} samples, input_ids "
+                             f"{input_ids.shape[0]}")
+
+        # This rank's frames only through the tower (a batch of one video of F_r frames).
+        empty = local.shape[0] == 0
+        if empty:
+            # Neither SigLIP nor token_pool runs on no frames. A rank without frames runs its
+            # vision side on one blank frame and keeps none of it (adding 0 x its sum): the
+            # parameters then take part in the backward on every rank (zero gradients here),
+            # as DDP and FSDP expect.
+            local = local.new_zeros(1, *local.shape[1:])
+        key = "pixel_values_videos" if pixels else "vision_features"
+        features, _ = inner.get_video_features(**{key: local.unsqueeze(0)})
+        features = features.to(inner.multi_modal_projector.linear_1.weight.dtype)
+        pooled = inner.multi_modal_projector(inner.pooling(features))
+        if empty:
+            features = features[:0] + 0 * features.sum()
+            pooled = pooled[:0] + 0 * pooled.sum()
+        pooled = shard.gather(pooled)
+        inputs_embeds = inner.get_input_embeddings()(input_ids)
+        visual_mask = inner._visual_mask(input_ids, list(shard.frames_per_sample))
+        inputs_embeds = inputs_embeds.masked_scatter(visual_mask.unsqueeze(-1),
+                                                     pooled.to(inputs_embeds.dtype))
+        flat = features.reshape(-1, features.shape[-1])
+        if config.dcal_keys == "projected":
+            flat = inner.multi_modal_projector(flat)
+        memory = shard.memory(flat.to(inputs_embeds.dtype), config.tokens_per_frame,
+                              inner.pooling.tokens_out)
+
+        dcal_inputs = None
+        if inner.language_model.dcal_layers:
+            # As CrossLMMModel.forward: T2V at the text positions (not padding), V2V at the
+            # pooled ones.
+            if not (config.dcal_t2v and config.dcal_t2v_enabled):
+                text_mask = torch.zeros_like(visual_mask)
+            else:
+                text_mask = ~visual_mask
+                if attention_mask is not None and attention_mask.dim() == 2:
+                    text_mask = text_mask & attention_mask.to(torch.bool)
+            checkpointing = (inner.language_model.gradient_checkpointing and self.training
+                             and torch.is_grad_enabled())
+            dcal_inputs = DCALInputs(memory, visual_mask, text_mask, checkpointing)
+        outputs = inner.language_model(attention_mask=attention_mask, position_ids=position_ids,
+                                       inputs_embeds=inputs_embeds, use_cache=False,
+                                       crosslmm_dcal_inputs=dcal_inputs)
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = outer.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = outer.loss_function(logits=logits, labels=labels,
+                                       vocab_size=config.text_config.vocab_size)
+        return CrossLMMCausalLMOutputWithPast(loss=loss, logits=logits, vision_memory=memory)
+
+
+__all__ = [
+    "GRADIENTS",
+    "FrameShard",
+    "FrameShardedCrossLMM",
+    "frame_group",
+    "frame_local_cross_attention",
+    "sharded_cross_attention",
+    "sharded_projected_cross_attention",
+]
