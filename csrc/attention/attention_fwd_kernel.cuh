@@ -260,62 +260,118 @@ __global__ void __launch_bounds__(32 * kNWarps)
   }
 }
 
-// Merge the splits' partial results. One warp per (query token, query head); lane l owns channels
-// 4l..4l+3. CTA index: token tile (kCombineWarps tokens) fastest, then head, then segment.
+// Merge the splits' partial results: one CTA per (query token, query head), CTA index token
+// fastest, then head, then segment. Its threads share out the splits: the LSE max and sum are
+// block reductions, and each warp accumulates every kCombineWarps-th split's partial output over
+// all channels (lane l owns channels 4l..4l+3), then the warps' sums are added. Decode runs up to
+// 128 splits for a single row; one warp walking them all was a chain of dependent global loads
+// (14 us for 88 splits against a 59 us attention kernel).
 constexpr int kCombineWarps = 4;
+constexpr int kCombineThreads = 32 * kCombineWarps;
+
+__device__ __forceinline__ float warp_all_max(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+__device__ __forceinline__ float warp_all_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(32 * kCombineWarps)
-    attention_forward_combine_kernel(const AttentionForwardParams p, int token_tiles) {
+__global__ void __launch_bounds__(kCombineThreads)
+    attention_forward_combine_kernel(const AttentionForwardParams p) {
   static_assert(kHeadDim % 4 == 0 && kHeadDim <= 128, "a warp covers at most 128 channels");
+  __shared__ float block_max[kCombineWarps];
+  __shared__ float block_sum[kCombineWarps];
+  __shared__ float weights[kCombineThreads];
+  __shared__ float4 warp_acc[kCombineWarps][32];
+
   int64_t cta = blockIdx.x;
-  const int tile = static_cast<int>(cta % token_tiles);
-  cta /= token_tiles;
+  const int local = static_cast<int>(cta % p.max_seqlen_q);
+  cta /= p.max_seqlen_q;
   const int head = static_cast<int>(cta % p.num_heads_q);
   const int b = static_cast<int>(cta / p.num_heads_q);
   const Segment qs = segment_bounds(p.cu_seqlens_q, b, p.total_q);
-  const int local = tile * kCombineWarps + static_cast<int>(threadIdx.x) / 32;
-  if (local >= qs.length) return;
+  if (local >= qs.length) return;  // the whole CTA: the barriers below see every thread
   const int token = qs.begin + local;
-  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32, lane = tid % 32;
 
   const int64_t split_stride = static_cast<int64_t>(p.num_heads_q) * p.total_q;  // rows per split
   const int64_t row = static_cast<int64_t>(head) * p.total_q + token;
+  const float* const split_lse = p.lse_partial + row;
 
   // fmaxf drops NaN, so a split whose inputs held a NaN is tracked apart and poisons the merge.
   float lse_max = -INFINITY;
   bool nan_seen = false;
-  for (int s = 0; s < p.num_splits; ++s) {
-    const float split_lse = p.lse_partial[row + s * split_stride];
-    nan_seen |= isnan(split_lse);
-    lse_max = fmaxf(lse_max, split_lse);
+  for (int s = tid; s < p.num_splits; s += kCombineThreads) {
+    const float l = split_lse[s * split_stride];
+    nan_seen |= isnan(l);
+    lse_max = fmaxf(lse_max, l);
   }
+  nan_seen = __syncthreads_or(nan_seen);
+  lse_max = warp_all_max(lse_max);
+  if (lane == 0) block_max[warp] = lse_max;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kCombineWarps; ++w) lse_max = fmaxf(lse_max, block_max[w]);
+
   float lse = nan_seen ? NAN : -INFINITY;
-  if (lse_max != -INFINITY || nan_seen) {
+  if (lse_max != -INFINITY || nan_seen) {  // the same in every thread
     float sum = 0.f;
-    for (int s = 0; s < p.num_splits; ++s)
-      sum += expf(p.lse_partial[row + s * split_stride] - lse_max);
+    for (int s = tid; s < p.num_splits; s += kCombineThreads)
+      sum += expf(split_lse[s * split_stride] - lse_max);
+    sum = warp_all_sum(sum);
+    if (lane == 0) block_sum[warp] = sum;
+    __syncthreads();
+    sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kCombineWarps; ++w) sum += block_sum[w];
     lse = lse_max + logf(sum);
   }
 
-  T* const o = static_cast<T*>(p.out) + static_cast<int64_t>(token) * p.out_token_stride +
-               static_cast<int64_t>(head) * p.out_head_stride;
   const int c = lane * 4;
-  if (c < kHeadDim) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    if (lse != -INFINITY) {  // no keys anywhere: out stays 0
-      for (int s = 0; s < p.num_splits; ++s) {
-        const int64_t split_row = row + s * split_stride;
-        const float weight = expf(p.lse_partial[split_row] - lse);  // 0 for empty splits
-        const float4 x = *reinterpret_cast<const float4*>(p.out_partial + split_row * kHeadDim + c);
-        acc[0] = fmaf(weight, x.x, acc[0]);
-        acc[1] = fmaf(weight, x.y, acc[1]);
-        acc[2] = fmaf(weight, x.z, acc[2]);
-        acc[3] = fmaf(weight, x.w, acc[3]);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (lse != -INFINITY) {  // no keys anywhere: out stays 0 (a NaN lse makes every weight NaN)
+    for (int base = 0; base < p.num_splits; base += kCombineThreads) {
+      __syncthreads();  // the previous chunk's weights are consumed
+      const int s = base + tid;
+      weights[tid] = s < p.num_splits ? expf(split_lse[s * split_stride] - lse) : 0.f;  // 0: empty
+      __syncthreads();
+      const int count = min(kCombineThreads, p.num_splits - base);
+      if (c < kHeadDim) {
+#pragma unroll 4
+        for (int j = warp; j < count; j += kCombineWarps) {
+          const float weight = weights[j];
+          const int64_t split_row = row + static_cast<int64_t>(base + j) * split_stride;
+          const float4 x =
+              *reinterpret_cast<const float4*>(p.out_partial + split_row * kHeadDim + c);
+          acc[0] = fmaf(weight, x.x, acc[0]);
+          acc[1] = fmaf(weight, x.y, acc[1]);
+          acc[2] = fmaf(weight, x.z, acc[2]);
+          acc[3] = fmaf(weight, x.w, acc[3]);
+        }
       }
     }
-    store4(o + c, acc);
   }
+  warp_acc[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int w = 1; w < kCombineWarps; ++w) {
+    const float4 x = warp_acc[w][lane];
+    acc[0] += x.x;
+    acc[1] += x.y;
+    acc[2] += x.z;
+    acc[3] += x.w;
+  }
+  T* const o = static_cast<T*>(p.out) + static_cast<int64_t>(token) * p.out_token_stride +
+               static_cast<int64_t>(head) * p.out_head_stride;
+  if (c < kHeadDim) store4(o + c, acc);
   if (lane == 0) p.lse[row] = lse;
 }
 

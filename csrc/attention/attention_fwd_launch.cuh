@@ -15,6 +15,17 @@
 namespace crosslmm {
 namespace attention {
 
+// Launches the combine kernel over p's partial results (p.num_splits > 1), on `stream`.
+template <typename T, int kHeadDim>
+void launch_attention_forward_combine(const AttentionForwardParams& p, cudaStream_t stream) {
+  const int64_t ctas = static_cast<int64_t>(p.max_seqlen_q) * p.num_heads_q * p.batch;
+  if (ctas == 0) return;
+  TORCH_CHECK(ctas <= 0x7fffffff, "attention_forward: combine grid too large (", ctas, " CTAs)");
+  attention_forward_combine_kernel<T, kHeadDim>
+      <<<static_cast<unsigned>(ctas), kCombineThreads, 0, stream>>>(p);
+  CROSSLMM_CHECK_LAUNCH();
+}
+
 template <typename T, int kHeadDim, int kNWarps>
 void launch_attention_forward(const AttentionForwardParams& p, cudaStream_t stream) {
   using Tile = ForwardTile<kHeadDim, kNWarps>;
@@ -36,16 +47,7 @@ void run_attention_forward(const AttentionForwardParams& p, int block_m, cudaStr
   } else {
     launch_attention_forward<T, kHeadDim, 8>(p, stream);
   }
-  if (p.num_splits > 1) {
-    const int64_t token_tiles =
-        (static_cast<int64_t>(p.max_seqlen_q) + kCombineWarps - 1) / kCombineWarps;
-    const int64_t ctas = token_tiles * p.num_heads_q * p.batch;
-    TORCH_CHECK(ctas <= 0x7fffffff, "attention_forward: combine grid too large (", ctas, " CTAs)");
-    attention_forward_combine_kernel<T, kHeadDim>
-        <<<static_cast<unsigned>(ctas), 32 * kCombineWarps, 0, stream>>>(
-            p, static_cast<int>(token_tiles));
-    CROSSLMM_CHECK_LAUNCH();
-  }
+  if (p.num_splits > 1) launch_attention_forward_combine<T, kHeadDim>(p, stream);
 }
 
 template <typename T, int kHeadDim>
@@ -58,12 +60,18 @@ int attention_forward_ctas_per_sm(int block_m) {
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, threads, smem_bytes));
     return ctas > 0 ? ctas : 1;
   };
+  // Asked once per kernel and process (thread-safe statics): the occupancy query costs host time
+  // on every short call otherwise. (Assumes the process's GPUs are all of one kind.)
   if (block_m == 64) {
     using Tile = ForwardTile<kHeadDim, 4>;
-    return query(attention_forward_kernel<T, kHeadDim, 4>, Tile::kThreads, Tile::kSmemBytes);
+    static const int ctas64 =
+        query(attention_forward_kernel<T, kHeadDim, 4>, Tile::kThreads, Tile::kSmemBytes);
+    return ctas64;
   }
   using Tile = ForwardTile<kHeadDim, 8>;
-  return query(attention_forward_kernel<T, kHeadDim, 8>, Tile::kThreads, Tile::kSmemBytes);
+  static const int ctas128 =
+      query(attention_forward_kernel<T, kHeadDim, 8>, Tile::kThreads, Tile::kSmemBytes);
+  return ctas128;
 }
 
 }  // namespace attention

@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "attention/attention_fwd_kernel.cuh"  // the split-KV combine kernel
+#include "attention/attention_fwd_launch.cuh"  // the split-KV combine kernel and its launch
 #include "attention/attention_fwd_sm90_kernel.cuh"
 #include "attention/attention_params.h"
 #include "common/check.h"
@@ -118,17 +118,7 @@ bool run_attention_forward_sm90(const AttentionForwardParams& p, cudaStream_t st
                                                                                    map_v);
   CROSSLMM_CHECK_LAUNCH();
 
-  if (p.num_splits > 1) {
-    const int64_t token_tiles =
-        (static_cast<int64_t>(p.max_seqlen_q) + kCombineWarps - 1) / kCombineWarps;
-    const int64_t combine_ctas = token_tiles * p.num_heads_q * p.batch;
-    TORCH_CHECK(combine_ctas <= 0x7fffffff, "attention_forward: combine grid too large (",
-                combine_ctas, " CTAs)");
-    attention_forward_combine_kernel<T, kHeadDim>
-        <<<static_cast<unsigned>(combine_ctas), 32 * kCombineWarps, 0, stream>>>(
-            p, static_cast<int>(token_tiles));
-    CROSSLMM_CHECK_LAUNCH();
-  }
+  if (p.num_splits > 1) launch_attention_forward_combine<T, kHeadDim>(p, stream);
   return true;
 }
 
