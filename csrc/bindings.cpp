@@ -30,6 +30,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_forward(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double softmax_scale, int64_t num_splits);
 std::string attention_forward_kernel_name();
+std::string attention_backward_kernel_name();
 }  // namespace crosslmm
 
 #ifndef CROSSLMM_CUDA_ARCHS
@@ -89,6 +90,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward_kernel_name", &crosslmm::attention_forward_kernel_name,
         "Which forward kernel the last attention_forward call on this thread ran: 'sm90_wgmma', "
         "'mma_sync', or 'none' (nothing to compute).");
+  m.def("attention_backward_kernel_name", &crosslmm::attention_backward_kernel_name,
+        "Which backward the last attention_backward call on this thread ran: 'sm90_wgmma' (wgmma "
+        "dK/dV and dQ kernels), 'sm90_dkdv' (wgmma dK/dV, mma.sync dQ), 'mma_sync', or 'none' "
+        "(nothing to compute).");
   m.def("attention_backward", guarded(&crosslmm::attention_backward),
         "Varlen cross-attention backward: writes dq, dk, dv (always deterministic).",
         pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),

@@ -17,7 +17,10 @@
 // bf16, head dims 64 and 128.
 //
 // The backward is deterministic whatever `deterministic` says: no kernel uses atomics (see
-// attention_bwd_kernel.cuh), so repeated calls give bitwise-equal gradients.
+// attention_bwd_kernel.cuh), so repeated calls give bitwise-equal gradients. On an sm_90 GPU the
+// wgmma + TMA backward (attention_bwd_sm90_kernel.cuh) runs instead for head dim 128 when the
+// environment variable CROSSLMM_ATTENTION_BWD_SM90 allows it ("0", "1", "dkdv", "auto"; unset =
+// kSm90BwdDefaultMode below: auto); attention_backward_kernel_name() says which ran.
 //
 // Forward kernels: the mma.sync kernel (attention_fwd_kernel.cuh) everywhere, or on an sm_90 GPU
 // the wgmma + TMA kernel (attention_fwd_sm90_kernel.cuh) for head dim 128 and softmax_scale > 0
@@ -36,10 +39,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <atomic>
 #include <limits>
 #include <string>
 #include <string_view>
 
+#include "attention/attention_bwd_sm90.h"
 #include "attention/attention_params.h"
 #include "common/check.h"
 
@@ -221,9 +226,44 @@ int64_t sm90_key_splits(int64_t ctas, int64_t key_tiles, int64_t sms) {
 
 thread_local const char* last_forward_kernel = "none";
 
+// ---------------------------------------------------------------------------------------------
+// The Hopper (sm_90a) backward (attention_bwd_sm90_kernel.cuh: wgmma + TMA dK/dV and dQ kernels,
+// the Delta preprocess from the mma.sync file): when to use it. CROSSLMM_ATTENTION_BWD_SM90: "0"
+// never; "1" whenever it can run (sm_90 GPU, a 90a build, head dim 128, strides TMA accepts);
+// "dkdv" the same but with the mma.sync dQ kernel (a diagnostic: isolates the two sm90 kernels);
+// "auto" as "1" when the query segments are long enough for the head-major 64/128-row query tiles
+// (max_seqlen_q >= 64; shorter sets fill the mma.sync kernels' GQA-packed rows better). Unset:
+// kSm90BwdDefaultMode, auto (since the kernels passed tests/test_attention_bwd_sm90.py and the
+// cuda-marked suite on an H100). Read on every call; attention_backward_kernel_name() says what
+// the last call (in any thread) ran.
+// ---------------------------------------------------------------------------------------------
+
+enum class Sm90BwdMode { kOff, kAuto, kOn, kDkDvOnly };
+constexpr Sm90BwdMode kSm90BwdDefaultMode = Sm90BwdMode::kAuto;
+constexpr int64_t kSm90BwdAutoMinSeqlenQ = 64;
+
+Sm90BwdMode sm90_backward_mode(const char* op) {
+  const char* env = std::getenv("CROSSLMM_ATTENTION_BWD_SM90");
+  if (env == nullptr || env[0] == '\0') return kSm90BwdDefaultMode;
+  const std::string_view value(env);
+  if (value == "0") return Sm90BwdMode::kOff;
+  if (value == "1") return Sm90BwdMode::kOn;
+  if (value == "dkdv") return Sm90BwdMode::kDkDvOnly;
+  if (value == "auto") return Sm90BwdMode::kAuto;
+  TORCH_CHECK(false, op, ": CROSSLMM_ATTENTION_BWD_SM90 must be 0, 1, dkdv or auto, got '", value,
+              "'");
+  return Sm90BwdMode::kOff;
+}
+
+// Process-wide, not per thread like the forward's: autograd runs a CUDA backward on its own device
+// thread, so the caller could never read a thread-local value.
+std::atomic<const char*> last_backward_kernel{"none"};
+
 }  // namespace
 
 std::string attention_forward_kernel_name() { return last_forward_kernel; }
+
+std::string attention_backward_kernel_name() { return last_backward_kernel.load(); }
 
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        at::Tensor& out, at::Tensor& lse, const at::Tensor& cu_seqlens_q,
@@ -415,6 +455,7 @@ void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::T
   // A bound larger than the whole packed dimension is allowed (as in flash-attn) but means no more.
   max_seqlen_q = std::min(max_seqlen_q, total_q);
   max_seqlen_k = std::min(max_seqlen_k, total_k);
+  last_backward_kernel = "none";
   if (batch == 0) return;
 
   const c10::cuda::CUDAGuard guard(q.device());
@@ -466,6 +507,29 @@ void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::T
   p.num_n_blocks = static_cast<int>(ceil_div64(max_seqlen_k, kBlockN));
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+
+  // Hopper: wgmma + TMA dK/dV and dQ kernels (after the mma.sync Delta kernel; "dkdv": the
+  // mma.sync dQ kernel instead). It returns false, launching nothing, when TMA cannot describe the
+  // tensors; the mma.sync backward then runs.
+  if (attention::attention_forward_sm90_compiled() && head_dim == 128) {
+    const Sm90BwdMode mode = sm90_backward_mode(op);
+    if ((mode == Sm90BwdMode::kOn || mode == Sm90BwdMode::kDkDvOnly ||
+         (mode == Sm90BwdMode::kAuto && max_seqlen_q >= kSm90BwdAutoMinSeqlenQ)) &&
+        device_is_sm90(q.get_device())) {
+      const bool wgmma_dq = mode != Sm90BwdMode::kDkDvOnly;
+      const int sms = multiprocessor_count();
+      const bool launched =
+          q.scalar_type() == at::kHalf
+              ? attention::run_attention_backward_sm90<__half, 128>(p, wgmma_dq, sms, stream)
+              : attention::run_attention_backward_sm90<__nv_bfloat16, 128>(p, wgmma_dq, sms,
+                                                                           stream);
+      if (launched) {
+        last_backward_kernel = wgmma_dq ? "sm90_wgmma" : "sm90_dkdv";
+        return;
+      }
+    }
+  }
+  last_backward_kernel = "mma_sync";
 
   dispatch_dtype_head_dim(op, q.scalar_type(), head_dim, [&]<typename T, int kHeadDim>() {
     attention::run_attention_backward<T, kHeadDim>(p, stream);
