@@ -27,6 +27,7 @@ POOL_CASES = [
     ("adaptive", dict(output_size=4)),
     ("bilinear", dict(output_size=(5, 4), align_corners=True)),
 ]
+print("sanitize_kernels: section token_pool", flush=True)
 for dtype in (torch.bfloat16, torch.float32):
     for channels in (64, 37):  # 37: the narrow-vector path
         base = torch.randn(2, 5, 81, channels, device="cuda", dtype=dtype)
@@ -38,6 +39,7 @@ for dtype in (torch.bfloat16, torch.float32):
                 runs += 2
 torch.cuda.synchronize()
 
+print("sanitize_kernels: section attention", flush=True)
 attention = getattr(crosslmm_ops, "cross_attention", None)
 ext = crosslmm_ops._backend.extension()
 if attention is not None and ext is not None and hasattr(ext, "attention_forward"):
@@ -53,6 +55,7 @@ if attention is not None and ext is not None and hasattr(ext, "attention_forward
     # The sm90 forward (auto: head dim 128 with >= 64 query rows; fp16 and bf16; a key tail, GQA,
     # varlen with an empty segment, splits) and the same calls on mma.sync (SM90=0).
     kernels = set()
+    print("sanitize_kernels: section attention sm90/mma", flush=True)
     for sm90 in ("auto", "0"):
         os.environ["CROSSLMM_ATTENTION_SM90"] = sm90
         for dtype in (torch.bfloat16, torch.float16):
@@ -75,6 +78,7 @@ if attention is not None and ext is not None and hasattr(ext, "attention_forward
         torch.cuda.synchronize()
     os.environ.pop("CROSSLMM_ATTENTION_SM90", None)
     print(f"sanitize_kernels: attention forward kernels run: {sorted(kernels)}")
+print("sanitize_kernels: section projected", flush=True)
 if ext is not None and hasattr(ext, "projected_attention_forward"):
     # The projection-fused attention core (csrc/projected/), called directly: 16- and 32-row tiles
     # (1 and 3 queries x 12 heads), Dv with idle warps and a half k-step (64, 200) and the large-Dv
@@ -91,6 +95,7 @@ if ext is not None and hasattr(ext, "projected_attention_forward"):
                 ext.projected_attention_forward(qq, x, cu_q, cu_k, 3, 100, 0.1, splits)
                 runs += 2 if splits == 3 else 1  # 3 splits: forward + combine
     torch.cuda.synchronize()
+print("sanitize_kernels: section projected", flush=True)
 if ext is not None and hasattr(ext, "projected_attention_forward"):
     # Through the public op: the fused path's forward on CUDA (its backward runs on Triton),
     # frame-local segments and a decode row against a long segment, with splits.

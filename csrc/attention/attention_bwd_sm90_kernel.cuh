@@ -13,11 +13,9 @@
 // CTA = (128-key tile, kv head, segment), 3 warpgroups:
 //   warpgroup 0, producer: thread 0 loads K and V (128 keys x 128 channels) once by TMA, then
 //       streams the query tiles (64 query rows x 128 channels of Q and of dO) by TMA into a
-//       kStages-deep ring; warp 1 writes each tile's lse (log2 units, +inf for rows past the
-//       segment end, so their P is exactly 0) and Delta into the same stage. The tiles walk the
-//       kv head's group head by head (head-major: a TMA box is 64 consecutive tokens of one head),
-//       64 query rows at a time. Per stage: qdo_full (TMA bytes), stats_full (32 arrivals of warp
-//       1), empty (one arrival per consumer warp, 8).
+//       kStages-deep ring. The tiles walk the kv head's group head by head (head-major: a TMA box
+//       is 64 consecutive tokens of one head), 64 query rows at a time. Per stage: qdo_full (TMA
+//       bytes), empty (one arrival per consumer warp, 8).
 //   warpgroups 1 and 2, consumers: keys 64c .. 64c + 63 of the tile each. Per query tile:
 //         S^T  = K Q^T            wgmma m64n64k16 x 8, K and Q from shared memory (K-major)
 //         dP^T = V dO^T           wgmma m64n64k16 x 8, V and dO from shared memory (K-major)
@@ -28,12 +26,21 @@
 //         dS^T = P^T * (dP^T - Delta)                          (while dV's GEMM runs)
 //         dK  += dS^T Q           wgmma m64n128k16 x 4, the same with Q
 //       then release the stage. The two consumer warpgroups run unsynchronised, so one's exp2 /
-//       elementwise work overlaps the other's GEMMs.
+//       elementwise work overlaps the other's GEMMs. Each consumer warpgroup stages its own copy
+//       of the tile's lse (log2 units, +inf for rows past the segment end, so their P is exactly
+//       0) and Delta: thread r < 64 loads row r's lse, thread 64 + r its Delta, one tile ahead
+//       (into a register, so the global load's latency hides behind a whole tile), stores it at
+//       the tile's start into one of two buffers, and the warpgroup meets at a named barrier
+//       before reading. Double buffering makes that one barrier per tile enough: buffer b is
+//       rewritten two tiles later, after every thread has passed the next tile's barrier, i.e.
+//       finished reading. (An earlier version had a producer warp write the stats and signal an
+//       mbarrier: correct, but compute-sanitizer's racecheck reported it, as it does not follow
+//       mbarrier ordering of plain shared-memory stores.)
 //
 // Shared memory (1024-byte aligned): K, V (32 KB each: two [128 keys][64 channels] halves), then
 // Q[kStages], dO[kStages] (16 KB each: two [64 rows][64 channels] halves), all in TMA's 128-byte
-// swizzle (the canonical wgmma layout, see make_smem_desc_sw128), then lse / Delta [kStages][64]
-// fp32 each, then the mbarriers.
+// swizzle (the canonical wgmma layout, see make_smem_desc_sw128), then the consumers' lse / Delta
+// buffers [consumer][2][lse 64 | Delta 64] fp32, then the mbarriers.
 //
 // Segment edges. TMA zero-fills only past the end of the whole tensor, so a query tile's rows may
 // run into the next segment: the consumers zero those rows of Q and dO in shared memory before
@@ -79,10 +86,10 @@ struct Sm90BackwardDkDvConfig {
   static constexpr int kVOffset = kKVTileBytes;
   static constexpr int kQOffset = 2 * kKVTileBytes;
   static constexpr int kDOOffset = kQOffset + kStages * kRowTileBytes;
-  static constexpr int kLseOffset = kDOOffset + kStages * kRowTileBytes;
-  static constexpr int kDeltaOffset = kLseOffset + kStages * kBlockM * 4;
-  static constexpr int kBarrierOffset = kDeltaOffset + kStages * kBlockM * 4;
-  static constexpr int kNumBarriers = 1 + 3 * kStages;  // kv_full; qdo_full, stats_full, empty
+  static constexpr int kStatsOffset = kDOOffset + kStages * kRowTileBytes;
+  static constexpr int kStatsBytes = 2 * 2 * 2 * kBlockM * 4;  // [consumer][buffer][lse | Delta]
+  static constexpr int kBarrierOffset = kStatsOffset + kStatsBytes;
+  static constexpr int kNumBarriers = 1 + 2 * kStages;  // kv_full; qdo_full, empty
   // + 1024: the dynamic shared memory base is only 16-byte aligned; the kernel rounds it up.
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kNumBarriers + 1024;
   // Register split (setmaxnreg): 128 * 24 + 256 * 240 = 64512 <= 65536, the launch's 384 * 168.
@@ -141,13 +148,11 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t sV = base + Cfg::kVOffset;
   auto sQ = [&](int stage) { return base + Cfg::kQOffset + stage * Cfg::kRowTileBytes; };
   auto sdO = [&](int stage) { return base + Cfg::kDOOffset + stage * Cfg::kRowTileBytes; };
-  float* const s_lse = reinterpret_cast<float*>(base_ptr + Cfg::kLseOffset);      // [stage][64]
-  float* const s_delta = reinterpret_cast<float*>(base_ptr + Cfg::kDeltaOffset);  // [stage][64]
+  float* const s_stats = reinterpret_cast<float*>(base_ptr + Cfg::kStatsOffset);
   const uint32_t bars = base + Cfg::kBarrierOffset;
   const uint32_t kv_full = bars;
   auto qdo_full = [&](int stage) { return bars + 8u * (1 + stage); };
-  auto stats_full = [&](int stage) { return bars + 8u * (1 + kStages + stage); };
-  auto empty = [&](int stage) { return bars + 8u * (1 + 2 * kStages + stage); };
+  auto empty = [&](int stage) { return bars + 8u * (1 + kStages + stage); };
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warpgroup = tid / 128;
@@ -158,7 +163,6 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(qdo_full(s), 1);     // the producer's arrive.expect_tx, then the TMA bytes
-      mbarrier_init(stats_full(s), 32);  // every lane of producer warp 1
       mbarrier_init(empty(s), 8);        // one arrival per consumer warp
     }
     fence_barrier_init();
@@ -196,32 +200,6 @@ __global__ void __launch_bounds__(384, 1)
         tma_load_3d(sdO(stage), &tmap_dout, qdo_full(stage), 0, head, row);
         tma_load_3d(sdO(stage) + kRowHalf, &tmap_dout, qdo_full(stage), 64, head, row);
       }
-    } else if (warp == 1) {
-      for (int i = 0; i < count; ++i) {
-        const int stage = i % kStages;
-        const int head = first_head + i / m_tiles;
-        const int m0 = (i % m_tiles) * kBlockM;
-        // Load first (global latency), then wait for the stage, then store.
-        float lse_log2[2], delta[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = lane + 32 * h;
-          lse_log2[h] = INFINITY;  // rows past the segment end: P = exp2(S - inf) = 0
-          delta[h] = 0.f;
-          if (m0 + r < qs.length) {
-            const int64_t at = static_cast<int64_t>(head) * p.total_q + qs.begin + m0 + r;
-            lse_log2[h] = p.lse[at] * kLog2e;
-            delta[h] = p.delta[at];
-          }
-        }
-        mbarrier_wait(empty(stage), ((i / kStages) & 1) ^ 1);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          s_lse[stage * kBlockM + lane + 32 * h] = lse_log2[h];
-          s_delta[stage * kBlockM + lane + 32 * h] = delta[h];
-        }
-        mbarrier_arrive(stats_full(stage));  // release: orders the stores above
-      }
     }
   } else {
     // --------------------------------------------------------------------------------------------
@@ -244,17 +222,33 @@ __global__ void __launch_bounds__(384, 1)
     const uint32_t k_rows = sK + consumer * Cfg::kKeysPerWarpgroup * 128;
     const uint32_t v_rows = sV + consumer * Cfg::kKeysPerWarpgroup * 128;
 
+    // Query tile j's lse (log2 units; +inf past the segment end) for wg_tid < 64, else its Delta
+    // (0 past the end), row wg_tid % 64: what this thread stages for tile j.
+    auto load_stat = [&](int j) {
+      const int head = first_head + j / m_tiles;
+      const int row = (j % m_tiles) * kBlockM + wg_tid % 64;
+      const bool is_lse = wg_tid < 64;
+      if (row >= qs.length) return is_lse ? INFINITY : 0.f;
+      const int64_t at = static_cast<int64_t>(head) * p.total_q + qs.begin + row;
+      return is_lse ? p.lse[at] * kLog2e : p.delta[at];
+    };
+    float* const my_stats = s_stats + consumer * 2 * 2 * kBlockM;  // [buffer][lse 64 | Delta 64]
+
     if (count > 0) {
+      float stat_next = load_stat(0);
       mbarrier_wait(kv_full, 0);
       for (int i = 0; i < count; ++i) {
         const int stage = i % kStages;
         const uint32_t parity = (i / kStages) & 1;
         const uint32_t q_tile = sQ(stage);
         const uint32_t do_tile = sdO(stage);
-        const float* const lse_log2 = s_lse + stage * kBlockM;
-        const float* const delta = s_delta + stage * kBlockM;
+        float* const stats = my_stats + (i % 2) * 2 * kBlockM;
+        stats[wg_tid] = stat_next;
+        if (i + 1 < count) stat_next = load_stat(i + 1);  // used at the next tile's start
+        named_barrier_sync(Cfg::kWarpgroupBarrier + consumer, 128);  // the stats are in place
+        const float* const lse_log2 = stats;
+        const float* const delta = stats + kBlockM;
         mbarrier_wait(qdo_full(stage), parity);
-        mbarrier_wait(stats_full(stage), parity);
 
         const int rows_valid = qs.length - (i % m_tiles) * kBlockM;  // >= 1
         if (rows_valid < kBlockM) {
