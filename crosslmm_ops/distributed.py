@@ -222,8 +222,10 @@ class _ShardedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, num_splits, deterministic, backend,
                 group, grad_scale):
-        out_r, lse_r = _ca._cross_attention_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, scale,
-                                                   num_splits, deterministic, backend)
+        # The custom op's implementation, not the op: inside this Function there is no autograd
+        # to record, and torch.library's dispatch costs host time per call.
+        out_r, lse_r = _ca._forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, num_splits,
+                                         deterministic, backend)
         out, lse = _merge(out_r, lse_r, group, 1.0)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.params = (max_q, max_k, scale, deterministic, backend)
@@ -236,8 +238,7 @@ class _ShardedAttention(torch.autograd.Function):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _ca._cross_attention_bwd_op(dout, dlse, q, k, v, out, lse, cu_q, cu_k,
-                                                 *ctx.params)
+        dq, dk, dv = _ca._backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
         if ctx.needs_input_grad[0]:
             total = dq.to(_reduce_dtype(dq.dtype))
             dist.all_reduce(total, group=ctx.group)

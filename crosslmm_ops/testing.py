@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -49,3 +50,43 @@ def fast_backends(device: str | torch.device) -> list[str]:
     dev = torch.device(device)
     return [name for name, check in (("cuda", _backend.cuda_runnable), ("triton", _backend.triton_runnable))
             if check(dev)[0]]
+
+
+def cu_seqlens(lengths, device: str | torch.device = "cpu") -> torch.Tensor:
+    """int32 ``cu_seqlens`` ``[0, l0, l0 + l1, ...]`` of the segment ``lengths``."""
+    bounds = [0] + torch.tensor(list(lengths), dtype=torch.int64).cumsum(0).tolist()
+    return torch.tensor(bounds, dtype=torch.int32, device=device)
+
+
+@contextlib.contextmanager
+def env_value(name: str, value: str | None) -> Iterator[None]:
+    """Set (or, with ``None``, unset) environment variable ``name`` inside the block, restoring it
+    after: for the switches the extension reads on every call (``CROSSLMM_ATTENTION_SM90`` ...)."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def sm90_skip_reason(binding: str) -> str | None:
+    """Why the Hopper (sm_90a) kernels cannot be tested here (``None`` when they can): a CUDA GPU of
+    compute capability 9.0 and an extension built for 90a that has ``binding``."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    ext = _backend.extension()
+    if ext is None or not hasattr(ext, binding):
+        return f"needs crosslmm_ops._C built with {binding}"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return f"needs an sm_90 GPU (H100/H200), got sm_{major}{minor}"
+    if "90a" not in _backend.extension_archs():
+        return f"the extension was built for sm_{', sm_'.join(_backend.extension_archs())}, not 90a"
+    return None

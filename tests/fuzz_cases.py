@@ -17,10 +17,7 @@ from short lists, so a few hundred distinct shapes reuse a few dozen compiled ke
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-import os
 import random
 from typing import Callable
 
@@ -45,10 +42,10 @@ from crosslmm_ops.nn import (
     VisionMemory,
 )
 from crosslmm_ops.ops.projected_attention import last_path
-from crosslmm_ops.testing import non_contiguous, poison_outputs
+from crosslmm_ops.testing import env_value, non_contiguous, poison_outputs
 from test_cross_attention import check_backend as check_attention
 from test_cross_attention import cu_seqlens, max_err, rounding
-from test_nn import Ref, check_grads, positions_of, randomize, ref_branch, ref_dcal
+from test_nn import Ref, positions_of, randomize, ref_branch, ref_dcal
 from test_projected_attention import check_public as check_projected
 from test_projected_attention import problem as projected_problem
 from test_token_pool import check_backend as check_pool
@@ -135,22 +132,6 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
         if t.shape[dim] > 1 and t.numel() > 0:
             return non_contiguous(t, dim=dim)
     return t
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str | None):
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def describe(case: dict) -> dict:
@@ -477,7 +458,7 @@ def run_flash(backend: str, case: dict, device: str) -> None:
     direct = [t.detach().requires_grad_(True) for t in (q, k, v)]
     kw = dict(softmax_scale=case["scale"], deterministic=case["deterministic"],
               return_attn_probs=case["probs"])
-    with _env(_backend.ENV_VAR, backend), poison_outputs():
+    with env_value(_backend.ENV_VAR, backend), poison_outputs():
         if case["varlen"]:
             mq, mk = max(case["lens_q"]), max(case["lens_k"])
             result = flash_attn_varlen_func(*leaves, cu_q, cu_k, mq, mk, **kw)

@@ -23,7 +23,7 @@ reduction of repeated k / v would).
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import os
 import subprocess
@@ -33,6 +33,8 @@ import pytest
 import torch
 
 from crosslmm_ops import _backend
+from crosslmm_ops.testing import cu_seqlens as cu_seqlens_on
+from crosslmm_ops.testing import env_value, sm90_skip_reason
 
 ENV = "CROSSLMM_ATTENTION_BWD_SM90"
 SM90 = "sm90_wgmma"
@@ -50,22 +52,10 @@ def _extension():
     return ext
 
 
-def _why_not_runnable() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    if _extension() is None:
-        return "needs crosslmm_ops._C built with attention_backward_kernel_name"
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) != (9, 0):
-        return f"needs an sm_90 GPU (H100/H200), got sm_{major}{minor}"
-    if "90a" not in _backend.extension_archs():
-        return f"the extension was built for sm_{', sm_'.join(_backend.extension_archs())}, not 90a"
-    return None
-
-
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(_why_not_runnable() is not None, reason=str(_why_not_runnable())),
+    pytest.mark.skipif(sm90_skip_reason("attention_backward_kernel_name") is not None,
+                       reason=str(sm90_skip_reason("attention_backward_kernel_name"))),
 ]
 
 
@@ -74,26 +64,7 @@ pytestmark = [
 # ----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def env_value(name: str, value: str | None):
-    """Set (or, with None, unset) an environment variable the extension reads on every call."""
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
-def cu_seqlens(lengths) -> torch.Tensor:
-    bounds = [0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()
-    return torch.tensor(bounds, dtype=torch.int32, device="cuda")
+cu_seqlens = functools.partial(cu_seqlens_on, device="cuda")
 
 
 def make_inputs(lens_q, lens_k, hq, hk, dtype):

@@ -12,6 +12,7 @@ Every test needs a GPU and an extension built with the attention kernels.
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import sys
 import pytest
 import torch
 
+from crosslmm_ops.testing import cu_seqlens as cu_seqlens_on
 from crosslmm_ops import _backend
 
 
@@ -48,9 +50,7 @@ HQ, HK = 12, 2  # CrossLMM-2B: 12 query heads, 2 kv heads
 # ----------------------------------------------------------------------------------------------
 
 
-def cu_seqlens(lengths) -> torch.Tensor:
-    bounds = [0] + torch.tensor(lengths).cumsum(0).tolist()
-    return torch.tensor(bounds, dtype=torch.int32, device="cuda")
+cu_seqlens = functools.partial(cu_seqlens_on, device="cuda")
 
 
 def segment_lengths(sq: int, sk: int) -> tuple[list[int], list[int]]:

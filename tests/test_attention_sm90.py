@@ -20,7 +20,7 @@ The (2304, 186624) case (CrossLMM-2B V2V at 256 frames) is marked slow: run it w
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import os
 import subprocess
@@ -30,6 +30,8 @@ import pytest
 import torch
 
 from crosslmm_ops import _backend
+from crosslmm_ops.testing import cu_seqlens as cu_seqlens_on
+from crosslmm_ops.testing import env_value, sm90_skip_reason
 
 ENV = "CROSSLMM_ATTENTION_SM90"
 SM90 = "sm90_wgmma"
@@ -45,22 +47,10 @@ def _extension():
     return ext
 
 
-def _why_not_runnable() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    if _extension() is None:
-        return "needs crosslmm_ops._C built with attention_forward_kernel_name"
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) != (9, 0):
-        return f"needs an sm_90 GPU (H100/H200), got sm_{major}{minor}"
-    if "90a" not in _backend.extension_archs():
-        return f"the extension was built for sm_{', sm_'.join(_backend.extension_archs())}, not 90a"
-    return None
-
-
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(_why_not_runnable() is not None, reason=str(_why_not_runnable())),
+    pytest.mark.skipif(sm90_skip_reason("attention_forward_kernel_name") is not None,
+                       reason=str(sm90_skip_reason("attention_forward_kernel_name"))),
 ]
 
 
@@ -69,23 +59,12 @@ pytestmark = [
 # ----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def sm90_mode(value: str):
     """Set CROSSLMM_ATTENTION_SM90 (read by the extension on every call) for the block."""
-    old = os.environ.get(ENV)
-    os.environ[ENV] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = old
+    return env_value(ENV, value)
 
 
-def cu_seqlens(lengths) -> torch.Tensor:
-    bounds = [0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()
-    return torch.tensor(bounds, dtype=torch.int32, device="cuda")
+cu_seqlens = functools.partial(cu_seqlens_on, device="cuda")
 
 
 def make_inputs(lens_q, lens_k, hq, hk, d, dtype):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import crosslmm_ops
+from crosslmm_ops.testing import cu_seqlens
 from crosslmm_ops import (
     attention_weights,
     cross_attention,
@@ -43,11 +44,6 @@ def triton_cpu() -> bool:
 
 
 needs_interpreter = pytest.mark.skipif(not triton_cpu(), reason="needs TRITON_INTERPRET=1")
-
-
-def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32,
-                        device=device)
 
 
 def varlen_inputs(lens_q, lens_k, hq, hk, d, dtype=torch.float32, device="cpu"):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import crosslmm_ops
+from crosslmm_ops.testing import cu_seqlens
 from crosslmm_ops import _backend, cross_attention_reference
 from crosslmm_ops.ops import projected_attention as pa
 from crosslmm_ops.ops.projected_attention import (
@@ -44,11 +45,6 @@ def triton_cpu() -> bool:
 
 
 needs_interpreter = pytest.mark.skipif(not triton_cpu(), reason="needs TRITON_INTERPRET=1")
-
-
-def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
-    return torch.tensor([0] + list(torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()),
-                        dtype=torch.int32, device=device)
 
 
 def max_err(actual, expected) -> float:

@@ -16,6 +16,7 @@ Every test needs a GPU and an extension built with ``projected_attention_forward
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import sys
 import pytest
 import torch
 
+from crosslmm_ops.testing import cu_seqlens as cu_seqlens_on
 from crosslmm_ops import _backend
 
 
@@ -54,9 +56,7 @@ FRAME = 729      # SigLIP tokens per frame
 # ----------------------------------------------------------------------------------------------
 
 
-def cu_seqlens(lengths) -> torch.Tensor:
-    bounds = [0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()
-    return torch.tensor(bounds, dtype=torch.int32, device="cuda")
+cu_seqlens = functools.partial(cu_seqlens_on, device="cuda")
 
 
 def make_inputs(lens_q, lens_k, heads, dv, dtype):
