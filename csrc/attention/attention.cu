@@ -224,6 +224,50 @@ int64_t sm90_key_splits(int64_t ctas, int64_t key_tiles, int64_t sms) {
   return best;
 }
 
+// The forward parameters both forward kernels share, and the split-KV scratch they write when
+// `splits` > 1, allocated into `scratch` (the caller keeps it until the launches are queued). The
+// caller sets the tiling: rows_per_query, head_ctas, num_m_blocks.
+AttentionForwardParams forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      at::Tensor& out, at::Tensor& lse,
+                                      const at::Tensor& cu_seqlens_q,
+                                      const at::Tensor& cu_seqlens_k, int64_t batch,
+                                      int64_t max_seqlen_q, int64_t splits, float scale_log2,
+                                      at::Tensor (&scratch)[2]) {
+  const int64_t heads_q = q.size(1), total_q = q.size(0);
+  if (splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    scratch[0] = at::empty({splits, heads_q, total_q, q.size(2)}, f32);
+    scratch[1] = at::empty({splits, heads_q, total_q}, f32);
+  }
+  AttentionForwardParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.out_partial = splits > 1 ? scratch[0].data_ptr<float>() : nullptr;
+  p.lse_partial = splits > 1 ? scratch[1].data_ptr<float>() : nullptr;
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.q_token_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.k_token_stride = k.stride(0);
+  p.k_head_stride = k.stride(1);
+  p.v_token_stride = v.stride(0);
+  p.v_head_stride = v.stride(1);
+  p.out_token_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.batch = static_cast<int>(batch);
+  p.num_heads_q = static_cast<int>(heads_q);
+  p.num_heads_k = static_cast<int>(k.size(1));
+  p.total_q = static_cast<int>(total_q);
+  p.total_k = static_cast<int>(k.size(0));
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.num_splits = static_cast<int>(splits);
+  p.scale_log2 = scale_log2;
+  return p;
+}
+
 thread_local const char* last_forward_kernel = "none";
 
 // ---------------------------------------------------------------------------------------------
@@ -305,41 +349,12 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
           num_splits == 0
               ? sm90_key_splits(ctas, key_tiles, multiprocessor_count())
               : std::min({num_splits, std::max<int64_t>(1, key_tiles), kMaxSplits});
-      at::Tensor out_partial, lse_partial;
-      if (splits > 1) {
-        const auto f32 = q.options().dtype(at::kFloat);
-        out_partial = at::empty({splits, heads_q, total_q, head_dim}, f32);
-        lse_partial = at::empty({splits, heads_q, total_q}, f32);
-      }
-      AttentionForwardParams p{};
-      p.q = q.data_ptr();
-      p.k = k.data_ptr();
-      p.v = v.data_ptr();
-      p.out = out.data_ptr();
-      p.lse = lse.data_ptr<float>();
-      p.out_partial = splits > 1 ? out_partial.data_ptr<float>() : nullptr;
-      p.lse_partial = splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
-      p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
-      p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-      p.q_token_stride = q.stride(0);
-      p.q_head_stride = q.stride(1);
-      p.k_token_stride = k.stride(0);
-      p.k_head_stride = k.stride(1);
-      p.v_token_stride = v.stride(0);
-      p.v_head_stride = v.stride(1);
-      p.out_token_stride = out.stride(0);
-      p.out_head_stride = out.stride(1);
-      p.batch = static_cast<int>(batch);
-      p.num_heads_q = static_cast<int>(heads_q);
-      p.num_heads_k = static_cast<int>(heads_k);
-      p.total_q = static_cast<int>(total_q);
-      p.total_k = static_cast<int>(total_k);
+      at::Tensor scratch[2];
+      AttentionForwardParams p = forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                batch, max_seqlen_q, splits, scale_log2, scratch);
       p.rows_per_query = 1;
       p.head_ctas = static_cast<int>(heads_q);
-      p.max_seqlen_q = static_cast<int>(max_seqlen_q);
       p.num_m_blocks = static_cast<int>(m_blocks);
-      p.num_splits = static_cast<int>(splits);
-      p.scale_log2 = scale_log2;
       bool launched = false;
       if (q.scalar_type() == at::kHalf) {
         launched = attention::run_attention_forward_sm90<__half, 128>(p, stream);
@@ -388,42 +403,12 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     splits = std::min({num_splits, std::max<int64_t>(1, key_tiles), kMaxSplits});
   }
 
-  at::Tensor out_partial, lse_partial;
-  if (splits > 1) {
-    const auto f32 = q.options().dtype(at::kFloat);
-    out_partial = at::empty({splits, heads_q, total_q, head_dim}, f32);
-    lse_partial = at::empty({splits, heads_q, total_q}, f32);
-  }
-
-  AttentionForwardParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.out_partial = splits > 1 ? out_partial.data_ptr<float>() : nullptr;
-  p.lse_partial = splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
-  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
-  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-  p.q_token_stride = q.stride(0);
-  p.q_head_stride = q.stride(1);
-  p.k_token_stride = k.stride(0);
-  p.k_head_stride = k.stride(1);
-  p.v_token_stride = v.stride(0);
-  p.v_head_stride = v.stride(1);
-  p.out_token_stride = out.stride(0);
-  p.out_head_stride = out.stride(1);
-  p.batch = static_cast<int>(batch);
-  p.num_heads_q = static_cast<int>(heads_q);
-  p.num_heads_k = static_cast<int>(heads_k);
-  p.total_q = static_cast<int>(total_q);
-  p.total_k = static_cast<int>(total_k);
+  at::Tensor scratch[2];
+  AttentionForwardParams p = forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch,
+                                            max_seqlen_q, splits, scale_log2, scratch);
   p.rows_per_query = static_cast<int>(rows_per_query);
   p.head_ctas = static_cast<int>(head_ctas);
-  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
   p.num_m_blocks = static_cast<int>(ceil_div64(rows, block_m));
-  p.num_splits = static_cast<int>(splits);
-  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
 
   dispatch_dtype_head_dim(op, q.scalar_type(), head_dim, [&]<typename T, int kHeadDim>() {
     attention::run_attention_forward<T, kHeadDim>(p, block_m, stream);
