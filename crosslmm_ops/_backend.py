@@ -149,22 +149,30 @@ def resolve(
     backend: str | None,
     device: torch.device,
     *,
-    cuda_ok: tuple[bool, str] | None = None,
-    triton_ok: tuple[bool, str] | None = None,
+    cuda_ok=None,
+    triton_ok=None,
 ) -> str:
     """Pick the back end for one call of ``op`` on ``device``.
 
     ``cuda_ok`` / ``triton_ok`` let an op add its own limits (dtype, head dim ...) on top of what is
-    installed: ``(False, reason)`` excludes that back end for this call.
+    installed: ``(False, reason)`` excludes that back end for this call. Either may be a
+    zero-argument callable returning that pair, evaluated only when the back end is considered
+    (a call that asks for ``cuda`` never pays for the Triton check: host time of short calls).
     """
     wanted = requested_backend(backend)
-    checks = {
-        "cuda": cuda_ok if cuda_ok is not None else cuda_runnable(device),
-        "triton": triton_ok if triton_ok is not None else triton_runnable(device),
-        "torch": (True, ""),
-    }
+    defaults = {"cuda": cuda_runnable, "triton": triton_runnable}
+    given = {"cuda": cuda_ok, "triton": triton_ok}
+
+    def check(name: str) -> tuple[bool, str]:
+        if name == "torch":
+            return True, ""
+        ok = given[name]
+        if ok is None:
+            return defaults[name](device)
+        return ok() if callable(ok) else ok
+
     if wanted != "auto":
-        ok, why = checks[wanted]
+        ok, why = check(wanted)
         if not ok:
             raise RuntimeError(f"{op}: backend={wanted!r} cannot run this call: {why}")
         return wanted
@@ -172,7 +180,7 @@ def resolve(
         # auto never picks the Triton interpreter: it is a testing tool, far too slow to use.
         if name == "triton" and device.type == "cpu":
             continue
-        if checks[name][0]:
+        if check(name)[0]:
             return name
     raise AssertionError("unreachable: the torch back end always runs")
 
@@ -238,8 +246,13 @@ def eager_function(name: str, forward, setup_context, backward_formula):
 _poison = threading.local()
 
 
+# CROSSLMM_POISON_OUTPUTS=1 poisons every output of the process; read once, at import (each
+# output allocation asking the environment again was measurable host time in short calls).
+_POISON_ENV = os.environ.get("CROSSLMM_POISON_OUTPUTS", "0") == "1"
+
+
 def poisoning() -> bool:
-    return getattr(_poison, "on", False) or os.environ.get("CROSSLMM_POISON_OUTPUTS", "0") == "1"
+    return _POISON_ENV or getattr(_poison, "on", False)
 
 
 @contextlib.contextmanager
@@ -253,7 +266,7 @@ def reference_mode(device: torch.device):
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised output tensor; filled with NaN (floats) or INT_MIN (ints) when poisoning
-    is on (:func:`crosslmm_ops.testing.poison_outputs`, or ``CROSSLMM_POISON_OUTPUTS=1``)."""
+    is on (:func:`crosslmm_ops.testing.poison_outputs`, or ``CROSSLMM_POISON_OUTPUTS=1`` at import)."""
     out = torch.empty(shape, dtype=dtype, device=device)
     if poisoning():
         out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)

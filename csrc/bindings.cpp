@@ -31,6 +31,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_forward(
     double softmax_scale, int64_t num_splits);
 std::string attention_forward_kernel_name();
 std::string attention_backward_kernel_name();
+std::string attention_backward_sm90_declined();
 }  // namespace crosslmm
 
 #ifndef CROSSLMM_CUDA_ARCHS
@@ -94,6 +95,9 @@ PYBIND11_MODULE(_C, m) {
         "Which backward the last attention_backward call on this thread ran: 'sm90_wgmma' (wgmma "
         "dK/dV and dQ kernels), 'sm90_dkdv' (wgmma dK/dV, mma.sync dQ), 'mma_sync', or 'none' "
         "(nothing to compute).");
+  m.def("attention_backward_sm90_declined", &crosslmm::attention_backward_sm90_declined,
+        "Empty, or why the last attention_backward call that asked for the sm90 backward ran the "
+        "mma.sync one instead (a TMA tensor map that could not be encoded).");
   m.def("attention_backward", guarded(&crosslmm::attention_backward),
         "Varlen cross-attention backward: writes dq, dk, dv (always deterministic).",
         pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),

@@ -52,6 +52,11 @@ if attention is not None and ext is not None and hasattr(ext, "attention_forward
                 out = attention(q, k, v, num_splits=splits, backend="cuda")
                 out.backward(torch.randn_like(out))
                 runs += 2
+    # Many splits (> 16): the CTA-per-row combine; fewer take the warp-per-row one (above).
+    q = torch.randn(2, 3, 4, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 2100, 2, 128, device="cuda", dtype=torch.bfloat16)
+    attention(q, k, k, num_splits=24, backend="cuda")
+    runs += 2
     # The sm90 forward (auto: head dim 128 with >= 64 query rows; fp16 and bf16; a key tail, GQA,
     # varlen with an empty segment, splits) and the same calls on mma.sync (SM90=0).
     kernels = set()
@@ -78,7 +83,7 @@ if attention is not None and ext is not None and hasattr(ext, "attention_forward
         torch.cuda.synchronize()
     os.environ.pop("CROSSLMM_ATTENTION_SM90", None)
     print(f"sanitize_kernels: attention forward kernels run: {sorted(kernels)}")
-print("sanitize_kernels: section projected", flush=True)
+print("sanitize_kernels: section projected (core)", flush=True)
 if ext is not None and hasattr(ext, "projected_attention_forward"):
     # The projection-fused attention core (csrc/projected/), called directly: 16- and 32-row tiles
     # (1 and 3 queries x 12 heads), Dv with idle warps and a half k-step (64, 200) and the large-Dv
@@ -95,8 +100,17 @@ if ext is not None and hasattr(ext, "projected_attention_forward"):
                 ext.projected_attention_forward(qq, x, cu_q, cu_k, 3, 100, 0.1, splits)
                 runs += 2 if splits == 3 else 1  # 3 splits: forward + combine
     torch.cuda.synchronize()
-print("sanitize_kernels: section projected", flush=True)
-if ext is not None and hasattr(ext, "projected_attention_forward"):
+print("sanitize_kernels: section projected (public)", flush=True)
+if os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):
+    # The public call below runs our core (checked above, called directly) between cuBLAS GEMMs,
+    # and both tools report inside cuBLAS's Hopper GEMMs (nvjet_sm90_*), not in our code:
+    # initcheck flags every read of memory such a GEMM wrote (it stores through TMA, which
+    # initcheck does not track: torch.bmm then a copy, none of our code, gives the same reports,
+    # scripts/diag_projected_initcheck.py section A), and racecheck reports hazards inside the
+    # GEMM itself (mbarrier-ordered shared memory). So only memcheck runs this section.
+    print("sanitize_kernels: public projected call skipped under "
+          f"{os.environ['CROSSLMM_SANITIZE_TOOL']} (cuBLAS GEMMs; see the comment)", flush=True)
+elif ext is not None and hasattr(ext, "projected_attention_forward"):
     # Through the public op: the fused path's forward on CUDA (its backward runs on Triton),
     # frame-local segments and a decode row against a long segment, with splits.
     lens_q, lens_k = [9, 9, 1], [729, 729, 3000]

@@ -183,7 +183,8 @@ def test_forward(shape, dtype, head_dim):
     check_forward(q, k, v, cu_q, cu_k, head_dim ** -0.5)
 
 
-@pytest.mark.parametrize("num_splits", [0, 1, 3, 7])
+# Up to 16 splits merge with a warp per row, more with a CTA per row (17, 40 on the long keys).
+@pytest.mark.parametrize("num_splits", [0, 1, 3, 7, 17, 40])
 @pytest.mark.parametrize("shape", [(1, 339), (9, 729), (203, 113), (16, 20000)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
 def test_forward_num_splits(shape, num_splits):

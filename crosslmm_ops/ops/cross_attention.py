@@ -228,18 +228,26 @@ _UNIFORM_CU_SEQLENS_MAX = 64
 
 
 def _uniform_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
-    def build() -> torch.Tensor:
+    """int32 ``[0, seqlen, 2 * seqlen, ..., batch * seqlen]`` on ``device`` (cached, see above)."""
+    return _uniform_cu_seqlens_pair(batch, seqlen, seqlen, device)[0]
+
+
+def _uniform_cu_seqlens_pair(batch: int, seqlen_q: int, seqlen_k: int, device: torch.device):
+    """The uniform ``(cu_seqlens_q, cu_seqlens_k)`` of a batched call, one cache lookup for both
+    (the stream lookup is a good part of the cost)."""
+    def build(seqlen: int) -> torch.Tensor:
         return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
 
-    if torch.compiler.is_compiling() or device.type != "cuda" \
+    if device.type != "cuda" or torch.compiler.is_compiling() \
             or torch.cuda.is_current_stream_capturing():
-        return build()
-    key = (batch, seqlen, device.index, torch.cuda.current_stream(device).cuda_stream)
+        return build(seqlen_q), build(seqlen_k)
+    key = (batch, seqlen_q, seqlen_k, device.index, torch.cuda.current_stream(device).cuda_stream)
     cached = _UNIFORM_CU_SEQLENS.get(key)
     if cached is None:
         if len(_UNIFORM_CU_SEQLENS) >= _UNIFORM_CU_SEQLENS_MAX:
             _UNIFORM_CU_SEQLENS.clear()
-        cached = _UNIFORM_CU_SEQLENS[key] = build()
+        cu_q = build(seqlen_q)
+        cached = _UNIFORM_CU_SEQLENS[key] = (cu_q, cu_q if seqlen_k == seqlen_q else build(seqlen_k))
     return cached
 
 
@@ -250,8 +258,7 @@ def _packed(layout: AttentionLayout, q, k, v, cu_seqlens_q, cu_seqlens_k):
     if not layout.batched:
         return q, k, v, cu_seqlens_q, cu_seqlens_k
     return (q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
-            _uniform_cu_seqlens(layout.batch, layout.seqlen_q, q.device),
-            _uniform_cu_seqlens(layout.batch, layout.seqlen_k, q.device))
+            *_uniform_cu_seqlens_pair(layout.batch, layout.seqlen_q, layout.seqlen_k, q.device))
 
 
 def _lse_batched(lse: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
@@ -378,6 +385,9 @@ def _kernel_input(x: torch.Tensor, backend: str) -> torch.Tensor:
     """The kernels read any token/head strides but need the channels contiguous; the CUDA kernels
     move 16 bytes at a time, so they also need token/head strides that are multiples of 8
     elements and a 16-byte aligned base. Anything else is copied once."""
+    if x.is_contiguous() and (backend != "cuda" or (x.shape[-1] % 8 == 0
+                                                    and x.data_ptr() % 16 == 0)):
+        return x  # the common case, decided in two cheap calls (host time of short calls)
     ok = x.stride(-1) == 1
     if backend == "cuda":
         ok = ok and x.data_ptr() % 16 == 0 and all(
@@ -519,6 +529,9 @@ def _cross_attention_fwd(q, k, v, *args):
     """The forward op for this call: the custom op, or in plain eager mode its autograd.Function
     twin (the same functions, without torch.library's per-call host cost)."""
     if _backend.eager_function_ok(q, k, v):
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                             or v.requires_grad)):
+            return _forward_impl(q, k, v, *args)  # no graph to record: skip apply's host cost
         return _CrossAttentionFunction.apply(q, k, v, *args)
     return _cross_attention_fwd_op(q, k, v, *args)
 
@@ -629,8 +642,8 @@ def cross_attention(
     _check_epilogue(gate, residual, q, tuple(q.shape), layout.heads_q)
     chosen = _backend.resolve(
         OP_NAME, backend, q.device,
-        cuda_ok=_cuda_ok(layout, q.dtype, q.device),
-        triton_ok=_triton_ok(layout, q.dtype, q.device),
+        cuda_ok=lambda: _cuda_ok(layout, q.dtype, q.device),
+        triton_ok=lambda: _triton_ok(layout, q.dtype, q.device),
     )
     out, lse = _cross_attention_fwd(*_packed(layout, q, k, v, cu_seqlens_q, cu_seqlens_k),
                                     layout.max_seqlen_q, layout.max_seqlen_k, scale, num_splits,

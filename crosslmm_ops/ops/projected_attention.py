@@ -51,7 +51,7 @@ from crosslmm_ops.ops.cross_attention import (
     _is_int,
     _lse_batched,
     _tensor,
-    _uniform_cu_seqlens,
+    _uniform_cu_seqlens_pair,
     cross_attention,
     cross_attention_reference,
 )
@@ -532,6 +532,10 @@ def _mqa_shared_kv(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_spli
     """The core op for this call: the custom op, or in plain eager mode its autograd.Function
     twin (the same functions, without torch.library's per-call host cost)."""
     if _backend.eager_function_ok(q, x):
+        if not (torch.is_grad_enabled() and (q.requires_grad or x.requires_grad)):
+            # no graph to record: skip apply's host cost (decode steps are host-bound)
+            return _mqa_forward_impl(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
+                                     num_splits, backend)
         return _MqaSharedKvFunction.apply(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
                                           num_splits, backend)
     return _mqa_shared_kv_op(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits,
@@ -596,8 +600,7 @@ def _packed(layout: ProjectedLayout, q, x, cu_seqlens_q, cu_seqlens_k):
     if not layout.batched:
         return q, x, cu_seqlens_q, cu_seqlens_k
     return (q.reshape(-1, *q.shape[2:]), x.reshape(-1, x.shape[-1]),
-            _uniform_cu_seqlens(layout.batch, layout.seqlen_q, q.device),
-            _uniform_cu_seqlens(layout.batch, layout.seqlen_k, q.device))
+            *_uniform_cu_seqlens_pair(layout.batch, layout.seqlen_q, layout.seqlen_k, q.device))
 
 
 # ----------------------------------------------------------------------------------------------

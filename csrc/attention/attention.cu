@@ -302,12 +302,21 @@ Sm90BwdMode sm90_backward_mode(const char* op) {
 // Process-wide, not per thread like the forward's: autograd runs a CUDA backward on its own device
 // thread, so the caller could never read a thread-local value.
 std::atomic<const char*> last_backward_kernel{"none"};
+// -1: the last backward did not try the sm90 path or took it; else the encode failure code.
+std::atomic<int> last_backward_sm90_declined{-1};
 
 }  // namespace
 
 std::string attention_forward_kernel_name() { return last_forward_kernel; }
 
 std::string attention_backward_kernel_name() { return last_backward_kernel.load(); }
+
+std::string attention_backward_sm90_declined() {
+  const int why = last_backward_sm90_declined.load();
+  if (why < 0) return "";
+  return "the sm90 backward was asked for but TMA could not describe the tensors (encode failure " +
+         std::to_string(why) + ", see attention_params.h)";
+}
 
 void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        at::Tensor& out, at::Tensor& lse, const at::Tensor& cu_seqlens_q,
@@ -441,6 +450,7 @@ void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::T
   max_seqlen_q = std::min(max_seqlen_q, total_q);
   max_seqlen_k = std::min(max_seqlen_k, total_k);
   last_backward_kernel = "none";
+  last_backward_sm90_declined = -1;
   if (batch == 0) return;
 
   const c10::cuda::CUDAGuard guard(q.device());
@@ -503,6 +513,7 @@ void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::T
         device_is_sm90(q.get_device())) {
       const bool wgmma_dq = mode != Sm90BwdMode::kDkDvOnly;
       const int sms = multiprocessor_count();
+      attention::sm90_last_encode_failure = 0;
       const bool launched =
           q.scalar_type() == at::kHalf
               ? attention::run_attention_backward_sm90<__half, 128>(p, wgmma_dq, sms, stream)
@@ -510,8 +521,10 @@ void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::T
                                                                            stream);
       if (launched) {
         last_backward_kernel = wgmma_dq ? "sm90_wgmma" : "sm90_dkdv";
+        last_backward_sm90_declined = -1;
         return;
       }
+      last_backward_sm90_declined = attention::sm90_last_encode_failure.load();
     }
   }
   last_backward_kernel = "mma_sync";

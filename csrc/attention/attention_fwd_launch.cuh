@@ -15,14 +15,22 @@
 namespace crosslmm {
 namespace attention {
 
-// Launches the combine kernel over p's partial results (p.num_splits > 1), on `stream`.
+// Launches the combine over p's partial results (p.num_splits > 1), on `stream`: a warp per row
+// for few splits, a CTA per row for many (attention_fwd_kernel.cuh says why).
 template <typename T, int kHeadDim>
 void launch_attention_forward_combine(const AttentionForwardParams& p, cudaStream_t stream) {
-  const int64_t ctas = static_cast<int64_t>(p.max_seqlen_q) * p.num_heads_q * p.batch;
-  if (ctas == 0) return;
+  const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * p.num_heads_q * p.batch;
+  if (rows == 0) return;
+  const bool warp_per_row = p.num_splits <= kCombineWarpMaxSplits;
+  const int64_t ctas = warp_per_row ? (rows + kCombineWarps - 1) / kCombineWarps : rows;
   TORCH_CHECK(ctas <= 0x7fffffff, "attention_forward: combine grid too large (", ctas, " CTAs)");
-  attention_forward_combine_kernel<T, kHeadDim>
-      <<<static_cast<unsigned>(ctas), kCombineThreads, 0, stream>>>(p);
+  if (warp_per_row) {
+    attention_forward_combine_warp_kernel<T, kHeadDim>
+        <<<static_cast<unsigned>(ctas), kCombineThreads, 0, stream>>>(p);
+  } else {
+    attention_forward_combine_kernel<T, kHeadDim>
+        <<<static_cast<unsigned>(ctas), kCombineThreads, 0, stream>>>(p);
+  }
   CROSSLMM_CHECK_LAUNCH();
 }
 

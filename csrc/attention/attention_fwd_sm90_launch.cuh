@@ -58,14 +58,19 @@ template <typename T, int kHeadDim>
 bool encode_token_map(CUtensorMap* map, const void* ptr, int64_t tokens, int64_t heads,
                       int64_t token_stride, int64_t head_stride, int box_rows) {
   const EncodeTiledFn encode = encode_tiled();
-  if (encode == nullptr || tokens <= 0 || heads <= 0) return false;
-  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  auto fail = [](int why) {
+    sm90_last_encode_failure = why;
+    return false;
+  };
+  if (encode == nullptr) return fail(1);
+  if (tokens <= 0 || heads <= 0) return fail(2);
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return fail(3);
   constexpr int64_t kElem = static_cast<int64_t>(sizeof(T));
   // A dimension of size 1 is never stepped along, so its stride is free: give it a valid one.
   const int64_t head_bytes = heads > 1 ? head_stride * kElem : kHeadDim * kElem;
   const int64_t token_bytes = tokens > 1 ? token_stride * kElem : heads * kHeadDim * kElem;
   for (const int64_t bytes : {head_bytes, token_bytes}) {
-    if (bytes <= 0 || bytes % 16 != 0 || bytes >= (int64_t{1} << 40)) return false;
+    if (bytes <= 0 || bytes % 16 != 0 || bytes >= (int64_t{1} << 40)) return fail(4);
   }
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(kHeadDim), static_cast<cuuint64_t>(heads),
                               static_cast<cuuint64_t>(tokens)};
@@ -79,7 +84,8 @@ bool encode_token_map(CUtensorMap* map, const void* ptr, int64_t tokens, int64_t
                               element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return res == CUDA_SUCCESS;
+  if (res != CUDA_SUCCESS) return fail(100 + static_cast<int>(res));
+  return true;
 }
 
 }  // namespace sm90_host

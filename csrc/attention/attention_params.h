@@ -17,6 +17,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace crosslmm {
@@ -112,6 +113,12 @@ constexpr int kBackwardBlockM = 64;
 // (the caller then runs the mma.sync kernel); throws (c10::Error) when a launch fails. The caller
 // must have checked that the device is sm_90 and the build has sm_90a code
 // (attention_forward_sm90_compiled()), and that softmax_scale > 0.
+// Why the last TMA tensor-map encoding of an sm90 kernel failed (0: it did not): 1 no
+// cuTensorMapEncodeTiled in the driver, 2 no tokens or heads, 3 base not 16-byte aligned, 4 a
+// stride TMA cannot take, 100 + CUresult from the driver. Process-wide, for diagnostics
+// (attention_backward_sm90_declined()).
+inline std::atomic<int> sm90_last_encode_failure{0};
+
 constexpr int kSm90BlockM = 128;
 constexpr int kSm90BlockN = 128;
 

@@ -8,6 +8,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "common/check.h"
 #include "projected/projected_attention_kernel.cuh"
@@ -66,14 +69,28 @@ int projected_forward_ctas_per_sm(int m_tiles, int stages) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kThreads, smem));
     return ctas > 0 ? ctas : 1;
   };
+  // Asked once per (m_tiles, stages) and process: the occupancy query is host time on every
+  // decode step otherwise. (Stages follow from the device's shared memory, so, as for the
+  // attention kernels, this assumes the process's GPUs are all of one kind.)
+  static std::mutex mutex;
+  static std::map<std::pair<int, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(m_tiles, stages);
+  const auto hit = cache.find(key);
+  if (hit != cache.end()) return hit->second;
+  int ctas = 0;
   if constexpr (kDvMax <= kDvSmall) {
     if (m_tiles == 2) {
-      return query(projected_attention_forward_kernel<T, kDvMax, 2>,
+      ctas = query(projected_attention_forward_kernel<T, kDvMax, 2>,
                    ProjectedTile<kDvMax, 2>::smem_bytes(stages));
     }
   }
-  return query(projected_attention_forward_kernel<T, kDvMax, 1>,
-               ProjectedTile<kDvMax, 1>::smem_bytes(stages));
+  if (ctas == 0) {
+    ctas = query(projected_attention_forward_kernel<T, kDvMax, 1>,
+                 ProjectedTile<kDvMax, 1>::smem_bytes(stages));
+  }
+  cache.emplace(key, ctas);
+  return ctas;
 }
 
 }  // namespace projected
