@@ -111,6 +111,19 @@ def attention_cases(ext) -> None:
         report(name, lambda: crosslmm_ops.cross_attention(q, k, v, backend="cuda"),
                f"{ext.attention_forward_kernel_name()}  (raw call {t_raw:.4f} ms, "
                f"host {t_raw_host:.4f} ms)")
+        # The peers in the same process, eager and as CUDA-graph replays (their GPU time), so the
+        # short calls' ratios do not hinge on how busy the host is.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for peer, enum in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                           ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def run(enum=enum):
+                with sdpa_kernel(enum):
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            with torch.no_grad():
+                run()
+                print(f"  {peer:<22} {bench(run):8.4f} {graph_ms(run):8.4f} {host_ms(run):8.4f}")
 
 
 def projected_cases() -> None:

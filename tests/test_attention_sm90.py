@@ -458,6 +458,42 @@ def test_through_public_api_with_backward():
     print("\n[sm90 public API] " + "; ".join(reports))
 
 
+def test_fresh_thread():
+    """A thread that has made no CUDA runtime call of its own, with every buffer already in the
+    caching allocator, still gets the sm90 kernel: its TMA encoding (a driver call) needs a
+    current context, which attention.cu now makes current itself (CUDA_ERROR_INVALID_CONTEXT sent
+    autograd's backward thread to the mma.sync kernels before)."""
+    import threading
+
+    lens_q, lens_k = [200], [729]
+    q, k, v, cu_q, cu_k = make_inputs(lens_q, lens_k, 4, 2, 128, torch.bfloat16)
+    expected, _, kernel = run_forward(q, k, v, cu_q, cu_k, 128 ** -0.5, num_splits=1)
+    assert kernel == SM90
+    # Preallocated, NaN-filled outputs: the thread itself only makes the extension call (any
+    # allocation or copy of its own would be a runtime call and make the context current).
+    out = torch.full_like(q, math.nan)
+    lse = torch.full((q.shape[1], q.shape[0]), math.nan, device="cuda", dtype=torch.float32)
+    torch.cuda.synchronize()
+    seen = {}
+
+    def worker():
+        try:
+            _extension().attention_forward(q, k, v, out, lse, cu_q, cu_k, 200, 729,
+                                           128 ** -0.5, 1)
+            seen["kernel"] = _extension().attention_forward_kernel_name()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            seen["error"] = exc
+
+    with sm90_mode("1"):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+    torch.cuda.synchronize()
+    assert "error" not in seen, seen.get("error")
+    assert seen["kernel"] == SM90
+    assert torch.equal(out, expected)  # the same kernel and split: bitwise the same result
+
+
 if __name__ == "__main__" and "--smoke" in sys.argv:  # the child process of smoke_error()
     try:
         _smoke()
@@ -467,3 +503,4 @@ if __name__ == "__main__" and "--smoke" in sys.argv:  # the child process of smo
         traceback.print_exc()
         sys.stdout.flush()
         sys.exit(1)
+

@@ -87,6 +87,7 @@ bool run_attention_backward_sm90(const AttentionBackwardParams& p, bool wgmma_dq
   const bool have_q = p.total_q > 0;
   const bool have_k = p.total_k > 0 && p.num_n_blocks > 0;
   if (have_q && have_k) {
+    sm90_host::make_context_current();  // autograd's thread may have none (see the function)
     if (!encode(&kv_map_q, p.q, p.total_q, p.num_heads_q, p.q_token_stride, p.q_head_stride,
                 KvCfg::kBlockM) ||
         !encode(&kv_map_dout, p.dout, p.total_q, p.num_heads_q, p.dout_token_stride,

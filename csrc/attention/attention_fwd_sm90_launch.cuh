@@ -51,6 +51,18 @@ inline EncodeTiledFn encode_tiled() {
   return fn;
 }
 
+// cuTensorMapEncodeTiled is a driver call and needs a current context on the calling thread.
+// A thread that has made no CUDA runtime call yet has none, and c10's device guard does not set one
+// when the device already matches: autograd's device thread, running a backward whose buffers all
+// came from the caching allocator, got CUDA_ERROR_INVALID_CONTEXT (201) and the backward fell back
+// to mma.sync (tests/test_attention_bwd_sm90.py::test_through_public_api). cudaSetDevice makes
+// the device's primary context current (CUDA >= 12); cheap, so called before every encode batch.
+inline void make_context_current() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaSetDevice(device));
+}
+
 // A [tokens, heads, kHeadDim] tensor of T (channel stride 1, other strides in elements) as a TMA
 // map with boxes of 64 channels x 1 head x box_rows tokens. False when TMA cannot describe it
 // (strides not multiples of 16 bytes or too large, base not 16-byte aligned, no tokens).
@@ -101,6 +113,7 @@ bool run_attention_forward_sm90(const AttentionForwardParams& p, cudaStream_t st
               "attention_forward (sm90): one query head per CTA expected");
   TORCH_CHECK(p.scale_log2 > 0.f, "attention_forward (sm90): softmax_scale must be > 0");
 
+  sm90_host::make_context_current();
   CUtensorMap map_q, map_k, map_v;
   if (!sm90_host::encode_token_map<T, kHeadDim>(&map_q, p.q, p.total_q, p.num_heads_q,
                                                 p.q_token_stride, p.q_head_stride,
