@@ -104,6 +104,14 @@ def limits_for(device: str) -> Limits:
     return GPU_LIMITS if torch.device(device).type == "cuda" else CPU_LIMITS
 
 
+def small_limits(limits: Limits) -> Limits:
+    """``limits`` with short lengths (at most 16 queries and 64 keys per segment, no large draw)
+    but the same head dims, widths and dtypes, hence the same Triton ``constexpr`` values: the
+    campaign's warm-up draws compile the kernels its timed cases then use."""
+    return dataclasses.replace(limits, max_q=min(limits.max_q, 16), max_k=min(limits.max_k, 64),
+                               big_q=min(limits.big_q, 16), big_k=min(limits.big_k, 64))
+
+
 def backend_dtypes(backend: str, limits: Limits) -> tuple:
     if backend == "cuda":
         return CUDA_DTYPES
@@ -267,15 +275,9 @@ def draw_projected(d, backend: str, limits: Limits) -> dict:
         tuple(h for h in limits.head_dims if h <= 64) + ((128,) if limits is GPU_LIMITS else ())
     hk, group = d.sampled_from([(1, 1), (2, 2), (1, 4), (2, 3), (3, 1)])
     norm = d.sampled_from([None, "layernorm", "rmsnorm"])
+    # One key per segment (dq, dW_k exactly 0 in theory, a float32 residue in practice) is drawn
+    # as often as any other length: check_public's rounding-noise floor allows for the residue.
     dtype = d.sampled_from(backend_dtypes(backend, limits))
-    if dtype == F32:
-        # One key per segment makes dq (and dw_k) exactly 0 in theory, but every back end's
-        # dS = P * (dO.v - Delta) leaves a float32 cancellation residue that check_public's bound
-        # (unlike test_cross_attention's check_backend) does not allow for: see the report.
-        if lens is not None:
-            lens = (lens[0], [2 if n == 1 else n for n in lens[1]])
-        elif batch[2] == 1:
-            batch = (batch[0], batch[1], 2)
     return dict(path=path, varlen=varlen, batch=batch, lens=lens, hk=hk, group=group,
                 d=d.sampled_from(heads), dv=d.sampled_from(limits.widths),
                 dtype=dtype, norm=norm,
@@ -388,10 +390,21 @@ def run_merge(backend: str, case: dict, device: str) -> None:
     mags = [t.detach().abs().max().item() if t.numel() else 0.0 for t in (g, q, k, v)]
     # The float32 cancellation floor of dS = P (dO.v - Delta) (see test_cross_attention).
     cancel = 8 * torch.finfo(F32).eps * mags[0] * mags[3] * q.shape[-1] * max(mags[1:3])
+    # dv = P^T dO sums over a segment's queries. The backward recomputes P = exp(s - lse) in
+    # float32 from the merged LSE, a relative error of ~2 eps per P; autograd through the
+    # reference reuses its own P. Independent across queries, the difference grows like
+    # sqrt(queries): 4 of those standard deviations (a 197-query, 1-key float32 segment of the
+    # GPU campaign was 1.24x over the bound without it).
+    if cu_q is None:
+        queries = q.shape[1]  # batched (B, Sq, H, D)
+    else:
+        queries = int((cu_q[1:] - cu_q[:-1]).max().item()) if cu_q.numel() > 1 else 0
+    queries = max(queries, 1)
+    p_noise = 8 * torch.finfo(F32).eps * mags[0] * queries ** 0.5
     for name, a, e, lo in zip(("dq", "dk", "dv"), actual, expected, lowg):
         assert not torch.isnan(a).any(), f"NaN in {name}"
         # Partials of fewer keys each round differently from the one full call: 3x + 2 roundings.
-        bound = 3 * max_err(lo, e) + 2 * rounding(e, dtype) + (cancel if name != "dv" else 0)
+        bound = 3 * max_err(lo, e) + 2 * rounding(e, dtype) + (cancel if name != "dv" else p_noise)
         assert max_err(a, e) <= bound, (name, max_err(a, e), bound)
 
 

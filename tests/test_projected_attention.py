@@ -6,7 +6,10 @@ empty segments, non-contiguous input); the cost model and its overrides; bad inp
 
 Error bounds follow tests/test_cross_attention.py (flash-attn's): a fast back end's error against a
 float64 reference is at most 2x (forward) / 3x (gradients) the error of plain PyTorch doing the
-whole projected computation in the same low precision, plus a rounding-sized atol.
+whole projected computation in the same low precision, plus a rounding-sized atol, plus a
+per-element floor for the rounding noise that the op has and PyTorch's autograd has not
+(:func:`rounding_noise`, derived above it; issue #9's campaign failures); tests below show the
+floors admit those cases and still fail one perturbed gradient element and classic backward bugs.
 
 CPU tests run in CI (Triton under TRITON_INTERPRET=1, small shapes); tests marked ``cuda`` run on a
 GPU at CrossLMM-2B's sizes (Dv 1152, 12 query heads of 128, 2 KV heads).
@@ -15,14 +18,17 @@ GPU at CrossLMM-2B's sizes (Dv 1152, 12 query heads of 128, 2 KV heads).
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import crosslmm_ops
 from crosslmm_ops.testing import cu_seqlens
 from crosslmm_ops import _backend, cross_attention_reference
 from crosslmm_ops.ops import projected_attention as pa
+from crosslmm_ops.ops.cross_attention import _segments
 from crosslmm_ops.ops.projected_attention import (
     CostModel,
     ProjectedLayout,
@@ -88,12 +94,236 @@ def problem(*, batch=None, lens=None, hq=4, hk=2, d=16, dv=40, dtype=torch.float
     return {k: v.to(dtype) for k, v in t.items()}, packed
 
 
+# Rounding-noise floors of check_public: how far a correct implementation may stray from the
+# reference beyond "2x / 3x PyTorch's own low-precision error", element by element.
+#
+# The 2x / 3x rule compares two samples of rounding noise, the op's and plain PyTorch's in the
+# same dtype. It fails a correct op wherever the two round differently in kind, as they do here
+# (issue #9: 7 failures in 259 torch-back-end cases of the H100 campaign; 2% of CPU draws):
+#
+# 1. dS = P * (dP - Delta). Every back end (the torch core, cross_attention's torch backward, the
+#    Triton and CUDA kernels) forms dP_qj = dO_q . v_j and Delta_q = dO_q . O_q - dlse_q as two
+#    float32 dot products, Delta from the output O as stored in the input dtype, and subtracts
+#    them; autograd's softmax backward cancels exactly. With one key (P = 1, O = v) the true dq,
+#    dk are 0 and the op keeps the residue, which sums over every query of a key (2256 in the fp16
+#    w_k failure) into dW_k, db_k, the norm's parameters and dx, where PyTorch's error is ~0.
+# 2. The fused path computes in another order than the reference (scores q~ . x^ with
+#    q~ = W_k^T q, out = W_v (P x^) + b_v, dW_v = dO^T o~; against K = x^ W_k^T, q . k, P V,
+#    dV^T x^): float32 reassociation noise as large as PyTorch's own, so the ratio of the two
+#    maxima crosses 2-3x now and then (out 3.44e-6 vs 3.34e-6; w_v; norm_bias).
+# 3. The LSE is float32 but computed from operands rounded to the input dtype (K on the
+#    materialised path, q~ on the fused one, x^ before both); with 1-3 LSE values (tiny varlen
+#    cases) PyTorch's fp16 error is now and then far below the op's by chance.
+# 4. The materialised path rounds dk, dv to the input dtype, then the projections' backward sums
+#    them over the keys: db_k, 0 in theory (b_k cancels in the softmax), gets that rounding.
+#
+# Each floor is 4 standard deviations of the noise under the usual model: every rounding an
+# independent relative error uniform in [-u, u] (variance u^2 / 3); a float32 sum of n terms a_i
+# in one running sum has variance <= n u^2 / 3 * sum_i a_i^2 (each partial sum <= ||a||_2 in
+# rms); linear maps carry variances with squared coefficients. Two inequalities keep everything
+# P-weighted, i.e. computable like attention itself: P_qj^2 <= P_qj, and (sum_j P_qj c_j)^2 <=
+# sum_j P_qj c_j^2 (Jensen, sum_j P_qj = 1) for the Delta_q residue that every key j of row q
+# shares. With |a b|^2 = sum_i a_i^2 b_i^2, a gradient element y = sum_qj c_qj dS_qj then has
+#
+#     Var(y) <= sum_qj P_qj c_qj^2 r_qj,
+#     r_qj = n u^2 / 3 (|dO_q v_j|^2 + |dO_q O_q|^2) + |dO_q e_q|^2 + u^2 / 3 dlse_q^2
+#
+# (u: float32's unit roundoff, u_in: the input dtype's; n = d with dO, v, O on the materialised
+# path; n = Dv with dO~ = W_v'^T dO, x^ and O~ = P x^ (|O~|^2 <= P x^2) on the fused one;
+# e_qi^2 = min(u_in^2 O_qi^2 / 3, (O_qi - v_j*i)^2) for O's rounding to the input dtype, which is
+# at most O's distance to the representable v_j* of the likeliest key j*: 0 with one key) and
+# c_qj per leaf: dq_qi: scale k_ji (k without b_k and beta on the fused path); dk_ji (carried
+# on): scale q_qi; dW_k[i, c]: scale q_qi xp_jc (xp = gamma x^ + beta, gamma x^ on the fused
+# path, where beta only moves the LSE); db_k_i: scale q_qi; d(xp)_jc: scale q~_qc (q~ = W_k^T q:
+# the exact coefficient, which sums over i before squaring); dgamma_c: that times x^_jc; dbeta_c:
+# that; dx^_jc: that times gamma_c; dx: through the norm's Jacobian rstd (I - 1 1^T / n -
+# x^ x^T / n) (RMSNorm: without 1 1^T / n), whose squared rows are at most 3 rstd^2 (v_c +
+# (1 + x^_c^2) mean(v)) (RMSNorm: 2 rstd^2 (v_c + x^_c^2 mean(v))) for variances v.
+# 2. adds n u^2 / 3 * (sum of squared terms) for each sum the two orders split differently: out
+# over Dv (W_v o~) and the scores' noise carried by P (v_j - O); dW_v, db_v over all query
+# rows; dx^ as a value over the segment's query rows. 3.: the LSE moves by sum_j P_qj ds_qj,
+# ds_qj from the dtype rounding of K (or q~) and of x^ (2 u_in^2 / 3) and the float32 sums
+# ((d + Dv) u^2 / 3), times scale^2 (|q_q k_j|^2 + |q~'_q x^_j|^2). 4.: u_in^2 / 3 dk_ji^2 (and
+# dv_ji^2) carried to b_k, W_k, xp (b_v, W_v, xp) like the other terms.
+#
+# The model is pessimistic (CPU BLAS and the GPU kernels sum in blocks, not in one running sum):
+# over the CPU draws of tests/fuzz_cases.py reported with issue #9 the largest excess over the
+# 2x / 3x bound used under 2 of the 4 sigmas. It stays tight: per element, in float32 units
+# (2^-24) except for what the op really stores in the input dtype, and zero where the op and
+# PyTorch round alike. test_check_public_catches_* show that one gradient element off by 1e-4 of
+# its tensor's largest (fp32), and the classic backward bugs, still fail.
+NOISE_SIGMAS = 4.0
+
+
+def rounding_noise(tensors, packed, *, path, norm, norm_eps=1e-6, ref_out, g=None, g_lse=None):
+    """Per-element floors (see above) for ``out``, ``lse`` and, given the output gradient ``g``
+    (and ``g_lse``, the LSE's, or ``None``), every leaf's gradient: ``{name: tensor}`` shaped
+    like what it bounds, in the accumulation dtype (float32; float64 for float64 input)."""
+    dtype = tensors["q"].dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    u = torch.finfo(acc).eps / 2  # unit roundoff of the accumulation
+    u_in = torch.finfo(dtype).eps / 2  # ... and of the operands stored in the input dtype
+    with torch.no_grad():
+        t = {n: v.detach().to(acc) for n, v in tensors.items()}
+        q, x = t["q"], t["x"]
+        batched = q.dim() == 4
+        hq, d = q.shape[-2:]
+        dv = x.shape[-1]
+        hk = t["w_k"].shape[0] // d
+        group = hq // hk
+        scale = d ** -0.5
+        if batched:
+            b, sq, sk = q.shape[0], q.shape[1], x.shape[1]
+            cu_q, cu_k = cu_seqlens([sq] * b), cu_seqlens([sk] * b)
+        else:
+            cu_q, cu_k = packed["cu_seqlens_q"], packed["cu_seqlens_k"]
+        q, x = q.reshape(-1, hq, d), x.reshape(-1, dv)
+        o = ref_out.detach().to(acc).reshape(-1, hq, d)
+        grads = g is not None
+        g = (g.detach().to(acc) if grads else torch.zeros_like(ref_out, dtype=acc)) \
+            .reshape(-1, hq, d)
+        xhat = normalize_tokens(x, norm, norm_eps)
+        x2 = xhat.square()
+        gamma, beta = t.get("norm_weight"), t.get("norm_bias")
+        xg = xhat if gamma is None else xhat * gamma
+        xn = xg if beta is None else xg + beta
+        mat = path == "materialized"
+        xp = xn if mat else xg  # what W_k and W_v multiply on this path
+        heads = lambda w: w.view(hk, d, dv).repeat_interleave(group, 0)  # noqa: E731
+        per_head = lambda t_: t_.view(-1, hk, d).repeat_interleave(group, 1)  # noqa: E731
+        k = per_head(F.linear(xn, t["w_k"], t.get("b_k")))  # the reference's keys: its P
+        v = per_head(F.linear(xn, t["w_v"], t.get("b_v")))
+        kp = per_head(F.linear(xp, t["w_k"], t.get("b_k") if mat else None))
+        q_t = torch.einsum("rhd,hdc->rhc", q, heads(t["w_k"]))  # q~ = W_k^T q
+        do_t = torch.einsum("rhd,hdc->rhc", g, heads(t["w_v"]))  # dO~ = W_v^T dO
+        gamma2 = 1 if gamma is None else gamma.square()
+        q_t2, do_t2 = q_t.square() * gamma2, do_t.square() * gamma2  # with W' = W diag(gamma)
+        w_v2 = heads(t["w_v"]).square()
+        n = d if mat else dv  # the length of the dot products dP and Delta
+        dlse = q.new_zeros(q.shape[0], hq)
+        if g_lse is not None:
+            gl = g_lse.detach().to(acc)
+            dlse = gl.transpose(1, 2).reshape(-1, hq) if batched else gl.t()
+        dlse2 = dlse.square()
+        var_dq, var_out = torch.zeros_like(q), torch.zeros_like(q)
+        var_dk = q.new_zeros(x.shape[0], hq, d)
+        var_dxp = torch.zeros_like(x)
+        var_wv = q.new_zeros(hq, d, dv)
+        var_lse = q.new_zeros(q.shape[0], hq)
+        dk_true, dv_true = q.new_zeros(x.shape[0], hq, d), q.new_zeros(x.shape[0], hq, d)
+        for qs, ks in _segments(cu_q, cu_k):
+            if qs.stop == qs.start or ks.stop == ks.start:
+                continue  # no (query, key) pair: every back end writes exact zeros
+            p = torch.softmax(torch.einsum("qhd,khd->hqk", q[qs], k[ks]) * scale, -1)
+            px2 = torch.einsum("hqk,kc->qhc", p, x2[ks])
+            pxp2 = torch.einsum("hqk,kc->qhc", p, xp[ks].square())
+            if grads:  # 1. the dS residue r_qj, then P * r
+                g2 = g[qs].square()
+                if mat:  # dk, dv themselves (for 4.)
+                    ds = torch.einsum("qhd,khd->hqk", g[qs], v[ks])
+                    ds -= ((g[qs] * o[qs]).sum(-1) - dlse[qs]).t().unsqueeze(-1)
+                    ds *= p
+                    dk_true[ks] = scale * torch.einsum("hqk,qhd->khd", ds, q[qs])
+                    dv_true[ks] = torch.einsum("hqk,qhd->khd", p, g[qs])
+                    del ds
+                # The output as stored (input dtype): its rounding error is at most u_in |O|,
+                # and at most its distance to a representable point, the most likely value v_j*
+                # (0 with one key: O = v).
+                star = p.argmax(-1)  # [Hq, Sq]
+                if mat:
+                    r = torch.einsum("qhd,khd->hqk", g2, v[ks].square())
+                    o_q, vals, g2_o = o[qs], v[ks].transpose(0, 1), g2
+                    delta2 = (g2 * o[qs].square()).sum(-1).t().unsqueeze(-1)
+                else:  # O~ = P x^, |O~_qc|^2 <= (P x^2)_qc
+                    r = torch.einsum("qhc,kc->hqk", do_t2[qs], x2[ks])
+                    o_q = torch.einsum("hqk,kc->qhc", p, xhat[ks])
+                    vals, g2_o = xhat[ks].expand(hq, -1, -1), do_t2[qs]
+                    delta2 = (do_t2[qs] * px2).sum(-1).t().unsqueeze(-1)
+                nearest = vals.gather(1, star.unsqueeze(-1).expand(-1, -1, vals.shape[-1]))
+                o_round2 = torch.minimum(u_in ** 2 / 3 * o_q.square(),
+                                         (o_q - nearest.transpose(0, 1)).square())
+                r += delta2
+                r *= n * u ** 2 / 3
+                r += ((g2_o * o_round2).sum(-1).t() + u ** 2 / 3 * dlse2[qs].t()).unsqueeze(-1)
+                w = r.mul_(p)
+                del delta2, o_q, nearest, o_round2
+                var_dq[qs] = scale ** 2 * torch.einsum("hqk,khd->qhd", w, kp[ks].square())
+                var_dk[ks] = scale ** 2 * torch.einsum("hqk,qhd->khd", w, q[qs].square())
+                rows = (qs.stop - qs.start) * group
+                var_dxp[ks] = scale ** 2 * torch.einsum("hqk,qhc->kc", w, q_t[qs].square()) \
+                    + rows * u ** 2 / 3 * torch.einsum("hqk,qhc->kc", p, do_t2[qs])
+                del r, w
+                var_wv += torch.einsum("qhd,qhc->hdc", g2, pxp2)
+            # 3. and 2.: score noise |q k_j|^2, |q~' x^_j|^2, carried by P into the LSE and out
+            s_k = torch.einsum("qhd,khd->hqk", q[qs].square(), kp[ks].square())
+            s_x = torch.einsum("qhc,kc->hqk", q_t2[qs], x2[ks])
+            var_lse[qs] = (p * (s_k + s_x)).sum(-1).t()
+            ps = p.mul_(s_k.mul_(d).add_(s_x.mul_(dv)))  # P_qj * float32 score variance / u^2
+            del s_k, s_x
+            spread = torch.einsum("hqk,khd->qhd", ps, v[ks].square()) \
+                - 2 * o[qs] * torch.einsum("hqk,khd->qhd", ps, v[ks]) \
+                + o[qs].square() * ps.sum(-1).t().unsqueeze(-1)  # sum_j P s2 (v_j - O)^2
+            var_out[qs] = u ** 2 / 3 * (scale ** 2 * spread.clamp_min(0)
+                                        + dv * torch.einsum("qhc,hdc->qhd", pxp2, w_v2))
+            del p, ps
+        var_lse *= scale ** 2 * (2 * u_in ** 2 + (d + dv) * u ** 2) / 3
+        floors = {"out": var_out.reshape(tensors["q"].shape)}
+        floors["lse"] = var_lse.view(b, sq, hq).transpose(1, 2) if batched else var_lse.t()
+        if grads:
+            kv_heads = lambda t_: t_.view(-1, hk, group, d).sum(2)  # noqa: E731
+            var_dk = kv_heads(var_dk)
+            total_rows = q.shape[0] * group
+            var_wv = total_rows * u ** 2 / 3 * var_wv.view(hk, group, d, dv).sum(1)
+            var_bv = total_rows * u ** 2 / 3 * g.square().sum(0).view(hk, group, d).sum(1)
+            if mat:  # 4. dk, dv rounded to the input dtype, then summed over the keys
+                dk2, dv2 = (u_in ** 2 / 3 * kv_heads(t_).square() for t_ in (dk_true, dv_true))
+                xp2 = xp.square()
+                var_dk_sum = var_dk.sum(0) + dk2.sum(0)
+                var_wk = torch.einsum("khd,kc->hdc", var_dk + dk2, xp2)
+                var_wv = var_wv + torch.einsum("khd,kc->hdc", dv2, xp2)
+                var_bv = var_bv + dv2.sum(0)
+                var_dxp = var_dxp + torch.einsum("khd,hdc->kc", dk2, t["w_k"].view(hk, d, dv)
+                                                 .square()) \
+                    + torch.einsum("khd,hdc->kc", dv2, t["w_v"].view(hk, d, dv).square())
+            else:  # the fused path gives b_k an exact zero through the output
+                var_dk_sum = var_dk.new_zeros(hk, d)
+                var_wk = torch.einsum("khd,kc->hdc", var_dk, xp.square())
+            var = {"q": var_dq, "w_k": var_wk, "w_v": var_wv}
+            if "b_k" in t:
+                var["b_k"] = var_dk_sum
+            if "b_v" in t:
+                var["b_v"] = var_bv
+            if "norm_bias" in t:
+                var["norm_bias"] = var_dxp.sum(0)
+            if "norm_weight" in t:
+                var["norm_weight"] = (var_dxp * x2).sum(0)
+            var_x = var_dxp * gamma2
+            if norm is not None:
+                centred = x - x.mean(-1, keepdim=True) if norm == "layernorm" else x
+                rstd2 = 1 / (centred.square().mean(-1, keepdim=True) + norm_eps)
+                mean = var_x.mean(-1, keepdim=True)
+                var_x = 3 * rstd2 * (var_x + (1 + x2) * mean) if norm == "layernorm" \
+                    else 2 * rstd2 * (var_x + x2 * mean)
+            var["x"] = var_x
+            floors.update({name: v.reshape(tensors[name].shape) for name, v in var.items()})
+        return {name: NOISE_SIGMAS * v.sqrt() for name, v in floors.items()}
+
+
+def excess(actual, expected, floor) -> float:
+    """``max(|actual - expected| - floor)`` over the elements (``-inf`` if there are none)."""
+    if actual.numel() == 0:
+        return float("-inf")
+    return ((actual.double() - expected.double()).abs() - floor.double()).max().item()
+
+
 def check_public(backend, tensors, packed, *, path="fused", norm="layernorm", num_splits=0,
                  check_grad=True, lse_grad=True, ref_dtype=torch.float64, fwd_factor=2.0,
                  grad_factor=3.0):
     """Forward, LSE and every gradient of ``backend`` on ``path`` against the reference in
-    ``ref_dtype`` from the same low-precision inputs, bounded by plain PyTorch's own error in the
-    inputs' dtype. Outputs are poisoned."""
+    ``ref_dtype`` from the same low-precision inputs, bounded per element by plain PyTorch's own
+    error in the inputs' dtype (2x forward, 3x gradients, plus a rounding of the magnitude) plus
+    :func:`rounding_noise`'s floor. Outputs are poisoned; queries without keys must give exact
+    zeros (output and dq) and an LSE of -inf."""
     dtype = tensors["q"].dtype
     names = [n for n in PARAMS if n in tensors]
     leaves = {n: tensors[n].detach().requires_grad_(True) for n in names}
@@ -112,14 +342,22 @@ def check_public(backend, tensors, packed, *, path="fused", norm="layernorm", nu
     assert out.dtype == dtype and out.shape == tensors["q"].shape and lse.shape == ref_lse.shape
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten elements"
-    bound = fwd_factor * max_err(low_out, ref_out) + rounding(ref_out, dtype)
-    assert max_err(out, ref_out) <= bound, ("out", max_err(out, ref_out), bound)
-    assert lse_err(lse, ref_lse) <= fwd_factor * lse_err(low_lse, ref_lse) + 1e-5
-    if not check_grad:
-        return
+    finite = torch.isfinite(ref_lse)
+    # Rows whose segment has no keys (LSE -inf in the reference, in the (.., Hq, rows) layout).
+    keyless = (~finite).transpose(-1, -2).reshape(out.shape[:-1])
     g = torch.randn_like(ref_out)
     g_lse = torch.randn_like(ref_lse)
-    finite = torch.isfinite(ref_lse)
+    floor = rounding_noise(tensors, packed, path=path, norm=norm, ref_out=ref_out,
+                           g=g if check_grad else None, g_lse=g_lse if lse_grad else None)
+    bound = fwd_factor * max_err(low_out, ref_out) + rounding(ref_out, dtype)
+    assert excess(out, ref_out, floor["out"]) <= bound, \
+        ("out", max_err(out, ref_out), bound, floor["out"].max().item())
+    assert not out[keyless].any(), "a query without keys must output exactly 0"
+    lse_bound = fwd_factor * lse_err(low_lse, ref_lse) + 1e-5  # lse_err: -inf rows agree
+    assert excess(lse[finite], ref_lse[finite], floor["lse"][finite]) <= lse_bound, \
+        ("lse", lse_err(lse, ref_lse), lse_bound, floor["lse"].max().item())
+    if not check_grad:
+        return
 
     def grads(o, l, ts):
         loss = (o * g.to(o.dtype)).sum()
@@ -138,7 +376,9 @@ def check_public(backend, tensors, packed, *, path="fused", norm="layernorm", nu
         assert a.dtype == leaves[name].dtype and a.shape == leaves[name].shape, name
         assert not torch.isnan(a).any(), f"unwritten {name} elements"
         bound = grad_factor * max_err(lo, e) + rounding(e, dtype)
-        assert max_err(a, e) <= bound, (name, max_err(a, e), bound)
+        assert excess(a, e, floor[name]) <= bound, \
+            (name, max_err(a, e), bound, floor[name].max().item())
+    assert not actual[0][keyless].any(), "a query without keys must get dq exactly 0"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,6 +719,138 @@ def test_torch_backend_low_precision():
     t, packed = problem(lens=([3, 1, 4], [40, 9, 0]), hq=6, hk=2, d=16, dv=40,
                         dtype=torch.float16)
     for path in ("fused", "materialized"):
+        check_public("torch", t, packed, path=path)
+
+
+# ----------------------------------------------------------------------------------------------
+# check_public itself: the rounding-noise floors admit the campaign's failures of a correct op
+# (issue #9) and still fail real bugs
+# ----------------------------------------------------------------------------------------------
+
+F16, F32 = torch.float16, torch.float32
+# The kinds of the GPU campaign's 7 failures (torch back end, benchmarks/results/
+# fuzz_campaign_h100.json), small enough for CI: before the floors, the one-key cases failed for
+# every seed, the tiny LSE cases for 6 (fused) and 2 (materialised) of their 24 seeds.
+ROUNDING_CASES = {
+    # 1-3 LSE values: PyTorch's fp16 error is sometimes far below the op's by chance.
+    "tiny-lse-fused-fp16": (dict(lens=([1, 1], [0, 1]), hq=1, hk=1, d=64, dv=64, dtype=F16,
+                                 biases=False), "fused", None, True, 24),
+    "tiny-lse-materialized-fp16": (dict(lens=([1], [1]), hq=3, hk=3, d=64, dv=200, dtype=F16),
+                                   "materialized", "layernorm", True, 24),
+    # One key per segment: dq, dW_k are 0 in theory; the dS residue sums over the queries.
+    "one-key-fp16": (dict(batch=(2, 800, 1), hq=6, hk=2, d=64, dv=200, dtype=F16, biases=False),
+                     "materialized", None, False, 1),
+    "one-key-materialized-fp32": (dict(batch=(2, 200, 1), hq=6, hk=2, d=64, dv=200, dtype=F32),
+                                  "materialized", "rmsnorm", False, 2),
+    "one-key-fused-fp32": (dict(lens=([100, 3, 50], [1, 7, 1]), hq=4, hk=1, d=64, dv=200,
+                                dtype=F32), "fused", "layernorm", False, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUNDING_CASES))
+def test_check_public_admits_rounding_noise(case):
+    kw, path, norm, lse_grad, seeds = ROUNDING_CASES[case]
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        t, packed = problem(**kw)
+        check_public("torch", t, packed, path=path, norm=norm, lse_grad=lse_grad)
+
+
+class _Nudge(torch.autograd.Function):
+    """Identity forward; backward adds ``rel`` times the largest gradient element to it."""
+
+    @staticmethod
+    def forward(ctx, t, rel):
+        ctx.rel = rel
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        flat = grad.view(-1)
+        i = flat.abs().argmax()
+        flat[i] += ctx.rel * flat[i].abs()
+        return grad, None
+
+
+# fp32 with a one-key segment (the floors at their largest), keyless queries, a segment without
+# queries; fp16 (the 3x PyTorch term dominates there).
+NUDGE_CASES = {
+    "fused-fp32": (dict(lens=([5, 3, 0, 2], [1, 0, 4, 7]), hq=4, hk=2, d=16, dv=40, dtype=F32),
+                   "fused", 1e-4),
+    "materialized-fp32": (dict(lens=([5, 3, 0, 2], [1, 0, 4, 7]), hq=4, hk=2, d=16, dv=40,
+                               dtype=F32), "materialized", 1e-4),
+    "one-key-fp32": (dict(batch=(2, 60, 1), hq=6, hk=2, d=64, dv=40, dtype=F32), "materialized",
+                     1e-4),
+    "fused-fp16": (dict(lens=([5, 3, 0, 2], [1, 0, 4, 7]), hq=4, hk=2, d=16, dv=40, dtype=F16),
+                   "fused", 5e-2),
+}
+
+
+@pytest.mark.parametrize("leaf", PARAMS)
+@pytest.mark.parametrize("case", list(NUDGE_CASES))
+def test_check_public_catches_one_perturbed_gradient_element(case, leaf, monkeypatch):
+    """One element of one gradient off by 1e-4 of the largest (fp32; the bound catches 1e-5,
+    the old one 1e-6 to 1e-5) or 5e-2 (fp16; 1e-2 with or without the floors) fails."""
+    kw, path, rel = NUDGE_CASES[case]
+    real = projected_cross_attention
+
+    def nudged(**kws):
+        kws[leaf] = _Nudge.apply(kws[leaf], rel)
+        return real(**kws)
+
+    t, packed = problem(**kw)
+    check_public("torch", t, packed, path=path)  # passes as it is
+    monkeypatch.setattr(sys.modules[__name__], "projected_cross_attention", nudged)
+    with pytest.raises(AssertionError, match=leaf):
+        check_public("torch", t, packed, path=path)
+
+
+def _mutant(kind, rows_dim):
+    """A backward with a classic bug: the LSE or the output used by Delta held in bf16 (a
+    storage-precision bug), the LSE gradient dropped, the last query row skipped (a tail-mask
+    bug). ``rows_dim``: where the query rows are in ``dout``."""
+
+    def bf16(t):
+        return t.to(torch.bfloat16).to(t.dtype)
+
+    def wrap(original):
+        def backward(dout, dlse, q, kx, *rest):
+            rest = list(rest)
+            if kind == "lse-bf16":
+                rest[-4] = bf16(rest[-4])
+            elif kind == "delta-from-bf16-out":
+                rest[-5] = bf16(rest[-5])
+            elif kind == "no-dlse":
+                dlse = None
+            elif kind == "tail-query-skipped":
+                dout = dout.clone()
+                dout.select(rows_dim, -1).zero_()
+            return original(dout, dlse, q, kx, *rest)
+        return backward
+    return wrap
+
+
+MUTANTS = ["lse-bf16", "delta-from-bf16-out", "no-dlse", "tail-query-skipped"]
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+@pytest.mark.parametrize("path", ["fused", "materialized"])
+@pytest.mark.parametrize("kind", MUTANTS)
+def test_check_public_catches_backward_bugs(kind, path, dtype, monkeypatch):
+    """Each mutant of the torch back end's backward (the fused core's, or cross_attention's on
+    the materialised path) fails check_public; the precision bugs only need catching in fp32
+    (in fp16 they are within PyTorch's own fp16 error)."""
+    if dtype == F16 and kind in ("lse-bf16", "delta-from-bf16-out"):
+        pytest.skip("within PyTorch's own fp16 error")
+    from crosslmm_ops.ops import cross_attention as ca
+
+    module, name, rows_dim = (pa, "_core_reference_backward", 1) if path == "fused" \
+        else (ca, "_reference_backward", 0)
+    t, packed = problem(lens=([5, 3, 0, 2], [1, 0, 4, 7]), hq=4, hk=2, d=16, dv=40, dtype=dtype)
+    check_public("torch", t, packed, path=path)
+    monkeypatch.setattr(module, name, _mutant(kind, rows_dim)(getattr(module, name)))
+    with pytest.raises(AssertionError):
         check_public("torch", t, packed, path=path)
 
 
