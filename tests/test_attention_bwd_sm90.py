@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -34,7 +33,7 @@ import torch
 
 from crosslmm_ops import _backend
 from crosslmm_ops.testing import cu_seqlens as cu_seqlens_on
-from crosslmm_ops.testing import env_value, sm90_skip_reason
+from crosslmm_ops.testing import ChildSmoke, env_value, sm90_skip_reason
 
 ENV = "CROSSLMM_ATTENTION_BWD_SM90"
 SM90 = "sm90_wgmma"
@@ -257,24 +256,12 @@ def _smoke() -> None:
     print("sm90 bwd smoke: ok", flush=True)
 
 
-_SMOKE_RESULT: dict[str, str | None] = {}
+_SMOKE = ChildSmoke(__file__, "sm90 bwd smoke: ok")
 
 
 def smoke_error() -> str | None:
     """Runs the smoke test in a child process once per session: None if it passed, else why not."""
-    if "error" not in _SMOKE_RESULT:
-        env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--smoke"], capture_output=True,
-                                  text=True, timeout=300, env=env)
-            ok = proc.returncode == 0 and "sm90 bwd smoke: ok" in proc.stdout
-            _SMOKE_RESULT["error"] = None if ok else (
-                f"exit {proc.returncode}\n{proc.stdout[-8000:]}\n{proc.stderr[-6000:]}")
-            _SMOKE_RESULT["log"] = proc.stdout
-        except subprocess.TimeoutExpired as exc:
-            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            _SMOKE_RESULT["error"] = f"timed out after 300 s (a hang?)\n{out[-8000:]}"
-    return _SMOKE_RESULT["error"]
+    return _SMOKE.error()
 
 
 def test_smoke():
@@ -284,7 +271,7 @@ def test_smoke():
     if error is not None:
         pytest.fail(f"sm90 backward smoke test failed in a child process:\n{error}",
                     pytrace=False)
-    print("\n" + (_SMOKE_RESULT.get("log") or ""))
+    print("\n" + _SMOKE.log)
 
 
 @pytest.fixture(autouse=True)
