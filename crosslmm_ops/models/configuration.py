@@ -14,6 +14,7 @@ which 5.17 lacks).
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from transformers import PreTrainedConfig, Qwen2Config, SiglipVisionConfig
@@ -32,6 +33,24 @@ SUPPORTED_VISION_MODELS = ("siglip_vision_model",)
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Sub-config sizes that divide or shape tensors: a value of 0 or below would surface later as a
+# ZeroDivisionError or a torch shape error that names no field, so the config refuses it.
+_POSITIVE_INTS = {
+    "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_channels", "image_size", "patch_size"),
+    "text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                    "head_dim"),
+}
+# Norm epsilons: 0 lets an all-zero row divide by zero, below 0 or NaN gives NaN.
+_POSITIVE_FLOATS = {"vision_config": ("layer_norm_eps",), "text_config": ("rms_norm_eps",)}
+
+
+def _is_positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and value > 0
 
 
 def _int_or_pair(name: str, value, *, allow_none: bool = False):
@@ -224,6 +243,34 @@ class CrossLMMConfig(PreTrainedConfig):
 
     def validate_crosslmm(self) -> None:
         vision, text = self.vision_config, self.text_config
+        # Sizes first: everything below divides by them (the encoder grid, the heads).
+        for sub_name, fields in _POSITIVE_INTS.items():
+            sub = getattr(self, sub_name)
+            for field in fields:
+                value = getattr(sub, field, None)
+                if value is None and field == "head_dim":
+                    continue  # None: hidden_size // num_attention_heads
+                if not _is_int(value) or value < 1:
+                    raise ValueError(f"{sub_name}.{field} must be an int >= 1, got {value!r}")
+        for sub_name, fields in _POSITIVE_FLOATS.items():
+            sub = getattr(self, sub_name)
+            for field in fields:
+                value = getattr(sub, field, None)
+                if value is not None and not _is_positive_number(value):
+                    raise ValueError(f"{sub_name}.{field} must be a finite number > 0, got "
+                                     f"{value!r}")
+        if not _is_positive_number(self.dcal_norm_eps):
+            raise ValueError(f"dcal_norm_eps must be a finite number > 0, got "
+                             f"{self.dcal_norm_eps!r}")
+        # SigLIP's attention splits hidden_size into heads; Qwen2's GQA groups query heads.
+        if vision.hidden_size % vision.num_attention_heads:
+            raise ValueError(f"vision_config.hidden_size ({vision.hidden_size}) must be a "
+                             f"multiple of vision_config.num_attention_heads "
+                             f"({vision.num_attention_heads})")
+        if text.num_attention_heads % text.num_key_value_heads:
+            raise ValueError(f"text_config.num_attention_heads ({text.num_attention_heads}) must "
+                             f"be a multiple of text_config.num_key_value_heads "
+                             f"({text.num_key_value_heads})")
         # SigLIP's patch embedding is a strided convolution: the grid is floor(image / patch)
         # (384 px / 14 px = 27).
         if vision.image_size < vision.patch_size:
@@ -248,12 +295,17 @@ class CrossLMMConfig(PreTrainedConfig):
         if self.pool_mode in ("avg", "max") and self.pool_kernel_size is None:
             raise ValueError(f"pool_mode={self.pool_mode!r} needs pool_kernel_size (e.g. 3 for the "
                              "paper's 3x3 windows)")
+        grid = self.encoder_grid
+        for name in ("pooled_grid", "pool_kernel_size", "pool_stride"):
+            value = getattr(self, name)
+            if value is not None and min(value if isinstance(value, list) else [value]) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}: the pooling does not fit "
+                                 f"the encoder grid {list(grid)}")
         try:
             spec = self.pool_spec()
         except ValueError as exc:
             raise ValueError(f"the pooling does not fit the encoder grid {self.encoder_grid}: "
                              f"{exc}") from exc
-        grid = self.encoder_grid
         if spec.output_size[0] > grid[0] or spec.output_size[1] > grid[1]:
             raise ValueError(f"pooled_grid {list(spec.output_size)} is larger than the encoder "
                              f"grid {list(grid)}: pooling must reduce the tokens")
@@ -329,7 +381,11 @@ def _sub_config(name: str, value, default_cls, supported: tuple[str, ...]) -> Pr
         if model_type not in supported:
             raise ValueError(f"{name} must be a {' or '.join(supported)} config, got model_type "
                              f"{model_type!r}")
-        return AutoConfig.for_model(model_type, **value)
+        try:
+            return AutoConfig.for_model(model_type, **value)
+        except Exception as exc:  # noqa: BLE001 - huggingface_hub's validation errors are not
+            # ValueErrors, and transformers' checks do not say which sub-config they ran on.
+            raise ValueError(f"{name}: {exc}") from exc
     if not isinstance(value, PreTrainedConfig):
         raise ValueError(f"{name} must be a config or a dict, got {type(value).__name__}")
     if value.model_type not in supported:
