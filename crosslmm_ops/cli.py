@@ -293,31 +293,78 @@ def bench(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+# ----------------------------------------------------------------------------------------------
+# Argument types: a bad value is a usage error (argparse: one line, exit status 2) at parse time,
+# not a traceback from deep inside a model.
+# ----------------------------------------------------------------------------------------------
+
+
+def _int_at_least(minimum: int, why: str = ""):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}{why}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in some messages
+    return parse
+
+
+def _device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:<i>``, where this machine can run it."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:<index>, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} needs a CUDA GPU and torch sees none on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"numbered from 0")
+    return str(device)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crosslmm-ops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"crosslmm-ops {crosslmm_ops.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    gpu = torch.cuda.is_available()
     d = sub.add_parser("demo", help="CrossLMM vs a LLaVA-OneVision-shaped baseline on a synthetic video")
     d.add_argument("--preset", default="demo", choices=["demo", "crosslmm-2b", "crosslmm-7b"],
                    help="model shapes (random weights); 'demo' is small enough for a CPU")
-    d.add_argument("--frames", type=int, default=16)
-    d.add_argument("--device", default="cpu", help="cpu or cuda")
+    d.add_argument("--frames", type=_int_at_least(1), default=16)
+    d.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     d.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
-    d.add_argument("--new-tokens", type=int, default=8)
-    d.add_argument("--repeats", type=int, default=1, help="prefill runs (the best is reported)")
+    # The measurement always takes the prefill's token and one untimed decode step
+    # (study.measure), so fewer than 2 new tokens cannot be honoured.
+    d.add_argument("--new-tokens", type=_int_at_least(2, " (the prefill's token and one untimed "
+                                                          "decode step)"), default=8,
+                   help="tokens generated greedily (>= 2; the decode time is the mean of all but "
+                        "the first two)")
+    d.add_argument("--repeats", type=_int_at_least(1), default=1,
+                   help="prefill runs (the best is reported)")
     d.add_argument("--frame-scope", action="store_true", help="also run V2V per frame")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=demo)
     sub.add_parser("info", help="versions, build, GPU and back ends").set_defaults(func=info)
     p = sub.add_parser("pool", help="pool a synthetic video with every available back end")
-    p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--frames", type=_int_at_least(1), default=32)
+    p.add_argument("--device", type=_device,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=_int_at_least(1), default=3)
     p.set_defaults(func=pool)
     b = sub.add_parser("bench", help="run the kernel benchmarks (GPU) and plot ours vs peers")
     b.add_argument("--only", action="append", choices=BENCH_SUITES,
@@ -327,7 +374,11 @@ def main(argv=None) -> int:
     b.add_argument("--pytest-args", default="",
                    help="extra pytest arguments, e.g. \"-k 'T=32'\" for a quick run")
     b.set_defaults(func=bench)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if getattr(args, "dtype", "") is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     return args.func(args)
