@@ -59,7 +59,8 @@ from crosslmm_ops.ops.token_pool import (  # noqa: E402
 
 # The reference model and patch_llava need transformers: imported on first use, so that
 # `import crosslmm_ops` stays light.
-_MODEL_EXPORTS = ("CrossLMMConfig", "CrossLMMForConditionalGeneration", "patch_llava",
+_MODEL_EXPORTS = ("CrossLMMConfig", "CrossLMMForConditionalGeneration", "load_patched",
+                  "load_patched_processor", "lora_target_modules", "patch_llava",
                   "patch_llava_processor")
 
 

@@ -11,12 +11,13 @@ run the ``crosslmm-2b`` shapes and the tiny model on a GPU.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Model
 
 import crosslmm_ops
 from crosslmm_ops.models import (
@@ -25,12 +26,16 @@ from crosslmm_ops.models import (
     CrossLMMConfig,
     CrossLMMForConditionalGeneration,
     cache_vision_memory,
+    find_cache,
     preset_config,
     set_training_stage,
 )
 from crosslmm_ops.testing import relative_error
 
 HAS_CUDA = torch.cuda.is_available()
+# The keyword under which this transformers release takes the generation cache.
+CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters \
+    else "past_key_values"
 # The ops a DCAL's attention runs as (crosslmm_ops.record_backends): cross_attention on the
 # materialised K/V path, mqa_shared_kv (the core of projected_cross_attention) on the fused one.
 ATTENTION_OPS = ("cross_attention", "mqa_shared_kv")
@@ -208,7 +213,7 @@ def _reference_logits(model, input_ids, pixels, frame_mask) -> torch.Tensor:
         a, _ = Qwen2Attention.forward(layer.self_attn, x, position_embeddings=position_embeddings,
                                       attention_mask=causal)
         h = h + a
-        if layer.dcal is not None:
+        if getattr(layer, "dcal", None) is not None:
             h = _dcal_reference(layer.dcal, h, memories, visual, text)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(lm.norm(h))
@@ -578,20 +583,20 @@ def test_decode_step_reads_the_memory_from_the_cache(options):
     nxt = torch.randint(3, 90, (ids.shape[0], 1), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         pre = model(input_ids=ids, use_cache=True, **_video_kwargs(batch))
-        cache = pre.past_key_values
+        cache = find_cache(pre)
         assert isinstance(cache, CrossLMMCache)
         assert cache_vision_memory(cache) is pre.vision_memory is not None
-        step = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        step2 = model(input_ids=nxt.flip(0), past_key_values=cache, use_cache=True)
+        step = model(input_ids=nxt, **{CACHE_KW: cache}, use_cache=True)
+        step2 = model(input_ids=nxt.flip(0), **{CACHE_KW: cache}, use_cache=True)
         full = model(input_ids=torch.cat([ids, nxt, nxt.flip(0)], 1), **_video_kwargs(batch))
     assert relative_error(step.logits[:, -1], full.logits[:, -2]) < 1e-5
     assert relative_error(step2.logits[:, -1], full.logits[:, -1]) < 1e-5
     assert cache_vision_memory(cache) is pre.vision_memory  # the same memory object throughout
     # without the memory the step would differ (T2V matters for the new token)
-    cache2 = model(input_ids=ids, use_cache=True, **_video_kwargs(batch)).past_key_values
+    cache2 = find_cache(model(input_ids=ids, use_cache=True, **_video_kwargs(batch)))
     cache2.vision_memory = None
     with torch.no_grad():
-        blind = model(input_ids=nxt, past_key_values=cache2, use_cache=True)
+        blind = model(input_ids=nxt, **{CACHE_KW: cache2}, use_cache=True)
     assert relative_error(blind.logits[:, -1], full.logits[:, -2]) > 1e-4
 
 
@@ -614,7 +619,7 @@ def test_generate_with_and_without_cache_agree(features):
     assert cached.sequences.shape[1] == batch["input_ids"].shape[1] + 5
     # The video was encoded once (the prefill), and the cache kept its tokens once, beside the K/V.
     assert n_cached == (0 if features else 1)
-    cache = cached.past_key_values
+    cache = find_cache(cached)
     assert isinstance(cache, CrossLMMCache)
     assert cache.vision_memory.frames_per_sample == (3, 1)
     assert cache.vision_memory.tokens.shape == (4 * model.config.tokens_per_frame, 32)
@@ -629,7 +634,7 @@ def test_beam_search_reorders_the_memory_with_the_cache():
     kw = _video_kwargs(batch)
     out = model.generate(input_ids=batch["input_ids"], **kw, max_new_tokens=4, num_beams=2,
                          do_sample=False, return_dict_in_generate=True)
-    memory = out.past_key_values.vision_memory
+    memory = find_cache(out).vision_memory
     assert memory.frames_per_sample == (2, 2, 1, 1)  # each sample's beams share its video
     plain = model.generate(input_ids=batch["input_ids"], **kw, max_new_tokens=4, num_beams=2,
                            do_sample=False, use_cache=False)
@@ -640,8 +645,8 @@ def test_cache_select_and_repeat():
     model = _model(gates="random")
     batch = _batch(model.config, frames=(2, 1), T=2)
     with torch.no_grad():
-        cache = model(input_ids=batch["input_ids"], use_cache=True,
-                      **_video_kwargs(batch)).past_key_values
+        cache = find_cache(model(input_ids=batch["input_ids"], use_cache=True,
+                                 **_video_kwargs(batch)))
     cache.batch_repeat_interleave(2)
     assert cache.vision_memory.frames_per_sample == (2, 2, 1, 1)
     cache.batch_select_indices(torch.tensor([2, 0]))
@@ -769,10 +774,10 @@ def test_second_video_in_a_cached_conversation_raises():
     model = _model()
     batch = _batch(model.config, frames=(1,))
     with torch.no_grad():
-        cache = model(input_ids=batch["input_ids"], use_cache=True,
-                      **_video_kwargs(batch)).past_key_values
+        cache = find_cache(model(input_ids=batch["input_ids"], use_cache=True,
+                                 **_video_kwargs(batch)))
         with pytest.raises(ValueError, match="only come with the first forward of a cache"):
-            model(input_ids=batch["input_ids"], past_key_values=cache, **_video_kwargs(batch))
+            model(input_ids=batch["input_ids"], **{CACHE_KW: cache}, **_video_kwargs(batch))
 
 
 def test_memory_dtype_follows_the_model():
@@ -844,7 +849,7 @@ def test_crosslmm_2b_bf16_forward_and_generate_64_frames_on_cuda(kv_path):
     with torch.no_grad(), crosslmm_ops.record_backends() as log:
         pre = model(input_ids=ids, vision_features=feats, use_cache=True)
         nxt = pre.logits[:, -1].argmax(-1, keepdim=True)
-        step = model(input_ids=nxt, past_key_values=pre.past_key_values, use_cache=True)
+        step = model(input_ids=nxt, **{CACHE_KW: find_cache(pre)}, use_cache=True)
         full = model(input_ids=torch.cat([ids, nxt], 1), vision_features=feats)
     assert torch.isfinite(pre.logits.float()).all()
     assert pre.vision_memory.tokens.shape == (T * 729, 1152)
@@ -858,7 +863,7 @@ def test_crosslmm_2b_bf16_forward_and_generate_64_frames_on_cuda(kv_path):
         out = model.generate(input_ids=ids, vision_features=feats, max_new_tokens=4,
                              do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape == (1, ids.shape[1] + 4)
-    assert out.past_key_values.vision_memory.tokens.shape == (T * 729, 1152)
+    assert find_cache(out).vision_memory.tokens.shape == (T * 729, 1152)
 
 
 @pytest.mark.cuda

@@ -12,19 +12,25 @@
 
 from crosslmm_ops.models.configuration import PRESETS, CrossLMMConfig, preset_config
 from crosslmm_ops.models.crosslmm import (
-    CrossLMMCache,
     CrossLMMForConditionalGeneration,
     CrossLMMModel,
     CrossLMMPreTrainedModel,
     CrossLMMTextModel,
-    DCALInputs,
-    cache_vision_memory,
     set_training_stage,
+)
+from crosslmm_ops.models.decoder import (
+    CrossLMMCache,
+    DCALSkippedError,
+    cache_vision_memory,
+    find_cache,
 )
 
 from crosslmm_ops.models.patching import (  # noqa: E402
     CrossLMMPatch,
     fix_processor_token_count,
+    load_patched,
+    load_patched_processor,
+    lora_target_modules,
     patch_llava,
     patch_llava_processor,
 )
@@ -52,9 +58,13 @@ __all__ = [
     "CrossLMMPatch",
     "CrossLMMPreTrainedModel",
     "CrossLMMTextModel",
-    "DCALInputs",
+    "DCALSkippedError",
     "cache_vision_memory",
+    "find_cache",
     "fix_processor_token_count",
+    "load_patched",
+    "load_patched_processor",
+    "lora_target_modules",
     "patch_llava",
     "patch_llava_processor",
     "preset_config",

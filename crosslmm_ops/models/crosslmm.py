@@ -10,19 +10,19 @@ How it is put together (DESIGN.md, "Model side"):
   once; their pooled, projected tokens replace the ``video_token_id`` placeholders of
   ``input_ids``, and their *unpooled* tokens become the :class:`~crosslmm_ops.nn.VisionMemory`
   every DCAL attends to.
-* :class:`CrossLMMTextModel` - transformers' ``Qwen2Model`` whose decoder layers are converted in
-  place (see :class:`CrossLMMQwen2DecoderLayer`): the DCAL of layer ``i`` lives at
-  ``language_model.layers.<i>.dcal`` and every other parameter keeps its Qwen2 name, so a Qwen2
-  checkpoint's tensors load into it unchanged. No transformers forward code is copied: the layer's
-  own forward runs, and the DCAL is applied to the residual stream right after the self-attention
-  through the attention's output.
+* :class:`CrossLMMTextModel` - transformers' ``Qwen2Model`` with the DCAL of layer ``i`` at
+  ``language_model.layers.<i>.dcal``; every other parameter keeps its Qwen2 name, so a Qwen2
+  checkpoint's tensors load into it unchanged. No transformers forward code is copied: the DCALs
+  are inserted and fed by :mod:`crosslmm_ops.models.decoder`, the same code ``patch_llava`` uses.
 * :class:`CrossLMMForConditionalGeneration` - the model plus ``lm_head``: a training forward with
   ``labels`` -> loss, and ``generate()``. Generation keeps the memory once, in the cache beside the
-  self-attention K/V (:class:`CrossLMMCache`), so decode steps pass no pixels and no features.
+  self-attention K/V (:class:`~crosslmm_ops.models.decoder.CrossLMMCache`), so decode steps pass
+  no pixels and no features.
 * :func:`set_training_stage` - the paper's two stages (1: projector + V2V, T2V off, the rest
   frozen; 2: everything, T2V on).
 
-Written against transformers 5.17 .. 5.23 (tested on both). Not supported: a second video in a
+Tested with the oldest and the newest transformers release of the supported range (see
+``pyproject.toml``); the cache is passed on under whatever name the release uses. Not supported: a second video in a
 conversation that continues a cache (the cache keeps one memory per sample), chunked prefill
 (``prefill_chunk_size``: a chunk would hold only part of the video's placeholders) and
 ``torch.compile(fullgraph=True)`` (the DCALs read segment lengths on the host). Activation
@@ -33,180 +33,51 @@ checkpointed layers as a keyword argument, which reentrant checkpointing does no
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, SiglipVisionModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
-from transformers.models.qwen2.modeling_qwen2 import (
-    Qwen2Attention,
-    Qwen2DecoderLayer,
-    Qwen2Model,
-)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
 from crosslmm_ops.models.configuration import CrossLMMConfig, preset_config
+from crosslmm_ops.models.decoder import (
+    VISION_KWARG,
+    CrossLMMCache,
+    DCALDecoder,
+    ForwardVision,
+    cache_vision_memory,
+    find_cache,
+    past_length,
+)
 from crosslmm_ops.nn import DualCrossAttention, TanhGate, TokenPooling, VisionMemory
 
-# The keyword that carries one forward's DCAL inputs from CrossLMMTextModel.forward to its decoder
-# layers (Qwen2Model forwards unknown keywords to every layer), and the one that carries a layer's
-# "after the self-attention" step to its attention module (each layer forwards them to self_attn).
-_DCAL_INPUTS_KWARG = "crosslmm_dcal_inputs"
-_AFTER_ATTENTION_KWARG = "crosslmm_after_attention"
-
-
 # ----------------------------------------------------------------------------------------------
-# The cache: self-attention K/V + the vision memory, once for all DCAL layers
+# The decoder: Qwen2 with a DCAL after the self-attention of every K-th layer
 # ----------------------------------------------------------------------------------------------
-
-
-class CrossLMMCache(DynamicCache):
-    """transformers' ``DynamicCache`` (the self-attention K/V of every layer) plus
-    ``vision_memory``: the original, unpooled vision tokens of the prompt's video
-    (:class:`~crosslmm_ops.nn.VisionMemory`), kept *once* and read by every DCAL at every decode
-    step. ``generate()`` makes one (a prefill stores the memory in it); a forward with
-    ``use_cache=True`` and no cache makes one too. Beam search and batch selection reorder the
-    memory with the K/V.
-
-    Caches of other types (a static cache passed by the user) carry the memory as an attribute
-    of the same name.
-    """
-
-    vision_memory: VisionMemory | None = None
-
-    def reset(self) -> None:
-        super().reset()
-        self.vision_memory = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.vision_memory is not None:
-            self.vision_memory = self.vision_memory.select(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.vision_memory is not None:
-            idx = torch.arange(self.vision_memory.batch_size).repeat_interleave(repeats)
-            self.vision_memory = self.vision_memory.select(idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.vision_memory is not None:
-            self.vision_memory = self.vision_memory.select(indices)
-
-
-def cache_vision_memory(cache: Cache | None) -> VisionMemory | None:
-    """The vision memory a cache holds (None when it holds none)."""
-    return getattr(cache, "vision_memory", None) if cache is not None else None
-
-
-def _store_vision_memory(cache: Cache, memory: VisionMemory) -> None:
-    # A CrossLMMCache declares the field; any other cache object gets it as an attribute.
-    cache.vision_memory = memory
-
-
-# ----------------------------------------------------------------------------------------------
-# The decoder: Qwen2 layers with a DCAL after the self-attention of every K-th layer
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class DCALInputs:
-    """What every DCAL of one forward reads: the memory, and which positions query which branch
-    (``visual_mask``: the pooled visual tokens, V2V; ``text_mask``: the T2V queries, None = every
-    position that is not visual)."""
-
-    memory: VisionMemory
-    visual_mask: torch.Tensor | None = None
-    text_mask: torch.Tensor | None = None
-    # Under activation checkpointing each layer gets its own copy of the memory object (same
-    # tensors): what the memory memoises for the layers (normalised tokens, plans) must not be
-    # shared across checkpointed layers, or a layer's recompute would find, ready-made, what its
-    # forward computed and save fewer tensors than the forward did (torch's CheckpointError).
-    per_layer_memory: bool = False
-
-
-class CrossLMMQwen2Attention(Qwen2Attention):
-    """Qwen2's self-attention, then the layer's "after the self-attention" step (the DCAL) when the
-    layer passes one. The step gets the attention output and returns the one the layer adds to its
-    residual; nothing else changes (same parameters, same names)."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        after_attention: Callable | None = kwargs.pop(_AFTER_ATTENTION_KWARG, None)
-        attn_output, attn_weights = super().forward(hidden_states, *args, **kwargs)
-        if after_attention is not None:
-            attn_output = after_attention(attn_output)
-        return attn_output, attn_weights
-
-
-class CrossLMMQwen2DecoderLayer(Qwen2DecoderLayer):
-    """A Qwen2 decoder layer with an optional DCAL (``self.dcal``) after its self-attention::
-
-        h = x + self_attn(input_layernorm(x))
-        h = dcal(h)                                  # V2V at the pooled visual tokens, T2V at text
-        out = h + mlp(post_attention_layernorm(h))
-
-    The layer's own (transformers') forward runs unchanged; the DCAL step reaches the residual
-    stream through the attention output: ``self_attn`` returns ``a + (dcal(x + a) - (x + a))``,
-    which the layer adds to ``x``. With every gate at 0 the DCAL returns its input exactly, the
-    added term is exactly 0 and the layer computes exactly what the plain Qwen2 layer computes.
-
-    Layers are converted in place by :class:`CrossLMMTextModel` (their class is swapped for this
-    subclass, which adds a forward and no state), so no weight is allocated twice and everything
-    transformers set on a layer stays.
-    """
-
-    @property
-    def dcal(self) -> DualCrossAttention | None:
-        """This layer's DCAL (None for a layer without one). A property over ``_modules``, so that a
-        layer without a DCAL has no ``dcal`` entry at all (a checkpoint's DCAL weights for it are
-        then reported as unexpected keys, not silently dropped)."""
-        return self._modules.get("dcal")
-
-    def forward(self, hidden_states, *args, **kwargs):
-        inputs: DCALInputs | None = kwargs.pop(_DCAL_INPUTS_KWARG, None)
-        if self.dcal is None or inputs is None:
-            return super().forward(hidden_states, *args, **kwargs)
-        residual, dcal = hidden_states, self.dcal
-        # (inside the checkpointed region: a recompute makes its own fresh copy too)
-        memory = dataclasses.replace(inputs.memory) if inputs.per_layer_memory else inputs.memory
-
-        def after_attention(attn_output: torch.Tensor) -> torch.Tensor:
-            h = residual + attn_output  # what the layer's residual add is about to compute
-            out = dcal(h, memory, visual_mask=inputs.visual_mask, text_mask=inputs.text_mask)
-            return attn_output + (out - h)
-
-        kwargs[_AFTER_ATTENTION_KWARG] = after_attention
-        return super().forward(hidden_states, *args, **kwargs)
 
 
 class CrossLMMTextModel(Qwen2Model):
     """transformers' ``Qwen2Model`` with a :class:`~crosslmm_ops.nn.DualCrossAttention` after the
-    self-attention of the layers ``dcal_layers`` (``layers.<i>.dcal``). ``forward`` takes the
-    usual Qwen2 arguments plus ``crosslmm_dcal_inputs`` (:class:`DCALInputs`; None: no DCAL
-    runs)."""
+    self-attention of the layers ``dcal_layers`` (``layers.<i>.dcal``; every other parameter keeps
+    its Qwen2 name, so a Qwen2 checkpoint's tensors load into it unchanged). The DCALs are
+    inserted and fed by :class:`~crosslmm_ops.models.decoder.DCALDecoder`, the same code that
+    :func:`~crosslmm_ops.models.patch_llava` uses; ``forward`` takes the usual Qwen2 arguments
+    plus ``crosslmm_vision`` (:class:`~crosslmm_ops.models.decoder.ForwardVision`; absent: no
+    DCAL runs)."""
 
     def __init__(self, config, dcal_layers: Sequence[int] = (), dcal_kwargs: dict | None = None):
         super().__init__(config)
-        # Every layer becomes a CrossLMMQwen2DecoderLayer, so that each one takes the DCAL inputs
-        # out of its keyword arguments before its attention sees them.
-        for layer in self.layers:
-            if type(layer) is not Qwen2DecoderLayer or type(layer.self_attn) is not Qwen2Attention:
-                raise TypeError(f"CrossLMMTextModel converts Qwen2 decoder layers, got "
-                                f"{type(layer).__name__} / {type(layer.self_attn).__name__}")
-            layer.__class__ = CrossLMMQwen2DecoderLayer
-        for i in dcal_layers:
-            layer = self.layers[i]
-            layer.self_attn.__class__ = CrossLMMQwen2Attention
-            layer.dcal = DualCrossAttention(**(dcal_kwargs or {}))
+        dcals = {i: DualCrossAttention(**(dcal_kwargs or {})) for i in dcal_layers}
+        self.dcal_decoder = DCALDecoder(self, dcals, who="CrossLMM")
         self.dcal_layers = tuple(dcal_layers)
 
     @property
     def dcals(self) -> dict[int, DualCrossAttention]:
         """``{layer index: DCAL}``."""
-        return {i: self.layers[i].dcal for i in self.dcal_layers}
+        return self.dcal_decoder.dcals
 
     def _init_weights(self, module):
         # Qwen2's init leaves unknown modules alone, so a gate materialised empty by
@@ -216,11 +87,6 @@ class CrossLMMTextModel(Qwen2Model):
             module.reset_parameters()
             return
         super()._init_weights(module)
-
-    def forward(self, *args, **kwargs):
-        if kwargs.get(_DCAL_INPUTS_KWARG, 0) is None:
-            kwargs.pop(_DCAL_INPUTS_KWARG)
-        return super().forward(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +134,11 @@ def _memory_from_packed(tokens: torch.Tensor, frames: Sequence[int], tokens_per_
 # ----------------------------------------------------------------------------------------------
 
 
+# Both extend transformers' own output classes, so their cache field has the name the installed
+# release gives it (which generate() reads); they are filled from the language model's output
+# field by field, never naming that field.
+
+
 @dataclasses.dataclass
 class CrossLMMModelOutputWithPast(BaseModelOutputWithPast):
     """``BaseModelOutputWithPast`` plus ``vision_memory``: the memory the DCALs of this forward
@@ -277,12 +148,9 @@ class CrossLMMModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclasses.dataclass
-class CrossLMMCausalLMOutputWithPast(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
+class CrossLMMCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``vision_memory``."""
+
     vision_memory: VisionMemory | None = None
 
 
@@ -299,8 +167,8 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     # Class names (accelerate's device maps): a DCAL stays on its decoder layer's device.
-    _no_split_modules = ["CrossLMMQwen2DecoderLayer", "SiglipEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -438,13 +306,29 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                     f"need {t * n}: the frame count does not match the placeholders")
         return mask
 
+    def forward_vision(self, memory: VisionMemory | None, visual_mask: torch.Tensor | None,
+                       attention_mask: torch.Tensor | None, shape, device) -> ForwardVision:
+        """What one forward hands the DCALs (see :mod:`crosslmm_ops.models.decoder`): ``memory``
+        (None: a decode step, which reads the cache's), V2V at the pooled positions
+        ``visual_mask``, T2V at the text positions that are not padding (none while T2V is
+        off)."""
+        config = self.config
+        if not (config.dcal_t2v and config.dcal_t2v_enabled):
+            text_mask = torch.zeros(shape, dtype=torch.bool, device=device)
+        elif visual_mask is not None:
+            text_mask = ~visual_mask
+            if attention_mask is not None and attention_mask.dim() == 2:
+                text_mask = text_mask & attention_mask.to(torch.bool)  # padding asks nothing
+        else:
+            text_mask = None  # decoding: every new position is text
+        return ForwardVision(memory, visual_mask, text_mask)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         video_frame_mask: torch.Tensor | None = None,
@@ -452,7 +336,9 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> CrossLMMModelOutputWithPast | tuple:
-        """See :meth:`CrossLMMForConditionalGeneration.forward`."""
+        """See :meth:`CrossLMMForConditionalGeneration.forward`. The cache (any
+        :class:`~transformers.cache_utils.Cache` in ``kwargs``, under the name the installed
+        transformers uses) goes on to the language model as it came."""
         config = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -476,8 +362,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             use_cache = getattr(config.text_config, "use_cache", True)
         if self.language_model.gradient_checkpointing and self.training:
             use_cache = False  # as transformers does: caching and checkpointing do not mix
-        if use_cache and past_key_values is None:
-            past_key_values = CrossLMMCache(config=config.text_config)
+        cache = find_cache(kwargs)
 
         memory = None
         visual_mask = None
@@ -487,7 +372,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             if source.shape[0] != B:
                 raise ValueError(f"the video batch ({source.shape[0]}) must match input_ids' "
                                  f"batch ({B})")
-            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            if past_length(cache) > 0:
                 raise ValueError("a video can only come with the first forward of a cache (the "
                                  "prefill): the cache keeps one memory per sample")
             features, frames = self.get_video_features(
@@ -508,52 +393,29 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 flat = self.multi_modal_projector(flat)
             memory = _memory_from_packed(flat.to(inputs_embeds.dtype), frames, N,
                                          self.pooling.tokens_out, config.dcal_cache_kv)
-            if past_key_values is not None:
-                _store_vision_memory(past_key_values, memory)
-        elif not has_video:
-            memory = cache_vision_memory(past_key_values)
-            prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        elif not has_video and past_length(cache) == 0 and input_ids is not None:
             # A prompt with placeholders needs its video (checked in a prefill only: while
             # decoding, the placeholder id is suppressed and no host read is wanted per token).
-            if memory is None and prefill and input_ids is not None:
-                placeholders = int((input_ids == config.video_token_id).sum())
-                if placeholders:
-                    raise ValueError(
-                        f"input_ids holds {placeholders} video placeholder tokens (video_token_id="
-                        f"{config.video_token_id}) but no pixel_values_videos or vision_features "
-                        "were given (and the cache holds no video)")
+            placeholders = int((input_ids == config.video_token_id).sum())
+            if placeholders:
+                raise ValueError(
+                    f"input_ids holds {placeholders} video placeholder tokens (video_token_id="
+                    f"{config.video_token_id}) but no pixel_values_videos or vision_features "
+                    "were given (and the cache holds no video)")
 
-        dcal_inputs = None
-        if memory is not None and self.language_model.dcal_layers:
-            if not (config.dcal_t2v and config.dcal_t2v_enabled):
-                text_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool,
-                                        device=inputs_embeds.device)
-            elif visual_mask is not None:
-                text_mask = ~visual_mask
-                if attention_mask is not None and attention_mask.dim() == 2:
-                    text_mask = text_mask & attention_mask.to(torch.bool)  # padding asks nothing
-            else:
-                text_mask = None  # decoding: every new position is text
-            checkpointing = (self.language_model.gradient_checkpointing and self.training
-                             and torch.is_grad_enabled())
-            dcal_inputs = DCALInputs(memory, visual_mask, text_mask, checkpointing)
-
+        vision = self.forward_vision(memory, visual_mask, attention_mask,
+                                     inputs_embeds.shape[:2], inputs_embeds.device)
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            crosslmm_dcal_inputs=dcal_inputs,
+            **{VISION_KWARG: vision},
             **kwargs,
         )
-        out = CrossLMMModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            vision_memory=memory,
-        )
+        if memory is None:  # a decode step: the memory its DCALs read from the cache
+            memory = cache_vision_memory(find_cache(outputs) or cache)
+        out = CrossLMMModelOutputWithPast(**dict(outputs.items()), vision_memory=memory)
         return out.to_tuple() if return_dict is False else out
 
 
@@ -626,7 +488,6 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
         pixel_values_videos: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         video_frame_mask: torch.Tensor | None = None,
@@ -643,9 +504,10 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
         * ``pixel_values_videos (B, T, 3, H, W)`` or ``vision_features (B, T, N, Dv)``;
         * ``video_frame_mask (B, T)`` bool: real frames (a prefix of each row), for batches whose
           samples have different frame counts;
-        * ``attention_mask``, ``position_ids``, ``past_key_values``, ``use_cache``,
-          ``logits_to_keep``: as for any transformers causal LM. A cache holds the video's memory
-          after the prefill (:class:`CrossLMMCache`); later calls give no video.
+        * ``attention_mask``, ``position_ids``, the cache (``past_key_values``, or ``cache`` from
+          transformers 5.24), ``use_cache``, ``logits_to_keep``: as for any transformers causal
+          LM. A cache holds the video's memory after the prefill (:class:`CrossLMMCache`); later
+          calls give no video.
         """
         outputs = self.model(
             return_dict=True,
@@ -653,7 +515,6 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
             pixel_values_videos=pixel_values_videos,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             vision_features=vision_features,
             video_frame_mask=video_frame_mask,
@@ -670,14 +531,8 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels,
                                       vocab_size=self.config.text_config.vocab_size, **kwargs)
-        out = CrossLMMCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            vision_memory=outputs.vision_memory,
-        )
+        fields = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
+        out = CrossLMMCausalLMOutputWithPast(loss=loss, logits=logits, **fields)
         return out.to_tuple() if return_dict is False else out
 
     # ------------------------------------------------------------------------------------------
@@ -693,19 +548,6 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
             for key in ("pixel_values_videos", "vision_features", "video_frame_mask"):
                 model_inputs.pop(key, None)
         return model_inputs
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args,
-                                                       **kwargs)
-        # generate() makes a plain DynamicCache for the default cache implementation; make it a
-        # CrossLMMCache (the same cache plus the memory field, reordered with beams). Other
-        # caches (static, offloaded, user-given) carry the memory as an attribute.
-        cache = model_kwargs.get("past_key_values")
-        if type(cache) is DynamicCache and generation_config.cache_implementation in (None,
-                                                                                      "dynamic"):
-            model_kwargs["past_key_values"] = CrossLMMCache(
-                config=self.config.get_text_config(decoder=True))
-        return result
 
 
 # ----------------------------------------------------------------------------------------------

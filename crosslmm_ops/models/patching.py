@@ -52,24 +52,34 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import os
+import re
 import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from crosslmm_ops.models.decoder import (
+    VISION_KWARG,
+    DCALDecoder,
+    ForwardVision,
+    cache_vision_memory,
+    check_decoder_layers,
+)
 from crosslmm_ops.nn import DualCrossAttention, TokenPooling, VisionMemory
 
-# The keyword argument that carries a forward's DCAL inputs from the language model down to each
-# decoder layer's self_attn (whose pre-hook removes it before the attention sees it).
-_DCAL_KWARG = "crosslmm_dcal_inputs"
 # Where the unpooled tokens travel with the vision encoder's output (a ModelOutput key, not a plain
 # attribute: accelerate's hooks rebuild ModelOutputs from their items when they move the inputs,
-# calling ``.to`` on every value that has one), and the attribute that keeps the memory on a cache.
+# calling ``.to`` on every value that has one).
 _ENCODED_KEY = "crosslmm_encoded"
-_MEMORY_ATTR = "_crosslmm_memory"
-# The attribute that marks a patched model (the outer one and its inner *Model) and holds the patch.
+# The attribute that marks a patched model (the outer one and its inner *Model) and holds the patch,
+# and the config key under which save_pretrained keeps what load_patched needs.
 PATCH_ATTR = "crosslmm_patch"
+CONFIG_KEY = "crosslmm_patch"
+# The key under which a patched processor's placeholder count is saved.
+PROCESSOR_KEY = "crosslmm_pooled_per_frame"
 
 _MIN_TRANSFORMERS = (5, 17)
 
@@ -163,74 +173,6 @@ class _ForwardState:
     inputs_embeds: torch.Tensor | None
     attention_mask: Any
     encoded: _Encoded | None = None
-    memory: VisionMemory | None = None
-
-
-class _DCALInputs:
-    """What every DCAL layer of one forward reads: the memory and the query masks, converted once
-    per (device, dtype) (layers on several devices under accelerate each get their copy)."""
-
-    def __init__(self, memory: VisionMemory, visual_mask: torch.Tensor | None,
-                 text_mask: torch.Tensor):
-        self.memory, self.visual_mask, self.text_mask = memory, visual_mask, text_mask
-        self._converted: dict = {}
-
-    def on(self, device: torch.device, dtype: torch.dtype):
-        key = (device, dtype)
-        if key not in self._converted:
-            # A fresh VisionMemory per forward: its per-forward plan cache starts empty (the memory
-            # on the cache object lives through all decode steps).
-            memory = dataclasses.replace(self.memory.to(device=device, dtype=dtype))
-            self._converted[key] = (
-                memory,
-                None if self.visual_mask is None else self.visual_mask.to(device),
-                self.text_mask.to(device),
-            )
-        return self._converted[key]
-
-    def __deepcopy__(self, memo):  # runtime data; never copied with the model
-        return self
-
-
-class _LayerHooks:
-    """The hooks of one decoder layer (see the module docstring). The DCAL is looked up on the
-    layer at every call, so wrapping it later (FSDP, a PEFT wrapper) is seen."""
-
-    def __init__(self, layer: nn.Module, has_dcal: bool):
-        self.layer = layer
-        self.has_dcal = has_dcal
-        self.inputs: _DCALInputs | None = None
-        self.delta: torch.Tensor | None = None
-
-    def attn_pre(self, module, args, kwargs):
-        # Every layer: take the DCAL inputs out of the attention's keyword arguments. Runs again
-        # when gradient checkpointing replays the layer, with the same inputs.
-        if _DCAL_KWARG not in kwargs:
-            self.inputs = None
-            return None
-        kwargs = dict(kwargs)
-        inputs = kwargs.pop(_DCAL_KWARG)
-        self.inputs = inputs if self.has_dcal else None
-        return args, kwargs
-
-    def norm_pre(self, module, args):
-        inputs, self.inputs = self.inputs, None
-        self.delta = None
-        if inputs is None:
-            return None
-        h = args[0]
-        memory, visual_mask, text_mask = inputs.on(h.device, h.dtype)
-        out = self.layer.dcal(h, memory, visual_mask=visual_mask, text_mask=text_mask)
-        if out is h:  # no query this call (e.g. decoding with t2v=False)
-            return None
-        self.delta = out - h
-        return (out,) + tuple(args[1:])
-
-    def mlp_post(self, module, args, output):
-        delta, self.delta = self.delta, None
-        if delta is None:
-            return None
-        return output + delta
 
 
 class _FeaturesWithMemory:
@@ -300,6 +242,7 @@ class CrossLMMPatch:
                                                  for a in family.other_token_attrs)
                                      if t is not None)
         self._hooks: list = []
+        self.decoder: DCALDecoder | None = None
         self._overrides: list[tuple[object, str]] = []
         self._recordings: list[_Recording] = []
         self._states: list[_ForwardState] = []
@@ -309,8 +252,7 @@ class CrossLMMPatch:
     @property
     def dcals(self) -> dict[int, nn.Module]:
         """``{layer index: the layer's DCAL}``."""
-        layers = self.inner.language_model.layers
-        return {i: layers[i].dcal for i in self.layers}
+        return self.decoder.dcals if self.decoder is not None else {}
 
     def placeholders_per_item(self, frames: int = 1) -> int:
         """Placeholder tokens one video of ``frames`` frames (one image: ``frames=1``) takes in
@@ -320,7 +262,7 @@ class CrossLMMPatch:
     @staticmethod
     def memory(cache) -> VisionMemory | None:
         """The :class:`~crosslmm_ops.nn.VisionMemory` stored on a cache by a patched forward."""
-        return getattr(cache, _MEMORY_ATTR, None)
+        return cache_vision_memory(cache)
 
     def remove(self) -> None:
         """Undo the patch: hooks, instance attributes and the DCAL modules go (their weights with
@@ -332,14 +274,27 @@ class CrossLMMPatch:
             if name in obj.__dict__:
                 delattr(obj, name)
         self._overrides.clear()
-        layers = self.inner.language_model.layers
-        for index in self.layers:
-            if hasattr(layers[index], "dcal"):
-                del layers[index].dcal
+        if self.decoder is not None:
+            self.decoder.remove()
+            self.decoder = None
         self.layers = ()
         for obj in (self.model, self.inner):
             if obj.__dict__.get(PATCH_ATTR) is self:
                 delattr(obj, PATCH_ATTR)
+        if CONFIG_KEY in self.inner.config.__dict__:
+            delattr(self.inner.config, CONFIG_KEY)
+
+    def saved_record(self) -> dict:
+        """The patch as ``save_pretrained`` writes it into the model's config (key
+        ``crosslmm_patch``), for :func:`load_patched`: layers, pooling, DCAL arguments."""
+        return {
+            "format": 1,
+            "family": self.family,
+            "layers": list(self.layers),
+            "dcal": self.dcal_enabled,
+            "pooling": _jsonable(self.pooling.arguments),
+            "dcal_kwargs": _jsonable(self.dcal_kwargs),
+        }
 
     def __repr__(self) -> str:
         return (f"CrossLMMPatch(family={self.family!r}, grid={self.grid}, "
@@ -351,7 +306,7 @@ class CrossLMMPatch:
         setattr(obj, name, value)
         self._overrides.append((obj, name))
 
-    def _install(self) -> None:
+    def _install(self, dcals: dict[int, nn.Module]) -> None:
         inner = self.inner
         features_name = f"get_{self.modality}_features"
         self._override(inner, features_name,
@@ -368,16 +323,9 @@ class CrossLMMPatch:
         self._hooks.append(inner.register_forward_pre_hook(self._inner_pre, with_kwargs=True))
         self._hooks.append(inner.register_forward_hook(self._inner_post, always_call=True))
         lm = inner.language_model
+        # Registered before the decoder's own pre-hook, which reads what this one hands it.
         self._hooks.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
-        self._hooks.append(lm.register_forward_hook(self._lm_post, with_kwargs=True))
-        for index, layer in enumerate(lm.layers):
-            hooks = _LayerHooks(layer, index in self.layers)
-            self._hooks.append(layer.self_attn.register_forward_pre_hook(hooks.attn_pre,
-                                                                         with_kwargs=True))
-            if index in self.layers:
-                self._hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
-                    hooks.norm_pre))
-                self._hooks.append(layer.mlp.register_forward_hook(hooks.mlp_post))
+        self.decoder = DCALDecoder(lm, dcals, who="patch_llava")
 
     # -- encoding: pooling before the projector, keeping the unpooled tokens -------------------
 
@@ -546,6 +494,9 @@ class CrossLMMPatch:
         return memory, visual
 
     def _lm_pre(self, module, args, kwargs):
+        """Hand the language model this forward's vision (:class:`ForwardVision`): the memory of
+        the videos/images it encoded (None: a decode step, which reads the cache's) and which
+        positions query V2V and T2V."""
         if not self._states:  # the language model called on its own: no vision, no DCAL
             return None
         state = self._states[-1]
@@ -557,48 +508,17 @@ class CrossLMMPatch:
         not_text = placeholders
         for token_id in self.other_token_ids:
             not_text = not_text | self._token_mask(state, token_id, shape)
-        cache = kwargs.get("past_key_values")
-        visual = None
+        memory = visual = None
         if state.encoded is not None:
             memory, visual = self._assign(state.encoded, placeholders)
-        else:
-            memory = getattr(cache, _MEMORY_ATTR, None) if cache is not None else None
-            if memory is not None and not _has_past(cache):
-                memory = None  # a reused cache that was reset: its old memory is stale
-            if memory is not None and memory.batch_size != shape[0]:
-                raise ValueError(
-                    f"patch_llava: the cache holds the vision memory of {memory.batch_size} "
-                    f"samples, this forward has {shape[0]} (batch changes of a cache are not "
-                    "supported)")
-        if memory is None:
-            return None
-        state.memory = memory
         text = ~not_text
         mask = state.attention_mask
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == shape[0] \
                 and mask.shape[1] >= shape[1]:
             text = text & mask[:, -shape[1]:].to(device=text.device, dtype=torch.bool)
         kwargs = dict(kwargs)
-        kwargs[_DCAL_KWARG] = _DCALInputs(memory, visual, text)
+        kwargs[VISION_KWARG] = ForwardVision(memory, visual, text)
         return args, kwargs
-
-    def _lm_post(self, module, args, kwargs, output):
-        if not self._states or self._states[-1].memory is None:
-            return None
-        cache = getattr(output, "past_key_values", None)
-        if cache is None:
-            cache = kwargs.get("past_key_values")
-        if cache is not None:
-            # The decode steps carry no pixels: they read the prefill's memory from here.
-            setattr(cache, _MEMORY_ATTR, self._states[-1].memory)
-        return None
-
-
-def _has_past(cache) -> bool:
-    try:
-        return bool(cache.get_seq_length() > 0)
-    except Exception:  # caches without a length: trust the stored memory
-        return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,27 +536,6 @@ def _default_layers(num_layers: int, every) -> list[int]:
         raise ValueError(f"every={every} is larger than the language model's {num_layers} layers: "
                          "no layer would get a DCAL")
     return [i for i in range(num_layers) if (i + 1) % every == 0]
-
-
-def _check_text_layers(lm: nn.Module, indices: Sequence[int]) -> None:
-    layers = getattr(lm, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"patch_llava: the language model {type(lm).__name__} has no `layers` "
-                         "ModuleList of decoder layers")
-    for i in indices:
-        layer = layers[i]
-        missing = [a for a in ("self_attn", "post_attention_layernorm", "mlp")
-                   if not isinstance(getattr(layer, a, None), nn.Module)]
-        sandwich = [a for a in ("pre_feedforward_layernorm", "post_feedforward_layernorm")
-                    if hasattr(layer, a)]
-        if missing or sandwich:
-            raise ValueError(
-                f"patch_llava: decoder layer {type(layer).__name__} is not a pre-norm "
-                "Llama/Qwen2-style layer (self_attn, residual add, post_attention_layernorm, mlp)"
-                + (f"; it lacks {missing}" if missing else "")
-                + (f"; it has {sandwich}" if sandwich else ""))
-        if hasattr(layer, "dcal"):
-            raise ValueError(f"patch_llava: decoder layer {i} already has an attribute `dcal`")
 
 
 def _parameter_of(module: nn.Module) -> torch.Tensor:
@@ -752,9 +651,10 @@ def patch_llava(
         if any(not -num_layers <= i < num_layers for i in indices):
             raise ValueError(f"layers must index the {num_layers} decoder layers, got {layers!r}")
         indices = sorted(i % num_layers for i in indices)
-    _check_text_layers(lm, indices if dcal else [])
+    check_decoder_layers(lm, indices if dcal else [], "patch_llava")
 
     patch = CrossLMMPatch(model, inner, family, pooling, indices, dcal, dcal_kwargs)
+    modules: dict[int, nn.Module] = {}
     if dcal:
         projector = inner.multi_modal_projector
         if not isinstance(getattr(projector, "linear_1", None), nn.Linear):
@@ -768,7 +668,6 @@ def patch_llava(
         )
         kwargs = {**defaults, **dcal_kwargs}
         # Build every DCAL before attaching any, so that a bad argument leaves the model as it was.
-        modules = {}
         for i in indices:
             ref = _parameter_of(lm.layers[i])
             if ref.device.type == "meta":
@@ -777,9 +676,9 @@ def patch_llava(
             module = DualCrossAttention(text_config.hidden_size, projector.linear_1.in_features,
                                         **kwargs)
             modules[i] = module.to(device=ref.device, dtype=ref.dtype)
-        for i, module in modules.items():
-            lm.layers[i].dcal = module
-    patch._install()
+    patch._install(modules)
+    # What load_patched needs to patch a saved model the same way, saved with its config.
+    inner.config.crosslmm_patch = patch.saved_record()
     # Plain attributes (not submodules): the marker for "already patched", and the handle.
     object.__setattr__(model, PATCH_ATTR, patch)
     if inner is not model:
@@ -816,6 +715,18 @@ class _ImageTokens(_ProcessorOverride):
 
     def __call__(self, image_inputs: dict | None = None, image_idx: int = 0, **kwargs) -> str:
         return self.token * self.per_image
+
+
+class _ToDictWithCount(_ProcessorOverride):
+    """``to_dict`` that adds the patched count, so that ``save_pretrained`` writes it into
+    ``processor_config.json`` (a plain ``from_pretrained`` ignores the key;
+    :func:`load_patched_processor` reads it)."""
+
+    def __init__(self, original, per_frame: int):
+        self.original, self.per_frame = original, per_frame
+
+    def __call__(self):
+        return {**self.original(), PROCESSOR_KEY: self.per_frame}
 
 
 class _MultimodalCounts(_ProcessorOverride):
@@ -886,11 +797,155 @@ def patch_llava_processor(processor, model: nn.Module | None = None, *,
         processor.replace_image_token = _ImageTokens(processor, n)
     processor._get_num_multimodal_tokens = _MultimodalCounts(original_counts, spec.modality, n,
                                                              spec.extra_tokens)
+    processor.to_dict = _ToDictWithCount(processor.to_dict, n)
     processor.crosslmm_pooled_per_frame = n
     return processor
+
+
+def load_patched_processor(path: str | os.PathLike, **from_pretrained_kwargs):
+    """Load a processor saved after :func:`patch_llava_processor`, with its patched placeholder
+    count (``AutoProcessor.from_pretrained(path, **from_pretrained_kwargs)``, then patched with
+    the count saved in ``processor_config.json``)."""
+    import transformers
+
+    path = os.fspath(path)
+    config_file = os.path.join(path, "processor_config.json")
+    count = None
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            count = json.load(f).get(PROCESSOR_KEY)
+    if count is None:
+        raise ValueError(f"load_patched_processor: {path} holds no `{PROCESSOR_KEY}` in "
+                         "processor_config.json: it was not saved from a patched processor")
+    processor = transformers.AutoProcessor.from_pretrained(path, **from_pretrained_kwargs)
+    return patch_llava_processor(processor, pooled_per_frame=count)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading a patched model
+# ----------------------------------------------------------------------------------------------
+
+
+def _jsonable(value):
+    """``value`` with tuples as lists (a config's JSON form), checked to be JSON data."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"patch_llava: the argument value {value!r} cannot be saved with the model's "
+                     "config (JSON); pass plain numbers, strings, bools or lists")
+
+
+_DCAL_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.dcal\.(.+)$")
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, name) for name in names]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise ValueError(f"load_patched: {path} holds no model.safetensors (or its index); save the "
+                     "patched model with save_pretrained (safetensors)")
+
+
+def _load_dcal_weights(patch: "CrossLMMPatch", path: str) -> None:
+    """Copy the saved DCAL tensors into the patch's DCALs; every DCAL tensor must be found."""
+    from safetensors import safe_open
+
+    wanted = {(i, name): tensor for i, dcal in patch.dcals.items()
+              for name, tensor in dcal.state_dict(keep_vars=True).items()}
+    found = set()
+    for file in _checkpoint_files(path):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                match = _DCAL_KEY.search(key)
+                if match is None:
+                    continue
+                slot = (int(match.group(1)), match.group(2))
+                if slot not in wanted:
+                    raise ValueError(f"load_patched: the checkpoint holds {key}, which the saved "
+                                     f"patch (layers {list(patch.layers)}) has no place for")
+                with torch.no_grad():
+                    wanted[slot].copy_(f.get_tensor(key))
+                found.add(slot)
+    missing = sorted(set(wanted) - found)
+    if missing:
+        raise ValueError(f"load_patched: the checkpoint lacks DCAL tensors "
+                         f"{[f'layers.{i}.dcal.{n}' for i, n in missing[:4]]}"
+                         f"{' ...' if len(missing) > 4 else ''}")
+
+
+def load_patched(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
+    """Load a patched model saved with ``save_pretrained``, patched again as it was saved.
+
+    ``path``: a local folder written by ``model.save_pretrained`` after :func:`patch_llava`. The
+    model class comes from the saved config's ``architectures``; ``from_pretrained_kwargs``
+    (``dtype``, ``device_map``, ``attn_implementation``, ...) go to its ``from_pretrained``. The
+    layers, pooling and DCAL arguments come from the config key ``crosslmm_patch`` that
+    :func:`patch_llava` wrote, and the DCAL weights and gates from the checkpoint."""
+    import transformers
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"load_patched: {path!r} is not a folder written by save_pretrained")
+    config = transformers.AutoConfig.from_pretrained(path)
+    record = getattr(config, CONFIG_KEY, None)
+    if not isinstance(record, dict) or record.get("format") != 1:
+        raise ValueError(f"load_patched: the config in {path} has no `{CONFIG_KEY}` record: it was "
+                         "not saved from a patched model (load it with from_pretrained and call "
+                         "patch_llava)")
+    architectures = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        raise ValueError(f"load_patched: the config in {path} names no transformers model class "
+                         f"(architectures={architectures})")
+    # The DCAL tensors are not the unpatched model's: load them below, without transformers
+    # reporting them as unused.
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, **from_pretrained_kwargs)
+    finally:
+        transformers.logging.set_verbosity(level)
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not _DCAL_KEY.search(k)]
+    if unexpected or info.get("missing_keys"):
+        warnings.warn(f"load_patched: loading {path} left missing keys "
+                      f"{sorted(info.get('missing_keys', ()))[:4]} and unexpected keys "
+                      f"{sorted(unexpected)[:4]}", stacklevel=2)
+    inner = model.model if getattr(model, "model", None) is not None else model
+    delattr(inner.config, CONFIG_KEY)
+    patch_llava(model, layers=record["layers"] or None, pooling=TokenPooling(**record["pooling"]),
+                dcal=record["dcal"], **record["dcal_kwargs"])
+    if record["dcal"]:
+        patch = getattr(model, PATCH_ATTR)
+        _load_dcal_weights(patch, path)
+    return model
+
+
+def lora_target_modules(names: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> str:
+    """A PEFT ``target_modules`` pattern for the modules called ``names`` *outside* the DCALs.
+
+    The DCALs' own projections are also called ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj``;
+    a plain name list would put adapters on them too, and while their gates are at 0 those
+    adapters get no gradient. Train the DCALs themselves (weights and gates) as full modules::
+
+        LoraConfig(target_modules=lora_target_modules(["q_proj", "v_proj"]),
+                   modules_to_save=["dcal"])
+    """
+    if isinstance(names, str) or not names or not all(
+            isinstance(n, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in names):
+        raise ValueError(f"names must be a non-empty list of module names, got {names!r}")
+    return rf"(?!.*\.dcal\.).*\.({'|'.join(names)})"
 
 
 # The name crosslmm_ops/models/__init__.py imports.
 fix_processor_token_count = patch_llava_processor
 
-__all__ = ["CrossLMMPatch", "fix_processor_token_count", "patch_llava", "patch_llava_processor"]
+__all__ = ["CrossLMMPatch", "fix_processor_token_count", "load_patched", "load_patched_processor",
+           "lora_target_modules", "patch_llava", "patch_llava_processor"]

@@ -80,6 +80,12 @@ class TokenPooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return token_pool(x, **self._kwargs, backend=self.backend)
 
+    @property
+    def arguments(self) -> dict:
+        """The pooling arguments this module was built with (``TokenPooling(**arguments)``
+        rebuilds it; ``backend`` is not among them)."""
+        return dict(self._kwargs)
+
     def extra_repr(self) -> str:
         s = self.spec
         parts = [f"grid={s.grid}", f"mode={s.mode!r}"]

@@ -1,0 +1,250 @@
+"""Generation that stays correct, for the reference model and all three patched LLaVA families,
+with the DCAL gates open (random non-zero gates: a DCAL that did not run changes the output).
+
+* greedy and beam ``generate()`` with the cache equal ``generate(use_cache=False)``, which
+  recomputes the whole sequence, pixels included, at every step (logits compared step by step);
+* every DCAL runs once in the prefill and once per decode step, and changes its input there;
+* a step that needs the memory and cannot find it raises, as does a forward in which a DCAL
+  layer did not run;
+* a patched model saved with ``save_pretrained`` comes back from ``load_patched`` with equal
+  logits; a processor's placeholder count survives ``save_pretrained`` / ``load_patched_processor``.
+
+CI runs this file against the oldest and the newest supported transformers release.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import test_models as ref  # noqa: E402
+import test_patch_llava as llava  # noqa: E402
+
+from crosslmm_ops.models import (  # noqa: E402
+    CrossLMMCache,
+    DCALSkippedError,
+    cache_vision_memory,
+    find_cache,
+    load_patched,
+    load_patched_processor,
+    patch_llava_processor,
+)
+from crosslmm_ops.models.decoder import _LAYER_KWARG  # noqa: E402
+
+CASES = ("reference",) + llava.FAMILIES
+NEW_TOKENS = 4
+
+
+def _case(case: str, items=(1, 0, 2)):
+    """(model with random open gates, prompt inputs incl. the video, the DCALs {layer: module},
+    generate() options)."""
+    if case == "reference":
+        model = ref._model(gates="random")
+        batch = ref._batch(model.config, frames=(3, 1), T=3, pad="left")
+        inputs = dict(input_ids=batch["input_ids"], **ref._video_kwargs(batch))
+        return model, inputs, model.dcals, dict(do_sample=False)
+    model, _ = llava._pair(case)
+    llava._set_gates(model)
+    inputs = llava._batch(case, items)
+    return model, inputs, model.crosslmm_patch.dcals, dict(
+        do_sample=False, suppress_tokens=[llava.IMAGE, llava.VIDEO, llava.PAD])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_generate_equals_recomputing_every_step(case):
+    model, inputs, _, opts = _case(case)
+    kw = dict(opts, max_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True)
+    cached = model.generate(**inputs, **kw)
+    recomputed = model.generate(**inputs, **kw, use_cache=False)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert len(cached.logits) == NEW_TOKENS
+    for step, (a, b) in enumerate(zip(cached.logits, recomputed.logits)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    cache = find_cache(cached)
+    assert isinstance(cache, CrossLMMCache)
+    assert cache_vision_memory(cache) is not None
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_beam_search_equals_recomputing_every_step(case):
+    # One video per sample: transformers 5.17-5.18 expand a sample's several images per image,
+    # which breaks unpatched models the same way (see test_patch_llava).
+    model, inputs, _, opts = _case(case, items=(1, 1))
+    kw = dict(opts, max_new_tokens=NEW_TOKENS, num_beams=2, num_return_sequences=2,
+              return_dict_in_generate=True)
+    cached = model.generate(**inputs, **kw)
+    recomputed = model.generate(**inputs, **kw, use_cache=False)
+    rows = inputs["input_ids"].shape[0] * 2
+    assert cached.sequences.shape[0] == rows
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert cache_vision_memory(find_cache(cached)).batch_size == rows
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_dcal_runs_in_every_decode_step(case):
+    model, inputs, dcals, opts = _case(case)
+    calls = []
+
+    def record(index):
+        def hook(module, args, output):
+            calls.append((index, args[0].shape[1], not torch.equal(output, args[0])))
+        return hook
+
+    handles = [dcal.register_forward_hook(record(i)) for i, dcal in dcals.items()]
+    try:
+        out = model.generate(**inputs, **opts, max_new_tokens=NEW_TOKENS,
+                             return_dict_in_generate=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    prompt = inputs["input_ids"].shape[1]
+    layers = sorted(dcals)
+    # The prefill, then one forward of one new position per decode step; each DCAL changes
+    # what it is given (open gates, T2V at the new token).
+    expected = [(i, prompt, True) for i in layers]
+    expected += [(i, 1, True) for _ in range(NEW_TOKENS - 1) for i in layers]
+    assert calls == expected
+    assert out.sequences.shape[1] == prompt + NEW_TOKENS
+
+
+def _prefill(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    cache = find_cache(out)
+    assert cache is not None
+    step = dict(input_ids=torch.full((inputs["input_ids"].shape[0], 1), 5))
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        step["attention_mask"] = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return cache, step
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_decode_step_without_the_memory_raises(case):
+    model, inputs, _, _ = _case(case)
+    cache, step = _prefill(model, inputs)
+    with torch.no_grad():
+        model(**step, **{llava.CACHE_KW: cache})  # with its record: fine
+        del cache.__dict__["vision_memory"]       # a cache that lost its record
+        with pytest.raises(DCALSkippedError, match="holds no CrossLMM vision record"):
+            model(**step, **{llava.CACHE_KW: cache})
+
+
+@pytest.mark.parametrize("case", ("reference", "llava_onevision"))
+def test_a_dcal_layer_that_did_not_run_raises(case):
+    """A decoder that stopped handing its keyword arguments to a layer's attention (what a
+    transformers release could change) is caught after the forward."""
+    model, inputs, dcals, _ = _case(case)
+    layer = find_layers(model)[max(dcals)]
+
+    def drop(module, args, kwargs):
+        kwargs = dict(kwargs)
+        kwargs.pop(_LAYER_KWARG, None)
+        return args, kwargs
+
+    handle = layer.register_forward_pre_hook(drop, with_kwargs=True)
+    try:
+        with torch.no_grad(), pytest.raises(DCALSkippedError, match=f"layers \\[{max(dcals)}\\]"):
+            model(**inputs)
+    finally:
+        handle.remove()
+
+
+def find_layers(model):
+    inner = model.model
+    return inner.language_model.layers
+
+
+def test_text_only_prompt_then_decode_runs_no_dcal():
+    model, inputs, dcals, _ = _case("llava_onevision", items=(0, 0, 0))
+    inputs.pop("pixel_values_videos")
+    calls = []
+    handles = [d.register_forward_hook(lambda *a: calls.append(1)) for d in dcals.values()]
+    try:
+        cache, step = _prefill(model, inputs)
+        with torch.no_grad():
+            model(**step, **{llava.CACHE_KW: cache})
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [] and cache_vision_memory(cache) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Save and reload
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", llava.FAMILIES)
+def test_save_and_load_patched_gives_equal_logits(family, tmp_path):
+    model, inputs, _, _ = _case(family)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["crosslmm_patch"]["layers"] == list(llava.DCAL_LAYERS)
+    loaded = load_patched(tmp_path).eval()
+    patch = loaded.crosslmm_patch
+    assert patch.layers == llava.DCAL_LAYERS and patch.family == family
+    assert patch.pooled_per_frame == llava.POOLED
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys()
+    for key in sd:
+        assert torch.equal(sd[key], sd2[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits,
+                                   rtol=0, atol=0)
+    # And it generates as the original does.
+    opts = dict(do_sample=False, max_new_tokens=3,
+                suppress_tokens=[llava.IMAGE, llava.VIDEO, llava.PAD])
+    assert torch.equal(loaded.generate(**inputs, **opts), model.generate(**inputs, **opts))
+
+
+def test_load_patched_refuses_an_unpatched_checkpoint(tmp_path):
+    model = llava._build("llava")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not saved from a patched model"):
+        load_patched(tmp_path)
+    with pytest.raises(ValueError, match="not a folder"):
+        load_patched(tmp_path / "missing")
+
+
+def test_remove_forgets_the_saved_record():
+    model, _, _, _ = _case("llava")
+    assert "crosslmm_patch" in model.config.to_dict()
+    model.crosslmm_patch.remove()
+    assert "crosslmm_patch" not in model.config.to_dict()
+
+
+def _tiny_tokenizer(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<pad>": 0, "<unk>": 1, "<image>": 2, "<video>": 3, "a": 4, "b": 5}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                                unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    return fast
+
+
+def test_processor_placeholder_count_survives_save_and_load(tmp_path):
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28},
+                                                      crop_size={"height": 28, "width": 28})
+    processor = transformers.LlavaProcessor(image_processor=image_processor,
+                                            tokenizer=_tiny_tokenizer(tmp_path), patch_size=4,
+                                            vision_feature_select_strategy="full",
+                                            image_token="<image>")
+    patch_llava_processor(processor, pooled_per_frame=6)
+    processor.save_pretrained(tmp_path)
+    loaded = load_patched_processor(tmp_path)
+    assert loaded.crosslmm_pooled_per_frame == 6
+    images = {"pixel_values": torch.zeros(1, 3, 28, 28)}
+    assert loaded.replace_image_token(images, 0) == "<image>" * 6
+    with pytest.raises(ValueError, match="not saved from a patched processor"):
+        plain = transformers.LlavaProcessor(image_processor=image_processor,
+                                            tokenizer=_tiny_tokenizer(tmp_path), patch_size=4,
+                                            image_token="<image>")
+        plain.save_pretrained(tmp_path / "plain")
+        load_patched_processor(tmp_path / "plain")
