@@ -230,6 +230,7 @@ def _tiny_tokenizer(tmp_path):
 
 
 def test_processor_placeholder_count_survives_save_and_load(tmp_path):
+    pytest.importorskip("PIL")  # CLIPImageProcessor's slow path
     image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28},
                                                       crop_size={"height": 28, "width": 28})
     processor = transformers.LlavaProcessor(image_processor=image_processor,
@@ -248,3 +249,61 @@ def test_processor_placeholder_count_survives_save_and_load(tmp_path):
                                             image_token="<image>")
         plain.save_pretrained(tmp_path / "plain")
         load_patched_processor(tmp_path / "plain")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training with adapters (PEFT)
+# ----------------------------------------------------------------------------------------------
+
+
+def _training_batch(family):
+    batch = llava._batch(family)
+    batch["labels"] = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
+    return batch
+
+
+def test_lora_on_every_q_v_proj_warns_that_the_dcal_adapters_get_no_gradient():
+    peft = pytest.importorskip("peft")
+    model, _ = llava._pair("llava_onevision")  # gates at 0, as after patching
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert any(".dcal." in name and "lora_" in name for name, _ in lora.named_parameters())
+    lora.train()
+    with pytest.warns(UserWarning, match="frozen at 0"):
+        lora(**_training_batch("llava_onevision")).loss.backward()
+
+
+def test_lora_outside_the_dcals_trains_the_dcals_and_their_gates():
+    """The documented recipe: adapters on the LLM's own projections only, the DCALs (weights and
+    gates) trained as full modules."""
+    peft = pytest.importorskip("peft")
+    from crosslmm_ops import lora_target_modules
+
+    model, _ = llava._pair("llava_onevision")
+    config = peft.LoraConfig(r=2, target_modules=lora_target_modules(["q_proj", "v_proj"]),
+                             modules_to_save=["dcal"])
+    lora = peft.get_peft_model(model, config)
+    names = [name for name, _ in lora.named_parameters()]
+    assert not any(".dcal." in n and "lora_" in n for n in names)
+    assert any("self_attn.q_proj.lora_B" in n for n in names)
+    lora.train()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no frozen-gate warning
+        lora(**_training_batch("llava_onevision")).loss.backward()
+    grads = {n: p.grad for n, p in lora.named_parameters() if p.requires_grad}
+    gates = [n for n in grads if n.endswith("gate.alpha")]
+    assert len(gates) == 2 * len(llava.DCAL_LAYERS)  # V2V and T2V of each DCAL
+    for name in gates + [n for n in grads if "lora_B" in n]:
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_fused_path_with_an_adapter_on_the_dcal_says_what_to_do():
+    peft = pytest.importorskip("peft")
+    model, _ = llava._pair("llava_onevision")
+    llava._set_gates(model)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["k_proj", "v_proj"]))
+    for dcal in model.crosslmm_patch.dcals.values():
+        dcal.kv_path = "fused"
+    with torch.no_grad(), pytest.raises(ValueError, match="merge_and_unload"):
+        lora(**llava._batch("llava_onevision"))

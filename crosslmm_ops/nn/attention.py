@@ -172,6 +172,12 @@ def _unfused_reason(name: str, module: nn.Module, types: tuple) -> str | None:
     if type(module) not in types:
         # A subclass or wrapper (PEFT/LoRA, a quantised or parametrised layer) computes something
         # other than its ``weight``: reading the weight would silently skip it.
+        if isinstance(getattr(module, "base_layer", None), nn.Module):
+            return (f"{name} is wrapped by an adapter ({type(module).__module__}."
+                    f"{type(module).__name__}), which the fused path would skip. Merge the "
+                    "adapter into the weight first (PEFT: merge_and_unload()), or keep adapters "
+                    "off the DCALs (crosslmm_ops.lora_target_modules) and train the DCALs as "
+                    "full modules (modules_to_save=['dcal'])")
         return (f"{name} is a {type(module).__name__}, not a plain "
                 f"{' or '.join(t.__name__ for t in types)}")
     if module._forward_hooks or module._forward_pre_hooks:
