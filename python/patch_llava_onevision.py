@@ -13,11 +13,12 @@ With a real checkpoint the same three calls apply: ``LlavaOnevisionForConditiona
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import torch
 import transformers
 
-from crosslmm_ops.models import patch_llava
+from crosslmm_ops.models import load_patched, patch_llava
 from crosslmm_ops.study import synthetic_video
 
 VOCAB = 128
@@ -118,7 +119,17 @@ def main(argv=None) -> int:
           f"tokens; prompt {ids.shape[1]} tokens")
     print(f"generated {len(new)} token ids: {new}")
     print("(random weights: the ids show the pipeline runs end to end, not an answer)")
-    return 0
+
+    # Save and reload: the patch is recorded in config.json, the DCAL weights in the checkpoint.
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        reloaded = load_patched(folder, dtype=dtype).to(device).eval()
+        with torch.no_grad():
+            again = reloaded.generate(input_ids=ids, pixel_values_videos=video, **gen)
+    same = torch.equal(again, out)
+    print(f"saved and reloaded with load_patched: {reloaded.crosslmm_patch!r}; generates the same "
+          f"ids: {same}")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def test_patch_llava_onevision_script_generates():
     ids = re.search(r"generated 3 token ids: \[([0-9, ]+)\]", out)
     assert ids, out
     assert len(ids.group(1).split(",")) == 3
+    assert "saved and reloaded with load_patched" in out and "generates the same ids: True" in out
 
 
 def test_train_two_stage_script_loss_falls():

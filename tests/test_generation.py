@@ -307,3 +307,36 @@ def test_fused_path_with_an_adapter_on_the_dcal_says_what_to_do():
         dcal.kv_path = "fused"
     with torch.no_grad(), pytest.raises(ValueError, match="merge_and_unload"):
         lora(**llava._batch("llava_onevision"))
+
+
+# ----------------------------------------------------------------------------------------------
+# On the GPU
+# ----------------------------------------------------------------------------------------------
+
+
+def _to(inputs: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES)
+def test_generate_on_cuda_equals_recomputing_every_step(case):
+    """The DCALs on the GPU back ends (float32 inputs: the Triton or CUDA attention): greedy
+    generation with the cache equals recomputing the whole sequence at every step."""
+    import crosslmm_ops
+
+    model, inputs, _, opts = _case(case)
+    model, inputs = model.cuda(), _to(inputs, "cuda")
+    kw = dict(opts, max_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True)
+    with crosslmm_ops.record_backends() as log:
+        cached = model.generate(**inputs, **kw)
+    assert {b for op, b in log if op in ref.ATTENTION_OPS} <= {"cuda", "triton"}
+    assert any(op in ref.ATTENTION_OPS for op, _ in log)
+    recomputed = model.generate(**inputs, **kw, use_cache=False)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    for step, (a, b) in enumerate(zip(cached.logits, recomputed.logits)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=f"step {step}")
+    # and it equals the CPU (torch back end) run
+    cpu_model, cpu_inputs, _, _ = _case(case)
+    expected = cpu_model.generate(**cpu_inputs, **kw)
+    assert torch.equal(cached.sequences.cpu(), expected.sequences)

@@ -14,36 +14,29 @@ Supported (transformers 5.x): ``LlavaOnevisionForConditionalGeneration`` and
    image: :func:`patch_llava_processor` makes the processor write those counts.
 2. **The unpooled tokens kept.** ``X`` of every video/image is kept and packed per sample into a
    :class:`~crosslmm_ops.nn.VisionMemory` (a sample's videos back to back; a sample without any has
-   zero frames). The memory of a forward is stored on its cache object (``past_key_values``), so the
-   decode steps of ``generate()``, which carry no pixels, reuse the prefill's memory.
+   zero frames). On transformers releases whose ``generate()`` encodes the vision on the inner
+   model before the prefill (``mm_encoder_outputs``), the unpooled tokens ride along under the key
+   ``crosslmm_encoded`` of the encoder's output; beams expand the batch after that, which the
+   memory follows.
 3. **DCALs.** A :class:`~crosslmm_ops.nn.DualCrossAttention` is added as ``dcal`` to every
    ``every``-th decoder layer (layers ``every-1, 2*every-1, ...``) and runs after the layer's
    self-attention and its residual add, before ``post_attention_layernorm`` and the MLP:
    the pooled visual positions query ``X`` (V2V), the text positions query ``X`` (T2V); both are
-   non-causal (a position sees all of its sample's frames). Gates start at 0.
+   non-causal (a position sees all of its sample's frames). Gates start at 0. The DCALs are
+   inserted, fed, and given the memory through generation (kept on the cache, reordered with
+   beams) by :mod:`crosslmm_ops.models.decoder`, the same code the reference model uses; this
+   module only says, per forward, what the vision is and which positions query it.
+4. **Saved with the model.** The patch (layers, pooling, DCAL arguments) is recorded in the
+   model's config under ``crosslmm_patch``, so ``save_pretrained`` keeps it and
+   :func:`load_patched` patches the loaded model the same way and loads the DCAL weights.
 
 Everything is done with torch module hooks and instance attributes, never by replacing a module, so
 the original ``state_dict`` keys stay as they were (the DCALs add ``...layers.{i}.dcal.*``),
-accelerate's device hooks (which replace ``module.forward``) keep working, gradient checkpointing
-recomputes the DCALs with the layer, and ``generate()`` works on both of transformers 5's paths
-(5.17: pixels passed to the prefill forward; 5.18 on: the vision encoded on the inner model before
-the prefill and handed to it as ``mm_encoder_outputs``, where the unpooled tokens ride along under
-the key ``crosslmm_encoded`` of the encoder's output; beams expand the batch after that, which the
-memory follows).
+accelerate's device hooks (which replace ``module.forward``) keep working, and gradient
+checkpointing recomputes the DCALs with the layer.
 
 With every gate at 0 the patched model's logits are bitwise those of the same model patched with
-``dcal=False`` (pooling only): the DCAL output is ``h + 0`` and the layer adds ``out - h = 0`` to
-its MLP branch. That is what makes patching a pretrained model safe.
-
-How the DCAL sits inside a decoder layer without replacing it: ``h = residual + attn`` is the input
-of ``post_attention_layernorm``; a pre-hook there runs ``h' = dcal(h)`` and feeds ``h'`` to the
-norm, and a hook on the MLP adds ``h' - h`` to the MLP's output, so the layer returns
-``h + mlp(norm(h')) + (h' - h) = h' + mlp(norm(h'))``: the DCAL's output is the residual stream
-(up to the rounding of one extra add and subtract; exactly at gate 0).
-The per-forward inputs (memory, masks) travel as a keyword argument through the language model
-and the decoder layer into ``self_attn``, whose pre-hook takes it out again, so they are part of
-what gradient checkpointing replays (transformers 5.17 checkpoints the layer's ``__call__``, 5.23
-its ``forward``; either way ``self_attn`` is called again with the same arguments).
+``dcal=False`` (pooling only). That is what makes patching a pretrained model safe.
 
 Not thread-safe: one patched model runs one forward at a time (as with any stateful module).
 """
