@@ -619,10 +619,7 @@ __all__ = [
     "CrossLMMForConditionalGeneration",
     "CrossLMMModel",
     "CrossLMMPreTrainedModel",
-    "CrossLMMQwen2Attention",
-    "CrossLMMQwen2DecoderLayer",
     "CrossLMMTextModel",
-    "DCALInputs",
     "cache_vision_memory",
     "set_training_stage",
 ]
