@@ -84,6 +84,33 @@ def test_beam_search_equals_recomputing_every_step(case):
     assert cache_vision_memory(find_cache(cached)).batch_size == rows
 
 
+@pytest.mark.parametrize("case", ("reference", "llava_onevision"))
+def test_sampling_with_several_sequences_per_prompt_equals_recomputing(case):
+    """Sampling with num_return_sequences expands the batch before the prefill."""
+    model, inputs, _, opts = _case(case)
+    kw = dict(opts, do_sample=True, top_k=4, max_new_tokens=NEW_TOKENS, num_return_sequences=2)
+    torch.manual_seed(0)
+    cached = model.generate(**inputs, **kw)
+    torch.manual_seed(0)
+    recomputed = model.generate(**inputs, **kw, use_cache=False)
+    assert cached.shape[0] == 2 * inputs["input_ids"].shape[0]
+    assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("case", ("reference", "llava_onevision"))
+def test_prompt_lookup_decoding_equals_greedy(case):
+    """Assisted decoding (prompt lookup: several candidate tokens per forward, the cache cropped
+    back on rejection) keeps the memory and gives greedy's tokens."""
+    model, inputs, _, opts = _case(case, items=(1,))
+    if case == "reference":  # one sample: assisted decoding takes batch size 1
+        batch = ref._batch(model.config, frames=(2,), T=2)
+        inputs = dict(input_ids=batch["input_ids"], **ref._video_kwargs(batch))
+    kw = dict(opts, max_new_tokens=6)
+    greedy = model.generate(**inputs, **kw)
+    assisted = model.generate(**inputs, **kw, prompt_lookup_num_tokens=2)
+    assert torch.equal(assisted, greedy)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_every_dcal_runs_in_every_decode_step(case):
     model, inputs, dcals, opts = _case(case)
