@@ -1,5 +1,5 @@
 """Cross-attention: ours (cuda, triton) against SDPA's flash, cuDNN and efficient back ends,
-FlexAttention, and flash-attn when it is importable, on CrossLMM-2B's shapes (PERF.md): 12 heads of
+FlexAttention, and flash-attn and FlashAttention-4 when they are importable (said otherwise), on CrossLMM-2B's shapes (PERF.md): 12 heads of
 128, keys = all original tokens (T * 729), bf16.
 
     pytest benchmarks/bench_cross_attention.py --benchmark-only
@@ -33,6 +33,15 @@ except ImportError:
     print("bench_cross_attention: flash-attn is not importable here; its column is skipped "
           "(SDPA's flash back end is FlashAttention-2's kernel)")
 
+try:  # FlashAttention-4 (CuTe DSL), the strongest peer on Hopper; ../shared/fa4 says how to install
+    from flash_attn.cute import flash_attn_func as _fa4_func  # type: ignore
+
+    HAVE_FA4 = True
+except Exception as _exc:  # noqa: BLE001 - any import failure means "not available here"
+    HAVE_FA4 = False
+    print(f"bench_cross_attention: FlashAttention-4 (flash_attn.cute) is not importable here "
+          f"({type(_exc).__name__}); its column is skipped")
+
 CASES = {  # name: (batch, Lq, Lk, frames)
     **{f"v2v-global T={t}": (1, POOLED_PER_FRAME * t, TOKENS_PER_FRAME * t, t) for t in (32, 64, 128, 256)},
     **{f"t2v T={t}": (1, 128, TOKENS_PER_FRAME * t, t) for t in (32, 256)},
@@ -41,7 +50,8 @@ CASES = {  # name: (batch, Lq, Lk, frames)
 }
 FWD_BWD_CASES = ["v2v-global T=64", "v2v-global T=256"]
 OURS = ["cuda", "triton"]
-PEERS = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex"] + (["flash-attn"] if HAVE_FLASH_ATTN else [])
+PEERS = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex"] + (["flash-attn"] if HAVE_FLASH_ATTN else []) \
+    + (["fa4"] if HAVE_FA4 else [])
 
 
 def _sdpa(backend_enum):
@@ -81,6 +91,8 @@ def attention_fn(name):
         return _flex
     if name == "flash-attn":
         return _flash_attn_func
+    if name == "fa4":  # returns (out, lse)
+        return lambda q, k, v: _fa4_func(q, k, v)[0]
     raise ValueError(name)
 
 
@@ -131,7 +143,7 @@ def bench_forward(benchmark, record, case, impl):
            flops=flops, bytes=moved)
 
 
-@pytest.mark.parametrize("impl", OURS + ["sdpa-flash", "sdpa-cudnn"])
+@pytest.mark.parametrize("impl", OURS + ["sdpa-flash", "sdpa-cudnn"] + (["fa4"] if HAVE_FA4 else []))
 @pytest.mark.parametrize("case", FWD_BWD_CASES)
 def bench_forward_backward(benchmark, record, case, impl):
     _skip_unavailable(impl)

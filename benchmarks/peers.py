@@ -1,0 +1,219 @@
+"""Ours against the attention peers on CrossLMM-2B's shapes, in one process, written as
+``benchmarks/results/peers_<gpu>.json`` (the table of PERF.md and issue 18).
+
+    python benchmarks/peers.py [--out benchmarks/results/peers_h100.json] [--cases fwd,fwd+bwd]
+
+bf16, 12 query heads of 128 (Hk = 2 or 12 key/value heads), keys T*729 original tokens; V2V
+queries T*9, T2V 128, decode 1; per-frame V2V: each frame's 9 queries against its own 729 keys.
+Columns: ``ours`` (the CUDA back end, asserted), ``fa4`` (FlashAttention-4, ``flash_attn.cute``,
+when importable; said to be absent otherwise), ``sdpa_cudnn`` and ``sdpa_flash`` (PyTorch SDPA).
+A peer that cannot run a row is left out of it, with the reason under ``skipped``.
+
+Fairness: SDPA's back ends get K/V already expanded to the 12 query heads (GQA) and the per-frame
+rows as a batch of frames (uniform frames: the same function as the packed varlen call), both
+prepared outside the timed region. Times are ``triton.testing.do_bench`` medians; FLOPs
+``4*Lq*Lk*H*d`` forward, 3.5x that forward+backward (the backward counted as 2.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import do_bench_ms  # noqa: E402
+
+import crosslmm_ops  # noqa: E402
+
+HEADS, HEAD_DIM, N, n = 12, 128, 729, 9
+
+try:
+    from flash_attn.cute import flash_attn_func as fa4_func  # type: ignore
+    from flash_attn.cute import flash_attn_varlen_func as fa4_varlen_func  # type: ignore
+
+    FA4_ERROR = None
+except Exception as exc:  # noqa: BLE001 - any import failure means "not available here"
+    fa4_func = fa4_varlen_func = None
+    FA4_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _case_table():
+    rows = []
+    for t in (32, 64, 128, 256):
+        rows.append((f"fwd v2v T={t} Hk=2", "global", t, 2, t * n, False))
+    rows.append(("fwd v2v T=256 Hk=12", "global", 256, 12, 256 * n, False))
+    for t in (32, 256):
+        rows.append((f"fwd t2v T={t} Hk=2", "global", t, 2, 128, False))
+    for t in (32, 256):
+        rows.append((f"fwd decode T={t} Hk=2", "global", t, 2, 1, False))
+    for hk in (2, 12):
+        rows.append((f"fwd v2v-per-frame varlen T=256 Hk={hk}", "frame", 256, hk, n, False))
+    for t in (64, 256):
+        for hk in (2, 12):
+            rows.append((f"fwd+bwd v2v T={t} Hk={hk}", "global", t, hk, t * n, True))
+    return rows
+
+
+def _inputs(scope, frames, hk, lq, grad):
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def make(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g) \
+            .requires_grad_(grad)
+
+    if scope == "global":
+        return make(1, lq, HEADS, HEAD_DIM), make(1, frames * N, hk, HEAD_DIM), \
+            make(1, frames * N, hk, HEAD_DIM)
+    return make(frames * lq, HEADS, HEAD_DIM), make(frames * N, hk, HEAD_DIM), \
+        make(frames * N, hk, HEAD_DIM)
+
+
+def _runners(scope, frames, q, k, v):
+    """{peer: callable() -> output} for one row's inputs (layouts prepared outside)."""
+    runs = {}
+    if scope == "global":
+        runs["ours"] = lambda: crosslmm_ops.cross_attention(q, k, v, backend="cuda")
+        if fa4_func is not None:
+            runs["fa4"] = lambda: fa4_func(q, k, v)[0]
+        rep = HEADS // k.shape[2]
+        qs = q.transpose(1, 2)
+        ks = k.repeat_interleave(rep, 2).transpose(1, 2) if rep > 1 else k.transpose(1, 2)
+        vs = v.repeat_interleave(rep, 2).transpose(1, 2) if rep > 1 else v.transpose(1, 2)
+    else:
+        lq = q.shape[0] // frames
+        cu_q = torch.arange(frames + 1, device="cuda", dtype=torch.int32) * lq
+        cu_k = torch.arange(frames + 1, device="cuda", dtype=torch.int32) * N
+        runs["ours"] = lambda: crosslmm_ops.cross_attention(
+            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=lq, max_seqlen_k=N,
+            backend="cuda")
+        if fa4_varlen_func is not None:
+            runs["fa4"] = lambda: fa4_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                                  max_seqlen_q=lq, max_seqlen_k=N)[0]
+        rep = HEADS // k.shape[1]
+        qs = q.view(frames, lq, HEADS, HEAD_DIM).transpose(1, 2)
+        kb = k.view(frames, N, -1, HEAD_DIM)
+        vb = v.view(frames, N, -1, HEAD_DIM)
+        ks = (kb.repeat_interleave(rep, 2) if rep > 1 else kb).transpose(1, 2)
+        vs = (vb.repeat_interleave(rep, 2) if rep > 1 else vb).transpose(1, 2)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qs, ks, vs)
+        return run
+
+    runs["sdpa_cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+    runs["sdpa_flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
+    return runs
+
+
+def _timed(fn, backward, inputs):
+    if not backward:
+        with torch.no_grad():
+            fn()
+            return do_bench_ms(fn)
+    out = fn()
+    dout = torch.randn_like(out)
+
+    def step():
+        o = fn()
+        torch.autograd.grad(o, [t for t in inputs if t.requires_grad], dout)
+
+    step()
+    return do_bench_ms(step)
+
+
+def run(selected: set[str]) -> dict:
+    rows = []
+    for name, scope, frames, hk, lq, backward in _case_table():
+        kind = name.split()[0]
+        if kind not in selected:
+            continue
+        q, k, v = _inputs(scope, frames, hk, lq, backward)
+        lk = N if scope == "frame" else frames * N
+        pairs = (frames if scope == "frame" else 1) * lq * lk
+        flops = 4 * pairs * HEADS * HEAD_DIM * (3.5 if backward else 1.0)
+        row = {"case": name, "ms": {}, "tflops": {}, "skipped": {}}
+        for peer, fn in _runners(scope, frames, q, k, v).items():
+            try:
+                ms = _timed(fn, backward, (q, k, v))
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot run the row
+                row["skipped"][peer] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                continue
+            if peer == "ours":
+                ran = crosslmm_ops.last_backend("cross_attention")
+                assert ran == "cuda", f"ours ran on {ran}, not the CUDA back end"
+            row["ms"][peer] = round(ms, 5)
+            row["tflops"][peer] = round(flops / ms / 1e9, 1)
+        if FA4_ERROR is not None:
+            row["skipped"]["fa4"] = f"not importable: {FA4_ERROR[:160]}"
+        peers = [p for p in row["ms"] if p != "ours"]
+        if "ours" in row["ms"] and peers:
+            best = min(peers, key=lambda p: row["ms"][p])
+            row["best_peer"] = best
+            row["ours_vs_best_peer"] = round(row["ms"][best] / row["ms"]["ours"], 3)
+        if not row["skipped"]:
+            del row["skipped"]
+        rows.append(row)
+        ratio = row.get("ours_vs_best_peer", math.nan)
+        print(f"{name:42s} " + "  ".join(f"{p} {ms:.4f}" for p, ms in row["ms"].items())
+              + f"  | ours vs best peer {ratio:.2f}x", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def environment() -> dict:
+    try:
+        import importlib.metadata as md
+
+        fa4 = md.version("flash-attn-4")
+    except Exception:  # noqa: BLE001
+        fa4 = None
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "fa4": fa4,
+        "python": platform.python_version(),
+        "crosslmm_ops": crosslmm_ops.__version__,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="JSON path (default: "
+                        "benchmarks/results/peers_<gpu>.json)")
+    parser.add_argument("--cases", default="fwd,fwd+bwd",
+                        help="comma-separated kinds of rows: fwd, fwd+bwd")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("peers.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    env = environment()
+    print(json.dumps(env))
+    if FA4_ERROR is not None:
+        print(f"FlashAttention-4 is not importable here ({FA4_ERROR}); its column is absent")
+    rows = run(set(args.cases.split(",")))
+    gpu = "h100" if "H100" in env["gpu"] else "h200" if "H200" in env["gpu"] else "gpu"
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"peers_{gpu}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
