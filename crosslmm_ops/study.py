@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from crosslmm_ops import _backend
+from crosslmm_ops.models.decoder import cache_argument, find_cache
 
 # LLaVA-OneVision's video pooling of SigLIP's 27x27 grid.
 BASELINE_POOLING = dict(pool_mode="bilinear", pooled_grid=14)
@@ -205,20 +206,20 @@ def measure(model, variant: str, video: torch.Tensor, input_ids: torch.Tensor, *
         prefill_ms, out, activations = timed(lambda: model(input_ids=input_ids,
                                                            pixel_values_videos=video,
                                                            use_cache=True, logits_to_keep=1))
-        cache = out.past_key_values
+        cache = find_cache(out)
         cache_bytes = _tensor_bytes(cache)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         del out
         generated = [int(token)]
         # One untimed step first: the first decode call picks kernels for one-token shapes.
-        step = model(input_ids=token, past_key_values=cache, use_cache=True)
+        step = model(input_ids=token, **cache_argument(cache), use_cache=True)
         token = step.logits[:, -1].argmax(-1, keepdim=True)
         generated.append(int(token))
         _sync(device)
         t0 = time.perf_counter()
         timed_steps = max(new_tokens - 2, 0)  # new_tokens in all: prefill's, the warm-up's, these
         for _ in range(timed_steps):
-            step = model(input_ids=token, past_key_values=cache, use_cache=True)
+            step = model(input_ids=token, **cache_argument(cache), use_cache=True)
             token = step.logits[:, -1].argmax(-1, keepdim=True)
             generated.append(int(token))
             if progress:

@@ -78,6 +78,18 @@ def find_cache(*objects) -> Cache | None:
     return None
 
 
+def cache_argument(cache: Cache | None) -> dict:
+    """``{name: cache}`` to pass a cache to a model call, under the name the installed
+    transformers' decoders take it by (``cache`` from 5.24, ``past_key_values`` before)."""
+    import inspect
+
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+
+    name = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters \
+        else "past_key_values"
+    return {name: cache}
+
+
 def past_length(cache: Cache | None) -> int:
     """Tokens the cache already holds (0 for None)."""
     if cache is None:
@@ -442,6 +454,7 @@ __all__ = [
     "ForwardVision",
     "VisionMemoryCache",
     "attach_vision_memory",
+    "cache_argument",
     "cache_vision_memory",
     "check_decoder_layers",
     "find_cache",
