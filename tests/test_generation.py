@@ -33,7 +33,7 @@ from crosslmm_ops.models import (  # noqa: E402
     load_patched_processor,
     patch_llava_processor,
 )
-from crosslmm_ops.models.decoder import _LAYER_KWARG  # noqa: E402
+from crosslmm_ops.models.decoder import _LAYER_KWARG, cache_argument  # noqa: E402
 
 CASES = ("reference",) + llava.FAMILIES
 NEW_TOKENS = 4
@@ -155,10 +155,10 @@ def test_a_decode_step_without_the_memory_raises(case):
     model, inputs, _, _ = _case(case)
     cache, step = _prefill(model, inputs)
     with torch.no_grad():
-        model(**step, **{llava.CACHE_KW: cache})  # with its record: fine
+        model(**step, **cache_argument(cache))  # with its record: fine
         del cache.__dict__["vision_memory"]       # a cache that lost its record
         with pytest.raises(DCALSkippedError, match="holds no CrossLMM vision record"):
-            model(**step, **{llava.CACHE_KW: cache})
+            model(**step, **cache_argument(cache))
 
 
 @pytest.mark.parametrize("case", ("reference", "llava_onevision"))
@@ -194,7 +194,7 @@ def test_text_only_prompt_then_decode_runs_no_dcal():
     try:
         cache, step = _prefill(model, inputs)
         with torch.no_grad():
-            model(**step, **{llava.CACHE_KW: cache})
+            model(**step, **cache_argument(cache))
     finally:
         for h in handles:
             h.remove()

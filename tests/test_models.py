@@ -11,13 +11,12 @@ run the ``crosslmm-2b`` shapes and the tiny model on a GPU.
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Model
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
 import crosslmm_ops
 from crosslmm_ops.models import (
@@ -30,12 +29,10 @@ from crosslmm_ops.models import (
     preset_config,
     set_training_stage,
 )
+from crosslmm_ops.models.decoder import cache_argument
 from crosslmm_ops.testing import relative_error
 
 HAS_CUDA = torch.cuda.is_available()
-# The keyword under which this transformers release takes the generation cache.
-CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters \
-    else "past_key_values"
 # The ops a DCAL's attention runs as (crosslmm_ops.record_backends): cross_attention on the
 # materialised K/V path, mqa_shared_kv (the core of projected_cross_attention) on the fused one.
 ATTENTION_OPS = ("cross_attention", "mqa_shared_kv")
@@ -586,8 +583,8 @@ def test_decode_step_reads_the_memory_from_the_cache(options):
         cache = find_cache(pre)
         assert isinstance(cache, CrossLMMCache)
         assert cache_vision_memory(cache) is pre.vision_memory is not None
-        step = model(input_ids=nxt, **{CACHE_KW: cache}, use_cache=True)
-        step2 = model(input_ids=nxt.flip(0), **{CACHE_KW: cache}, use_cache=True)
+        step = model(input_ids=nxt, **cache_argument(cache), use_cache=True)
+        step2 = model(input_ids=nxt.flip(0), **cache_argument(cache), use_cache=True)
         full = model(input_ids=torch.cat([ids, nxt, nxt.flip(0)], 1), **_video_kwargs(batch))
     assert relative_error(step.logits[:, -1], full.logits[:, -2]) < 1e-5
     assert relative_error(step2.logits[:, -1], full.logits[:, -1]) < 1e-5
@@ -596,7 +593,7 @@ def test_decode_step_reads_the_memory_from_the_cache(options):
     cache2 = find_cache(model(input_ids=ids, use_cache=True, **_video_kwargs(batch)))
     cache2.vision_memory = None
     with torch.no_grad():
-        blind = model(input_ids=nxt, **{CACHE_KW: cache2}, use_cache=True)
+        blind = model(input_ids=nxt, **cache_argument(cache2), use_cache=True)
     assert relative_error(blind.logits[:, -1], full.logits[:, -2]) > 1e-4
 
 
@@ -777,7 +774,7 @@ def test_second_video_in_a_cached_conversation_raises():
         cache = find_cache(model(input_ids=batch["input_ids"], use_cache=True,
                                  **_video_kwargs(batch)))
         with pytest.raises(ValueError, match="only come with the first forward of a cache"):
-            model(input_ids=batch["input_ids"], **{CACHE_KW: cache}, **_video_kwargs(batch))
+            model(input_ids=batch["input_ids"], **cache_argument(cache), **_video_kwargs(batch))
 
 
 def test_memory_dtype_follows_the_model():
@@ -849,7 +846,7 @@ def test_crosslmm_2b_bf16_forward_and_generate_64_frames_on_cuda(kv_path):
     with torch.no_grad(), crosslmm_ops.record_backends() as log:
         pre = model(input_ids=ids, vision_features=feats, use_cache=True)
         nxt = pre.logits[:, -1].argmax(-1, keepdim=True)
-        step = model(input_ids=nxt, **{CACHE_KW: find_cache(pre)}, use_cache=True)
+        step = model(input_ids=nxt, **cache_argument(find_cache(pre)), use_cache=True)
         full = model(input_ids=torch.cat([ids, nxt], 1), vision_features=feats)
     assert torch.isfinite(pre.logits.float()).all()
     assert pre.vision_memory.tokens.shape == (T * 729, 1152)

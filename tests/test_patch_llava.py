@@ -23,12 +23,9 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from crosslmm_ops.models.patching import CrossLMMPatch, patch_llava, patch_llava_processor  # noqa: E402
-from crosslmm_ops.models.decoder import find_cache  # noqa: E402
+from crosslmm_ops.models.decoder import cache_argument, find_cache  # noqa: E402
 from crosslmm_ops.nn import TokenPooling  # noqa: E402
 
-# The keyword under which this transformers release takes the generation cache.
-CACHE_KW = "cache" if "cache" in inspect.signature(
-    transformers.LlavaForConditionalGeneration.forward).parameters else "past_key_values"
 VOCAB = 96
 VIDEO = VOCAB - 1
 IMAGE = VOCAB - 2
@@ -350,7 +347,7 @@ def test_memory_kept_on_the_cache(family):
     assert memory.tokens_per_frame == GRID * GRID and memory.pooled_per_frame == POOLED
     # A decode step with only the cache sees the same memory.
     mask = torch.cat([batch["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1)
-    step = patched(input_ids=torch.full((3, 1), 5), **{CACHE_KW: find_cache(out)},
+    step = patched(input_ids=torch.full((3, 1), 5), **cache_argument(find_cache(out)),
                    attention_mask=mask)
     assert CrossLMMPatch.memory(find_cache(step)) is memory
 
