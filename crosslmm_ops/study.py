@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from typing import Any, Callable
 
@@ -164,22 +165,32 @@ def _tensor_bytes(obj) -> int:
 
 @torch.no_grad()
 def measure(model, variant: str, video: torch.Tensor, input_ids: torch.Tensor, *,
-            new_tokens: int = 8, repeats: int = 1,
+            new_tokens: int = 8, repeats: int | None = None, warmup: int | None = None,
             progress: Callable[[str], None] | None = None) -> Measurement:
     """The vision tower alone, the prefill from its tokens (what the LLM side costs), the prefill
-    from pixels (each the best of ``repeats``, with the peak CUDA memory the call needs beyond its
-    weights and inputs), then greedy decode steps from that prefill's cache: one untimed, then
-    ``new_tokens - 2`` timed (mean per token; NaN when none). Only the last position's logits are computed, as
-    ``generate()`` does."""
+    from pixels (each the median of ``repeats`` timed calls after ``warmup`` untimed ones, with
+    the peak CUDA memory the call needs beyond its weights and inputs), then greedy decode steps
+    from that prefill's cache: one untimed, then ``new_tokens - 2`` timed (mean per token; NaN
+    when none). Only the last position's logits are computed, as ``generate()`` does.
+
+    Defaults: on a GPU 1 warm-up and 5 repeats (a first call pays for kernel selection and
+    compilation, which is not the model's speed); on the CPU none and 1."""
     device = input_ids.device
     cuda = device.type == "cuda"
     frames = video.shape[1]
+    repeats = (5 if cuda else 1) if repeats is None else repeats
+    warmup = (1 if cuda else 0) if warmup is None else warmup
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
 
     def timed(fn):
-        """Best time of ``fn`` and its peak memory beyond what was allocated when it started
-        (weights and inputs), i.e. what the call itself needs."""
-        best, result, grown = math.inf, None, None
-        for _ in range(repeats):
+        """Median time of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones, its last
+        result, and its largest peak memory beyond what was allocated when it started (weights
+        and inputs), i.e. what the call itself needs."""
+        times, result, grown = [], None, None
+        for i in range(warmup + repeats):
             result = None
             if cuda:
                 torch.cuda.synchronize()
@@ -188,12 +199,14 @@ def measure(model, variant: str, video: torch.Tensor, input_ids: torch.Tensor, *
             t0 = time.perf_counter()
             result = fn()
             _sync(device)
-            best = min(best, (time.perf_counter() - t0) * 1e3)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
             if cuda:
-                grown = torch.cuda.max_memory_allocated() - start
+                peak = torch.cuda.max_memory_allocated() - start
+                grown = peak if grown is None else max(grown, peak)
             if progress:
                 progress("prefill")
-        return best, result, grown
+        return statistics.median(times), result, grown
 
     weights = torch.cuda.memory_allocated() if cuda else 0
     with _backend.record_backends() as ran:
@@ -231,6 +244,28 @@ def measure(model, variant: str, video: torch.Tensor, input_ids: torch.Tensor, *
     return Measurement(variant, frames, frames * model.config.pooled_per_frame, input_ids.shape[1],
                        vision_ms, llm_ms, prefill_ms, decode_ms, peak, activations,
                        llm_activations, cache_bytes, generated, backends)
+
+
+def consistency_problems(results: list[Measurement], *, tower_tolerance: float = 0.15,
+                         part_tolerance: float = 0.05) -> list[str]:
+    """What makes a set of measurements of one run untrustworthy (empty: none found):
+
+    * the vision towers of the variants are the same network on the same video, so their times
+      must agree within ``tower_tolerance`` (a cold first call breaks this);
+    * a prefill from pixels runs the tower and the prefill from its tokens, so it cannot be
+      faster than the slower of the two (by more than ``part_tolerance`` of noise)."""
+    problems = []
+    towers = [m.vision_ms for m in results]
+    if len(towers) > 1 and max(towers) > (1 + tower_tolerance) * min(towers):
+        problems.append("the same vision tower took " + ", ".join(
+            f"{m.vision_ms:.1f} ms ({m.variant})" for m in results)
+            + f": more than {tower_tolerance:.0%} apart")
+    for m in results:
+        slowest = max(m.vision_ms, m.llm_prefill_ms)
+        if m.prefill_ms < (1 - part_tolerance) * slowest:
+            problems.append(f"{m.variant}: the prefill from pixels ({m.prefill_ms:.1f} ms) is "
+                            f"faster than one of its parts ({slowest:.1f} ms)")
+    return problems
 
 
 def prefill_flops(config, frames: int, sequence_length: int, *, causal: bool = True) -> dict:

@@ -877,3 +877,28 @@ def test_tiny_bf16_on_cuda_matches_fp32_on_cpu():
     assert set(_attention_backends(log)) <= {"cuda", "triton"}
     keep = batch["attention_mask"].bool()
     assert relative_error(out.float().cpu()[keep], ref[keep]) < 3e-2
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_vision_tower_in_chunks_gives_the_same_model(chunk):
+    """Frames through the vision tower ``chunk`` at a time: the same tokens, logits and
+    gradients as all frames at once."""
+    model = _model(gates="random", vision_feature_layer=-2)
+    batch = _batch(model.config, frames=(3, 2), T=3)
+    kw = _video_kwargs(batch)
+    with torch.no_grad():
+        whole = model(input_ids=batch["input_ids"], **kw).logits
+        model.model.vision_chunk_frames = chunk
+        chunked = model(input_ids=batch["input_ids"], **kw).logits
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    grads = []
+    for frames_at_once in (None, chunk):
+        model.model.vision_chunk_frames = frames_at_once
+        model.zero_grad()
+        model(input_ids=batch["input_ids"], **kw).logits.square().mean().backward()
+        grads.append(model.model.vision_tower.get_input_embeddings().weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    model.model.vision_chunk_frames = 0
+    with pytest.raises(ValueError, match="vision_chunk_frames must be"):
+        model(input_ids=batch["input_ids"], **kw)

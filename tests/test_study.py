@@ -35,3 +35,39 @@ def test_synthetic_video_and_prompt():
     config = study.study_config("demo", "crosslmm")
     ids = study.video_prompt(config, 3)
     assert int((ids == config.video_token_id).sum()) == 3 * 9
+
+
+def _measurement(variant, vision, llm, prefill):
+    return study.Measurement(variant, 4, 36, 60, vision, llm, prefill, 1.0, None, None, None, 0,
+                             [], {})
+
+
+def test_consistency_checks_catch_a_cold_tower_and_an_impossible_prefill():
+    fine = [_measurement("baseline", 100.0, 300.0, 390.0),
+            _measurement("crosslmm", 110.0, 50.0, 160.0)]
+    assert study.consistency_problems(fine) == []
+    cold = [_measurement("baseline", 1233.1, 1469.5, 1239.1),
+            _measurement("crosslmm", 526.3, 244.2, 602.0)]
+    problems = study.consistency_problems(cold)
+    assert any("same vision tower" in p for p in problems)
+    assert any("baseline: the prefill from pixels" in p for p in problems)
+
+
+def test_measure_takes_warmup_and_repeats_and_checks_them():
+    models = study.build_models("demo", ["crosslmm"])
+    model = models["crosslmm"]
+    video = study.synthetic_video(2, model.config.vision_config.image_size)
+    ids = study.video_prompt(model.config, 2)
+    calls = []
+    handle = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        m = study.measure(model, "crosslmm", video, ids, new_tokens=3, repeats=2, warmup=1)
+    finally:
+        handle.remove()
+    # tower alone and the prefill from pixels, each 1 warm-up + 2 timed calls
+    assert len(calls) == 6
+    assert m.vision_ms > 0 and m.prefill_ms > 0 and len(m.generated) == 3
+    with pytest.raises(ValueError, match="repeats must be"):
+        study.measure(model, "crosslmm", video, ids, repeats=0)
+    with pytest.raises(ValueError, match="warmup must be"):
+        study.measure(model, "crosslmm", video, ids, warmup=-1)

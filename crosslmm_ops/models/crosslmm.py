@@ -183,8 +183,25 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
 
 
+def auto_vision_chunk_frames(config: CrossLMMConfig, dtype: torch.dtype,
+                        budget_bytes: int = 256 * 2**20) -> int:
+    """Frames per vision-tower call whose transient activations (one layer's MLP and attention
+    inputs and outputs, plus the tokens kept per frame) stay near ``budget_bytes``."""
+    vc = config.vision_config
+    width = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    per_token = vc.intermediate_size + 6 * vc.hidden_size
+    per_frame = config.tokens_per_frame * per_token * width
+    return max(1, budget_bytes // max(per_frame, 1))
+
+
 class CrossLMMModel(CrossLMMPreTrainedModel):
-    """Vision tower, pooling, projector and the DCAL-equipped Qwen2 decoder, without the LM head."""
+    """Vision tower, pooling, projector and the DCAL-equipped Qwen2 decoder, without the LM head.
+
+    ``vision_chunk_frames``: how many frames go through the vision tower at once (None: chosen
+    by :func:`auto_vision_chunk_frames` from the tower's shape, about 256 MiB of transient
+    activations); any value gives the same tokens."""
+
+    vision_chunk_frames: int | None = None
 
     def __init__(self, config: CrossLMMConfig):
         super().__init__(config)
@@ -284,12 +301,40 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         if real.shape[0] == 0:
             N, Dv = config.tokens_per_frame, config.vision_config.hidden_size
             return real.new_zeros(0, N, Dv, dtype=self.vision_tower.dtype), frames
+        return self._encode_frames(real), frames
+
+    def _encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The vision tower's tokens ``(F, N, Dv)`` of frames ``(F, 3, H, W)``, encoded
+        ``vision_chunk_frames`` at a time, so that the tower's transient activations (and, with a
+        ``vision_feature_layer``, its other layers' outputs) exist for one chunk at a time."""
+        config = self.config
         tower_dtype = self.vision_tower.dtype
-        if config.vision_feature_layer is None:
-            out = self.vision_tower(pixel_values=real.to(tower_dtype))
-            return out.last_hidden_state, frames
-        out = self.vision_tower(pixel_values=real.to(tower_dtype), output_hidden_states=True)
-        return out.hidden_states[config.vision_feature_layer], frames
+        chunk = self.vision_chunk_frames
+        if chunk is None:
+            chunk = auto_vision_chunk_frames(config, tower_dtype)
+        elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"vision_chunk_frames must be None (automatic) or an int >= 1, got "
+                             f"{chunk!r}")
+        layer = config.vision_feature_layer
+
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            if layer is None:
+                return self.vision_tower(pixel_values=x.to(tower_dtype)).last_hidden_state
+            out = self.vision_tower(pixel_values=x.to(tower_dtype), output_hidden_states=True)
+            return out.hidden_states[layer]
+
+        total = pixels.shape[0]
+        if chunk >= total:
+            return encode(pixels)
+        if torch.is_grad_enabled():  # autograd keeps every chunk's activations anyway
+            return torch.cat([encode(pixels[i:i + chunk]) for i in range(0, total, chunk)])
+        first = encode(pixels[:chunk])
+        out = first.new_empty((total,) + tuple(first.shape[1:]))
+        out[:chunk] = first
+        del first
+        for i in range(chunk, total, chunk):
+            out[i:i + chunk] = encode(pixels[i:i + chunk])
+        return out
 
     # ------------------------------------------------------------------------------------------
 
@@ -620,6 +665,7 @@ __all__ = [
     "CrossLMMModel",
     "CrossLMMPreTrainedModel",
     "CrossLMMTextModel",
+    "auto_vision_chunk_frames",
     "cache_vision_memory",
     "set_training_stage",
 ]
