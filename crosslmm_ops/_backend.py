@@ -130,6 +130,26 @@ def triton_runnable(device: torch.device) -> tuple[bool, str]:
     )
 
 
+def triton_dot_dtype_ok(dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether Triton kernels that multiply with ``tl.dot`` compute right in ``dtype`` here, and
+    if not, why. The CPU interpreter's ``tl.dot`` on bfloat16 returns wrong values (near 1e9)
+    without an error, so it is refused there; float16 and float32 are right."""
+    if dtype == torch.bfloat16 and triton_interpreted():
+        return False, (
+            "the Triton interpreter (TRITON_INTERPRET=1) cannot compute bfloat16 (its tl.dot "
+            "returns wrong values); use float16 or float32 inputs, or the torch back end "
+            "(backend=\"torch\"), or run on a GPU"
+        )
+    return True, ""
+
+
+def kernel_index(t: torch.Tensor) -> torch.Tensor:
+    """An index tensor (``cu_seqlens``) as a kernel reads it: contiguous. Kernels index its
+    storage directly, without strides, so a strided view holding valid values (as validation
+    reads them) would hand them other memory."""
+    return t.contiguous()
+
+
 # ----------------------------------------------------------------------------------------------
 # Choosing a back end for one call
 # ----------------------------------------------------------------------------------------------
@@ -158,8 +178,12 @@ def resolve(
     installed: ``(False, reason)`` excludes that back end for this call. Either may be a
     zero-argument callable returning that pair, evaluated only when the back end is considered
     (a call that asks for ``cuda`` never pays for the Triton check: host time of short calls).
+    On the meta device any back end is accepted as asked (``auto``: ``torch``): nothing runs, the
+    custom ops' fake kernels give the shapes.
     """
     wanted = requested_backend(backend)
+    if device.type == "meta":
+        return "torch" if wanted == "auto" else wanted
     defaults = {"cuda": cuda_runnable, "triton": triton_runnable}
     given = {"cuda": cuda_ok, "triton": triton_ok}
 
@@ -202,7 +226,8 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 def eager_function_ok(*tensors) -> bool:
     """Whether a call on ``tensors`` may take an op's autograd.Function twin: not compiling or
     tracing, no dispatch mode (fake tensors, FlopCounterMode, ...) or functorch transform
-    active, and plain tensors only (subclasses dispatch through the custom op)."""
+    active, and plain tensors only (subclasses dispatch through the custom op, and so do meta
+    tensors: the custom op's meta kernel is its fake kernel)."""
     if not EAGER_FUNCTION or torch.compiler.is_compiling():
         return False
     from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -212,7 +237,7 @@ def eager_function_ok(*tensors) -> bool:
     transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
     if transforms_active is not None and transforms_active():
         return False
-    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+    return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and not t.is_meta) for t in tensors)
 
 
 def eager_function(name: str, forward, setup_context, backward_formula):

@@ -137,6 +137,10 @@ CASES = [
      "query_index must hold integers"),
     ("attention_weights", "heads", lambda: attention_weights(_t(1, 2, 3, 8), K, query_index=[0]),
      ValueError, r"query heads \(3\)"),
+    ("attention_weights", "value", lambda: attention_weights(Q, K, query_index=[0], block_size=0),
+     ValueError, r"block_size must be an int >= 1 \(keys per block\), got 0"),
+    ("attention_weights", "value", lambda: attention_weights(Q, K, query_index=[0], block_size=-5),
+     ValueError, r"block_size must be an int >= 1 \(keys per block\), got -5"),
     # --- projected_cross_attention (full table in test_projected_attention.py) and its reference
     ("projected_cross_attention", "heads", lambda: projected_cross_attention(
         PQ, PX, _t(24, 12), _t(24, 12)), ValueError, r"query heads \(4\) must be a multiple"),
@@ -155,6 +159,10 @@ CASES = [
      "x must be a torch.Tensor"),
     ("normalize_tokens", "dtype", lambda: normalize_tokens(torch.ones(2, 3, dtype=torch.int64)),
      ValueError, "x must be a floating tensor"),
+    ("normalize_tokens", "value", lambda: normalize_tokens(_t(2, 3), eps=-1.0), ValueError,
+     r"eps must be a finite number >= 0, got -1.0"),
+    ("normalize_tokens", "value", lambda: normalize_tokens(_t(2, 3), eps=float("nan")), ValueError,
+     r"eps must be a finite number >= 0, got nan"),
     # --- token_pool: the grid must match N (full table in test_token_pool.py)
     ("token_pool", "grid", lambda: token_pool(_t(1, 2, 50, 8), (7, 7), "avg", kernel_size=3),
      ValueError, r"x has N=50 tokens per frame .* grid \(7, 7\) needs N = 7\*7 = 49"),

@@ -27,6 +27,7 @@ import numbers
 from typing import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.flop_counter import register_flop_formula
 
 from crosslmm_ops import _backend
@@ -72,10 +73,18 @@ def _tensor(name: str, value) -> torch.Tensor:
     return value
 
 
-def _checking_values() -> bool:
+def _shapes_only(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` computes shapes only: a meta tensor, or a fake tensor outside
+    torch.compile (whose graph launches the kernels later). Such a call runs the custom ops' fake
+    kernels, and ``t`` has no values to read."""
+    return (t.is_meta or isinstance(t, FakeTensor)) and not torch.compiler.is_compiling()
+
+
+def _checking_values(cu_seqlens: torch.Tensor) -> bool:
     """Whether to read cu_seqlens back to the host to check them. Skipped while torch.compile
-    traces or a CUDA graph captures (both forbid the host read; the caller vouches for them)."""
-    if torch.compiler.is_compiling():
+    traces or a CUDA graph captures (both forbid the host read; the caller vouches for them), and
+    for meta and fake tensors (no values)."""
+    if torch.compiler.is_compiling() or _shapes_only(cu_seqlens):
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -103,19 +112,48 @@ def _check_cu_values(name: str, values: list[int], total: int) -> list[int]:
     return lengths
 
 
-def _check_max_seqlen(name: str, given, lengths: list[int] | None) -> int:
+def _check_max_seqlen(name: str, given, lengths: list[int] | None, total: int,
+                      shapes_only: bool) -> int:
+    """``given`` (an upper bound of the segment lengths), else the longest segment; never more
+    than ``total``, the packed tokens."""
     if given is not None and (not isinstance(given, numbers.Integral) or isinstance(given, bool)
                               or given < 0):
         raise ValueError(f"{name} must be an int >= 0, got {given!r}")
     if lengths is None:
         if given is None:
+            if shapes_only:  # no kernel is launched: the loosest bound will do
+                return total
             raise ValueError(f"{name} must be given when cu_seqlens cannot be read (torch.compile, "
                              "CUDA graph capture)")
-        return given
+        return min(given, total)
     actual = max(lengths, default=0)
     if given is not None and given < actual:
         raise ValueError(f"{name}={given} is smaller than the longest segment ({actual})")
-    return actual if given is None else given
+    # A larger max_seqlen is a valid upper bound (flash-attn callers pass one); no segment is
+    # longer than all the tokens.
+    return actual if given is None else min(given, total)
+
+
+def _check_packed(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q,
+                  max_seqlen_k, device: torch.device):
+    """The packed layout's ``cu_seqlens`` and ``max_seqlen``, validated (shared by every op that
+    takes them): ``(batch, lens_q, lens_k, max_seqlen_q, max_seqlen_k)``, the segment lengths
+    ``None`` where the values cannot be read (see :func:`_checking_values`)."""
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, device)
+    batch = cu_seqlens_q.shape[0] - 1
+    if cu_seqlens_k.shape[0] != batch + 1:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
+                         f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    lens_q = lens_k = None
+    if _checking_values(cu_seqlens_q):  # one host read (a device sync on the GPU) for both
+        values = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()
+        lens_q = _check_cu_values("cu_seqlens_q", values[: batch + 1], total_q)
+        lens_k = _check_cu_values("cu_seqlens_k", values[batch + 1:], total_k)
+    shapes_only = _shapes_only(cu_seqlens_q)
+    return (batch, lens_q, lens_k,
+            _check_max_seqlen("max_seqlen_q", max_seqlen_q, lens_q, total_q, shapes_only),
+            _check_max_seqlen("max_seqlen_k", max_seqlen_k, lens_k, total_k, shapes_only))
 
 
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -161,23 +199,9 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                  "input takes its lengths from the shapes")
         B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
         return AttentionLayout(True, B, Hq, Hk, D, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
-    batch = cu_seqlens_q.shape[0] - 1
-    if cu_seqlens_k.shape[0] != batch + 1:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
-                         f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-    lens_q = lens_k = None
-    if _checking_values():  # one host read (a device sync on the GPU) for both
-        values = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()
-        lens_q = _check_cu_values("cu_seqlens_q", values[: batch + 1], q.shape[0])
-        lens_k = _check_cu_values("cu_seqlens_k", values[batch + 1:], k.shape[0])
-    # A larger max_seqlen is a valid upper bound (flash-attn callers pass one); no segment is
-    # longer than all the tokens.
-    return AttentionLayout(
-        False, batch, Hq, Hk, D, q.shape[0], k.shape[0],
-        min(_check_max_seqlen("max_seqlen_q", max_seqlen_q, lens_q), q.shape[0]),
-        min(_check_max_seqlen("max_seqlen_k", max_seqlen_k, lens_k), k.shape[0]))
+    batch, _, _, max_q, max_k = _check_packed(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0],
+                                              max_seqlen_q, max_seqlen_k, q.device)
+    return AttentionLayout(False, batch, Hq, Hk, D, q.shape[0], k.shape[0], max_q, max_k)
 
 
 def _check_scale(softmax_scale, head_dim: int) -> float:
@@ -411,6 +435,7 @@ def _forward(backend, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, nu
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return out.to(q.dtype).contiguous(), lse.to(lse_dtype).contiguous()
     q, k, v = (_kernel_input(t, backend) for t in (q, k, v))
+    cu_q, cu_k = _backend.kernel_index(cu_q), _backend.kernel_index(cu_k)
     out = _backend.new_output(q.shape, q.dtype, q.device)
     lse = _backend.new_output((q.shape[1], q.shape[0]), torch.float32, q.device)
     _kernels(backend).attention_forward(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
@@ -433,6 +458,7 @@ def _backward(backend, dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
             grads = _reference_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, scale)
         return tuple(g.to(q.dtype).contiguous() for g in grads)
     q, k, v, dout, out = (_kernel_input(t, backend) for t in (q, k, v, dout, out))
+    cu_q, cu_k = _backend.kernel_index(cu_q), _backend.kernel_index(cu_k)
     dq = _backend.new_output(q.shape, q.dtype, q.device)
     dk = _backend.new_output(k.shape, k.dtype, k.device)
     dv = _backend.new_output(v.shape, v.dtype, v.device)
@@ -584,7 +610,10 @@ def _cuda_ok(layout: AttentionLayout, dtype: torch.dtype, device: torch.device):
 
 
 def _triton_ok(layout: AttentionLayout, dtype: torch.dtype, device: torch.device):
-    return _fast_ok(layout, dtype, _backend.triton_runnable(device), dtypes=_TRITON_DTYPES,
+    runnable = _backend.triton_runnable(device)
+    if runnable[0]:
+        runnable = _backend.triton_dot_dtype_ok(dtype)
+    return _fast_ok(layout, dtype, runnable, dtypes=_TRITON_DTYPES,
                     head_dims=lambda d: d <= _TRITON_MAX_HEAD_DIM)
 
 
@@ -631,6 +660,9 @@ def cross_attention(
     is bitwise reproducible (the Triton backward always is). ``backend``: ``"auto"`` (default; env
     ``CROSSLMM_BACKEND``), ``"cuda"`` (fp16/bf16, head dims 64 and 128), ``"triton"`` (fp16, bf16,
     fp32, head dims up to 256) or ``"torch"``; :func:`crosslmm_ops.last_backend` says which ran.
+
+    Meta (and fake) tensors give outputs of the right shapes and dtypes without running a back
+    end; ``max_seqlen_q/k`` then default to the numbers of packed tokens.
     """
     layout = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _check_scale(softmax_scale, layout.head_dim)
@@ -713,6 +745,16 @@ def merge_attention_states(
     return out.to(outs.dtype), lse
 
 
+def _query_index(query_index) -> torch.Tensor:
+    """``query_index`` as a flat int64 CPU tensor; an empty list or tuple is valid (no queries)."""
+    if isinstance(query_index, (list, tuple)) and len(query_index) == 0:
+        return torch.empty(0, dtype=torch.long)
+    idx = torch.as_tensor(query_index)
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError(f"query_index must hold integers, got dtype {idx.dtype}")
+    return idx.to(torch.long).reshape(-1).cpu()
+
+
 @torch.no_grad()
 def attention_weights(
     q: torch.Tensor,
@@ -737,13 +779,16 @@ def attention_weights(
     * batched: ``[B, n, Hq, Sk]`` - for each batch element, its queries ``query_index``;
     * packed: ``[n, Hq, L]`` with ``L`` the longest key segment among the chosen queries'
       segments; row ``r`` holds its own segment's keys ``0 .. Sk_seg - 1`` and zeros after.
+
+    An empty ``query_index`` (``[]``) gives ``n = 0`` (and ``L = 0``). On the meta device the
+    batched layout returns meta probabilities; the packed layout's ``L`` depends on
+    ``cu_seqlens``' values, which meta tensors do not have, so it is refused.
     """
     layout = _check_inputs(q, k, k, cu_seqlens_q, cu_seqlens_k, None, None)
     scale = _check_scale(softmax_scale, layout.head_dim)
-    idx = torch.as_tensor(query_index)
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise ValueError(f"query_index must hold integers, got dtype {idx.dtype}")
-    idx = idx.to(torch.long).reshape(-1).cpu()
+    if not _is_int(block_size) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1 (keys per block), got {block_size!r}")
+    idx = _query_index(query_index)
     limit = layout.seqlen_q if layout.batched else layout.total_q
     if idx.numel() and (idx.min() < -limit or idx.max() >= limit):
         raise ValueError(f"query_index must index the {limit} queries, got {idx.tolist()}")
@@ -764,9 +809,19 @@ def attention_weights(
             raise ValueError(f"lse must have shape {expected_lse_shape}, got {tuple(lse.shape)}")
         lse = lse.to(cdt)
         lse_p = lse.transpose(0, 1).reshape(layout.heads_q, -1) if layout.batched else lse
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    seg_of = torch.searchsorted(torch.tensor(cq[1:]), rows, right=True)
-    width = max((ck[s + 1] - ck[s] for s in seg_of.tolist()), default=0)
+    if layout.batched:  # uniform segments: known on the host, no device read (works on meta)
+        cq, ck = ([i * n for i in range(layout.batch + 1)]
+                  for n in (layout.seqlen_q, layout.seqlen_k))
+    elif q.device.type == "meta":
+        raise NotImplementedError(
+            "attention_weights of the packed layout on the meta device: the output's width is the "
+            "longest key segment of the chosen queries, which depends on cu_seqlens' values; use "
+            "the batched layout or real tensors")
+    else:
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+    seg_of = torch.searchsorted(torch.tensor(cq[1:], dtype=torch.long), rows, right=True)
+    width = layout.seqlen_k if layout.batched else \
+        max((ck[s + 1] - ck[s] for s in seg_of.tolist()), default=0)
     probs = torch.zeros(rows.numel(), layout.heads_q, width, dtype=cdt, device=q.device)
     for seg in seg_of.unique().tolist():
         picked = (seg_of == seg).nonzero().reshape(-1)

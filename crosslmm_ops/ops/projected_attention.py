@@ -42,11 +42,8 @@ import torch.nn.functional as F
 from crosslmm_ops import _backend
 from crosslmm_ops.ops.cross_attention import _check_inputs as _check_attention_inputs
 from crosslmm_ops.ops.cross_attention import (
-    _check_cu_seqlens,
-    _check_cu_values,
-    _check_max_seqlen,
+    _check_packed,
     _check_scale,
-    _checking_values,
     _compute_dtype,
     _is_int,
     _lse_batched,
@@ -130,6 +127,13 @@ def _check_vector(name: str, t, size: int, device: torch.device, what: str) -> N
         raise ValueError(f"{name} must have shape ({size},) ({what}), got {tuple(t.shape)}")
 
 
+def _check_eps(name: str, eps) -> None:
+    """A norm's epsilon: NaN, infinite or negative would turn every token's statistics to NaN."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) \
+            or eps < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
+
+
 def _check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                   max_seqlen_k, norm, norm_weight, norm_bias, norm_eps) -> ProjectedLayout:
     q, x = _tensor("q", q), _tensor("x", x)
@@ -173,9 +177,7 @@ def _check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seql
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     _check_vector("norm_weight", norm_weight, Dv, q.device, "Dv")
     _check_vector("norm_bias", norm_bias, Dv, q.device, "Dv")
-    if isinstance(norm_eps, bool) or not isinstance(norm_eps, numbers.Real) \
-            or not math.isfinite(norm_eps) or norm_eps < 0:
-        raise ValueError(f"norm_eps must be a finite number >= 0, got {norm_eps!r}")
+    _check_eps("norm_eps", norm_eps)
     if not packed:
         if x.shape[0] != q.shape[0]:
             raise ValueError(f"x must have q's batch size {q.shape[0]}, got {x.shape[0]}")
@@ -185,22 +187,11 @@ def _check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seql
                                  "input takes its lengths from the shapes")
         B, Sq, Sk = q.shape[0], q.shape[1], x.shape[1]
         return ProjectedLayout(True, B, Hq, Hk, d, Dv, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
-    batch = cu_seqlens_q.shape[0] - 1
-    if cu_seqlens_k.shape[0] != batch + 1:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
-                         f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-    lens_q = lens_k = None
-    if _checking_values():  # one host read (a device sync on the GPU) for both
-        values = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()
-        lens_q = tuple(_check_cu_values("cu_seqlens_q", values[: batch + 1], q.shape[0]))
-        lens_k = tuple(_check_cu_values("cu_seqlens_k", values[batch + 1:], x.shape[0]))
-    return ProjectedLayout(
-        False, batch, Hq, Hk, d, Dv, q.shape[0], x.shape[0],
-        min(_check_max_seqlen("max_seqlen_q", max_seqlen_q, lens_q and list(lens_q)), q.shape[0]),
-        min(_check_max_seqlen("max_seqlen_k", max_seqlen_k, lens_k and list(lens_k)), x.shape[0]),
-        lens_q=lens_q, lens_k=lens_k)
+    batch, lens_q, lens_k, max_q, max_k = _check_packed(
+        cu_seqlens_q, cu_seqlens_k, q.shape[0], x.shape[0], max_seqlen_q, max_seqlen_k, q.device)
+    return ProjectedLayout(False, batch, Hq, Hk, d, Dv, q.shape[0], x.shape[0], max_q, max_k,
+                           lens_q=None if lens_q is None else tuple(lens_q),
+                           lens_k=None if lens_k is None else tuple(lens_k))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,9 +209,10 @@ def normalize_tokens(x: torch.Tensor, norm: str | None = "layernorm", eps: float
     Every DCAL layer normalises the same vision tokens with its own ``gamma, beta``; those fold
     into the layer's weights, so a model computes ``normalize_tokens(x)`` once, keeps it (the
     decode cache) and passes it to every layer with ``norm=None, norm_weight=gamma,
-    norm_bias=beta``."""
+    norm_bias=beta``. ``eps``: a finite number >= 0."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    _check_eps("eps", eps)
     x = _tensor("x", x)
     if not x.dtype.is_floating_point:
         raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
@@ -390,6 +382,7 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
         return out.to(q.dtype), lse.to(lse_dtype).contiguous()
     if x.stride(-1) != 1:
         x = x.contiguous()
+    cu_q, cu_k = _backend.kernel_index(cu_q), _backend.kernel_index(cu_k)
     if backend == "cuda":
         # The binding takes [total_q, Hq, Dv]: a copy of q~ and of the output when 1 < Hk < Hq.
         hk = q.shape[0]
@@ -421,6 +414,7 @@ def _core_backward(backend, dout, dlse, q, x, out, lse, cu_q, cu_k, max_seqlen_q
             dq, dx = _core_reference_backward(dout, dlse, q, x, out, lse, cu_q, cu_k, scale)
         return dq.to(q.dtype), dx.to(x.dtype)
     q, x, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, x, dout))
+    cu_q, cu_k = _backend.kernel_index(cu_q), _backend.kernel_index(cu_k)
     dq = _backend.new_output(q.shape, q.dtype, q.device)
     dx = _backend.new_output(x.shape, x.dtype, x.device)
     _triton_kernels().mqa_shared_kv_backward(
@@ -522,6 +516,8 @@ def _core_ok(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device):
     triton_ok = _backend.triton_runnable(device)
     if triton_ok[0] and dtype not in _TRITON_DTYPES:
         triton_ok = (False, f"dtype {dtype} is not supported (only float16, bfloat16, float32)")
+    if triton_ok[0]:
+        triton_ok = _backend.triton_dot_dtype_ok(dtype)
     if triton_ok[0] and layout.width > _TRITON_MAX_WIDTH:
         triton_ok = (False, f"x's width {layout.width} is not supported (at most "
                             f"{_TRITON_MAX_WIDTH})")
@@ -725,8 +721,11 @@ def _fused(q, xhat, wk, wv, bk, bv, layout, scale, cu_q, cu_k, num_splits, backe
     # the grouped layout the core reads.
     qg = q.reshape(tq, hk, group, d).transpose(0, 1).reshape(hk, tq * group, d)
     q_tilde = torch.bmm(qg, _per_kv_head(wk, hk, d)).view(hk, tq, group, dv)
-    o_tilde, lse = _mqa_shared_kv(q_tilde, xhat, cu_q, cu_k, layout.max_seqlen_q,
-                                  layout.max_seqlen_k, scale, num_splits, backend)
+    # Under autocast the GEMM returns its lower dtype: the core multiplies q~ with x, so both
+    # must have it (a no-op outside autocast).
+    o_tilde, lse = _mqa_shared_kv(q_tilde, xhat.to(q_tilde.dtype), cu_q, cu_k,
+                                  layout.max_seqlen_q, layout.max_seqlen_k, scale, num_splits,
+                                  backend)
     # out = Wv_h o~ + bv_h: [Hk, total_q * G, Dv] x [Hk, Dv, d]
     out = torch.bmm(o_tilde.view(hk, tq * group, dv), _per_kv_head(wv, hk, d).transpose(1, 2))
     out = out.view(hk, tq, group, d)
@@ -817,7 +816,7 @@ def projected_cross_attention(
                                  cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                                  max_seqlen_k=max_seqlen_k, num_splits=num_splits,
                                  return_lse=return_lse, backend=backend)
-        if not torch.compiler.is_compiling():
+        if not (torch.compiler.is_compiling() or q.is_meta):  # meta: no back end ran
             _last_path["path"] = chosen_path
             _backend.note(OP_NAME, _backend.last_backend("cross_attention"))
         return result
@@ -837,7 +836,7 @@ def projected_cross_attention(
         out = out.reshape(q.shape)
         if return_lse:  # a copy (flash-attn's layout): only when asked for
             lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
-    if not torch.compiler.is_compiling():
+    if not (torch.compiler.is_compiling() or q.is_meta):
         _last_path["path"] = chosen_path
         _backend.note(OP_NAME, core_backend)
     return (out, lse) if return_lse else out

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from crosslmm_ops._backend import triton_interpreted
+from crosslmm_ops.triton import check_launch
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -363,6 +364,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     ``out [total_q, Hq, D]`` and the natural-log ``lse`` (float32, contiguous ``[Hq, total_q]``).
     ``num_splits=0`` picks the split count with :func:`num_splits_heuristic`."""
     _check_layout(q, k, v)
+    check_launch(q.dtype, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     assert out.stride(-1) == 1 and lse.is_contiguous() and lse.dtype == torch.float32
     total_q, Hq, D = q.shape
     batch = cu_seqlens_q.shape[0] - 1
@@ -415,6 +417,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     ``deterministic`` changes nothing here."""
     del deterministic
     _check_layout(q, k, v)
+    check_launch(q.dtype, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     assert dout.stride(-1) == 1 and out.stride(-1) == 1 and lse.is_contiguous()
     assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
     total_q, Hq, D = q.shape

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from crosslmm_ops._backend import triton_interpreted
+from crosslmm_ops.triton import check_launch
 from crosslmm_ops.triton.cross_attention import (
     LOG2E,
     MAX_SPLITS,
@@ -370,10 +371,12 @@ def _grouped_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _check(q: torch.Tensor, x: torch.Tensor) -> None:
+def _check(q: torch.Tensor, x: torch.Tensor, cu_seqlens_q: torch.Tensor,
+           cu_seqlens_k: torch.Tensor) -> None:
     assert q.dim() == 4 and x.dim() == 2 and q.shape[-1] == x.shape[-1]
     assert q.stride(-1) == 1 and x.stride(-1) == 1, "channels must be contiguous"
     assert q.shape[-1] <= MAX_WIDTH, f"width {q.shape[-1]} > {MAX_WIDTH}"
+    check_launch(q.dtype, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +390,7 @@ def mqa_shared_kv_forward(q: torch.Tensor, x: torch.Tensor, out: torch.Tensor, l
                           num_splits: int) -> None:
     """Writes ``out [Hk, total_q, G, Dv]`` (contiguous) and the natural-log ``lse`` (float32,
     contiguous ``[Hq, total_q]``). ``num_splits=0`` picks the split count from the occupancy."""
-    _check(q, x)
+    _check(q, x, cu_seqlens_q, cu_seqlens_k)
     assert out.is_contiguous() and lse.is_contiguous() and lse.dtype == torch.float32
     hk, total_q, group, dv = q.shape
     hq = hk * group
@@ -431,7 +434,7 @@ def mqa_shared_kv_backward(dout: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
     """Writes ``dq`` (``q``'s shape, contiguous) and ``dx`` (``x``'s shape, contiguous); ``dlse``
     (``[Hq, total_q]``) is an optional gradient on the LSE. Deterministic: no atomics, and the
     key splits of ``dq`` are summed in a fixed order."""
-    _check(q, x)
+    _check(q, x, cu_seqlens_q, cu_seqlens_k)
     assert dout.stride(-1) == 1 and out.is_contiguous() and lse.is_contiguous()
     assert dq.is_contiguous() and dx.is_contiguous()
     hk, total_q, group, dv = q.shape
