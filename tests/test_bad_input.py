@@ -220,6 +220,9 @@ CASES = [
 ELSEWHERE = {
     "patch_llava": "tests/test_patch_llava.py (every, layers, unknown arguments, pooling.grid)",
     "patch_llava_processor": "tests/test_patch_llava.py (not patched, does not match, ...)",
+    "load_patched": "tests/test_generation.py (not a folder, not saved from a patched model)",
+    "load_patched_processor": "tests/test_generation.py (not saved from a patched processor)",
+    "lora_target_modules": "tests/test_generation.py (names: empty, a string, not names)",
     "CrossLMMConfig": "tests/test_models.py (configuration errors)",
     "CrossLMMForConditionalGeneration": "tests/test_models.py (its config's errors)",
 }

@@ -325,6 +325,14 @@ def test_lora_outside_the_dcals_trains_the_dcals_and_their_gates():
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("names", [[], "q_proj", ["q_proj", "v proj"], [3]])
+def test_lora_target_modules_refuses_bad_names(names):
+    from crosslmm_ops import lora_target_modules
+
+    with pytest.raises(ValueError, match="names must be"):
+        lora_target_modules(names)
+
+
 def test_fused_path_with_an_adapter_on_the_dcal_says_what_to_do():
     peft = pytest.importorskip("peft")
     model, _ = llava._pair("llava_onevision")

@@ -655,3 +655,28 @@ def test_patched_model_on_gpu_bf16():
     assert torch.isfinite(forward).all()
     out = patched.generate(**batch, **GEN)
     torch.testing.assert_close(out.logits[0].float(), forward, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_tower_in_chunks_gives_the_same_logits(family):
+    patched, _ = _pair(family)
+    _set_gates(patched)
+    batch = _batch(family)
+    calls = []
+    layer = patched.model.vision_tower
+    first = next(m for name, m in layer.named_modules() if name.endswith("layers.0"))
+    handle = first.register_forward_hook(lambda *a: calls.append(a[1][0].shape[0]))
+    try:
+        with torch.no_grad():
+            whole = patched(**batch).logits
+            patched.crosslmm_patch.vision_chunk_frames = 2
+            chunked = patched(**batch).logits
+    finally:
+        handle.remove()
+    frames = sum(3 if _is_video(family) else 1 for _ in range(3))  # 3 items of FRAMES frames
+    frames = 3 * (FRAMES if _is_video(family) else 1)
+    assert calls[0] == frames and max(calls[1:]) == 2 and sum(calls[1:]) == frames
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    patched.crosslmm_patch.vision_chunk_frames = 0
+    with pytest.raises(ValueError, match="vision_chunk_frames must be"):
+        patched(**batch)

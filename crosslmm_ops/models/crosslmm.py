@@ -52,6 +52,7 @@ from crosslmm_ops.models.decoder import (
     find_cache,
     past_length,
 )
+from crosslmm_ops.models.vision import auto_chunk_frames, check_chunk_frames, encode_in_chunks
 from crosslmm_ops.nn import DualCrossAttention, TanhGate, TokenPooling, VisionMemory
 
 # ----------------------------------------------------------------------------------------------
@@ -183,23 +184,12 @@ class CrossLMMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
 
 
-def auto_vision_chunk_frames(config: CrossLMMConfig, dtype: torch.dtype,
-                        budget_bytes: int = 256 * 2**20) -> int:
-    """Frames per vision-tower call whose transient activations (one layer's MLP and attention
-    inputs and outputs, plus the tokens kept per frame) stay near ``budget_bytes``."""
-    vc = config.vision_config
-    width = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
-    per_token = vc.intermediate_size + 6 * vc.hidden_size
-    per_frame = config.tokens_per_frame * per_token * width
-    return max(1, budget_bytes // max(per_frame, 1))
-
-
 class CrossLMMModel(CrossLMMPreTrainedModel):
     """Vision tower, pooling, projector and the DCAL-equipped Qwen2 decoder, without the LM head.
 
     ``vision_chunk_frames``: how many frames go through the vision tower at once (None: chosen
-    by :func:`auto_vision_chunk_frames` from the tower's shape, about 256 MiB of transient
-    activations); any value gives the same tokens."""
+    from the tower's shape for about 256 MiB of transient activations,
+    :func:`~crosslmm_ops.models.vision.auto_chunk_frames`); any value gives the same tokens."""
 
     vision_chunk_frames: int | None = None
 
@@ -305,16 +295,11 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
     def _encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
         """The vision tower's tokens ``(F, N, Dv)`` of frames ``(F, 3, H, W)``, encoded
-        ``vision_chunk_frames`` at a time, so that the tower's transient activations (and, with a
-        ``vision_feature_layer``, its other layers' outputs) exist for one chunk at a time."""
-        config = self.config
+        ``vision_chunk_frames`` at a time (see :mod:`crosslmm_ops.models.vision`)."""
+        config, vc = self.config, self.config.vision_config
         tower_dtype = self.vision_tower.dtype
-        chunk = self.vision_chunk_frames
-        if chunk is None:
-            chunk = auto_vision_chunk_frames(config, tower_dtype)
-        elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"vision_chunk_frames must be None (automatic) or an int >= 1, got "
-                             f"{chunk!r}")
+        chunk = check_chunk_frames(self.vision_chunk_frames) or auto_chunk_frames(
+            config.tokens_per_frame, vc.hidden_size, vc.intermediate_size, tower_dtype)
         layer = config.vision_feature_layer
 
         def encode(x: torch.Tensor) -> torch.Tensor:
@@ -323,18 +308,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             out = self.vision_tower(pixel_values=x.to(tower_dtype), output_hidden_states=True)
             return out.hidden_states[layer]
 
-        total = pixels.shape[0]
-        if chunk >= total:
-            return encode(pixels)
-        if torch.is_grad_enabled():  # autograd keeps every chunk's activations anyway
-            return torch.cat([encode(pixels[i:i + chunk]) for i in range(0, total, chunk)])
-        first = encode(pixels[:chunk])
-        out = first.new_empty((total,) + tuple(first.shape[1:]))
-        out[:chunk] = first
-        del first
-        for i in range(chunk, total, chunk):
-            out[i:i + chunk] = encode(pixels[i:i + chunk])
-        return out
+        return encode_in_chunks(encode, pixels, chunk)
 
     # ------------------------------------------------------------------------------------------
 
@@ -665,7 +639,6 @@ __all__ = [
     "CrossLMMModel",
     "CrossLMMPreTrainedModel",
     "CrossLMMTextModel",
-    "auto_vision_chunk_frames",
     "cache_vision_memory",
     "set_training_stage",
 ]

@@ -61,6 +61,7 @@ from crosslmm_ops.models.decoder import (
     cache_vision_memory,
     check_decoder_layers,
 )
+from crosslmm_ops.models.vision import auto_chunk_frames, check_chunk_frames, concat_outputs
 from crosslmm_ops.nn import DualCrossAttention, TokenPooling, VisionMemory
 
 # Where the unpooled tokens travel with the vision encoder's output (a ModelOutput key, not a plain
@@ -197,6 +198,32 @@ class _BypassedPooling:
         return self.__wrapped__(features)
 
 
+class _ChunkedTower:
+    """The vision tower's ``forward`` over the frames of a patched encode, ``chunk`` frames at a
+    time (:mod:`crosslmm_ops.models.vision`); its outputs concatenated, so the model sees one
+    output. Calls outside a patched encode (OneVision/NeXT-Video images) run as they were."""
+
+    def __init__(self, patch: "CrossLMMPatch", tower: nn.Module, original):
+        self._patch, self._tower = patch, tower
+        self.__wrapped__ = original
+
+    def __call__(self, pixel_values=None, *args, **kwargs):
+        patch = self._patch
+        if not patch._recordings or not isinstance(pixel_values, torch.Tensor):
+            return self.__wrapped__(pixel_values, *args, **kwargs)
+        chunk = check_chunk_frames(patch.vision_chunk_frames)
+        if chunk is None:
+            config = getattr(self._tower, "config", None)
+            inner = getattr(config, "vision_config", config)
+            chunk = auto_chunk_frames(patch.tokens_per_frame, inner.hidden_size,
+                                      inner.intermediate_size, pixel_values.dtype)
+        total = pixel_values.shape[0]
+        if chunk >= total:
+            return self.__wrapped__(pixel_values, *args, **kwargs)
+        return concat_outputs([self.__wrapped__(pixel_values[i:i + chunk], *args, **kwargs)
+                               for i in range(0, total, chunk)])
+
+
 # ----------------------------------------------------------------------------------------------
 # The patch
 # ----------------------------------------------------------------------------------------------
@@ -236,6 +263,9 @@ class CrossLMMPatch:
                                      if t is not None)
         self._hooks: list = []
         self.decoder: DCALDecoder | None = None
+        # Frames per vision-tower call while encoding a video (None: automatic); any value gives
+        # the same tokens.
+        self.vision_chunk_frames: int | None = None
         self._overrides: list[tuple[object, str]] = []
         self._recordings: list[_Recording] = []
         self._states: list[_ForwardState] = []
@@ -304,6 +334,8 @@ class CrossLMMPatch:
         features_name = f"get_{self.modality}_features"
         self._override(inner, features_name,
                        _FeaturesWithMemory(self, getattr(inner, features_name)))
+        tower = inner.vision_tower
+        self._override(tower, "forward", _ChunkedTower(self, tower, tower.forward))
         self._hooks.append(inner.multi_modal_projector.register_forward_pre_hook(
             self._projector_pre))
         bypass = self._family.bypass

@@ -1,0 +1,74 @@
+"""The vision tower over many frames: a chunk of frames at a time.
+
+A long video's frames through the vision tower at once make its transient activations (and, where
+the model asks for several layers' outputs, every layer's output) grow with the frame count,
+though CrossLMM keeps only one layer's tokens per frame. Both the reference model and
+``patch_llava`` encode frames ``chunk`` at a time with these helpers; the tokens are the same.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+#: Transient activations one chunk may take, by default.
+CHUNK_BUDGET_BYTES = 256 * 2**20
+
+
+def auto_chunk_frames(tokens_per_frame: int, hidden_size: int, intermediate_size: int,
+                      dtype: torch.dtype, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+    """Frames per vision-tower call whose transient activations (one layer's MLP and attention
+    inputs and outputs, plus the tokens kept per frame) stay near ``budget_bytes``."""
+    width = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    per_frame = tokens_per_frame * (intermediate_size + 6 * hidden_size) * width
+    return max(1, budget_bytes // max(per_frame, 1))
+
+
+def check_chunk_frames(value) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"vision_chunk_frames must be None (automatic) or an int >= 1, got "
+                         f"{value!r}")
+    return value
+
+
+def encode_in_chunks(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
+                     chunk: int) -> torch.Tensor:
+    """``encode(pixels)`` computed ``chunk`` frames (rows of ``pixels``) at a time. Without
+    autograd the result is written into one buffer (no second copy for a concatenation)."""
+    total = pixels.shape[0]
+    if chunk >= total:
+        return encode(pixels)
+    if torch.is_grad_enabled():  # autograd keeps every chunk's activations anyway
+        return torch.cat([encode(pixels[i:i + chunk]) for i in range(0, total, chunk)])
+    first = encode(pixels[:chunk])
+    out = first.new_empty((total,) + tuple(first.shape[1:]))
+    out[:chunk] = first
+    del first
+    for i in range(chunk, total, chunk):
+        out[i:i + chunk] = encode(pixels[i:i + chunk])
+    return out
+
+
+def concat_outputs(outputs: list):
+    """One model output from the outputs of consecutive chunks of a batch: tensors and tuples of
+    tensors concatenated along the batch, everything else taken from the first."""
+    first = outputs[0]
+
+    def merge(values):
+        head = values[0]
+        if isinstance(head, torch.Tensor):
+            return torch.cat(values)
+        if isinstance(head, tuple):
+            return tuple(merge([v[i] for v in values]) for i in range(len(head)))
+        return head
+
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, tuple) and not hasattr(first, "keys"):
+        return merge(outputs)
+    return type(first)(**{key: merge([o[key] for o in outputs]) for key in first.keys()})
+
+
+__all__ = ["CHUNK_BUDGET_BYTES", "auto_chunk_frames", "check_chunk_frames", "concat_outputs",
+           "encode_in_chunks"]
