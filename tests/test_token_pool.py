@@ -12,10 +12,20 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import crosslmm_ops
 from crosslmm_ops import token_pool
-from crosslmm_ops.ops.token_pool import PoolSpec, _token_pool_op, pool_plan, token_pool_reference
+from crosslmm_ops.nn import TokenPooling
+from crosslmm_ops.ops.token_pool import (
+    PoolSpec,
+    _backward_reference,
+    _max_reference,
+    _token_pool_op,
+    pool_plan,
+    token_pool_reference,
+)
 from crosslmm_ops.testing import fast_backends, non_contiguous, poison_outputs, relative_error
 
 GRIDS = [(27, 27), (24, 24), (7, 9), (1, 1), (2, 3)]
@@ -259,6 +269,107 @@ def test_max_nan_propagates():
         assert torch.isnan(out[0, 0, 0, 1]) and not torch.isnan(out[0, 0, 0, [0, 2, 3]]).any()
 
 
+NONFINITE_GRIDS = [(7, 9), (2, 3)]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 = NaN
+@pytest.mark.parametrize("grid", NONFINITE_GRIDS, ids=[f"{h}x{w}" for h, w in NONFINITE_GRIDS])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
+def test_nonfinite_stays_in_its_windows(case, grid):
+    """A NaN or inf reaches exactly the outputs torch's own pooling gives it to (the windows
+    that read it, inf * 0 = NaN included), forward and backward, on the torch back end and the
+    Triton interpreter: not every pooled token of its frame."""
+    mode, kw, fn = CASES[case]
+    if not _fits(grid, mode, kw):
+        pytest.skip("window does not fit this grid")
+    N = grid[0] * grid[1]
+    x = torch.randn(2, 3, N, 4, dtype=torch.float64)
+    for b, t, token, d, value in ((0, 1, N // 2, 1, float("nan")), (1, 2, N - 1, 3, float("inf")),
+                                  (1, 0, 0, 0, float("-inf")), (0, 0, N - 1, 2, float("nan"))):
+        x[b, t, token, d] = value
+    x_torch = x.clone().requires_grad_(True)
+    expected = _torch_path(x_torch, grid, fn)
+    g = torch.randn_like(expected)
+    g[0, 2, expected.shape[2] // 2, 0] = float("nan")
+    (expected_grad,) = torch.autograd.grad(expected, x_torch, g)
+    for backend in ["torch"] + fast_backends("cpu"):
+        dtype = torch.float64 if backend == "torch" else torch.float32
+        xb = x.to(dtype).requires_grad_(True)
+        out = token_pool(xb, grid, mode, backend=backend, **kw)
+        torch.testing.assert_close(out.double(), expected, equal_nan=True, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{backend} forward: {m}")
+        (grad,) = torch.autograd.grad(out, xb, g.to(dtype))
+        torch.testing.assert_close(grad.double(), expected_grad, equal_nan=True, rtol=1e-5,
+                                   atol=1e-5, msg=lambda m: f"{backend} backward: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("mode,kw,fn", [CASES[0], CASES[5], CASES[9], CASES[13]],
+                         ids=[CASE_IDS[i] for i in (0, 5, 9, 13)])
+def test_nonfinite_stays_in_its_frames(mode, kw, fn):
+    """With temporal pooling, a NaN or inf reaches only its own group of frames."""
+    grid, s = (7, 9), 3
+    x = torch.randn(2, 7, 63, 4, dtype=torch.float64)
+    x[0, 1, 20, 1] = float("nan")
+    x[1, 6, 62, 2] = float("inf")  # the last, short group
+    spatial = _torch_path(x, grid, fn)
+    if mode == "max":
+        expected = torch.stack([spatial[:, t: t + s].amax(1) for t in range(0, 7, s)], 1)
+    else:
+        expected = _torch_path(x, grid, fn, temporal_stride=s)
+    for backend in ["torch"] + fast_backends("cpu"):
+        dtype = torch.float64 if backend == "torch" else torch.float32
+        out = token_pool(x.to(dtype), grid, mode, temporal_stride=s, backend=backend, **kw)
+        torch.testing.assert_close(out.double(), expected, equal_nan=True, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{backend}: {m}")
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The largest storage any op in the block creates (bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.untyped_storage().nbytes())
+        return out
+
+
+MEMORY_CASES = [
+    ("avg", dict(kernel_size=3), lambda t: F.avg_pool2d(t, 3)),
+    ("avg", dict(kernel_size=3, stride=1, padding=1), lambda t: F.avg_pool2d(t, 3, 1, 1)),
+    ("max", dict(kernel_size=3, stride=1), lambda t: F.max_pool2d(t, 3, 1)),
+    ("adaptive", dict(output_size=20), lambda t: F.adaptive_avg_pool2d(t, 20)),
+    ("bilinear", dict(output_size=30), lambda t: F.interpolate(t, (30, 30), mode="bilinear")),
+]
+
+
+@pytest.mark.parametrize("s", [1, 2])
+@pytest.mark.parametrize("mode,kw,fn", MEMORY_CASES,
+                         ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in kw.items())}"
+                              for m, kw, _ in MEMORY_CASES])
+def test_reference_memory_is_linear_in_the_input(mode, kw, fn, s):
+    """The reference (torch back end and oracle), forward and backward, never makes a tensor
+    much larger than its input: no [n, N] pooling map (a 300x300 grid asked for 16 GB)."""
+    spec = PoolSpec.make((60, 60), mode, temporal_stride=s, **kw)
+    x = torch.randn(1, 3, 3600, 16, dtype=torch.float64, requires_grad=True)
+    with _LargestTensor() as largest:
+        out = token_pool_reference(x, spec)
+        out.backward(torch.ones_like(out))
+        argmax = _max_reference(x, spec)[1] if mode == "max" else None
+        grad = _backward_reference(torch.ones_like(out), argmax, spec, tuple(x.shape))
+    torch.testing.assert_close(grad, x.grad)
+    assert largest.bytes <= 3 * x.numel() * x.element_size(), largest.bytes
+    if s == 1:  # the grid of the report, through the public function
+        x = torch.randn(1, 2, 300 * 300, 3)
+        out = token_pool(x, 300, mode, backend="torch", **kw)
+        torch.testing.assert_close(out, _torch_path(x, (300, 300), fn), rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: a ValueError naming the argument
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +410,54 @@ BAD_INPUTS = [
 def test_bad_input_raises_clear_error(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# (a valid call, then the same call with one argument equal to a valid one in Python's == and
+# hash, but of a type the op refuses)
+EQUAL_BUT_INVALID = [
+    (dict(grid=(6, 6)), dict(grid=(6.0, 6.0)), "grid"),
+    (dict(grid=6), dict(grid=6.0), "grid"),
+    (dict(kernel_size=3), dict(kernel_size=3.0), "kernel_size"),
+    (dict(padding=0), dict(padding=False), "padding"),
+    (dict(ceil_mode=False), dict(ceil_mode=0), "ceil_mode"),
+    (dict(count_include_pad=True), dict(count_include_pad=1), "count_include_pad"),
+    (dict(temporal_stride=1), dict(temporal_stride=True), "temporal_stride"),
+    (dict(mode="bilinear", kernel_size=None, output_size=2, align_corners=False),
+     dict(mode="bilinear", kernel_size=None, output_size=2, align_corners=0), "align_corners"),
+]
+
+
+@pytest.mark.parametrize("valid,invalid,name", EQUAL_BUT_INVALID,
+                         ids=[name for _, _, name in EQUAL_BUT_INVALID])
+def test_validation_does_not_depend_on_history(valid, invalid, name):
+    """A call validated (and its spec cached) before does not let an equal-hashing argument of
+    the wrong type through: every call is checked, types included."""
+    x = torch.randn(1, 2, 36, 4)
+    base = dict(grid=(6, 6), mode="avg", kernel_size=3, backend="torch")
+    token_pool(x, **{**base, **valid})
+    with pytest.raises(ValueError, match=name):
+        token_pool(x, **{**base, **invalid})
+    base.pop("backend")
+    TokenPooling(**{**base, **valid})
+    with pytest.raises(ValueError, match=name):
+        TokenPooling(**{**base, **invalid})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", range(len(KERNEL_CASES)), ids=KERNEL_IDS)
+def test_meta_tensors(case, dtype):
+    """On the meta device: a meta output (and gradient) of the right shape and dtype, as torch's
+    own pooling gives, for every mode."""
+    mode, kw = KERNEL_CASES[case]
+    expected = token_pool(torch.randn(3, 2, 5, 63, 12, dtype=dtype), (7, 9), mode, **kw)
+    x = torch.empty(3, 2, 5, 63, 12, device="meta", dtype=dtype, requires_grad=True)
+    out = token_pool(x, (7, 9), mode, **kw)
+    assert out.is_meta and out.shape == expected.shape and out.dtype == dtype
+    out.sum().backward()
+    assert x.grad.is_meta and x.grad.shape == x.shape and x.grad.dtype == dtype
+    with torch.no_grad():
+        out = token_pool(x, (7, 9), mode, backend="torch", **kw)
+    assert out.is_meta and out.shape == expected.shape and out.dtype == dtype
 
 
 def test_backend_env_var(monkeypatch):

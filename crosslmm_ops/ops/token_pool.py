@@ -7,8 +7,9 @@ Everything about the op lives here, side by side:
   for the backward). The plan is pure Python from the definitions of torch's pooling functions; the
   tests check it against ``F.avg_pool2d`` & co.
 * :func:`token_pool_reference` - the plain-PyTorch reference (the ``torch`` back end and the test
-  oracle), written for clarity from the plan: a dense matrix product for the averaging modes, a
-  gather-and-max for max.
+  oracle), written for clarity from the plan: a weighted sum (or a first-wins max) over each
+  output's taps, one tap slot at a time, in memory linear in the input and with torch's NaN/inf
+  semantics (a NaN or inf reaches only the windows that read it).
 * the ``crosslmm::token_pool`` custom op (+ fake kernel + autograd), whose implementation runs the
   chosen back end: CUDA in ``csrc/pooling/token_pool.cu``, Triton in
   ``crosslmm_ops/triton/token_pool.py``, or the reference;
@@ -148,24 +149,48 @@ class PoolSpec:
         return -(-frames_in // self.temporal_stride)
 
 
-def _hashable(v):
-    return tuple(v) if isinstance(v, list) else v
+def _typed(value):
+    """``value`` with the type of every element: Python's ``==`` and hash equate ``6`` and ``6.0``,
+    ``0`` and ``False``, so a cache keyed on values alone would hand the spec validated for
+    ``grid=(6, 6)`` to ``grid=(6.0, 6.0)`` or ``ceil_mode=0`` without checking them."""
+    if isinstance(value, (tuple, list)):
+        return type(value), tuple(_typed(v) for v in value)
+    return type(value), value
+
+
+class _SpecArgs:
+    """The arguments of one call as a cache key: equal only to the same values of the same types,
+    so a hit always means these very arguments were validated."""
+
+    __slots__ = ("args", "key", "_hash")
+
+    def __init__(self, args: tuple):
+        self.args = args
+        self.key = tuple(_typed(a) for a in args)
+        self._hash = hash(self.key)  # TypeError for an unhashable argument
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _SpecArgs) and self.key == other.key
 
 
 def _make_spec(*args) -> PoolSpec:
-    """PoolSpec.make, memoised: validation runs once per distinct set of arguments (eagerly;
-    torch.compile traces the validation itself, once)."""
+    """PoolSpec.make, memoised: validation runs once per distinct set of arguments, types
+    included (eagerly; torch.compile traces the validation itself, once)."""
     if torch.compiler.is_compiling():
         return PoolSpec.make(*args)
     try:
-        return _make_spec_cached(*(_hashable(a) for a in args))
+        key = _SpecArgs(args)
     except TypeError:  # unhashable argument: validate uncached (make raises the clear error)
         return PoolSpec.make(*args)
+    return _make_spec_cached(key)
 
 
 @functools.lru_cache(maxsize=1024)
-def _make_spec_cached(*args) -> PoolSpec:
-    return PoolSpec.make(*args)
+def _make_spec_cached(key: _SpecArgs) -> PoolSpec:
+    return PoolSpec.make(*key.args)
 
 
 def pooled_grid(grid, mode: str = "avg", **kwargs) -> tuple[int, int]:
@@ -201,10 +226,16 @@ class PoolPlan:
 
 
 def _bilinear_taps(length: int, out: int, align_corners: bool) -> list[list[tuple[int, float]]]:
-    """Per output index, the (input index, weight) pairs of linear interpolation, as
-    F.interpolate(mode='bilinear') computes them (area_pixel_compute_source_index)."""
+    """Per output index, the two (input index, weight) taps of linear interpolation, as
+    F.interpolate(mode='bilinear') computes them on the CPU (compute_source_index_and_lambda).
+    Both taps are kept even where they read the same index (the last one, or every one when the
+    axis keeps its size) or a weight is 0, as torch keeps them: an inf they read then gives
+    ``inf * 1 + inf * 0 = NaN`` there, as in torch."""
     taps = []
     for o in range(out):
+        if length == out:  # torch's identity case: index o twice, weights 1 and 0
+            taps.append([(o, 1.0), (o, 0.0)])
+            continue
         if align_corners:
             src = o * (length - 1) / (out - 1) if out > 1 else 0.0
         else:
@@ -212,53 +243,41 @@ def _bilinear_taps(length: int, out: int, align_corners: bool) -> list[list[tupl
         i0 = min(int(math.floor(src)), length - 1)
         i1 = min(i0 + 1, length - 1)
         l1 = src - i0
-        pairs = {i0: 1.0 - l1}
-        pairs[i1] = pairs.get(i1, 0.0) + l1
-        taps.append(sorted(pairs.items()))
+        taps.append([(i0, 1.0 - l1), (i1, l1)])
     return taps
 
 
-def _window_taps(spec: PoolSpec, axis: int) -> list[list[tuple[int, float]]]:
-    """Per output index along one axis: the input indices it covers, and the divisor share that
-    count_include_pad puts on that axis (the full window length, padding included)."""
+def _axis_taps(spec: PoolSpec, axis: int) -> list[list[tuple[int, float]]]:
+    """Per output index along one grid axis (0: rows, 1: columns), the (input index, weight) pairs
+    it reads. Every mode is separable: a 2D window is the product of one range per axis, and its
+    weight the product of the two axes' weights (the divisor of ``F.avg_pool2d`` is the product of
+    the window's lengths, padding included with ``count_include_pad``)."""
     length, out = spec.grid[axis], spec.output_size[axis]
+    if spec.mode == "bilinear":
+        return _bilinear_taps(length, out, spec.align_corners)
     k, s, p = spec.kernel_size[axis], spec.stride[axis], spec.padding[axis]
     taps = []
     for o in range(out):
         if spec.mode == "adaptive":
             start, end = (o * length) // out, -(-((o + 1) * length) // out)
-            taps.append([(i, float(end - start)) for i in range(start, end)])
-            continue
-        start = o * s - p
-        end = min(start + k, length + p)
-        padded_len = end - start
-        start, end = max(start, 0), min(end, length)
-        taps.append([(i, float(padded_len)) for i in range(start, end)])
+            divisor = end - start
+        else:
+            start = o * s - p
+            end = min(start + k, length + p)
+            divisor = end - start  # the padded window
+            start, end = max(start, 0), min(end, length)
+            if not spec.count_include_pad:
+                divisor = end - start
+        weight = 1.0 if spec.mode == "max" else 1.0 / divisor
+        taps.append([(i, weight) for i in range(start, end)])
     return taps
 
 
 @functools.lru_cache(maxsize=256)
 def pool_plan(spec: PoolSpec) -> PoolPlan:
-    H, W = spec.grid
-    entries: list[list[tuple[int, float]]] = []
-    if spec.mode == "bilinear":
-        th = _bilinear_taps(H, spec.output_size[0], spec.align_corners)
-        tw = _bilinear_taps(W, spec.output_size[1], spec.align_corners)
-        for rows in th:
-            for cols in tw:
-                entries.append([(h * W + w, wh * ww) for h, wh in rows for w, ww in cols])
-    else:
-        th, tw = _window_taps(spec, 0), _window_taps(spec, 1)
-        for rows in th:
-            for cols in tw:
-                if spec.mode == "max":
-                    weight = 1.0
-                elif spec.mode == "adaptive" or not spec.count_include_pad:
-                    weight = 1.0 / (len(rows) * len(cols))
-                else:  # avg counting the padding: divide by the padded window's area
-                    weight = 1.0 / (rows[0][1] * cols[0][1]) if rows and cols else 0.0
-                entries.append([(h * W + w, weight) for h, _ in rows for w, _ in cols])
-
+    W = spec.grid[1]
+    entries = [[(h * W + w, wh * ww) for h, wh in rows for w, ww in cols]
+               for rows in _axis_taps(spec, 0) for cols in _axis_taps(spec, 1)]
     row_ptr = np.zeros(len(entries) + 1, dtype=np.int32)
     row_ptr[1:] = np.cumsum([len(e) for e in entries])
     col_idx = np.array([i for e in entries for i, _ in e], dtype=np.int32)
@@ -266,8 +285,8 @@ def pool_plan(spec: PoolSpec) -> PoolPlan:
     # Transpose: for each input token, the output tokens that read it (ascending).
     out_of = np.repeat(np.arange(len(entries), dtype=np.int32), np.diff(row_ptr))
     order = np.lexsort((out_of, col_idx))
-    t_row_ptr = np.zeros(H * W + 1, dtype=np.int32)
-    t_row_ptr[1:] = np.cumsum(np.bincount(col_idx, minlength=H * W))
+    t_row_ptr = np.zeros(spec.tokens_in + 1, dtype=np.int32)
+    t_row_ptr[1:] = np.cumsum(np.bincount(col_idx, minlength=spec.tokens_in))
     return PoolPlan(row_ptr, col_idx, weight, t_row_ptr, out_of[order], weight[order])
 
 
@@ -289,49 +308,152 @@ def _plan_tensors(spec: PoolSpec, device: torch.device) -> dict[str, torch.Tenso
 # ----------------------------------------------------------------------------------------------
 
 
-def _dense_map(spec: PoolSpec, dtype, device) -> torch.Tensor:
-    """The spatial plan as a dense [n, N] matrix."""
+def csr_table(row_ptr: torch.Tensor, col_idx: torch.Tensor, weight: torch.Tensor):
+    """The CSR rows as a ``[rows, width]`` table of tokens (-1 = padding) and weights (0 =
+    padding), ``width`` the longest row: what the Triton kernel and the reference read."""
+    lengths = (row_ptr[1:] - row_ptr[:-1]).long()
+    rows = lengths.numel()
+    width = max(int(lengths.max().item()) if rows else 1, 1)
+    taps = torch.full((rows, width), -1, dtype=col_idx.dtype, device=row_ptr.device)
+    table_w = torch.zeros((rows, width), dtype=weight.dtype, device=row_ptr.device)
+    row_of = torch.repeat_interleave(torch.arange(rows, device=row_ptr.device), lengths)
+    slot = torch.arange(col_idx.numel(), device=row_ptr.device) - row_ptr[:-1].long()[row_of]
+    taps[row_of, slot] = col_idx
+    table_w[row_of, slot] = weight
+    return taps, table_w
+
+
+@functools.lru_cache(maxsize=256)
+def _reference_tables(spec: PoolSpec) -> dict[str, torch.Tensor]:
+    """The plan (float64 weights) as ``[width, rows]`` tables, one row per tap slot, for the
+    pooling (``taps``, ``weight``: output token -> input tokens) and its transpose (``t_*``).
+    A padding tap reads, with weight 0, the row the reference appends after the real ones."""
     plan = pool_plan(spec)
-    m = torch.zeros(spec.tokens_out, spec.tokens_in, dtype=torch.float64)
-    rows = np.repeat(np.arange(spec.tokens_out), np.diff(plan.row_ptr))
-    m[torch.as_tensor(rows), torch.as_tensor(plan.col_idx, dtype=torch.long)] = torch.as_tensor(plan.weight)
-    return m.to(dtype=dtype, device=device)
+    tables = {}
+    for prefix, row_ptr, col_idx, weight, pad in (
+            ("", plan.row_ptr, plan.col_idx, plan.weight, spec.tokens_in),
+            ("t_", plan.t_row_ptr, plan.t_col_idx, plan.t_weight, spec.tokens_out)):
+        taps, w = csr_table(torch.as_tensor(row_ptr), torch.as_tensor(col_idx).long(),
+                            torch.as_tensor(weight))
+        tables[prefix + "taps"] = torch.where(taps < 0, pad, taps).T.contiguous()
+        tables[prefix + "weight"] = w.T.contiguous()
+    return tables
 
 
-def _temporal_map(frames: int, s: int, dtype, device) -> torch.Tensor:
-    """[T', T] averaging over groups of s frames (the last group may be shorter)."""
-    m = torch.zeros(-(-frames // s), frames, dtype=torch.float64)
-    for t in range(m.shape[0]):
-        first, last = t * s, min(t * s + s, frames)
-        m[t, first:last] = 1.0 / (last - first)
-    return m.to(dtype=dtype, device=device)
+# The reference computes from the plan the kernels read, one tap slot at a time: slot j selects
+# the j-th input token of every output token (whole rows of a token-major matrix, what torch
+# selects fastest). Only the windows' own tokens are multiplied, so a NaN or inf reaches only the
+# outputs whose windows read it, as in torch's pooling, and memory stays linear in the input (a
+# dense [n, N] map would multiply it by the zeros of every other output of the frame, and take
+# n*N elements: 16 GB for a 300x300 grid).
+
+
+def _token_rows(x: torch.Tensor, fill: float) -> torch.Tensor:
+    """``x [B, T, N, D]`` as an ``[N + 1, B*T*D]`` matrix (one copy), the last row ``fill``:
+    what a padding tap reads."""
+    rows = x.permute(2, 0, 1, 3)
+    rows = torch.cat([rows, rows.new_full((1, *rows.shape[1:]), fill)])
+    return rows.reshape(rows.shape[0], -1)
+
+
+def _weighted_sum(rows: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``out[o] = sum_j weight[j, o] * rows[taps[j, o]]``. Differentiable."""
+    weight = weight.to(rows.device, rows.dtype)
+    taps = taps.to(rows.device)
+    out = None
+    for j in range(taps.shape[0]):
+        term = rows.index_select(0, taps[j]) * weight[j].unsqueeze(1)
+        out = term if out is None else out + term
+    return out
+
+
+def _frame_groups(x: torch.Tensor, dim: int, s: int, fill: float) -> torch.Tensor:
+    """The frames along ``dim`` in groups of ``s`` (a new dim after it), the last group padded
+    with ``fill``."""
+    frames = x.shape[dim]
+    pad = -(-frames // s) * s - frames
+    if pad:
+        shape = list(x.shape)
+        shape[dim] = pad
+        x = torch.cat([x, x.new_full(shape, fill)], dim)
+    return x.unflatten(dim, (-1, s))
+
+
+def _group_sizes(frames: int, s: int, like: torch.Tensor) -> torch.Tensor:
+    """Frames per group of ``s`` (the last may be shorter), in ``like``'s dtype and device."""
+    starts = torch.arange(0, frames, s, device=like.device)
+    return (torch.clamp(frames - starts, max=s)).to(like.dtype)
+
+
+def _weighted_reference(x: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
+    """The averaging modes (avg, adaptive, bilinear) of ``x [B, T, N, D]``, then the average of
+    each group of frames."""
+    B, T, N, D = x.shape
+    tables = _reference_tables(spec)
+    out = _weighted_sum(_token_rows(x, 0.0), tables["taps"], tables["weight"])
+    out = out.view(spec.tokens_out, B, T, D)
+    s = spec.temporal_stride
+    if s > 1:
+        sizes = _group_sizes(T, s, out)
+        out = _frame_groups(out, 2, s, 0.0).sum(3) / sizes.view(-1, 1)
+    return out.permute(1, 2, 0, 3)
+
+
+def _weighted_backward(grad: torch.Tensor, spec: PoolSpec, frames_in: int) -> torch.Tensor:
+    """The transpose of :func:`_weighted_reference`: ``grad [B, T', n, D]`` -> ``[B, T, N, D]``."""
+    B, _, _, D = grad.shape
+    g = grad.permute(2, 0, 1, 3)
+    s = spec.temporal_stride
+    if s > 1:
+        g = g / _group_sizes(frames_in, s, g).view(-1, 1)
+        g = g.repeat_interleave(s, dim=2)[:, :, :frames_in]
+    tables = _reference_tables(spec)
+    g = _weighted_sum(_token_rows(g.permute(1, 2, 0, 3), 0.0), tables["t_taps"],
+                      tables["t_weight"])
+    return g.view(spec.tokens_in, B, frames_in, D).permute(1, 2, 0, 3)
+
+
+def _first_max(candidates):
+    """Over ``(value, index)`` candidates in order: the max and the index of the first one that
+    reaches it, NaN beating every number (the kernels' rule)."""
+    best = winner = None
+    for v, i in candidates:
+        if best is None:
+            best, winner = v, i.expand_as(v)
+            continue
+        better = (v > best) | (v.isnan() & ~best.isnan())
+        best, winner = torch.where(better, v, best), torch.where(better, i, winner)
+    return best, winner
 
 
 def _max_reference(x: torch.Tensor, spec: PoolSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max pooling by gathering each window (frames x taps, scan order) and taking the first max.
-
-    Returns the pooled tensor and the winner of each element as ``frame * N + token``.
-    """
+    """Max pooling of ``x [B, T, N, D]``: the pooled tensor and the winner of each element as
+    ``frame * N + token``, the first maximum in (frame, tap) order as the kernels scan; padding
+    taps read -inf after the window's own, so they never win. The values are gathered at the
+    winners, so autograd sends each gradient to its winner."""
     B, T, N, D = x.shape
-    plan = pool_plan(spec)
-    s, Tout = spec.temporal_stride, spec.frames_out(T)
-    lens = np.diff(plan.row_ptr)
-    K = int(lens.max())
-    gather = np.full((spec.tokens_out, K), N, dtype=np.int64)  # N = the -inf padding token
-    for o in range(spec.tokens_out):
-        gather[o, : lens[o]] = plan.col_idx[plan.row_ptr[o]: plan.row_ptr[o + 1]]
-    gather = torch.as_tensor(gather, device=x.device)
-    neg_inf = torch.full((B, T, 1, D), float("-inf"), dtype=x.dtype, device=x.device)
-    xp = torch.cat([x, neg_inf], dim=2)  # [B, T, N+1, D]
-    frames_pad = Tout * s - T
-    if frames_pad:
-        xp = torch.cat([xp, xp.new_full((B, frames_pad, N + 1, D), float("-inf"))], dim=1)
-    windows = xp[:, :, gather.reshape(-1), :].reshape(B, Tout, s, spec.tokens_out, K, D)
-    windows = windows.permute(0, 1, 3, 2, 4, 5).reshape(B, Tout, spec.tokens_out, s * K, D)
-    values, pos = windows.max(dim=3)  # first maximal index in (frame, tap) order; NaN propagates
-    frame = torch.arange(Tout, device=x.device).view(1, Tout, 1, 1) * s + pos // K
-    token = gather[torch.arange(spec.tokens_out, device=x.device).view(1, 1, -1, 1), pos % K]
-    return values, (frame * N + token).to(torch.int32)
+    s, n = spec.temporal_stride, spec.tokens_out
+    with torch.no_grad():
+        tables = _reference_tables(spec)
+        taps = tables["taps"].to(x.device)
+        rows = _token_rows(x, float("-inf"))
+        best, token = _first_max((rows.index_select(0, taps[j]), taps[j].unsqueeze(1))
+                                 for j in range(taps.shape[0]))
+        best, token = best.view(n, B, T, D), token.view(n, B, T, D)
+        if s > 1:
+            groups = _frame_groups(best, 2, s, float("-inf"))  # [n, B, T', s, D]
+            tokens = _frame_groups(token, 2, s, 0)
+            offsets = torch.arange(s, device=x.device).view(1, 1, 1, s, 1)
+            best, pick = _first_max((groups[:, :, :, f], offsets[:, :, :, f]) for f in range(s))
+            token = tokens.gather(3, pick.unsqueeze(3)).squeeze(3)
+            frame = torch.arange(0, T, s, device=x.device).view(1, 1, -1, 1) + pick
+        else:
+            frame = torch.arange(T, device=x.device).view(1, 1, T, 1)
+        argmax = (frame * N + token).permute(1, 2, 0, 3).contiguous()
+        values = best.permute(1, 2, 0, 3)
+    if torch.is_grad_enabled() and x.requires_grad:
+        values = x.reshape(B, T * N, D).gather(1, argmax.reshape(B, -1, D)).view(argmax.shape)
+    return values, argmax.to(torch.int32)
 
 
 def token_pool_reference(x: torch.Tensor, spec: PoolSpec, *, compute_dtype=None) -> torch.Tensor:
@@ -348,14 +470,7 @@ def token_pool_reference(x: torch.Tensor, spec: PoolSpec, *, compute_dtype=None)
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     lead = x.shape[:-3]
     x = x.to(compute_dtype).reshape(-1, *x.shape[-3:])
-    if spec.mode == "max":
-        out = _max_reference(x, spec)[0]
-    else:
-        spatial = _dense_map(spec, compute_dtype, x.device)
-        out = torch.einsum("on,btnd->btod", spatial, x)
-        if spec.temporal_stride > 1:
-            temporal = _temporal_map(x.shape[1], spec.temporal_stride, compute_dtype, x.device)
-            out = torch.einsum("ut,btod->buod", temporal, out)
+    out = _max_reference(x, spec)[0] if spec.mode == "max" else _weighted_reference(x, spec)
     return out.reshape(*lead, *out.shape[1:])
 
 
@@ -406,12 +521,7 @@ def _backward_reference(grad: torch.Tensor, argmax: torch.Tensor, spec: PoolSpec
         grad_x = grad.new_zeros(B, frames_in * N, D, dtype=cdt)
         grad_x.scatter_add_(1, argmax.reshape(B, -1, D).long(), grad.reshape(B, -1, D).to(cdt))
         return grad_x.reshape(in_shape).to(grad.dtype)
-    spatial = _dense_map(spec, cdt, grad.device)
-    g = torch.einsum("on,btod->btnd", spatial, grad.to(cdt))
-    if spec.temporal_stride > 1:
-        temporal = _temporal_map(frames_in, spec.temporal_stride, cdt, grad.device)
-        g = torch.einsum("ut,bund->btnd", temporal, g)
-    return g.to(grad.dtype).contiguous()
+    return _weighted_backward(grad.to(cdt), spec, frames_in).to(grad.dtype).contiguous()
 
 
 def _backward(backend: str, grad: torch.Tensor, argmax: torch.Tensor, spec: PoolSpec,

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from crosslmm_ops._backend import triton_interpreted
+from crosslmm_ops.ops.token_pool import csr_table
 
 
 @triton.jit
@@ -114,20 +115,9 @@ def _token_mix_kernel(
         tl.store(out_ptrs, acc.to(dst.dtype.element_ty), mask=out_mask)
 
 
-@functools.lru_cache(maxsize=256)
-def _padded_table(row_ptr: torch.Tensor, col_idx: torch.Tensor, weight: torch.Tensor):
-    """The CSR rows as a [rows, width] table of tokens (-1 = padding) and weights (0 = padding).
-    Keyed on the (cached, per-device) plan tensors themselves, so it is built once per plan."""
-    lengths = (row_ptr[1:] - row_ptr[:-1]).long()
-    rows = lengths.numel()
-    width = max(int(lengths.max().item()) if rows else 1, 1)
-    taps = torch.full((rows, width), -1, dtype=torch.int32, device=row_ptr.device)
-    table_w = torch.zeros((rows, width), dtype=torch.float32, device=row_ptr.device)
-    row_of = torch.repeat_interleave(torch.arange(rows, device=row_ptr.device), lengths)
-    slot = torch.arange(col_idx.numel(), device=row_ptr.device) - row_ptr[:-1].long()[row_of]
-    taps[row_of, slot] = col_idx
-    table_w[row_of, slot] = weight
-    return taps, table_w
+# The CSR rows as a padded table, keyed on the (cached, per-device) plan tensors themselves, so
+# that it is built once per plan.
+_padded_table = functools.lru_cache(maxsize=256)(csr_table)
 
 
 def token_pool_mix(src: torch.Tensor, dst: torch.Tensor, row_ptr: torch.Tensor,
