@@ -277,7 +277,7 @@ def bench_v2v_frame_local(benchmark, record, frames, hk, impl):
         fn = ours(impl, "fused")
         with torch.no_grad():
             fn(inputs[0])
-        assert crosslmm_ops.last_backend("mqa_shared_kv") == impl
+        assert crosslmm_ops.last_backend("projected_attention_core") == impl
         flops, moved = fused_counts("v2v-frame", frames, hk)
     else:
         fn, gqa, error = first_working(lambda g: projected_then_sdpa(impl.split("-")[-1], g),
@@ -309,7 +309,7 @@ def bench_t2v_decode(benchmark, record, frames, hk, impl):
         fn = ours(impl, "fused")
         with torch.no_grad():
             fn(inputs[0])
-        assert crosslmm_ops.last_backend("mqa_shared_kv") == impl
+        assert crosslmm_ops.last_backend("projected_attention_core") == impl
         flops, moved = fused_counts("decode", frames, hk)
     else:
         inputs = _inputs("decode", frames, hk, with_kv=True)
@@ -343,7 +343,7 @@ def bench_t2v_prefill(benchmark, record, frames, hk, path, impl):
         fn = ours(impl, path)
         with torch.no_grad():
             fn(inputs[0])
-        op = "mqa_shared_kv" if path == "fused" else "cross_attention"
+        op = "projected_attention_core" if path == "fused" else "cross_attention"
         assert crosslmm_ops.last_backend(op) == impl and pa.last_path() == path
         flops, moved = (fused_counts if path == "fused" else materialized_counts)(
             "t2v-prefill", frames, hk)

@@ -25,7 +25,7 @@ void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::T
                         const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                         int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
                         bool deterministic);
-std::tuple<at::Tensor, at::Tensor> projected_attention_forward(
+std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& q, const at::Tensor& x, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double softmax_scale, int64_t num_splits);
@@ -105,7 +105,7 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("dv"), pybind11::arg("cu_seqlens_q"), pybind11::arg("cu_seqlens_k"),
         pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"),
         pybind11::arg("softmax_scale"), pybind11::arg("deterministic"));
-  m.def("projected_attention_forward", guarded(&crosslmm::projected_attention_forward),
+  m.def("projected_attention_core_forward", guarded(&crosslmm::projected_attention_core_forward),
         "Projection-fused attention core (csrc/projected/): per segment and head, "
         "out = softmax(q x^T * scale) x with q [total_q, H, Dv] and x [total_k, Dv] (keys = values "
         "= x); returns (out [total_q, H, Dv], lse [H, total_q] fp32, natural log); num_splits 0 = "

@@ -550,14 +550,14 @@ def _expected_ops(setting: str, kv_path: str, backend: str) -> set[str]:
     ops = {f"token_pool:{backend}"}
     if setting in ("t2v", "v2v", "both"):
         ops.add(f"cross_attention:{backend}" if kv_path == "materialized"
-                else f"mqa_shared_kv:{backend}")
+                else f"projected_attention_core:{backend}")
     return ops
 
 
 def _allowed_elsewhere(pair: str, backend: str) -> bool:
     # The CUDA binding of the projection-fused core is forward only: its backward runs on Triton
     # by design (crosslmm_ops/ops/projected_attention.py), and is recorded as such.
-    return backend == "cuda" and pair == "mqa_shared_kv_backward:triton"
+    return backend == "cuda" and pair == "projected_attention_core_backward:triton"
 
 
 def compare_backends(backends: list[str], kv_paths: list[str], setting: str, seed: int,

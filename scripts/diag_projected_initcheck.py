@@ -41,7 +41,7 @@ def section_b():
         print(f"=== B: core, splits={splits}", flush=True)
         junk = torch.full((19 * 12 * 1152 * 4,), float("nan"), device=dev, dtype=bf16)
         del junk  # NaN left in the allocator's cache: unwritten output elements read back as NaN
-        out, lse = ext.projected_attention_forward(q, x, cu_q, cu_k, 9, 3000, 0.1, splits)
+        out, lse = ext.projected_attention_core_forward(q, x, cu_q, cu_k, 9, 3000, 0.1, splits)
         torch.cuda.synchronize()
         print(f"B splits={splits}: NaN in out {int(torch.isnan(out).sum())}, "
               f"in lse {int(torch.isnan(lse).sum())}", flush=True)

@@ -84,7 +84,7 @@ if attention is not None and ext is not None and hasattr(ext, "attention_forward
     os.environ.pop("CROSSLMM_ATTENTION_SM90", None)
     print(f"sanitize_kernels: attention forward kernels run: {sorted(kernels)}")
 print("sanitize_kernels: section projected (core)", flush=True)
-if ext is not None and hasattr(ext, "projected_attention_forward"):
+if ext is not None and hasattr(ext, "projected_attention_core_forward"):
     # The projection-fused attention core (csrc/projected/), called directly: 16- and 32-row tiles
     # (1 and 3 queries x 12 heads), Dv with idle warps and a half k-step (64, 200) and the large-Dv
     # bucket (1160), key tails, a segment without keys, one without queries, key splits (3 and the
@@ -97,7 +97,7 @@ if ext is not None and hasattr(ext, "projected_attention_forward"):
         q = torch.randn(sum(lens_q), 12, dv, device="cuda", dtype=dtype)
         for qq in (q, non_contiguous(q, dim=1)):
             for splits in (1, 3, 0):
-                ext.projected_attention_forward(qq, x, cu_q, cu_k, 3, 100, 0.1, splits)
+                ext.projected_attention_core_forward(qq, x, cu_q, cu_k, 3, 100, 0.1, splits)
                 runs += 2 if splits == 3 else 1  # 3 splits: forward + combine
     torch.cuda.synchronize()
 print("sanitize_kernels: section projected (public)", flush=True)
@@ -110,7 +110,7 @@ if os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):
     # GEMM itself (mbarrier-ordered shared memory). So only memcheck runs this section.
     print("sanitize_kernels: public projected call skipped under "
           f"{os.environ['CROSSLMM_SANITIZE_TOOL']} (cuBLAS GEMMs; see the comment)", flush=True)
-elif ext is not None and hasattr(ext, "projected_attention_forward"):
+elif ext is not None and hasattr(ext, "projected_attention_core_forward"):
     # Through the public op: the fused path's forward on CUDA (its backward runs on Triton),
     # frame-local segments and a decode row against a long segment, with splits.
     lens_q, lens_k = [9, 9, 1], [729, 729, 3000]

@@ -254,7 +254,7 @@ def projected_available(backend: str, path: str) -> bool:
     """Whether the CUDA extension has the kernels ``path`` needs (Triton and torch always do)."""
     if backend != "cuda":
         return True
-    name = "projected_attention_forward" if path == "fused" else "attention_forward"
+    name = "projected_attention_core_forward" if path == "fused" else "attention_forward"
     return hasattr(_backend.extension(), name)
 
 

@@ -248,7 +248,7 @@ def test_projected_peak_memory_is_bounded(backend, path):
     backward and the split-KV partials.) (At CrossLMM-2B's widths a DCAL's legitimate memory -- normalised tokens, K/V, their
     gradients -- is itself a fair fraction of a score matrix, and such a test could not tell.)"""
     if backend == "cuda" and not hasattr(crosslmm_ops._backend.extension(),
-                                         "projected_attention_forward" if path == "fused"
+                                         "projected_attention_core_forward" if path == "fused"
                                          else "attention_forward"):
         pytest.skip("the CUDA extension lacks this path's kernels")
     torch.manual_seed(0)

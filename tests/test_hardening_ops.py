@@ -297,9 +297,10 @@ def test_bf16_is_refused_by_every_triton_launcher():
                                      0.25, False)
     qg, x = _randn(1, 5, 2, 16, dtype=bf), _randn(7, 16, dtype=bf)
     with pytest.raises(RuntimeError, match=BF16_MESSAGE):
-        projected.mqa_shared_kv_forward(qg, x, torch.empty_like(qg), lse, cu_q, cu_k, 3, 4, 0.25, 1)
+        projected.projected_attention_core_forward(qg, x, torch.empty_like(qg), lse, cu_q, cu_k,
+                                                   3, 4, 0.25, 1)
     with pytest.raises(RuntimeError, match=BF16_MESSAGE):
-        projected.mqa_shared_kv_backward(qg, qg, x, qg, lse, torch.empty_like(qg),
+        projected.projected_attention_core_backward(qg, qg, x, qg, lse, torch.empty_like(qg),
                                          torch.empty_like(x), cu_q, cu_k, 3, 4, 0.25, 1)
 
 

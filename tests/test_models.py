@@ -34,8 +34,9 @@ from crosslmm_ops.testing import relative_error
 
 HAS_CUDA = torch.cuda.is_available()
 # The ops a DCAL's attention runs as (crosslmm_ops.record_backends): cross_attention on the
-# materialised K/V path, mqa_shared_kv (the core of projected_cross_attention) on the fused one.
-ATTENTION_OPS = ("cross_attention", "mqa_shared_kv")
+# materialised K/V path, projected_attention_core (the core of projected_cross_attention) on the
+# fused one.
+ATTENTION_OPS = ("cross_attention", "projected_attention_core")
 
 
 def _attention_backends(log) -> list[str]:

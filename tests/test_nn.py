@@ -754,7 +754,7 @@ def test_triton_backend_cpu(kw, kv_path):
         results.append((out, x.grad, [p.grad for p in module.parameters()], log))
     (ref_out, ref_dx, ref_dp, _), (out, dx, dp, log) = results
     assert {b for _, b in log} == {"triton"}
-    op = "cross_attention" if kv_path == "materialized" else "mqa_shared_kv"
+    op = "cross_attention" if kv_path == "materialized" else "projected_attention_core"
     assert (op, "triton") in log and (op + "_backward", "triton") in log
     assert [o for o, _ in log].count("projected_cross_attention") == 2  # V2V and T2V
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
@@ -792,7 +792,7 @@ def test_cuda_dcal_bf16(kw, kv_path):
     on plain PyTorch in bf16 (+ rounding), gradients 3x."""
     if not hasattr(_backend.extension(), "attention_forward"):
         pytest.skip("the CUDA extension has no attention kernels (not built)")
-    if kv_path == "fused" and not hasattr(_backend.extension(), "projected_attention_forward"):
+    if kv_path == "fused" and not hasattr(_backend.extension(), "projected_attention_core_forward"):
         pytest.skip("the CUDA extension has no projected-attention kernel (not built)")
     hidden, vision, heads, kv_heads, head_dim, tokens, pooled = 512, 1152, 4, 2, 128, 729, 9
     frames = [4, 0, 2]
@@ -827,8 +827,8 @@ def test_cuda_dcal_bf16(kw, kv_path):
         assert ("cross_attention", "cuda") in log
         assert crosslmm_ops.last_backend("cross_attention_backward") == "cuda"
     else:  # the fused core's backward runs on Triton (the CUDA binding is forward only)
-        assert ("mqa_shared_kv", "cuda") in log
-        assert crosslmm_ops.last_backend("mqa_shared_kv_backward") == "triton"
+        assert ("projected_attention_core", "cuda") in log
+        assert crosslmm_ops.last_backend("projected_attention_core_backward") == "triton"
     assert not torch.isnan(out).any() and not torch.isnan(dx).any()
     eps = torch.finfo(torch.bfloat16).eps
     err = (out - ref_out).abs().max().item()

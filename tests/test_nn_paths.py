@@ -281,7 +281,7 @@ def test_backend_passes_through_the_fused_path():
     memory = VisionMemory.from_list(feats, POOLED)
     with crosslmm_ops.record_backends() as log:
         module(h, memory)
-    assert log == [("mqa_shared_kv", "torch"), ("projected_cross_attention", "torch")]
+    assert log == [("projected_attention_core", "torch"), ("projected_cross_attention", "torch")]
     module.backend = "cuda"
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
         module(h, memory)

@@ -37,12 +37,12 @@ from crosslmm_ops.ops.projected_attention import (
     normalize_tokens,
     projected_cross_attention,
     projected_cross_attention_reference,
-    shared_kv_attention,
+    projected_attention_core,
 )
 from crosslmm_ops.testing import non_contiguous, poison_outputs
 
 OP = "projected_cross_attention"
-CORE = "mqa_shared_kv"
+CORE = "projected_attention_core"
 PARAMS = ("q", "x", "w_k", "w_v", "b_k", "b_v", "norm_weight", "norm_bias")
 
 
@@ -538,7 +538,7 @@ def test_gradcheck_core_float64():
     cu_q, cu_k = cu_seqlens([2, 0, 3]), cu_seqlens([5, 4, 3])
 
     def f(q, x):
-        out, lse = pa._mqa_shared_kv(q, x, cu_q, cu_k, 3, 5, 0.4, 0, "torch")
+        out, lse = pa._projected_attention_core(q, x, cu_q, cu_k, 3, 5, 0.4, 0, "torch")
         return out, lse
 
     assert torch.autograd.gradcheck(f, (q, x))
@@ -554,7 +554,7 @@ def test_core_backward_formula_matches_autograd():
     q.requires_grad_(True)
     x.requires_grad_(True)
     e_out, e_lse = pa._core_reference_forward(q, x, cu_q, cu_k, 0.3, torch.float64)
-    out, lse = pa._mqa_shared_kv(q, x, cu_q, cu_k, 9, 33, 0.3, 0, "torch")
+    out, lse = pa._projected_attention_core(q, x, cu_q, cu_k, 9, 33, 0.3, 0, "torch")
     torch.testing.assert_close(out, e_out)
     g, g_lse = torch.randn_like(out), torch.randn_like(lse)
     finite = torch.isfinite(e_lse)
@@ -572,7 +572,7 @@ def test_core_is_cross_attention_with_shared_kv(layout):
     else:
         q, x = torch.randn(7, 3, 12), torch.randn(11, 12)
         kw = dict(cu_seqlens_q=cu_seqlens([3, 4, 0]), cu_seqlens_k=cu_seqlens([5, 0, 6]))
-    out, lse = shared_kv_attention(q, x, **kw, return_lse=True, backend="torch")
+    out, lse = projected_attention_core(q, x, **kw, return_lse=True, backend="torch")
     e_out, e_lse = cross_attention_reference(q, x.unsqueeze(-2), x.unsqueeze(-2), **kw,
                                              return_lse=True)
     torch.testing.assert_close(out, e_out)
@@ -597,7 +597,8 @@ def check_core(backend, q, x, cu_q, cu_k, *, num_splits=0, scale=0.2, lse_grad=T
     ref_out, ref_lse = pa._core_reference_forward(*ref, cu_q, cu_k, scale, torch.float64)
     low_out, low_lse = pa._core_reference_forward(*low, cu_q, cu_k, scale, dtype)
     with poison_outputs():
-        out, lse = pa._mqa_shared_kv(*leaves, cu_q, cu_k, mq, mk, scale, num_splits, backend)
+        out, lse = pa._projected_attention_core(*leaves, cu_q, cu_k, mq, mk, scale, num_splits,
+                                                backend)
     assert crosslmm_ops.last_backend(CORE) == backend
     assert out.shape == q.shape and lse.shape == (q.shape[0] * q.shape[2], q.shape[1])
     assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten elements"
@@ -681,7 +682,7 @@ def test_triton_core_deterministic_cpu():
     cu_q, cu_k = cu_seqlens([2, 4]), cu_seqlens([50, 30])
     grads = []
     for _ in range(2):
-        out, _ = pa._mqa_shared_kv(q, x, cu_q, cu_k, 4, 50, 0.3, 3, "triton")
+        out, _ = pa._projected_attention_core(q, x, cu_q, cu_k, 4, 50, 0.3, 3, "triton")
         grads.append(torch.autograd.grad(out.sum(), [q, x]))
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
@@ -1000,9 +1001,9 @@ BAD = [
                                        backend="triton", path="fused"), RuntimeError,
      "backend='triton' cannot run"),
     (lambda: normalize_tokens(torch.randn(2, 3), "layer"), ValueError, "norm must be"),
-    (lambda: shared_kv_attention(torch.randn(1, 2, 3, 8), torch.randn(1, 4, 6)), ValueError,
+    (lambda: projected_attention_core(torch.randn(1, 2, 3, 8), torch.randn(1, 4, 6)), ValueError,
      "head dim 8"),
-    (lambda: shared_kv_attention(torch.randn(1, 2, 3, 8), torch.randn(4, 8)), ValueError,
+    (lambda: projected_attention_core(torch.randn(1, 2, 3, 8), torch.randn(4, 8)), ValueError,
      r"x must have shape \(B, Sk, Dv\)"),
 ]
 
@@ -1033,12 +1034,12 @@ def test_opcheck():
     x = torch.randn(11, 10, dtype=torch.float64, requires_grad=True)
     cu_q, cu_k = cu_seqlens([3, 0, 4]), cu_seqlens([5, 6, 0])
     args = (q, x, cu_q, cu_k, 4, 6, 0.3, 0, "torch")
-    torch.library.opcheck(pa._mqa_shared_kv_op, args)
-    out, lse = pa._mqa_shared_kv_op(*args)
+    torch.library.opcheck(pa._projected_attention_core_op, args)
+    out, lse = pa._projected_attention_core_op(*args)
     bwd = (torch.randn_like(out), torch.randn_like(lse), q.detach(), x.detach(), out.detach(),
            lse.detach(), cu_q, cu_k, 4, 6, 0.3, 0, "torch")
-    torch.library.opcheck(pa._mqa_shared_kv_backward_op, bwd)
-    torch.library.opcheck(pa._mqa_shared_kv_backward_op, bwd[:1] + (None,) + bwd[2:])
+    torch.library.opcheck(pa._projected_attention_core_backward_op, bwd)
+    torch.library.opcheck(pa._projected_attention_core_backward_op, bwd[:1] + (None,) + bwd[2:])
 
 
 def test_torch_compile_fullgraph():
@@ -1064,7 +1065,7 @@ GPU_BACKENDS = ["cuda", "triton"]
 
 
 def require(backend: str) -> None:
-    if backend == "cuda" and not hasattr(_backend.extension(), "projected_attention_forward"):
+    if backend == "cuda" and not hasattr(_backend.extension(), "projected_attention_core_forward"):
         pytest.skip("the CUDA extension has no projected-attention kernel (not built)")
     ok, why = (_backend.cuda_runnable if backend == "cuda" else _backend.triton_runnable)(
         torch.device("cuda"))
@@ -1134,7 +1135,7 @@ def test_gpu_auto_path_and_backend():
     t, packed = crosslmm_2b(([1], [64 * 729]))
     projected_cross_attention(**t, **packed, norm="layernorm")
     assert last_path() == "fused"
-    has_cuda = hasattr(_backend.extension(), "projected_attention_forward") and \
+    has_cuda = hasattr(_backend.extension(), "projected_attention_core_forward") and \
         _backend.cuda_runnable(torch.device("cuda"))[0]
     assert crosslmm_ops.last_backend(CORE) == ("cuda" if has_cuda else "triton")
     t, packed = crosslmm_2b(([128], [64 * 729]))

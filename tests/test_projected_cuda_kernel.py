@@ -1,5 +1,5 @@
 """The CUDA kernel of the projection-fused attention core (csrc/projected/), called directly through
-``crosslmm_ops._C.projected_attention_forward(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+``crosslmm_ops._C.projected_attention_core_forward(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 max_seqlen_k, softmax_scale, num_splits) -> (out, lse)``, against a float64 PyTorch reference of
 ``softmax(q x^T * scale) x`` written here, segment by segment and head by head.
 
@@ -11,7 +11,7 @@ freed NaN-filled blocks of the outputs' sizes just before each call (``poison_al
 every comparison covers every element, with inputs that differ from call to call, so stale values
 of an earlier call cannot pass for a result.
 
-Every test needs a GPU and an extension built with ``projected_attention_forward``.
+Every test needs a GPU and an extension built with ``projected_attention_core_forward``.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from crosslmm_ops import _backend
 
 def _extension():
     ext = _backend.extension()
-    return ext if ext is not None and hasattr(ext, "projected_attention_forward") else None
+    return ext if ext is not None and hasattr(ext, "projected_attention_core_forward") else None
 
 
 _needs_gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or _extension() is None,
-    reason="needs a CUDA GPU and crosslmm_ops._C built with projected_attention_forward",
+    reason="needs a CUDA GPU and crosslmm_ops._C built with projected_attention_core_forward",
 )
 
 
@@ -86,7 +86,7 @@ def run(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, max_q=None, max_k=None):
     poison_allocator(((total_q, heads, dv), q.dtype), ((heads, total_q), torch.float32))
     max_q = max_seqlen(cu_q) if max_q is None else max_q
     max_k = max_seqlen(cu_k) if max_k is None else max_k
-    out, lse = _extension().projected_attention_forward(q, x, cu_q, cu_k, max_q, max_k, scale,
+    out, lse = _extension().projected_attention_core_forward(q, x, cu_q, cu_k, max_q, max_k, scale,
                                                         num_splits)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), (
         f"out: shape {tuple(out.shape)} dtype {out.dtype}, expected {tuple(q.shape)} {q.dtype}")
@@ -384,8 +384,8 @@ def test_long_query_prefill_t256():
 
 
 @pytest.mark.skipif(_backend.extension() is None
-                    or not hasattr(_backend.extension(), "projected_attention_forward"),
-                    reason="crosslmm_ops._C not built with projected_attention_forward")
+                    or not hasattr(_backend.extension(), "projected_attention_core_forward"),
+                    reason="crosslmm_ops._C not built with projected_attention_core_forward")
 def test_binding_rejects_cpu_tensors():
     """Runs without a GPU (CI): the binding exists, and its first check comes back as a
     RuntimeError naming the argument (through bindings.cpp's guarded wrapper), not a crash."""
@@ -393,7 +393,7 @@ def test_binding_rejects_cpu_tensors():
     x = torch.randn(9, 64, dtype=torch.float16)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
-        _backend.extension().projected_attention_forward(q, x, cu, cu, 5, 5, 0.125, 0)
+        _backend.extension().projected_attention_core_forward(q, x, cu, cu, 5, 5, 0.125, 0)
 
 
 @gpu
@@ -415,7 +415,7 @@ def _bad_input_checks():
                     cu_seqlens_k=cu_seqlens([4, 5]), max_seqlen_q=5, max_seqlen_k=5,
                     softmax_scale=0.125, num_splits=0)
         args.update(changes)
-        return _extension().projected_attention_forward(**args)
+        return _extension().projected_attention_core_forward(**args)
 
     cases = [
         (dict(q=t(9, 4, 60), x=t(9, 60)), "multiple of 8"),

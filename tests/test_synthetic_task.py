@@ -191,7 +191,7 @@ def test_kv_paths_give_the_same_training_run():
         r = st.train_run("both", 0, task_cfg, dataclasses.replace(recipe, kv_path=path))
         runs[path] = r
     assert "cross_attention:torch" in runs["materialized"]["backends_ran"]
-    assert "mqa_shared_kv:torch" in runs["fused"]["backends_ran"]
+    assert "projected_attention_core:torch" in runs["fused"]["backends_ran"]
     torch.testing.assert_close(torch.tensor(runs["fused"]["loss_curve"]),
                                torch.tensor(runs["materialized"]["loss_curve"]),
                                rtol=1e-4, atol=1e-5)
@@ -304,7 +304,7 @@ def test_compare_backends_mechanics_on_cpu(tmp_path):
                       "--dcal-head-dim", "16", "--set", "frames=2", "--set", "batch_size=4"])
     assert set(report["runs"]) == {"torch-float32", "torch-bfloat16", "torch-bfloat16-fused"}
     assert "cross_attention:torch" in report["runs"]["torch-bfloat16"]["backends_ran"]
-    assert "mqa_shared_kv:torch" in report["runs"]["torch-bfloat16-fused"]["backends_ran"]
+    assert "projected_attention_core:torch" in report["runs"]["torch-bfloat16-fused"]["backends_ran"]
     for r in report["runs"].values():
         assert "token_pool:torch" in r["backends_ran"]
         assert len(r["loss_curve"]) == 4 and all(math.isfinite(x) for x in r["loss_curve"])
@@ -327,4 +327,4 @@ def test_cuda_kernels_train_like_the_torch_back_end(tmp_path):
         diff = comparison[f"cuda-bfloat16-{path} vs torch-bfloat16"]["max_abs_moving_average_10"]
         assert diff <= max(3 * noise, 0.05), comparison
     assert "cross_attention:cuda" in report["runs"]["cuda-bfloat16-materialized"]["backends_ran"]
-    assert "mqa_shared_kv:cuda" in report["runs"]["cuda-bfloat16-fused"]["backends_ran"]
+    assert "projected_attention_core:cuda" in report["runs"]["cuda-bfloat16-fused"]["backends_ran"]

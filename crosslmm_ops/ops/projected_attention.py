@@ -17,9 +17,9 @@ Everything about the op lives here, side by side:
 * :func:`normalize_tokens` and :func:`_fold` - a LayerNorm/RMSNorm on ``x`` splits into the
   normalisation, computed once and shareable across layers, and its affine part, folded into the
   weights (``W diag(gamma)``) and the biases (``b + W beta``) with differentiable torch ops;
-* the core ``crosslmm::mqa_shared_kv`` / ``crosslmm::mqa_shared_kv_backward`` custom ops (+ fake
+* the core ``crosslmm::projected_attention_core`` / ``..._backward`` custom ops (+ fake
   kernels + autograd, and an eager ``autograd.Function`` with the same code for eager calls), whose
-  back ends are CUDA (``_C.projected_attention_forward``, csrc/projected/; its backward runs on
+  back ends are CUDA (``_C.projected_attention_core_forward``, csrc/projected/; its backward runs on
   Triton or torch), Triton (crosslmm_ops/triton/projected_attention.py) and the reference
   (:func:`_core_reference_forward` / :func:`_core_reference_backward`, segment runs of equal size
   batched with ``bmm``);
@@ -54,7 +54,7 @@ from crosslmm_ops.ops.cross_attention import (
 )
 
 OP_NAME = "projected_cross_attention"
-CORE_OP_NAME = "mqa_shared_kv"
+CORE_OP_NAME = "projected_attention_core"
 PATHS = ("auto", "fused", "materialized")
 PATH_ENV_VAR = "CROSSLMM_PROJECTED_PATH"
 NORMS = (None, "layernorm", "rmsnorm")
@@ -386,7 +386,7 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
     if backend == "cuda":
         # The binding takes [total_q, Hq, Dv]: a copy of q~ and of the output when 1 < Hk < Hq.
         hk = q.shape[0]
-        out, lse = _backend.extension().projected_attention_forward(
+        out, lse = _backend.extension().projected_attention_core_forward(
             _cuda_input(_rows_view(q)), _cuda_input(x), cu_q, cu_k, max_seqlen_q, max_seqlen_k,
             scale, num_splits)
         return _grouped(out, hk), lse
@@ -394,14 +394,14 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
         q = q.contiguous()
     out = _backend.new_output(q.shape, q.dtype, q.device)
     lse = _backend.new_output((q.shape[0] * q.shape[2], q.shape[1]), torch.float32, q.device)
-    _triton_kernels().mqa_shared_kv_forward(q, x, out, lse, cu_q, cu_k, max_seqlen_q,
+    _triton_kernels().projected_attention_core_forward(q, x, out, lse, cu_q, cu_k, max_seqlen_q,
                                             max_seqlen_k, scale, num_splits)
     return out, lse
 
 
 def _backward_backend(backend: str, device: torch.device) -> str:
     """The CUDA binding is forward only: its backward runs on Triton, or the reference without
-    Triton (recorded as ``mqa_shared_kv_backward``)."""
+    Triton (recorded as ``projected_attention_core_backward``)."""
     if backend == "cuda":
         return "triton" if _backend.triton_runnable(device)[0] else "torch"
     return backend
@@ -417,7 +417,7 @@ def _core_backward(backend, dout, dlse, q, x, out, lse, cu_q, cu_k, max_seqlen_q
     cu_q, cu_k = _backend.kernel_index(cu_q), _backend.kernel_index(cu_k)
     dq = _backend.new_output(q.shape, q.dtype, q.device)
     dx = _backend.new_output(x.shape, x.dtype, x.device)
-    _triton_kernels().mqa_shared_kv_backward(
+    _triton_kernels().projected_attention_core_backward(
         dout, q, x, out.contiguous(), lse.contiguous(), dq, dx, cu_q, cu_k, max_seqlen_q,
         max_seqlen_k, scale, num_splits, dlse=dlse)
     return dq, dx
@@ -428,16 +428,16 @@ def _core_backward(backend, dout, dlse, q, x, out, lse, cu_q, cu_k, max_seqlen_q
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("crosslmm::mqa_shared_kv", mutates_args=())
-def _mqa_shared_kv_op(
+@torch.library.custom_op("crosslmm::projected_attention_core", mutates_args=())
+def _projected_attention_core_op(
     q: torch.Tensor, x: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, num_splits: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _mqa_forward_impl(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    return _core_forward_impl(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              softmax_scale, num_splits, backend)
 
 
-def _mqa_forward_impl(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+def _core_forward_impl(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                       num_splits, backend):
     """The forward custom op's implementation (also the eager function's forward)."""
     out, lse = _core_forward(backend, q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -446,7 +446,7 @@ def _mqa_forward_impl(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     return out, lse
 
 
-@_mqa_shared_kv_op.register_fake
+@_projected_attention_core_op.register_fake
 def _(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, num_splits,
       backend):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -454,17 +454,17 @@ def _(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scal
             q.new_empty((q.shape[0] * q.shape[2], q.shape[1]), dtype=lse_dtype))
 
 
-@torch.library.custom_op("crosslmm::mqa_shared_kv_backward", mutates_args=())
-def _mqa_shared_kv_backward_op(
+@torch.library.custom_op("crosslmm::projected_attention_core_backward", mutates_args=())
+def _projected_attention_core_backward_op(
     dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, x: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, num_splits: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _mqa_backward_impl(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    return _core_backward_impl(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, softmax_scale, num_splits, backend)
 
 
-def _mqa_backward_impl(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+def _core_backward_impl(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                        max_seqlen_k, softmax_scale, num_splits, backend):
     """The backward custom op's implementation (also the eager function's backward)."""
     backend = _backward_backend(backend, q.device)
@@ -474,7 +474,7 @@ def _mqa_backward_impl(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, m
     return grads
 
 
-@_mqa_shared_kv_backward_op.register_fake
+@_projected_attention_core_backward_op.register_fake
 def _(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       softmax_scale, num_splits, backend):
     return q.new_empty(q.shape), x.new_empty(x.shape)
@@ -492,20 +492,21 @@ def _backward_formula(ctx, grad_out, grad_lse):
     q, x, out, lse, cu_q, cu_k = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    backward = _mqa_backward_impl if getattr(ctx, "eager", False) else _mqa_shared_kv_backward_op
+    backward = (_core_backward_impl if getattr(ctx, "eager", False)
+                else _projected_attention_core_backward_op)
     dq, dx = backward(grad_out, grad_lse, q, x, out, lse, cu_q, cu_k, *ctx.params)
     return (dq, dx) + (None,) * 7
 
 
-_mqa_shared_kv_op.register_autograd(_backward_formula, setup_context=_setup_context)
-_MqaSharedKvFunction = _backend.eager_function("_MqaSharedKvFunction", _mqa_forward_impl,
-                                               _setup_context, _backward_formula)
+_projected_attention_core_op.register_autograd(_backward_formula, setup_context=_setup_context)
+_ProjectedAttentionCoreFunction = _backend.eager_function(
+    "_ProjectedAttentionCoreFunction", _core_forward_impl, _setup_context, _backward_formula)
 
 
 def _core_ok(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device):
     """(cuda_ok, triton_ok) for the core of one call."""
     cuda = _backend.cuda_runnable(device)
-    if cuda[0] and not hasattr(_backend.extension(), "projected_attention_forward"):
+    if cuda[0] and not hasattr(_backend.extension(), "projected_attention_core_forward"):
         cuda = (False, "the CUDA extension was built without the projected-attention kernel; "
                        "rebuild it")
     if cuda[0] and dtype not in _CUDA_DTYPES:
@@ -524,21 +525,22 @@ def _core_ok(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device):
     return cuda, triton_ok
 
 
-def _mqa_shared_kv(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits, backend):
+def _projected_attention_core(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits,
+                              backend):
     """The core op for this call: the custom op, or in plain eager mode its autograd.Function
     twin (the same functions, without torch.library's per-call host cost)."""
     if _backend.eager_function_ok(q, x):
         if not (torch.is_grad_enabled() and (q.requires_grad or x.requires_grad)):
             # no graph to record: skip apply's host cost (decode steps are host-bound)
-            return _mqa_forward_impl(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
+            return _core_forward_impl(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
                                      num_splits, backend)
-        return _MqaSharedKvFunction.apply(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
-                                          num_splits, backend)
-    return _mqa_shared_kv_op(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits,
-                             backend)
+        return _ProjectedAttentionCoreFunction.apply(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+                                                     scale, num_splits, backend)
+    return _projected_attention_core_op(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
+                                        num_splits, backend)
 
 
-def shared_kv_attention(
+def projected_attention_core(
     q: torch.Tensor,
     x: torch.Tensor,
     *,
@@ -558,7 +560,8 @@ def shared_kv_attention(
     ``q (B, Sq, Hq, Dv)``, ``x (B, Sk, Dv)`` -> ``out (B, Sq, Hq, Dv)``, ``lse (B, Hq, Sq)``; or
     packed ``q (total_q, Hq, Dv)``, ``x (total_k, Dv)`` with ``cu_seqlens`` -> ``out (total_q, Hq,
     Dv)``, ``lse (Hq, total_q)``. ``softmax_scale`` defaults to ``1 / sqrt(Dv)``. Differentiable in
-    ``q`` and ``x``; :func:`crosslmm_ops.last_backend` ``("mqa_shared_kv")`` says which ran."""
+    ``q`` and ``x``; :func:`crosslmm_ops.last_backend` ``("projected_attention_core")`` says
+    which ran."""
     q, x = _tensor("q", q), _tensor("x", x)
     if x.dim() != q.dim() - 1:
         raise ValueError(f"x must have shape (B, Sk, Dv) for q (B, Sq, Hq, Dv), or (total_k, Dv) "
@@ -575,7 +578,7 @@ def shared_kv_attention(
     chosen = _backend.resolve(CORE_OP_NAME, backend, q.device, cuda_ok=cuda_ok,
                               triton_ok=triton_ok)
     qp, xp, cu_q, cu_k = _packed(layout, q, x, cu_seqlens_q, cu_seqlens_k)
-    out, lse = _mqa_shared_kv(qp.unsqueeze(0), xp, cu_q, cu_k, layout.max_seqlen_q,
+    out, lse = _projected_attention_core(qp.unsqueeze(0), xp, cu_q, cu_k, layout.max_seqlen_q,
                               layout.max_seqlen_k, scale, num_splits, chosen)
     out = out.squeeze(0)
     if layout.batched:
@@ -723,7 +726,7 @@ def _fused(q, xhat, wk, wv, bk, bv, layout, scale, cu_q, cu_k, num_splits, backe
     q_tilde = torch.bmm(qg, _per_kv_head(wk, hk, d)).view(hk, tq, group, dv)
     # Under autocast the GEMM returns its lower dtype: the core multiplies q~ with x, so both
     # must have it (a no-op outside autocast).
-    o_tilde, lse = _mqa_shared_kv(q_tilde, xhat.to(q_tilde.dtype), cu_q, cu_k,
+    o_tilde, lse = _projected_attention_core(q_tilde, xhat.to(q_tilde.dtype), cu_q, cu_k,
                                   layout.max_seqlen_q, layout.max_seqlen_k, scale, num_splits,
                                   backend)
     # out = Wv_h o~ + bv_h: [Hk, total_q * G, Dv] x [Hk, Dv, d]
@@ -794,7 +797,8 @@ def projected_cross_attention(
       (``CROSSLMM_PROJECTED_PATH`` if set, else :func:`choose_path`'s cost model);
       :func:`last_path` says which ran;
     * ``backend``: ``"auto"`` (default; env ``CROSSLMM_BACKEND``), ``"cuda"``, ``"triton"`` or
-      ``"torch"``, for the fused core (``crosslmm_ops.last_backend("mqa_shared_kv")``: CUDA
+      ``"torch"``, for the fused core
+      (``crosslmm_ops.last_backend("projected_attention_core")``: CUDA
       fp16/bf16 with ``Dv`` a multiple of 8 up to 2048, its backward on Triton; Triton
       fp16/bf16/fp32 up to 2048) or for ``cross_attention`` on the materialised path;
       ``last_backend("projected_cross_attention")`` is the one that ran either;

@@ -1,4 +1,4 @@
-"""Triton kernels of the projection-fused attention core ``crosslmm::mqa_shared_kv``.
+"""Triton kernels of the projection-fused attention core ``crosslmm::projected_attention_core``.
 
 The core is multi-query attention in which the keys and the values are the same tensor: every query
 row of segment ``i`` attends to the tokens ``x`` of key segment ``i`` (non-causal)::
@@ -384,10 +384,11 @@ def _check(q: torch.Tensor, x: torch.Tensor, cu_seqlens_q: torch.Tensor,
 # ----------------------------------------------------------------------------------------------
 
 
-def mqa_shared_kv_forward(q: torch.Tensor, x: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                          max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                          num_splits: int) -> None:
+def projected_attention_core_forward(q: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+                                     lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                                     max_seqlen_k: int, softmax_scale: float,
+                                     num_splits: int) -> None:
     """Writes ``out [Hk, total_q, G, Dv]`` (contiguous) and the natural-log ``lse`` (float32,
     contiguous ``[Hq, total_q]``). ``num_splits=0`` picks the split count from the occupancy."""
     _check(q, x, cu_seqlens_q, cu_seqlens_k)
@@ -425,12 +426,13 @@ def mqa_shared_kv_forward(q: torch.Tensor, x: torch.Tensor, out: torch.Tensor, l
         GROUP=group, BLOCK_R=rows, BLOCK_D=block_d, num_warps=1 if triton_interpreted() else 4)
 
 
-def mqa_shared_kv_backward(dout: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
-                           out: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor,
-                           dx: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                           softmax_scale: float, num_splits: int = 0,
-                           dlse: torch.Tensor | None = None) -> None:
+def projected_attention_core_backward(dout: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
+                                      out: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor,
+                                      dx: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                                      max_seqlen_k: int, softmax_scale: float,
+                                      num_splits: int = 0,
+                                      dlse: torch.Tensor | None = None) -> None:
     """Writes ``dq`` (``q``'s shape, contiguous) and ``dx`` (``x``'s shape, contiguous); ``dlse``
     (``[Hq, total_q]``) is an optional gradient on the LSE. Deterministic: no atomics, and the
     key splits of ``dq`` are summed in a fixed order."""

@@ -2,7 +2,7 @@
 // row tile height, pipeline depth, key splits), scratch, and dispatch to the per-(dtype, Dv bucket)
 // kernel files.
 //
-//   projected_attention_forward(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+//   projected_attention_core_forward(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 //                               softmax_scale, num_splits) -> (out, lse)
 //
 // For every segment b (queries cu_seqlens_q[b] .. cu_seqlens_q[b+1], keys cu_seqlens_k[b] ..
@@ -51,7 +51,7 @@ using projected::kWarps;
 using projected::ProjectedForwardParams;
 using projected::ProjectedTile;
 
-constexpr const char* kOp = "projected_attention_forward";
+constexpr const char* kOp = "projected_attention_core_forward";
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 // Split heuristic: a split keeps at least this many key tiles, and costs about this many key tiles
 // of fixed work (loading Q, filling the pipeline, writing and merging its partial result).
@@ -149,7 +149,7 @@ int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t key_tiles, int64
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> projected_attention_forward(
+std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& q, const at::Tensor& x, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double softmax_scale, int64_t num_splits) {

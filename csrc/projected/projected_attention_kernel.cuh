@@ -105,7 +105,7 @@ __device__ __forceinline__ float group_sum(float v) {
 
 template <typename T, int kDvMax, int kMTiles>
 __global__ void __launch_bounds__(kThreads, 1)
-    projected_attention_forward_kernel(const ProjectedForwardParams p) {
+    projected_attention_core_forward_kernel(const ProjectedForwardParams p) {
   using Tile = ProjectedTile<kDvMax, kMTiles>;
   constexpr int kBlockM = Tile::kBlockM;
   constexpr int kColsMax = Tile::kColsMax;

@@ -22,11 +22,11 @@ namespace projected {
 template <typename T, int kDvMax, int kMTiles>
 void launch_projected_forward(const ProjectedForwardParams& p, cudaStream_t stream) {
   using Tile = ProjectedTile<kDvMax, kMTiles>;
-  auto kernel = projected_attention_forward_kernel<T, kDvMax, kMTiles>;
+  auto kernel = projected_attention_core_forward_kernel<T, kDvMax, kMTiles>;
   const int smem = Tile::smem_bytes(p.stages);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int64_t ctas = static_cast<int64_t>(p.num_m_blocks) * p.num_splits * p.batch;
-  TORCH_CHECK(ctas <= 0x7fffffff, "projected_attention_forward: grid too large (", ctas, " CTAs)");
+  TORCH_CHECK(ctas <= 0x7fffffff, "projected_attention_core_forward: grid too large (", ctas, " CTAs)");
   kernel<<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(p);
   CROSSLMM_CHECK_LAUNCH();
 }
@@ -37,14 +37,14 @@ void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStr
   TORCH_CHECK(p.head_dim <= kDvMax && p.cols_per_warp <= kDvMax / kWarps &&
                   p.cols_per_warp % 16 == 0 && p.stages >= kMinStages && p.stages <= kMaxStages &&
                   p.num_splits <= kMaxSplits,
-              "projected_attention_forward: inconsistent launch plan");
+              "projected_attention_core_forward: inconsistent launch plan");
   if (m_tiles == 1) {
     launch_projected_forward<T, kDvMax, 1>(p, stream);
   } else if constexpr (kDvMax <= kDvSmall) {
-    TORCH_CHECK(m_tiles == 2, "projected_attention_forward: m_tiles must be 1 or 2");
+    TORCH_CHECK(m_tiles == 2, "projected_attention_core_forward: m_tiles must be 1 or 2");
     launch_projected_forward<T, kDvMax, 2>(p, stream);
   } else {
-    TORCH_CHECK(false, "projected_attention_forward: Dv > ", kDvSmall,
+    TORCH_CHECK(false, "projected_attention_core_forward: Dv > ", kDvSmall,
                 " supports 16-row tiles only");
   }
   if (p.num_splits > 1) {
@@ -52,7 +52,7 @@ void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStr
     const int64_t channel_tiles = (p.head_dim + kCombineChannels - 1) / kCombineChannels;
     const int64_t ctas = rows * channel_tiles * p.batch;
     TORCH_CHECK(rows <= 0x7fffffff && ctas <= 0x7fffffff,
-                "projected_attention_forward: combine grid too large (", ctas, " CTAs)");
+                "projected_attention_core_forward: combine grid too large (", ctas, " CTAs)");
     if (ctas == 0) return;
     projected_forward_combine_kernel<T>
         <<<static_cast<unsigned>(ctas), kCombineThreads, 0, stream>>>(
@@ -81,12 +81,12 @@ int projected_forward_ctas_per_sm(int m_tiles, int stages) {
   int ctas = 0;
   if constexpr (kDvMax <= kDvSmall) {
     if (m_tiles == 2) {
-      ctas = query(projected_attention_forward_kernel<T, kDvMax, 2>,
+      ctas = query(projected_attention_core_forward_kernel<T, kDvMax, 2>,
                    ProjectedTile<kDvMax, 2>::smem_bytes(stages));
     }
   }
   if (ctas == 0) {
-    ctas = query(projected_attention_forward_kernel<T, kDvMax, 1>,
+    ctas = query(projected_attention_core_forward_kernel<T, kDvMax, 1>,
                  ProjectedTile<kDvMax, 1>::smem_bytes(stages));
   }
   cache.emplace(key, ctas);
