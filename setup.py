@@ -11,7 +11,10 @@ Environment switches:
 
 The extension needs torch in the build environment, so build it with
 ``pip install --no-build-isolation .``; plain ``pip install .`` (isolated, no torch) installs the
-pure-Python package, whose ops run on the Triton and torch back ends.
+pure-Python package, whose ops run on the Triton and torch back ends. A package built without the
+extension declares no extension module, so its wheel is tagged ``py3-none-any``; one with it is
+tagged for the Python and platform it was compiled for. The sdist carries ``csrc/`` and
+``CMakeLists.txt`` (MANIFEST.in), so both kinds of wheel can be built from it.
 """
 
 from __future__ import annotations
@@ -90,10 +93,7 @@ class CMakeBuild(build_ext):
     def run(self):
         build, why = build_plan()
         if not build:
-            if _flag("CROSSLMM_FORCE_BUILD"):
-                raise RuntimeError(f"CROSSLMM_FORCE_BUILD=1 but the CUDA extension cannot be built: {why}")
-            print(f"crosslmm-ops: installing without the CUDA extension: {why}", file=sys.stderr)
-            return
+            raise RuntimeError(f"CROSSLMM_FORCE_BUILD=1 but the CUDA extension cannot be built: {why}")
         print(f"crosslmm-ops: building the CUDA extension with {why}", file=sys.stderr)
         super().run()
 
@@ -129,8 +129,22 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
 
 
-setup(
-    version=VERSION,
-    ext_modules=[CMakeExtension("crosslmm_ops._C")],
-    cmdclass={"build_ext": CMakeBuild},
-)
+def ext_modules() -> list[Extension]:
+    """The extension when it will be built, else none: setuptools tags a wheel for one Python
+    and platform whenever ext_modules is non-empty, even if build_ext then builds nothing."""
+    build, why = build_plan()
+    if build or _flag("CROSSLMM_FORCE_BUILD"):
+        # Forced but impossible: CMakeBuild.run says why when a build needs it (an sdist does not).
+        return [CMakeExtension("crosslmm_ops._C")]
+    print(f"crosslmm-ops: no CUDA extension in this build: {why}", file=sys.stderr)
+    return []
+
+
+# Guarded so that tests can load this file's functions without running a build (pip and
+# setuptools' build backend execute it as __main__).
+if __name__ == "__main__":
+    setup(
+        version=VERSION,
+        ext_modules=ext_modules(),
+        cmdclass={"build_ext": CMakeBuild},
+    )

@@ -1,5 +1,8 @@
 """The package around the ops: the CLI, the examples, back-end selection."""
 
+import os
+import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +60,129 @@ def test_unavailable_backend_is_clear_runtime_error():
     assert not ok and "CUDA tensors" in why
     with pytest.raises(RuntimeError, match="token_pool: backend='cuda' cannot run this call"):
         _backend.resolve("token_pool", "cuda", torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Packaging (CI also builds the sdist, checks its contents and installs a wheel built from it
+# into a clean environment: .ci/run)
+# ----------------------------------------------------------------------------------------------
+
+
+def _sdist_files() -> set[str]:
+    """The files MANIFEST.in adds to an sdist, from this checkout (setuptools' own template
+    parser; the package modules, setup.py and pyproject.toml are added by setuptools itself)."""
+    from setuptools.command.egg_info import FileList
+
+    files = FileList()
+    skip = {".git", ".venv", "venv"}
+    files.allfiles = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*")
+                            if p.is_file() and not skip & set(p.relative_to(ROOT).parts))
+    for line in (ROOT / "MANIFEST.in").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            files.process_template_line(line)
+    return set(files.files)
+
+
+def test_sdist_carries_what_the_extension_build_needs():
+    files = _sdist_files()
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()
+               and p.suffix in (".cu", ".cuh", ".cpp", ".h", ".hpp")}
+    assert "csrc/bindings.cpp" in sources
+    assert sources <= files, sorted(sources - files)
+    assert "CMakeLists.txt" in files
+    built = [f for f in files if f.endswith((".so", ".o", ".pyc")) or f.startswith("build/")]
+    assert not built, built
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_build_requirements_and_licence_metadata():
+    data = _pyproject()
+    requires = data["build-system"]["requires"]
+    # setuptools builds wheels itself (bdist_wheel moved into it); the wheel package is not needed.
+    assert not any(r.split("<")[0].split(">")[0].split("=")[0].strip() == "wheel" for r in requires)
+    assert "setuptools>=77" in requires  # PEP 639: SPDX licence expression and license-files
+    project = data["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]
+    assert not [c for c in project["classifiers"] if c.startswith("License ::")]
+
+
+def _setup_module() -> dict:
+    """setup.py's functions, without running setup()."""
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="crosslmm_setup")
+
+
+def test_a_package_without_the_extension_declares_no_extension_module(monkeypatch):
+    """setuptools tags a wheel for one Python and platform whenever ext_modules is non-empty; a
+    pure-Python build must therefore declare none, to get py3-none-any."""
+    monkeypatch.delenv("CROSSLMM_FORCE_BUILD", raising=False)
+    monkeypatch.setenv("CROSSLMM_SKIP_CUDA_BUILD", "1")
+    setup = _setup_module()
+    assert setup["ext_modules"]() == []
+    monkeypatch.delenv("CROSSLMM_SKIP_CUDA_BUILD")
+    setup["build_plan"] = lambda: (True, "a toolchain")
+    assert [e.name for e in setup["ext_modules"]()] == ["crosslmm_ops._C"]
+    # Forced but impossible: declared, so that build_ext runs and says why it cannot build.
+    setup["build_plan"] = lambda: (False, "no CUDA toolkit found")
+    monkeypatch.setenv("CROSSLMM_FORCE_BUILD", "1")
+    assert [e.name for e in setup["ext_modules"]()] == ["crosslmm_ops._C"]
+
+
+# ----------------------------------------------------------------------------------------------
+# When the scripts compile the extension (scripts/setup_env.sh)
+# ----------------------------------------------------------------------------------------------
+
+
+def _setup_plan(script: str, tmp_path, *, gpus: int | None, **env) -> str:
+    """The build decision ``scripts/<script>`` makes (CROSSLMM_SETUP_PLAN_ONLY stops it there),
+    with a stand-in nvidia-smi that lists ``gpus`` GPUs (None: the machine's own)."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("CROSSLMM_BUILD_EXTENSION", "CROSSLMM_BUILD_DEFAULT",
+                          "CROSSLMM_SKIP_CUDA_BUILD", "CROSSLMM_FORCE_BUILD")}
+    if gpus is not None:
+        fake = tmp_path / "bin"
+        fake.mkdir(exist_ok=True)
+        lines = "".join(f"echo 'GPU {i}: Stand-in GPU (UUID: GPU-{i})'\n" for i in range(gpus))
+        none = "echo 'No devices were found'\nexit 6\n"  # what nvidia-smi -L says without one
+        (fake / "nvidia-smi").write_text("#!/bin/sh\n" + (lines or none))
+        (fake / "nvidia-smi").chmod(0o755)
+        clean["PATH"] = f"{fake}{os.pathsep}{clean.get('PATH', '')}"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / script)], capture_output=True, text=True,
+                          timeout=60, env={**clean, "CROSSLMM_SETUP_PLAN_ONLY": "1", **env})
+    assert proc.returncode == 0, proc.stderr
+    line = [x for x in proc.stdout.splitlines() if x.startswith("== CUDA extension:")]
+    assert len(line) == 1, proc.stdout
+    return line[0]
+
+
+def _toolkit() -> bool:
+    return bool(shutil.which("nvcc")) or Path("/usr/local/cuda/bin/nvcc").exists() or bool(
+        os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"], "bin", "nvcc").exists())
+
+
+def test_main_job_skips_the_compile_without_a_gpu(tmp_path):
+    plan = _setup_plan("run.sh", tmp_path, gpus=0)
+    assert plan.startswith("== CUDA extension: not compiled (no GPU found;"), plan
+    assert "CROSSLMM_BUILD_EXTENSION=gpu" in plan
+
+
+def test_main_job_compiles_where_a_gpu_is_present_or_when_asked(tmp_path):
+    plan = _setup_plan("run.sh", tmp_path, gpus=1)
+    if _toolkit():
+        assert plan.startswith("== CUDA extension: compiled (a GPU and a CUDA toolkit"), plan
+    else:
+        assert "not compiled (a GPU but no CUDA toolkit found" in plan
+    plan = _setup_plan("run.sh", tmp_path, gpus=0, CROSSLMM_BUILD_EXTENSION="1")
+    assert plan.startswith("== CUDA extension: compiled (asked for;"), plan
+
+
+def test_test_command_compiles_wherever_a_toolkit_is_found(tmp_path):
+    plan = _setup_plan("test.sh", tmp_path, gpus=0)
+    if _toolkit():
+        assert plan.startswith("== CUDA extension: compiled (a CUDA toolkit is present;"), plan
+    else:
+        assert plan.startswith("== CUDA extension: not compiled (no CUDA toolkit found;"), plan
