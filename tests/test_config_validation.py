@@ -23,7 +23,8 @@ def _tiny(**overrides):
 @pytest.mark.parametrize("value", [0, -3])
 @pytest.mark.parametrize("field", VISION_SIZES)
 def test_vision_sizes_must_be_positive(field, value):
-    with pytest.raises(ValueError, match=rf"vision_config\.{field} must be an int >= 1, got {value}"):
+    with pytest.raises(ValueError,
+                       match=rf"vision_config\.{field} must be an int >= 1, got {value}"):
         _tiny(vision_config={field: value})
 
 
@@ -32,8 +33,9 @@ def test_vision_sizes_must_be_positive(field, value):
 def test_text_sizes_must_be_positive(field, value):
     # num_hidden_layers < 0 is refused by transformers' own layer-type check first; the message
     # must still say which sub-config and which field.
-    with pytest.raises(ValueError, match=rf"(?s)text_config(\.{field} must be an int >= 1, got {value}"
-                                         rf"|: .*{field})"):
+    with pytest.raises(ValueError,
+                       match=rf"(?s)text_config(\.{field} must be an int >= 1, got {value}"
+                             rf"|: .*{field})"):
         _tiny(text_config={field: value})
 
 
