@@ -837,3 +837,45 @@ def test_cuda_dcal_bf16(kw, kv_path):
     derr = (dx - ref_dx).abs().max().item()
     low_derr = (low_dx - ref_dx).abs().max().item()
     assert derr <= 3 * low_derr + eps * ref_dx.abs().max().item(), (derr, low_derr)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------
+
+COMPILE_CASES = [dict(), dict(v2v_scope="frame", share_kv=True, bias=True)]
+
+
+@pytest.mark.parametrize("kv_path", ["auto", "fused"])
+@pytest.mark.parametrize("kw", COMPILE_CASES, ids=case_id)
+def test_dcal_compiles_fullgraph(kw, kv_path):
+    """torch.compile(fullgraph=True) traces a DCAL without a graph break (the query counts read
+    from the masks are symbolic there): output and every gradient equal eager's, also for other
+    masks run by the same graph (padding, no visual positions as while decoding), and masks that
+    overlap still fail, as an assertion of the graph."""
+    torch._dynamo.reset()
+    dcal = DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, **kw, kv_path=kv_path,
+                              backend="torch")
+    randomize(dcal.double())
+    frames, L = [2, 0, 3], 11
+    feats, h, visual = make_batch(frames, L)
+    memory = VisionMemory.from_list([f.requires_grad_() for f in feats], POOLED)
+    h.requires_grad_()
+    leaves = [h, *feats, *dcal.parameters()]
+    compiled = torch.compile(dcal, fullgraph=True, backend="aot_eager")
+    padded = ~visual
+    padded[0, 9:] = False
+    padded[2, :1] = False
+    for v, t in ((visual, ~visual), (visual, padded), (torch.zeros_like(visual), padded)):
+        expected = dcal(h, memory, v, t)
+        g = torch.randn_like(expected)
+        expected_grads = torch.autograd.grad(expected, leaves, g, allow_unused=True)
+        out = compiled(h, memory, v, t)
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+        grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
+        for leaf, actual, want in zip(leaves, grads, expected_grads):
+            zero = torch.zeros_like(leaf)
+            torch.testing.assert_close(zero if actual is None else actual,
+                                       zero if want is None else want, atol=1e-12, rtol=1e-12)
+    with pytest.raises(RuntimeError):
+        compiled(h, memory, visual, torch.ones_like(visual))

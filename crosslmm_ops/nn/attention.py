@@ -319,7 +319,12 @@ def _check_visual_counts(name: str, counts: list[int], memory: VisionMemory) -> 
     """Sample ``b`` has either all its ``T_b * n`` pooled tokens in the sequence (prefill) or none
     (decoding): the i-th visual position of a sample belongs to its frame ``i // n``."""
     for b, (c, want) in enumerate(zip(counts, memory.visual_tokens_per_sample())):
-        if c != want and c != 0:
+        if torch.compiler.is_compiling():  # c is symbolic: a check the traced graph runs
+            message = (f"{name} marks a number of positions of sample {b} other than its "
+                       f"{memory.frames_per_sample[b]} frames x pooled_per_frame="
+                       f"{memory.pooled_per_frame} = {want} pooled visual tokens, or 0")
+            torch._check_value((c == want) | (c == 0), lambda: message)
+        elif c != want and c != 0:
             raise ValueError(
                 f"{name} marks {c} positions of sample {b}, but its {memory.frames_per_sample[b]} "
                 f"frames x pooled_per_frame={memory.pooled_per_frame} make {want} pooled visual "
@@ -350,9 +355,10 @@ class _Queries:
                         [t * memory.tokens_per_frame for t in memory.frames_per_sample])
             else:
                 # One key segment per frame: pooled token i of sample b sits in frame i // n; a
-                # sample without queries (decoding) has empty query segments for its frames.
+                # sample without queries (decoding) has empty query segments for its frames
+                # (a count is 0 or T_b * n, so min(c, n) is n or 0 without a branch on c).
                 n = memory.pooled_per_frame
-                lens = ([n if c else 0 for c, frames in zip(self.counts, memory.frames_per_sample)
+                lens = ([min(c, n) for c, frames in zip(self.counts, memory.frames_per_sample)
                          for _ in range(frames)],
                         [memory.tokens_per_frame] * memory.num_frames)
             self._lengths[scope] = lens
@@ -389,11 +395,12 @@ class _Queries:
     def rows_with_keys(self, memory: VisionMemory, device: torch.device) -> torch.Tensor | None:
         """``(total_q,)`` bool: the rows whose sample has frames; None when all have."""
         if "global" not in self._keep:
-            empty = [c > 0 and t == 0 for c, t in zip(self.counts, memory.frames_per_sample)]
+            # Decided on the frames (host ints), not on the counts (symbolic under torch.compile).
+            has = [t > 0 for t in memory.frames_per_sample]
             keep = None
-            if any(empty):
-                has = torch.tensor([not e for e in empty], device=device)
-                keep = has.repeat_interleave(torch.tensor(self.counts, device=device))
+            if not all(has):
+                keep = torch.tensor(has, device=device).repeat_interleave(
+                    torch.tensor(self.counts, device=device), output_size=self.total)
             self._keep["global"] = keep
         return self._keep["global"]
 
@@ -585,6 +592,9 @@ class CrossAttention(nn.Module):
             return "materialized"
         if forced == "fused":
             return "fused"
+        if torch.compiler.is_compiling():
+            # The cost model reads the query counts, which a traced graph knows only at run time.
+            return "materialized"
         layout = queries.layout(self.scope, memory, self.num_heads, self.num_kv_heads,
                                 self.head_dim)
         if choose_path(layout, dtype) == "fused" \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from crosslmm_ops.nn.attention import (
     SCOPES,
@@ -57,6 +58,11 @@ class DualCrossAttention(nn.Module):
     (``vision_norm``, ``k_proj``, ``v_proj`` with ``share_kv``; ``gate`` with ``share_gate``), so
     no tensor has two names in the ``state_dict``. Sharing only applies when both branches are on.
     With ``share_kv``, wrap the whole DCAL (or its decoder layer) as one FSDP unit.
+
+    ``torch.compile(dcal, fullgraph=True)`` traces it: the query counts read from the masks are
+    symbolic there, the mask checks become assertions of the graph, and ``kv_path="auto"`` takes
+    the materialised path (its cost model reads the counts); ``kv_path="fused"`` traces the fused
+    one.
     """
 
     def __init__(
@@ -177,7 +183,8 @@ class DualCrossAttention(nn.Module):
         kv = self._kv_source() if self.shares_kv else None
         out = hidden_states
         for branch, queries in ((self.v2v, visual), (self.t2v, text)):
-            if branch is None or queries.total == 0:
+            # Under torch.compile the count is symbolic: the branch then runs (on no rows if so).
+            if branch is None or guard_or_false(queries.total == 0):
                 continue
             # Both branches read the original hidden_states; their rows are disjoint, so adding
             # the updates one after the other is the same as adding both to the input.
@@ -215,11 +222,19 @@ def _dcal_queries(memory: VisionMemory, hidden_states: torch.Tensor, visual_mask
         if visual_mask is not None and text is not None:
             columns.append((visual_mask & text).sum(1))
         values = torch.stack(columns).tolist() if columns else []
+        # Counts of positions: telling torch.compile so (they are symbolic there) lets the ops'
+        # own checks (max_seqlen >= 0, ...) hold without a branch on the data.
+        for count in (c for row in values for c in row):
+            torch._check(count >= 0)
+            torch._check(count <= L)
         visual_counts = values.pop(0) if visual_mask is not None else [0] * B
         text_counts = values.pop(0) if text is not None else [L] * B
-        if values and any(values[0]):
-            raise ValueError("visual_mask and text_mask overlap: a position is either a pooled "
-                             "visual token (V2V) or a text token (T2V)")
+        # A check, not a branch: torch.compile traces it (the counts are then symbolic) as an
+        # assertion at run time instead of breaking the graph on it.
+        for overlap in values[0] if values else ():
+            torch._check_value(overlap == 0, lambda: (
+                "visual_mask and text_mask overlap: a position is either a pooled visual token "
+                "(V2V) or a text token (T2V)"))
         _check_visual_counts("visual_mask", visual_counts, memory)
         visual = _Queries(visual_counts, None if visual_mask is None
                           else visual_mask.nonzero(as_tuple=True))
