@@ -62,6 +62,14 @@ data-parallel dimension is *between* frame groups (ranks of one frame group see 
 With ``gradients="mean"``, DDP or FSDP2 over all ranks averages correctly (see
 ``python/train_distributed.py``).
 
+Replicated arguments are checked: before any other collective, each call compares across the
+group what is cheap to compare (the shapes and dtype of ``q``, ``cu_seqlens_q`` in full, the head
+counts and the number of key segments; one small all-gather, one host read) and whether every
+rank's arguments passed its local checks, so that a mismatch is a ``ValueError`` on every rank
+instead of a collective that aborts, hangs or silently merges different queries. The debug mode
+(``check_replicas=True``, or ``CROSSLMM_CHECK_REPLICAS=1`` in the environment) also compares the
+contents of ``q`` and of the other replicated tensors (a host copy and a hash of each, per call).
+
 Collectives: the ops run on ``group`` (default: the default group). Inside DDP/FSDP training give
 the frame sharding its own group (:func:`frame_group`), so that its collectives, issued from
 autograd, can never interleave differently with DDP's or FSDP's on one communicator.
@@ -71,7 +79,9 @@ with a sharded memory (beam reordering), temporal pooling across ranks.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -80,6 +90,7 @@ from torch import nn
 
 from crosslmm_ops import _backend
 from crosslmm_ops.ops import cross_attention as _ca
+from crosslmm_ops.ops import projected_attention as _projected
 from crosslmm_ops.ops.cross_attention import cross_attention
 from crosslmm_ops.ops.projected_attention import projected_cross_attention
 
@@ -133,6 +144,130 @@ def _check_grad_scale(grad_scale) -> float:
 def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
     # Sums over ranks in float32 at least: adding bf16 partial sums would round at every rank.
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Replicated arguments: the same on every rank
+# ----------------------------------------------------------------------------------------------
+
+CHECK_REPLICAS_ENV = "CROSSLMM_CHECK_REPLICAS"
+# The debug mode's default, read once at import (the only read of the environment here).
+_CHECK_REPLICAS_DEFAULT = os.environ.get(CHECK_REPLICAS_ENV, "0") == "1"
+
+_SHAPE_SLOTS = 4  # the replicated tensors have at most 4 dims
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)
+
+
+def _check_replicas_mode(check_replicas) -> bool:
+    if check_replicas is None:
+        return _CHECK_REPLICAS_DEFAULT
+    if not isinstance(check_replicas, bool):
+        raise ValueError(f"check_replicas must be a bool or None (None: {CHECK_REPLICAS_ENV}), "
+                         f"got {check_replicas!r}")
+    return check_replicas
+
+
+def _digest(t: torch.Tensor) -> int:
+    """A hash of ``t``'s values (bitwise; host copy), as an int64."""
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+def _describe(t, contents: bool) -> list[int]:
+    """A fixed-length description of one replicated argument: given, dims, shape, dtype and, with
+    ``contents``, a hash of its values (0 where not taken)."""
+    if not isinstance(t, torch.Tensor):
+        return [0] * (_SHAPE_SLOTS + 4)
+    shape = list(t.shape[:_SHAPE_SLOTS]) + [-1] * (_SHAPE_SLOTS - min(t.dim(), _SHAPE_SLOTS))
+    code = _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1
+    return [1, t.dim(), *shape, code, _digest(t) if contents and not t.is_meta else 0]
+
+
+def _shape_text(values: list[int]) -> str:
+    given, dim, *shape, code, _ = values
+    if not given:
+        return "None"
+    dtype = str(_DTYPES[code]).replace("torch.", "") if code >= 0 else "other"
+    return f"{tuple(shape[:dim])} {dtype}"
+
+
+def _tail(t, n: int) -> tuple[int, ...]:
+    """The last ``n`` sizes of ``t`` (zeros for anything else)."""
+    if not isinstance(t, torch.Tensor) or t.dim() < n:
+        return (0,) * n
+    return tuple(t.shape[t.dim() - n:])
+
+
+def _collective_device(group) -> torch.device:
+    """Where a small collective of ``group`` runs: NCCL only moves CUDA tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_replicated(group, check, replicated: dict, matched: dict, check_replicas):
+    """Run this rank's argument checks ``check()`` and compare, over the ranks of ``group``, the
+    arguments that must agree, raising the same ``ValueError`` on every rank when they do not:
+
+    * ``replicated``: name -> tensor (or None), the same on every rank: shape and dtype always,
+      the values of ``cu_seqlens_q`` always, of every other one in the debug mode
+      (``check_replicas``: True, or None for ``CROSSLMM_CHECK_REPLICAS``);
+    * ``matched``: name -> tuple of ints that every rank must share (head counts, segments).
+
+    One all-gather of a few ints (and one host read of the result), on every call, before any
+    other collective: a rank whose local checks fail still takes part, so the others raise too
+    instead of waiting in the next collective. Returns what ``check()`` returned."""
+    rank, world = _rank_and_size(group)
+    full = False
+    try:
+        full = _check_replicas_mode(check_replicas)
+        result, error = check(), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the collective
+        result, error = None, exc
+    if world == 1:
+        if error is not None:
+            raise error
+        return result
+    # The layout of the description depends only on the names, the same on every rank.
+    fields = [("check_replicas", [int(full)])]
+    for name, t in replicated.items():
+        fields.append((name, _describe(t, full or name == "cu_seqlens_q")))
+    for name, values in matched.items():
+        fields.append((name, list(values)))
+    flat = [int(error is None)] + [v for _, values in fields for v in values]
+    mine = torch.tensor(flat, dtype=torch.int64, device=_collective_device(group))
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    table = torch.stack(parts).tolist()
+    if error is not None:
+        raise error
+    failed = [r for r in range(world) if not table[r][0]]
+    if failed:
+        raise ValueError(f"rank(s) {failed} of the group rejected their arguments (their error "
+                         "says why); every rank stops here")
+    offset = 1
+    for name, values in fields:
+        cut = slice(offset, offset + len(values))
+        offset += len(values)
+        per_rank = [row[cut] for row in table]
+        if all(v == per_rank[0] for v in per_rank):
+            continue
+        if name == "check_replicas":
+            raise ValueError(f"check_replicas must be the same on every rank (argument or "
+                             f"{CHECK_REPLICAS_ENV}), got "
+                             + ", ".join(f"rank {r}: {bool(v[0])}" for r, v in enumerate(per_rank)))
+        if name in matched:
+            raise ValueError(f"{name} must be the same on every rank of the group, got "
+                             + ", ".join(f"rank {r}: {tuple(v)}" for r, v in enumerate(per_rank)))
+        shapes = [_shape_text(v) for v in per_rank]
+        if any(x != shapes[0] for x in shapes):
+            raise ValueError(f"{name} is replicated: it must have the same shape and dtype on "
+                             "every rank of the group, got "
+                             + ", ".join(f"rank {r}: {x}" for r, x in enumerate(shapes)))
+        differ = [r for r, v in enumerate(per_rank) if v != per_rank[0]]
+        raise ValueError(f"{name} is replicated: it must hold the same values on every rank of the "
+                         f"group, but rank(s) {differ} differ from rank 0")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +406,7 @@ def sharded_cross_attention(
     deterministic: bool = False,
     backend: str | None = None,
     grad_scale: float = 1.0,
+    check_replicas: bool | None = None,
 ):
     """:func:`crosslmm_ops.cross_attention` with the keys and values sharded over the ranks of
     ``group`` (default: the default group); the result is the one attention over all ranks' keys
@@ -287,23 +423,38 @@ def sharded_cross_attention(
     Differentiable: ``dq`` is the full gradient on every rank (one all-reduce in the backward),
     ``dk, dv`` the exact gradient of this rank's shard times ``grad_scale`` (1: exact; the group
     size: the ``"mean"`` convention of the module docstring). The gradient reaching ``out`` and
-    ``lse`` must be the same on every rank (a replicated loss). Collectives per call: two in the
-    forward (max of the LSE; one sum of the weighted outputs and weights), one in the backward.
+    ``lse`` must be the same on every rank (a replicated loss). Collectives per call: three in the
+    forward (the agreement check below; max of the LSE; one sum of the weighted outputs and
+    weights), one in the backward.
     ``softmax_scale``, ``num_splits``, ``deterministic``, ``backend``: as for
     :func:`~crosslmm_ops.cross_attention`, for the local attention
-    (``last_backend("sharded_cross_attention")`` says which ran)."""
-    layout = _ca._check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    scale = _ca._check_scale(softmax_scale, layout.head_dim)
-    if not _ca._is_int(num_splits) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
-    for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be a bool, got {flag!r}")
-    grad_scale = _check_grad_scale(grad_scale)
+    (``last_backend("sharded_cross_attention")`` says which ran).
+
+    ``q`` and ``cu_seqlens_q`` are checked to agree over the group (shapes always, and
+    ``cu_seqlens_q``'s values; ``q``'s values too with ``check_replicas=True`` or
+    ``CROSSLMM_CHECK_REPLICAS=1``): a mismatch raises the same ``ValueError`` on every rank."""
     _rank_and_size(group)
-    chosen = _backend.resolve(OP_NAME, backend, q.device,
-                              cuda_ok=_ca._cuda_ok(layout, q.dtype, q.device),
-                              triton_ok=_ca._triton_ok(layout, q.dtype, q.device))
+
+    def check():
+        layout = _ca._check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k)
+        scale = _ca._check_scale(softmax_scale, layout.head_dim)
+        if not _ca._is_int(num_splits) or num_splits < 0:
+            raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got "
+                             f"{num_splits!r}")
+        for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        chosen = _backend.resolve(OP_NAME, backend, q.device,
+                                  cuda_ok=_ca._cuda_ok(layout, q.dtype, q.device),
+                                  triton_ok=_ca._triton_ok(layout, q.dtype, q.device))
+        return layout, scale, _check_grad_scale(grad_scale), chosen
+
+    layout, scale, grad_scale, chosen = _check_replicated(
+        group, check, {"q": q, "cu_seqlens_q": cu_seqlens_q},
+        {"the key/value heads and head dim (k.shape[-2:])": _tail(k, 2),
+         "the number of key segments (len(cu_seqlens_k))": _tail(cu_seqlens_k, 1)},
+        check_replicas)
     qp, kp, vp, cu_q, cu_k = _ca._packed(layout, q, k, v, cu_seqlens_q, cu_seqlens_k)
     out, lse = _ShardedAttention.apply(qp, kp, vp, cu_q, cu_k, layout.max_seqlen_q,
                                        layout.max_seqlen_k, scale, num_splits, deterministic,
@@ -328,6 +479,7 @@ def sharded_projected_cross_attention(
     return_lse: bool = False,
     norm_weight: torch.Tensor | None = None,
     norm_bias: torch.Tensor | None = None,
+    check_replicas: bool | None = None,
     **kwargs,
 ):
     """:func:`crosslmm_ops.projected_cross_attention` with the tokens ``x`` sharded over the ranks
@@ -341,16 +493,30 @@ def sharded_projected_cross_attention(
     their full gradient on every rank (one all-reduce of one buffer in the backward), ``x`` the
     exact gradient of its shard times ``grad_scale``. ``path="auto"`` decides from this rank's
     shapes; the paths give the same function, and the collectives are the same whichever runs.
+    The replicated arguments are checked to agree over the group as for
+    :func:`sharded_cross_attention` (``check_replicas``: also the values of ``q``, the weights,
+    biases and norm parameters).
     """
-    grad_scale = _check_grad_scale(grad_scale)
-    if not isinstance(return_lse, bool):
-        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
     _rank_and_size(group)
     names = ("q", "w_k", "w_v", "b_k", "b_v", "norm_weight", "norm_bias")
-    given = [(n, t) for n, t in zip(names, (q, w_k, w_v, b_k, b_v, norm_weight, norm_bias))
-             if t is not None]
-    for n, t in given:
-        _ca._tensor(n, t)
+    tensors = (q, w_k, w_v, b_k, b_v, norm_weight, norm_bias)
+    cu_q, cu_k = kwargs.get("cu_seqlens_q"), kwargs.get("cu_seqlens_k")
+
+    def check():
+        if not isinstance(return_lse, bool):
+            raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
+        # The op checks these again; here they are checked before the collectives.
+        _projected._check_inputs(
+            q, x, w_k, w_v, b_k, b_v, cu_q, cu_k, kwargs.get("max_seqlen_q"),
+            kwargs.get("max_seqlen_k"), kwargs.get("norm"), norm_weight, norm_bias,
+            kwargs.get("norm_eps", 1e-6))
+        return _check_grad_scale(grad_scale)
+
+    grad_scale = _check_replicated(
+        group, check, {**dict(zip(names, tensors)), "cu_seqlens_q": cu_q},
+        {"the token width (x.shape[-1])": _tail(x, 1),
+         "the number of key segments (len(cu_seqlens_k))": _tail(cu_k, 1)}, check_replicas)
+    given = [(n, t) for n, t in zip(names, tensors) if t is not None]
     # Only the inputs that need a gradient pass through the (collective) backward; which ones do is
     # the same on every rank.
     tracked = [(n, t) for n, t in given if t.requires_grad and torch.is_grad_enabled()]
@@ -632,7 +798,8 @@ class FrameShardedCrossLMM(nn.Module):
           :class:`FrameShard` assigns to this rank with ``frames_per_rank``).
 
         Returns the model's output (``loss``, ``logits``, ``vision_memory``: this rank's)."""
-        from crosslmm_ops.models.crosslmm import CrossLMMCausalLMOutputWithPast, DCALInputs
+        from crosslmm_ops.models.crosslmm import CrossLMMCausalLMOutputWithPast
+        from crosslmm_ops.models.decoder import VISION_KWARG
 
         outer, inner = self.model, self.model.model
         config = inner.config
@@ -695,22 +862,12 @@ class FrameShardedCrossLMM(nn.Module):
         memory = shard.memory(flat.to(inputs_embeds.dtype), config.tokens_per_frame,
                               inner.pooling.tokens_out)
 
-        dcal_inputs = None
-        if inner.language_model.dcal_layers:
-            # As CrossLMMModel.forward: T2V at the text positions (not padding), V2V at the
-            # pooled ones.
-            if not (config.dcal_t2v and config.dcal_t2v_enabled):
-                text_mask = torch.zeros_like(visual_mask)
-            else:
-                text_mask = ~visual_mask
-                if attention_mask is not None and attention_mask.dim() == 2:
-                    text_mask = text_mask & attention_mask.to(torch.bool)
-            checkpointing = (inner.language_model.gradient_checkpointing and self.training
-                             and torch.is_grad_enabled())
-            dcal_inputs = DCALInputs(memory, visual_mask, text_mask, checkpointing)
+        # The DCALs read the sharded memory; masks as in the unsharded forward.
+        vision = inner.forward_vision(memory, visual_mask, attention_mask, visual_mask.shape,
+                                      visual_mask.device)
         outputs = inner.language_model(attention_mask=attention_mask, position_ids=position_ids,
                                        inputs_embeds=inputs_embeds, use_cache=False,
-                                       crosslmm_dcal_inputs=dcal_inputs)
+                                       **{VISION_KWARG: vision})
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

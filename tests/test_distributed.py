@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import datetime
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -403,6 +404,73 @@ def _triton_case(rank, world):
                     tol=dict(atol=2e-5, rtol=2e-4))
 
 
+def _raises_everywhere(call, match):
+    """``call()`` raises a ValueError matching ``match`` (on this rank; every rank runs this)."""
+    try:
+        call()
+    except ValueError as exc:
+        assert re.search(match, str(exc)), f"wrong error: {exc}"
+        return str(exc)
+    raise AssertionError(f"no error (expected one matching {match!r})")
+
+
+def case_replicas(rank, world, *, env_debug=False):
+    """Replicated arguments that differ between ranks: a ValueError on every rank (no collective
+    mismatch, no hang, no silently merged different queries), after which the group still works.
+    ``env_debug``: CROSSLMM_CHECK_REPLICAS=1 is set, so q's values are compared by default."""
+    gen = torch.Generator().manual_seed(21)
+    Hq, Hk, D, Dv = 4, 2, 8, 12
+    lens_q, lens_k = [5, 7], [9, 6]
+    q = torch.randn(sum(lens_q), Hq, D, generator=gen, **F64)
+    k = torch.randn(sum(lens_k), Hk, D, generator=gen, **F64)
+    x = torch.randn(sum(lens_k), Dv, generator=gen, **F64)
+    w_k = torch.randn(Hk * D, Dv, generator=gen, **F64)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    rows, cu_k_r = _packed_keys(rank, world, gen, lens_k, None)
+    ks = k[rows]
+    last = rank == world - 1  # the odd one out
+
+    def attend(q=q, k=ks, cu_q=cu_q, cu_k=cu_k_r, **kw):
+        return cd.sharded_cross_attention(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+
+    def project(q=q, cu_q=cu_q, w_k=w_k, **kw):
+        return cd.sharded_projected_cross_attention(q, x[rows], w_k, w_k, cu_seqlens_q=cu_q,
+                                                    cu_seqlens_k=cu_k_r, **kw)
+
+    expected = attend()
+    # cu_seqlens_q with other values (the same length and total: the collectives would match).
+    shifted = _cu([6, 6]) if last else cu_q
+    _raises_everywhere(lambda: attend(cu_q=shifted), "cu_seqlens_q.*same values.*rank")
+    _raises_everywhere(lambda: project(cu_q=shifted), "cu_seqlens_q.*same values")
+    # Another number of queries (the collectives would have other sizes).
+    more_q = torch.cat([q, q[:2]]) if last else q
+    more_cu = _cu([7, 7]) if last else cu_q
+    message = _raises_everywhere(lambda: attend(q=more_q, cu_q=more_cu), "q is replicated")
+    assert "rank 0: (12, 4, 8) float64" in message and f"rank {world - 1}: (14, 4, 8)" in message
+    # Another number of segments.
+    three = _cu([5, 7, 0]) if last else cu_q
+    _raises_everywhere(lambda: attend(cu_q=three, cu_k=torch.cat([cu_k_r, cu_k_r[-1:]])
+                                      if last else cu_k_r), "cu_seqlens_q")
+    # Other key/value heads on one rank.
+    _raises_everywhere(lambda: attend(k=ks[:, :1] if last else ks), "key/value heads")
+    # A rank whose own arguments are wrong: its error there, a pointer to it everywhere else.
+    bad = torch.tensor([0, 5, 11], dtype=torch.int32) if last else cu_q
+    _raises_everywhere(lambda: attend(cu_q=bad),
+                       "must end at the number" if last else rf"rank\(s\) \[{world - 1}\]")
+    # The values of q: compared in the debug mode (argument, or the environment variable).
+    other_q = q + 1 if last else q
+    if env_debug:
+        _raises_everywhere(lambda: attend(q=other_q), "q is replicated.*same values")
+        _raises_everywhere(lambda: project(q=other_q), "q is replicated.*same values")
+    else:
+        attend(q=other_q)  # the cheap checks cannot see it
+    _raises_everywhere(lambda: attend(q=other_q, check_replicas=True), "q is replicated")
+    _raises_everywhere(lambda: project(w_k=w_k + last, check_replicas=True), "w_k")
+    _raises_everywhere(lambda: attend(check_replicas=last), "check_replicas")
+    # The group is still in step: the same call gives the same result.
+    _close(attend(check_replicas=True), expected, "out after the errors")
+
+
 _CASES = {
     "packed": lambda r, w: case_packed(r, w),
     "packed_empty_rank": lambda r, w: case_packed(r, w, empty_rank=0, seed=11),
@@ -427,6 +495,8 @@ _CASES = {
                                                         frames_per_rank=[0, 3], seed=10),
     "model_local_input": case_model_local_input,
     "model_fsdp2": case_model_fsdp2,
+    "replicas": case_replicas,
+    "replicas_env": lambda r, w: case_replicas(r, w, env_debug=True),
 }
 
 
@@ -513,6 +583,18 @@ def test_four_processes(tmp_path):
     _spawn(4, OP_CASES + MODULE_CASES, tmp_path)
 
 
+def test_replicated_arguments_are_checked(tmp_path, monkeypatch):
+    """Ranks that disagree on a replicated argument (cu_seqlens_q, q's shape, the heads, q's
+    values in the debug mode) or whose own arguments are wrong: the same ValueError on every
+    rank, 2 and 4 processes; then with CROSSLMM_CHECK_REPLICAS=1 (read at import by the new
+    processes), which compares q's values by default."""
+    for name, world in (("two", 2), ("four", 4), ("env", 2)):
+        (tmp_path / name).mkdir()
+        if name == "env":
+            monkeypatch.setenv(cd.CHECK_REPLICAS_ENV, "1")
+        _spawn(world, ["replicas_env" if name == "env" else "replicas"], tmp_path / name)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_nccl(tmp_path, monkeypatch):
@@ -542,6 +624,8 @@ def test_bad_arguments_single_rank(tmp_path):
         q = torch.randn(1, 2, 2, 8)
         with pytest.raises(ValueError, match="grad_scale"):
             cd.sharded_cross_attention(q, q, q, grad_scale=0)
+        with pytest.raises(ValueError, match="check_replicas must be a bool"):
+            cd.sharded_cross_attention(q, q, q, check_replicas=1)
         with pytest.raises(ValueError, match="gradients"):
             cd.FrameShard([2], dist.group.WORLD, gradients="sum")
         with pytest.raises(ValueError, match="frames_per_rank"):
