@@ -1,5 +1,5 @@
 """Cross-attention: ours (cuda, triton) against SDPA's flash, cuDNN and efficient back ends,
-FlexAttention, and flash-attn and FlashAttention-4 when they are importable (said otherwise), on CrossLMM-2B's shapes (PERF.md): 12 heads of
+FlexAttention, and flash-attn and FlashAttention-4 when they are importable (said otherwise), on CrossLMM-2B's shapes: 12 heads of
 128, keys = all original tokens (T * 729), bf16.
 
     pytest benchmarks/bench_cross_attention.py --benchmark-only

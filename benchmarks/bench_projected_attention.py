@@ -2,7 +2,7 @@
 cuBLAS projections of ``x`` into K and V (``F.linear``), then the best SDPA back end. CrossLMM-2B
 shapes: SigLIP tokens of width Dv = 1152 (729 per frame), 12 query heads of 128, bf16,
 T = 32..256 frames, with **Hk = 2** KV heads (the real Qwen2.5-1.5B of CrossLMM-2B) and **Hk = 12**
-(PERF.md's rows, whose peers had 12 KV heads).
+(the shape of the peers' rows in docs/performance.md, 12 KV heads).
 
     pytest benchmarks/bench_projected_attention.py --benchmark-only
 
@@ -10,7 +10,7 @@ Cases (each group holds ours and the peers, timed in one process on the same inp
 
 * ``v2v-frame`` - frame-local V2V *including the projections*: the 9 pooled queries of each frame
   against its 729 tokens, every frame in one call. Ours: ``path="fused"`` (no K/V at all). Peers:
-  ``F.linear`` K and V, then SDPA (flash / cuDNN / efficient) batched over frames. Target (PERF.md):
+  ``F.linear`` K and V, then SDPA (flash / cuDNN / efficient) batched over frames. Target:
   >= 8x the best peer.
 * ``decode`` - one T2V decode step from the cached ``x``: 1 text query against all T * 729 tokens.
   Ours reads ``x`` (the cache every DCAL layer shares); the peers read cached K/V (SDPA flash and

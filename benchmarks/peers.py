@@ -1,5 +1,5 @@
 """Ours against the attention peers on CrossLMM-2B's shapes, in one process, written as
-``benchmarks/results/peers_<gpu>.json`` (the table of PERF.md and issue 18).
+``benchmarks/results/peers_<gpu>.json`` (the peers table of docs/performance.md).
 
     python benchmarks/peers.py [--out benchmarks/results/peers_h100.json] [--cases fwd,fwd+bwd]
 

@@ -3,7 +3,7 @@
     python benchmarks/sm90_bwd_probe.py [--frames 64 256]
         [--json benchmarks/results/sm90_bwd_probe.json]
 
-CrossLMM-2B's V2V global cross-attention (PERF.md): Lq = 9 T pooled queries against Lk = 729 T
+CrossLMM-2B's V2V global cross-attention: Lq = 9 T pooled queries against Lk = 729 T
 keys, 12 query heads of 128, bf16, non-causal, one segment. Ours through ``crosslmm_ops._C``
 (``attention_forward`` + ``attention_backward``, no autograd overhead) with
 ``CROSSLMM_ATTENTION_BWD_SM90`` = ``1`` (sm90 dK/dV + sm90 dQ), ``dkdv`` (sm90 dK/dV + mma.sync dQ)

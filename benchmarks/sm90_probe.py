@@ -2,7 +2,7 @@
 
     python benchmarks/sm90_probe.py [--frames 128 256] [--json benchmarks/results/sm90_probe.json]
 
-CrossLMM-2B's V2V global cross-attention (PERF.md): Lq = 9 T pooled queries against Lk = 729 T
+CrossLMM-2B's V2V global cross-attention: Lq = 9 T pooled queries against Lk = 729 T
 keys, 12 query heads of 128, bf16, non-causal, one segment. Ours run through
 ``crosslmm_ops._C.attention_forward`` with ``CROSSLMM_ATTENTION_SM90=1`` (sm90) and ``=0``
 (mma.sync), on GQA 12/2 (the model's kv heads) and on 12/12 (the same work as SDPA, which gets 12

@@ -573,7 +573,7 @@ def _attended_pairs(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: i
 
 
 # FLOPs for torch.utils.flop_counter.FlopCounterMode (which cannot see inside a custom op): the
-# convention of PERF.md and flash-attn, 4·pairs·H·d forward (QKᵀ and PV) and 2.5x that backward.
+# flash-attn's convention, 4·pairs·H·d forward (QKᵀ and PV) and 2.5x that backward.
 @register_flop_formula(torch.ops.crosslmm.cross_attention_fwd, get_raw=True)
 def _forward_flops(q, k, v, cu_q, cu_k, max_q, max_k, *args, out_val=None, **kwargs) -> int:
     return 4 * _attended_pairs(cu_q, cu_k, max_q, max_k) * q.shape[1] * q.shape[2]

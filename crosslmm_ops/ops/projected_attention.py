@@ -610,11 +610,11 @@ def _packed(layout: ProjectedLayout, q, x, cu_seqlens_q, cu_seqlens_k):
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     """Time estimates of the two paths from the shapes, each stage ``max(FLOPs / rate, bytes /
-    bandwidth)``. Defaults: an H100 in bf16, from PERF.md's measurements in this project:
+    bandwidth)``. Defaults: an H100 in bf16, from the measurements in docs/performance.md:
 
-    * ``matmul_tflops`` 700: cuBLAS bf16 (PERF.md: 731-802 TFLOP/s at 8192^3; the projection of
+    * ``matmul_tflops`` 700: cuBLAS bf16 (731-802 TFLOP/s at 8192^3; the projection of
       ``x`` is a (T*729) x 1152 x (2*Hk*d) GEMM, as large);
-    * ``attention_tflops`` 300: materialised attention on CrossLMM's shapes (PERF.md: SDPA flash
+    * ``attention_tflops`` 300: materialised attention on CrossLMM's shapes (SDPA flash
       250-310, cuDNN up to 557, our kernels 126-345 TFLOP/s);
     * ``fused_tflops`` 90: the fused core's CUDA kernel as measured on an H100 (bf16,
       benchmarks/results/projected_attention_h100.json): 82-92 TFLOP/s on frame-local V2V, 112-125
@@ -640,7 +640,7 @@ class CostModel:
     Measured at T = 256 (H100): frame-local V2V fused 1.19 ms against cuBLAS projection + SDPA
     cuDNN 0.70 ms (Hk = 2) and 2.41 ms (Hk = 12), so the model's choices are the faster ones.
     Frame-local V2V with 2 KV heads stays materialised: the fused core does 93 GFLOP against the
-    projections' 220 but at a fraction of cuBLAS's rate; with 12 KV heads (PERF.md's rows) the
+    projections' 220 but at a fraction of cuBLAS's rate; with 12 KV heads the
     projections cost 1.3 TFLOP and the fused path wins 2x.
 
     Replace ``crosslmm_ops.ops.projected_attention.COST_MODEL`` (or pass ``path=``, or set
