@@ -33,7 +33,9 @@ import torch
 
 from crosslmm_ops import _backend
 from crosslmm_ops.testing import cu_seqlens as cu_seqlens_on
-from crosslmm_ops.testing import ChildSmoke, env_value, sm90_skip_reason
+from crosslmm_ops.testing import env_value, sm90_skip_reason
+
+from child_smoke import ChildSmoke
 
 ENV = "CROSSLMM_ATTENTION_BWD_SM90"
 SM90 = "sm90_wgmma"
