@@ -26,14 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crosslmm_ops import study  # noqa: E402
+from crosslmm_ops import demo  # noqa: E402
+import study  # noqa: E402  (benchmarks/study.py, beside this script)
 
 # The paper's own reductions at 256 frames (CrossLMM vs its LLaVA-OV baseline).
 PAPER_256 = {"memory_reduction": 0.875, "flops_reduction": 0.677, "prefill_speedup": 2.0}
 
 
 def flop_check(preset: str, variant: str, device, dtype, frames: int = 4) -> dict:
-    """:func:`crosslmm_ops.study.flop_check` on a short video."""
+    """``study.flop_check`` on a short video."""
     return study.flop_check(preset, variant, device=device, dtype=dtype, frames=frames)
 
 
@@ -52,14 +53,14 @@ def run(args) -> dict:
             torch.cuda.empty_cache() if device.type == "cuda" else None
     for preset in args.presets:
         for variant in args.variants:
-            model = study.build_models(preset, [variant], device=device, dtype=dtype)[variant]
+            model = demo.build_models(preset, [variant], device=device, dtype=dtype)[variant]
             for frames in args.frames:
-                video = study.synthetic_video(frames, model.config.vision_config.image_size,
-                                              device=device, dtype=dtype)
-                ids = study.video_prompt(model.config, frames, device=device)
+                video = demo.synthetic_video(frames, model.config.vision_config.image_size,
+                                             device=device, dtype=dtype)
+                ids = demo.video_prompt(model.config, frames, device=device)
                 try:
-                    m = study.measure(model, variant, video, ids, new_tokens=args.new_tokens,
-                                      repeats=args.repeats)
+                    m = demo.measure(model, variant, video, ids, new_tokens=args.new_tokens,
+                                     repeats=args.repeats)
                 except torch.cuda.OutOfMemoryError as error:
                     print(f"[oom] {preset} {variant} T={frames}: {str(error)[:120]}", flush=True)
                     result["runs"].append(dict(preset=preset, variant=variant, frames=frames,

@@ -6,11 +6,11 @@ on one GPU, written as ``benchmarks/results/end_to_end_<gpu>.json`` (issue 20's 
 
 Inference rows (``mode="inference"``): the vision tower alone, the prefill from pixels, the peak
 activation memory of that prefill (beyond weights and inputs), and the decode time per token from
-its cache; medians after a warm-up (:func:`crosslmm_ops.study.measure`), checked for consistency
-(:func:`crosslmm_ops.study.consistency_problems`). Training rows (``"train-stage1"`` /
-``"train-stage2"``, with and without activation checkpointing): one optimizer step (forward with
-the loss, backward, AdamW) from pixels, its time, peak memory and frames per second. A row that
-runs out of GPU memory is recorded with ``"oom": true``. Random weights, synthetic video.
+its cache; medians after a warm-up (:func:`crosslmm_ops.demo.measure`), checked for consistency
+(``study.consistency_problems``). Training rows (``"train-stage1"`` / ``"train-stage2"``, with
+and without activation checkpointing): one optimizer step (forward with the loss, backward, AdamW)
+from pixels, its time, peak memory and frames per second. A row that runs out of GPU memory is
+recorded with ``"oom": true``. Random weights, synthetic video.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crosslmm_ops import study  # noqa: E402
+from crosslmm_ops import demo  # noqa: E402
+import study  # noqa: E402  (benchmarks/study.py, beside this script)
 
 GIB = 2**30
 
@@ -45,12 +46,12 @@ def _is_oom(exc: BaseException) -> bool:
 
 def inference_row(model, variant, preset, frames, device, dtype, repeats, warmup) -> dict:
     row = dict(preset=preset, variant=variant, frames=frames, mode="inference")
-    video = study.synthetic_video(frames, model.config.vision_config.image_size, device=device,
-                                  dtype=dtype)
-    ids = study.video_prompt(model.config, frames, device=device)
+    video = demo.synthetic_video(frames, model.config.vision_config.image_size, device=device,
+                                 dtype=dtype)
+    ids = demo.video_prompt(model.config, frames, device=device)
     try:
-        m = study.measure(model, variant, video, ids, new_tokens=6, repeats=repeats,
-                          warmup=warmup)
+        m = demo.measure(model, variant, video, ids, new_tokens=6, repeats=repeats,
+                         warmup=warmup)
     except Exception as exc:  # noqa: BLE001
         if not _is_oom(exc):
             raise
@@ -83,9 +84,9 @@ def train_row(model, variant, preset, frames, stage, checkpointing, device, dtyp
     enable() if checkpointing else disable()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    video = study.synthetic_video(frames, model.config.vision_config.image_size, device=device,
-                                  dtype=dtype)
-    ids = study.video_prompt(model.config, frames, device=device)
+    video = demo.synthetic_video(frames, model.config.vision_config.image_size, device=device,
+                                 dtype=dtype)
+    ids = demo.video_prompt(model.config, frames, device=device)
     labels = ids.masked_fill(ids == model.config.video_token_id, -100)
 
     def step():
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per number (default: study.measure's)")
+                        help="timed calls per number (default: demo.measure's)")
     parser.add_argument("--train-repeats", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     print(json.dumps(env), flush=True)
     rows, problems = [], []
     for variant in args.variants:
-        model = study.build_models(args.preset, [variant], device=device, dtype=dtype)[variant]
+        model = demo.build_models(args.preset, [variant], device=device, dtype=dtype)[variant]
         for frames in args.frames:
             # Long videos: one timed call after the warm-up (a 1024-frame prefill takes seconds).
             repeats = args.repeats if args.repeats is not None else (1 if frames > 256 else None)

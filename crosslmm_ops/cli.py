@@ -123,7 +123,7 @@ def _size(n_bytes) -> str:
 
 
 def demo(args) -> int:
-    from crosslmm_ops import study
+    from crosslmm_ops.demo import build_models, measure, synthetic_video, video_prompt
 
     try:
         from tqdm.auto import tqdm
@@ -134,11 +134,11 @@ def demo(args) -> int:
     variants = ["baseline", "crosslmm"] + (["crosslmm-frame"] if args.frame_scope else [])
     print(f"Building {args.preset} models ({', '.join(variants)}; random weights, shared between "
           f"them) on {device} in {dtype} ...")
-    models = study.build_models(args.preset, variants, device=device, dtype=dtype, seed=args.seed)
+    models = build_models(args.preset, variants, device=device, dtype=dtype, seed=args.seed)
     config = models["crosslmm"].config
     vc = config.vision_config
-    video = study.synthetic_video(args.frames, vc.image_size, device=device, dtype=dtype,
-                                  seed=args.seed)
+    video = synthetic_video(args.frames, vc.image_size, device=device, dtype=dtype,
+                            seed=args.seed)
     print(f"Synthetic video: {args.frames} frames of {vc.image_size}x{vc.image_size} px -> "
           f"{config.tokens_per_frame} encoder tokens per frame ({args.frames * config.tokens_per_frame} "
           f"in all), width {vc.hidden_size}")
@@ -148,12 +148,12 @@ def demo(args) -> int:
     results = []
     for variant in variants:
         model = models[variant]
-        ids = study.video_prompt(model.config, args.frames, device=device, seed=args.seed)
+        ids = video_prompt(model.config, args.frames, device=device, seed=args.seed)
         if bar is not None:
             bar.set_postfix_str(variant)
-        results.append(study.measure(model, variant, video, ids, new_tokens=args.new_tokens,
-                                     repeats=args.repeats,
-                                     progress=(lambda _stage: bar.update(1)) if bar else None))
+        results.append(measure(model, variant, video, ids, new_tokens=args.new_tokens,
+                               repeats=args.repeats,
+                               progress=(lambda _stage: bar.update(1)) if bar else None))
     if bar is not None:
         bar.close()
     base = results[0]
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
     # The measurement always takes the prefill's token and one untimed decode step
-    # (study.measure), so fewer than 2 new tokens cannot be honoured.
+    # (demo.measure), so fewer than 2 new tokens cannot be honoured.
     d.add_argument("--new-tokens", type=_int_at_least(2, " (the prefill's token and one untimed "
                                                           "decode step)"), default=8,
                    help="tokens generated greedily (>= 2; the decode time is the mean of all but "

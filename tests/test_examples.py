@@ -1,4 +1,4 @@
-"""The runnable examples in ``python/`` (issue #6) and ``crosslmm-ops bench``.
+"""The runnable examples in ``examples/`` and ``crosslmm-ops bench``.
 
 Each script runs as a user runs it (a subprocess, CPU, tiny settings) and its output is checked:
 generation produced tokens from the patched placeholder count, the loss fell in both training
@@ -25,14 +25,14 @@ import torch
 
 from crosslmm_ops import cli
 from crosslmm_ops.models import CrossLMMForConditionalGeneration
-from crosslmm_ops.study import synthetic_video, video_prompt
+from crosslmm_ops.demo import synthetic_video, video_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 
 
 def _run(script: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "python" / script), *args, "--device", "cpu"],
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args, "--device", "cpu"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
@@ -42,7 +42,7 @@ def _load(script: str):
     """Import a script as a module (registered first: its dataclasses look their module up)."""
     name = f"crosslmm_example_{Path(script).stem}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "python" / script)
+        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / script)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

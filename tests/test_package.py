@@ -44,8 +44,9 @@ def test_demo_command_runs(capsys):
 
 
 def test_pool_example_script_runs():
-    proc = subprocess.run([sys.executable, str(ROOT / "python" / "pool_example.py"), "--frames", "2",
-                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "pool_example.py"),
+                           "--frames", "2", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "CrossLMM, 9 tokens/frame" in proc.stdout and "81x fewer" in proc.stdout
 

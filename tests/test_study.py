@@ -1,10 +1,29 @@
-"""The efficiency study's pieces (crosslmm_ops.study): the analytical FLOP model against
-torch.utils.flop_counter, the shared weights of the compared models, the synthetic inputs."""
+"""The demo's measurement (crosslmm_ops.demo: the compared models share their weights, the
+synthetic inputs, measure()) and the efficiency study's own pieces (benchmarks/study.py: the
+analytical FLOP model against torch.utils.flop_counter, the consistency checks)."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from crosslmm_ops import study
+from crosslmm_ops import demo
+
+
+def _load_study():
+    # benchmarks/ is a folder of scripts, not a package: load study.py by path, once.
+    name = "crosslmm_benchmarks_study"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "study.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+study = _load_study()
 
 
 @pytest.mark.parametrize("variant", ["baseline", "crosslmm", "crosslmm-frame"])
@@ -18,7 +37,7 @@ def test_analytic_flops_match_the_flop_counter(variant):
 
 
 def test_compared_models_share_weights_and_differ_in_compression():
-    models = study.build_models("demo", ["baseline", "crosslmm"])
+    models = demo.build_models("demo", ["baseline", "crosslmm"])
     base, cross = models["baseline"].state_dict(), models["crosslmm"].state_dict()
     shared = [k for k in base if k in cross]
     assert len(shared) == len(base)  # the baseline has nothing the CrossLMM lacks
@@ -29,16 +48,16 @@ def test_compared_models_share_weights_and_differ_in_compression():
 
 
 def test_synthetic_video_and_prompt():
-    video = study.synthetic_video(3, 48)
+    video = demo.synthetic_video(3, 48)
     assert video.shape == (1, 3, 3, 48, 48) and video.std() > 0.1
     assert not torch.equal(video[0, 0], video[0, 1])  # the square moves
-    config = study.study_config("demo", "crosslmm")
-    ids = study.video_prompt(config, 3)
+    config = demo.variant_config("demo", "crosslmm")
+    ids = demo.video_prompt(config, 3)
     assert int((ids == config.video_token_id).sum()) == 3 * 9
 
 
 def _measurement(variant, vision, llm, prefill):
-    return study.Measurement(variant, 4, 36, 60, vision, llm, prefill, 1.0, None, None, None, 0,
+    return demo.Measurement(variant, 4, 36, 60, vision, llm, prefill, 1.0, None, None, None, 0,
                              [], {})
 
 
@@ -54,20 +73,20 @@ def test_consistency_checks_catch_a_cold_tower_and_an_impossible_prefill():
 
 
 def test_measure_takes_warmup_and_repeats_and_checks_them():
-    models = study.build_models("demo", ["crosslmm"])
+    models = demo.build_models("demo", ["crosslmm"])
     model = models["crosslmm"]
-    video = study.synthetic_video(2, model.config.vision_config.image_size)
-    ids = study.video_prompt(model.config, 2)
+    video = demo.synthetic_video(2, model.config.vision_config.image_size)
+    ids = demo.video_prompt(model.config, 2)
     calls = []
     handle = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
     try:
-        m = study.measure(model, "crosslmm", video, ids, new_tokens=3, repeats=2, warmup=1)
+        m = demo.measure(model, "crosslmm", video, ids, new_tokens=3, repeats=2, warmup=1)
     finally:
         handle.remove()
     # tower alone and the prefill from pixels, each 1 warm-up + 2 timed calls
     assert len(calls) == 6
     assert m.vision_ms > 0 and m.prefill_ms > 0 and len(m.generated) == 3
     with pytest.raises(ValueError, match="repeats must be"):
-        study.measure(model, "crosslmm", video, ids, repeats=0)
+        demo.measure(model, "crosslmm", video, ids, repeats=0)
     with pytest.raises(ValueError, match="warmup must be"):
-        study.measure(model, "crosslmm", video, ids, warmup=-1)
+        demo.measure(model, "crosslmm", video, ids, warmup=-1)

@@ -1,5 +1,5 @@
-"""The synthetic long-video task (crosslmm_ops.data) and its training script
-(python/synthetic_task.py).
+"""The synthetic long-video task (examples/marker_video.py) and its training script
+(examples/synthetic_task.py).
 
 * the generator: layout of the tokens and the text, reproducibility, that the marker sits where
   the batch says it does, how much of it survives pooling, bad arguments;
@@ -23,18 +23,21 @@ import sys
 import pytest
 import torch
 
-from crosslmm_ops.data import IGNORE_INDEX, QUESTIONS, MarkerTaskConfig, MarkerVideoTask
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 
+# examples/ is a folder of runnable scripts, not a package; its scripts import marker_video.py
+# from beside them, as running one puts its folder on the path.
+sys.path.insert(0, str(ROOT / "examples"))
+from marker_video import IGNORE_INDEX, QUESTIONS, MarkerTaskConfig, MarkerVideoTask  # noqa: E402
+
 
 def _load_script():
-    # python/ is a folder of runnable examples, not a package: load the script by path, once.
+    # By path, once (registered first: its dataclasses look their module up).
     name = "crosslmm_synthetic_task_script"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "python" / "synthetic_task.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "synthetic_task.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

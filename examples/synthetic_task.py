@@ -1,6 +1,7 @@
 """Does CrossLMM recover what pooling loses? Tiny CrossLMMs trained from scratch on a synthetic
-long-video task (crosslmm_ops.data.MarkerVideoTask: T frames of random texture, one token of one
-frame holds a marker; the question asks its colour, its cell or its frame).
+long-video task (``MarkerVideoTask`` of marker_video.py, beside this script: T frames of random
+texture, one token of one frame holds a marker; the question asks its colour, its cell or its
+frame).
 
 Five settings with the same budget (steps, data, widths), each frame pooled to one token:
 
@@ -19,23 +20,23 @@ test's: the first 800 steps of ``colour``). A study runs on the CPU, one thread 
 seed-major, rewriting its JSON after every run (an interrupted study resumes); processes over
 disjoint settings or seeds are merged afterwards::
 
-    nice python python/synthetic_task.py --preset colour --settings unpooled --seeds 0,1,2,3,4 \
+    nice python examples/synthetic_task.py --preset colour --settings unpooled --seeds 0,1,2,3,4 \
         --out /tmp/colour_unpooled.json &
-    nice python python/synthetic_task.py --preset colour --settings both,v2v,t2v,pooled \
+    nice python examples/synthetic_task.py --preset colour --settings both,v2v,t2v,pooled \
         --seeds 0,1,2,3,4 --out /tmp/colour_dcal.json &
-    python python/synthetic_task.py --merge /tmp/colour_*.json \
+    python examples/synthetic_task.py --merge /tmp/colour_*.json \
         --out benchmarks/results/synthetic_task.json --plot benchmarks/results/synthetic_task.png
 
 The CI preset over several seeds (justifies the CI test's margin)::
 
-    python python/synthetic_task.py --preset ci --settings pooled,v2v --seeds 0,1,2,3,4,5,6,7,8,9 \
-        --out benchmarks/results/synthetic_task_ci.json
+    python examples/synthetic_task.py --preset ci --settings pooled,v2v \
+        --seeds 0,1,2,3,4,5,6,7,8,9 --out benchmarks/results/synthetic_task_ci.json
 
 Training on the GPU back ends: the same run (initial weights, batches) with the DCAL attention
 (materialised and projection-fused K/V paths) and the token pooling on each back end, against the
 torch back end; a float32 torch run measures the bf16 noise (200 steps by default)::
 
-    python python/synthetic_task.py --device cuda --dtype bfloat16 --backend cuda,triton \
+    python examples/synthetic_task.py --device cuda --dtype bfloat16 --backend cuda,triton \
         --compare-backends --out benchmarks/results/synthetic_task_backends_h100.json
 
 ``--plot-only`` redraws the plot from an existing JSON.
@@ -60,8 +61,8 @@ import torch
 
 import crosslmm_ops
 from crosslmm_ops import _backend
-from crosslmm_ops.data import QUESTIONS, MarkerBatch, MarkerTaskConfig, MarkerVideoTask
 from crosslmm_ops.models import CrossLMMForConditionalGeneration, preset_config
+from marker_video import QUESTIONS, MarkerBatch, MarkerTaskConfig, MarkerVideoTask
 
 SETTINGS = ("pooled", "t2v", "v2v", "both", "unpooled")
 SETTING_LABELS = {
@@ -410,7 +411,7 @@ def run_study(settings: list[str], seeds: list[int], task: MarkerTaskConfig, rec
     probe = make_task(preset_config("crosslmm-tiny", **setting_overrides("pooled", task, recipe)),
                       task)
     data.update({
-        "what": "crosslmm_ops synthetic long-video QA (python/synthetic_task.py): accuracy of "
+        "what": "crosslmm_ops synthetic long-video QA (examples/synthetic_task.py): accuracy of "
                 "tiny CrossLMMs trained from scratch on held-out videos",
         "preset": preset,
         "recipe_key": key,

@@ -1,4 +1,5 @@
-"""A synthetic long-video question-answering task whose answer needs detail that pooling destroys.
+"""A synthetic long-video question-answering task whose answer needs detail that pooling destroys
+(the data of ``synthetic_task.py`` and ``train_distributed.py``, which import it from this folder).
 
 Each video is ``T`` frames of random texture; one token of one frame holds a small *marker*. A
 question asks for the marker's colour, its cell in the frame, or which frame holds it, and the

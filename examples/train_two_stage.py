@@ -5,7 +5,7 @@ video of a fixed batch with its own target token.
   frozen; T2V does not run);
 * stage 2: everything trains, T2V on.
 
-    python python/train_two_stage.py [--steps 20] [--frames 3] [--batch 4] [--device cpu]
+    python examples/train_two_stage.py [--steps 20] [--frames 3] [--batch 4] [--device cpu]
 
 The script prints which parameters train in each stage and the loss, which falls in both. The
 same calls train a real model: ``model.set_training_stage(1)``, an optimiser over the parameters

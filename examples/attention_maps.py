@@ -10,8 +10,8 @@ pooled token's softmax probabilities over the original tokens with
 them per frame on the encoder's token grid as a PNG: one row per chosen pooled token, one column
 per frame, the video's frames on top, the token's own window marked with a cross.
 
-    python python/attention_maps.py --out maps.png [--preset crosslmm-tiny] [--frames 4]
-    python python/attention_maps.py --out maps.png --checkpoint path/to/crosslmm   # trained weights
+    python examples/attention_maps.py --out maps.png [--preset crosslmm-tiny] [--frames 4]
+    python examples/attention_maps.py --out maps.png --checkpoint path/to/crosslmm  # trained weights
 
 Without ``--checkpoint`` the weights are random (and say so in the figure's title): the maps show
 the machinery, not what a trained model attends to.
@@ -27,7 +27,7 @@ import torch
 
 import crosslmm_ops
 from crosslmm_ops.models import CrossLMMForConditionalGeneration
-from crosslmm_ops.study import synthetic_video, video_prompt
+from crosslmm_ops.demo import synthetic_video, video_prompt
 
 
 class _Captured(Exception):

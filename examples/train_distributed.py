@@ -1,12 +1,12 @@
 """Train a CrossLMM on synthetic long videos over several processes (torchrun), with the video
 sharded by frames and the model under DDP or FSDP2.
 
-    torchrun --nproc-per-node 2 python/train_distributed.py --device cpu --steps 3          # gloo
-    torchrun --nproc-per-node 2 python/train_distributed.py --device cuda --strategy fsdp2  # NCCL
+    torchrun --nproc-per-node 2 examples/train_distributed.py --device cpu --steps 3          # gloo
+    torchrun --nproc-per-node 2 examples/train_distributed.py --device cuda --strategy fsdp2  # NCCL
 
-Data: :class:`crosslmm_ops.data.MarkerVideoTask` (T frames of random texture tokens, one marker
-token; the question asks its colour, cell or frame), given to the model as encoder tokens
-(``vision_features``: the SigLIP tower does not run and is frozen).
+Data: ``MarkerVideoTask`` (``marker_video.py`` beside this script: T frames of random texture
+tokens, one marker token; the question asks its colour, cell or frame), given to the model as
+encoder tokens (``vision_features``: the SigLIP tower does not run and is frozen).
 
 Parallelism: the ranks form frame groups of ``--frame-group-size`` ranks (default: all of them
 with ``--frame-shard on``, 1 with ``off``). The ranks of one frame group see the same batch: each
@@ -35,8 +35,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from crosslmm_ops import distributed as cd  # noqa: E402
-from crosslmm_ops.data import MarkerTaskConfig, MarkerVideoTask  # noqa: E402
 from crosslmm_ops.models import CrossLMMForConditionalGeneration  # noqa: E402
+from marker_video import MarkerTaskConfig, MarkerVideoTask  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 

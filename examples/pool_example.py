@@ -1,7 +1,7 @@
 """Token pooling as CrossLMM uses it: SigLIP features of a video, pooled per frame before the
 projector, on every back end this machine has, with the gradient flowing back to the encoder.
 
-    python python/pool_example.py [--frames 16] [--device cuda]
+    python examples/pool_example.py [--frames 16] [--device cuda]
 """
 
 import argparse

@@ -3,7 +3,7 @@ transformers' own config classes (nothing is downloaded), patched in place with
 ``crosslmm_ops.patch_llava``, fed a synthetic video with the placeholder count the patched model
 expects, and decoded greedily.
 
-    python python/patch_llava_onevision.py [--frames 4] [--grid 7] [--every 2] [--device cpu]
+    python examples/patch_llava_onevision.py [--frames 4] [--grid 7] [--every 2] [--device cpu]
 
 With a real checkpoint the same three calls apply: ``LlavaOnevisionForConditionalGeneration
 .from_pretrained(...)``, ``patch_llava(model)`` and ``patch_llava_processor(processor, model)``
@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from crosslmm_ops.models import load_patched, patch_llava
-from crosslmm_ops.study import synthetic_video
+from crosslmm_ops.demo import synthetic_video
 
 VOCAB = 128
 VIDEO_TOKEN, IMAGE_TOKEN, PAD, BOS = VOCAB - 1, VOCAB - 2, 0, 1
