@@ -41,7 +41,7 @@ if has test; then
   step "errors from the extension"
   # A failed check inside the extension must come back as a Python RuntimeError. On the lent
   # H100/H200 image the interpreter crashed instead, for any C++ exception the extension threw,
-  # unless the toolchain's libstdc++ was preloaded (scripts/diag_throw.sh shows the experiment):
+  # unless the toolchain's libstdc++ was preloaded (tools/diag_throw.sh shows the experiment):
   # the process there mixes two C++ runtimes. Detect that, say so, and run the tests preloaded.
   if $PY scripts/check_errors.py > "$OUT/check_errors.log" 2>&1; then
     tail -3 "$OUT/check_errors.log"
@@ -128,9 +128,12 @@ if has efficiency; then
   grep -E "Error|Traceback" "$OUT/efficiency.log" | head -5
 fi
 
-if has probe-sm90 && [[ -f benchmarks/sm90_probe.py ]]; then
-  step "sm90 attention probe"
-  $PY benchmarks/sm90_probe.py 2>&1 | tail -40 || status=1
+if has probe-sm90; then
+  for direction in forward backward; do
+    step "sm90 attention probe: $direction"
+    $PY benchmarks/sm90_probe.py --direction "$direction" --json "$OUT/sm90_probe_$direction.json" \
+      2>&1 | tail -40 || status=1
+  done
 fi
 echo; echo "gpu_check: exit $status"
 exit $status

@@ -106,7 +106,7 @@ if os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):
     # and both tools report inside cuBLAS's Hopper GEMMs (nvjet_sm90_*), not in our code:
     # initcheck flags every read of memory such a GEMM wrote (it stores through TMA, which
     # initcheck does not track: torch.bmm then a copy, none of our code, gives the same reports,
-    # scripts/diag_projected_initcheck.py section A), and racecheck reports hazards inside the
+    # tools/diag_projected_initcheck.py section A), and racecheck reports hazards inside the
     # GEMM itself (mbarrier-ordered shared memory). So only memcheck runs this section.
     print("sanitize_kernels: public projected call skipped under "
           f"{os.environ['CROSSLMM_SANITIZE_TOOL']} (cuBLAS GEMMs; see the comment)", flush=True)

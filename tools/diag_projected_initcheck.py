@@ -1,4 +1,4 @@
-"""Diagnostic for the initcheck finding in the projected path (README, Tests).
+"""Diagnostic for the initcheck finding in the projected path (see tools/README.md).
 
 initcheck flagged uninitialised 2-byte reads in a torch copy kernel called from ``_rows_view`` --
 the reshape of the grouped q~, which cuBLAS's batched GEMM wrote. Three sections, each printed
@@ -11,8 +11,8 @@ before it runs so that initcheck's reports can be attributed:
      output element reads back as NaN (a real bug), and the clone of the output is checked.
   C. the public fused-path call, as scripts/sanitize_kernels.py makes it.
 
-    python scripts/diag_projected_initcheck.py [A|B|C ...]      (default: all three)
-    compute-sanitizer --tool initcheck python scripts/diag_projected_initcheck.py A
+    python tools/diag_projected_initcheck.py [A|B|C ...]      (default: all three)
+    compute-sanitizer --tool initcheck python tools/diag_projected_initcheck.py A
 """
 import sys
 import torch, crosslmm_ops

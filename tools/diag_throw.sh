@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Diagnoses a crash when the extension throws (see scripts/check_errors.py): which C++ runtime the
+# Diagnoses a crash when the extension throws (scripts/check_errors.py fails): which C++ runtime the
 # extension links and Python loads, and whether preloading the toolchain's runtime changes it.
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
