@@ -3,7 +3,7 @@ kernels and SDPA.
 
     python benchmarks/sm90_probe.py [--frames 128 256] [--json benchmarks/results/sm90_probe.json]
     python benchmarks/sm90_probe.py --direction backward [--frames 64 256]
-        [--json benchmarks/results/sm90_bwd_probe.json]
+        [--json benchmarks/results/sm90_probe_backward.json]
 
 CrossLMM-2B's V2V global cross-attention: Lq = 9 T pooled queries against Lk = 729 T keys, 12 query
 heads of 128, bf16, non-causal, one segment. Ours run through ``crosslmm_ops._C`` directly (no
