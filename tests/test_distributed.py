@@ -655,14 +655,14 @@ def _torchrun(tmp_path, *script_args):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable),
                                                         "torchrun")
     cmd = [torchrun, "--standalone", "--nproc-per-node", "2",
-           os.path.join(REPO, "python", "train_distributed.py"), "--device", "cpu", *script_args]
+           os.path.join(REPO, "examples", "train_distributed.py"), "--device", "cpu", *script_args]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     return [line for line in run.stdout.splitlines() if line.startswith("step ")]
 
 
 def test_train_distributed_script_ddp(tmp_path):
-    """python/train_distributed.py under torchrun: 2 CPU processes (gloo), DDP, frame sharding;
+    """examples/train_distributed.py under torchrun: 2 CPU processes (gloo), DDP, frame sharding;
     one loss per step."""
     steps = _torchrun(tmp_path, "--steps", "2", "--strategy", "ddp")
     assert len(steps) == 2, steps
