@@ -112,6 +112,24 @@ def test_prompt_lookup_decoding_equals_greedy(case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_static_cache_generates_as_the_dynamic_one(case):
+    """generate(cache_implementation="static"): the static cache carries the memory the same
+    way (its class becomes a VisionMemoryCache) and the tokens and logits are the dynamic
+    cache's."""
+    from crosslmm_ops.models.decoder import VisionMemoryCache
+
+    model, inputs, _, opts = _case(case)
+    kw = dict(opts, max_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True)
+    dynamic = model.generate(**inputs, **kw)
+    static = model.generate(**inputs, **kw, cache_implementation="static")
+    cache = find_cache(static)
+    assert isinstance(cache, VisionMemoryCache) and cache_vision_memory(cache) is not None
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_every_dcal_runs_in_every_decode_step(case):
     model, inputs, dcals, opts = _case(case)
     calls = []

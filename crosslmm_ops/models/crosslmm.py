@@ -336,8 +336,10 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             text_mask = torch.zeros(shape, dtype=torch.bool, device=device)
         elif visual_mask is not None:
             text_mask = ~visual_mask
-            if attention_mask is not None and attention_mask.dim() == 2:
-                text_mask = text_mask & attention_mask.to(torch.bool)  # padding asks nothing
+            # Padding asks nothing. (A compileable cache's generate() passes prepared 4-D masks
+            # instead; padding rows then query too, which no real position reads.)
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+                text_mask = text_mask & attention_mask.to(torch.bool)
         else:
             text_mask = None  # decoding: every new position is text
         return ForwardVision(memory, visual_mask, text_mask)
