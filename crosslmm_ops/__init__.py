@@ -17,24 +17,17 @@ DCAL: V2V and T2V behind tanh gates initialised to 0), :class:`V2VCrossAttention
 :class:`T2VCrossAttention`, :class:`CrossAttention`, :class:`TokenPooling`, :class:`VisionMemory`
 (the original vision tokens every DCAL attends to). The reference model and ``patch_llava`` live
 in :mod:`crosslmm_ops.models`.
+
+How a call runs (back end, projected path, CUDA kernel) is decided by :mod:`crosslmm_ops.planner`:
+:func:`explain` says what a call would run and why, :func:`last_backend` / :func:`last_path` /
+:func:`last_kernel` / :func:`record_backends` what ran.
 """
 
 __version__ = "0.1.0"
 
-from crosslmm_ops._backend import (  # noqa: E402
-    BACKENDS,
-    last_backend,
-    record_backends,
-)
 from crosslmm_ops.flash_attn_compat import (  # noqa: E402
     flash_attn_func,
     flash_attn_varlen_func,
-)
-from crosslmm_ops.ops.cross_attention import (  # noqa: E402
-    attention_weights,
-    cross_attention,
-    cross_attention_reference,
-    merge_attention_states,
 )
 from crosslmm_ops.nn import (  # noqa: E402
     CrossAttention,
@@ -44,6 +37,12 @@ from crosslmm_ops.nn import (  # noqa: E402
     TokenPooling,
     V2VCrossAttention,
     VisionMemory,
+)
+from crosslmm_ops.ops.cross_attention import (  # noqa: E402
+    attention_weights,
+    cross_attention,
+    cross_attention_reference,
+    merge_attention_states,
 )
 from crosslmm_ops.ops.projected_attention import (  # noqa: E402
     normalize_tokens,
@@ -55,6 +54,15 @@ from crosslmm_ops.ops.token_pool import (  # noqa: E402
     pooled_grid,
     token_pool,
     token_pool_reference,
+)
+from crosslmm_ops.planner import (  # noqa: E402
+    BACKENDS,
+    Plan,
+    explain,
+    last_backend,
+    last_kernel,
+    last_path,
+    record_backends,
 )
 
 # The reference model and patch_llava need transformers: imported on first use, so that
@@ -86,13 +94,17 @@ __all__ = [
     "TokenPooling",
     "V2VCrossAttention",
     "VisionMemory",
+    "Plan",
     "PoolSpec",
     "attention_weights",
     "cross_attention",
     "cross_attention_reference",
+    "explain",
     "flash_attn_func",
     "flash_attn_varlen_func",
     "last_backend",
+    "last_kernel",
+    "last_path",
     "merge_attention_states",
     "normalize_tokens",
     "projected_cross_attention",

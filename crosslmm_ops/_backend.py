@@ -1,4 +1,4 @@
-"""Back-end selection shared by every op.
+"""What the back ends can run here, and the plumbing every op's implementation shares.
 
 Each op runs on one of three back ends:
 
@@ -6,25 +6,25 @@ Each op runs on one of three back ends:
 * ``triton`` - Triton kernels in ``crosslmm_ops/triton/``;
 * ``torch``  - the plain-PyTorch reference, the CPU path and the test oracle.
 
-``backend="auto"`` (the default, or the ``CROSSLMM_BACKEND`` environment variable) takes the first
-of cuda -> triton -> torch that can run the call. Asking for a back end that cannot run the call is a
-``RuntimeError`` that says why; there is no silent fallback. The back end that ran each call is
-recorded, so tests and benchmarks can assert it (:func:`last_backend`, :func:`record_backends`).
+This module answers what is installed and runnable (:func:`extension`, :func:`cuda_runnable`,
+:func:`triton_runnable` ...) and holds the plumbing of the implementations (output allocation,
+poisoning, the eager autograd.Function twins). *Which* back end, path and kernel a call takes is
+decided, recorded and explained by :mod:`crosslmm_ops.planner`; the environment is read by
+:mod:`crosslmm_ops.environment`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
-from typing import Iterator
 
 import torch
 
+from crosslmm_ops import environment
+
 BACKENDS = ("cuda", "triton", "torch")
-_CHOICES = ("auto",) + BACKENDS
-ENV_VAR = "CROSSLMM_BACKEND"
+ENV_VAR = environment.BACKEND_VAR
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def triton_available() -> bool:
 
 def triton_interpreted() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return environment.triton_interpret()
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,65 +151,6 @@ def kernel_index(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Choosing a back end for one call
-# ----------------------------------------------------------------------------------------------
-
-
-def requested_backend(backend: str | None) -> str:
-    """The back end a call asked for: its argument, else ``CROSSLMM_BACKEND``, else ``auto``."""
-    if backend is None:
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
-    if not isinstance(backend, str) or backend.lower() not in _CHOICES:
-        raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
-    return backend.lower()
-
-
-def resolve(
-    op: str,
-    backend: str | None,
-    device: torch.device,
-    *,
-    cuda_ok=None,
-    triton_ok=None,
-) -> str:
-    """Pick the back end for one call of ``op`` on ``device``.
-
-    ``cuda_ok`` / ``triton_ok`` let an op add its own limits (dtype, head dim ...) on top of what is
-    installed: ``(False, reason)`` excludes that back end for this call. Either may be a
-    zero-argument callable returning that pair, evaluated only when the back end is considered
-    (a call that asks for ``cuda`` never pays for the Triton check: host time of short calls).
-    On the meta device any back end is accepted as asked (``auto``: ``torch``): nothing runs, the
-    custom ops' fake kernels give the shapes.
-    """
-    wanted = requested_backend(backend)
-    if device.type == "meta":
-        return "torch" if wanted == "auto" else wanted
-    defaults = {"cuda": cuda_runnable, "triton": triton_runnable}
-    given = {"cuda": cuda_ok, "triton": triton_ok}
-
-    def check(name: str) -> tuple[bool, str]:
-        if name == "torch":
-            return True, ""
-        ok = given[name]
-        if ok is None:
-            return defaults[name](device)
-        return ok() if callable(ok) else ok
-
-    if wanted != "auto":
-        ok, why = check(wanted)
-        if not ok:
-            raise RuntimeError(f"{op}: backend={wanted!r} cannot run this call: {why}")
-        return wanted
-    for name in BACKENDS:
-        # auto never picks the Triton interpreter: it is a testing tool, far too slow to use.
-        if name == "triton" and device.type == "cpu":
-            continue
-        if check(name)[0]:
-            return name
-    raise AssertionError("unreachable: the torch back end always runs")
-
-
-# ----------------------------------------------------------------------------------------------
 # Eager calls without torch.library's Python dispatch
 # ----------------------------------------------------------------------------------------------
 
@@ -219,7 +160,7 @@ def resolve(
 # than a decode step's or a short T2V call's kernels: the GPU then waits on the host. Plain eager
 # calls therefore run an autograd.Function built from the same forward, context and backward
 # functions. CROSSLMM_EAGER_FUNCTION=0 sends every call through the custom ops.
-EAGER_FUNCTION = os.environ.get("CROSSLMM_EAGER_FUNCTION", "1") != "0"
+EAGER_FUNCTION = environment.EAGER_FUNCTION
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -271,13 +212,9 @@ def eager_function(name: str, forward, setup_context, backward_formula):
 _poison = threading.local()
 
 
-# CROSSLMM_POISON_OUTPUTS=1 poisons every output of the process; read once, at import (each
-# output allocation asking the environment again was measurable host time in short calls).
-_POISON_ENV = os.environ.get("CROSSLMM_POISON_OUTPUTS", "0") == "1"
-
-
 def poisoning() -> bool:
-    return _POISON_ENV or getattr(_poison, "on", False)
+    # CROSSLMM_POISON_OUTPUTS=1 poisons every output of the process (read once, at import).
+    return environment.POISON_OUTPUTS or getattr(_poison, "on", False)
 
 
 @contextlib.contextmanager
@@ -299,34 +236,16 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Recording which back end ran
+# Moved to crosslmm_ops.planner (the one place that decides and records); kept here for callers
+# written against this module.
 # ----------------------------------------------------------------------------------------------
 
-_last: dict[str, str] = {}
-_recorders = threading.local()
+_MOVED_TO_PLANNER = ("resolve", "requested_backend", "note", "last_backend", "record_backends")
 
 
-def note(op: str, backend: str) -> None:
-    """Record that ``op`` just ran on ``backend`` (called by each op's implementation)."""
-    _last[op] = backend
-    for log in getattr(_recorders, "stack", ()):
-        log.append((op, backend))
+def __getattr__(name: str):
+    if name in _MOVED_TO_PLANNER:
+        from crosslmm_ops import planner
 
-
-def last_backend(op: str) -> str | None:
-    """The back end that ran the most recent call of ``op`` in this process (``None`` if none)."""
-    return _last.get(op)
-
-
-@contextlib.contextmanager
-def record_backends() -> Iterator[list[tuple[str, str]]]:
-    """Collect ``(op, backend)`` for every op call in this thread inside the ``with`` block."""
-    log: list[tuple[str, str]] = []
-    stack = getattr(_recorders, "stack", None)
-    if stack is None:
-        stack = _recorders.stack = []
-    stack.append(log)
-    try:
-        yield log
-    finally:
-        stack.remove(log)
+        return getattr(planner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import crosslmm_ops
-from crosslmm_ops import _backend
+from crosslmm_ops import _backend, environment, planner
 
 # The ops and what limits their fast back ends beyond what is installed.
 OPS = {
@@ -65,6 +65,9 @@ def info(_args=None) -> int:
         lines.append("GPU            none (ops run on the torch back end; triton only under "
                      "TRITON_INTERPRET=1)")
         device = torch.device("cpu")
+    overrides = environment.overrides()
+    lines.append("environment    " + (", ".join(f"{k}={v}" for k, v in overrides.items())
+                                      or "no CROSSLMM_* overrides set"))
     lines.append(f"back ends on {device.type}:")
     for op, limits in OPS.items():
         usable = []
@@ -72,10 +75,39 @@ def info(_args=None) -> int:
             ok, why = check(device)
             usable.append(name if ok else f"{name} (no: {why})")
         usable.append("torch")
-        auto = _backend.resolve(op, "auto", device)
+        auto = planner.resolve(op, "auto", device)
         lines.append(f"  {op:<12} auto -> {auto}; " + "; ".join(usable) + f"  [{limits}]")
+    # What the planner chooses for CrossLMM-2B-shaped calls on this device, and why
+    # (crosslmm_ops.explain does the same for any call).
+    lines.append(f"example calls on {device.type} (crosslmm_ops.explain):")
+    for label, op, args, kwargs in _example_calls(device):
+        plan = planner.explain(op, *args, print_plan=False, **kwargs)
+        lines.append(f"  {label}")
+        lines += [f"    {line}" for line in str(plan).splitlines()[1:]]
     print("\n".join(lines))
     return 0
+
+
+def _example_calls(device: torch.device):
+    """(label, op, args, kwargs) of small CrossLMM-2B-shaped calls (12 query heads of 128, 2 KV
+    heads, SigLIP width 1152) for ``info`` to explain."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    new = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+    frames, queries = 4, 9
+    cu = lambda n: torch.arange(frames + 1, dtype=torch.int32, device=device) * n  # noqa: E731
+    w = new(2 * 128, 1152)
+    return [
+        ("token_pool, 27x27 -> 3x3", "token_pool", (new(1, frames, 729, 1152),),
+         dict(kernel_size=9)),
+        ("cross_attention, T2V prefill (128 queries, 4 x 729 keys)", "cross_attention",
+         (new(1, 128, 12, 128), new(1, frames * 729, 2, 128), new(1, frames * 729, 2, 128)), {}),
+        ("projected_cross_attention, frame-local V2V (9 queries per frame)",
+         "projected_cross_attention",
+         (new(frames * queries, 12, 128), new(frames * 729, 1152), w, w),
+         dict(cu_seqlens_q=cu(queries), cu_seqlens_k=cu(729))),
+        ("projected_cross_attention, T2V decode (1 query)", "projected_cross_attention",
+         (new(1, 1, 12, 128), new(1, frames * 729, 1152), w, w), {}),
+    ]
 
 
 def pool(args) -> int:

@@ -81,16 +81,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from crosslmm_ops import _backend
-from crosslmm_ops.ops import cross_attention as _ca
-from crosslmm_ops.ops import projected_attention as _projected
+from crosslmm_ops import environment, planner
+from crosslmm_ops.ops import cross_attention as attention
+from crosslmm_ops.ops import projected_attention as projected
+from crosslmm_ops.ops import validation
 from crosslmm_ops.ops.cross_attention import cross_attention
 from crosslmm_ops.ops.projected_attention import projected_cross_attention
 
@@ -150,9 +150,7 @@ def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
 # Replicated arguments: the same on every rank
 # ----------------------------------------------------------------------------------------------
 
-CHECK_REPLICAS_ENV = "CROSSLMM_CHECK_REPLICAS"
-# The debug mode's default, read once at import (the only read of the environment here).
-_CHECK_REPLICAS_DEFAULT = os.environ.get(CHECK_REPLICAS_ENV, "0") == "1"
+CHECK_REPLICAS_ENV = environment.CHECK_REPLICAS_VAR
 
 _SHAPE_SLOTS = 4  # the replicated tensors have at most 4 dims
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)
@@ -160,7 +158,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.in
 
 def _check_replicas_mode(check_replicas) -> bool:
     if check_replicas is None:
-        return _CHECK_REPLICAS_DEFAULT
+        return environment.CHECK_REPLICAS  # the debug mode's default, read once at import
     if not isinstance(check_replicas, bool):
         raise ValueError(f"check_replicas must be a bool or None (None: {CHECK_REPLICAS_ENV}), "
                          f"got {check_replicas!r}")
@@ -359,8 +357,8 @@ class _ShardedAttention(torch.autograd.Function):
                 group, grad_scale):
         # The custom op's implementation, not the op: inside this Function there is no autograd
         # to record, and torch.library's dispatch costs host time per call.
-        out_r, lse_r = _ca._forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale, num_splits,
-                                         deterministic, backend)
+        out_r, lse_r = attention.forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale,
+                                              num_splits, deterministic, backend)
         out, lse = _merge(out_r, lse_r, group, 1.0)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.params = (max_q, max_k, scale, deterministic, backend)
@@ -373,7 +371,8 @@ class _ShardedAttention(torch.autograd.Function):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _ca._backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
+        dq, dk, dv = attention.backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k,
+                                             *ctx.params)
         if ctx.needs_input_grad[0]:
             total = dq.to(_reduce_dtype(dq.dtype))
             dist.all_reduce(total, group=ctx.group)
@@ -436,34 +435,26 @@ def sharded_cross_attention(
     _rank_and_size(group)
 
     def check():
-        layout = _ca._check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                   max_seqlen_k)
-        scale = _ca._check_scale(softmax_scale, layout.head_dim)
-        if not _ca._is_int(num_splits) or num_splits < 0:
-            raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got "
-                             f"{num_splits!r}")
-        for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be a bool, got {flag!r}")
-        chosen = _backend.resolve(OP_NAME, backend, q.device,
-                                  cuda_ok=_ca._cuda_ok(layout, q.dtype, q.device),
-                                  triton_ok=_ca._triton_ok(layout, q.dtype, q.device))
-        return layout, scale, _check_grad_scale(grad_scale), chosen
+        # The op's own validation and back-end choice (errors name this op).
+        call = attention.prepare(q, k, v, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
+                                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                 max_seqlen_k=max_seqlen_k, num_splits=num_splits,
+                                 return_lse=return_lse, deterministic=deterministic,
+                                 backend=backend, op=OP_NAME)
+        return call, _check_grad_scale(grad_scale)
 
-    layout, scale, grad_scale, chosen = _check_replicated(
+    call, grad_scale = _check_replicated(
         group, check, {"q": q, "cu_seqlens_q": cu_seqlens_q},
         {"the key/value heads and head dim (k.shape[-2:])": _tail(k, 2),
          "the number of key segments (len(cu_seqlens_k))": _tail(cu_seqlens_k, 1)},
         check_replicas)
-    qp, kp, vp, cu_q, cu_k = _ca._packed(layout, q, k, v, cu_seqlens_q, cu_seqlens_k)
+    layout = call.layout
+    qp, kp, vp, cu_q, cu_k = attention.packed_inputs(layout, q, k, v, cu_seqlens_q, cu_seqlens_k)
     out, lse = _ShardedAttention.apply(qp, kp, vp, cu_q, cu_k, layout.max_seqlen_q,
-                                       layout.max_seqlen_k, scale, num_splits, deterministic,
-                                       chosen, group, grad_scale)
-    if layout.batched:
-        out = out.reshape(q.shape)
-        lse = _ca._lse_batched(lse, layout.batch, layout.seqlen_q)
-    _backend.note(OP_NAME, chosen)
-    return (out, lse) if return_lse else out
+                                       layout.max_seqlen_k, call.scale, num_splits, deterministic,
+                                       call.backend, group, grad_scale)
+    planner.note(OP_NAME, call.backend, kernel=planner.last_kernel(attention.OP_NAME))
+    return attention.finish(call, q, out, lse, return_lse)
 
 
 def sharded_projected_cross_attention(
@@ -506,7 +497,7 @@ def sharded_projected_cross_attention(
         if not isinstance(return_lse, bool):
             raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
         # The op checks these again; here they are checked before the collectives.
-        _projected._check_inputs(
+        projected.check_inputs(
             q, x, w_k, w_v, b_k, b_v, cu_q, cu_k, kwargs.get("max_seqlen_q"),
             kwargs.get("max_seqlen_k"), kwargs.get("norm"), norm_weight, norm_bias,
             kwargs.get("norm_eps", 1e-6))
@@ -531,7 +522,8 @@ def sharded_projected_cross_attention(
         norm_weight=get("norm_weight", norm_weight), norm_bias=get("norm_bias", norm_bias),
         return_lse=True, **kwargs)
     out, lse = _merge(out_r, lse_r, group, grad_scale)
-    _backend.note(PROJECTED_OP_NAME, _backend.last_backend("projected_cross_attention"))
+    ran = planner.last_record(projected.OP_NAME)
+    planner.note(PROJECTED_OP_NAME, ran.backend, path=ran.path, kernel=ran.kernel)
     return (out, lse) if return_lse else out
 
 
@@ -550,14 +542,13 @@ def frame_local_cross_attention(
     is the rows of its frames. Gradients are this rank's (its frames' contribution to a
     parameter's gradient, as in plain data parallelism). ``kwargs``: as for
     :func:`~crosslmm_ops.cross_attention` (not ``cu_seqlens_*``)."""
-    if not _ca._is_int(queries_per_frame) or queries_per_frame < 1:
-        raise ValueError(f"queries_per_frame must be an int >= 1, got {queries_per_frame!r}")
+    validation.positive_int("queries_per_frame", queries_per_frame)
     for name in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"):
         if name in kwargs:
             raise ValueError(f"{name} is derived from queries_per_frame here; call "
                              "cross_attention for other segments")
     for name, t in (("q", q), ("k", k)):
-        _ca._tensor(name, t)
+        validation.tensor(name, t)
         if t.dim() != 3:
             raise ValueError(f"{name} must be packed (total, H, D), got {tuple(t.shape)}")
     frames, rest = divmod(q.shape[0], queries_per_frame)
@@ -572,8 +563,8 @@ def frame_local_cross_attention(
     tokens, rest = divmod(k.shape[0], frames)
     if rest:
         raise ValueError(f"k has {k.shape[0]} rows, not a multiple of the {frames} frames of q")
-    cu_q = _ca._uniform_cu_seqlens(frames, queries_per_frame, q.device)
-    cu_k = _ca._uniform_cu_seqlens(frames, tokens, q.device)
+    cu_q = attention.uniform_cu_seqlens(frames, queries_per_frame, q.device)
+    cu_k = attention.uniform_cu_seqlens(frames, tokens, q.device)
     return cross_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                            max_seqlen_q=queries_per_frame, max_seqlen_k=tokens, **kwargs)
 

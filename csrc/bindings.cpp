@@ -15,16 +15,17 @@ void token_pool_mix(const at::Tensor& src, at::Tensor& dst, const at::Tensor& ro
                     const c10::optional<at::Tensor>& argmax, int64_t kind,
                     int64_t temporal_stride, int64_t frames_in, int64_t tokens_in,
                     bool time_transposed, int64_t max_row_len);
-void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       at::Tensor& out, at::Tensor& lse, const at::Tensor& cu_seqlens_q,
-                       const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                       double softmax_scale, int64_t num_splits);
-void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                        int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-                        bool deterministic);
+std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              at::Tensor& out, at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                              int64_t max_seqlen_k, double softmax_scale, int64_t num_splits,
+                              const std::string& kernel);
+std::string attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                               int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                               bool deterministic, const std::string& kernel);
 std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& q, const at::Tensor& x, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
@@ -83,14 +84,16 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("tokens_in"), pybind11::arg("time_transposed"), pybind11::arg("max_row_len"));
   m.def("attention_forward", guarded(&crosslmm::attention_forward),
         "Varlen cross-attention forward: writes out = softmax(q k^T * scale) v and lse (natural "
-        "log, [Hq, total_q]); num_splits 0 = heuristic key split.",
+        "log, [Hq, total_q]); num_splits 0 = heuristic key split. kernel: 'mma_sync' or 'sm90' "
+        "(where it can run; crosslmm_ops.planner chooses). Returns the kernel that ran.",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
         pybind11::arg("lse"), pybind11::arg("cu_seqlens_q"), pybind11::arg("cu_seqlens_k"),
         pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"),
-        pybind11::arg("softmax_scale"), pybind11::arg("num_splits"));
+        pybind11::arg("softmax_scale"), pybind11::arg("num_splits"),
+        pybind11::arg("kernel") = std::string("mma_sync"));
   m.def("attention_forward_kernel_name", &crosslmm::attention_forward_kernel_name,
-        "Which forward kernel the last attention_forward call on this thread ran: 'sm90_wgmma', "
-        "'mma_sync', or 'none' (nothing to compute).");
+        "Which forward kernel the last attention_forward call on this thread ran (what it "
+        "returned): 'sm90_wgmma', 'mma_sync', or 'none' (nothing to compute).");
   m.def("attention_backward_kernel_name", &crosslmm::attention_backward_kernel_name,
         "Which backward the last attention_backward call on this thread ran: 'sm90_wgmma' (wgmma "
         "dK/dV and dQ kernels), 'sm90_dkdv' (wgmma dK/dV, mma.sync dQ), 'mma_sync', or 'none' "
@@ -99,12 +102,15 @@ PYBIND11_MODULE(_C, m) {
         "Empty, or why the last attention_backward call that asked for the sm90 backward ran the "
         "mma.sync one instead (a TMA tensor map that could not be encoded).");
   m.def("attention_backward", guarded(&crosslmm::attention_backward),
-        "Varlen cross-attention backward: writes dq, dk, dv (always deterministic).",
+        "Varlen cross-attention backward: writes dq, dk, dv (always deterministic). kernel: "
+        "'mma_sync', 'sm90' or 'sm90_dkdv' (where they can run; crosslmm_ops.planner chooses). "
+        "Returns the kernel that ran.",
         pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
         pybind11::arg("out"), pybind11::arg("lse"), pybind11::arg("dq"), pybind11::arg("dk"),
         pybind11::arg("dv"), pybind11::arg("cu_seqlens_q"), pybind11::arg("cu_seqlens_k"),
         pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"),
-        pybind11::arg("softmax_scale"), pybind11::arg("deterministic"));
+        pybind11::arg("softmax_scale"), pybind11::arg("deterministic"),
+        pybind11::arg("kernel") = std::string("mma_sync"));
   m.def("projected_attention_core_forward", guarded(&crosslmm::projected_attention_core_forward),
         "Projection-fused attention core (csrc/projected/): per segment and head, "
         "out = softmax(q x^T * scale) x with q [total_q, H, Dv] and x [total_k, Dv] (keys = values "

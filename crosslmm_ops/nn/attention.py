@@ -44,16 +44,11 @@ import math
 import torch
 from torch import nn
 
-from crosslmm_ops import _backend
-from crosslmm_ops.nn.memory import VisionMemory, _version
-from crosslmm_ops.ops import projected_attention as _projected
+from crosslmm_ops import planner
+from crosslmm_ops.nn.memory import VisionMemory, tensor_version
+from crosslmm_ops.ops import projected_attention as projected
 from crosslmm_ops.ops.cross_attention import cross_attention
-from crosslmm_ops.ops.projected_attention import (
-    PATHS,
-    ProjectedLayout,
-    choose_path,
-    projected_cross_attention,
-)
+from crosslmm_ops.ops.projected_attention import PATHS, ProjectedLayout, projected_cross_attention
 
 NORMS = ("rmsnorm", "layernorm", None)
 SCOPES = ("global", "frame")
@@ -96,7 +91,7 @@ class TanhGate(nn.Module):
         return f"init_value={self.init_value}"
 
 
-def _make_norm(kind, size: int, eps: float, name: str) -> nn.Module | None:
+def make_norm(kind, size: int, eps: float, name: str) -> nn.Module | None:
     # torch's own norms: their class names contain "RMSNorm"/"LayerNorm", which transformers'
     # _init_weights resets to ones/zeros (the right values), and they upcast half precision.
     if kind is None:
@@ -108,15 +103,15 @@ def _make_norm(kind, size: int, eps: float, name: str) -> nn.Module | None:
     raise ValueError(f"{name} must be one of {NORMS}, got {kind!r}")
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return value
 
 
-def _head_shape(hidden_size, num_heads, num_kv_heads, head_dim) -> tuple[int, int, int]:
-    num_heads = _positive_int("num_heads", num_heads)
-    num_kv_heads = num_heads if num_kv_heads is None else _positive_int("num_kv_heads",
+def head_shape(hidden_size, num_heads, num_kv_heads, head_dim) -> tuple[int, int, int]:
+    num_heads = positive_int("num_heads", num_heads)
+    num_kv_heads = num_heads if num_kv_heads is None else positive_int("num_kv_heads",
                                                                           num_kv_heads)
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
@@ -126,7 +121,7 @@ def _head_shape(hidden_size, num_heads, num_kv_heads, head_dim) -> tuple[int, in
             raise ValueError(f"hidden_size ({hidden_size}) is not a multiple of num_heads "
                              f"({num_heads}); give head_dim")
         head_dim = hidden_size // num_heads
-    return num_heads, num_kv_heads, _positive_int("head_dim", head_dim)
+    return num_heads, num_kv_heads, positive_int("head_dim", head_dim)
 
 
 def _project_kv(memory: VisionMemory, vision_norm, k_proj: nn.Linear, v_proj: nn.Linear,
@@ -137,9 +132,9 @@ def _project_kv(memory: VisionMemory, vision_norm, k_proj: nn.Linear, v_proj: nn
     if cached:
         modules = [m for m in (vision_norm, k_proj, v_proj) if m is not None]
         autocast = _autocasting(memory.device)
-        state = (_version(memory.tokens), memory.tokens.dtype, autocast,
+        state = (tensor_version(memory.tokens), memory.tokens.dtype, autocast,
                  torch.get_autocast_dtype(memory.device.type) if autocast else None) + tuple(
-            (p.data_ptr(), _version(p)) for m in modules for p in m.parameters())
+            (p.data_ptr(), tensor_version(p)) for m in modules for p in m.parameters())
         hit = memory._kv.get(id(k_proj))
         if hit is not None and hit[0] is k_proj and hit[1] == state:
             return hit[2]
@@ -161,7 +156,7 @@ def _autocasting(device: torch.device) -> bool:
         return False
 
 
-def _check_kv_path(value) -> str:
+def check_kv_path(value) -> str:
     if value not in PATHS:
         raise ValueError(f"kv_path must be one of {PATHS}, got {value!r}")
     return value
@@ -191,7 +186,7 @@ def _unfused_reason(name: str, module: nn.Module, types: tuple) -> str | None:
     return None
 
 
-class _KVSource:
+class KVSource:
     """Where a branch's keys and values come from: the vision norm and K/V projections (the
     branch's own, or its DCAL's with ``share_kv``) and the two ways of attending through them.
     The DCAL hands one instance to both branches, so the materialised K/V are computed once per
@@ -251,30 +246,7 @@ class _KVSource:
             path="fused", backend=backend)
 
 
-def _fused_core_is_fast(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device,
-                        backend) -> bool:
-    """Whether the fused core can run on the back end this call asks for, and on a GPU on a
-    kernel: the cost model assumes kernels on both paths, and the core has limits the
-    materialised attention does not (e.g. a token width above 2048) where ``auto`` would fall to
-    the plain-PyTorch reference."""
-    cuda_ok, triton_ok = _projected._core_ok(layout, dtype, device)
-    wanted = _backend.requested_backend(backend)
-    if wanted == "auto":
-        return device.type != "cuda" or cuda_ok[0] or triton_ok[0]
-    return {"cuda": cuda_ok[0], "triton": triton_ok[0], "torch": True}[wanted]
-
-
-def _note_materialized() -> None:
-    """Record a materialised call the way :func:`projected_cross_attention` records its own, so
-    that ``last_path()`` and ``last_backend("projected_cross_attention")`` describe every DCAL
-    attention, whichever path it took. (The module runs this path itself, to reuse K/V shared by
-    the branches of a DCAL or kept by ``cache_kv``, which the op cannot see.)"""
-    if not torch.compiler.is_compiling():
-        _projected._last_path["path"] = "materialized"
-        _backend.note(_projected.OP_NAME, _backend.last_backend("cross_attention"))
-
-
-def _check_call(hidden_states, memory, hidden_size: int, vision_size: int) -> None:
+def check_call(hidden_states, memory, hidden_size: int, vision_size: int) -> None:
     """The arguments every block's forward shares: hidden states, memory, and how they match."""
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
         raise ValueError(f"hidden_states must have shape (B, L, hidden_size), got "
@@ -301,7 +273,7 @@ def _check_call(hidden_states, memory, hidden_size: int, vision_size: int) -> No
                          "convert the memory with memory.to(dtype)")
 
 
-def _check_mask(name: str, mask, hidden_states: torch.Tensor) -> torch.Tensor | None:
+def check_mask(name: str, mask, hidden_states: torch.Tensor) -> torch.Tensor | None:
     if mask is None:
         return None
     B, L = hidden_states.shape[:2]
@@ -315,7 +287,7 @@ def _check_mask(name: str, mask, hidden_states: torch.Tensor) -> torch.Tensor | 
     return mask
 
 
-def _check_visual_counts(name: str, counts: list[int], memory: VisionMemory) -> None:
+def check_visual_counts(name: str, counts: list[int], memory: VisionMemory) -> None:
     """Sample ``b`` has either all its ``T_b * n`` pooled tokens in the sequence (prefill) or none
     (decoding): the i-th visual position of a sample belongs to its frame ``i // n``."""
     for b, (c, want) in enumerate(zip(counts, memory.visual_tokens_per_sample())):
@@ -332,7 +304,7 @@ def _check_visual_counts(name: str, counts: list[int], memory: VisionMemory) -> 
 
 
 @dataclasses.dataclass
-class _Queries:
+class Queries:
     """The query rows of one branch in one call: how many per sample (host ints), where they are
     (``index``: the ``nonzero`` of the mask; None: every position, in order), and what the
     attention derives from that, computed on first use."""
@@ -408,7 +380,7 @@ class _Queries:
 _PLAN_CACHE_SIZE = 8
 
 
-def _cached(memory: VisionMemory, key: tuple, masks: tuple, build):
+def cached_plan(memory: VisionMemory, key: tuple, masks: tuple, build):
     """``build()``, memoised on ``memory`` for the same mask tensors (unchanged since: their
     ``_version``). Every DCAL layer of a forward gets the same memory and masks, so the host reads
     (counts, ``nonzero``) and the checks happen once per forward, not once per layer. The entry
@@ -418,7 +390,7 @@ def _cached(memory: VisionMemory, key: tuple, masks: tuple, build):
     # A plan built in inference mode holds inference tensors (offsets, indices), which autograd
     # cannot save: it is not reused outside inference mode.
     full_key = key + (torch.is_inference_mode_enabled(),) + tuple(
-        None if m is None else (id(m), _version(m)) for m in masks)
+        None if m is None else (id(m), tensor_version(m)) for m in masks)
     hit = memory._plans.get(full_key)
     if hit is not None and all(a is b for a, b in zip(hit[0], masks)):
         return hit[1]
@@ -429,20 +401,20 @@ def _cached(memory: VisionMemory, key: tuple, masks: tuple, build):
     return value
 
 
-def _branch_queries(memory: VisionMemory, hidden_states: torch.Tensor, mask, name: str,
-                    visual: bool) -> _Queries:
+def branch_queries(memory: VisionMemory, hidden_states: torch.Tensor, mask, name: str,
+                    visual: bool) -> Queries:
     B, L = hidden_states.shape[:2]
 
     def build():
         counts = [L] * B if mask is None else mask.sum(1).tolist()
         if visual:
-            _check_visual_counts(name, counts, memory)
-        return _Queries(counts, None if mask is None else mask.nonzero(as_tuple=True))
+            check_visual_counts(name, counts, memory)
+        return Queries(counts, None if mask is None else mask.nonzero(as_tuple=True))
 
-    return _cached(memory, ("branch", name, visual, B, L), (mask,), build)
+    return cached_plan(memory, ("branch", name, visual, B, L), (mask,), build)
 
 
-def _scatter_add(hidden_states: torch.Tensor, index, delta: torch.Tensor) -> torch.Tensor:
+def scatter_add(hidden_states: torch.Tensor, index, delta: torch.Tensor) -> torch.Tensor:
     """``hidden_states`` with ``delta`` added at the query rows, out of place (autograd-safe)."""
     delta = delta.to(hidden_states.dtype)
     if index is None:  # every position queried
@@ -521,9 +493,9 @@ class CrossAttention(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        self.hidden_size = _positive_int("hidden_size", hidden_size)
-        self.vision_size = _positive_int("vision_size", vision_size)
-        self.num_heads, self.num_kv_heads, self.head_dim = _head_shape(
+        self.hidden_size = positive_int("hidden_size", hidden_size)
+        self.vision_size = positive_int("vision_size", vision_size)
+        self.num_heads, self.num_kv_heads, self.head_dim = head_shape(
             hidden_size, num_heads, num_kv_heads, head_dim)
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -542,14 +514,14 @@ class CrossAttention(nn.Module):
         self.backend = backend
         inner_q = self.num_heads * self.head_dim
         inner_kv = self.num_kv_heads * self.head_dim
-        self.query_norm = _make_norm(query_norm, self.hidden_size, norm_eps, "query_norm")
+        self.query_norm = make_norm(query_norm, self.hidden_size, norm_eps, "query_norm")
         self.q_proj = nn.Linear(self.hidden_size, inner_q, bias=bias)
         if kv_proj:
-            self.vision_norm = _make_norm(vision_norm, self.vision_size, norm_eps, "vision_norm")
+            self.vision_norm = make_norm(vision_norm, self.vision_size, norm_eps, "vision_norm")
             self.k_proj = nn.Linear(self.vision_size, inner_kv, bias=bias)
             self.v_proj = nn.Linear(self.vision_size, inner_kv, bias=bias)
         else:
-            _make_norm(vision_norm, 1, norm_eps, "vision_norm")  # validate the choice anyway
+            make_norm(vision_norm, 1, norm_eps, "vision_norm")  # validate the choice anyway
         self.has_kv_proj = kv_proj
         self.o_proj = nn.Linear(inner_q, self.hidden_size, bias=bias)
         self.gate = TanhGate(gate_init) if gate else None
@@ -569,41 +541,32 @@ class CrossAttention(nn.Module):
 
     @kv_path.setter
     def kv_path(self, value: str) -> None:
-        self._kv_path = _check_kv_path(value)
+        self._kv_path = check_kv_path(value)
 
-    def _kv_source(self) -> _KVSource:
+    def kv_source(self) -> KVSource:
         if not self.has_kv_proj:
             raise RuntimeError(f"this {type(self).__name__} was built with kv_proj=False (its keys "
                                "and values belong to its DualCrossAttention); call that instead")
-        return _KVSource(self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads,
+        return KVSource(self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads,
                          self.head_dim)
 
-    def _choose_path(self, source: _KVSource, memory: VisionMemory, queries: _Queries,
-                     dtype: torch.dtype, device: torch.device) -> str:
-        """``"fused"`` or ``"materialized"`` for this call (see ``kv_path``)."""
-        forced = _projected._path_override(self.kv_path)  # kv_path, else CROSSLMM_PROJECTED_PATH
-        if forced == "materialized":
-            return "materialized"
-        reason = source.unfused_reason(self.vision_size)
-        if reason is not None:
-            if self.kv_path == "fused":
-                raise ValueError(f"kv_path='fused' cannot be used: {reason} (the fused path reads "
-                                 "the weights directly); use kv_path='auto' or 'materialized'")
-            return "materialized"
-        if forced == "fused":
-            return "fused"
-        if torch.compiler.is_compiling():
-            # The cost model reads the query counts, which a traced graph knows only at run time.
-            return "materialized"
-        layout = queries.layout(self.scope, memory, self.num_heads, self.num_kv_heads,
-                                self.head_dim)
-        if choose_path(layout, dtype) == "fused" \
-                and _fused_core_is_fast(layout, dtype, device, self.backend):
-            return "fused"
-        return "materialized"
+    def choose_path(self, source: KVSource, memory: VisionMemory, queries: Queries,
+                    dtype: torch.dtype, device: torch.device) -> str:
+        """``"fused"`` or ``"materialized"`` for this call (see ``kv_path``), decided by the
+        planner through the op's interface
+        (:func:`~crosslmm_ops.ops.projected_attention.plan_path`): the op's cost model, ``CROSSLMM_PROJECTED_PATH``, and whether the fused path can stand in
+        for these modules."""
+        # Only asked when no path is forced (the reason reads the modules' types and hooks).
+        reason = None if planner.path_override(self.kv_path) == "materialized" \
+            else source.unfused_reason(self.vision_size)
+        return projected.plan_path(
+            lambda: queries.layout(self.scope, memory, self.num_heads, self.num_kv_heads,
+                                   self.head_dim),
+            dtype, device, self.kv_path, self.backend, unfused_reason=reason,
+            tracing=torch.compiler.is_compiling())[0]
 
-    def _attend(self, hidden_states: torch.Tensor, memory: VisionMemory, queries: _Queries,
-                kv: _KVSource | None = None) -> torch.Tensor:
+    def attend(self, hidden_states: torch.Tensor, memory: VisionMemory, queries: Queries,
+                kv: KVSource | None = None) -> torch.Tensor:
         """The branch's (gated) update at its query rows, packed ``(total_q, hidden)`` in the
         order of ``queries.index``. ``kv``: the caller's K/V source (a DCAL sharing it)."""
         B, L, H = hidden_states.shape
@@ -612,19 +575,18 @@ class CrossAttention(nn.Module):
         total_q = hq.shape[0]
         x = self.query_norm(hq) if self.query_norm is not None else hq
         q = self.q_proj(x).view(total_q, self.num_heads, self.head_dim)
-        source = self._kv_source() if kv is None else kv
+        source = self.kv_source() if kv is None else kv
         segments = queries.segments(self.scope, memory, q.device)
-        if self._choose_path(source, memory, queries, q.dtype, q.device) == "fused":
+        if self.choose_path(source, memory, queries, q.dtype, q.device) == "fused":
             attn = source.fused(q, memory, segments, self.softmax_scale, self.backend)
         else:
             k, v = source.keys_values(memory)
             cu_q, cu_k, max_q, max_k = segments
             shard = memory.frame_shard  # this rank's keys: the sharded op merges over ranks
             attend = cross_attention if shard is None else shard.cross_attention
-            attn = attend(q, k, v, softmax_scale=self.softmax_scale, cu_seqlens_q=cu_q,
-                          cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-                          backend=self.backend)
-            _note_materialized()
+            attn = projected.attend_materialized(
+                q, k, v, attend=attend, softmax_scale=self.softmax_scale, cu_seqlens_q=cu_q,
+                cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, backend=self.backend)
         out = self.o_proj(attn.reshape(total_q, self.num_heads * self.head_dim))
         if self.o_proj.bias is not None and self.scope == "global":
             # Rows of a sample without frames got zeros from the attention; o_proj's bias would
@@ -640,16 +602,16 @@ class CrossAttention(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden_states (B, L, hidden)`` -> the same shape: the gated attention added at the
         positions ``mask (B, L)`` selects (every position when None), ``hidden_states`` elsewhere."""
-        _check_call(hidden_states, memory, self.hidden_size, self.vision_size)
-        mask = _check_mask(self._mask_name, mask, hidden_states)
-        queries = _branch_queries(memory, hidden_states, mask, self._mask_name,
+        check_call(hidden_states, memory, self.hidden_size, self.vision_size)
+        mask = check_mask(self._mask_name, mask, hidden_states)
+        queries = branch_queries(memory, hidden_states, mask, self._mask_name,
                                   self._visual_queries or self.scope == "frame")
         if queries.total == 0:
             return hidden_states
         if not self.has_kv_proj:
-            self._kv_source()  # raises the error that says what to call instead
-        delta = self._attend(hidden_states, memory, queries)
-        return _scatter_add(hidden_states, queries.index, delta)
+            self.kv_source()  # raises the error that says what to call instead
+        delta = self.attend(hidden_states, memory, queries)
+        return scatter_add(hidden_states, queries.index, delta)
 
     def extra_repr(self) -> str:
         parts = [f"hidden_size={self.hidden_size}", f"vision_size={self.vision_size}",

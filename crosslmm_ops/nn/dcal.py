@@ -8,20 +8,20 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from crosslmm_ops.nn.attention import (
     SCOPES,
+    KVSource,
+    Queries,
     T2VCrossAttention,
     TanhGate,
     V2VCrossAttention,
-    _cached,
-    _check_call,
-    _check_kv_path,
-    _check_mask,
-    _check_visual_counts,
-    _head_shape,
-    _KVSource,
-    _make_norm,
-    _positive_int,
-    _Queries,
-    _scatter_add,
+    cached_plan,
+    check_call,
+    check_kv_path,
+    check_mask,
+    check_visual_counts,
+    head_shape,
+    make_norm,
+    positive_int,
+    scatter_add,
 )
 from crosslmm_ops.nn.memory import VisionMemory
 
@@ -96,9 +96,9 @@ class DualCrossAttention(nn.Module):
             raise ValueError("a DualCrossAttention needs at least one branch: v2v=True or t2v=True")
         if v2v_scope not in SCOPES:
             raise ValueError(f"v2v_scope must be one of {SCOPES}, got {v2v_scope!r}")
-        _positive_int("hidden_size", hidden_size)
-        _positive_int("vision_size", vision_size)
-        num_heads, num_kv_heads, head_dim = _head_shape(hidden_size, num_heads, num_kv_heads,
+        positive_int("hidden_size", hidden_size)
+        positive_int("vision_size", vision_size)
+        num_heads, num_kv_heads, head_dim = head_shape(hidden_size, num_heads, num_kv_heads,
                                                         head_dim)
         both = v2v and t2v
         self.shares_kv = share_kv and both
@@ -116,10 +116,10 @@ class DualCrossAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.v2v_scope = v2v_scope
         self._backend = backend
-        self._kv_path = _check_kv_path(kv_path)
+        self._kv_path = check_kv_path(kv_path)
         if self.shares_kv:
             inner_kv = num_kv_heads * head_dim
-            self.vision_norm = _make_norm(vision_norm, vision_size, norm_eps, "vision_norm")
+            self.vision_norm = make_norm(vision_norm, vision_size, norm_eps, "vision_norm")
             self.k_proj = nn.Linear(vision_size, inner_kv, bias=bias)
             self.v_proj = nn.Linear(vision_size, inner_kv, bias=bias)
         if self.shares_gate:
@@ -142,7 +142,7 @@ class DualCrossAttention(nn.Module):
 
     @kv_path.setter
     def kv_path(self, value: str) -> None:
-        self._kv_path = _check_kv_path(value)
+        self._kv_path = check_kv_path(value)
         for branch in (self.v2v, self.t2v):
             if branch is not None:
                 branch.kv_path = value
@@ -155,10 +155,10 @@ class DualCrossAttention(nn.Module):
                     and not isinstance(m, (V2VCrossAttention, T2VCrossAttention)):
                 m.reset_parameters()
 
-    def _kv_source(self) -> _KVSource:
+    def kv_source(self) -> KVSource:
         """The shared norm and K/V projections (``share_kv``): one source for both branches of
         a call, so materialised keys and values are computed once for both."""
-        return _KVSource(self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads,
+        return KVSource(self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads,
                          self.head_dim)
 
     def forward(
@@ -176,11 +176,11 @@ class DualCrossAttention(nn.Module):
         position that is not visual; pass ``attention_mask & ~visual_mask`` to skip padding). The
         two must not overlap.
         """
-        _check_call(hidden_states, memory, self.hidden_size, self.vision_size)
-        visual_mask = _check_mask("visual_mask", visual_mask, hidden_states)
-        text_mask = _check_mask("text_mask", text_mask, hidden_states)
+        check_call(hidden_states, memory, self.hidden_size, self.vision_size)
+        visual_mask = check_mask("visual_mask", visual_mask, hidden_states)
+        text_mask = check_mask("text_mask", text_mask, hidden_states)
         visual, text = _dcal_queries(memory, hidden_states, visual_mask, text_mask)
-        kv = self._kv_source() if self.shares_kv else None
+        kv = self.kv_source() if self.shares_kv else None
         out = hidden_states
         for branch, queries in ((self.v2v, visual), (self.t2v, text)):
             # Under torch.compile the count is symbolic: the branch then runs (on no rows if so).
@@ -188,10 +188,10 @@ class DualCrossAttention(nn.Module):
                 continue
             # Both branches read the original hidden_states; their rows are disjoint, so adding
             # the updates one after the other is the same as adding both to the input.
-            delta = branch._attend(hidden_states, memory, queries, kv)
+            delta = branch.attend(hidden_states, memory, queries, kv)
             if self.shares_gate:
                 delta = self.gate(delta)
-            out = _scatter_add(out, queries.index, delta)
+            out = scatter_add(out, queries.index, delta)
         return out
 
     def extra_repr(self) -> str:
@@ -206,7 +206,7 @@ class DualCrossAttention(nn.Module):
 
 
 def _dcal_queries(memory: VisionMemory, hidden_states: torch.Tensor, visual_mask, text_mask):
-    """The V2V and T2V query rows of one call, checked (memoised per forward, see ``_cached``)."""
+    """The V2V and T2V query rows of one call, checked (memoised per forward: ``cached_plan``)."""
     B, L = hidden_states.shape[:2]
 
     def build():
@@ -235,10 +235,10 @@ def _dcal_queries(memory: VisionMemory, hidden_states: torch.Tensor, visual_mask
             torch._check_value(overlap == 0, lambda: (
                 "visual_mask and text_mask overlap: a position is either a pooled visual token "
                 "(V2V) or a text token (T2V)"))
-        _check_visual_counts("visual_mask", visual_counts, memory)
-        visual = _Queries(visual_counts, None if visual_mask is None
+        check_visual_counts("visual_mask", visual_counts, memory)
+        visual = Queries(visual_counts, None if visual_mask is None
                           else visual_mask.nonzero(as_tuple=True))
-        text_q = _Queries(text_counts, None if text is None else text.nonzero(as_tuple=True))
+        text_q = Queries(text_counts, None if text is None else text.nonzero(as_tuple=True))
         return visual, text_q
 
-    return _cached(memory, ("dcal", B, L), (visual_mask, text_mask), build)
+    return cached_plan(memory, ("dcal", B, L), (visual_mask, text_mask), build)

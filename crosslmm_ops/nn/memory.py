@@ -38,7 +38,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _version(t: torch.Tensor) -> int:
+def tensor_version(t: torch.Tensor) -> int:
     """``t``'s version counter (bumped by in-place writes); inference tensors have none: 0."""
     return 0 if torch.is_inference(t) else t._version
 
@@ -89,7 +89,7 @@ class VisionMemory:
     # frames_per_sample stay the whole batch's. None: every frame is here.
     frame_shard: object | None = None
     # What the DCAL layers derive from the query masks (counts, indices, cu_seqlens), computed by
-    # the first layer of a forward and reused by the others (crosslmm_ops.nn.attention._cached).
+    # the first layer of a forward and reused by the others (crosslmm_ops.nn.attention.cached_plan).
     _plans: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
     _kv: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
     # normalize_tokens(tokens) per (norm, eps, dtype), for the fused path (see normalized_tokens).
@@ -281,7 +281,7 @@ class VisionMemory:
             return hit[2]
         value = _NormalizeTokens.apply(tokens, norm, float(eps)).to(dtype)
         entry_id = next(_entry_ids)
-        self._normalized[key] = (tokens, _version(tokens), value, entry_id)
+        self._normalized[key] = (tokens, tensor_version(tokens), value, entry_id)
         if value.requires_grad:
             value.register_hook(_forget_after_backward(self, key, entry_id))
         return value
@@ -337,14 +337,14 @@ class _NormalizeTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tokens, norm, eps):
-        ctx.tokens, ctx.version, ctx.norm, ctx.eps = tokens, _version(tokens), norm, eps
+        ctx.tokens, ctx.version, ctx.norm, ctx.eps = tokens, tensor_version(tokens), norm, eps
         return normalize_tokens(tokens, norm, eps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         tokens = ctx.tokens
-        if _version(tokens) != ctx.version:  # what autograd checks for a saved tensor
+        if tensor_version(tokens) != ctx.version:  # what autograd checks for a saved tensor
             raise RuntimeError("VisionMemory.tokens were modified in place after the normalised "
                                "tokens were computed from them; the gradient would be wrong")
         with torch.enable_grad():
@@ -357,7 +357,7 @@ def _reusable(entry: tuple, tokens: torch.Tensor) -> bool:
     """Whether a ``_normalized`` entry ``(source, version, value, id)`` still stands for
     ``tokens`` and can be used in the current grad mode."""
     source, version, value, _ = entry
-    if source is not tokens or version != _version(tokens):
+    if source is not tokens or version != tensor_version(tokens):
         return False
     if torch.is_grad_enabled():
         if tokens.requires_grad and not value.requires_grad:

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from crosslmm_ops.ops.token_pool import _make_spec, token_pool
+from crosslmm_ops.ops.token_pool import make_spec, token_pool
 
 
 class TokenPooling(nn.Module):
@@ -42,7 +42,7 @@ class TokenPooling(nn.Module):
                 raise ValueError("give output_size or output_grid (the same thing), not both")
             output_size = output_grid
         # Validate now, so that a bad configuration fails when the model is built.
-        self.spec = _make_spec(grid, mode, kernel_size, stride, padding, ceil_mode,
+        self.spec = make_spec(grid, mode, kernel_size, stride, padding, ceil_mode,
                                count_include_pad, output_size, align_corners, temporal_stride)
         self._kwargs = dict(grid=grid, mode=mode, kernel_size=kernel_size, stride=stride,
                             padding=padding, ceil_mode=ceil_mode,

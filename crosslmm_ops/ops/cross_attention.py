@@ -4,7 +4,7 @@ residual epilogue (DCAL's ``out = residual + tanh(gate) * attention``).
 
 Everything about the op lives here, side by side:
 
-* :func:`_check_inputs` - the user's arguments, validated, as an :class:`AttentionLayout` (every op
+* :func:`check_inputs` - the user's arguments, validated, as an :class:`AttentionLayout` (every op
   below works on the packed varlen layout; batched ``(B, S, H, D)`` input is viewed as ``B``
   segments of equal length);
 * :func:`cross_attention_reference` - the plain-PyTorch reference (the test oracle), segment by
@@ -22,15 +22,13 @@ Everything about the op lives here, side by side:
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Sequence
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.flop_counter import register_flop_formula
 
-from crosslmm_ops import _backend
+from crosslmm_ops import _backend, planner
+from crosslmm_ops.ops import validation
 
 OP_NAME = "cross_attention"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -63,103 +61,10 @@ class AttentionLayout:
     seqlen_k: int | None = None
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _tensor(name: str, value) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
-def _shapes_only(t: torch.Tensor) -> bool:
-    """Whether a call on ``t`` computes shapes only: a meta tensor, or a fake tensor outside
-    torch.compile (whose graph launches the kernels later). Such a call runs the custom ops' fake
-    kernels, and ``t`` has no values to read."""
-    return (t.is_meta or isinstance(t, FakeTensor)) and not torch.compiler.is_compiling()
-
-
-def _checking_values(cu_seqlens: torch.Tensor) -> bool:
-    """Whether to read cu_seqlens back to the host to check them. Skipped while torch.compile
-    traces or a CUDA graph captures (both forbid the host read; the caller vouches for them), and
-    for meta and fake tensors (no values)."""
-    if torch.compiler.is_compiling() or _shapes_only(cu_seqlens):
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
-def _check_cu_seqlens(name: str, cu, device: torch.device) -> None:
-    cu = _tensor(name, cu)
-    if cu.dtype != torch.int32:
-        raise ValueError(f"{name} must be an int32 tensor (as in flash-attn), got dtype {cu.dtype}")
-    if cu.dim() != 1 or cu.shape[0] < 1:
-        raise ValueError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu.shape)}")
-    if cu.device != device:
-        raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
-
-
-def _check_cu_values(name: str, values: list[int], total: int) -> list[int]:
-    """The segment lengths of valid cu_seqlens ``values``."""
-    if values[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {values[0]}")
-    lengths = [b - a for a, b in zip(values, values[1:])]
-    if any(n < 0 for n in lengths):
-        raise ValueError(f"{name} must be non-decreasing, got {values}")
-    if values[-1] != total:
-        raise ValueError(f"{name} must end at the number of packed tokens {total}, got "
-                         f"{values[-1]}")
-    return lengths
-
-
-def _check_max_seqlen(name: str, given, lengths: list[int] | None, total: int,
-                      shapes_only: bool) -> int:
-    """``given`` (an upper bound of the segment lengths), else the longest segment; never more
-    than ``total``, the packed tokens."""
-    if given is not None and (not isinstance(given, numbers.Integral) or isinstance(given, bool)
-                              or given < 0):
-        raise ValueError(f"{name} must be an int >= 0, got {given!r}")
-    if lengths is None:
-        if given is None:
-            if shapes_only:  # no kernel is launched: the loosest bound will do
-                return total
-            raise ValueError(f"{name} must be given when cu_seqlens cannot be read (torch.compile, "
-                             "CUDA graph capture)")
-        return min(given, total)
-    actual = max(lengths, default=0)
-    if given is not None and given < actual:
-        raise ValueError(f"{name}={given} is smaller than the longest segment ({actual})")
-    # A larger max_seqlen is a valid upper bound (flash-attn callers pass one); no segment is
-    # longer than all the tokens.
-    return actual if given is None else min(given, total)
-
-
-def _check_packed(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q,
-                  max_seqlen_k, device: torch.device):
-    """The packed layout's ``cu_seqlens`` and ``max_seqlen``, validated (shared by every op that
-    takes them): ``(batch, lens_q, lens_k, max_seqlen_q, max_seqlen_k)``, the segment lengths
-    ``None`` where the values cannot be read (see :func:`_checking_values`)."""
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, device)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, device)
-    batch = cu_seqlens_q.shape[0] - 1
-    if cu_seqlens_k.shape[0] != batch + 1:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
-                         f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-    lens_q = lens_k = None
-    if _checking_values(cu_seqlens_q):  # one host read (a device sync on the GPU) for both
-        values = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()
-        lens_q = _check_cu_values("cu_seqlens_q", values[: batch + 1], total_q)
-        lens_k = _check_cu_values("cu_seqlens_k", values[batch + 1:], total_k)
-    shapes_only = _shapes_only(cu_seqlens_q)
-    return (batch, lens_q, lens_k,
-            _check_max_seqlen("max_seqlen_q", max_seqlen_q, lens_q, total_q, shapes_only),
-            _check_max_seqlen("max_seqlen_k", max_seqlen_k, lens_k, total_k, shapes_only))
-
-
-def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+def check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                   max_seqlen_k) -> AttentionLayout:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _tensor(name, t)
+        validation.tensor(name, t)
     if q.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"q must be a floating tensor (float16, bfloat16, float32 or float64), "
                          f"got dtype {q.dtype}")
@@ -199,23 +104,14 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                  "input takes its lengths from the shapes")
         B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
         return AttentionLayout(True, B, Hq, Hk, D, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
-    batch, _, _, max_q, max_k = _check_packed(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0],
-                                              max_seqlen_q, max_seqlen_k, q.device)
+    batch, _, _, max_q, max_k = validation.packed(cu_seqlens_q, cu_seqlens_k, q.shape[0],
+                                                  k.shape[0], max_seqlen_q, max_seqlen_k, q.device)
     return AttentionLayout(False, batch, Hq, Hk, D, q.shape[0], k.shape[0], max_q, max_k)
-
-
-def _check_scale(softmax_scale, head_dim: int) -> float:
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) \
-            or not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
-    return float(softmax_scale)
 
 
 def _check_epilogue(gate, residual, q: torch.Tensor, out_shape: tuple, heads_q: int) -> None:
     if gate is not None:
-        gate = _tensor("gate", gate)
+        gate = validation.tensor("gate", gate)
         if not gate.dtype.is_floating_point:
             raise ValueError(f"gate must be a floating tensor, got dtype {gate.dtype}")
         if gate.device != q.device:
@@ -224,7 +120,7 @@ def _check_epilogue(gate, residual, q: torch.Tensor, out_shape: tuple, heads_q: 
             raise ValueError(f"gate must be a scalar (0-dim or 1 element) or per head of shape "
                              f"({heads_q},), got shape {tuple(gate.shape)}")
     if residual is not None:
-        residual = _tensor("residual", residual)
+        residual = validation.tensor("residual", residual)
         if tuple(residual.shape) != out_shape:
             raise ValueError(f"residual must have the output's shape {out_shape}, got "
                              f"{tuple(residual.shape)}")
@@ -251,12 +147,12 @@ _UNIFORM_CU_SEQLENS: dict[tuple, torch.Tensor] = {}
 _UNIFORM_CU_SEQLENS_MAX = 64
 
 
-def _uniform_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+def uniform_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
     """int32 ``[0, seqlen, 2 * seqlen, ..., batch * seqlen]`` on ``device`` (cached, see above)."""
-    return _uniform_cu_seqlens_pair(batch, seqlen, seqlen, device)[0]
+    return uniform_cu_seqlens_pair(batch, seqlen, seqlen, device)[0]
 
 
-def _uniform_cu_seqlens_pair(batch: int, seqlen_q: int, seqlen_k: int, device: torch.device):
+def uniform_cu_seqlens_pair(batch: int, seqlen_q: int, seqlen_k: int, device: torch.device):
     """The uniform ``(cu_seqlens_q, cu_seqlens_k)`` of a batched call, one cache lookup for both
     (the stream lookup is a good part of the cost)."""
     def build(seqlen: int) -> torch.Tensor:
@@ -275,22 +171,22 @@ def _uniform_cu_seqlens_pair(batch: int, seqlen_q: int, seqlen_k: int, device: t
     return cached
 
 
-def _packed(layout: AttentionLayout, q, k, v, cu_seqlens_q, cu_seqlens_k):
+def packed_inputs(layout: AttentionLayout, q, k, v, cu_seqlens_q, cu_seqlens_k):
     """``(q, k, v, cu_seqlens_q, cu_seqlens_k)`` in the packed layout. Batched ``(B, S, H, D)``
     becomes ``(B*S, H, D)`` (a view for every layout that allows one, a copy otherwise) with
     uniform cu_seqlens; packed input is returned as it is."""
     if not layout.batched:
         return q, k, v, cu_seqlens_q, cu_seqlens_k
     return (q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
-            *_uniform_cu_seqlens_pair(layout.batch, layout.seqlen_q, layout.seqlen_k, q.device))
+            *uniform_cu_seqlens_pair(layout.batch, layout.seqlen_q, layout.seqlen_k, q.device))
 
 
-def _lse_batched(lse: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+def lse_batched(lse: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """Packed ``[Hq, B*S]`` -> flash-attn's batched ``[B, Hq, S]`` (contiguous)."""
     return lse.reshape(lse.shape[0], batch, seqlen).transpose(0, 1).contiguous()
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -347,7 +243,7 @@ def _reference_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         delta = rowsum(dO ∘ O) - dlse,  dQ = scale · dS K,  dK = scale · dSᵀ Q
 
     with dK, dV summed over the query heads of each GQA group."""
-    cdt = _compute_dtype(q.dtype)
+    cdt = accumulation_dtype(q.dtype)
     q, k, v, dout, out = (t.to(cdt) for t in (q, k, v, dout, out))
     lse = lse.to(cdt)
     Hq, Hk = q.shape[1], k.shape[1]
@@ -387,14 +283,15 @@ def cross_attention_reference(
     """Plain-PyTorch :func:`cross_attention` (same arguments and layouts), differentiable through
     autograd. Computes in ``compute_dtype`` (default: float32, or float64 for float64 input),
     segment by segment (memory ``O(Hq * Sq_seg * Sk_seg)``), and returns that dtype."""
-    layout = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, None, None)
-    scale = _check_scale(softmax_scale, layout.head_dim)
+    layout = check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, None, None)
+    scale = validation.softmax_scale(softmax_scale, layout.head_dim)
     _check_epilogue(gate, residual, q, tuple(q.shape), layout.heads_q)
-    cdt = compute_dtype or _compute_dtype(q.dtype)
-    out, lse = _reference_forward(*_packed(layout, q, k, v, cu_seqlens_q, cu_seqlens_k), scale, cdt)
+    cdt = compute_dtype or accumulation_dtype(q.dtype)
+    out, lse = _reference_forward(*packed_inputs(layout, q, k, v, cu_seqlens_q, cu_seqlens_k),
+                                  scale, cdt)
     if layout.batched:
         out = out.reshape(q.shape)
-        lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
+        lse = lse_batched(lse, layout.batch, layout.seqlen_q)
     if gate is not None:
         out = _apply_epilogue(out, gate, residual, cdt)
     return (out, lse) if return_lse else out
@@ -429,18 +326,23 @@ def _kernels(backend: str):
 
 
 def _forward(backend, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits):
+    """``(out, lse, kernel that ran)``."""
     if backend == "torch":
         with _backend.reference_mode(q.device):
-            out, lse = _reference_forward(q, k, v, cu_q, cu_k, scale, _compute_dtype(q.dtype))
+            out, lse = _reference_forward(q, k, v, cu_q, cu_k, scale, accumulation_dtype(q.dtype))
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return out.to(q.dtype).contiguous(), lse.to(lse_dtype).contiguous()
+        return out.to(q.dtype).contiguous(), lse.to(lse_dtype).contiguous(), "reference"
     q, k, v = (_kernel_input(t, backend) for t in (q, k, v))
     cu_q, cu_k = _backend.kernel_index(cu_q), _backend.kernel_index(cu_k)
     out = _backend.new_output(q.shape, q.dtype, q.device)
     lse = _backend.new_output((q.shape[1], q.shape[0]), torch.float32, q.device)
-    _kernels(backend).attention_forward(q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
-                                        scale, num_splits)
-    return out, lse
+    args = (q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits)
+    if backend == "cuda":
+        kernel = planner.attention_kernel(q.device, q.shape[-1], max_seqlen_q, scale)[0]
+        ran = _kernels(backend).attention_forward(*args, kernel)
+    else:
+        ran = _kernels(backend).attention_forward(*args)
+    return out, lse, ran
 
 
 def _backward_backend(backend: str, dlse, device: torch.device) -> str:
@@ -456,7 +358,7 @@ def _backward(backend, dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
     if backend == "torch":
         with _backend.reference_mode(q.device):
             grads = _reference_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, scale)
-        return tuple(g.to(q.dtype).contiguous() for g in grads)
+        return tuple(g.to(q.dtype).contiguous() for g in grads) + ("reference",)
     q, k, v, dout, out = (_kernel_input(t, backend) for t in (q, k, v, dout, out))
     cu_q, cu_k = _backend.kernel_index(cu_q), _backend.kernel_index(cu_k)
     dq = _backend.new_output(q.shape, q.dtype, q.device)
@@ -464,11 +366,12 @@ def _backward(backend, dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
     dv = _backend.new_output(v.shape, v.dtype, v.device)
     args = (dout, q, k, v, out, lse.contiguous(), dq, dk, dv, cu_q, cu_k, max_seqlen_q,
             max_seqlen_k, scale, deterministic)
-    if dlse is not None:  # only the Triton kernels take it (see _backward_backend)
-        _kernels(backend).attention_backward(*args, dlse=dlse)
-    else:
-        _kernels(backend).attention_backward(*args)
-    return dq, dk, dv
+    if backend == "cuda":  # dlse is None here (see _backward_backend)
+        kernel = planner.attention_kernel(q.device, q.shape[-1], max_seqlen_q, backward=True)[0]
+        ran = _kernels(backend).attention_backward(*args, kernel)
+    else:  # only the Triton kernels take dlse
+        ran = _kernels(backend).attention_backward(*args, dlse=dlse)
+    return dq, dk, dv, ran
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,17 +385,20 @@ def _cross_attention_fwd_op(
     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
     num_splits: int, deterministic: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    return forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          softmax_scale, num_splits, deterministic, backend)
 
 
-def _forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                  num_splits, deterministic, backend):
-    """The forward custom op's implementation (also the eager function's forward)."""
-    out, lse = _forward(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        softmax_scale, num_splits)
-    _backend.note(OP_NAME, backend)
+def forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                 num_splits, deterministic, backend, op: str = OP_NAME):
+    """The packed forward on ``backend``, recorded under ``op``: ``(out, lse)``. The forward
+    custom op's implementation (also the eager function's forward, and the local attention of
+    the sharded op)."""
+    out, lse, kernel = _forward(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                max_seqlen_k, softmax_scale, num_splits)
+    planner.note(op, backend, kernel=kernel)
     return out, lse
+
 
 
 @_cross_attention_fwd_op.register_fake
@@ -509,18 +415,20 @@ def _cross_attention_bwd_op(
     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
     deterministic: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    return backward_impl(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, softmax_scale, deterministic, backend)
 
 
-def _backward_impl(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                   max_seqlen_k, softmax_scale, deterministic, backend):
-    """The backward custom op's implementation (also the eager function's backward)."""
+def backward_impl(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                  max_seqlen_k, softmax_scale, deterministic, backend):
+    """The packed backward: ``(dq, dk, dv)``, recorded as ``cross_attention_backward``. The
+    backward custom op's implementation (also the eager function's and the sharded op's)."""
     backend = _backward_backend(backend, dlse, q.device)
-    grads = _backward(backend, dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                      max_seqlen_q, max_seqlen_k, softmax_scale, deterministic)
-    _backend.note(OP_NAME + "_backward", backend)
-    return grads
+    *grads, kernel = _backward(backend, dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                               max_seqlen_q, max_seqlen_k, softmax_scale, deterministic)
+    planner.note(OP_NAME + "_backward", backend, kernel=kernel)
+    return tuple(grads)
+
 
 
 @_cross_attention_bwd_op.register_fake
@@ -541,13 +449,13 @@ def _backward_formula(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    backward = _backward_impl if getattr(ctx, "eager", False) else _cross_attention_bwd_op
+    backward = backward_impl if getattr(ctx, "eager", False) else _cross_attention_bwd_op
     dq, dk, dv = backward(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
     return (dq, dk, dv) + (None,) * 8
 
 
 _cross_attention_fwd_op.register_autograd(_backward_formula, setup_context=_setup_context)
-_CrossAttentionFunction = _backend.eager_function("_CrossAttentionFunction", _forward_impl,
+_CrossAttentionFunction = _backend.eager_function("_CrossAttentionFunction", forward_impl,
                                                   _setup_context, _backward_formula)
 
 
@@ -557,7 +465,7 @@ def _cross_attention_fwd(q, k, v, *args):
     if _backend.eager_function_ok(q, k, v):
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                              or v.requires_grad)):
-            return _forward_impl(q, k, v, *args)  # no graph to record: skip apply's host cost
+            return forward_impl(q, k, v, *args)  # no graph to record: skip apply's host cost
         return _CrossAttentionFunction.apply(q, k, v, *args)
     return _cross_attention_fwd_op(q, k, v, *args)
 
@@ -617,6 +525,73 @@ def _triton_ok(layout: AttentionLayout, dtype: torch.dtype, device: torch.device
                     head_dims=lambda d: d <= _TRITON_MAX_HEAD_DIM)
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """One validated call of the op and its back end (what :func:`prepare` returns): the op's
+    internal interface, shared by :func:`cross_attention`, :func:`plan` and the sharded op."""
+
+    layout: AttentionLayout
+    scale: float
+    backend: str
+    reason: str
+
+    def plan(self, op: str, device: torch.device) -> planner.Plan:
+        """How the forward runs: back end, kernel, and why."""
+        reasons = [self.reason]
+        kernel = {"triton": "triton", "torch": "reference"}.get(self.backend)
+        if self.backend == "cuda":
+            kernel, why = planner.attention_kernel(device, self.layout.head_dim,
+                                                   self.layout.max_seqlen_q, self.scale)
+            reasons.append(f"kernel: {why}")
+        return planner.Plan(op, self.backend, None, kernel, tuple(reasons))
+
+
+def prepare(q, k, v, *, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
+            max_seqlen_q=None, max_seqlen_k=None, num_splits=0, return_lse=False,
+            deterministic=False, gate=None, residual=None, backend=None,
+            op: str = OP_NAME) -> AttentionCall:
+    """Validate one call of :func:`cross_attention` (the same arguments) and choose its back end
+    (:func:`crosslmm_ops.planner.choose_backend`, errors reported under ``op``)."""
+    layout = check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = validation.softmax_scale(softmax_scale, layout.head_dim)
+    validation.num_splits(num_splits)
+    validation.flag("return_lse", return_lse)
+    validation.flag("deterministic", deterministic)
+    _check_epilogue(gate, residual, q, tuple(q.shape), layout.heads_q)
+    return call_for(layout, scale, q.dtype, q.device, backend, op)
+
+
+def call_for(layout: AttentionLayout, scale: float, dtype: torch.dtype, device: torch.device,
+             backend: str | None, op: str = OP_NAME) -> AttentionCall:
+    """The call of a validated ``layout``, its back end chosen (also what the materialised path
+    of projected attention plans with)."""
+    chosen, reason = planner.choose_backend(
+        op, backend, device,
+        cuda_ok=lambda: _cuda_ok(layout, dtype, device),
+        triton_ok=lambda: _triton_ok(layout, dtype, device),
+    )
+    return AttentionCall(layout, scale, chosen, reason)
+
+
+def finish(call: AttentionCall, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+           return_lse: bool, gate=None, residual=None):
+    """The packed ``(out, lse)`` of a call in the caller's layout, with the epilogue applied:
+    what :func:`cross_attention` returns."""
+    layout = call.layout
+    if layout.batched:
+        out = out.reshape(q.shape)
+        if return_lse:  # a copy (flash-attn's layout): only when asked for
+            lse = lse_batched(lse, layout.batch, layout.seqlen_q)
+    if gate is not None:
+        out = _apply_epilogue(out, gate, residual, accumulation_dtype(q.dtype)).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def plan(q, k, v, **kwargs) -> planner.Plan:
+    """How :func:`cross_attention` would run this call (:func:`crosslmm_ops.explain`)."""
+    return prepare(q, k, v, **kwargs).plan(OP_NAME, q.device)
+
+
 def cross_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -664,29 +639,18 @@ def cross_attention(
     Meta (and fake) tensors give outputs of the right shapes and dtypes without running a back
     end; ``max_seqlen_q/k`` then default to the numbers of packed tokens.
     """
-    layout = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    scale = _check_scale(softmax_scale, layout.head_dim)
-    if not _is_int(num_splits) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
-    for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be a bool, got {flag!r}")
-    _check_epilogue(gate, residual, q, tuple(q.shape), layout.heads_q)
-    chosen = _backend.resolve(
-        OP_NAME, backend, q.device,
-        cuda_ok=lambda: _cuda_ok(layout, q.dtype, q.device),
-        triton_ok=lambda: _triton_ok(layout, q.dtype, q.device),
-    )
-    out, lse = _cross_attention_fwd(*_packed(layout, q, k, v, cu_seqlens_q, cu_seqlens_k),
-                                    layout.max_seqlen_q, layout.max_seqlen_k, scale, num_splits,
-                                    deterministic, chosen)
-    if layout.batched:
-        out = out.reshape(q.shape)
-        if return_lse:  # a copy (flash-attn's layout): only when asked for
-            lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
-    if gate is not None:
-        out = _apply_epilogue(out, gate, residual, _compute_dtype(q.dtype)).to(q.dtype)
-    return (out, lse) if return_lse else out
+    call = prepare(q, k, v, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
+                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                   num_splits=num_splits, return_lse=return_lse, deterministic=deterministic,
+                   gate=gate, residual=residual, backend=backend)
+    layout = call.layout
+    out, lse = _cross_attention_fwd(*packed_inputs(layout, q, k, v, cu_seqlens_q, cu_seqlens_k),
+                                    layout.max_seqlen_q, layout.max_seqlen_k, call.scale,
+                                    num_splits, deterministic, call.backend)
+    return finish(call, q, out, lse, return_lse, gate, residual)
+
+
+planner.register(OP_NAME, cross_attention, plan)
 
 
 def _stacked(name: str, value) -> torch.Tensor:
@@ -731,7 +695,7 @@ def merge_attention_states(
             or lses.shape != (*outs.shape[:-3], outs.shape[-2], outs.shape[-3]):
         raise ValueError(f"outs must be [S, ..., total_q, H, D] and lses [S, ..., H, total_q], got "
                          f"outs {tuple(outs.shape)} and lses {tuple(lses.shape)}")
-    cdt = _compute_dtype(outs.dtype)
+    cdt = accumulation_dtype(outs.dtype)
     lses = lses.to(cdt)
     top = lses.amax(0)
     top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
@@ -784,17 +748,17 @@ def attention_weights(
     batched layout returns meta probabilities; the packed layout's ``L`` depends on
     ``cu_seqlens``' values, which meta tensors do not have, so it is refused.
     """
-    layout = _check_inputs(q, k, k, cu_seqlens_q, cu_seqlens_k, None, None)
-    scale = _check_scale(softmax_scale, layout.head_dim)
-    if not _is_int(block_size) or block_size < 1:
+    layout = check_inputs(q, k, k, cu_seqlens_q, cu_seqlens_k, None, None)
+    scale = validation.softmax_scale(softmax_scale, layout.head_dim)
+    if not validation.is_int(block_size) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1 (keys per block), got {block_size!r}")
     idx = _query_index(query_index)
     limit = layout.seqlen_q if layout.batched else layout.total_q
     if idx.numel() and (idx.min() < -limit or idx.max() >= limit):
         raise ValueError(f"query_index must index the {limit} queries, got {idx.tolist()}")
     idx = idx % max(limit, 1)
-    cdt = _compute_dtype(q.dtype)
-    qp, kp, _, cu_q, cu_k = _packed(layout, q, k, k, cu_seqlens_q, cu_seqlens_k)
+    cdt = accumulation_dtype(q.dtype)
+    qp, kp, _, cu_q, cu_k = packed_inputs(layout, q, k, k, cu_seqlens_q, cu_seqlens_k)
     if layout.batched:
         rows = (torch.arange(layout.batch).unsqueeze(1) * layout.seqlen_q + idx).reshape(-1)
         expected_lse_shape = (layout.batch, layout.heads_q, layout.seqlen_q)
@@ -802,7 +766,7 @@ def attention_weights(
         rows = idx
         expected_lse_shape = (layout.heads_q, layout.total_q)
     if lse is not None:
-        _tensor("lse", lse)
+        validation.tensor("lse", lse)
         if lse.device != q.device:
             raise ValueError(f"lse must be on q's device {q.device}, got {lse.device}")
         if tuple(lse.shape) != expected_lse_shape:

@@ -13,7 +13,7 @@ and V themselves: a decode cache holds ``x`` once for every DCAL layer.
 
 Everything about the op lives here, side by side:
 
-* :func:`_check_inputs` - the user's arguments, validated, as a :class:`ProjectedLayout`;
+* :func:`check_inputs` - the user's arguments, validated, as a :class:`ProjectedLayout`;
 * :func:`normalize_tokens` and :func:`_fold` - a LayerNorm/RMSNorm on ``x`` splits into the
   normalisation, computed once and shareable across layers, and its affine part, folded into the
   weights (``W diag(gamma)``) and the biases (``b + W beta``) with differentiable torch ops;
@@ -32,31 +32,25 @@ Everything about the op lives here, side by side:
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-import os
 
 import torch
 import torch.nn.functional as F
 
-from crosslmm_ops import _backend
-from crosslmm_ops.ops.cross_attention import _check_inputs as _check_attention_inputs
+from crosslmm_ops import _backend, environment, planner
+from crosslmm_ops.ops import cross_attention as attention
+from crosslmm_ops.ops import validation
 from crosslmm_ops.ops.cross_attention import (
-    _check_packed,
-    _check_scale,
-    _compute_dtype,
-    _is_int,
-    _lse_batched,
-    _tensor,
-    _uniform_cu_seqlens_pair,
+    accumulation_dtype,
     cross_attention,
     cross_attention_reference,
+    lse_batched,
+    uniform_cu_seqlens_pair,
 )
 
 OP_NAME = "projected_cross_attention"
 CORE_OP_NAME = "projected_attention_core"
-PATHS = ("auto", "fused", "materialized")
-PATH_ENV_VAR = "CROSSLMM_PROJECTED_PATH"
+PATHS = planner.PATHS
+PATH_ENV_VAR = environment.PROJECTED_PATH_VAR
 NORMS = (None, "layernorm", "rmsnorm")
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -110,33 +104,17 @@ class ProjectedLayout:
         return None
 
 
-def _floating(name: str, t, device: torch.device) -> torch.Tensor:
-    t = _tensor(name, t)
-    if not t.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
-    return t
-
-
 def _check_vector(name: str, t, size: int, device: torch.device, what: str) -> None:
     if t is None:
         return
-    t = _floating(name, t, device)
+    t = validation.floating(name, t, device)
     if tuple(t.shape) != (size,):
         raise ValueError(f"{name} must have shape ({size},) ({what}), got {tuple(t.shape)}")
 
 
-def _check_eps(name: str, eps) -> None:
-    """A norm's epsilon: NaN, infinite or negative would turn every token's statistics to NaN."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) \
-            or eps < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
-
-
-def _check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+def check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                   max_seqlen_k, norm, norm_weight, norm_bias, norm_eps) -> ProjectedLayout:
-    q, x = _tensor("q", q), _tensor("x", x)
+    q, x = validation.tensor("q", q), validation.tensor("x", x)
     if q.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"q must be a floating tensor (float16, bfloat16, float32 or float64), "
                          f"got dtype {q.dtype}")
@@ -160,8 +138,8 @@ def _check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seql
     if Hq == 0 or d == 0 or Dv == 0:
         raise ValueError(f"q needs at least one head of width >= 1 and x a width >= 1, got q "
                          f"{tuple(q.shape)}, x {tuple(x.shape)}")
-    w_k = _floating("w_k", w_k, q.device)
-    w_v = _floating("w_v", w_v, q.device)
+    w_k = validation.floating("w_k", w_k, q.device)
+    w_v = validation.floating("w_v", w_v, q.device)
     if w_k.dim() != 2 or w_k.shape[1] != Dv or w_k.shape[0] == 0 or w_k.shape[0] % d != 0:
         raise ValueError(f"w_k must have shape (Hk * d, Dv) = (Hk * {d}, {Dv}) (nn.Linear.weight), "
                          f"got {tuple(w_k.shape)}")
@@ -177,7 +155,7 @@ def _check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seql
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     _check_vector("norm_weight", norm_weight, Dv, q.device, "Dv")
     _check_vector("norm_bias", norm_bias, Dv, q.device, "Dv")
-    _check_eps("norm_eps", norm_eps)
+    validation.eps("norm_eps", norm_eps)
     if not packed:
         if x.shape[0] != q.shape[0]:
             raise ValueError(f"x must have q's batch size {q.shape[0]}, got {x.shape[0]}")
@@ -187,11 +165,14 @@ def _check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seql
                                  "input takes its lengths from the shapes")
         B, Sq, Sk = q.shape[0], q.shape[1], x.shape[1]
         return ProjectedLayout(True, B, Hq, Hk, d, Dv, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
-    batch, lens_q, lens_k, max_q, max_k = _check_packed(
+    batch, lens_q, lens_k, max_q, max_k = validation.packed(
         cu_seqlens_q, cu_seqlens_k, q.shape[0], x.shape[0], max_seqlen_q, max_seqlen_k, q.device)
     return ProjectedLayout(False, batch, Hq, Hk, d, Dv, q.shape[0], x.shape[0], max_q, max_k,
                            lens_q=None if lens_q is None else tuple(lens_q),
                            lens_k=None if lens_k is None else tuple(lens_k))
+
+
+_check_inputs = check_inputs  # the name the op's tests use
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,8 +193,8 @@ def normalize_tokens(x: torch.Tensor, norm: str | None = "layernorm", eps: float
     norm_bias=beta``. ``eps``: a finite number >= 0."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    _check_eps("eps", eps)
-    x = _tensor("x", x)
+    validation.eps("eps", eps)
+    x = validation.tensor("x", x)
     if not x.dtype.is_floating_point:
         raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
     if norm is None:
@@ -231,7 +212,7 @@ def _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, dtype, need_b_k: bool = Tr
     if norm_weight is None and norm_bias is None:
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         return cast(w_k), cast(w_v), cast(b_k) if need_b_k else None, cast(b_v)
-    cdt = _compute_dtype(dtype)
+    cdt = accumulation_dtype(dtype)
     wk, wv = w_k.to(cdt), w_v.to(cdt)
     bk = b_k.to(cdt) if b_k is not None and need_b_k else None
     bv = b_v.to(cdt) if b_v is not None else None
@@ -330,7 +311,7 @@ def _core_reference_backward(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlen
         P = exp(S - lse),  dP = dO x^T,  dS = P * (dP - delta),  delta = rowsum(dO * O) - dlse,
         dq = scale * dS x,  dx = P^T dO (x as the value) + scale * dS^T q (x as the key)
     """
-    cdt = _compute_dtype(q.dtype)
+    cdt = accumulation_dtype(q.dtype)
     hk = q.shape[0]
     qr, dor, outr = (_rows_view(t).to(cdt) for t in (q, dout, out))
     xc = x.to(cdt)
@@ -377,7 +358,7 @@ def _cuda_input(t: torch.Tensor) -> torch.Tensor:
 def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits):
     if backend == "torch":
         with torch.no_grad():
-            out, lse = _core_reference_forward(q, x, cu_q, cu_k, scale, _compute_dtype(q.dtype))
+            out, lse = _core_reference_forward(q, x, cu_q, cu_k, scale, accumulation_dtype(q.dtype))
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return out.to(q.dtype), lse.to(lse_dtype).contiguous()
     if x.stride(-1) != 1:
@@ -442,7 +423,7 @@ def _core_forward_impl(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     """The forward custom op's implementation (also the eager function's forward)."""
     out, lse = _core_forward(backend, q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, softmax_scale, num_splits)
-    _backend.note(CORE_OP_NAME, backend)
+    planner.note(CORE_OP_NAME, backend)
     return out, lse
 
 
@@ -470,7 +451,7 @@ def _core_backward_impl(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, 
     backend = _backward_backend(backend, q.device)
     grads = _core_backward(backend, dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k,
                            max_seqlen_q, max_seqlen_k, softmax_scale, num_splits)
-    _backend.note(CORE_OP_NAME + "_backward", backend)
+    planner.note(CORE_OP_NAME + "_backward", backend)
     return grads
 
 
@@ -503,8 +484,8 @@ _ProjectedAttentionCoreFunction = _backend.eager_function(
     "_ProjectedAttentionCoreFunction", _core_forward_impl, _setup_context, _backward_formula)
 
 
-def _core_ok(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device):
-    """(cuda_ok, triton_ok) for the core of one call."""
+def core_backends(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device):
+    """``(cuda_ok, triton_ok)`` for the core of one call: each ``(bool, reason)``."""
     cuda = _backend.cuda_runnable(device)
     if cuda[0] and not hasattr(_backend.extension(), "projected_attention_core_forward"):
         cuda = (False, "the CUDA extension was built without the projected-attention kernel; "
@@ -562,21 +543,21 @@ def projected_attention_core(
     Dv)``, ``lse (Hq, total_q)``. ``softmax_scale`` defaults to ``1 / sqrt(Dv)``. Differentiable in
     ``q`` and ``x``; :func:`crosslmm_ops.last_backend` ``("projected_attention_core")`` says
     which ran."""
-    q, x = _tensor("q", q), _tensor("x", x)
+    q, x = validation.tensor("q", q), validation.tensor("x", x)
     if x.dim() != q.dim() - 1:
         raise ValueError(f"x must have shape (B, Sk, Dv) for q (B, Sq, Hq, Dv), or (total_k, Dv) "
                          f"for q (total_q, Hq, Dv), got q {tuple(q.shape)}, x {tuple(x.shape)}")
     # Validated as what it is: cross_attention with one key/value head, k = v = x.
-    att = _check_attention_inputs(q, x.unsqueeze(-2), x.unsqueeze(-2), cu_seqlens_q,
+    att = attention.check_inputs(q, x.unsqueeze(-2), x.unsqueeze(-2), cu_seqlens_q,
                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     layout = ProjectedLayout(att.batched, att.batch, att.heads_q, 1, att.head_dim, att.head_dim,
                              att.total_q, att.total_k, att.max_seqlen_q, att.max_seqlen_k,
                              att.seqlen_q, att.seqlen_k)
-    scale = _check_scale(softmax_scale, layout.width)
+    scale = validation.softmax_scale(softmax_scale, layout.width)
     _check_flags(num_splits, return_lse)
-    cuda_ok, triton_ok = _core_ok(layout, q.dtype, q.device)
-    chosen = _backend.resolve(CORE_OP_NAME, backend, q.device, cuda_ok=cuda_ok,
-                              triton_ok=triton_ok)
+    cuda_ok, triton_ok = core_backends(layout, q.dtype, q.device)
+    chosen = planner.resolve(CORE_OP_NAME, backend, q.device, cuda_ok=cuda_ok,
+                             triton_ok=triton_ok)
     qp, xp, cu_q, cu_k = _packed(layout, q, x, cu_seqlens_q, cu_seqlens_k)
     out, lse = _projected_attention_core(qp.unsqueeze(0), xp, cu_q, cu_k, layout.max_seqlen_q,
                               layout.max_seqlen_k, scale, num_splits, chosen)
@@ -584,22 +565,20 @@ def projected_attention_core(
     if layout.batched:
         out = out.reshape(q.shape)
         if return_lse:  # a copy (flash-attn's layout): only when asked for
-            lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
+            lse = lse_batched(lse, layout.batch, layout.seqlen_q)
     return (out, lse) if return_lse else out
 
 
 def _check_flags(num_splits, return_lse) -> None:
-    if not _is_int(num_splits) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
-    if not isinstance(return_lse, bool):
-        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
+    validation.num_splits(num_splits)
+    validation.flag("return_lse", return_lse)
 
 
 def _packed(layout: ProjectedLayout, q, x, cu_seqlens_q, cu_seqlens_k):
     if not layout.batched:
         return q, x, cu_seqlens_q, cu_seqlens_k
     return (q.reshape(-1, *q.shape[2:]), x.reshape(-1, x.shape[-1]),
-            *_uniform_cu_seqlens_pair(layout.batch, layout.seqlen_q, layout.seqlen_k, q.device))
+            *uniform_cu_seqlens_pair(layout.batch, layout.seqlen_q, layout.seqlen_k, q.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -675,36 +654,66 @@ class CostModel:
 COST_MODEL = CostModel()
 
 
-def _path_override(path) -> str | None:
-    if not isinstance(path, str) or path.lower() not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    path = path.lower()
-    if path != "auto":
-        return path
-    env = os.environ.get(PATH_ENV_VAR, "auto").lower() or "auto"
-    if env not in PATHS:
-        raise ValueError(f"{PATH_ENV_VAR} must be one of {PATHS}, got {env!r}")
-    return None if env == "auto" else env
-
-
 def choose_path(layout: ProjectedLayout, dtype: torch.dtype, path: str = "auto") -> str:
-    """``"fused"`` or ``"materialized"`` for one call: ``path`` when it names one, else the
-    ``CROSSLMM_PROJECTED_PATH`` environment variable when it does, else the cheaper path by
+    """``"fused"`` or ``"materialized"`` by the planner from the shapes alone: ``path`` when it
+    names one, else ``CROSSLMM_PROJECTED_PATH`` when it does, else the cheaper path by
     :data:`COST_MODEL` (ties go to fused, which needs less memory)."""
-    forced = _path_override(path)
-    if forced is not None:
-        return forced
-    fused_ms, mat_ms = COST_MODEL.estimate(layout, dtype.itemsize)
-    return "fused" if fused_ms <= mat_ms else "materialized"
+    return planner.choose_path(path, lambda: COST_MODEL.estimate(layout, dtype.itemsize))[0]
 
 
-_last_path: dict[str, str] = {}
+def fused_core_fast(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device,
+                    backend) -> tuple[bool, str]:
+    """Whether the fused core can run on the back end this call asks for, and on a GPU on a
+    kernel: the cost model assumes kernels on both paths, and the core has limits the
+    materialised attention does not (e.g. a token width above 2048) where ``auto`` would fall to
+    the plain-PyTorch reference."""
+    cuda_ok, triton_ok = core_backends(layout, dtype, device)
+    wanted = planner.requested_backend(backend)
+    if wanted == "auto":
+        if device.type != "cuda" or cuda_ok[0] or triton_ok[0]:
+            return True, ""
+        return False, f"cuda: {cuda_ok[1]}; triton: {triton_ok[1]}"
+    return {"cuda": cuda_ok, "triton": triton_ok, "torch": (True, "")}[wanted]
+
+
+def plan_path(layout, dtype: torch.dtype, device: torch.device,
+              path: str = "auto", backend=None, *, unfused_reason: str | None = None,
+              tracing: bool = False) -> tuple[str, str]:
+    """``(path, reason)`` of one call, by :func:`crosslmm_ops.planner.choose_path` with this op's
+    cost model (:data:`COST_MODEL`, read at each call) and the fused core's limits
+    (:func:`fused_core_fast`). The op and the DCAL modules both ask here; the modules add why the
+    fused path cannot stand in for theirs (``unfused_reason``) and whether they are traced, and
+    pass ``layout`` as a callable (their layout reads query counts, needed only by the cost
+    model)."""
+    known = []
+
+    def shapes() -> ProjectedLayout:  # ``layout`` may be a callable: built only when needed
+        if not known:
+            known.append(layout() if callable(layout) else layout)
+        return known[0]
+
+    return planner.choose_path(
+        path, lambda: COST_MODEL.estimate(shapes(), dtype.itemsize), unfused_reason=unfused_reason,
+        fused_fast=lambda: fused_core_fast(shapes(), dtype, device, backend), tracing=tracing)
 
 
 def last_path() -> str | None:
     """The path (``"fused"`` or ``"materialized"``) of the most recent eager call of
-    :func:`projected_cross_attention` in this process (``None`` if none)."""
-    return _last_path.get("path")
+    :func:`projected_cross_attention` in this process (``None`` if none), DCAL modules included."""
+    return planner.last_path(OP_NAME)
+
+
+def attend_materialized(q, k, v, *, attend=cross_attention, **kwargs):
+    """The materialised path: ``attend(q, k, v, **kwargs)`` over projected keys and values
+    (:func:`~crosslmm_ops.cross_attention`, or a sharded one), recorded as a call of
+    :func:`projected_cross_attention` on that path, so that :func:`last_path` and
+    ``last_backend("projected_cross_attention")`` describe every projected attention, the op's
+    and the DCAL modules' (which project K/V themselves, to share or cache them)."""
+    result = attend(q, k, v, **kwargs)
+    if not (torch.compiler.is_compiling() or q.is_meta):  # meta: no back end ran
+        planner.note(OP_NAME, planner.last_backend(attention.OP_NAME), path="materialized",
+                     kernel=planner.last_kernel(attention.OP_NAME))
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -805,28 +814,23 @@ def projected_cross_attention(
     * ``num_splits``: key splits of the attention (0 = heuristic); ``return_lse``: also return the
       natural-log LSE of the projected scores (``b_k`` included), float32 (float64 for float64).
     """
-    layout = _check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                           max_seqlen_k, norm, norm_weight, norm_bias, norm_eps)
-    scale = _check_scale(softmax_scale, layout.head_dim)
-    _check_flags(num_splits, return_lse)
-    chosen_path = choose_path(layout, q.dtype, path)
+    layout, scale, chosen_path, _ = _prepare(
+        q, x, w_k, w_v, b_k, b_v, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, norm, norm_weight, norm_bias, norm_eps, num_splits, path, return_lse,
+        backend)
     xhat = normalize_tokens(x, norm, norm_eps)
     if chosen_path == "materialized":
         wk, wv, bk, bv = _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, q.dtype)
         kv_shape = (*x.shape[:-1], layout.heads_k, layout.head_dim)
         k = F.linear(xhat, wk, bk).view(kv_shape)
         v = F.linear(xhat, wv, bv).view(kv_shape)
-        result = cross_attention(q, k, v, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q,
-                                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                                 max_seqlen_k=max_seqlen_k, num_splits=num_splits,
-                                 return_lse=return_lse, backend=backend)
-        if not (torch.compiler.is_compiling() or q.is_meta):  # meta: no back end ran
-            _last_path["path"] = chosen_path
-            _backend.note(OP_NAME, _backend.last_backend("cross_attention"))
-        return result
-    cuda_ok, triton_ok = _core_ok(layout, q.dtype, q.device)
-    core_backend = _backend.resolve(OP_NAME, backend, q.device, cuda_ok=cuda_ok,
-                                    triton_ok=triton_ok)
+        return attend_materialized(q, k, v, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q,
+                                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                   max_seqlen_k=max_seqlen_k, num_splits=num_splits,
+                                   return_lse=return_lse, backend=backend)
+    cuda_ok, triton_ok = core_backends(layout, q.dtype, q.device)
+    core_backend = planner.resolve(OP_NAME, backend, q.device, cuda_ok=cuda_ok,
+                                   triton_ok=triton_ok)
     wk, wv, bk, bv = _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, q.dtype,
                            need_b_k=return_lse)
     qp, xp, cu_q, cu_k = _packed(layout, q, xhat, cu_seqlens_q, cu_seqlens_k)
@@ -839,11 +843,51 @@ def projected_cross_attention(
     if layout.batched:
         out = out.reshape(q.shape)
         if return_lse:  # a copy (flash-attn's layout): only when asked for
-            lse = _lse_batched(lse, layout.batch, layout.seqlen_q)
+            lse = lse_batched(lse, layout.batch, layout.seqlen_q)
     if not (torch.compiler.is_compiling() or q.is_meta):
-        _last_path["path"] = chosen_path
-        _backend.note(OP_NAME, core_backend)
+        planner.note(OP_NAME, core_backend, path="fused")
     return (out, lse) if return_lse else out
+
+
+def _prepare(q, x, w_k, w_v, b_k, b_v, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+             max_seqlen_k, norm, norm_weight, norm_bias, norm_eps, num_splits, path, return_lse,
+             backend):
+    """One call validated, its path chosen: ``(layout, scale, path, reason)``."""
+    layout = check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                           max_seqlen_k, norm, norm_weight, norm_bias, norm_eps)
+    scale = validation.softmax_scale(softmax_scale, layout.head_dim)
+    _check_flags(num_splits, return_lse)
+    chosen, reason = plan_path(layout, q.dtype, q.device, path, backend)
+    return layout, scale, chosen, reason
+
+
+def plan(q, x, w_k, w_v, b_k=None, b_v=None, *, softmax_scale=None, cu_seqlens_q=None,
+         cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, norm=None, norm_weight=None,
+         norm_bias=None, norm_eps=1e-6, num_splits=0, path="auto", return_lse=False,
+         backend=None) -> planner.Plan:
+    """How :func:`projected_cross_attention` would run this call (:func:`crosslmm_ops.explain`):
+    the path, then the back end and kernel of that path."""
+    layout, scale, chosen, reason = _prepare(
+        q, x, w_k, w_v, b_k, b_v, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, norm, norm_weight, norm_bias, norm_eps, num_splits, path, return_lse,
+        backend)
+    if chosen == "materialized":
+        kv_layout = attention.AttentionLayout(
+            layout.batched, layout.batch, layout.heads_q, layout.heads_k, layout.head_dim,
+            layout.total_q, layout.total_k, layout.max_seqlen_q, layout.max_seqlen_k,
+            layout.seqlen_q, layout.seqlen_k)
+        inner = attention.call_for(kv_layout, scale, q.dtype, q.device, backend,
+                                   OP_NAME).plan(OP_NAME, q.device)
+        return dataclasses.replace(inner, path=chosen,
+                                   reasons=(f"path: {reason}",) + inner.reasons)
+    cuda_ok, triton_ok = core_backends(layout, q.dtype, q.device)
+    core, why = planner.choose_backend(OP_NAME, backend, q.device, cuda_ok=cuda_ok,
+                                       triton_ok=triton_ok)
+    kernel = {"cuda": "projected_core", "triton": "triton", "torch": "reference"}[core]
+    return planner.Plan(OP_NAME, core, chosen, kernel, (f"path: {reason}", why))
+
+
+planner.register(OP_NAME, projected_cross_attention, plan)
 
 
 def projected_cross_attention_reference(
@@ -868,9 +912,9 @@ def projected_cross_attention_reference(
     weight and bias applied, not folded), project with ``F.linear`` and call
     :func:`~crosslmm_ops.cross_attention_reference`, everything in ``compute_dtype`` (default
     float32, float64 for float64 input). Differentiable through autograd."""
-    layout = _check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, None, None, norm,
+    layout = check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, None, None, norm,
                            norm_weight, norm_bias, norm_eps)
-    cdt = compute_dtype or _compute_dtype(q.dtype)
+    cdt = compute_dtype or accumulation_dtype(q.dtype)
     cast = lambda t: None if t is None else t.to(cdt)  # noqa: E731
     xc = x.to(cdt)
     if norm == "layernorm":

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from crosslmm_ops import _backend
+from crosslmm_ops import _backend, planner
 
 OP_NAME = "token_pool"
 MODES = ("avg", "max", "adaptive", "bilinear")
@@ -176,7 +176,7 @@ class _SpecArgs:
         return isinstance(other, _SpecArgs) and self.key == other.key
 
 
-def _make_spec(*args) -> PoolSpec:
+def make_spec(*args) -> PoolSpec:
     """PoolSpec.make, memoised: validation runs once per distinct set of arguments, types
     included (eagerly; torch.compile traces the validation itself, once)."""
     if torch.compiler.is_compiling():
@@ -586,7 +586,7 @@ def _forward_impl(x, grid, mode, kernel_size, stride, padding, ceil_mode, count_
     spec = _spec_from_args(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
                            output_size, align_corners, temporal_stride)
     out, argmax = _forward(backend, x, spec, need_argmax)
-    _backend.note(OP_NAME, backend)
+    planner.note(OP_NAME, backend)
     return out, argmax
 
 
@@ -617,7 +617,7 @@ def _backward_impl(grad, argmax, frames_in, grid, mode, kernel_size, stride, pad
     spec = _spec_from_args(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
                            output_size, align_corners, temporal_stride)
     grad_x = _backward(backend, grad, argmax, spec, frames_in)
-    _backend.note(OP_NAME + "_backward", backend)
+    planner.note(OP_NAME + "_backward", backend)
     return grad_x
 
 
@@ -679,7 +679,11 @@ def _fast_ok(dtype: torch.dtype, runnable: tuple[bool, str]) -> tuple[bool, str]
 # compiler cannot trace), so the compiled graph holds the chosen back end as a constant.
 @torch.compiler.assume_constant_result
 def _choose_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    return _backend.resolve(
+    return _backend_and_reason(backend, device, dtype)[0]
+
+
+def _backend_and_reason(backend: str | None, device: torch.device, dtype: torch.dtype):
+    return planner.choose_backend(
         OP_NAME, backend, device,
         cuda_ok=_fast_ok(dtype, _backend.cuda_runnable(device)),
         triton_ok=_fast_ok(dtype, _backend.triton_runnable(device)),
@@ -719,7 +723,7 @@ def token_pool(
     ``backend``: ``"auto"`` (default; env ``CROSSLMM_BACKEND``), ``"cuda"``, ``"triton"`` or
     ``"torch"``; :func:`crosslmm_ops.last_backend` says which ran.
     """
-    spec = _make_spec(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
+    spec = make_spec(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
                       output_size, align_corners, temporal_stride)
     _check_input(x, spec)
     chosen = _choose_backend(backend, x.device, x.dtype)
@@ -730,3 +734,18 @@ def token_pool(
     pool = _TokenPoolFunction.apply if _backend.eager_function_ok(x4) else _token_pool_op
     out, _ = pool(x4, *_spec_args(spec), need_argmax, chosen)
     return out.reshape(*lead, *out.shape[1:])
+
+
+def plan(x, grid=(27, 27), mode="avg", *, kernel_size=None, stride=None, padding=0,
+         ceil_mode=False, count_include_pad=True, output_size=None, align_corners=False,
+         temporal_stride=1, backend=None) -> planner.Plan:
+    """How :func:`token_pool` would run this call (:func:`crosslmm_ops.explain`)."""
+    spec = make_spec(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     output_size, align_corners, temporal_stride)
+    _check_input(x, spec)
+    chosen, reason = _backend_and_reason(backend, x.device, x.dtype)
+    kernel = {"cuda": "token_pool_mix", "triton": "triton", "torch": "reference"}[chosen]
+    return planner.Plan(OP_NAME, chosen, None, kernel, (reason,))
+
+
+planner.register(OP_NAME, token_pool, plan)

@@ -23,29 +23,22 @@ folded into ``log2(e) * softmax_scale``; the LSE is stored in natural log.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from crosslmm_ops._backend import triton_interpreted
-from crosslmm_ops.triton import check_launch
+from crosslmm_ops.triton.common import (
+    LOG2E,
+    MAX_SPLITS,
+    check_launch,
+    dot_precision,
+    num_splits_heuristic,
+    segment,
+    sm_count,
+)
 
-LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
-MAX_SPLITS = 128
-# Splitting a segment's keys into ranges shorter than this many key blocks costs more in the merge
-# than it gains in parallelism.
-MIN_BLOCKS_PER_SPLIT = 4
-INTERPRETER_SM_COUNT = 132  # an H100, so the interpreter exercises the same split decisions
-
-
-@triton.jit
-def _segment(cu_seqlens, seg):
-    """(first token, length) of segment ``seg``."""
-    start = tl.load(cu_seqlens + seg)
-    return start, tl.load(cu_seqlens + seg + 1) - start
 
 
 @triton.jit
@@ -74,10 +67,10 @@ def _attn_fwd_kernel(
     m_block = tl.program_id(0) % num_m_blocks
     h = tl.program_id(1)
     split = tl.program_id(2).to(tl.int64)  # split * (split stride) can pass 2**31
-    q_start, q_len = _segment(cu_q, seg)
+    q_start, q_len = segment(cu_q, seg)
     if m_block * BLOCK_M >= q_len:
         return
-    k_start, k_len = _segment(cu_k, seg)
+    k_start, k_len = segment(cu_k, seg)
     # This split's contiguous range of key blocks (possibly empty: it then writes lse = -inf).
     n_blocks = tl.cdiv(k_len, BLOCK_N)
     per_split = tl.cdiv(n_blocks, num_splits)
@@ -194,10 +187,10 @@ def _attn_bwd_dkdv_kernel(
     seg = tl.program_id(0) // num_n_blocks
     n_block = tl.program_id(0) % num_n_blocks
     hk = tl.program_id(1)
-    k_start, k_len = _segment(cu_k, seg)
+    k_start, k_len = segment(cu_k, seg)
     if n_block * BLOCK_N >= k_len:
         return
-    q_start, q_len = _segment(cu_q, seg)
+    q_start, q_len = segment(cu_q, seg)
 
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -246,10 +239,10 @@ def _attn_bwd_dq_kernel(
     seg = tl.program_id(0) // num_m_blocks
     m_block = tl.program_id(0) % num_m_blocks
     h = tl.program_id(1)
-    q_start, q_len = _segment(cu_q, seg)
+    q_start, q_len = segment(cu_q, seg)
     if m_block * BLOCK_M >= q_len:
         return
-    k_start, k_len = _segment(cu_k, seg)
+    k_start, k_len = segment(cu_k, seg)
 
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -298,13 +291,6 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own matmul setting (tf32 only when the user allowed it).
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _forward_config(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> dict:
     block_d = _block_d(head_dim)
     wide = block_d > 128 or (dtype == torch.float32 and block_d > 64)
@@ -325,26 +311,6 @@ def _backward_config(head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
             dict(BLOCK_M=big, BLOCK_N=small, BLOCK_D=block_d, **launch))
 
 
-def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_SM_COUNT
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def num_splits_heuristic(programs: int, num_sms: int, num_key_blocks: int) -> int:
-    """How many ranges to split each segment's keys into (flash-decoding).
-
-    ``programs`` is the number of (query block, head, segment) programs without splitting. When they
-    already fill about a wave of SMs, one split; otherwise enough splits to fill one wave, keeping
-    at least ``MIN_BLOCKS_PER_SPLIT`` key blocks per split and at most ``MAX_SPLITS`` splits.
-    """
-    if programs <= 0 or programs >= 0.8 * num_sms:
-        return 1
-    want = math.ceil(num_sms / programs)
-    most = max(1, num_key_blocks // MIN_BLOCKS_PER_SPLIT)
-    return max(1, min(want, most, MAX_SPLITS))
-
-
 # ----------------------------------------------------------------------------------------------
 # Entry points: the same contract as crosslmm_ops._C.attention_forward / attention_backward
 # ----------------------------------------------------------------------------------------------
@@ -359,17 +325,20 @@ def _check_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                       max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                      num_splits: int) -> None:
+                      num_splits: int, kernel: str | None = None) -> str:
     """Same contract as ``crosslmm_ops._C.attention_forward`` (see csrc/attention/): writes
     ``out [total_q, Hq, D]`` and the natural-log ``lse`` (float32, contiguous ``[Hq, total_q]``).
-    ``num_splits=0`` picks the split count with :func:`num_splits_heuristic`."""
+    ``num_splits=0`` picks the split count with :func:`num_splits_heuristic`. ``kernel`` (the CUDA
+    kernel choice) is taken for the same signature and ignored: Triton has one kernel. Returns the
+    kernel that ran: ``"triton"``, or ``"none"`` (nothing to compute)."""
+    del kernel
     _check_layout(q, k, v)
     check_launch(q.dtype, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     assert out.stride(-1) == 1 and lse.is_contiguous() and lse.dtype == torch.float32
     total_q, Hq, D = q.shape
     batch = cu_seqlens_q.shape[0] - 1
     if total_q == 0 or batch <= 0:
-        return
+        return "none"
     group = Hq // k.shape[1]
     cfg = _forward_config(max_seqlen_q, D, q.dtype)
     m_blocks = triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"])
@@ -379,7 +348,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     num_splits = max(1, min(num_splits, max(key_blocks, 1), MAX_SPLITS))
     if triton_interpreted():
         cfg.update(num_warps=1, num_stages=1)
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
     scale_log2 = softmax_scale * LOG2E
     grid = (batch * m_blocks, Hq, num_splits)
     common = dict(PRECISION=precision, **cfg)
@@ -389,7 +358,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             0, out.stride(0), out.stride(1), 0, lse.stride(0),
             m_blocks, 1, D, group, scale_log2, **common)
-        return
+        return "triton"
     # Scratch is written in full by the split programs (an empty split writes lse = -inf).
     part_out = torch.empty((num_splits, total_q, Hq, D), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((num_splits, Hq, total_q), dtype=torch.float32, device=q.device)
@@ -405,17 +374,20 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
         BLOCK_M=merge_m, BLOCK_D=cfg["BLOCK_D"], num_warps=1 if triton_interpreted() else 4)
+    return "triton"
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
                        dv: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                        max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                       deterministic: bool, dlse: torch.Tensor | None = None) -> None:
+                       deterministic: bool, kernel: str | None = None,
+                       dlse: torch.Tensor | None = None) -> str:
     """Same contract as ``crosslmm_ops._C.attention_backward`` (see csrc/attention/), plus an
     optional gradient ``dlse [Hq, total_q]`` on the LSE. Always deterministic (no atomics), so
-    ``deterministic`` changes nothing here."""
-    del deterministic
+    ``deterministic`` changes nothing here; ``kernel`` is taken for the same signature and
+    ignored. Returns ``"triton"``, or ``"none"`` (nothing to compute)."""
+    del deterministic, kernel
     _check_layout(q, k, v)
     check_launch(q.dtype, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     assert dout.stride(-1) == 1 and out.stride(-1) == 1 and lse.is_contiguous()
@@ -424,13 +396,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     total_k, Hk, _ = k.shape
     batch = cu_seqlens_q.shape[0] - 1
     if batch <= 0 or total_q + total_k == 0:
-        return
+        return "none"
     group = Hq // Hk
     dkdv_cfg, dq_cfg = _backward_config(D, q.dtype)
     if triton_interpreted():
         for cfg in (dkdv_cfg, dq_cfg):
             cfg.update(num_warps=1, num_stages=1)
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
 
     delta = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
     if total_q:
@@ -458,3 +430,4 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             *strides, dq.stride(0), dq.stride(1),
             total_q, m_blocks, D, group, softmax_scale, scale_log2,
             PRECISION=precision, **dq_cfg)
+    return "triton"

@@ -44,22 +44,17 @@ import triton
 import triton.language as tl
 
 from crosslmm_ops._backend import triton_interpreted
-from crosslmm_ops.triton import check_launch
-from crosslmm_ops.triton.cross_attention import (
+from crosslmm_ops.triton.common import (
     LOG2E,
     MAX_SPLITS,
-    _dot_precision,
+    check_launch,
+    dot_precision,
     num_splits_heuristic,
+    segment,
     sm_count,
 )
 
 MAX_WIDTH = 2048  # Dv; wider accumulators do not fit a program's registers
-
-
-@triton.jit
-def _segment(cu_seqlens, seg):
-    start = tl.load(cu_seqlens + seg)
-    return start, tl.load(cu_seqlens + seg + 1) - start
 
 
 @triton.jit
@@ -115,11 +110,11 @@ def _fwd_kernel(
     seg = tl.program_id(0) // num_m_blocks
     m_block = tl.program_id(0) % num_m_blocks
     split = tl.program_id(1).to(tl.int64)  # split * (split stride) can pass 2**31
-    q_start, q_len = _segment(cu_q, seg)
+    q_start, q_len = segment(cu_q, seg)
     n_rows = q_len * HQ
     if m_block * BLOCK_M >= n_rows:
         return
-    k_start, k_len = _segment(cu_k, seg)
+    k_start, k_len = segment(cu_k, seg)
     blk_lo, blk_hi = _split_range(k_len, num_splits, split, BLOCK_N)
 
     mask_m, t, h, kh, g = _rows(m_block * BLOCK_M, q_start, n_rows, HQ, GROUP, BLOCK_M)
@@ -234,11 +229,11 @@ def _bwd_dq_kernel(
     seg = tl.program_id(0) // num_m_blocks
     m_block = tl.program_id(0) % num_m_blocks
     split = tl.program_id(1).to(tl.int64)
-    q_start, q_len = _segment(cu_q, seg)
+    q_start, q_len = segment(cu_q, seg)
     n_rows = q_len * HQ
     if m_block * BLOCK_M >= n_rows:
         return
-    k_start, k_len = _segment(cu_k, seg)
+    k_start, k_len = segment(cu_k, seg)
     blk_lo, blk_hi = _split_range(k_len, num_splits, split, BLOCK_N)
 
     mask_m, t, h, kh, g = _rows(m_block * BLOCK_M, q_start, n_rows, HQ, GROUP, BLOCK_M)
@@ -277,10 +272,10 @@ def _bwd_dx_kernel(
 ):
     seg = tl.program_id(0) // num_n_blocks
     n_block = tl.program_id(0) % num_n_blocks
-    k_start, k_len = _segment(cu_k, seg)
+    k_start, k_len = segment(cu_k, seg)
     if n_block * BLOCK_N >= k_len:
         return
-    q_start, q_len = _segment(cu_q, seg)
+    q_start, q_len = segment(cu_q, seg)
     n_rows = q_len * HQ
 
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -402,7 +397,7 @@ def projected_attention_core_forward(q: torch.Tensor, x: torch.Tensor, out: torc
     m_blocks = triton.cdiv(max(max_seqlen_q * hq, 1), cfg["BLOCK_M"])
     key_blocks = triton.cdiv(max_seqlen_k, cfg["BLOCK_N"])
     num_splits = _choose_splits(num_splits, batch, m_blocks, key_blocks, q.device)
-    common = dict(HQ=hq, GROUP=group, PRECISION=_dot_precision(q.dtype), **cfg)
+    common = dict(HQ=hq, GROUP=group, PRECISION=dot_precision(q.dtype), **cfg)
     grid = (batch * m_blocks, num_splits)
     scale_log2 = softmax_scale * LOG2E
     if num_splits == 1:
@@ -446,7 +441,7 @@ def projected_attention_core_backward(dout: torch.Tensor, q: torch.Tensor, x: to
     if batch <= 0 or total_q + total_k == 0:
         return
     dq_cfg, dx_cfg = (_interpreted(c) for c in backward_config(dv, q.dtype))
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
     scale_log2 = softmax_scale * LOG2E
     n_rows = hq * total_q
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)

@@ -3,9 +3,10 @@
 // files.
 //
 //   attention_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-//                     softmax_scale, num_splits)
+//                     softmax_scale, num_splits, kernel) -> the kernel that ran
 //   attention_backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-//                      max_seqlen_q, max_seqlen_k, softmax_scale, deterministic)
+//                      max_seqlen_q, max_seqlen_k, softmax_scale, deterministic, kernel)
+//                      -> the kernel that ran
 //
 // Layout: packed varlen as in flash-attn's varlen API. q, out, dout, dq: [total_q, Hq, D];
 // k, v, dk, dv: [total_k, Hk, D]; channel stride 1, token and head strides any multiple of 8
@@ -17,17 +18,21 @@
 // bf16, head dims 64 and 128.
 //
 // The backward is deterministic whatever `deterministic` says: no kernel uses atomics (see
-// attention_bwd_kernel.cuh), so repeated calls give bitwise-equal gradients. On an sm_90 GPU the
-// wgmma + TMA backward (attention_bwd_sm90_kernel.cuh) runs instead for head dim 128 when the
-// environment variable CROSSLMM_ATTENTION_BWD_SM90 allows it ("0", "1", "dkdv", "auto"; unset =
-// kSm90BwdDefaultMode below: auto); attention_backward_kernel_name() says which ran.
+// attention_bwd_kernel.cuh), so repeated calls give bitwise-equal gradients.
 //
-// Forward kernels: the mma.sync kernel (attention_fwd_kernel.cuh) everywhere, or on an sm_90 GPU
-// the wgmma + TMA kernel (attention_fwd_sm90_kernel.cuh) for head dim 128 and softmax_scale > 0
-// when the environment variable CROSSLMM_ATTENTION_SM90 allows it: "0" never, "1" whenever it can
-// run, "auto" when the query segments are long enough for its 128-row tiles (max_seqlen_q >= 64);
-// unset means kSm90DefaultMode below. attention_forward_kernel_name() says which kernel the last
-// call on this thread ran.
+// Which kernel runs is the caller's choice, the `kernel` argument (crosslmm_ops/planner.py decides
+// it, with the environment overrides CROSSLMM_ATTENTION_SM90 / CROSSLMM_ATTENTION_BWD_SM90, and
+// passes it here; nothing in this file reads the environment):
+//   forward   "mma_sync": the mma.sync kernel (attention_fwd_kernel.cuh), every GPU;
+//             "sm90": the wgmma + TMA kernel (attention_fwd_sm90_kernel.cuh) where it can run (an
+//             sm_90 GPU, a 90a build, head dim 128, softmax_scale > 0, tensors TMA can describe),
+//             else the mma.sync kernel;
+//   backward  "mma_sync"; "sm90": the wgmma + TMA dK/dV and dQ kernels (attention_bwd_sm90_kernel.cuh)
+//             where they can run (sm_90, 90a build, head dim 128), else mma.sync; "sm90_dkdv": the
+//             sm90 dK/dV kernel with the mma.sync dQ kernel (a diagnostic).
+// Each entry point returns the name of the kernel that ran ("sm90_wgmma", "sm90_dkdv", "mma_sync",
+// or "none": nothing to compute). attention_forward_kernel_name() / attention_backward_kernel_name()
+// repeat the last one for callers that cannot see the return value.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -176,23 +181,18 @@ int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // The Hopper (sm_90a) forward: when to use it and its launch plan.
 // ---------------------------------------------------------------------------------------------
 
-enum class Sm90Mode { kOff, kAuto, kOn };
-// Unset CROSSLMM_ATTENTION_SM90: kAuto (the kernel passed tests/test_attention_sm90.py, the cuda
-// tests and compute-sanitizer on an H100; "0" turns it off, e.g. to compare with mma.sync).
-constexpr Sm90Mode kSm90DefaultMode = Sm90Mode::kAuto;
-// kAuto: the 128-row tiles of the sm90 kernel hold one query head each (no GQA packing), so short
-// query segments (decode, 9 queries per frame) stay on the packed mma.sync kernel.
-constexpr int64_t kSm90AutoMinSeqlenQ = 64;
+// The caller's kernel choice (see the file comment). When to prefer the sm90 kernels is decided
+// in crosslmm_ops/planner.py; here only whether they can run.
+enum class KernelChoice { kMmaSync, kSm90, kSm90DkDv };
 
-Sm90Mode sm90_mode(const char* op) {
-  const char* env = std::getenv("CROSSLMM_ATTENTION_SM90");
-  if (env == nullptr || env[0] == '\0') return kSm90DefaultMode;
-  const std::string_view value(env);
-  if (value == "0") return Sm90Mode::kOff;
-  if (value == "1") return Sm90Mode::kOn;
-  if (value == "auto") return Sm90Mode::kAuto;
-  TORCH_CHECK(false, op, ": CROSSLMM_ATTENTION_SM90 must be 0, 1 or auto, got '", value, "'");
-  return Sm90Mode::kOff;
+KernelChoice kernel_choice(const char* op, const std::string& kernel, bool backward) {
+  if (kernel == "mma_sync") return KernelChoice::kMmaSync;
+  if (kernel == "sm90") return KernelChoice::kSm90;
+  if (backward && kernel == "sm90_dkdv") return KernelChoice::kSm90DkDv;
+  TORCH_CHECK(false, op, ": kernel must be ",
+              backward ? "'mma_sync', 'sm90' or 'sm90_dkdv'" : "'mma_sync' or 'sm90'", ", got '",
+              kernel, "'");
+  return KernelChoice::kMmaSync;
 }
 
 bool device_is_sm90(int device) {
@@ -270,35 +270,6 @@ AttentionForwardParams forward_params(const at::Tensor& q, const at::Tensor& k, 
 
 thread_local const char* last_forward_kernel = "none";
 
-// ---------------------------------------------------------------------------------------------
-// The Hopper (sm_90a) backward (attention_bwd_sm90_kernel.cuh: wgmma + TMA dK/dV and dQ kernels,
-// the Delta preprocess from the mma.sync file): when to use it. CROSSLMM_ATTENTION_BWD_SM90: "0"
-// never; "1" whenever it can run (sm_90 GPU, a 90a build, head dim 128, strides TMA accepts);
-// "dkdv" the same but with the mma.sync dQ kernel (a diagnostic: isolates the two sm90 kernels);
-// "auto" as "1" when the query segments are long enough for the head-major 64/128-row query tiles
-// (max_seqlen_q >= 64; shorter sets fill the mma.sync kernels' GQA-packed rows better). Unset:
-// kSm90BwdDefaultMode, auto (since the kernels passed tests/test_attention_bwd_sm90.py and the
-// cuda-marked suite on an H100). Read on every call; attention_backward_kernel_name() says what
-// the last call (in any thread) ran.
-// ---------------------------------------------------------------------------------------------
-
-enum class Sm90BwdMode { kOff, kAuto, kOn, kDkDvOnly };
-constexpr Sm90BwdMode kSm90BwdDefaultMode = Sm90BwdMode::kAuto;
-constexpr int64_t kSm90BwdAutoMinSeqlenQ = 64;
-
-Sm90BwdMode sm90_backward_mode(const char* op) {
-  const char* env = std::getenv("CROSSLMM_ATTENTION_BWD_SM90");
-  if (env == nullptr || env[0] == '\0') return kSm90BwdDefaultMode;
-  const std::string_view value(env);
-  if (value == "0") return Sm90BwdMode::kOff;
-  if (value == "1") return Sm90BwdMode::kOn;
-  if (value == "dkdv") return Sm90BwdMode::kDkDvOnly;
-  if (value == "auto") return Sm90BwdMode::kAuto;
-  TORCH_CHECK(false, op, ": CROSSLMM_ATTENTION_BWD_SM90 must be 0, 1, dkdv or auto, got '", value,
-              "'");
-  return Sm90BwdMode::kOff;
-}
-
 // Process-wide, not per thread like the forward's: autograd runs a CUDA backward on its own device
 // thread, so the caller could never read a thread-local value.
 std::atomic<const char*> last_backward_kernel{"none"};
@@ -318,11 +289,13 @@ std::string attention_backward_sm90_declined() {
          std::to_string(why) + ", see attention_params.h)";
 }
 
-void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       at::Tensor& out, at::Tensor& lse, const at::Tensor& cu_seqlens_q,
-                       const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                       double softmax_scale, int64_t num_splits) {
+std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              at::Tensor& out, at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                              int64_t max_seqlen_k, double softmax_scale, int64_t num_splits,
+                              const std::string& kernel) {
   constexpr const char* op = "attention_forward";
+  const KernelChoice choice = kernel_choice(op, kernel, /*backward=*/false);
   check_qkv(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale);
   check_token_tensor(op, "out", out, q, q.sizes());
   check_no_self_overlap(op, "out", out);
@@ -336,7 +309,7 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   max_seqlen_q = std::min(max_seqlen_q, total_q);
   max_seqlen_k = std::min(max_seqlen_k, total_k);
   last_forward_kernel = "none";
-  if (batch == 0 || total_q == 0 || max_seqlen_q == 0) return;  // no query rows to write
+  if (batch == 0 || total_q == 0 || max_seqlen_q == 0) return "none";  // no query rows to write
 
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -347,10 +320,7 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const float scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   if (attention::attention_forward_sm90_compiled() && head_dim == 128 && scale_log2 > 0.f &&
       std::isfinite(scale_log2)) {
-    const Sm90Mode mode = sm90_mode(op);
-    if ((mode == Sm90Mode::kOn ||
-         (mode == Sm90Mode::kAuto && max_seqlen_q >= kSm90AutoMinSeqlenQ)) &&
-        device_is_sm90(q.get_device())) {
+    if (choice == KernelChoice::kSm90 && device_is_sm90(q.get_device())) {
       const int64_t m_blocks = ceil_div64(max_seqlen_q, attention::kSm90BlockM);
       const int64_t ctas = m_blocks * heads_q * batch;
       const int64_t key_tiles = ceil_div64(max_seqlen_k, attention::kSm90BlockN);
@@ -372,7 +342,7 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       }
       if (launched) {
         last_forward_kernel = "sm90_wgmma";
-        return;
+        return last_forward_kernel;
       }
     }
   }
@@ -422,15 +392,17 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   dispatch_dtype_head_dim(op, q.scalar_type(), head_dim, [&]<typename T, int kHeadDim>() {
     attention::run_attention_forward<T, kHeadDim>(p, block_m, stream);
   });
+  return last_forward_kernel;
 }
 
-void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                        int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-                        bool deterministic) {
+std::string attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                               int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                               bool deterministic, const std::string& kernel) {
   constexpr const char* op = "attention_backward";
+  const KernelChoice choice = kernel_choice(op, kernel, /*backward=*/true);
   (void)deterministic;  // always deterministic: no atomics anywhere (see the file comment)
   check_qkv(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale);
   check_token_tensor(op, "dout", dout, q, q.sizes());
@@ -451,7 +423,7 @@ void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::T
   max_seqlen_k = std::min(max_seqlen_k, total_k);
   last_backward_kernel = "none";
   last_backward_sm90_declined = -1;
-  if (batch == 0) return;
+  if (batch == 0) return "none";
 
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -507,11 +479,8 @@ void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::T
   // mma.sync dQ kernel instead). It returns false, launching nothing, when TMA cannot describe the
   // tensors; the mma.sync backward then runs.
   if (attention::attention_forward_sm90_compiled() && head_dim == 128) {
-    const Sm90BwdMode mode = sm90_backward_mode(op);
-    if ((mode == Sm90BwdMode::kOn || mode == Sm90BwdMode::kDkDvOnly ||
-         (mode == Sm90BwdMode::kAuto && max_seqlen_q >= kSm90BwdAutoMinSeqlenQ)) &&
-        device_is_sm90(q.get_device())) {
-      const bool wgmma_dq = mode != Sm90BwdMode::kDkDvOnly;
+    if (choice != KernelChoice::kMmaSync && device_is_sm90(q.get_device())) {
+      const bool wgmma_dq = choice != KernelChoice::kSm90DkDv;
       const int sms = multiprocessor_count();
       attention::sm90_last_encode_failure = 0;
       const bool launched =
@@ -522,7 +491,7 @@ void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::T
       if (launched) {
         last_backward_kernel = wgmma_dq ? "sm90_wgmma" : "sm90_dkdv";
         last_backward_sm90_declined = -1;
-        return;
+        return wgmma_dq ? "sm90_wgmma" : "sm90_dkdv";
       }
       last_backward_sm90_declined = attention::sm90_last_encode_failure.load();
     }
@@ -532,6 +501,7 @@ void attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::T
   dispatch_dtype_head_dim(op, q.scalar_type(), head_dim, [&]<typename T, int kHeadDim>() {
     attention::run_attention_backward<T, kHeadDim>(p, stream);
   });
+  return "mma_sync";
 }
 
 }  // namespace crosslmm

@@ -1,0 +1,349 @@
+"""The planner: for each call of an op, which back end, which path and which kernel run, and why.
+
+Every decision about *how* a call runs is taken here, in one place:
+
+* the **back end** (:func:`choose_backend`): the call's ``backend=``, else ``CROSSLMM_BACKEND``,
+  else ``auto`` = the first of cuda -> triton -> torch that can run it (an op adds its own limits:
+  dtype, head dim, width). Asking for a back end that cannot run the call is a ``RuntimeError``
+  that says why; there is no silent fallback;
+* the **path** of :func:`~crosslmm_ops.projected_cross_attention` and of the DCAL modules
+  (:func:`choose_path`): projection-fused or materialised K/V, from the op's cost model unless the
+  call or ``CROSSLMM_PROJECTED_PATH`` names one;
+* the **CUDA attention kernel** (:func:`attention_kernel`): the Hopper wgmma + TMA kernels or the
+  mma.sync ones, passed to ``crosslmm_ops._C`` as an argument (``CROSSLMM_ATTENTION_SM90`` /
+  ``CROSSLMM_ATTENTION_BWD_SM90`` override).
+
+What ran is recorded once, in this module (:func:`note`; read with :func:`last_backend`,
+:func:`last_path`, :func:`last_kernel`, :func:`last_record`, :func:`record_backends`), and
+:func:`explain` tells the user what a call would run and why, without running it. The environment
+is read in :mod:`crosslmm_ops.environment` only.
+
+Each op registers how it plans a call (:func:`register`): its ``plan`` function validates the
+arguments exactly as the op does and returns a :class:`Plan`; the op itself runs that plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+from typing import Callable, Iterator
+
+import torch
+
+from crosslmm_ops import _backend, environment
+
+BACKENDS = ("cuda", "triton", "torch")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+PATHS = ("auto", "fused", "materialized")
+# The sm90 attention kernels tile 128 (forward) or 64/128 (backward) rows of one query head (no
+# GQA packing): shorter query segments (decode, 9 queries per frame) fill the GQA-packed mma.sync
+# tiles better. Measured on an H100 (tests/test_attention_sm90.py, the cuda-marked suite).
+SM90_MIN_SEQLEN_Q = 64
+SM90_HEAD_DIM = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one call runs: ``backend``; for :func:`~crosslmm_ops.projected_cross_attention` the
+    ``path`` (``"fused"`` / ``"materialized"``); the ``kernel`` (``"sm90"`` / ``"mma_sync"`` for
+    CUDA attention; ``None`` where a back end has one kernel); ``reasons``, one line per
+    decision."""
+
+    op: str
+    backend: str
+    path: str | None = None
+    kernel: str | None = None
+    reasons: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        lines = [f"{self.op}", f"  back end  {self.backend}"]
+        if self.path is not None:
+            lines.append(f"  path      {self.path}")
+        if self.kernel is not None:
+            lines.append(f"  kernel    {self.kernel}")
+        lines += [f"  why       {r}" if i == 0 else f"            {r}"
+                  for i, r in enumerate(self.reasons)]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The back end
+# ----------------------------------------------------------------------------------------------
+
+
+def requested_backend(backend: str | None) -> str:
+    """The back end a call asked for: its argument, else ``CROSSLMM_BACKEND``, else ``auto``."""
+    if backend is None:
+        return environment.backend()
+    if not isinstance(backend, str) or backend.lower() not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    return backend.lower()
+
+
+def choose_backend(op: str, backend: str | None, device: torch.device, *, cuda_ok=None,
+                   triton_ok=None) -> tuple[str, str]:
+    """``(back end, reason)`` for one call of ``op`` on ``device``.
+
+    ``cuda_ok`` / ``triton_ok`` let an op add its own limits (dtype, head dim ...) on top of what
+    is installed: ``(False, reason)`` excludes that back end for this call. Either may be a
+    zero-argument callable returning that pair, evaluated only when the back end is considered
+    (a call that asks for ``cuda`` never pays for the Triton check: host time of short calls).
+    On the meta device any back end is accepted as asked (``auto``: ``torch``): nothing runs, the
+    custom ops' fake kernels give the shapes."""
+    wanted = requested_backend(backend)
+    source = "backend=" if backend is not None else f"{environment.BACKEND_VAR}="
+    if device.type == "meta":
+        chosen = "torch" if wanted == "auto" else wanted
+        return chosen, "meta tensors: nothing runs, the fake kernels give the shapes"
+    defaults = {"cuda": _backend.cuda_runnable, "triton": _backend.triton_runnable}
+    given = {"cuda": cuda_ok, "triton": triton_ok}
+
+    def check(name: str) -> tuple[bool, str]:
+        if name == "torch":
+            return True, ""
+        ok = given[name]
+        if ok is None:
+            return defaults[name](device)
+        return ok() if callable(ok) else ok
+
+    if wanted != "auto":
+        ok, why = check(wanted)
+        if not ok:
+            raise RuntimeError(f"{op}: backend={wanted!r} cannot run this call: {why}")
+        return wanted, f"{source}{wanted!r} asked for it"
+    skipped = []
+    for name in BACKENDS:
+        # auto never picks the Triton interpreter: it is a testing tool, far too slow to use.
+        if name == "triton" and device.type == "cpu":
+            skipped.append("triton: auto does not take the CPU interpreter")
+            continue
+        ok, why = check(name)
+        if ok:
+            head = "auto: the first of cuda -> triton -> torch that runs this call"
+            return name, "; ".join([head] + [f"not {s}" for s in skipped])
+        skipped.append(f"{name}: {why}")
+    raise AssertionError("unreachable: the torch back end always runs")
+
+
+def resolve(op: str, backend: str | None, device: torch.device, *, cuda_ok=None,
+            triton_ok=None) -> str:
+    """The back end for one call (:func:`choose_backend` without the reason)."""
+    return choose_backend(op, backend, device, cuda_ok=cuda_ok, triton_ok=triton_ok)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The path of projection-fused attention
+# ----------------------------------------------------------------------------------------------
+
+
+def path_override(path) -> str | None:
+    """The path a call names: ``path`` when it is ``"fused"`` or ``"materialized"``, else
+    ``CROSSLMM_PROJECTED_PATH`` when that names one, else ``None`` (the cost model decides)."""
+    if not isinstance(path, str) or path.lower() not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    path = path.lower()
+    if path != "auto":
+        return path
+    env = environment.projected_path()
+    return None if env == "auto" else env
+
+
+def choose_path(path, estimate: Callable[[], tuple[float, float]], *,
+                unfused_reason: str | None = None,
+                fused_fast: Callable[[], tuple[bool, str]] | None = None,
+                tracing: bool = False) -> tuple[str, str]:
+    """``("fused" | "materialized", reason)`` for one call.
+
+    * ``path``: the call's ``path`` / ``kv_path`` (``"auto"`` reads ``CROSSLMM_PROJECTED_PATH``);
+    * ``estimate()``: the op's cost model, ``(fused_ms, materialized_ms)``; ties go to fused,
+      which needs less memory;
+    * ``unfused_reason``: why the fused path cannot stand in for the caller's modules (an
+      adapter-wrapped projection, hooks ...): then ``auto`` is materialised and ``"fused"`` an
+      error;
+    * ``fused_fast()``: whether the fused core runs on a kernel for this call (the cost model
+      assumes kernels on both paths): ``auto`` stays materialised where it does not;
+    * ``tracing``: under torch.compile ``auto`` is materialised (the cost model reads counts that
+      a traced graph only knows at run time)."""
+    forced = path_override(path)
+    if forced == "materialized":
+        return forced, _forced_reason(path)
+    if unfused_reason is not None:
+        if forced == "fused" and path == "fused":
+            raise ValueError(f"kv_path='fused' cannot be used: {unfused_reason} (the fused path "
+                             "reads the weights directly); use kv_path='auto' or 'materialized'")
+        return "materialized", f"the fused path cannot stand in: {unfused_reason}"
+    if forced == "fused":
+        return forced, _forced_reason(path)
+    if tracing:
+        return "materialized", ("traced by torch.compile: the cost model reads query counts "
+                                "known only at run time")
+    fused_ms, mat_ms = estimate()
+    costs = f"cost model: fused {fused_ms:.3g} ms, materialized {mat_ms:.3g} ms"
+    if fused_ms > mat_ms:
+        return "materialized", costs
+    if fused_fast is not None:
+        fast, why = fused_fast()
+        if not fast:
+            return "materialized", f"{costs}, but the fused core would not run on a kernel: {why}"
+    return "fused", costs
+
+
+def _forced_reason(path) -> str:
+    if isinstance(path, str) and path.lower() != "auto":
+        return f"path={path.lower()!r} asked for it"
+    return f"{environment.PROJECTED_PATH_VAR}={environment.projected_path()!r}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA attention kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def sm90_usable(device: torch.device, head_dim: int, softmax_scale: float | None = None
+                ) -> tuple[bool, str]:
+    """Whether the Hopper attention kernels can run a call (the extension checks again, and runs
+    the mma.sync kernel where TMA cannot describe the tensors)."""
+    if "90a" not in _backend.extension_archs():
+        return False, "the extension holds no sm_90a code"
+    if device.type != "cuda":
+        return False, f"not a CUDA device ({device})"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if not _is_sm90(index):
+        return False, "the GPU is not sm_90"
+    if head_dim != SM90_HEAD_DIM:
+        return False, f"head dim {head_dim} (the sm90 kernels take {SM90_HEAD_DIM})"
+    if softmax_scale is not None and not softmax_scale > 0:
+        return False, f"softmax_scale {softmax_scale} <= 0 (the sm90 forward needs a positive one)"
+    return True, ""
+
+
+def attention_kernel(device: torch.device, head_dim: int, max_seqlen_q: int,
+                     softmax_scale: float | None = None, *, backward: bool = False
+                     ) -> tuple[str, str]:
+    """``(kernel, reason)`` of the CUDA attention forward (or ``backward``) for one call:
+    ``"sm90"``, ``"sm90_dkdv"`` (backward, diagnostic) or ``"mma_sync"``; what
+    ``crosslmm_ops._C.attention_forward / attention_backward`` take as ``kernel``."""
+    var = environment.ATTENTION_BWD_SM90_VAR if backward else environment.ATTENTION_SM90_VAR
+    mode = environment.attention_bwd_sm90() if backward else environment.attention_sm90()
+    if mode == "0":
+        return "mma_sync", f"{var}=0"
+    usable, why = sm90_usable(device, head_dim, None if backward else softmax_scale)
+    if not usable:
+        return "mma_sync", f"the sm90 kernel cannot run: {why}"
+    if mode == "1":
+        return "sm90", f"{var}=1"
+    if mode == "dkdv":
+        return "sm90_dkdv", f"{var}=dkdv"
+    if max_seqlen_q >= SM90_MIN_SEQLEN_Q:
+        return "sm90", (f"max_seqlen_q {max_seqlen_q} >= {SM90_MIN_SEQLEN_Q} fills the sm90 "
+                        "kernel's head-major tiles")
+    return "mma_sync", (f"max_seqlen_q {max_seqlen_q} < {SM90_MIN_SEQLEN_Q}: the GQA-packed "
+                        "mma.sync tiles fill better")
+
+
+# ----------------------------------------------------------------------------------------------
+# What ran: the one record store
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """What the most recent call of one op ran."""
+
+    backend: str
+    path: str | None = None
+    kernel: str | None = None
+
+
+_records: dict[str, Record] = {}
+_recorders = threading.local()
+
+
+def note(op: str, backend: str | None, *, path: str | None = None,
+         kernel: str | None = None) -> None:
+    """Record that ``op`` just ran on ``backend`` (and ``path``, ``kernel`` where it has them)."""
+    _records[op] = Record(backend, path, kernel)
+    for log in getattr(_recorders, "stack", ()):
+        log.append((op, backend))
+
+
+def last_record(op: str) -> Record | None:
+    """Back end, path and kernel of the most recent call of ``op`` (``None`` if none)."""
+    return _records.get(op)
+
+
+def last_backend(op: str) -> str | None:
+    """The back end that ran the most recent call of ``op`` in this process (``None`` if none)."""
+    record = _records.get(op)
+    return None if record is None else record.backend
+
+
+def last_path(op: str = "projected_cross_attention") -> str | None:
+    """The path (``"fused"`` / ``"materialized"``) of the most recent eager call of ``op``."""
+    record = _records.get(op)
+    return None if record is None else record.path
+
+
+def last_kernel(op: str) -> str | None:
+    """The kernel of the most recent call of ``op`` (e.g. ``"sm90_wgmma"``, ``"mma_sync"``,
+    ``"triton"``, ``"reference"``), ``None`` if none was recorded."""
+    record = _records.get(op)
+    return None if record is None else record.kernel
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[list[tuple[str, str]]]:
+    """Collect ``(op, backend)`` for every op call in this thread inside the ``with`` block."""
+    log: list[tuple[str, str]] = []
+    stack = getattr(_recorders, "stack", None)
+    if stack is None:
+        stack = _recorders.stack = []
+    stack.append(log)
+    try:
+        yield log
+    finally:
+        # By identity: a nested log with the same entries compares equal to this one.
+        del stack[next(i for i, entry in enumerate(stack) if entry is log)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Explaining a call
+# ----------------------------------------------------------------------------------------------
+
+_planners: dict[str, Callable[..., Plan]] = {}
+_names: dict[int, str] = {}
+
+
+def register(name: str, function: Callable, plan: Callable[..., Plan]) -> None:
+    """Make ``explain(function or name, ...)`` call ``plan(...)``: how ``function`` would run a
+    call with these arguments (the same validation and decisions, nothing launched)."""
+    _planners[name] = plan
+    _names[id(function)] = name
+
+
+def explain(op, *args, print_plan: bool = True, **kwargs) -> Plan:
+    """How a call ``op(*args, **kwargs)`` would run, and why, without running it: the back end,
+    the path (projected attention), the kernel, and the reason for each choice (the call's
+    arguments, the environment overrides, what is installed, the cost model). ``op``: a public
+    op (``crosslmm_ops.cross_attention``) or its name (``"cross_attention"``). Prints the plan
+    (``print_plan=False``: only returns it). Invalid arguments raise the op's own error."""
+    name = op if isinstance(op, str) else _names.get(id(op))
+    if name not in _planners:
+        known = ", ".join(sorted(_planners))
+        raise ValueError(f"explain: no plan for {op!r}; ops that explain their calls: {known}")
+    plan = _planners[name](*args, **kwargs)
+    if print_plan:
+        print(plan)
+    return plan
+
+
+def explainable_ops() -> tuple[str, ...]:
+    """The names :func:`explain` takes."""
+    return tuple(sorted(_planners))
