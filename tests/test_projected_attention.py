@@ -4,9 +4,10 @@ weight and bias); the core (multi-query attention with K = V = x) against cross_
 in float64; the Triton kernels in the interpreter (outputs poisoned, odd and real widths, splits,
 empty segments, non-contiguous input); the cost model and its overrides; bad input; torch.library.
 
-Error bounds follow tests/test_cross_attention.py (flash-attn's): a fast back end's error against a
-float64 reference is at most 2x (forward) / 3x (gradients) the error of plain PyTorch doing the
-whole projected computation in the same low precision, plus a rounding-sized atol, plus a
+Error bounds follow tests/test_cross_attention.py (flash-attn's; max_err, lse_err and rounding are
+tests/attention_oracle.py's): a fast back end's error against a float64 reference is at most 2x
+(forward) / 3x (gradients) the error of plain PyTorch doing the whole projected computation in the
+same low precision, plus a rounding-sized atol, plus a
 per-element floor for the rounding noise that the op has and PyTorch's autograd has not
 (:func:`rounding_noise`, derived above it; issue #9's campaign failures); tests below show the
 floors admit those cases and still fail one perturbed gradient element and classic backward bugs.
@@ -23,9 +24,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_oracle import lse_err, max_err, rounding
 
 import crosslmm_ops
-from crosslmm_ops.testing import cu_seqlens
 from crosslmm_ops import _backend, cross_attention_reference
 from crosslmm_ops.ops import projected_attention as pa
 from crosslmm_ops.ops.cross_attention import _segments
@@ -35,11 +36,11 @@ from crosslmm_ops.ops.projected_attention import (
     choose_path,
     last_path,
     normalize_tokens,
+    projected_attention_core,
     projected_cross_attention,
     projected_cross_attention_reference,
-    projected_attention_core,
 )
-from crosslmm_ops.testing import non_contiguous, poison_outputs
+from crosslmm_ops.testing import cu_seqlens, non_contiguous, poison_outputs
 
 OP = "projected_cross_attention"
 CORE = "projected_attention_core"
@@ -51,25 +52,6 @@ def triton_cpu() -> bool:
 
 
 needs_interpreter = pytest.mark.skipif(not triton_cpu(), reason="needs TRITON_INTERPRET=1")
-
-
-def max_err(actual, expected) -> float:
-    if actual.numel() == 0:
-        return 0.0
-    return (actual.double() - expected.double()).abs().max().item()
-
-
-def lse_err(actual, expected) -> float:
-    assert torch.equal(torch.isneginf(actual), torch.isneginf(expected)), "-inf rows differ"
-    finite = torch.isfinite(expected)
-    return max_err(actual[finite], expected[finite])
-
-
-def rounding(x: torch.Tensor, dtype) -> float:
-    """flash-attn's atol: the rounding error of ``x``'s magnitude in ``dtype`` (see
-    tests/test_cross_attention.py)."""
-    x = x.detach().to(dtype)
-    return 2 * max_err(x + 0.3 - 0.3, x) + torch.finfo(dtype).eps / 8 + 1e-6
 
 
 def problem(*, batch=None, lens=None, hq=4, hk=2, d=16, dv=40, dtype=torch.float32,
