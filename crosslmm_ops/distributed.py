@@ -494,8 +494,7 @@ def sharded_projected_cross_attention(
     cu_q, cu_k = kwargs.get("cu_seqlens_q"), kwargs.get("cu_seqlens_k")
 
     def check():
-        if not isinstance(return_lse, bool):
-            raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
+        validation.flag("return_lse", return_lse)
         # The op checks these again; here they are checked before the collectives.
         projected.check_inputs(
             q, x, w_k, w_v, b_k, b_v, cu_q, cu_k, kwargs.get("max_seqlen_q"),

@@ -42,6 +42,8 @@ PATHS = ("auto", "fused", "materialized")
 # tiles better. Measured on an H100 (tests/test_attention_sm90.py, the cuda-marked suite).
 SM90_MIN_SEQLEN_Q = 64
 SM90_HEAD_DIM = 128
+# The extension's kernel argument -> the name it reports for the kernel that ran.
+KERNEL_NAMES = {"sm90": "sm90_wgmma", "sm90_dkdv": "sm90_dkdv", "mma_sync": "mma_sync"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -242,3 +242,35 @@ def test_library_modules_import_no_underscore_names():
                               for a in node.names
                               if a.name.startswith("_") and a.name not in allowed]
     assert offenders == []
+
+
+def test_explain_flash_attn_drop_ins():
+    q, k, v = _attention_inputs()
+    plan = crosslmm_ops.explain(crosslmm_ops.flash_attn_func, q, k, v, 0.0, print_plan=False)
+    assert plan == crosslmm_ops.explain("cross_attention", q, k, v, print_plan=False)
+    with pytest.raises(NotImplementedError, match="causal=True"):
+        crosslmm_ops.explain(crosslmm_ops.flash_attn_func, q, k, v, causal=True)
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 14], dtype=torch.int32)
+    packed = q.reshape(10, 4, 16), k.reshape(14, 2, 16), v.reshape(14, 2, 16)
+    plan = crosslmm_ops.explain(crosslmm_ops.flash_attn_varlen_func, *packed, cu, cu_k, 5, 7,
+                                print_plan=False)
+    assert (plan.op, plan.backend) == ("cross_attention", "torch")
+
+
+def test_plan_names_the_cuda_kernel_as_the_extension_reports_it(monkeypatch):
+    """A CUDA call's plan (GPU facts stubbed): the sm90 forward for long query segments, named as
+    _C reports it (what last_kernel then says), with the backward's choice among the reasons."""
+    from crosslmm_ops.ops import cross_attention as attention
+
+    for var in (environment.ATTENTION_SM90_VAR, environment.ATTENTION_BWD_SM90_VAR):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(planner, "sm90_usable", lambda *args: (True, ""))
+    cuda = torch.device("cuda", 0)
+    for sq, kernel in ((200, "sm90_wgmma"), (9, "mma_sync")):
+        q, k = torch.randn(1, sq, 12, 128), torch.randn(1, 729, 2, 128)
+        layout = attention.check_inputs(q, k, k, None, None, None, None)
+        plan = attention.AttentionCall(layout, 0.088, "cuda", "stub").plan("cross_attention", cuda)
+        assert (plan.backend, plan.kernel) == ("cuda", kernel), plan
+        assert any(r.startswith(f"backward kernel {'sm90_wgmma' if sq > 64 else 'mma_sync'}")
+                   for r in plan.reasons), plan.reasons

@@ -47,8 +47,10 @@ from torch import nn
 from crosslmm_ops import planner
 from crosslmm_ops.nn.memory import VisionMemory, tensor_version
 from crosslmm_ops.ops import projected_attention as projected
+from crosslmm_ops.ops import validation
 from crosslmm_ops.ops.cross_attention import cross_attention
 from crosslmm_ops.ops.projected_attention import PATHS, ProjectedLayout, projected_cross_attention
+from crosslmm_ops.ops.validation import positive_int
 
 NORMS = ("rmsnorm", "layernorm", None)
 SCOPES = ("global", "frame")
@@ -103,12 +105,6 @@ def make_norm(kind, size: int, eps: float, name: str) -> nn.Module | None:
     raise ValueError(f"{name} must be one of {NORMS}, got {kind!r}")
 
 
-def positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
 def head_shape(hidden_size, num_heads, num_kv_heads, head_dim) -> tuple[int, int, int]:
     num_heads = positive_int("num_heads", num_heads)
     num_kv_heads = num_heads if num_kv_heads is None else positive_int("num_kv_heads",
@@ -135,7 +131,7 @@ def _project_kv(memory: VisionMemory, vision_norm, k_proj: nn.Linear, v_proj: nn
         state = (tensor_version(memory.tokens), memory.tokens.dtype, autocast,
                  torch.get_autocast_dtype(memory.device.type) if autocast else None) + tuple(
             (p.data_ptr(), tensor_version(p)) for m in modules for p in m.parameters())
-        hit = memory._kv.get(id(k_proj))
+        hit = memory.kv_cache.get(id(k_proj))
         if hit is not None and hit[0] is k_proj and hit[1] == state:
             return hit[2]
     x = memory.tokens
@@ -145,7 +141,7 @@ def _project_kv(memory: VisionMemory, vision_norm, k_proj: nn.Linear, v_proj: nn
     kv = (k_proj(x).view(rows, num_kv_heads, head_dim),
           v_proj(x).view(rows, num_kv_heads, head_dim))
     if cached:  # the entry holds k_proj, so its id is not reused while the entry lives
-        memory._kv[id(k_proj)] = (k_proj, state, kv)
+        memory.kv_cache[id(k_proj)] = (k_proj, state, kv)
     return kv
 
 
@@ -391,13 +387,13 @@ def cached_plan(memory: VisionMemory, key: tuple, masks: tuple, build):
     # cannot save: it is not reused outside inference mode.
     full_key = key + (torch.is_inference_mode_enabled(),) + tuple(
         None if m is None else (id(m), tensor_version(m)) for m in masks)
-    hit = memory._plans.get(full_key)
+    hit = memory.plan_cache.get(full_key)
     if hit is not None and all(a is b for a, b in zip(hit[0], masks)):
         return hit[1]
     value = build()
-    memory._plans[full_key] = (masks, value)
-    while len(memory._plans) > _PLAN_CACHE_SIZE:
-        memory._plans.pop(next(iter(memory._plans)))
+    memory.plan_cache[full_key] = (masks, value)
+    while len(memory.plan_cache) > _PLAN_CACHE_SIZE:
+        memory.plan_cache.pop(next(iter(memory.plan_cache)))
     return value
 
 
@@ -499,9 +495,8 @@ class CrossAttention(nn.Module):
             hidden_size, num_heads, num_kv_heads, head_dim)
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-        for name, flag in (("bias", bias), ("gate", gate), ("kv_proj", kv_proj)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        for name, value in (("bias", bias), ("gate", gate), ("kv_proj", kv_proj)):
+            validation.flag(name, value)
         if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or norm_eps <= 0:
             raise ValueError(f"norm_eps must be a number > 0, got {norm_eps!r}")
         if softmax_scale is not None and (isinstance(softmax_scale, bool)

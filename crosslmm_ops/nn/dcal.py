@@ -20,10 +20,10 @@ from crosslmm_ops.nn.attention import (
     check_visual_counts,
     head_shape,
     make_norm,
-    positive_int,
     scatter_add,
 )
 from crosslmm_ops.nn.memory import VisionMemory
+from crosslmm_ops.ops.validation import flag, positive_int
 
 
 class DualCrossAttention(nn.Module):
@@ -88,10 +88,9 @@ class DualCrossAttention(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        for name, flag in (("v2v", v2v), ("t2v", t2v), ("share_kv", share_kv),
-                           ("share_gate", share_gate)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        for name, value in (("v2v", v2v), ("t2v", t2v), ("share_kv", share_kv),
+                            ("share_gate", share_gate)):
+            flag(name, value)
         if not (v2v or t2v):
             raise ValueError("a DualCrossAttention needs at least one branch: v2v=True or t2v=True")
         if v2v_scope not in SCOPES:

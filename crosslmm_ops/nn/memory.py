@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from crosslmm_ops.ops.projected_attention import normalize_tokens
+from crosslmm_ops.ops.validation import is_int
 
 
 def _cu_seqlens(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -32,10 +33,6 @@ def _cu_seqlens(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
     for n in lengths:
         cu.append(cu[-1] + int(n))
     return torch.tensor(cu, dtype=torch.int32, device=device)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def tensor_version(t: torch.Tensor) -> int:
@@ -95,6 +92,18 @@ class VisionMemory:
     # normalize_tokens(tokens) per (norm, eps, dtype), for the fused path (see normalized_tokens).
     _normalized: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
+    @property
+    def plan_cache(self) -> dict:
+        """What the DCAL layers of one forward derive from the query masks, by mask (see
+        :func:`crosslmm_ops.nn.attention.cached_plan`)."""
+        return self._plans
+
+    @property
+    def kv_cache(self) -> dict:
+        """Materialised keys and values by K projection (``cache_kv=True``; see
+        :func:`crosslmm_ops.nn.attention`'s materialised path)."""
+        return self._kv
+
     def __post_init__(self):
         # Shape-level checks only (no device reads): the constructors derive consistent values.
         self.frames_per_sample = tuple(int(t) for t in self.frames_per_sample)
@@ -107,7 +116,7 @@ class VisionMemory:
             raise ValueError(f"VisionMemory.cache_kv must be a bool, got {self.cache_kv!r}")
         for name in ("tokens_per_frame", "pooled_per_frame", "max_seqlen"):
             value = getattr(self, name)
-            if not _is_int(value) or value < (0 if name == "max_seqlen" else 1):
+            if not is_int(value) or value < (0 if name == "max_seqlen" else 1):
                 raise ValueError(f"VisionMemory.{name} must be an int >= "
                                  f"{0 if name == 'max_seqlen' else 1}, got {value!r}")
         if any(t < 0 for t in self.frames_per_sample) or not self.frames_per_sample:
@@ -391,5 +400,5 @@ def _check_unsharded(memory: VisionMemory, what: str) -> None:
 
 
 def _check_pooled(pooled_per_frame) -> None:
-    if not _is_int(pooled_per_frame) or pooled_per_frame < 1:
+    if not is_int(pooled_per_frame) or pooled_per_frame < 1:
         raise ValueError(f"pooled_per_frame must be an int >= 1, got {pooled_per_frame!r}")

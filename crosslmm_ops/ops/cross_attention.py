@@ -540,9 +540,14 @@ class AttentionCall:
         reasons = [self.reason]
         kernel = {"triton": "triton", "torch": "reference"}.get(self.backend)
         if self.backend == "cuda":
-            kernel, why = planner.attention_kernel(device, self.layout.head_dim,
+            choice, why = planner.attention_kernel(device, self.layout.head_dim,
                                                    self.layout.max_seqlen_q, self.scale)
+            kernel = planner.KERNEL_NAMES.get(choice, choice)  # as the extension reports it
             reasons.append(f"kernel: {why}")
+            choice, why = planner.attention_kernel(device, self.layout.head_dim,
+                                                   self.layout.max_seqlen_q, backward=True)
+            reasons.append(f"backward kernel {planner.KERNEL_NAMES.get(choice, choice)} (without "
+                           f"a gradient on the LSE): {why}")
         return planner.Plan(op, self.backend, None, kernel, tuple(reasons))
 
 
