@@ -335,14 +335,22 @@ def explain(op, *args, print_plan: bool = True, **kwargs) -> Plan:
     the path (projected attention), the kernel, and the reason for each choice (the call's
     arguments, the environment overrides, what is installed, the cost model). ``op``: a public
     op (``crosslmm_ops.cross_attention``) or its name (``"cross_attention"``). Prints the plan
-    (``print_plan=False``: only returns it). Invalid arguments raise the op's own error."""
-    name = op if isinstance(op, str) else _names.get(id(op))
-    if name not in _planners:
-        known = ", ".join(sorted(_planners))
-        raise ValueError(f"explain: no plan for {op!r}; ops that explain their calls: {known}")
-    plan = _planners[name](*args, **kwargs)
+    (``print_plan=False``: only returns it). Invalid arguments raise the op's own error.
+
+    ``op`` may also be a DCAL module (:class:`~crosslmm_ops.nn.CrossAttention` and its V2V/T2V
+    subclasses, :class:`~crosslmm_ops.nn.DualCrossAttention`) with its forward's arguments: the
+    plan of its attention (a tuple, one per branch, for a DCAL)."""
+    if isinstance(op, torch.nn.Module) and callable(getattr(op, "plan", None)):
+        plan = op.plan(*args, **kwargs)  # a DCAL module: one plan per branch that runs
+    else:
+        name = op if isinstance(op, str) else _names.get(id(op))
+        if name not in _planners:
+            known = ", ".join(sorted(_planners))
+            raise ValueError(f"explain: no plan for {op!r}; ops that explain their calls: "
+                             f"{known}, and the modules of crosslmm_ops.nn")
+        plan = _planners[name](*args, **kwargs)
     if print_plan:
-        print(plan)
+        print("\n".join(map(str, plan)) if isinstance(plan, tuple) else plan)
     return plan
 
 

@@ -274,3 +274,27 @@ def test_plan_names_the_cuda_kernel_as_the_extension_reports_it(monkeypatch):
         assert (plan.backend, plan.kernel) == ("cuda", kernel), plan
         assert any(r.startswith(f"backward kernel {'sm90_wgmma' if sq > 64 else 'mma_sync'}")
                    for r in plan.reasons), plan.reasons
+
+
+@pytest.mark.parametrize("kv_path", ["auto", "fused", "materialized"])
+def test_explain_a_dcal_module(kv_path):
+    """explain(module, *forward's arguments): one plan per branch, the path each then takes."""
+    from crosslmm_ops.nn import DualCrossAttention
+
+    dcal = DualCrossAttention(32, 24, num_heads=4, num_kv_heads=2, kv_path=kv_path)
+    memory = VisionMemory.from_features(torch.randn(2, 3, 5, 24), pooled_per_frame=1)
+    hidden = torch.randn(2, 8, 32)
+    visual = torch.zeros(2, 8, dtype=torch.bool)
+    visual[:, :3] = True
+    plans = crosslmm_ops.explain(dcal, hidden, memory, visual, print_plan=False)
+    assert [p.op for p in plans] == ["V2VCrossAttention", "T2VCrossAttention"]
+    if kv_path != "auto":
+        assert all(p.path == kv_path for p in plans)
+    dcal(hidden, memory, visual)  # the T2V branch runs last
+    assert pa.last_path() == plans[-1].path
+    assert crosslmm_ops.last_backend("projected_cross_attention") == plans[-1].backend
+    # A branch without queries: nothing runs.
+    block = CrossAttention(32, 24, num_heads=4, num_kv_heads=2)
+    plan = crosslmm_ops.explain(block, hidden, memory, torch.zeros(2, 8, dtype=torch.bool),
+                                print_plan=False)
+    assert plan.backend == "none"

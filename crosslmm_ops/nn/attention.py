@@ -23,9 +23,10 @@ attention itself takes one of two paths per call (``kv_path``), the same functio
   norm's weight and bias folded into both, so K and V are never formed. Cheaper when each token is
   seen by few queries: decoding (1 query per sample) and frame-local V2V.
 
-``kv_path="auto"`` (the default) asks the cost model of
-:func:`crosslmm_ops.ops.projected_attention.choose_path` (or ``CROSSLMM_PROJECTED_PATH``);
-``last_path()`` of that module says which path ran.
+``kv_path="auto"`` (the default) asks the planner through the op's interface
+(:func:`crosslmm_ops.ops.projected_attention.plan_path`: the op's cost model, or
+``CROSSLMM_PROJECTED_PATH``); :func:`crosslmm_ops.last_path` says which path ran, and
+``crosslmm_ops.explain(module, *forward's arguments)`` which it would take and why.
 
 Transformers' weight initialisation: ``PreTrainedModel._init_weights`` re-initialises ``nn.Linear``
 (normal) and modules whose class name holds ``RMSNorm``/``LayerNorm`` (ones/zeros), and leaves
@@ -547,7 +548,12 @@ class CrossAttention(nn.Module):
 
     def choose_path(self, source: KVSource, memory: VisionMemory, queries: Queries,
                     dtype: torch.dtype, device: torch.device) -> str:
-        """``"fused"`` or ``"materialized"`` for this call (see ``kv_path``), decided by the
+        """``"fused"`` or ``"materialized"`` for this call (see ``kv_path``)."""
+        return self.path_and_reason(source, memory, queries, dtype, device)[0]
+
+    def path_and_reason(self, source: KVSource, memory: VisionMemory, queries: Queries,
+                        dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+        """The path of this call (see ``kv_path``) and why, decided by the
         planner through the op's interface
         (:func:`~crosslmm_ops.ops.projected_attention.plan_path`): the op's cost model, ``CROSSLMM_PROJECTED_PATH``, and whether the fused path can stand in
         for these modules."""
@@ -558,7 +564,32 @@ class CrossAttention(nn.Module):
             lambda: queries.layout(self.scope, memory, self.num_heads, self.num_kv_heads,
                                    self.head_dim),
             dtype, device, self.kv_path, self.backend, unfused_reason=reason,
-            tracing=torch.compiler.is_compiling())[0]
+            tracing=torch.compiler.is_compiling())
+
+    def plan(self, hidden_states: torch.Tensor, memory: VisionMemory,
+             mask: torch.Tensor | None = None) -> planner.Plan:
+        """How ``forward(hidden_states, memory, mask)`` would run its attention: path, back end,
+        kernel and why (:func:`crosslmm_ops.explain` of this module), nothing computed."""
+        check_call(hidden_states, memory, self.hidden_size, self.vision_size)
+        mask = check_mask(self._mask_name, mask, hidden_states)
+        queries = branch_queries(memory, hidden_states, mask, self._mask_name,
+                                 self._visual_queries or self.scope == "frame")
+        return self.plan_queries(hidden_states, memory, queries)
+
+    def plan_queries(self, hidden_states: torch.Tensor, memory: VisionMemory, queries: Queries,
+                     kv: KVSource | None = None) -> planner.Plan:
+        """:meth:`plan` for queries already gathered (``kv``: the caller's K/V source)."""
+        name = type(self).__name__
+        if queries.total == 0:
+            return planner.Plan(name, "none", reasons=("no query positions: nothing runs",))
+        source = self.kv_source() if kv is None else kv
+        dtype, device = hidden_states.dtype, hidden_states.device
+        path, reason = self.path_and_reason(source, memory, queries, dtype, device)
+        layout = queries.layout(self.scope, memory, self.num_heads, self.num_kv_heads,
+                                self.head_dim)
+        scale = validation.softmax_scale(self.softmax_scale, self.head_dim)
+        return projected.plan_layout(layout, scale, path, reason, dtype, device, self.backend,
+                                     op=name)
 
     def attend(self, hidden_states: torch.Tensor, memory: VisionMemory, queries: Queries,
                 kv: KVSource | None = None) -> torch.Tensor:

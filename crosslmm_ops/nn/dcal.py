@@ -193,6 +193,20 @@ class DualCrossAttention(nn.Module):
             out = scatter_add(out, queries.index, delta)
         return out
 
+    def plan(self, hidden_states: torch.Tensor, memory: VisionMemory,
+             visual_mask: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
+             ) -> tuple:
+        """How ``forward`` would run each branch's attention (path, back end, kernel, why), one
+        plan per branch that is on (:func:`crosslmm_ops.explain` of this module)."""
+        check_call(hidden_states, memory, self.hidden_size, self.vision_size)
+        visual_mask = check_mask("visual_mask", visual_mask, hidden_states)
+        text_mask = check_mask("text_mask", text_mask, hidden_states)
+        visual, text = _dcal_queries(memory, hidden_states, visual_mask, text_mask)
+        kv = self.kv_source() if self.shares_kv else None
+        return tuple(branch.plan_queries(hidden_states, memory, queries, kv)
+                     for branch, queries in ((self.v2v, visual), (self.t2v, text))
+                     if branch is not None)
+
     def extra_repr(self) -> str:
         parts = [f"v2v_scope={self.v2v_scope!r}"]
         if self.kv_path != "auto":

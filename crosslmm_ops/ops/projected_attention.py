@@ -871,20 +871,25 @@ def plan(q, x, w_k, w_v, b_k=None, b_v=None, *, softmax_scale=None, cu_seqlens_q
         q, x, w_k, w_v, b_k, b_v, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, norm, norm_weight, norm_bias, norm_eps, num_splits, path, return_lse,
         backend)
-    if chosen == "materialized":
+    return plan_layout(layout, scale, chosen, reason, q.dtype, q.device, backend)
+
+
+def plan_layout(layout: ProjectedLayout, scale: float, path: str, reason: str,
+                dtype: torch.dtype, device: torch.device, backend, op: str = OP_NAME
+                ) -> planner.Plan:
+    """The plan of a call whose path is chosen (``reason``: why): the back end and kernel of
+    that path (the op's and the DCAL modules' plans)."""
+    if path == "materialized":
         kv_layout = attention.AttentionLayout(
             layout.batched, layout.batch, layout.heads_q, layout.heads_k, layout.head_dim,
             layout.total_q, layout.total_k, layout.max_seqlen_q, layout.max_seqlen_k,
             layout.seqlen_q, layout.seqlen_k)
-        inner = attention.call_for(kv_layout, scale, q.dtype, q.device, backend,
-                                   OP_NAME).plan(OP_NAME, q.device)
-        return dataclasses.replace(inner, path=chosen,
-                                   reasons=(f"path: {reason}",) + inner.reasons)
-    cuda_ok, triton_ok = core_backends(layout, q.dtype, q.device)
-    core, why = planner.choose_backend(OP_NAME, backend, q.device, cuda_ok=cuda_ok,
-                                       triton_ok=triton_ok)
+        inner = attention.call_for(kv_layout, scale, dtype, device, backend, op).plan(op, device)
+        return dataclasses.replace(inner, path=path, reasons=(f"path: {reason}",) + inner.reasons)
+    cuda_ok, triton_ok = core_backends(layout, dtype, device)
+    core, why = planner.choose_backend(op, backend, device, cuda_ok=cuda_ok, triton_ok=triton_ok)
     kernel = {"cuda": "projected_core", "triton": "triton", "torch": "reference"}[core]
-    return planner.Plan(OP_NAME, core, chosen, kernel, (f"path: {reason}", why))
+    return planner.Plan(op, core, path, kernel, (f"path: {reason}", why))
 
 
 planner.register(OP_NAME, projected_cross_attention, plan)
