@@ -3,7 +3,7 @@ compute-sanitizer (memcheck, racecheck, initcheck): see scripts/gpu_check.sh.
 
 Kernels: token pooling (every mode, fwd + bwd), the attention forward on both kernels (the sm90
 wgmma + TMA one, chosen for head dim 128 fp16/bf16 with >= 64 query rows, and the mma.sync one,
-forced per call with CROSSLMM_ATTENTION_SM90=0, which attention.cu reads at every call), their
+forced per call with CROSSLMM_ATTENTION_SM90=0, which the planner reads at every call), their
 split-KV combine, the attention backward, and the projection-fused core (direct and through
 projected_cross_attention), with its split combine."""
 
