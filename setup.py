@@ -51,15 +51,20 @@ def find_cuda_home() -> Path | None:
         candidates.append(str(Path(nvcc).resolve().parent.parent))
         # Ask nvcc where it lives: a wrapper script still runs the real compiler.
         try:
-            out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True,
-                                 timeout=60).stderr
+            out = subprocess.run(
+                [nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60
+            ).stderr
             m = re.search(r"^#\$ TOP=(\S+)", out, re.M)
             if m:
                 candidates.append(m.group(1))
         except (OSError, subprocess.SubprocessError):
             pass
     for c in candidates:
-        if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime.h").exists():
+        if (
+            c
+            and (Path(c) / "bin" / "nvcc").exists()
+            and (Path(c) / "include" / "cuda_runtime.h").exists()
+        ):
             return Path(c).resolve()
     return None
 
@@ -71,8 +76,10 @@ def build_plan() -> tuple[bool, str]:
     try:
         import torch
     except ImportError:
-        return False, ("torch is not importable in the build environment "
-                       "(build with pip install --no-build-isolation .)")
+        return False, (
+            "torch is not importable in the build environment "
+            "(build with pip install --no-build-isolation .)"
+        )
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is not a CUDA build"
     if find_cuda_home() is None:
@@ -93,7 +100,9 @@ class CMakeBuild(build_ext):
     def run(self):
         build, why = build_plan()
         if not build:
-            raise RuntimeError(f"CROSSLMM_FORCE_BUILD=1 but the CUDA extension cannot be built: {why}")
+            raise RuntimeError(
+                f"CROSSLMM_FORCE_BUILD=1 but the CUDA extension cannot be built: {why}"
+            )
         print(f"crosslmm-ops: building the CUDA extension with {why}", file=sys.stderr)
         super().run()
 
@@ -110,7 +119,11 @@ class CMakeBuild(build_ext):
         archs = os.environ.get("CROSSLMM_CUDA_ARCHS", "80;90a").replace(",", ";").replace(" ", ";")
         archs = ";".join(a.replace(".", "") for a in archs.split(";") if a)
         configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir),
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_CUDA_COMPILER={cuda_home / 'bin' / 'nvcc'}",
@@ -126,7 +139,9 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS") or str(max(1, (os.cpu_count() or 1)))
         env = dict(os.environ, CUDA_HOME=str(cuda_home))
         subprocess.run(configure, check=True, env=env)
-        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
+        subprocess.run(
+            ["cmake", "--build", str(build_dir), "--parallel", jobs], check=True, env=env
+        )
 
 
 def ext_modules() -> list[Extension]:

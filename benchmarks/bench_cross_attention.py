@@ -1,6 +1,6 @@
 """Cross-attention: ours (cuda, triton) against SDPA's flash, cuDNN and efficient back ends,
-FlexAttention, and flash-attn and FlashAttention-4 when they are importable (said otherwise), on CrossLMM-2B's shapes: 12 heads of
-128, keys = all original tokens (T * 729), bf16.
+FlexAttention, and flash-attn and FlashAttention-4 when they are importable (said otherwise),
+on CrossLMM-2B's shapes: 12 heads of 128, keys = all original tokens (T * 729), bf16.
 
     pytest benchmarks/bench_cross_attention.py --benchmark-only
 
@@ -17,10 +17,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import copy_bandwidth_tbs, do_bench_ms, gpu_synced, matmul_tflops
 
 import crosslmm_ops
 from crosslmm_ops.testing import fast_backends
-from conftest import copy_bandwidth_tbs, do_bench_ms, gpu_synced, matmul_tflops
 
 HEADS, HEAD_DIM, TOKENS_PER_FRAME, POOLED_PER_FRAME = 12, 128, 729, 9
 
@@ -30,8 +30,10 @@ try:
     HAVE_FLASH_ATTN = True
 except ImportError:
     HAVE_FLASH_ATTN = False
-    print("bench_cross_attention: flash-attn is not importable here; its column is skipped "
-          "(SDPA's flash back end is FlashAttention-2's kernel)")
+    print(
+        "bench_cross_attention: flash-attn is not importable here; its column is skipped "
+        "(SDPA's flash back end is FlashAttention-2's kernel)"
+    )
 
 try:  # FlashAttention-4 (CuTe DSL), the strongest peer on Hopper; ../shared/fa4 says how to install
     from flash_attn.cute import flash_attn_func as _fa4_func  # type: ignore
@@ -39,19 +41,27 @@ try:  # FlashAttention-4 (CuTe DSL), the strongest peer on Hopper; ../shared/fa4
     HAVE_FA4 = True
 except Exception as _exc:  # noqa: BLE001 - any import failure means "not available here"
     HAVE_FA4 = False
-    print(f"bench_cross_attention: FlashAttention-4 (flash_attn.cute) is not importable here "
-          f"({type(_exc).__name__}); its column is skipped")
+    print(
+        f"bench_cross_attention: FlashAttention-4 (flash_attn.cute) is not importable here "
+        f"({type(_exc).__name__}); its column is skipped"
+    )
 
 CASES = {  # name: (batch, Lq, Lk, frames)
-    **{f"v2v-global T={t}": (1, POOLED_PER_FRAME * t, TOKENS_PER_FRAME * t, t) for t in (32, 64, 128, 256)},
+    **{
+        f"v2v-global T={t}": (1, POOLED_PER_FRAME * t, TOKENS_PER_FRAME * t, t)
+        for t in (32, 64, 128, 256)
+    },
     **{f"t2v T={t}": (1, 128, TOKENS_PER_FRAME * t, t) for t in (32, 256)},
     **{f"decode T={t}": (1, 1, TOKENS_PER_FRAME * t, t) for t in (32, 256)},
     "v2v-per-frame T=256": (256, POOLED_PER_FRAME, TOKENS_PER_FRAME, 256),
 }
 FWD_BWD_CASES = ["v2v-global T=64", "v2v-global T=256"]
 OURS = ["cuda", "triton"]
-PEERS = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex"] + (["flash-attn"] if HAVE_FLASH_ATTN else []) \
+PEERS = (
+    ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex"]
+    + (["flash-attn"] if HAVE_FLASH_ATTN else [])
     + (["fa4"] if HAVE_FA4 else [])
+)
 
 
 def _sdpa(backend_enum):
@@ -59,8 +69,9 @@ def _sdpa(backend_enum):
 
     def run(q, k, v):  # ours take (B, S, H, D); SDPA wants (B, H, S, D): views, no copies
         with sdpa_kernel(backend_enum):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                  v.transpose(1, 2)).transpose(1, 2)
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            ).transpose(1, 2)
 
     return run
 
@@ -99,8 +110,10 @@ def attention_fn(name):
 def make_inputs(case, requires_grad=False):
     batch, lq, lk, _ = CASES[case]
     shape_q, shape_kv = (batch, lq, HEADS, HEAD_DIM), (batch, lk, HEADS, HEAD_DIM)
-    make = lambda s: torch.randn(s, device="cuda", dtype=torch.bfloat16,  # noqa: E731
-                                 requires_grad=requires_grad)
+
+    def make(s):
+        return torch.randn(s, device="cuda", dtype=torch.bfloat16, requires_grad=requires_grad)
+
     return make(shape_q), make(shape_kv), make(shape_kv)
 
 
@@ -108,7 +121,11 @@ def floor_ms(case, backward=False):
     batch, lq, lk, _ = CASES[case]
     flops = 4 * batch * lq * lk * HEADS * HEAD_DIM * (3.5 if backward else 1.0)
     moved = 2 * batch * HEADS * HEAD_DIM * (2 * lq + 2 * lk) * (2 if backward else 1)
-    return max(flops / (matmul_tflops() * 1e12), moved / (copy_bandwidth_tbs() * 1e12)) * 1e3, flops, moved
+    return (
+        max(flops / (matmul_tflops() * 1e12), moved / (copy_bandwidth_tbs() * 1e12)) * 1e3,
+        flops,
+        moved,
+    )
 
 
 def _skip_unavailable(name):
@@ -128,8 +145,15 @@ def bench_forward(benchmark, record, case, impl):
         with torch.no_grad():
             fn(q, k, v)
     except RuntimeError as exc:  # a peer that does not support the shape: say so, do not hide it
-        record(suite="cross_attention", group=f"fwd {case}", backend=impl, ms=float("nan"),
-               rate=float("nan"), unit="TFLOP/s", error=str(exc)[:200])
+        record(
+            suite="cross_attention",
+            group=f"fwd {case}",
+            backend=impl,
+            ms=float("nan"),
+            rate=float("nan"),
+            unit="TFLOP/s",
+            error=str(exc)[:200],
+        )
         pytest.skip(f"{impl} cannot run {case}: {exc}")
     if impl in OURS:
         assert crosslmm_ops.last_backend("cross_attention") == impl
@@ -138,12 +162,23 @@ def bench_forward(benchmark, record, case, impl):
         ms = do_bench_ms(lambda: fn(q, k, v))
         benchmark.pedantic(gpu_synced(lambda _: fn(q, k, v), [None]), rounds=10, warmup_rounds=2)
     benchmark.extra_info.update(ms_median=ms, tflops=flops / ms / 1e9, tbs=moved / ms / 1e9)
-    record(suite="cross_attention", group=f"fwd {case}", backend=impl, ms=ms,
-           rate=flops / ms / 1e9, unit="TFLOP/s", tbs=moved / ms / 1e9, floor_ms=floor,
-           flops=flops, bytes=moved)
+    record(
+        suite="cross_attention",
+        group=f"fwd {case}",
+        backend=impl,
+        ms=ms,
+        rate=flops / ms / 1e9,
+        unit="TFLOP/s",
+        tbs=moved / ms / 1e9,
+        floor_ms=floor,
+        flops=flops,
+        bytes=moved,
+    )
 
 
-@pytest.mark.parametrize("impl", OURS + ["sdpa-flash", "sdpa-cudnn"] + (["fa4"] if HAVE_FA4 else []))
+@pytest.mark.parametrize(
+    "impl", OURS + ["sdpa-flash", "sdpa-cudnn"] + (["fa4"] if HAVE_FA4 else [])
+)
 @pytest.mark.parametrize("case", FWD_BWD_CASES)
 def bench_forward_backward(benchmark, record, case, impl):
     _skip_unavailable(impl)
@@ -166,5 +201,14 @@ def bench_forward_backward(benchmark, record, case, impl):
     ms = do_bench_ms(step)
     benchmark.pedantic(gpu_synced(lambda _: step(), [None]), rounds=5, warmup_rounds=1)
     benchmark.extra_info.update(ms_median=ms, tflops=flops / ms / 1e9)
-    record(suite="cross_attention", group=f"fwd+bwd {case}", backend=impl, ms=ms,
-           rate=flops / ms / 1e9, unit="TFLOP/s", floor_ms=floor, flops=flops, bytes=moved)
+    record(
+        suite="cross_attention",
+        group=f"fwd+bwd {case}",
+        backend=impl,
+        ms=ms,
+        rate=flops / ms / 1e9,
+        unit="TFLOP/s",
+        floor_ms=floor,
+        flops=flops,
+        bytes=moved,
+    )

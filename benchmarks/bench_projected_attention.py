@@ -37,10 +37,6 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
-
-import crosslmm_ops
-from crosslmm_ops.ops import projected_attention as pa
-from crosslmm_ops.testing import fast_backends
 from conftest import (
     copy_bandwidth_tbs,
     do_bench_ms,
@@ -48,6 +44,10 @@ from conftest import (
     matmul_tflops,
     rotating,
 )
+
+import crosslmm_ops
+from crosslmm_ops.ops import projected_attention as pa
+from crosslmm_ops.testing import fast_backends
 
 SUITE = "projected_attention"
 HQ, D, DV, TOKENS, POOLED, TEXT = 12, 128, 1152, 729, 9, 128
@@ -80,8 +80,10 @@ def group_name(kind, frames, hk, path=None) -> str:
     name += f" (auto: {auto}; model {fused_ms:.3f} vs {mat_ms:.3f} ms)"
     if kind == "decode":
         x_mb, kv_mb = cache_mb(frames, hk)
-        name += (f" cache x {x_mb:.0f} MB (whole model) vs K+V {kv_mb:.0f} MB/layer, "
-                 f"{kv_mb * DCAL_LAYERS:.0f} MB for {DCAL_LAYERS} layers")
+        name += (
+            f" cache x {x_mb:.0f} MB (whole model) vs K+V {kv_mb:.0f} MB/layer, "
+            f"{kv_mb * DCAL_LAYERS:.0f} MB for {DCAL_LAYERS} layers"
+        )
     return name
 
 
@@ -114,7 +116,7 @@ def make_inputs(kind, frames, hk, device="cuda", dtype=torch.bfloat16):
     b, lq, lk = KINDS[kind](frames)
     q = torch.randn(b, lq, HQ, D, device=device, dtype=dtype)
     x = torch.randn(b, lk, DV, device=device, dtype=dtype)
-    w_k, w_v = (torch.randn(hk * D, DV, device=device, dtype=dtype) * DV ** -0.5 for _ in "kv")
+    w_k, w_v = (torch.randn(hk * D, DV, device=device, dtype=dtype) * DV**-0.5 for _ in "kv")
     b_k, b_v = (torch.randn(hk * D, device=device, dtype=dtype) for _ in "kv")
     return dict(q=q, x=x, w_k=w_k, w_v=w_v, b_k=b_k, b_v=b_v)
 
@@ -127,8 +129,12 @@ def make_inputs(kind, frames, hk, device="cuda", dtype=torch.bfloat16):
 def _sdpa_backend(name):
     from torch.nn.attention import SDPBackend
 
-    return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
 
 
 def sdpa(name, gqa):
@@ -193,6 +199,7 @@ def ours(backend, path):
 def cache_mb(frames, hk) -> tuple[float, float]:
     """``torch.cuda.max_memory_allocated`` growth, in MB, from creating each decode cache:
     ``x`` (shared by every DCAL layer) and one layer's K and V projected from it."""
+
     def peak_growth(make):
         gc.collect()
         torch.cuda.synchronize()
@@ -207,11 +214,12 @@ def cache_mb(frames, hk) -> tuple[float, float]:
     del t["x"]
     # cuBLAS's workspace exists before anything is measured
     F.linear(torch.randn(1, DV, device="cuda", dtype=torch.bfloat16), t["w_k"])
-    x_mb, x = peak_growth(lambda: torch.randn(1, frames * TOKENS, DV, device="cuda",
-                                              dtype=torch.bfloat16))
-    kv_mb, kv = peak_growth(lambda: (F.linear(x, t["w_k"], t["b_k"]),
-                                     F.linear(x, t["w_v"], t["b_v"])))
-    del x, kv
+    x_mb, x = peak_growth(
+        lambda: torch.randn(1, frames * TOKENS, DV, device="cuda", dtype=torch.bfloat16)
+    )
+    kv_mb, _ = peak_growth(
+        lambda: (F.linear(x, t["w_k"], t["b_k"]), F.linear(x, t["w_v"], t["b_v"]))
+    )
     return x_mb, kv_mb
 
 
@@ -259,9 +267,20 @@ def _inputs(kind, frames, hk, with_kv=False):
 def _record(record, benchmark, group, impl, ms, flops, moved, floor, unit, **extra):
     rate = (flops / ms / 1e9) if unit == "TFLOP/s" else (moved / ms / 1e9)
     benchmark.extra_info.update(ms_median=ms, rate=rate, unit=unit)
-    record(suite=SUITE, group=group, backend=impl, ms=ms, rate=rate, unit=unit,
-           tflops=flops / ms / 1e9, tbs=moved / ms / 1e9, floor_ms=floor, flops=flops,
-           bytes=moved, **extra)
+    record(
+        suite=SUITE,
+        group=group,
+        backend=impl,
+        ms=ms,
+        rate=rate,
+        unit=unit,
+        tflops=flops / ms / 1e9,
+        tbs=moved / ms / 1e9,
+        floor_ms=floor,
+        flops=flops,
+        bytes=moved,
+        **extra,
+    )
 
 
 @pytest.mark.parametrize("impl", OURS + [f"proj+sdpa-{p}" for p in SDPA_PEERS])
@@ -280,16 +299,34 @@ def bench_v2v_frame_local(benchmark, record, frames, hk, impl):
         assert crosslmm_ops.last_backend("projected_attention_core") == impl
         flops, moved = fused_counts("v2v-frame", frames, hk)
     else:
-        fn, gqa, error = first_working(lambda g: projected_then_sdpa(impl.split("-")[-1], g),
-                                       inputs)
+        fn, gqa, error = first_working(
+            lambda g: projected_then_sdpa(impl.split("-")[-1], g), inputs
+        )
         if fn is None:
-            record(suite=SUITE, group=group, backend=impl, ms=float("nan"), rate=float("nan"),
-                   unit="TFLOP/s", error=error)
+            record(
+                suite=SUITE,
+                group=group,
+                backend=impl,
+                ms=float("nan"),
+                rate=float("nan"),
+                unit="TFLOP/s",
+                error=error,
+            )
             pytest.skip(f"{impl} cannot run {group}: {error}")
         flops, moved = materialized_counts("v2v-frame", frames, hk)
     ms = _time(benchmark, fn, inputs)
-    _record(record, benchmark, group, impl, ms, flops, moved, floor_ms("v2v-frame", frames, hk),
-            "TFLOP/s", gqa=gqa)
+    _record(
+        record,
+        benchmark,
+        group,
+        impl,
+        ms,
+        flops,
+        moved,
+        floor_ms("v2v-frame", frames, hk),
+        "TFLOP/s",
+        gqa=gqa,
+    )
 
 
 @pytest.mark.parametrize("impl", OURS + ["sdpa-flash", "sdpa-cudnn"])
@@ -300,9 +337,11 @@ def bench_t2v_decode(benchmark, record, frames, hk, impl):
     _skip_unavailable(impl)
     group = group_name("decode", frames, hk)
     x_mb, kv_mb = cache_mb(frames, hk)
-    print(f"\n{group}: cache per layer: x {x_mb:.1f} MB (shared by all {DCAL_LAYERS} DCAL "
-          f"layers) vs K+V {kv_mb:.1f} MB; whole model: {x_mb:.1f} MB vs "
-          f"{kv_mb * DCAL_LAYERS:.1f} MB")
+    print(
+        f"\n{group}: cache per layer: x {x_mb:.1f} MB (shared by all {DCAL_LAYERS} DCAL "
+        f"layers) vs K+V {kv_mb:.1f} MB; whole model: {x_mb:.1f} MB vs "
+        f"{kv_mb * DCAL_LAYERS:.1f} MB"
+    )
     gqa = None
     if impl in OURS:
         inputs = _inputs("decode", frames, hk)
@@ -314,16 +353,35 @@ def bench_t2v_decode(benchmark, record, frames, hk, impl):
     else:
         inputs = _inputs("decode", frames, hk, with_kv=True)
         fn, gqa, error = first_working(
-            lambda g: (lambda t, a=sdpa(impl.split("-")[-1], g): a(t["q"], t["k"], t["v"])),
-            inputs)
+            lambda g: lambda t, a=sdpa(impl.split("-")[-1], g): a(t["q"], t["k"], t["v"]), inputs
+        )
         if fn is None:
-            record(suite=SUITE, group=group, backend=impl, ms=float("nan"), rate=float("nan"),
-                   unit="TB/s", error=error)
+            record(
+                suite=SUITE,
+                group=group,
+                backend=impl,
+                ms=float("nan"),
+                rate=float("nan"),
+                unit="TB/s",
+                error=error,
+            )
             pytest.skip(f"{impl} cannot run {group}: {error}")
         flops, moved = materialized_counts("decode", frames, hk, cached_kv=True)
     ms = _time(benchmark, fn, inputs)
-    _record(record, benchmark, group, impl, ms, flops, moved, floor_ms("decode", frames, hk),
-            "TB/s", gqa=gqa, cache_x_mb=x_mb, cache_kv_mb_per_layer=kv_mb)
+    _record(
+        record,
+        benchmark,
+        group,
+        impl,
+        ms,
+        flops,
+        moved,
+        floor_ms("decode", frames, hk),
+        "TB/s",
+        gqa=gqa,
+        cache_x_mb=x_mb,
+        cache_kv_mb_per_layer=kv_mb,
+    )
 
 
 PREFILL_FRAMES = [32, 256]
@@ -346,15 +404,34 @@ def bench_t2v_prefill(benchmark, record, frames, hk, path, impl):
         op = "projected_attention_core" if path == "fused" else "cross_attention"
         assert crosslmm_ops.last_backend(op) == impl and pa.last_path() == path
         flops, moved = (fused_counts if path == "fused" else materialized_counts)(
-            "t2v-prefill", frames, hk)
+            "t2v-prefill", frames, hk
+        )
     else:
-        fn, gqa, error = first_working(lambda g: projected_then_sdpa(impl.split("-")[-1], g),
-                                       inputs)
+        fn, gqa, error = first_working(
+            lambda g: projected_then_sdpa(impl.split("-")[-1], g), inputs
+        )
         if fn is None:
-            record(suite=SUITE, group=group, backend=impl, ms=float("nan"), rate=float("nan"),
-                   unit="TFLOP/s", error=error)
+            record(
+                suite=SUITE,
+                group=group,
+                backend=impl,
+                ms=float("nan"),
+                rate=float("nan"),
+                unit="TFLOP/s",
+                error=error,
+            )
             pytest.skip(f"{impl} cannot run {group}: {error}")
         flops, moved = materialized_counts("t2v-prefill", frames, hk)
     ms = _time(benchmark, fn, inputs)
-    _record(record, benchmark, group, impl, ms, flops, moved,
-            floor_ms("t2v-prefill", frames, hk), "TFLOP/s", gqa=gqa)
+    _record(
+        record,
+        benchmark,
+        group,
+        impl,
+        ms,
+        flops,
+        moved,
+        floor_ms("t2v-prefill", frames, hk),
+        "TFLOP/s",
+        gqa=gqa,
+    )

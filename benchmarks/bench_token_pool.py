@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import copy_bandwidth_tbs, do_bench_ms, gpu_synced, rotating
 
 import crosslmm_ops
-from conftest import copy_bandwidth_tbs, do_bench_ms, gpu_synced, rotating
 
 GRID, DIM = 27, 1152
 FRAMES = [32, 64, 128, 256]
@@ -21,8 +21,11 @@ MODES = [
     ("avg3x3s3", dict(mode="avg", kernel_size=3), lambda t: F.avg_pool2d(t, 3)),
     ("avg9x9s9", dict(mode="avg", kernel_size=9), lambda t: F.avg_pool2d(t, 9)),
     ("adaptive4x4", dict(mode="adaptive", output_size=4), lambda t: F.adaptive_avg_pool2d(t, 4)),
-    ("bilinear14x14", dict(mode="bilinear", output_size=14),
-     lambda t: F.interpolate(t, (14, 14), mode="bilinear", align_corners=False)),
+    (
+        "bilinear14x14",
+        dict(mode="bilinear", output_size=14),
+        lambda t: F.interpolate(t, (14, 14), mode="bilinear", align_corners=False),
+    ),
     ("mean1", dict(mode="adaptive", output_size=1), lambda t: F.adaptive_avg_pool2d(t, 1)),
     ("max3x3s3", dict(mode="max", kernel_size=3), lambda t: F.max_pool2d(t, 3)),
 ]
@@ -48,8 +51,10 @@ def bench_forward(benchmark, record, mode, frames, backend):
     label, kw, torch_fn = MODES[mode]
     fn = make_fn(backend, kw, torch_fn)
     nbytes = frames * GRID * GRID * DIM * 2
-    xs = rotating(lambda: torch.randn(1, frames, GRID * GRID, DIM, device="cuda",
-                                      dtype=torch.bfloat16), nbytes)
+    xs = rotating(
+        lambda: torch.randn(1, frames, GRID * GRID, DIM, device="cuda", dtype=torch.bfloat16),
+        nbytes,
+    )
     out = fn(xs[0])
     if backend != "torch-path":
         assert crosslmm_ops.last_backend("token_pool") == backend
@@ -64,9 +69,17 @@ def bench_forward(benchmark, record, mode, frames, backend):
     copy = copy_bandwidth_tbs()
     benchmark.extra_info.update(ms_median=ms, tbs=moved / ms / 1e9, copy_tbs=copy)
     benchmark.pedantic(gpu_synced(fn, xs), rounds=10, warmup_rounds=2)
-    record(suite="token_pool", group=f"fwd {label} T={frames}", backend=backend, ms=ms,
-           rate=moved / ms / 1e9, unit="TB/s", floor_ms=moved / (copy * 1e12) * 1e3,
-           bytes=moved, copy_tbs=copy)
+    record(
+        suite="token_pool",
+        group=f"fwd {label} T={frames}",
+        backend=backend,
+        ms=ms,
+        rate=moved / ms / 1e9,
+        unit="TB/s",
+        floor_ms=moved / (copy * 1e12) * 1e3,
+        bytes=moved,
+        copy_tbs=copy,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -75,8 +88,9 @@ def bench_forward(benchmark, record, mode, frames, backend):
 def bench_backward(benchmark, record, mode, frames, backend):
     label, kw, torch_fn = MODES[mode]
     fn = make_fn(backend, kw, torch_fn)
-    x = torch.randn(1, frames, GRID * GRID, DIM, device="cuda", dtype=torch.bfloat16,
-                    requires_grad=True)
+    x = torch.randn(
+        1, frames, GRID * GRID, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True
+    )
     out = fn(x)
     grad = torch.randn_like(out)
     # Bytes: grad_out read, grad_x written (+ the int32 winners for max).
@@ -91,6 +105,14 @@ def bench_backward(benchmark, record, mode, frames, backend):
     benchmark.pedantic(gpu_synced(lambda _: step(), [None]), rounds=10, warmup_rounds=2)
     if backend != "torch-path":
         assert crosslmm_ops.last_backend("token_pool_backward") == backend
-    record(suite="token_pool", group=f"bwd {label} T={frames}", backend=backend, ms=ms,
-           rate=moved / ms / 1e9, unit="TB/s", floor_ms=moved / (copy * 1e12) * 1e3,
-           bytes=moved, copy_tbs=copy)
+    record(
+        suite="token_pool",
+        group=f"bwd {label} T={frames}",
+        backend=backend,
+        ms=ms,
+        rate=moved / ms / 1e9,
+        unit="TB/s",
+        floor_ms=moved / (copy * 1e12) * 1e3,
+        bytes=moved,
+        copy_tbs=copy,
+    )

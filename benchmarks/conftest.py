@@ -131,10 +131,14 @@ def summary_lines(rows: list[dict]) -> list[str]:
                 if ours in by_backend:
                     ratios.append(f"{ours}/{best_name} {best['ms'] / by_backend[ours]['ms']:.2f}x")
         if "cuda" in by_backend and "triton" in by_backend:
-            ratios.append(f"triton at {by_backend['cuda']['ms'] / by_backend['triton']['ms']:.0%} of cuda")
+            ratios.append(
+                f"triton at {by_backend['cuda']['ms'] / by_backend['triton']['ms']:.0%} of cuda"
+            )
         if "cuda" in by_backend and any_row.get("floor_ms"):
-            ratios.append(f"cuda at {any_row['floor_ms'] / by_backend['cuda']['ms']:.0%} of floor "
-                          f"{any_row['floor_ms']:.3f} ms")
+            ratios.append(
+                f"cuda at {any_row['floor_ms'] / by_backend['cuda']['ms']:.0%} of floor "
+                f"{any_row['floor_ms']:.3f} ms"
+            )
         lines.append(f"{group:<40} | " + " | ".join(cells) + " || " + "; ".join(ratios))
     return lines
 
@@ -151,7 +155,9 @@ def pytest_terminal_summary(terminalreporter):
     for suite, rows in by_suite.items():
         lines = summary_lines(rows)
         path = out_dir / f"{suite}.json"
-        path.write_text(json.dumps({"environment": env, "results": rows, "summary": lines}, indent=1))
+        path.write_text(
+            json.dumps({"environment": env, "results": rows, "summary": lines}, indent=1)
+        )
         terminalreporter.write_line(f"\n{suite}: {len(rows)} results written to {path}")
         terminalreporter.write_line(", ".join(f"{k}={v}" for k, v in env.items()))
         for line in lines:

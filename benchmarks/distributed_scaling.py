@@ -36,8 +36,11 @@ import platform
 import statistics
 import time
 
-for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                      ("NVSHMEM_DISABLE_NVLS", "1")):
+for _name, _value in (
+    ("NCCL_NVLS_ENABLE", "0"),
+    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+    ("NVSHMEM_DISABLE_NVLS", "1"),
+):
     os.environ[_name] = _value
 
 import torch  # noqa: E402
@@ -57,14 +60,25 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="crosslmm-2b")
     p.add_argument("--frames", type=int, default=512)
     p.add_argument("--text", type=int, default=128, help="text tokens (T2V queries)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                   help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="default bfloat16 on CUDA, float32 on CPU",
+    )
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--pixels", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the prefill from pixels (SigLIP on each rank's frames)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: exactness, "
-                   "attention, prefill, train_step")
+    p.add_argument(
+        "--pixels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the prefill from pixels (SigLIP on each rank's frames)",
+    )
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated parts to skip: exactness, attention, prefill, train_step",
+    )
     return p.parse_args(argv)
 
 
@@ -109,7 +123,7 @@ def _peak_reset(device):
 def _peak_gib(device) -> float | None:
     if device.type != "cuda":
         return None
-    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2 ** 30])
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30])
     peak = peak.to(device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return peak.item()
@@ -124,8 +138,9 @@ def _ratio(one: dict, many: dict) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def _attention_inputs(frames, queries, heads, kv_heads, head_dim, tokens_per_frame, dtype,
-                      device, seed):
+def _attention_inputs(
+    frames, queries, heads, kv_heads, head_dim, tokens_per_frame, dtype, device, seed
+):
     gen = torch.Generator(device=device).manual_seed(seed)
     lk = frames * tokens_per_frame
     q = torch.randn(1, queries, heads, head_dim, generator=gen, device=device, dtype=dtype)
@@ -152,14 +167,20 @@ def _attention_exactness(frames, shape, dtype, device, rank, world) -> dict:
     sk, sv = (t[:, mine].clone().requires_grad_() for t in (k, v))
     sout = cd.sharded_cross_attention(sq, sk, sv)
     sout.backward(dout)
-    errs = {"out": relative_error(sout, out), "dq": relative_error(sq.grad, leaves[0].grad),
-            "dk": relative_error(sk.grad, leaves[1].grad[:, mine]),
-            "dv": relative_error(sv.grad, leaves[2].grad[:, mine])}
+    errs = {
+        "out": relative_error(sout, out),
+        "dq": relative_error(sq.grad, leaves[0].grad),
+        "dk": relative_error(sk.grad, leaves[1].grad[:, mine]),
+        "dv": relative_error(sv.grad, leaves[2].grad[:, mine]),
+    }
     worst = torch.tensor([errs[key] for key in sorted(errs)], dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return {"frames": frames, "dtype": str(dtype).replace("torch.", ""),
-            "backend": crosslmm_ops.last_backend("sharded_cross_attention"),
-            "relative_error_vs_one_gpu": dict(zip(sorted(errs), worst.tolist()))}
+    return {
+        "frames": frames,
+        "dtype": str(dtype).replace("torch.", ""),
+        "backend": crosslmm_ops.last_backend("sharded_cross_attention"),
+        "relative_error_vs_one_gpu": dict(zip(sorted(errs), worst.tolist())),
+    }
 
 
 def part_attention(args, shape, dtype, device, rank, world) -> list[dict]:
@@ -189,15 +210,26 @@ def part_attention(args, shape, dtype, device, rank, world) -> list[dict]:
 
         pairs = queries * T * N
         flops = 4 * pairs * heads * d
-        for kind, one, many, f in (("forward", one_fwd, many_fwd, flops),
-                                   ("forward+backward", one_step, many_step, 3.5 * flops)):
+        for kind, one, many, f in (
+            ("forward", one_fwd, many_fwd, flops),
+            ("forward+backward", one_step, many_step, 3.5 * flops),
+        ):
             t1 = _timed(one, args, device, collective=False)
             tn = _timed(many, args, device, collective=True)
-            rows.append({"case": name, "kind": kind, "queries": queries, "keys": T * N,
-                         "one_gpu": t1, "sharded": tn, "speedup": _ratio(t1, tn),
-                         "tflops_one_gpu": f / t1["ms"] / 1e9,
-                         "tflops_sharded_total": f / tn["ms"] / 1e9})
-        del q, k, v, kl, vl, qg, kg, vg, qs, ks, vs
+            rows.append(
+                {
+                    "case": name,
+                    "kind": kind,
+                    "queries": queries,
+                    "keys": T * N,
+                    "one_gpu": t1,
+                    "sharded": tn,
+                    "speedup": _ratio(t1, tn),
+                    "tflops_one_gpu": f / t1["ms"] / 1e9,
+                    "tflops_sharded_total": f / tn["ms"] / 1e9,
+                }
+            )
+        q = k = v = kl = vl = qg = kg = vg = qs = ks = vs = None
     return rows
 
 
@@ -218,9 +250,13 @@ def _model(args, dtype, device):
 def _prompt(config, frames, text, device, seed=3):
     gen = torch.Generator().manual_seed(seed)
     n = config.pooled_per_frame
-    ids = [1] + [config.video_token_id] * (frames * n) \
-        + torch.randint(3, min(config.video_token_id, config.text_config.vocab_size),
-                        (text,), generator=gen).tolist()
+    ids = (
+        [1]
+        + [config.video_token_id] * (frames * n)
+        + torch.randint(
+            3, min(config.video_token_id, config.text_config.vocab_size), (text,), generator=gen
+        ).tolist()
+    )
     ids = torch.tensor([ids], device=device)
     labels = ids.clone()
     labels[ids == config.video_token_id] = -100
@@ -229,15 +265,30 @@ def _prompt(config, frames, text, device, seed=3):
 
 def _features(config, frames, dtype, device, seed=4):
     gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(1, frames, config.tokens_per_frame, config.vision_config.hidden_size,
-                       generator=gen, device=device, dtype=dtype)
+    return torch.randn(
+        1,
+        frames,
+        config.tokens_per_frame,
+        config.vision_config.hidden_size,
+        generator=gen,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def _pixels(config, frames, dtype, device, seed=5):
     vc = config.vision_config
     gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(1, frames, vc.num_channels, vc.image_size, vc.image_size, generator=gen,
-                       device=device, dtype=dtype)
+    return torch.randn(
+        1,
+        frames,
+        vc.num_channels,
+        vc.image_size,
+        vc.image_size,
+        generator=gen,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def part_prefill(args, dtype, device, rank, world, result) -> list[dict]:
@@ -259,8 +310,9 @@ def part_prefill(args, dtype, device, rank, world, result) -> list[dict]:
 
         def many():
             with torch.no_grad():
-                return wrapped(input_ids=ids, frames_per_sample=[args.frames], logits_to_keep=1,
-                               **{key: local})
+                return wrapped(
+                    input_ids=ids, frames_per_sample=[args.frames], logits_to_keep=1, **{key: local}
+                )
 
         _peak_reset(device)
         t1 = _timed(one, args, device, collective=False)
@@ -269,11 +321,20 @@ def part_prefill(args, dtype, device, rank, world, result) -> list[dict]:
         tn = _timed(many, args, device, collective=True)
         mn = _peak_gib(device)
         err = relative_error(many().logits.float(), one().logits.float())
-        rows.append({"input": key, "frames": args.frames, "one_gpu": t1, "sharded": tn,
-                     "speedup": _ratio(t1, tn), "peak_gib_one_gpu": m1, "peak_gib_sharded": mn,
-                     "last_logits_relative_error": err})
+        rows.append(
+            {
+                "input": key,
+                "frames": args.frames,
+                "one_gpu": t1,
+                "sharded": tn,
+                "speedup": _ratio(t1, tn),
+                "peak_gib_one_gpu": m1,
+                "peak_gib_sharded": mn,
+                "last_logits_relative_error": err,
+            }
+        )
         result.setdefault("exactness", {})[f"prefill_{key}_logits_relative_error"] = err
-    del model, wrapped
+    model = wrapped = None
     return rows
 
 
@@ -297,24 +358,37 @@ def part_train_step(args, dtype, device, rank, world, result) -> dict:
     _peak_reset(device)
     t1 = _timed(one, args, device, collective=False)
     m1 = _peak_gib(device)
-    ddp = DDP(cd.FrameShardedCrossLMM(model, cd.frame_group()),
-              device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = DDP(
+        cd.FrameShardedCrossLMM(model, cd.frame_group()),
+        device_ids=[device.index] if device.type == "cuda" else None,
+    )
     opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=1e-6)
     shard = ddp.module.frame_shard([args.frames])
     local = shard.local(video[0]).contiguous()
     # The one-GPU steps above moved the weights: compare against a fresh one-GPU loss.
     with torch.no_grad():
-        loss_one = model(input_ids=ids, vision_features=video, labels=labels,
-                         use_cache=False).loss.float().item()
-        loss_sharded = ddp(input_ids=ids, vision_features=local, frames_per_sample=[args.frames],
-                           labels=labels).loss.float().item()
+        loss_one = (
+            model(input_ids=ids, vision_features=video, labels=labels, use_cache=False)
+            .loss.float()
+            .item()
+        )
+        loss_sharded = (
+            ddp(
+                input_ids=ids, vision_features=local, frames_per_sample=[args.frames], labels=labels
+            )
+            .loss.float()
+            .item()
+        )
     result.setdefault("exactness", {})["train_loss"] = {
-        "one_gpu": loss_one, "sharded": loss_sharded,
-        "relative_difference": abs(loss_sharded - loss_one) / max(abs(loss_one), 1e-30)}
+        "one_gpu": loss_one,
+        "sharded": loss_sharded,
+        "relative_difference": abs(loss_sharded - loss_one) / max(abs(loss_one), 1e-30),
+    }
 
     def many():
-        out = ddp(input_ids=ids, vision_features=local, frames_per_sample=[args.frames],
-                  labels=labels)
+        out = ddp(
+            input_ids=ids, vision_features=local, frames_per_sample=[args.frames], labels=labels
+        )
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -322,9 +396,15 @@ def part_train_step(args, dtype, device, rank, world, result) -> dict:
     _peak_reset(device)
     tn = _timed(many, args, device, collective=True)
     mn = _peak_gib(device)
-    del ddp, model
-    return {"frames": args.frames, "one_gpu": t1, "sharded_ddp": tn, "speedup": _ratio(t1, tn),
-            "peak_gib_one_gpu": m1, "peak_gib_sharded": mn}
+    ddp = model = None
+    return {
+        "frames": args.frames,
+        "one_gpu": t1,
+        "sharded_ddp": tn,
+        "speedup": _ratio(t1, tn),
+        "peak_gib_one_gpu": m1,
+        "peak_gib_sharded": mn,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,8 +429,13 @@ def main(argv=None) -> dict:
         config = preset_config(args.preset)
         tc = config.text_config
         dk = config.dcal_kwargs()
-        shape = (dk["num_heads"], dk["num_kv_heads"], dk["head_dim"], config.tokens_per_frame,
-                 config.pooled_per_frame)
+        shape = (
+            dk["num_heads"],
+            dk["num_kv_heads"],
+            dk["head_dim"],
+            config.tokens_per_frame,
+            config.pooled_per_frame,
+        )
         try:
             import triton
 
@@ -359,25 +444,44 @@ def main(argv=None) -> dict:
             triton_version = None
         result = {
             "gpu": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-            "world_size": world, "torch": torch.__version__, "triton": triton_version,
+            "world_size": world,
+            "torch": torch.__version__,
+            "triton": triton_version,
             "nccl": _nccl_version() if cuda else None,
-            "backend": dist.get_backend(), "preset": args.preset, "frames": args.frames,
+            "backend": dist.get_backend(),
+            "preset": args.preset,
+            "frames": args.frames,
             "original_tokens": args.frames * config.tokens_per_frame,
-            "text": args.text, "dtype": str(dtype).replace("torch.", ""),
-            "iters": args.iters, "warmup": args.warmup,
-            "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE",
-                                                   "TORCH_SYMM_MEM_DISABLE_MULTICAST",
-                                                   "NVSHMEM_DISABLE_NVLS")},
-            "shapes": {"heads": shape[0], "kv_heads": shape[1], "head_dim": shape[2],
-                       "tokens_per_frame": shape[3], "pooled_per_frame": shape[4],
-                       "hidden": tc.hidden_size, "layers": tc.num_hidden_layers,
-                       "dcal_layers": list(config.dcal_layer_indices)},
+            "text": args.text,
+            "dtype": str(dtype).replace("torch.", ""),
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "env": {
+                k: os.environ.get(k)
+                for k in (
+                    "NCCL_NVLS_ENABLE",
+                    "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                    "NVSHMEM_DISABLE_NVLS",
+                )
+            },
+            "shapes": {
+                "heads": shape[0],
+                "kv_heads": shape[1],
+                "head_dim": shape[2],
+                "tokens_per_frame": shape[3],
+                "pooled_per_frame": shape[4],
+                "hidden": tc.hidden_size,
+                "layers": tc.num_hidden_layers,
+                "dcal_layers": list(config.dcal_layer_indices),
+            },
         }
         if "exactness" not in skip:
             result.setdefault("exactness", {})["attention_full_size"] = _attention_exactness(
-                args.frames, shape, dtype, device, rank, world)
+                args.frames, shape, dtype, device, rank, world
+            )
             result["exactness"]["attention_fp32_32_frames"] = _attention_exactness(
-                min(32, args.frames), shape, torch.float32, device, rank, world)
+                min(32, args.frames), shape, torch.float32, device, rank, world
+            )
         if "attention" not in skip:
             result["attention"] = part_attention(args, shape, dtype, device, rank, world)
         if "prefill" not in skip:
@@ -401,23 +505,31 @@ def _nccl_version() -> str:
 
 
 def _print_summary(result: dict) -> None:
-    print(f"{result['gpu']} x{result['world_size']}, torch {result['torch']}, "
-          f"{result['preset']}, {result['frames']} frames ({result['original_tokens']} original "
-          f"tokens), {result['dtype']}")
+    print(
+        f"{result['gpu']} x{result['world_size']}, torch {result['torch']}, "
+        f"{result['preset']}, {result['frames']} frames ({result['original_tokens']} original "
+        f"tokens), {result['dtype']}"
+    )
     for key, value in result.get("exactness", {}).items():
         print(f"exactness {key}: {value}")
     for row in result.get("attention", []):
-        print(f"attention {row['case']:10s} {row['kind']:16s} 1 GPU {row['one_gpu']['ms']:8.3f} ms"
-              f"  sharded {row['sharded']['ms']:8.3f} ms  speedup {row['speedup']:.2f}x")
+        print(
+            f"attention {row['case']:10s} {row['kind']:16s} 1 GPU {row['one_gpu']['ms']:8.3f} ms"
+            f"  sharded {row['sharded']['ms']:8.3f} ms  speedup {row['speedup']:.2f}x"
+        )
     for row in result.get("prefill", []):
-        print(f"prefill from {row['input']:20s} 1 GPU {row['one_gpu']['ms']:9.1f} ms  sharded "
-              f"{row['sharded']['ms']:9.1f} ms  speedup {row['speedup']:.2f}x  peak "
-              f"{row['peak_gib_one_gpu']} -> {row['peak_gib_sharded']} GiB")
+        print(
+            f"prefill from {row['input']:20s} 1 GPU {row['one_gpu']['ms']:9.1f} ms  sharded "
+            f"{row['sharded']['ms']:9.1f} ms  speedup {row['speedup']:.2f}x  peak "
+            f"{row['peak_gib_one_gpu']} -> {row['peak_gib_sharded']} GiB"
+        )
     row = result.get("train_step")
     if row:
-        print(f"train step 1 GPU {row['one_gpu']['ms']:.1f} ms  sharded DDP "
-              f"{row['sharded_ddp']['ms']:.1f} ms  speedup {row['speedup']:.2f}x  peak "
-              f"{row['peak_gib_one_gpu']} -> {row['peak_gib_sharded']} GiB")
+        print(
+            f"train step 1 GPU {row['one_gpu']['ms']:.1f} ms  sharded DDP "
+            f"{row['sharded_ddp']['ms']:.1f} ms  speedup {row['speedup']:.2f}x  peak "
+            f"{row['peak_gib_one_gpu']} -> {row['peak_gib_sharded']} GiB"
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crosslmm_ops import demo  # noqa: E402
 import study  # noqa: E402  (benchmarks/study.py, beside this script)
+
+from crosslmm_ops import demo  # noqa: E402
 
 # The paper's own reductions at 256 frames (CrossLMM vs its LLaVA-OV baseline).
 PAPER_256 = {"memory_reduction": 0.875, "flops_reduction": 0.677, "prefill_speedup": 2.0}
@@ -42,42 +43,59 @@ def run(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    result = dict(gpu=gpu, torch=torch.__version__, dtype=args.dtype, paper_256=PAPER_256,
-                  flop_checks=[], runs=[])
+    result = dict(
+        gpu=gpu,
+        torch=torch.__version__,
+        dtype=args.dtype,
+        paper_256=PAPER_256,
+        flop_checks=[],
+        runs=[],
+    )
     for preset in args.presets:
         for variant in args.variants:
             check = flop_check(preset, variant, device, dtype)
             result["flop_checks"].append(check)
-            print(f"[flops] {preset} {variant}: analytic/counted = {check['ratio']:.4f}", flush=True)
+            print(
+                f"[flops] {preset} {variant}: analytic/counted = {check['ratio']:.4f}", flush=True
+            )
             gc.collect()
             torch.cuda.empty_cache() if device.type == "cuda" else None
     for preset in args.presets:
         for variant in args.variants:
             model = demo.build_models(preset, [variant], device=device, dtype=dtype)[variant]
             for frames in args.frames:
-                video = demo.synthetic_video(frames, model.config.vision_config.image_size,
-                                             device=device, dtype=dtype)
+                video = demo.synthetic_video(
+                    frames, model.config.vision_config.image_size, device=device, dtype=dtype
+                )
                 ids = demo.video_prompt(model.config, frames, device=device)
                 try:
-                    m = demo.measure(model, variant, video, ids, new_tokens=args.new_tokens,
-                                     repeats=args.repeats)
+                    m = demo.measure(
+                        model, variant, video, ids, new_tokens=args.new_tokens, repeats=args.repeats
+                    )
                 except torch.cuda.OutOfMemoryError as error:
                     print(f"[oom] {preset} {variant} T={frames}: {str(error)[:120]}", flush=True)
-                    result["runs"].append(dict(preset=preset, variant=variant, frames=frames,
-                                               oom=True))
+                    result["runs"].append(
+                        dict(preset=preset, variant=variant, frames=frames, oom=True)
+                    )
                     continue
                 finally:
                     del video
                     gc.collect()
                     torch.cuda.empty_cache() if device.type == "cuda" else None
-                row = dict(preset=preset, **m.as_dict(),
-                           flops=study.prefill_flops(model.config, frames, m.sequence_length))
+                row = dict(
+                    preset=preset,
+                    **m.as_dict(),
+                    flops=study.prefill_flops(model.config, frames, m.sequence_length),
+                )
                 result["runs"].append(row)
-                print(f"[run] {preset} {variant:<14} T={frames:<4} tokens={m.visual_tokens:<6} "
-                      f"vision {m.vision_ms:8.1f} ms  llm-prefill {m.llm_prefill_ms:8.1f} ms  "
-                      f"prefill {m.prefill_ms:8.1f} ms  decode {m.decode_ms_per_token:6.2f} ms/tok  "
-                      f"act {_gib(m.activation_memory_bytes)}  llm-act "
-                      f"{_gib(m.llm_activation_memory_bytes)}  {m.backends}", flush=True)
+                print(
+                    f"[run] {preset} {variant:<14} T={frames:<4} tokens={m.visual_tokens:<6} "
+                    f"vision {m.vision_ms:8.1f} ms  llm-prefill {m.llm_prefill_ms:8.1f} ms  "
+                    f"prefill {m.prefill_ms:8.1f} ms  decode {m.decode_ms_per_token:6.2f} ms/tok  "
+                    f"act {_gib(m.activation_memory_bytes)}  llm-act "
+                    f"{_gib(m.llm_activation_memory_bytes)}  {m.backends}",
+                    flush=True,
+                )
             del model
             gc.collect()
             torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -89,13 +107,16 @@ def _gib(n) -> str:
 
 
 def summarise(result: dict) -> str:
-    """A markdown table: each CrossLMM variant against the baseline at the same preset and length."""
+    """A markdown table: each CrossLMM variant against the baseline at the same preset and
+    length."""
     runs = [r for r in result["runs"] if not r.get("oom")]
     base = {(r["preset"], r["frames"]): r for r in runs if r["variant"] == "baseline"}
-    lines = ["| preset | frames | variant | visual tokens | prefill from pixels | speedup | "
-             "LLM-side prefill | speedup | vision tower | activation memory (LLM side) | "
-             "reduction | FLOPs (w/o vision) | reduction | decode ms/token |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| preset | frames | variant | visual tokens | prefill from pixels | speedup | "
+        "LLM-side prefill | speedup | vision tower | activation memory (LLM side) | "
+        "reduction | FLOPs (w/o vision) | reduction | decode ms/token |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in runs:
         b = base.get((r["preset"], r["frames"]))
         if b is None:
@@ -109,7 +130,8 @@ def summarise(result: dict) -> str:
             f"{r['llm_prefill_ms']:.1f} ms | {b['llm_prefill_ms'] / r['llm_prefill_ms']:.2f}x | "
             f"{r['vision_ms']:.1f} ms | {_gib(act)} | "
             f"{'' if act is None else f'{100 * (1 - act / bact):.1f}%'} | {fl / 1e12:.1f} T | "
-            f"{100 * (1 - fl / bfl):.1f}% | {r['decode_ms_per_token']:.2f} |")
+            f"{100 * (1 - fl / bfl):.1f}% | {r['decode_ms_per_token']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -126,15 +148,19 @@ def plot(result: dict, out: Path) -> list[Path]:
     paths = []
     for preset in sorted({r["preset"] for r in runs}):
         fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-        metrics = [("prefill_ms", "prefill from pixels (ms)"),
-                   ("llm_prefill_ms", "LLM-side prefill (ms)"),
-                   ("llm_activation_memory_bytes", "LLM-side activation memory (GiB)"),
-                   ("decode_ms_per_token", "decode (ms/token)")]
+        metrics = [
+            ("prefill_ms", "prefill from pixels (ms)"),
+            ("llm_prefill_ms", "LLM-side prefill (ms)"),
+            ("llm_activation_memory_bytes", "LLM-side activation memory (GiB)"),
+            ("decode_ms_per_token", "decode (ms/token)"),
+        ]
         for ax, (key, label) in zip(axes, metrics):
             for variant in sorted({r["variant"] for r in runs}):
-                pts = sorted((r["frames"], r[key]) for r in runs
-                             if r["preset"] == preset and r["variant"] == variant
-                             and r[key] is not None)
+                pts = sorted(
+                    (r["frames"], r[key])
+                    for r in runs
+                    if r["preset"] == preset and r["variant"] == variant and r[key] is not None
+                )
                 if not pts:
                     continue
                 xs, ys = zip(*pts)
@@ -156,8 +182,9 @@ def plot(result: dict, out: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", nargs="+", default=["crosslmm-2b", "crosslmm-7b"])
     parser.add_argument("--frames", nargs="+", type=int, default=[32, 64, 128, 256])
     parser.add_argument("--variants", nargs="+", default=["baseline", "crosslmm", "crosslmm-frame"])

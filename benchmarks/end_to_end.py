@@ -28,8 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crosslmm_ops import demo  # noqa: E402
 import study  # noqa: E402  (benchmarks/study.py, beside this script)
+
+from crosslmm_ops import demo  # noqa: E402
 
 GIB = 2**30
 
@@ -46,12 +47,12 @@ def _is_oom(exc: BaseException) -> bool:
 
 def inference_row(model, variant, preset, frames, device, dtype, repeats, warmup) -> dict:
     row = dict(preset=preset, variant=variant, frames=frames, mode="inference")
-    video = demo.synthetic_video(frames, model.config.vision_config.image_size, device=device,
-                                 dtype=dtype)
+    video = demo.synthetic_video(
+        frames, model.config.vision_config.image_size, device=device, dtype=dtype
+    )
     ids = demo.video_prompt(model.config, frames, device=device)
     try:
-        m = demo.measure(model, variant, video, ids, new_tokens=6, repeats=repeats,
-                         warmup=warmup)
+        m = demo.measure(model, variant, video, ids, new_tokens=6, repeats=repeats, warmup=warmup)
     except Exception as exc:  # noqa: BLE001
         if not _is_oom(exc):
             raise
@@ -60,10 +61,14 @@ def inference_row(model, variant, preset, frames, device, dtype, repeats, warmup
     finally:
         del video
         _free(device)
-    row.update(prefill_from_pixels_ms=round(m.prefill_ms, 2), vision_ms=round(m.vision_ms, 2),
-               llm_prefill_ms=round(m.llm_prefill_ms, 2),
-               decode_ms_per_token=round(m.decode_ms_per_token, 3),
-               sequence_length=m.sequence_length, oom=False)
+    row.update(
+        prefill_from_pixels_ms=round(m.prefill_ms, 2),
+        vision_ms=round(m.vision_ms, 2),
+        llm_prefill_ms=round(m.llm_prefill_ms, 2),
+        decode_ms_per_token=round(m.decode_ms_per_token, 3),
+        sequence_length=m.sequence_length,
+        oom=False,
+    )
     if m.activation_memory_bytes is not None:
         row["peak_activation_gib"] = round(m.activation_memory_bytes / GIB, 3)
         row["peak_gib"] = round(m.peak_memory_bytes / GIB, 3)
@@ -71,28 +76,33 @@ def inference_row(model, variant, preset, frames, device, dtype, repeats, warmup
     return row
 
 
-def train_row(model, variant, preset, frames, stage, checkpointing, device, dtype,
-              repeats) -> dict:
-    row = dict(preset=preset, variant=variant, frames=frames, mode=f"train-stage{stage}",
-               activation_checkpointing=checkpointing)
+def train_row(model, variant, preset, frames, stage, checkpointing, device, dtype, repeats) -> dict:
+    row = dict(
+        preset=preset,
+        variant=variant,
+        frames=frames,
+        mode=f"train-stage{stage}",
+        activation_checkpointing=checkpointing,
+    )
     trainable = model.set_training_stage(stage)
     model.train()
     # (transformers 5.24 renamed gradient_checkpointing_* to activation_checkpointing_*)
     enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
-    disable = getattr(model, "activation_checkpointing_disable",
-                      model.gradient_checkpointing_disable)
+    disable = getattr(
+        model, "activation_checkpointing_disable", model.gradient_checkpointing_disable
+    )
     enable() if checkpointing else disable()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    video = demo.synthetic_video(frames, model.config.vision_config.image_size, device=device,
-                                 dtype=dtype)
+    video = demo.synthetic_video(
+        frames, model.config.vision_config.image_size, device=device, dtype=dtype
+    )
     ids = demo.video_prompt(model.config, frames, device=device)
     labels = ids.masked_fill(ids == model.config.video_token_id, -100)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, pixel_values_videos=video, labels=labels,
-                     use_cache=False).loss
+        loss = model(input_ids=ids, pixel_values_videos=video, labels=labels, use_cache=False).loss
         loss.backward()
         optimizer.step()
 
@@ -115,14 +125,19 @@ def train_row(model, variant, preset, frames, stage, checkpointing, device, dtyp
         return row
     finally:
         optimizer.zero_grad(set_to_none=True)
-        del optimizer, video
+        optimizer = video = None
         model.eval()
         disable()
         _free(device)
     ms = statistics.median(times)
-    row.update(step_ms=round(ms, 1), frames_per_second=round(frames / (ms / 1e3), 2),
-               trainable_parameters=sum(p.numel() for n, p in model.named_parameters()
-                                        if n in set(trainable)), oom=False)
+    row.update(
+        step_ms=round(ms, 1),
+        frames_per_second=round(frames / (ms / 1e3), 2),
+        trainable_parameters=sum(
+            p.numel() for n, p in model.named_parameters() if n in set(trainable)
+        ),
+        oom=False,
+    )
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
     return row
@@ -134,25 +149,41 @@ def environment(device) -> dict:
 
     import crosslmm_ops
 
-    return dict(gpu=torch.cuda.get_device_name() if device.type == "cuda" else
-                platform.processor() or "cpu",
-                torch=torch.__version__, triton=triton.__version__,
-                transformers=transformers.__version__, crosslmm_ops=crosslmm_ops.__version__,
-                cuda=torch.version.cuda)
+    return dict(
+        gpu=torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        torch=torch.__version__,
+        triton=triton.__version__,
+        transformers=transformers.__version__,
+        crosslmm_ops=crosslmm_ops.__version__,
+        cuda=torch.version.cuda,
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="crosslmm-2b")
-    parser.add_argument("--frames", type=int, nargs="*", default=[256, 1024],
-                        help="inference rows at these frame counts")
-    parser.add_argument("--train-frames", type=int, nargs="*", default=[64, 256],
-                        help="training rows at these frame counts")
+    parser.add_argument(
+        "--frames",
+        type=int,
+        nargs="*",
+        default=[256, 1024],
+        help="inference rows at these frame counts",
+    )
+    parser.add_argument(
+        "--train-frames",
+        type=int,
+        nargs="*",
+        default=[64, 256],
+        help="training rows at these frame counts",
+    )
     parser.add_argument("--variants", nargs="+", default=["baseline", "crosslmm"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per number (default: demo.measure's)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per number (default: demo.measure's)"
+    )
     parser.add_argument("--train-repeats", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -165,22 +196,33 @@ def main(argv=None) -> int:
         for frames in args.frames:
             # Long videos: one timed call after the warm-up (a 1024-frame prefill takes seconds).
             repeats = args.repeats if args.repeats is not None else (1 if frames > 256 else None)
-            row = inference_row(model, variant, args.preset, frames, device, dtype, repeats,
-                                None)
+            row = inference_row(model, variant, args.preset, frames, device, dtype, repeats, None)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "_measurement"}), flush=True)
         for frames in args.train_frames:
             for stage in (1, 2):
                 for checkpointing in (False, True):
-                    row = train_row(model, variant, args.preset, frames, stage, checkpointing,
-                                    device, dtype, args.train_repeats)
+                    row = train_row(
+                        model,
+                        variant,
+                        args.preset,
+                        frames,
+                        stage,
+                        checkpointing,
+                        device,
+                        dtype,
+                        args.train_repeats,
+                    )
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         del model
         _free(device)
     for frames in args.frames:
-        measured = [r["_measurement"] for r in rows
-                    if r.get("mode") == "inference" and r["frames"] == frames and "_measurement" in r]
+        measured = [
+            r["_measurement"]
+            for r in rows
+            if r.get("mode") == "inference" and r["frames"] == frames and "_measurement" in r
+        ]
         for problem in study.consistency_problems(measured):
             problems.append(f"{frames} frames: {problem}")
     for r in rows:
@@ -190,8 +232,9 @@ def main(argv=None) -> int:
     gpu = "h100" if "H100" in env["gpu"] else "h200" if "H200" in env["gpu"] else "cpu"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"end_to_end_{gpu}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "rows": rows, "inconsistent": problems}, indent=1)
-                   + "\n")
+    out.write_text(
+        json.dumps({"env": env, "rows": rows, "inconsistent": problems}, indent=1) + "\n"
+    )
     print(f"wrote {out}")
     return 1 if problems else 0
 

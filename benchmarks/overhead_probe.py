@@ -30,8 +30,12 @@ import crosslmm_ops
 from crosslmm_ops import _backend
 
 HEADS, HEAD_DIM = 12, 128
-CASES = {"t2v T=32": (128, 729 * 32), "v2v-global T=32": (288, 729 * 32),
-         "decode T=32": (1, 729 * 32), "t2v T=256": (128, 729 * 256)}
+CASES = {
+    "t2v T=32": (128, 729 * 32),
+    "v2v-global T=32": (288, 729 * 32),
+    "decode T=32": (1, 729 * 32),
+    "t2v T=256": (128, 729 * 256),
+}
 
 
 def bench(fn) -> float:
@@ -105,22 +109,33 @@ def attention_cases(ext) -> None:
         lse = torch.empty(HEADS, lq, device="cuda", dtype=torch.float32)
         cu_q = torch.tensor([0, lq], device="cuda", dtype=torch.int32)
         cu_k = torch.tensor([0, lk], device="cuda", dtype=torch.int32)
-        raw = lambda: ext.attention_forward(q2, k2, v2, out, lse, cu_q, cu_k, lq, lk,  # noqa
-                                            HEAD_DIM ** -0.5, 0)
+
+        def raw():
+            scale = HEAD_DIM**-0.5
+            return ext.attention_forward(q2, k2, v2, out, lse, cu_q, cu_k, lq, lk, scale, 0)
+
         t_raw, t_raw_host = bench(raw), host_ms(raw)
-        report(name, lambda: crosslmm_ops.cross_attention(q, k, v, backend="cuda"),
-               f"{ext.attention_forward_kernel_name()}  (raw call {t_raw:.4f} ms, "
-               f"host {t_raw_host:.4f} ms)")
+        report(
+            name,
+            lambda: crosslmm_ops.cross_attention(q, k, v, backend="cuda"),
+            f"{ext.attention_forward_kernel_name()}  (raw call {t_raw:.4f} ms, "
+            f"host {t_raw_host:.4f} ms)",
+        )
         # The peers in the same process, eager and as CUDA-graph replays (their GPU time), so the
         # short calls' ratios do not hinge on how busy the host is.
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        for peer, enum in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
-                           ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+        for peer, enum in (
+            ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+            ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+        ):
+
             def run(enum=enum):
                 with sdpa_kernel(enum):
                     return torch.nn.functional.scaled_dot_product_attention(
-                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+                    )
+
             with torch.no_grad():
                 run()
                 print(f"  {peer:<22} {bench(run):8.4f} {graph_ms(run):8.4f} {host_ms(run):8.4f}")
@@ -130,18 +145,23 @@ def projected_cases() -> None:
     """projected_cross_attention on the fused path, CrossLMM-2B shapes (Dv 1152): frame-local V2V
     (9 queries per frame against its 729 tokens) and one decode query against T frames."""
     dv = 1152
-    for name, (batch, lq, lk, hk) in {"proj v2v-frame T=32 Hk=12": (32, 9, 729, 12),
-                                      "proj v2v-frame T=32 Hk=2": (32, 9, 729, 2),
-                                      "proj decode T=32 Hk=12": (1, 1, 729 * 32, 12),
-                                      "proj decode T=32 Hk=2": (1, 1, 729 * 32, 2)}.items():
-        t = dict(q=torch.randn(batch, lq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16),
-                 x=torch.randn(batch, lk, dv, device="cuda", dtype=torch.bfloat16))
+    for name, (batch, lq, lk, hk) in {
+        "proj v2v-frame T=32 Hk=12": (32, 9, 729, 12),
+        "proj v2v-frame T=32 Hk=2": (32, 9, 729, 2),
+        "proj decode T=32 Hk=12": (1, 1, 729 * 32, 12),
+        "proj decode T=32 Hk=2": (1, 1, 729 * 32, 2),
+    }.items():
+        t = dict(
+            q=torch.randn(batch, lq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16),
+            x=torch.randn(batch, lk, dv, device="cuda", dtype=torch.bfloat16),
+        )
         for w in ("w_k", "w_v"):
-            t[w] = torch.randn(hk * HEAD_DIM, dv, device="cuda", dtype=torch.bfloat16) * dv ** -0.5
+            t[w] = torch.randn(hk * HEAD_DIM, dv, device="cuda", dtype=torch.bfloat16) * dv**-0.5
         for b in ("b_k", "b_v"):
             t[b] = torch.randn(hk * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        report(name, lambda: crosslmm_ops.projected_cross_attention(**t, path="fused",
-                                                                    backend="cuda"))
+        report(
+            name, lambda: crosslmm_ops.projected_cross_attention(**t, path="fused", backend="cuda")
+        )
 
 
 def main() -> None:

@@ -65,14 +65,21 @@ def _inputs(scope, frames, hk, lq, grad):
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def make(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g) \
-            .requires_grad_(grad)
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(
+            grad
+        )
 
     if scope == "global":
-        return make(1, lq, HEADS, HEAD_DIM), make(1, frames * N, hk, HEAD_DIM), \
-            make(1, frames * N, hk, HEAD_DIM)
-    return make(frames * lq, HEADS, HEAD_DIM), make(frames * N, hk, HEAD_DIM), \
-        make(frames * N, hk, HEAD_DIM)
+        return (
+            make(1, lq, HEADS, HEAD_DIM),
+            make(1, frames * N, hk, HEAD_DIM),
+            make(1, frames * N, hk, HEAD_DIM),
+        )
+    return (
+        make(frames * lq, HEADS, HEAD_DIM),
+        make(frames * N, hk, HEAD_DIM),
+        make(frames * N, hk, HEAD_DIM),
+    )
 
 
 def _runners(scope, frames, q, k, v):
@@ -91,11 +98,19 @@ def _runners(scope, frames, q, k, v):
         cu_q = torch.arange(frames + 1, device="cuda", dtype=torch.int32) * lq
         cu_k = torch.arange(frames + 1, device="cuda", dtype=torch.int32) * N
         runs["ours"] = lambda: crosslmm_ops.cross_attention(
-            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=lq, max_seqlen_k=N,
-            backend="cuda")
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=lq,
+            max_seqlen_k=N,
+            backend="cuda",
+        )
         if fa4_varlen_func is not None:
-            runs["fa4"] = lambda: fa4_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                                  max_seqlen_q=lq, max_seqlen_k=N)[0]
+            runs["fa4"] = lambda: fa4_varlen_func(
+                q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=lq, max_seqlen_k=N
+            )[0]
         rep = HEADS // k.shape[1]
         qs = q.view(frames, lq, HEADS, HEAD_DIM).transpose(1, 2)
         kb = k.view(frames, N, -1, HEAD_DIM)
@@ -108,6 +123,7 @@ def _runners(scope, frames, q, k, v):
         def run():
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(qs, ks, vs)
+
         return run
 
     runs["sdpa_cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
@@ -164,8 +180,12 @@ def run(selected: set[str]) -> dict:
             del row["skipped"]
         rows.append(row)
         ratio = row.get("ours_vs_best_peer", math.nan)
-        print(f"{name:42s} " + "  ".join(f"{p} {ms:.4f}" for p, ms in row["ms"].items())
-              + f"  | ours vs best peer {ratio:.2f}x", flush=True)
+        print(
+            f"{name:42s} "
+            + "  ".join(f"{p} {ms:.4f}" for p, ms in row["ms"].items())
+            + f"  | ours vs best peer {ratio:.2f}x",
+            flush=True,
+        )
         del q, k, v
         torch.cuda.empty_cache()
     return rows
@@ -194,10 +214,12 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="JSON path (default: "
-                        "benchmarks/results/peers_<gpu>.json)")
-    parser.add_argument("--cases", default="fwd,fwd+bwd",
-                        help="comma-separated kinds of rows: fwd, fwd+bwd")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default: benchmarks/results/peers_<gpu>.json)"
+    )
+    parser.add_argument(
+        "--cases", default="fwd,fwd+bwd", help="comma-separated kinds of rows: fwd, fwd+bwd"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("peers.py needs a CUDA GPU", file=sys.stderr)

@@ -42,10 +42,12 @@ HEADS, HEAD_DIM = 12, 128
 # Per direction: the default video lengths, the extension binding the probe needs, and the timing
 # budget (do_bench's warm-up and repetition in ms; the number of timed calls without Triton).
 DIRECTIONS = {
-    "forward": dict(frames=[128, 256], binding="attention_forward_kernel_name",
-                    warmup=50, rep=300, calls=50),
-    "backward": dict(frames=[64, 256], binding="attention_backward_kernel_name",
-                     warmup=20, rep=120, calls=20),
+    "forward": dict(
+        frames=[128, 256], binding="attention_forward_kernel_name", warmup=50, rep=300, calls=50
+    ),
+    "backward": dict(
+        frames=[64, 256], binding="attention_backward_kernel_name", warmup=20, rep=120, calls=20
+    ),
 }
 
 
@@ -73,34 +75,51 @@ class Rows:
     def __init__(self, frames: int, timing: dict):
         self.frames, self.timing, self.rows = frames, timing, []
 
-    def time(self, what: str, label: str, fn, flops: float, kernel: str = "",
-             quiet: bool = False) -> dict:
+    def time(
+        self, what: str, label: str, fn, flops: float, kernel: str = "", quiet: bool = False
+    ) -> dict:
         try:
             ms = bench_ms(fn, **self.timing)
         except RuntimeError as exc:
             print(f"  {what:8s} {label:34s} failed: {str(exc)[:120]}")
-            row = dict(frames=self.frames, what=what, impl=label, ms=math.nan, tflops=math.nan,
-                       error=str(exc)[:300])
+            row = dict(
+                frames=self.frames,
+                what=what,
+                impl=label,
+                ms=math.nan,
+                tflops=math.nan,
+                error=str(exc)[:300],
+            )
         else:
-            row = dict(frames=self.frames, what=what, impl=label, ms=ms,
-                       tflops=flops / ms / 1e9, kernel=kernel)
+            row = dict(
+                frames=self.frames,
+                what=what,
+                impl=label,
+                ms=ms,
+                tflops=flops / ms / 1e9,
+                kernel=kernel,
+            )
             if not quiet:
-                print(f"  {what:8s} {label:34s} {ms:8.3f} ms  {row['tflops']:6.1f} TFLOP/s  "
-                      f"{kernel}")
+                print(
+                    f"  {what:8s} {label:34s} {ms:8.3f} ms  {row['tflops']:6.1f} TFLOP/s  {kernel}"
+                )
         self.rows.append(row)
         return row
 
     def get(self, what: str, impl: str, key: str) -> float:
-        return next((r[key] for r in self.rows if r["what"] == what and r["impl"] == impl),
-                    math.nan)
+        return next(
+            (r[key] for r in self.rows if r["what"] == what and r["impl"] == impl), math.nan
+        )
 
 
 def inputs(frames: int) -> dict:
     """q and 12 kv heads of K and V (and their 2-head GQA slices), and an output gradient."""
     lq, lk = 9 * frames, 729 * frames
     torch.manual_seed(0)
-    t = {name: torch.randn(length, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-         for name, length in (("q", lq), ("k12", lk), ("v12", lk), ("dout", lq))}
+    t = {
+        name: torch.randn(length, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        for name, length in (("q", lq), ("k12", lk), ("v12", lk), ("dout", lq))
+    }
     t["k2"], t["v2"] = t["k12"][:, :2].contiguous(), t["v12"][:, :2].contiguous()
     return t
 
@@ -124,8 +143,9 @@ def ours_forward(ext, q, k, v, mode: str, num_splits: int = 0):
 
     def run():
         os.environ[FORWARD_ENV] = mode
-        ext.attention_forward(q, k, v, out, lse, cu_q, cu_k, q.shape[0], k.shape[0], scale,
-                              num_splits)
+        ext.attention_forward(
+            q, k, v, out, lse, cu_q, cu_k, q.shape[0], k.shape[0], scale, num_splits
+        )
 
     run()
     torch.cuda.synchronize()
@@ -149,8 +169,10 @@ def probe_forward(ext, rows: Rows, t: dict, splits: list[int]) -> None:
 
     q, k12, v12, k2, v2 = t["q"], t["k12"], t["v12"], t["k2"], t["v2"]
     flops = 4 * q.shape[0] * k12.shape[0] * HEADS * HEAD_DIM
-    print(f"\nV2V global T={rows.frames}: Lq {q.shape[0]}, Lk {k12.shape[0]}, "
-          f"{flops / 1e12:.2f} TFLOP")
+    print(
+        f"\nV2V global T={rows.frames}: Lq {q.shape[0]}, Lk {k12.shape[0]}, "
+        f"{flops / 1e12:.2f} TFLOP"
+    )
     check = {}
     for kv, (k, v) in (("12/2", (k2, v2)), ("12/12", (k12, v12))):
         fn, out, kernel = ours_forward(ext, q, k, v, "1")
@@ -160,25 +182,38 @@ def probe_forward(ext, rows: Rows, t: dict, splits: list[int]) -> None:
         rows.time("fwd", f"mma.sync GQA {kv}", fn, flops, kernel)
         diff = (check[kv].float() - out.float()).abs().max().item()
         print(f"    sm90 vs mma.sync max |diff| {diff:.3e}")
-    cudnn = rows.time("fwd", "SDPA cuDNN (12 kv heads)",
-                      sdpa_forward(SDPBackend.CUDNN_ATTENTION, q, k12, v12), flops)["tflops"]
-    rows.time("fwd", "SDPA flash (12 kv heads)",
-              sdpa_forward(SDPBackend.FLASH_ATTENTION, q, k12, v12), flops)
+    cudnn = rows.time(
+        "fwd",
+        "SDPA cuDNN (12 kv heads)",
+        sdpa_forward(SDPBackend.CUDNN_ATTENTION, q, k12, v12),
+        flops,
+    )["tflops"]
+    rows.time(
+        "fwd",
+        "SDPA flash (12 kv heads)",
+        sdpa_forward(SDPBackend.FLASH_ATTENTION, q, k12, v12),
+        flops,
+    )
     ref = sdpa_forward(SDPBackend.CUDNN_ATTENTION, q, k12, v12)().squeeze(0).transpose(0, 1)
-    print(f"    sm90 (12/12) vs SDPA cuDNN max |diff| "
-          f"{(check['12/12'].float() - ref.float()).abs().max().item():.3e}")
+    print(
+        f"    sm90 (12/12) vs SDPA cuDNN max |diff| "
+        f"{(check['12/12'].float() - ref.float()).abs().max().item():.3e}"
+    )
     best, sweep = 0.0, []
     for n in splits:
         fn, _, kernel = ours_forward(ext, q, k2, v2, "1", n)
-        tflops = rows.time("fwd", f"sm90 GQA 12/2 num_splits={n}", fn, flops, kernel,
-                           quiet=True)["tflops"]
+        tflops = rows.time("fwd", f"sm90 GQA 12/2 num_splits={n}", fn, flops, kernel, quiet=True)[
+            "tflops"
+        ]
         best = max(best, tflops)
         sweep.append(f"{n}:{tflops:.0f}")
     print(f"  sm90 GQA 12/2 TFLOP/s by num_splits: {' '.join(sweep)}")
     sm90 = rows.get("fwd", "sm90 GQA 12/12", "tflops")
     if cudnn == cudnn and cudnn > 0:
-        print(f"  sm90 (12/12, heuristic splits) / cuDNN = {sm90 / cudnn:.2f}x "
-              f"(target >= 1.1x); best explicit split on 12/2: {best:.1f} TFLOP/s")
+        print(
+            f"  sm90 (12/12, heuristic splits) / cuDNN = {sm90 / cudnn:.2f}x "
+            f"(target >= 1.1x); best explicit split on 12/2: {best:.1f} TFLOP/s"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,13 +233,38 @@ class OursBackward:
         self.forward()
 
     def forward(self):
-        self.ext.attention_forward(self.q, self.k, self.v, self.out, self.lse, self.cu_q, self.cu_k,
-                                   self.q.shape[0], self.k.shape[0], self.scale, 0)
+        self.ext.attention_forward(
+            self.q,
+            self.k,
+            self.v,
+            self.out,
+            self.lse,
+            self.cu_q,
+            self.cu_k,
+            self.q.shape[0],
+            self.k.shape[0],
+            self.scale,
+            0,
+        )
 
     def backward(self):
-        self.ext.attention_backward(self.dout, self.q, self.k, self.v, self.out, self.lse, self.dq,
-                                    self.dk, self.dv, self.cu_q, self.cu_k, self.q.shape[0],
-                                    self.k.shape[0], self.scale, True)
+        self.ext.attention_backward(
+            self.dout,
+            self.q,
+            self.k,
+            self.v,
+            self.out,
+            self.lse,
+            self.dq,
+            self.dk,
+            self.dv,
+            self.cu_q,
+            self.cu_k,
+            self.q.shape[0],
+            self.k.shape[0],
+            self.scale,
+            True,
+        )
 
     def both(self):
         self.forward()
@@ -265,13 +325,18 @@ def probe_backward(ext, rows: Rows, t: dict) -> None:
     q, k12, v12, k2, v2, dout = t["q"], t["k12"], t["v12"], t["k2"], t["v2"], t["dout"]
     fwd_flops = 4 * q.shape[0] * k12.shape[0] * HEADS * HEAD_DIM
     bwd_flops = 2.5 * fwd_flops
-    print(f"\nV2V global T={rows.frames}: Lq {q.shape[0]}, Lk {k12.shape[0]}; backward "
-          f"{bwd_flops / 1e12:.2f} TFLOP, fwd+bwd {(fwd_flops + bwd_flops) / 1e12:.2f} TFLOP")
+    print(
+        f"\nV2V global T={rows.frames}: Lq {q.shape[0]}, Lk {k12.shape[0]}; backward "
+        f"{bwd_flops / 1e12:.2f} TFLOP, fwd+bwd {(fwd_flops + bwd_flops) / 1e12:.2f} TFLOP"
+    )
     ours_gqa = OursBackward(ext, q, k2, v2, dout)
     ours_mha = OursBackward(ext, q, k12, v12, dout)
     grads = {}
-    for mode, label in (("1", "ours sm90 (GQA 12/2)"), ("dkdv", "ours sm90 dK/dV + mma dQ"),
-                        ("0", "ours mma.sync (GQA 12/2)")):
+    for mode, label in (
+        ("1", "ours sm90 (GQA 12/2)"),
+        ("dkdv", "ours sm90 dK/dV + mma dQ"),
+        ("0", "ours mma.sync (GQA 12/2)"),
+    ):
         os.environ[BACKWARD_ENV] = mode
         ours_gqa.backward()
         torch.cuda.synchronize()
@@ -287,13 +352,17 @@ def probe_backward(ext, rows: Rows, t: dict) -> None:
     rows.time("bwd", "ours sm90 (MHA 12/12)", ours_mha.backward, bwd_flops, kernel)
     rows.time("fwd+bwd", "ours sm90 (MHA 12/12)", ours_mha.both, fwd_flops + bwd_flops, kernel)
     for mode in ("1", "dkdv"):
-        diffs = ", ".join(f"{n} {(a.double() - b.double()).abs().max().item():.2e}"
-                          for n, a, b in zip(("dq", "dk", "dv"), grads[mode], grads["0"]))
+        diffs = ", ".join(
+            f"{n} {(a.double() - b.double()).abs().max().item():.2e}"
+            for n, a, b in zip(("dq", "dk", "dv"), grads[mode], grads["0"])
+        )
         print(f"  max |{mode} - mma.sync|: {diffs}")
     del ours_mha
 
-    for backend, label in ((SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN (12 kv heads)"),
-                           (SDPBackend.FLASH_ATTENTION, "SDPA flash (12 kv heads)")):
+    for backend, label in (
+        (SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN (12 kv heads)"),
+        (SDPBackend.FLASH_ATTENTION, "SDPA flash (12 kv heads)"),
+    ):
         try:
             bwd, both = sdpa_backward(backend, q, k12, v12, dout)
         except RuntimeError as exc:
@@ -315,13 +384,27 @@ def probe_backward(ext, rows: Rows, t: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--direction", choices=sorted(DIRECTIONS), default="forward",
-                        help="which kernels to time (default: forward)")
-    parser.add_argument("--frames", type=int, nargs="+", default=None,
-                        help="video lengths (default: 128 256 forward, 64 256 backward)")
-    parser.add_argument("--splits", type=int, nargs="*", default=[1, 2, 3, 4, 6, 8, 11, 16],
-                        help="forward: explicit key splits to time for the sm90 kernel (0 = "
-                             "heuristic is always timed)")
+    parser.add_argument(
+        "--direction",
+        choices=sorted(DIRECTIONS),
+        default="forward",
+        help="which kernels to time (default: forward)",
+    )
+    parser.add_argument(
+        "--frames",
+        type=int,
+        nargs="+",
+        default=None,
+        help="video lengths (default: 128 256 forward, 64 256 backward)",
+    )
+    parser.add_argument(
+        "--splits",
+        type=int,
+        nargs="*",
+        default=[1, 2, 3, 4, 6, 8, 11, 16],
+        help="forward: explicit key splits to time for the sm90 kernel (0 = "
+        "heuristic is always timed)",
+    )
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
     if args.frames is None:
@@ -339,12 +422,14 @@ def main(argv=None) -> int:
 
     ext = _backend.extension()
     if ext is None or not hasattr(ext, direction["binding"]):
-        print(f"sm90_probe: crosslmm_ops._C is not built, or built without the sm90 "
-              f"{args.direction}")
+        print(
+            f"sm90_probe: crosslmm_ops._C is not built, or built without the sm90 {args.direction}"
+        )
         return 1
     name = torch.cuda.get_device_name()
-    print(f"{name}, torch {torch.__version__}, extension archs {ext.cuda_archs()}, "
-          f"{args.direction}")
+    print(
+        f"{name}, torch {torch.__version__}, extension archs {ext.cuda_archs()}, {args.direction}"
+    )
     timing = {key: direction[key] for key in ("warmup", "rep", "calls")}
     env = FORWARD_ENV if args.direction == "forward" else BACKWARD_ENV
     saved = os.environ.get(env)
@@ -373,9 +458,18 @@ def main(argv=None) -> int:
         except ImportError:
             triton_version = None
         with open(args.json, "w") as fh:
-            json.dump(dict(gpu=name, torch=torch.__version__, triton=triton_version,
-                           python=platform.python_version(), direction=args.direction,
-                           results=results), fh, indent=1)
+            json.dump(
+                dict(
+                    gpu=name,
+                    torch=torch.__version__,
+                    triton=triton_version,
+                    python=platform.python_version(),
+                    direction=args.direction,
+                    results=results,
+                ),
+                fh,
+                indent=1,
+            )
         print(f"\nwrote {args.json}")
     return 0
 

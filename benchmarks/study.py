@@ -12,8 +12,9 @@ import torch
 from crosslmm_ops.demo import Measurement, build_models, synthetic_video, video_prompt
 
 
-def consistency_problems(results: list[Measurement], *, tower_tolerance: float = 0.15,
-                         part_tolerance: float = 0.05) -> list[str]:
+def consistency_problems(
+    results: list[Measurement], *, tower_tolerance: float = 0.15, part_tolerance: float = 0.05
+) -> list[str]:
     """What makes a set of measurements of one run untrustworthy (empty: none found):
 
     * the vision towers of the variants are the same network on the same video, so their times
@@ -23,14 +24,18 @@ def consistency_problems(results: list[Measurement], *, tower_tolerance: float =
     problems = []
     towers = [m.vision_ms for m in results]
     if len(towers) > 1 and max(towers) > (1 + tower_tolerance) * min(towers):
-        problems.append("the same vision tower took " + ", ".join(
-            f"{m.vision_ms:.1f} ms ({m.variant})" for m in results)
-            + f": more than {tower_tolerance:.0%} apart")
+        problems.append(
+            "the same vision tower took "
+            + ", ".join(f"{m.vision_ms:.1f} ms ({m.variant})" for m in results)
+            + f": more than {tower_tolerance:.0%} apart"
+        )
     for m in results:
         slowest = max(m.vision_ms, m.llm_prefill_ms)
         if m.prefill_ms < (1 - part_tolerance) * slowest:
-            problems.append(f"{m.variant}: the prefill from pixels ({m.prefill_ms:.1f} ms) is "
-                            f"faster than one of its parts ({slowest:.1f} ms)")
+            problems.append(
+                f"{m.variant}: the prefill from pixels ({m.prefill_ms:.1f} ms) is "
+                f"faster than one of its parts ({slowest:.1f} ms)"
+            )
     return problems
 
 
@@ -41,11 +46,11 @@ def prefill_flops(config, frames: int, sequence_length: int, *, causal: bool = T
     attention in full, as ``torch.utils.flop_counter`` does."""
     vc, tc = config.vision_config, config.text_config
     N, Dv, Iv = config.tokens_per_frame, vc.hidden_size, vc.intermediate_size
-    patch = 2 * N * vc.num_channels * vc.patch_size ** 2 * Dv
+    patch = 2 * N * vc.num_channels * vc.patch_size**2 * Dv
     vision_layer = 8 * N * Dv * Dv + 4 * N * Dv * Iv + 4 * N * N * Dv
     vision = frames * (patch + vc.num_hidden_layers * vision_layer)
 
-    P = frames * config.pooled_per_frame          # pooled visual tokens in the sequence
+    P = frames * config.pooled_per_frame  # pooled visual tokens in the sequence
     H, L = tc.hidden_size, sequence_length
     projector = 2 * P * Dv * H + 2 * P * H * H
 
@@ -62,9 +67,11 @@ def prefill_flops(config, frames: int, sequence_length: int, *, causal: bool = T
     text = L - P
 
     def branch(queries: int, attended_pairs: int) -> float:
-        return (2 * queries * H * dh * dq * 2          # q_proj and o_proj
-                + 2 * keys * Dk * dkv * dq * 2         # k_proj and v_proj over every vision token
-                + 4 * attended_pairs * dh * dq)        # QKᵀ and PV
+        return (
+            2 * queries * H * dh * dq * 2  # q_proj and o_proj
+            + 2 * keys * Dk * dkv * dq * 2  # k_proj and v_proj over every vision token
+            + 4 * attended_pairs * dh * dq
+        )  # QKᵀ and PV
 
     per_dcal = 0.0
     if config.dcal_v2v:
@@ -73,14 +80,20 @@ def prefill_flops(config, frames: int, sequence_length: int, *, causal: bool = T
     if config.dcal_t2v and config.dcal_t2v_enabled:
         per_dcal += branch(text, text * keys)
     if config.dcal_share_kv and config.dcal_v2v and config.dcal_t2v and config.dcal_t2v_enabled:
-        per_dcal -= 2 * keys * Dk * dkv * dq * 2      # one K/V projection serves both branches
+        per_dcal -= 2 * keys * Dk * dkv * dq * 2  # one K/V projection serves both branches
     dcal = len(config.dcal_layer_indices) * per_dcal
-    return dict(vision=vision, projector=projector, llm=llm, dcal=dcal,
-                total=vision + projector + llm + dcal)
+    return dict(
+        vision=vision,
+        projector=projector,
+        llm=llm,
+        dcal=dcal,
+        total=vision + projector + llm + dcal,
+    )
 
 
-def flop_check(preset: str, variant: str, *, device="cpu", dtype=torch.float32,
-               frames: int = 4) -> dict:
+def flop_check(
+    preset: str, variant: str, *, device="cpu", dtype=torch.float32, frames: int = 4
+) -> dict:
     """:func:`prefill_flops` of a prefill from encoder tokens against the count of
     ``torch.utils.flop_counter.FlopCounterMode`` (which counts causal attention in full, so the
     analytical side does too). The LLM's attention runs eagerly here because the counter does not
@@ -89,11 +102,13 @@ def flop_check(preset: str, variant: str, *, device="cpu", dtype=torch.float32,
 
     # The analytical model counts the materialised K/V path (the counter cannot see inside the
     # projection-fused core either), so the DCALs are pinned to it here.
-    model = build_models(preset, [variant], device=device, dtype=dtype,
-                         dcal_kv_path="materialized")[variant]
+    model = build_models(
+        preset, [variant], device=device, dtype=dtype, dcal_kv_path="materialized"
+    )[variant]
     model.set_attn_implementation("eager")
-    video = synthetic_video(frames, model.config.vision_config.image_size, device=device,
-                            dtype=dtype)
+    video = synthetic_video(
+        frames, model.config.vision_config.image_size, device=device, dtype=dtype
+    )
     ids = video_prompt(model.config, frames, device=device)
     with torch.no_grad():
         features, _ = model.get_video_features(video)
@@ -103,5 +118,11 @@ def flop_check(preset: str, variant: str, *, device="cpu", dtype=torch.float32,
     parts = prefill_flops(model.config, frames, ids.shape[1], causal=False)
     analytic = parts["total"] - parts["vision"]
     counted = counter.get_total_flops()
-    return dict(preset=preset, variant=variant, frames=frames, analytic=analytic, counted=counted,
-                ratio=analytic / counted if counted else float("nan"))
+    return dict(
+        preset=preset,
+        variant=variant,
+        frames=frames,
+        analytic=analytic,
+        counted=counted,
+        ratio=analytic / counted if counted else float("nan"),
+    )

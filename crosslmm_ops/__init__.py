@@ -67,9 +67,15 @@ from crosslmm_ops.planner import (  # noqa: E402
 
 # The reference model and patch_llava need transformers: imported on first use, so that
 # `import crosslmm_ops` stays light.
-_MODEL_EXPORTS = ("CrossLMMConfig", "CrossLMMForConditionalGeneration", "load_patched",
-                  "load_patched_processor", "lora_target_modules", "patch_llava",
-                  "patch_llava_processor")
+_MODEL_EXPORTS = (
+    "CrossLMMConfig",
+    "CrossLMMForConditionalGeneration",
+    "load_patched",
+    "load_patched_processor",
+    "lora_target_modules",
+    "patch_llava",
+    "patch_llava_processor",
+)
 
 
 def __getattr__(name: str):

@@ -138,7 +138,7 @@ def triton_dot_dtype_ok(dtype: torch.dtype) -> tuple[bool, str]:
         return False, (
             "the Triton interpreter (TRITON_INTERPRET=1) cannot compute bfloat16 (its tl.dot "
             "returns wrong values); use float16 or float32 inputs, or the torch back end "
-            "(backend=\"torch\"), or run on a GPU"
+            '(backend="torch"), or run on a GPU'
         )
     return True, ""
 
@@ -198,11 +198,17 @@ def eager_function(name: str, forward, setup_context, backward_formula):
     def function_backward(ctx, *grads):
         return backward_formula(ctx, *grads)
 
-    return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(function_forward),
-        "backward": staticmethod(torch.autograd.function.once_differentiable(function_backward)),
-        "__doc__": f"The eager twin of the custom op behind {name} (see eager_function_ok).",
-    })
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(function_forward),
+            "backward": staticmethod(
+                torch.autograd.function.once_differentiable(function_backward)
+            ),
+            "__doc__": f"The eager twin of the custom op behind {name} (see eager_function_ok).",
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +234,8 @@ def reference_mode(device: torch.device):
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised output tensor; filled with NaN (floats) or INT_MIN (ints) when poisoning
-    is on (:func:`crosslmm_ops.testing.poison_outputs`, or ``CROSSLMM_POISON_OUTPUTS=1`` at import)."""
+    is on (:func:`crosslmm_ops.testing.poison_outputs`, or ``CROSSLMM_POISON_OUTPUTS=1`` at
+    import)."""
     out = torch.empty(shape, dtype=dtype, device=device)
     if poisoning():
         out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)

@@ -28,11 +28,27 @@ BASELINE_POOLING = dict(pool_mode="bilinear", pooled_grid=14)
 # A CrossLMM small enough for a CPU demo in well under a minute, with the real 27x27 token grid
 # (SigLIP /14 at 384 px), so the token counts are the paper's; widths and depths are shrunk.
 DEMO_PRESET_OVERRIDES = dict(
-    vision_config=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                       num_attention_heads=2, image_size=384, patch_size=14),
-    text_config=dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
-                     tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    vision_config=dict(
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=384,
+        patch_size=14,
+    ),
+    text_config=dict(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16384,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     video_token_id=1023,
 )
 
@@ -47,15 +63,18 @@ def variant_config(preset: str, variant: str, **overrides):
     base = "crosslmm-tiny" if preset == "demo" else preset
     fields: dict[str, Any] = {}
     if preset == "demo":
-        fields.update({k: (dict(v) if isinstance(v, dict) else v)
-                       for k, v in DEMO_PRESET_OVERRIDES.items()})
+        fields.update(
+            {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEMO_PRESET_OVERRIDES.items()}
+        )
         fields["dcal_every"] = 4
     if variant == "baseline":
         fields.update(BASELINE_POOLING, dcal_layers=[])
     elif variant == "crosslmm-frame":
         fields["dcal_v2v_scope"] = "frame"
     elif variant != "crosslmm":
-        raise ValueError(f"variant must be 'baseline', 'crosslmm' or 'crosslmm-frame', got {variant!r}")
+        raise ValueError(
+            f"variant must be 'baseline', 'crosslmm' or 'crosslmm-frame', got {variant!r}"
+        )
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(fields.get(key), dict):
             fields[key].update(value)
@@ -64,8 +83,15 @@ def variant_config(preset: str, variant: str, **overrides):
     return preset_config(base, **fields)
 
 
-def build_models(preset: str, variants=("baseline", "crosslmm"), *, device="cpu",
-                 dtype=torch.float32, seed: int = 0, **overrides) -> dict[str, torch.nn.Module]:
+def build_models(
+    preset: str,
+    variants=("baseline", "crosslmm"),
+    *,
+    device="cpu",
+    dtype=torch.float32,
+    seed: int = 0,
+    **overrides,
+) -> dict[str, torch.nn.Module]:
     """One model per variant, all sharing the first one's weights (vision tower, projector, LLM);
     DCAL weights exist only where a variant has DCALs. Random weights: nothing is downloaded."""
     from crosslmm_ops.models import CrossLMMForConditionalGeneration
@@ -81,40 +107,49 @@ def build_models(preset: str, variants=("baseline", "crosslmm"), *, device="cpu"
             shared = model.state_dict()
         else:
             own = model.state_dict()
-            model.load_state_dict({k: v for k, v in shared.items() if k in own and
-                                   own[k].shape == v.shape}, strict=False)
+            model.load_state_dict(
+                {k: v for k, v in shared.items() if k in own and own[k].shape == v.shape},
+                strict=False,
+            )
         models[variant] = model
     return models
 
 
-def synthetic_video(frames: int, image_size: int, *, device="cpu", dtype=torch.float32,
-                    seed: int = 0) -> torch.Tensor:
+def synthetic_video(
+    frames: int, image_size: int, *, device="cpu", dtype=torch.float32, seed: int = 0
+) -> torch.Tensor:
     """``[1, T, 3, S, S]`` frames of a smooth random background with a bright square that moves
     across the frame: structured, never zeros, and different in every frame."""
     g = torch.Generator().manual_seed(seed)
     low = torch.randn(1, 3, 8, 8, generator=g)
-    background = torch.nn.functional.interpolate(low, size=(image_size, image_size),
-                                                 mode="bilinear", align_corners=False)
+    background = torch.nn.functional.interpolate(
+        low, size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
     video = background.expand(frames, -1, -1, -1).clone()
     side = max(image_size // 8, 2)
     for t in range(frames):
         pos = int((image_size - side) * t / max(frames - 1, 1))
-        video[t, :, pos:pos + side, pos:pos + side] = 2.0
+        video[t, :, pos : pos + side, pos : pos + side] = 2.0
     return video.unsqueeze(0).to(device=device, dtype=dtype)
 
 
-def video_prompt(config, frames: int, *, text_before: int = 8, text_after: int = 24,
-                 device="cpu", seed: int = 0) -> torch.Tensor:
+def video_prompt(
+    config, frames: int, *, text_before: int = 8, text_after: int = 24, device="cpu", seed: int = 0
+) -> torch.Tensor:
     """``input_ids [1, L]``: BOS, some text, ``frames * pooled_per_frame`` video placeholders,
     a question's worth of text."""
     g = torch.Generator().manual_seed(seed)
     tc = config.text_config
     hi = min(config.video_token_id, tc.vocab_size)
     text = lambda n: torch.randint(3, hi, (n,), generator=g)  # noqa: E731
-    ids = torch.cat([torch.tensor([tc.bos_token_id if tc.bos_token_id is not None else 1]),
-                     text(text_before),
-                     torch.full((frames * config.pooled_per_frame,), config.video_token_id),
-                     text(text_after)])
+    ids = torch.cat(
+        [
+            torch.tensor([tc.bos_token_id if tc.bos_token_id is not None else 1]),
+            text(text_before),
+            torch.full((frames * config.pooled_per_frame,), config.video_token_id),
+            text(text_after),
+        ]
+    )
     return ids.unsqueeze(0).to(device)
 
 
@@ -122,17 +157,17 @@ def video_prompt(config, frames: int, *, text_before: int = 8, text_after: int =
 class Measurement:
     variant: str
     frames: int
-    visual_tokens: int          # pooled visual tokens fed to the LLM
-    sequence_length: int        # the whole prompt
-    vision_ms: float            # the vision tower alone (frames -> encoder tokens)
-    llm_prefill_ms: float       # prefill from the encoder tokens: pooling, projector, LLM, DCALs
-    prefill_ms: float           # prefill from pixels: all of the above
+    visual_tokens: int  # pooled visual tokens fed to the LLM
+    sequence_length: int  # the whole prompt
+    vision_ms: float  # the vision tower alone (frames -> encoder tokens)
+    llm_prefill_ms: float  # prefill from the encoder tokens: pooling, projector, LLM, DCALs
+    prefill_ms: float  # prefill from pixels: all of the above
     decode_ms_per_token: float
-    peak_memory_bytes: int | None        # CUDA: weights + activation_memory_bytes
+    peak_memory_bytes: int | None  # CUDA: weights + activation_memory_bytes
     activation_memory_bytes: int | None  # CUDA: the pixel prefill's peak beyond weights and input
     llm_activation_memory_bytes: int | None  # CUDA: the same for the prefill from encoder tokens
-                                             # (the encoder tokens themselves are its input)
-    cache_bytes: int            # the self-attention KV cache + the kept vision tokens after prefill
+    # (the encoder tokens themselves are its input)
+    cache_bytes: int  # the self-attention KV cache + the kept vision tokens after prefill
     generated: list[int]
     backends: dict[str, str]
 
@@ -165,9 +200,17 @@ def _tensor_bytes(obj) -> int:
 
 
 @torch.no_grad()
-def measure(model, variant: str, video: torch.Tensor, input_ids: torch.Tensor, *,
-            new_tokens: int = 8, repeats: int | None = None, warmup: int | None = None,
-            progress: Callable[[str], None] | None = None) -> Measurement:
+def measure(
+    model,
+    variant: str,
+    video: torch.Tensor,
+    input_ids: torch.Tensor,
+    *,
+    new_tokens: int = 8,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Measurement:
     """The vision tower alone, the prefill from its tokens (what the LLM side costs), the prefill
     from pixels (each the median of ``repeats`` timed calls after ``warmup`` untimed ones, with
     the peak CUDA memory the call needs beyond its weights and inputs), then greedy decode steps
@@ -213,13 +256,17 @@ def measure(model, variant: str, video: torch.Tensor, input_ids: torch.Tensor, *
     with _backend.record_backends() as ran:
         vision_ms, (features, _), _ = timed(lambda: model.get_video_features(video))
         features = features.reshape(1, frames, *features.shape[1:])
-        llm_ms, _, llm_activations = timed(lambda: model(input_ids=input_ids,
-                                                         vision_features=features,
-                                                         use_cache=True, logits_to_keep=1))
-        del features
-        prefill_ms, out, activations = timed(lambda: model(input_ids=input_ids,
-                                                           pixel_values_videos=video,
-                                                           use_cache=True, logits_to_keep=1))
+        llm_ms, _, llm_activations = timed(
+            lambda: model(
+                input_ids=input_ids, vision_features=features, use_cache=True, logits_to_keep=1
+            )
+        )
+        features = None
+        prefill_ms, out, activations = timed(
+            lambda: model(
+                input_ids=input_ids, pixel_values_videos=video, use_cache=True, logits_to_keep=1
+            )
+        )
         cache = find_cache(out)
         cache_bytes = _tensor_bytes(cache)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -242,6 +289,19 @@ def measure(model, variant: str, video: torch.Tensor, input_ids: torch.Tensor, *
         decode_ms = ((time.perf_counter() - t0) * 1e3 / timed_steps) if timed_steps else math.nan
     backends = {op: ", ".join(sorted({b for o, b in ran if o == op})) for op, _ in ran}
     peak = None if activations is None else weights + activations
-    return Measurement(variant, frames, frames * model.config.pooled_per_frame, input_ids.shape[1],
-                       vision_ms, llm_ms, prefill_ms, decode_ms, peak, activations,
-                       llm_activations, cache_bytes, generated, backends)
+    return Measurement(
+        variant,
+        frames,
+        frames * model.config.pooled_per_frame,
+        input_ids.shape[1],
+        vision_ms,
+        llm_ms,
+        prefill_ms,
+        decode_ms,
+        peak,
+        activations,
+        llm_activations,
+        cache_bytes,
+        generated,
+        backends,
+    )

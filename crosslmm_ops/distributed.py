@@ -106,9 +106,11 @@ PROJECTED_OP_NAME = "sharded_projected_cross_attention"
 
 def _require_initialized() -> None:
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("crosslmm_ops.distributed needs torch.distributed initialised: call "
-                           "torch.distributed.init_process_group first (torchrun sets the "
-                           "environment for it)")
+        raise RuntimeError(
+            "crosslmm_ops.distributed needs torch.distributed initialised: call "
+            "torch.distributed.init_process_group first (torchrun sets the "
+            "environment for it)"
+        )
 
 
 def _rank_and_size(group) -> tuple[int, int]:
@@ -135,8 +137,12 @@ def frame_group(ranks: Sequence[int] | None = None):
 
 
 def _check_grad_scale(grad_scale) -> float:
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) \
-            or not math.isfinite(grad_scale) or grad_scale <= 0:
+    if (
+        isinstance(grad_scale, bool)
+        or not isinstance(grad_scale, (int, float))
+        or not math.isfinite(grad_scale)
+        or grad_scale <= 0
+    ):
         raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
     return float(grad_scale)
 
@@ -160,8 +166,10 @@ def _check_replicas_mode(check_replicas) -> bool:
     if check_replicas is None:
         return environment.CHECK_REPLICAS  # the debug mode's default, read once at import
     if not isinstance(check_replicas, bool):
-        raise ValueError(f"check_replicas must be a bool or None (None: {CHECK_REPLICAS_ENV}), "
-                         f"got {check_replicas!r}")
+        raise ValueError(
+            f"check_replicas must be a bool or None (None: {CHECK_REPLICAS_ENV}), "
+            f"got {check_replicas!r}"
+        )
     return check_replicas
 
 
@@ -193,7 +201,7 @@ def _tail(t, n: int) -> tuple[int, ...]:
     """The last ``n`` sizes of ``t`` (zeros for anything else)."""
     if not isinstance(t, torch.Tensor) or t.dim() < n:
         return (0,) * n
-    return tuple(t.shape[t.dim() - n:])
+    return tuple(t.shape[t.dim() - n :])
 
 
 def _collective_device(group) -> torch.device:
@@ -241,8 +249,10 @@ def _check_replicated(group, check, replicated: dict, matched: dict, check_repli
         raise error
     failed = [r for r in range(world) if not table[r][0]]
     if failed:
-        raise ValueError(f"rank(s) {failed} of the group rejected their arguments (their error "
-                         "says why); every rank stops here")
+        raise ValueError(
+            f"rank(s) {failed} of the group rejected their arguments (their error "
+            "says why); every rank stops here"
+        )
     offset = 1
     for name, values in fields:
         cut = slice(offset, offset + len(values))
@@ -251,20 +261,28 @@ def _check_replicated(group, check, replicated: dict, matched: dict, check_repli
         if all(v == per_rank[0] for v in per_rank):
             continue
         if name == "check_replicas":
-            raise ValueError(f"check_replicas must be the same on every rank (argument or "
-                             f"{CHECK_REPLICAS_ENV}), got "
-                             + ", ".join(f"rank {r}: {bool(v[0])}" for r, v in enumerate(per_rank)))
+            raise ValueError(
+                f"check_replicas must be the same on every rank (argument or "
+                f"{CHECK_REPLICAS_ENV}), got "
+                + ", ".join(f"rank {r}: {bool(v[0])}" for r, v in enumerate(per_rank))
+            )
         if name in matched:
-            raise ValueError(f"{name} must be the same on every rank of the group, got "
-                             + ", ".join(f"rank {r}: {tuple(v)}" for r, v in enumerate(per_rank)))
+            raise ValueError(
+                f"{name} must be the same on every rank of the group, got "
+                + ", ".join(f"rank {r}: {tuple(v)}" for r, v in enumerate(per_rank))
+            )
         shapes = [_shape_text(v) for v in per_rank]
         if any(x != shapes[0] for x in shapes):
-            raise ValueError(f"{name} is replicated: it must have the same shape and dtype on "
-                             "every rank of the group, got "
-                             + ", ".join(f"rank {r}: {x}" for r, x in enumerate(shapes)))
+            raise ValueError(
+                f"{name} is replicated: it must have the same shape and dtype on "
+                "every rank of the group, got "
+                + ", ".join(f"rank {r}: {x}" for r, x in enumerate(shapes))
+            )
         differ = [r for r, v in enumerate(per_rank) if v != per_rank[0]]
-        raise ValueError(f"{name} is replicated: it must hold the same values on every rank of the "
-                         f"group, but rank(s) {differ} differ from rank 0")
+        raise ValueError(
+            f"{name} is replicated: it must hold the same values on every rank of the "
+            f"group, but rank(s) {differ} differ from rank 0"
+        )
     return result
 
 
@@ -289,8 +307,9 @@ class _ReplicatedInputs(torch.autograd.Function):
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         if not wanted:
             return (None, None) + (None,) * len(grads)
-        dtype = torch.float64 if any(grads[i].dtype == torch.float64 for i in wanted) \
-            else torch.float32
+        dtype = (
+            torch.float64 if any(grads[i].dtype == torch.float64 for i in wanted) else torch.float32
+        )
         flat = torch.cat([grads[i].reshape(-1).to(dtype) for i in wanted])
         dist.all_reduce(flat, group=ctx.group)
         if ctx.grad_scale != 1.0:
@@ -299,7 +318,7 @@ class _ReplicatedInputs(torch.autograd.Function):
         offset = 0
         for i in wanted:
             n = grads[i].numel()
-            out[i] = flat[offset: offset + n].view(grads[i].shape).to(grads[i].dtype)
+            out[i] = flat[offset : offset + n].view(grads[i].shape).to(grads[i].dtype)
             offset += n
         return (None, None) + tuple(out)
 
@@ -335,10 +354,9 @@ def _merge(out_r: torch.Tensor, lse_r: torch.Tensor, group, grad_scale: float):
     top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
     w = torch.exp(lse_r - top)  # an empty shard: exp(-inf) = 0, no NaN
     weighted = w.transpose(-1, -2).unsqueeze(-1) * out_r.to(cdt)
-    flat = _SumOverRanks.apply(torch.cat([weighted.reshape(-1), w.reshape(-1)]), group,
-                               grad_scale)
+    flat = _SumOverRanks.apply(torch.cat([weighted.reshape(-1), w.reshape(-1)]), group, grad_scale)
     num = flat[: weighted.numel()].view(weighted.shape)
-    den = flat[weighted.numel():].view(w.shape)
+    den = flat[weighted.numel() :].view(w.shape)
     has_keys = den > 0
     safe = torch.where(has_keys, den, torch.ones_like(den))
     out = num / safe.transpose(-1, -2).unsqueeze(-1)
@@ -353,12 +371,27 @@ class _ShardedAttention(torch.autograd.Function):
     whenever no gradient reaches the LSE, as for :func:`~crosslmm_ops.cross_attention`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, num_splits, deterministic, backend,
-                group, grad_scale):
+    def forward(
+        ctx,
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        scale,
+        num_splits,
+        deterministic,
+        backend,
+        group,
+        grad_scale,
+    ):
         # The custom op's implementation, not the op: inside this Function there is no autograd
         # to record, and torch.library's dispatch costs host time per call.
-        out_r, lse_r = attention.forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, scale,
-                                              num_splits, deterministic, backend)
+        out_r, lse_r = attention.forward_impl(
+            q, k, v, cu_q, cu_k, max_q, max_k, scale, num_splits, deterministic, backend
+        )
         out, lse = _merge(out_r, lse_r, group, 1.0)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.params = (max_q, max_k, scale, deterministic, backend)
@@ -371,8 +404,7 @@ class _ShardedAttention(torch.autograd.Function):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = attention.backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k,
-                                             *ctx.params)
+        dq, dk, dv = attention.backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
         if ctx.needs_input_grad[0]:
             total = dq.to(_reduce_dtype(dq.dtype))
             dist.all_reduce(total, group=ctx.group)
@@ -436,23 +468,50 @@ def sharded_cross_attention(
 
     def check():
         # The op's own validation and back-end choice (errors name this op).
-        call = attention.prepare(q, k, v, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
-                                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                                 max_seqlen_k=max_seqlen_k, num_splits=num_splits,
-                                 return_lse=return_lse, deterministic=deterministic,
-                                 backend=backend, op=OP_NAME)
+        call = attention.prepare(
+            q,
+            k,
+            v,
+            softmax_scale=softmax_scale,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            num_splits=num_splits,
+            return_lse=return_lse,
+            deterministic=deterministic,
+            backend=backend,
+            op=OP_NAME,
+        )
         return call, _check_grad_scale(grad_scale)
 
     call, grad_scale = _check_replicated(
-        group, check, {"q": q, "cu_seqlens_q": cu_seqlens_q},
-        {"the key/value heads and head dim (k.shape[-2:])": _tail(k, 2),
-         "the number of key segments (len(cu_seqlens_k))": _tail(cu_seqlens_k, 1)},
-        check_replicas)
+        group,
+        check,
+        {"q": q, "cu_seqlens_q": cu_seqlens_q},
+        {
+            "the key/value heads and head dim (k.shape[-2:])": _tail(k, 2),
+            "the number of key segments (len(cu_seqlens_k))": _tail(cu_seqlens_k, 1),
+        },
+        check_replicas,
+    )
     layout = call.layout
     qp, kp, vp, cu_q, cu_k = attention.packed_inputs(layout, q, k, v, cu_seqlens_q, cu_seqlens_k)
-    out, lse = _ShardedAttention.apply(qp, kp, vp, cu_q, cu_k, layout.max_seqlen_q,
-                                       layout.max_seqlen_k, call.scale, num_splits, deterministic,
-                                       call.backend, group, grad_scale)
+    out, lse = _ShardedAttention.apply(
+        qp,
+        kp,
+        vp,
+        cu_q,
+        cu_k,
+        layout.max_seqlen_q,
+        layout.max_seqlen_k,
+        call.scale,
+        num_splits,
+        deterministic,
+        call.backend,
+        group,
+        grad_scale,
+    )
     planner.note(OP_NAME, call.backend, kernel=planner.last_kernel(attention.OP_NAME))
     return attention.finish(call, q, out, lse, return_lse)
 
@@ -497,15 +556,33 @@ def sharded_projected_cross_attention(
         validation.flag("return_lse", return_lse)
         # The op checks these again; here they are checked before the collectives.
         projected.check_inputs(
-            q, x, w_k, w_v, b_k, b_v, cu_q, cu_k, kwargs.get("max_seqlen_q"),
-            kwargs.get("max_seqlen_k"), kwargs.get("norm"), norm_weight, norm_bias,
-            kwargs.get("norm_eps", 1e-6))
+            q,
+            x,
+            w_k,
+            w_v,
+            b_k,
+            b_v,
+            cu_q,
+            cu_k,
+            kwargs.get("max_seqlen_q"),
+            kwargs.get("max_seqlen_k"),
+            kwargs.get("norm"),
+            norm_weight,
+            norm_bias,
+            kwargs.get("norm_eps", 1e-6),
+        )
         return _check_grad_scale(grad_scale)
 
     grad_scale = _check_replicated(
-        group, check, {**dict(zip(names, tensors)), "cu_seqlens_q": cu_q},
-        {"the token width (x.shape[-1])": _tail(x, 1),
-         "the number of key segments (len(cu_seqlens_k))": _tail(cu_k, 1)}, check_replicas)
+        group,
+        check,
+        {**dict(zip(names, tensors)), "cu_seqlens_q": cu_q},
+        {
+            "the token width (x.shape[-1])": _tail(x, 1),
+            "the number of key segments (len(cu_seqlens_k))": _tail(cu_k, 1),
+        },
+        check_replicas,
+    )
     given = [(n, t) for n, t in zip(names, tensors) if t is not None]
     # Only the inputs that need a gradient pass through the (collective) backward; which ones do is
     # the same on every rank.
@@ -517,9 +594,17 @@ def sharded_projected_cross_attention(
         replaced = {}
     get = lambda n, t: replaced.get(n, t)  # noqa: E731
     out_r, lse_r = projected_cross_attention(
-        get("q", q), x, get("w_k", w_k), get("w_v", w_v), get("b_k", b_k), get("b_v", b_v),
-        norm_weight=get("norm_weight", norm_weight), norm_bias=get("norm_bias", norm_bias),
-        return_lse=True, **kwargs)
+        get("q", q),
+        x,
+        get("w_k", w_k),
+        get("w_v", w_v),
+        get("b_k", b_k),
+        get("b_v", b_v),
+        norm_weight=get("norm_weight", norm_weight),
+        norm_bias=get("norm_bias", norm_bias),
+        return_lse=True,
+        **kwargs,
+    )
     out, lse = _merge(out_r, lse_r, group, grad_scale)
     ran = planner.last_record(projected.OP_NAME)
     planner.note(PROJECTED_OP_NAME, ran.backend, path=ran.path, kernel=ran.kernel)
@@ -544,28 +629,42 @@ def frame_local_cross_attention(
     validation.positive_int("queries_per_frame", queries_per_frame)
     for name in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"):
         if name in kwargs:
-            raise ValueError(f"{name} is derived from queries_per_frame here; call "
-                             "cross_attention for other segments")
+            raise ValueError(
+                f"{name} is derived from queries_per_frame here; call "
+                "cross_attention for other segments"
+            )
     for name, t in (("q", q), ("k", k)):
         validation.tensor(name, t)
         if t.dim() != 3:
             raise ValueError(f"{name} must be packed (total, H, D), got {tuple(t.shape)}")
     frames, rest = divmod(q.shape[0], queries_per_frame)
     if rest:
-        raise ValueError(f"q has {q.shape[0]} rows, not a multiple of queries_per_frame="
-                         f"{queries_per_frame}")
+        raise ValueError(
+            f"q has {q.shape[0]} rows, not a multiple of queries_per_frame={queries_per_frame}"
+        )
     if frames == 0:
         if k.shape[0]:
             raise ValueError(f"q holds no frames but k holds {k.shape[0]} tokens")
-        return q.new_zeros(q.shape) if not kwargs.get("return_lse") else \
-            (q.new_zeros(q.shape), q.new_zeros(q.shape[1], 0, dtype=_reduce_dtype(q.dtype)))
+        return (
+            q.new_zeros(q.shape)
+            if not kwargs.get("return_lse")
+            else (q.new_zeros(q.shape), q.new_zeros(q.shape[1], 0, dtype=_reduce_dtype(q.dtype)))
+        )
     tokens, rest = divmod(k.shape[0], frames)
     if rest:
         raise ValueError(f"k has {k.shape[0]} rows, not a multiple of the {frames} frames of q")
     cu_q = attention.uniform_cu_seqlens(frames, queries_per_frame, q.device)
     cu_k = attention.uniform_cu_seqlens(frames, tokens, q.device)
-    return cross_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                           max_seqlen_q=queries_per_frame, max_seqlen_k=tokens, **kwargs)
+    return cross_attention(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=queries_per_frame,
+        max_seqlen_k=tokens,
+        **kwargs,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -591,9 +690,14 @@ class _GatherFrames(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        mine = grad[ctx.start: ctx.stop]
-        return (mine * ctx.grad_scale if ctx.grad_scale != 1.0 else mine.clone()), None, None, \
-            None, None
+        mine = grad[ctx.start : ctx.stop]
+        return (
+            (mine * ctx.grad_scale if ctx.grad_scale != 1.0 else mine.clone()),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _balanced(total: int, parts: int) -> list[int]:
@@ -619,14 +723,22 @@ class FrameShard:
     group (what the DCALs call).
     """
 
-    def __init__(self, frames_per_sample: Sequence[int], group=None, *,
-                 frames_per_rank: Sequence[int] | None = None, gradients: str = "mean"):
+    def __init__(
+        self,
+        frames_per_sample: Sequence[int],
+        group=None,
+        *,
+        frames_per_rank: Sequence[int] | None = None,
+        gradients: str = "mean",
+    ):
         if gradients not in GRADIENTS:
             raise ValueError(f"gradients must be one of {GRADIENTS}, got {gradients!r}")
         frames = tuple(int(t) for t in frames_per_sample)
         if not frames or any(t < 0 for t in frames):
-            raise ValueError(f"frames_per_sample must hold one int >= 0 per sample, got "
-                             f"{tuple(frames_per_sample)}")
+            raise ValueError(
+                f"frames_per_sample must hold one int >= 0 per sample, got "
+                f"{tuple(frames_per_sample)}"
+            )
         self.group = frame_group() if group is None else group
         self.rank, self.world_size = _rank_and_size(self.group)
         total = sum(frames)
@@ -634,11 +746,12 @@ class FrameShard:
             counts = _balanced(total, self.world_size)
         else:
             counts = [int(c) for c in frames_per_rank]
-            if len(counts) != self.world_size or any(c < 0 for c in counts) \
-                    or sum(counts) != total:
-                raise ValueError(f"frames_per_rank must hold one int >= 0 per rank "
-                                 f"({self.world_size}) summing to the {total} frames, got "
-                                 f"{tuple(frames_per_rank)}")
+            if len(counts) != self.world_size or any(c < 0 for c in counts) or sum(counts) != total:
+                raise ValueError(
+                    f"frames_per_rank must hold one int >= 0 per rank "
+                    f"({self.world_size}) summing to the {total} frames, got "
+                    f"{tuple(frames_per_rank)}"
+                )
         self.frames_per_sample = frames
         self.frames_per_rank = tuple(counts)
         self.gradients = gradients
@@ -663,24 +776,41 @@ class FrameShard:
 
     def local(self, packed: torch.Tensor) -> torch.Tensor:
         """This rank's frames ``(F_r, ...)`` of a packed ``(F, ...)`` tensor (a view)."""
-        if not isinstance(packed, torch.Tensor) or packed.dim() < 1 \
-                or packed.shape[0] != self.num_frames:
-            raise ValueError(f"packed must be a tensor of the {self.num_frames} frames (F, ...), "
-                             f"got {getattr(packed, 'shape', type(packed).__name__)}")
-        return packed[self.start: self.stop]
+        if (
+            not isinstance(packed, torch.Tensor)
+            or packed.dim() < 1
+            or packed.shape[0] != self.num_frames
+        ):
+            raise ValueError(
+                f"packed must be a tensor of the {self.num_frames} frames (F, ...), "
+                f"got {getattr(packed, 'shape', type(packed).__name__)}"
+            )
+        return packed[self.start : self.stop]
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """All ranks' ``(F_r, ...)`` frames as ``(F, ...)``, on every rank (one all-gather).
         Differentiable: this rank's rows of the gradient flow back, times ``grad_scale``."""
-        if not isinstance(local, torch.Tensor) or local.dim() < 1 \
-                or local.shape[0] != self.num_local_frames:
-            raise ValueError(f"local must hold this rank's {self.num_local_frames} frames "
-                             f"(F_r, ...), got {getattr(local, 'shape', type(local).__name__)}")
-        return _GatherFrames.apply(local, self.group, self.frames_per_rank, self.start,
-                                   self.grad_scale)
+        if (
+            not isinstance(local, torch.Tensor)
+            or local.dim() < 1
+            or local.shape[0] != self.num_local_frames
+        ):
+            raise ValueError(
+                f"local must hold this rank's {self.num_local_frames} frames "
+                f"(F_r, ...), got {getattr(local, 'shape', type(local).__name__)}"
+            )
+        return _GatherFrames.apply(
+            local, self.group, self.frames_per_rank, self.start, self.grad_scale
+        )
 
-    def memory(self, tokens: torch.Tensor, tokens_per_frame: int, pooled_per_frame: int, *,
-               cache_kv: bool = False):
+    def memory(
+        self,
+        tokens: torch.Tensor,
+        tokens_per_frame: int,
+        pooled_per_frame: int,
+        *,
+        cache_kv: bool = False,
+    ):
         """The :class:`~crosslmm_ops.nn.VisionMemory` of this rank: ``tokens (F_r * N, Dv)``,
         this rank's frames back to back. Its segments index the local tokens (sample ``b``'s
         local frames; one per global frame, empty for the frames of other ranks), its
@@ -710,18 +840,22 @@ class FrameShard:
 
     def cross_attention(self, q, k, v, **kwargs):
         """:func:`sharded_cross_attention` over this shard's group and gradient convention."""
-        return sharded_cross_attention(q, k, v, group=self.group, grad_scale=self.grad_scale,
-                                       **kwargs)
+        return sharded_cross_attention(
+            q, k, v, group=self.group, grad_scale=self.grad_scale, **kwargs
+        )
 
     def projected_cross_attention(self, q, x, w_k, w_v, b_k=None, b_v=None, **kwargs):
         """:func:`sharded_projected_cross_attention` over this shard's group and convention."""
-        return sharded_projected_cross_attention(q, x, w_k, w_v, b_k, b_v, group=self.group,
-                                                 grad_scale=self.grad_scale, **kwargs)
+        return sharded_projected_cross_attention(
+            q, x, w_k, w_v, b_k, b_v, group=self.group, grad_scale=self.grad_scale, **kwargs
+        )
 
     def __repr__(self) -> str:
-        return (f"FrameShard(rank={self.rank}/{self.world_size}, frames {self.start}:{self.stop} "
-                f"of {self.num_frames}, frames_per_rank={self.frames_per_rank}, "
-                f"gradients={self.gradients!r})")
+        return (
+            f"FrameShard(rank={self.rank}/{self.world_size}, frames {self.start}:{self.stop} "
+            f"of {self.num_frames}, frames_per_rank={self.frames_per_rank}, "
+            f"gradients={self.gradients!r})"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -750,8 +884,9 @@ class FrameShardedCrossLMM(nn.Module):
         from crosslmm_ops.models import CrossLMMForConditionalGeneration
 
         if not isinstance(model, CrossLMMForConditionalGeneration):
-            raise ValueError(f"model must be a CrossLMMForConditionalGeneration, got "
-                             f"{type(model).__name__}")
+            raise ValueError(
+                f"model must be a CrossLMMForConditionalGeneration, got {type(model).__name__}"
+            )
         if gradients not in GRADIENTS:
             raise ValueError(f"gradients must be one of {GRADIENTS}, got {gradients!r}")
         if model.model.pooling.temporal_stride != 1:
@@ -760,10 +895,12 @@ class FrameShardedCrossLMM(nn.Module):
         self.group = frame_group() if group is None else group
         self.gradients = gradients
 
-    def frame_shard(self, frames_per_sample: Sequence[int],
-                    frames_per_rank: Sequence[int] | None = None) -> FrameShard:
-        return FrameShard(frames_per_sample, self.group, frames_per_rank=frames_per_rank,
-                          gradients=self.gradients)
+    def frame_shard(
+        self, frames_per_sample: Sequence[int], frames_per_rank: Sequence[int] | None = None
+    ) -> FrameShard:
+        return FrameShard(
+            frames_per_sample, self.group, frames_per_rank=frames_per_rank, gradients=self.gradients
+        )
 
     def forward(
         self,
@@ -804,27 +941,41 @@ class FrameShardedCrossLMM(nn.Module):
                 raise ValueError(f"the whole video must be (B, T, ...), got {tuple(video.shape)}")
             B, T = video.shape[:2]
             frames = inner._frame_mask(video_frame_mask, B, T)
-            packed = video.reshape(B * T, *video.shape[2:]) if video_frame_mask is None \
+            packed = (
+                video.reshape(B * T, *video.shape[2:])
+                if video_frame_mask is None
                 else video[video_frame_mask.to(video.device)]
+            )
             shard = self.frame_shard(frames, frames_per_rank)
             local = shard.local(packed)
         else:
             if video_frame_mask is not None:
-                raise ValueError("video_frame_mask is for the whole video; with frames_per_sample "
-                                 "the video is this rank's frames")
+                raise ValueError(
+                    "video_frame_mask is for the whole video; with frames_per_sample "
+                    "the video is this rank's frames"
+                )
             shard = self.frame_shard(frames_per_sample, frames_per_rank)
             local = video
             if local.dim() != (4 if pixels else 3) or local.shape[0] != shard.num_local_frames:
-                raise ValueError(f"with frames_per_sample the video must hold this rank's "
-                                 f"{shard.num_local_frames} frames packed (F_r, ...), got "
-                                 f"{tuple(local.shape)}")
+                raise ValueError(
+                    f"with frames_per_sample the video must hold this rank's "
+                    f"{shard.num_local_frames} frames packed (F_r, ...), got "
+                    f"{tuple(local.shape)}"
+                )
         if shard.num_frames == 0:  # no video anywhere: the plain model
-            return outer(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, labels=labels, use_cache=False,
-                         logits_to_keep=logits_to_keep)
+            return outer(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                labels=labels,
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+            )
         if input_ids.shape[0] != len(shard.frames_per_sample):
-            raise ValueError(f"the video has {len(shard.frames_per_sample)} samples, input_ids "
-                             f"{input_ids.shape[0]}")
+            raise ValueError(
+                f"the video has {len(shard.frames_per_sample)} samples, input_ids "
+                f"{input_ids.shape[0]}"
+            )
 
         # This rank's frames only through the tower (a batch of one video of F_r frames).
         empty = local.shape[0] == 0
@@ -844,28 +995,36 @@ class FrameShardedCrossLMM(nn.Module):
         pooled = shard.gather(pooled)
         inputs_embeds = inner.get_input_embeddings()(input_ids)
         visual_mask = inner._visual_mask(input_ids, list(shard.frames_per_sample))
-        inputs_embeds = inputs_embeds.masked_scatter(visual_mask.unsqueeze(-1),
-                                                     pooled.to(inputs_embeds.dtype))
+        inputs_embeds = inputs_embeds.masked_scatter(
+            visual_mask.unsqueeze(-1), pooled.to(inputs_embeds.dtype)
+        )
         flat = features.reshape(-1, features.shape[-1])
         if config.dcal_keys == "projected":
             flat = inner.multi_modal_projector(flat)
-        memory = shard.memory(flat.to(inputs_embeds.dtype), config.tokens_per_frame,
-                              inner.pooling.tokens_out)
+        memory = shard.memory(
+            flat.to(inputs_embeds.dtype), config.tokens_per_frame, inner.pooling.tokens_out
+        )
 
         # The DCALs read the sharded memory; masks as in the unsharded forward.
-        vision = inner.forward_vision(memory, visual_mask, attention_mask, visual_mask.shape,
-                                      visual_mask.device)
-        outputs = inner.language_model(attention_mask=attention_mask, position_ids=position_ids,
-                                       inputs_embeds=inputs_embeds, use_cache=False,
-                                       **{VISION_KWARG: vision})
+        vision = inner.forward_vision(
+            memory, visual_mask, attention_mask, visual_mask.shape, visual_mask.device
+        )
+        outputs = inner.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **{VISION_KWARG: vision},
+        )
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = outer.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = outer.loss_function(logits=logits, labels=labels,
-                                       vocab_size=config.text_config.vocab_size)
+            loss = outer.loss_function(
+                logits=logits, labels=labels, vocab_size=config.text_config.vocab_size
+            )
         return CrossLMMCausalLMOutputWithPast(loss=loss, logits=logits, vision_memory=memory)
 
 

@@ -53,8 +53,9 @@ def backend() -> str:
     """``CROSSLMM_BACKEND``: the back end a call without ``backend=`` asks for (``"auto"``)."""
     value = os.environ.get(BACKEND_VAR, "auto") or "auto"
     if value.lower() not in BACKEND_VALUES:
-        raise ValueError(f"backend must be one of {BACKEND_VALUES}, got {value!r} (from "
-                         f"{BACKEND_VAR})")
+        raise ValueError(
+            f"backend must be one of {BACKEND_VALUES}, got {value!r} (from {BACKEND_VAR})"
+        )
     return value.lower()
 
 
@@ -82,6 +83,14 @@ def triton_interpret() -> bool:
 
 def overrides() -> dict[str, str]:
     """The library's variables that are set in this process, name -> value (for explain/info)."""
-    names = (BACKEND_VAR, PROJECTED_PATH_VAR, ATTENTION_SM90_VAR, ATTENTION_BWD_SM90_VAR,
-             EAGER_FUNCTION_VAR, POISON_OUTPUTS_VAR, CHECK_REPLICAS_VAR, TRITON_INTERPRET_VAR)
+    names = (
+        BACKEND_VAR,
+        PROJECTED_PATH_VAR,
+        ATTENTION_SM90_VAR,
+        ATTENTION_BWD_SM90_VAR,
+        EAGER_FUNCTION_VAR,
+        POISON_OUTPUTS_VAR,
+        CHECK_REPLICAS_VAR,
+        TRITON_INTERPRET_VAR,
+    )
     return {n: os.environ[n] for n in names if os.environ.get(n)}

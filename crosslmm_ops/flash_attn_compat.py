@@ -32,7 +32,8 @@ def _unsupported(dropout_p, causal, window_size, softcap, alibi_slopes, block_ta
         raise NotImplementedError(
             f"crosslmm_ops' flash-attn shim computes non-causal attention without dropout, window, "
             f"softcap, ALiBi or paged KV; not supported: {', '.join(asked)}. Use flash-attn itself "
-            "for these")
+            "for these"
+        )
 
 
 def _seqlen(name: str, value) -> int:
@@ -67,17 +68,36 @@ def flash_attn_func(
 ):
     """flash-attn's ``flash_attn_func``: ``q (B, Sq, Hq, D)``, ``k, v (B, Sk, Hk, D)`` -> ``out
     (B, Sq, Hq, D)``, or ``(out, softmax_lse (B, Hq, Sq), None)`` with ``return_attn_probs``."""
-    kwargs = _func_arguments(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                             deterministic, return_attn_probs)
+    kwargs = _func_arguments(
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
     return _result(cross_attention(q, k, v, **kwargs), return_attn_probs)
 
 
-def _func_arguments(dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def _func_arguments(
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
     """flash_attn_func's arguments after q, k, v as cross_attention's keyword arguments."""
     _unsupported(dropout_p, causal, window_size, softcap, alibi_slopes)
-    return dict(softmax_scale=softmax_scale, return_lse=bool(return_attn_probs),
-                deterministic=bool(deterministic))
+    return dict(
+        softmax_scale=softmax_scale,
+        return_lse=bool(return_attn_probs),
+        deterministic=bool(deterministic),
+    )
 
 
 def flash_attn_varlen_func(
@@ -101,28 +121,60 @@ def flash_attn_varlen_func(
     """flash-attn's ``flash_attn_varlen_func``: packed ``q (total_q, Hq, D)``, ``k, v (total_k,
     Hk, D)``, int32 ``cu_seqlens [B + 1]`` -> ``out (total_q, Hq, D)``, or ``(out, softmax_lse
     (Hq, total_q), None)`` with ``return_attn_probs``."""
-    kwargs = _varlen_arguments(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                               softmax_scale, causal, window_size, softcap, alibi_slopes,
-                               deterministic, return_attn_probs, block_table)
+    kwargs = _varlen_arguments(
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+        block_table,
+    )
     return _result(cross_attention(q, k, v, **kwargs), return_attn_probs)
 
 
-def _varlen_arguments(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                      alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                      block_table=None):
+def _varlen_arguments(
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
     """flash_attn_varlen_func's arguments after q, k, v as cross_attention's keyword arguments."""
     _unsupported(dropout_p, causal, window_size, softcap, alibi_slopes, block_table)
-    return dict(softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                max_seqlen_q=_seqlen("max_seqlen_q", max_seqlen_q),
-                max_seqlen_k=_seqlen("max_seqlen_k", max_seqlen_k),
-                return_lse=bool(return_attn_probs), deterministic=bool(deterministic))
+    return dict(
+        softmax_scale=softmax_scale,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=_seqlen("max_seqlen_q", max_seqlen_q),
+        max_seqlen_k=_seqlen("max_seqlen_k", max_seqlen_k),
+        return_lse=bool(return_attn_probs),
+        deterministic=bool(deterministic),
+    )
 
 
 # explain(flash_attn_func, ...) says how the cross_attention call it makes would run.
-planner.register("flash_attn_func", flash_attn_func,
-                 lambda q, k, v, *args, **kwargs: attention.plan(q, k, v,
-                                                                 **_func_arguments(*args, **kwargs)))
-planner.register("flash_attn_varlen_func", flash_attn_varlen_func,
-                 lambda q, k, v, *args, **kwargs: attention.plan(
-                     q, k, v, **_varlen_arguments(*args, **kwargs)))
+planner.register(
+    "flash_attn_func",
+    flash_attn_func,
+    lambda q, k, v, *args, **kwargs: attention.plan(q, k, v, **_func_arguments(*args, **kwargs)),
+)
+planner.register(
+    "flash_attn_varlen_func",
+    flash_attn_varlen_func,
+    lambda q, k, v, *args, **kwargs: attention.plan(q, k, v, **_varlen_arguments(*args, **kwargs)),
+)

@@ -65,8 +65,9 @@ class Plan:
             lines.append(f"  path      {self.path}")
         if self.kernel is not None:
             lines.append(f"  kernel    {self.kernel}")
-        lines += [f"  why       {r}" if i == 0 else f"            {r}"
-                  for i, r in enumerate(self.reasons)]
+        lines += [
+            f"  why       {r}" if i == 0 else f"            {r}" for i, r in enumerate(self.reasons)
+        ]
         return "\n".join(lines)
 
 
@@ -84,8 +85,9 @@ def requested_backend(backend: str | None) -> str:
     return backend.lower()
 
 
-def choose_backend(op: str, backend: str | None, device: torch.device, *, cuda_ok=None,
-                   triton_ok=None) -> tuple[str, str]:
+def choose_backend(
+    op: str, backend: str | None, device: torch.device, *, cuda_ok=None, triton_ok=None
+) -> tuple[str, str]:
     """``(back end, reason)`` for one call of ``op`` on ``device``.
 
     ``cuda_ok`` / ``triton_ok`` let an op add its own limits (dtype, head dim ...) on top of what
@@ -129,8 +131,9 @@ def choose_backend(op: str, backend: str | None, device: torch.device, *, cuda_o
     raise AssertionError("unreachable: the torch back end always runs")
 
 
-def resolve(op: str, backend: str | None, device: torch.device, *, cuda_ok=None,
-            triton_ok=None) -> str:
+def resolve(
+    op: str, backend: str | None, device: torch.device, *, cuda_ok=None, triton_ok=None
+) -> str:
     """The back end for one call (:func:`choose_backend` without the reason)."""
     return choose_backend(op, backend, device, cuda_ok=cuda_ok, triton_ok=triton_ok)[0]
 
@@ -152,10 +155,14 @@ def path_override(path) -> str | None:
     return None if env == "auto" else env
 
 
-def choose_path(path, estimate: Callable[[], tuple[float, float]], *,
-                unfused_reason: str | None = None,
-                fused_fast: Callable[[], tuple[bool, str]] | None = None,
-                tracing: bool = False) -> tuple[str, str]:
+def choose_path(
+    path,
+    estimate: Callable[[], tuple[float, float]],
+    *,
+    unfused_reason: str | None = None,
+    fused_fast: Callable[[], tuple[bool, str]] | None = None,
+    tracing: bool = False,
+) -> tuple[str, str]:
     """``("fused" | "materialized", reason)`` for one call.
 
     * ``path``: the call's ``path`` / ``kv_path`` (``"auto"`` reads ``CROSSLMM_PROJECTED_PATH``);
@@ -173,14 +180,17 @@ def choose_path(path, estimate: Callable[[], tuple[float, float]], *,
         return forced, _forced_reason(path)
     if unfused_reason is not None:
         if forced == "fused" and path == "fused":
-            raise ValueError(f"kv_path='fused' cannot be used: {unfused_reason} (the fused path "
-                             "reads the weights directly); use kv_path='auto' or 'materialized'")
+            raise ValueError(
+                f"kv_path='fused' cannot be used: {unfused_reason} (the fused path "
+                "reads the weights directly); use kv_path='auto' or 'materialized'"
+            )
         return "materialized", f"the fused path cannot stand in: {unfused_reason}"
     if forced == "fused":
         return forced, _forced_reason(path)
     if tracing:
-        return "materialized", ("traced by torch.compile: the cost model reads query counts "
-                                "known only at run time")
+        return "materialized", (
+            "traced by torch.compile: the cost model reads query counts known only at run time"
+        )
     fused_ms, mat_ms = estimate()
     costs = f"cost model: fused {fused_ms:.3g} ms, materialized {mat_ms:.3g} ms"
     if fused_ms > mat_ms:
@@ -208,8 +218,9 @@ def _is_sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
 
 
-def sm90_usable(device: torch.device, head_dim: int, softmax_scale: float | None = None
-                ) -> tuple[bool, str]:
+def sm90_usable(
+    device: torch.device, head_dim: int, softmax_scale: float | None = None
+) -> tuple[bool, str]:
     """Whether the Hopper attention kernels can run a call (the extension checks again, and runs
     the mma.sync kernel where TMA cannot describe the tensors)."""
     if "90a" not in _backend.extension_archs():
@@ -226,9 +237,14 @@ def sm90_usable(device: torch.device, head_dim: int, softmax_scale: float | None
     return True, ""
 
 
-def attention_kernel(device: torch.device, head_dim: int, max_seqlen_q: int,
-                     softmax_scale: float | None = None, *, backward: bool = False
-                     ) -> tuple[str, str]:
+def attention_kernel(
+    device: torch.device,
+    head_dim: int,
+    max_seqlen_q: int,
+    softmax_scale: float | None = None,
+    *,
+    backward: bool = False,
+) -> tuple[str, str]:
     """``(kernel, reason)`` of the CUDA attention forward (or ``backward``) for one call:
     ``"sm90"``, ``"sm90_dkdv"`` (backward, diagnostic) or ``"mma_sync"``; what
     ``crosslmm_ops._C.attention_forward / attention_backward`` take as ``kernel``."""
@@ -244,10 +260,14 @@ def attention_kernel(device: torch.device, head_dim: int, max_seqlen_q: int,
     if mode == "dkdv":
         return "sm90_dkdv", f"{var}=dkdv"
     if max_seqlen_q >= SM90_MIN_SEQLEN_Q:
-        return "sm90", (f"max_seqlen_q {max_seqlen_q} >= {SM90_MIN_SEQLEN_Q} fills the sm90 "
-                        "kernel's head-major tiles")
-    return "mma_sync", (f"max_seqlen_q {max_seqlen_q} < {SM90_MIN_SEQLEN_Q}: the GQA-packed "
-                        "mma.sync tiles fill better")
+        return "sm90", (
+            f"max_seqlen_q {max_seqlen_q} >= {SM90_MIN_SEQLEN_Q} fills the sm90 "
+            "kernel's head-major tiles"
+        )
+    return "mma_sync", (
+        f"max_seqlen_q {max_seqlen_q} < {SM90_MIN_SEQLEN_Q}: the GQA-packed "
+        "mma.sync tiles fill better"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,8 +288,9 @@ _records: dict[str, Record] = {}
 _recorders = threading.local()
 
 
-def note(op: str, backend: str | None, *, path: str | None = None,
-         kernel: str | None = None) -> None:
+def note(
+    op: str, backend: str | None, *, path: str | None = None, kernel: str | None = None
+) -> None:
     """Record that ``op`` just ran on ``backend`` (and ``path``, ``kernel`` where it has them)."""
     _records[op] = Record(backend, path, kernel)
     for log in getattr(_recorders, "stack", ()):
@@ -346,8 +367,10 @@ def explain(op, *args, print_plan: bool = True, **kwargs) -> Plan:
         name = op if isinstance(op, str) else _names.get(id(op))
         if name not in _planners:
             known = ", ".join(sorted(_planners))
-            raise ValueError(f"explain: no plan for {op!r}; ops that explain their calls: "
-                             f"{known}, and the modules of crosslmm_ops.nn")
+            raise ValueError(
+                f"explain: no plan for {op!r}; ops that explain their calls: "
+                f"{known}, and the modules of crosslmm_ops.nn"
+            )
         plan = _planners[name](*args, **kwargs)
     if print_plan:
         print("\n".join(map(str, plan)) if isinstance(plan, tuple) else plan)

@@ -1,4 +1,4 @@
-"""Helpers for testing the kernels (used by tests/ and benchmarks/; public so users can reuse them)."""
+"""Helpers for testing the kernels (used by tests/ and benchmarks/; public, for users too)."""
 
 from __future__ import annotations
 
@@ -48,8 +48,11 @@ def non_contiguous(x: torch.Tensor, dim: int = -2) -> torch.Tensor:
 def fast_backends(device: str | torch.device) -> list[str]:
     """The non-reference back ends (``cuda``, ``triton``) that can run on ``device`` here."""
     dev = torch.device(device)
-    return [name for name, check in (("cuda", _backend.cuda_runnable), ("triton", _backend.triton_runnable))
-            if check(dev)[0]]
+    return [
+        name
+        for name, check in (("cuda", _backend.cuda_runnable), ("triton", _backend.triton_runnable))
+        if check(dev)[0]
+    ]
 
 
 def cu_seqlens(lengths, device: str | torch.device = "cpu") -> torch.Tensor:

@@ -11,7 +11,7 @@ them per frame on the encoder's token grid as a PNG: one row per chosen pooled t
 per frame, the video's frames on top, the token's own window marked with a cross.
 
     python examples/attention_maps.py --out maps.png [--preset crosslmm-tiny] [--frames 4]
-    python examples/attention_maps.py --out maps.png --checkpoint path/to/crosslmm  # trained weights
+    python examples/attention_maps.py --out maps.png --checkpoint path/to/crosslmm  # trained
 
 Without ``--checkpoint`` the weights are random (and say so in the figure's title): the maps show
 the machinery, not what a trained model attends to.
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 import crosslmm_ops
-from crosslmm_ops.models import CrossLMMForConditionalGeneration
 from crosslmm_ops.demo import synthetic_video, video_prompt
+from crosslmm_ops.models import CrossLMMForConditionalGeneration
 
 
 class _Captured(Exception):
@@ -37,19 +37,25 @@ class _Captured(Exception):
 
 @dataclasses.dataclass
 class V2VMaps:
-    layer: int                 # the decoder layer whose DCAL was read
-    tokens: list[int]          # the chosen pooled tokens (indices among the T * n pooled tokens)
-    probs: torch.Tensor        # [len(tokens), Hq, T * N] float32: each head's probabilities
-    q: torch.Tensor            # [T * n, Hq, d]: the V2V queries of every pooled token
-    k: torch.Tensor            # [T * N, Hk, d]: the keys of every original token
-    scope: str                 # "global" (all frames) or "frame" (own frame only)
+    layer: int  # the decoder layer whose DCAL was read
+    tokens: list[int]  # the chosen pooled tokens (indices among the T * n pooled tokens)
+    probs: torch.Tensor  # [len(tokens), Hq, T * N] float32: each head's probabilities
+    q: torch.Tensor  # [T * n, Hq, d]: the V2V queries of every pooled token
+    k: torch.Tensor  # [T * N, Hk, d]: the keys of every original token
+    scope: str  # "global" (all frames) or "frame" (own frame only)
     frames: int
-    grid: tuple[int, int]      # the encoder's token grid (h, w)
+    grid: tuple[int, int]  # the encoder's token grid (h, w)
     pooled_grid: tuple[int, int]
 
 
-def v2v_attention(model, video: torch.Tensor, input_ids: torch.Tensor, *, layer: int | None = None,
-                  tokens: list[int] | None = None) -> V2VMaps:
+def v2v_attention(
+    model,
+    video: torch.Tensor,
+    input_ids: torch.Tensor,
+    *,
+    layer: int | None = None,
+    tokens: list[int] | None = None,
+) -> V2VMaps:
     """The V2V probabilities of pooled ``tokens`` (default: all) at the DCAL of decoder layer
     ``layer`` (default: the first), for one video ``(1, T, 3, S, S)`` and its prompt."""
     dcals = model.dcals
@@ -62,8 +68,9 @@ def v2v_attention(model, video: torch.Tensor, input_ids: torch.Tensor, *, layer:
     if dcal.v2v is None:
         raise ValueError(f"the DCAL of layer {layer} has no V2V branch")
     if video.shape[0] != 1:
-        raise ValueError(f"one video at a time: video must be (1, T, 3, S, S), got "
-                         f"{tuple(video.shape)}")
+        raise ValueError(
+            f"one video at a time: video must be (1, T, 3, S, S), got {tuple(video.shape)}"
+        )
     captured = {}
 
     def hook(_module, args, kwargs):
@@ -87,7 +94,7 @@ def v2v_attention(model, video: torch.Tensor, input_ids: torch.Tensor, *, layer:
     # With share_kv the keys come from the DCAL's shared norm and projection, else the branch's.
     kv_owner = dcal if dcal.shares_kv else branch
     with torch.no_grad():
-        rows = hidden[visual_mask]                                 # the pooled tokens, frame order
+        rows = hidden[visual_mask]  # the pooled tokens, frame order
         x = branch.query_norm(rows) if branch.query_norm is not None else rows
         q = branch.q_proj(x).view(rows.shape[0], branch.num_heads, branch.head_dim)
         m = memory.tokens
@@ -101,22 +108,36 @@ def v2v_attention(model, video: torch.Tensor, input_ids: torch.Tensor, *, layer:
     if branch.scope == "global":
         # One sample: the batched layout, every pooled token over all T * N tokens.
         probs = crosslmm_ops.attention_weights(
-            q.unsqueeze(0), k.unsqueeze(0), softmax_scale=branch.softmax_scale,
-            query_index=chosen)[0]
+            q.unsqueeze(0), k.unsqueeze(0), softmax_scale=branch.softmax_scale, query_index=chosen
+        )[0]
     else:
         # Frame scope: pooled token i sees only frame i // n; attention_weights returns each row's
         # own segment, which goes back to its place among all T * N tokens.
         cu_q = torch.arange(0, (T + 1) * n, n, dtype=torch.int32, device=q.device)
         own = crosslmm_ops.attention_weights(
-            q, k, softmax_scale=branch.softmax_scale, cu_seqlens_q=cu_q,
-            cu_seqlens_k=memory.frame_cu_seqlens, query_index=chosen)
+            q,
+            k,
+            softmax_scale=branch.softmax_scale,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=memory.frame_cu_seqlens,
+            query_index=chosen,
+        )
         probs = own.new_zeros(len(chosen), own.shape[1], T * N)
         for r, t in enumerate(chosen):
             f = t // n
-            probs[r, :, f * N:(f + 1) * N] = own[r, :, :N]
+            probs[r, :, f * N : (f + 1) * N] = own[r, :, :N]
     config = model.config
-    return V2VMaps(layer, chosen, probs.float().cpu(), q, k, branch.scope, T,
-                   tuple(config.encoder_grid), tuple(config.pool_spec().output_size))
+    return V2VMaps(
+        layer,
+        chosen,
+        probs.float().cpu(),
+        q,
+        k,
+        branch.scope,
+        T,
+        tuple(config.encoder_grid),
+        tuple(config.pool_spec().output_size),
+    )
 
 
 def default_tokens(frames: int, n: int) -> list[int]:
@@ -126,8 +147,15 @@ def default_tokens(frames: int, n: int) -> list[int]:
     return sorted({f * n + centre for f in picks})
 
 
-def draw(maps: V2VMaps, video: torch.Tensor, out: Path, *, head: int | None,
-         random_weights: bool, label: str) -> None:
+def draw(
+    maps: V2VMaps,
+    video: torch.Tensor,
+    out: Path,
+    *,
+    head: int | None,
+    random_weights: bool,
+    label: str,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -135,7 +163,7 @@ def draw(maps: V2VMaps, video: torch.Tensor, out: Path, *, head: int | None,
 
     T, (gh, gw), (ph, pw) = maps.frames, maps.grid, maps.pooled_grid
     n = ph * pw
-    probs = maps.probs.mean(1) if head is None else maps.probs[:, head]   # [rows, T * N]
+    probs = maps.probs.mean(1) if head is None else maps.probs[:, head]  # [rows, T * N]
     rows = len(maps.tokens)
     fig, axes = plt.subplots(rows + 1, T, figsize=(2.0 * T + 0.6, 2.0 * (rows + 1)), squeeze=False)
     frames = video[0].float().cpu()
@@ -164,11 +192,16 @@ def draw(maps: V2VMaps, video: torch.Tensor, out: Path, *, head: int | None,
         ax.set_xticks([])
         ax.set_yticks([])
     heads = "mean over heads" if head is None else f"head {head}"
-    weights = ("RANDOM WEIGHTS (untrained: pass --checkpoint for a trained model)"
-               if random_weights else "trained weights")
-    fig.suptitle(f"V2V attention of pooled tokens over their frames' {gh}x{gw} token grids, "
-                 f"DCAL at layer {maps.layer} ({maps.scope} scope, {heads})\n{label}: {weights}",
-                 fontsize=9)
+    weights = (
+        "RANDOM WEIGHTS (untrained: pass --checkpoint for a trained model)"
+        if random_weights
+        else "trained weights"
+    )
+    fig.suptitle(
+        f"V2V attention of pooled tokens over their frames' {gh}x{gw} token grids, "
+        f"DCAL at layer {maps.layer} ({maps.scope} scope, {heads})\n{label}: {weights}",
+        fontsize=9,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -177,16 +210,28 @@ def draw(maps: V2VMaps, video: torch.Tensor, out: Path, *, head: int | None,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="the PNG to write")
-    parser.add_argument("--preset", default="crosslmm-tiny",
-                        help="model shapes with random weights (crosslmm-tiny, crosslmm-2b, ...)")
-    parser.add_argument("--checkpoint", default=None,
-                        help="a CrossLMM saved with save_pretrained (instead of --preset)")
+    parser.add_argument(
+        "--preset",
+        default="crosslmm-tiny",
+        help="model shapes with random weights (crosslmm-tiny, crosslmm-2b, ...)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a CrossLMM saved with save_pretrained (instead of --preset)",
+    )
     parser.add_argument("--frames", type=int, default=4)
-    parser.add_argument("--layer", type=int, default=None,
-                        help="decoder layer (default: the first with a DCAL)")
-    parser.add_argument("--tokens", type=int, nargs="*", default=None,
-                        help="pooled token indices (frame f's tokens are f*n .. f*n+n-1); default: "
-                             "the centre token of the first, middle and last frame")
+    parser.add_argument(
+        "--layer", type=int, default=None, help="decoder layer (default: the first with a DCAL)"
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        nargs="*",
+        default=None,
+        help="pooled token indices (frame f's tokens are f*n .. f*n+n-1); default: "
+        "the centre token of the first, middle and last frame",
+    )
     parser.add_argument("--head", type=int, default=None, help="one head (default: their mean)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -204,8 +249,9 @@ def main(argv=None) -> int:
         label = f"preset {args.preset}"
     model = model.to(device=device, dtype=dtype).eval()
     config = model.config
-    video = synthetic_video(args.frames, config.vision_config.image_size, device=device,
-                            dtype=dtype, seed=args.seed)
+    video = synthetic_video(
+        args.frames, config.vision_config.image_size, device=device, dtype=dtype, seed=args.seed
+    )
     ids = video_prompt(config, args.frames, device=device, seed=args.seed)
     n = config.pooled_per_frame
     tokens = default_tokens(args.frames, n) if args.tokens is None else args.tokens
@@ -216,11 +262,15 @@ def main(argv=None) -> int:
     T, N = args.frames, config.tokens_per_frame
     for r, t in enumerate(maps.tokens):
         per_frame = maps.probs[r].mean(0).view(T, N).sum(1)
-        print(f"pooled token {t} (frame {t // n}): attention mass per frame "
-              + " ".join(f"{p:.3f}" for p in per_frame.tolist()))
-    print(f"wrote {args.out} ({len(maps.tokens)} pooled tokens x {T} frames, DCAL at layer "
-          f"{maps.layer}, {maps.scope} scope"
-          + (", random weights)" if args.checkpoint is None else ")"))
+        print(
+            f"pooled token {t} (frame {t // n}): attention mass per frame "
+            + " ".join(f"{p:.3f}" for p in per_frame.tolist())
+        )
+    print(
+        f"wrote {args.out} ({len(maps.tokens)} pooled tokens x {T} frames, DCAL at layer "
+        f"{maps.layer}, {maps.scope} scope"
+        + (", random weights)" if args.checkpoint is None else ")")
+    )
     return 0
 
 

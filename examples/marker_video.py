@@ -48,8 +48,12 @@ def _positive_int(name: str, value) -> int:
 
 
 def _non_negative(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -87,17 +91,29 @@ class MarkerTaskConfig:
         _positive_int("width", self.width)
         _positive_int("colours", self.colours)
         if self.colours + 1 > self.width:
-            raise ValueError(f"colours ({self.colours}) + the marker direction need that many "
-                             f"orthonormal directions, more than width ({self.width})")
-        questions = tuple(self.questions) if not isinstance(self.questions, str) \
-            else (self.questions,)
-        if not questions or any(q not in QUESTIONS for q in questions) \
-                or len(set(questions)) != len(questions):
-            raise ValueError(f"questions must be distinct names from {QUESTIONS}, got "
-                             f"{self.questions!r}")
+            raise ValueError(
+                f"colours ({self.colours}) + the marker direction need that many "
+                f"orthonormal directions, more than width ({self.width})"
+            )
+        questions = (
+            tuple(self.questions) if not isinstance(self.questions, str) else (self.questions,)
+        )
+        if (
+            not questions
+            or any(q not in QUESTIONS for q in questions)
+            or len(set(questions)) != len(questions)
+        ):
+            raise ValueError(
+                f"questions must be distinct names from {QUESTIONS}, got {self.questions!r}"
+            )
         object.__setattr__(self, "questions", questions)
-        for name in ("texture_scale", "noise_scale", "position_scale", "marker_scale",
-                     "colour_scale"):
+        for name in (
+            "texture_scale",
+            "noise_scale",
+            "position_scale",
+            "marker_scale",
+            "colour_scale",
+        ):
             _non_negative(name, getattr(self, name))
         if isinstance(self.basis_seed, bool) or not isinstance(self.basis_seed, int):
             raise ValueError(f"basis_seed must be an int, got {self.basis_seed!r}")
@@ -124,8 +140,13 @@ class MarkerVocab:
     @property
     def size_needed(self) -> int:
         """The smallest vocabulary (``video_token_id`` included) these ids fit in."""
-        return max(self.video_token_id, *(self.answer_offsets[q] + self.answer_counts[q]
-                                          for q in self.answer_offsets)) + 1
+        return (
+            max(
+                self.video_token_id,
+                *(self.answer_offsets[q] + self.answer_counts[q] for q in self.answer_offsets),
+            )
+            + 1
+        )
 
 
 @dataclasses.dataclass
@@ -168,41 +189,62 @@ class MarkerVideoTask:
     its question and answer tokens (after the model's special tokens).
     """
 
-    def __init__(self, config: MarkerTaskConfig | None = None, *, video_token_id: int,
-                 pad_id: int = 0, bos_id: int = 1, first_free_id: int = 3):
+    def __init__(
+        self,
+        config: MarkerTaskConfig | None = None,
+        *,
+        video_token_id: int,
+        pad_id: int = 0,
+        bos_id: int = 1,
+        first_free_id: int = 3,
+    ):
         self.config = config = config if config is not None else MarkerTaskConfig()
         if not isinstance(config, MarkerTaskConfig):
             raise ValueError(f"config must be a MarkerTaskConfig, got {type(config).__name__}")
-        for name, value in (("video_token_id", video_token_id), ("pad_id", pad_id),
-                            ("bos_id", bos_id), ("first_free_id", first_free_id)):
+        for name, value in (
+            ("video_token_id", video_token_id),
+            ("pad_id", pad_id),
+            ("bos_id", bos_id),
+            ("first_free_id", first_free_id),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        counts = {"colour": config.colours, "cell": config.tokens_per_frame,
-                  "frame": config.frames}
+        counts = {"colour": config.colours, "cell": config.tokens_per_frame, "frame": config.frames}
         question_ids = {q: first_free_id + i for i, q in enumerate(QUESTIONS)}
         offsets, nxt = {}, first_free_id + len(QUESTIONS)
         for q in QUESTIONS:
             offsets[q] = nxt
             nxt += counts[q]
         if nxt > video_token_id:
-            raise ValueError(f"the task's {nxt - first_free_id} question and answer tokens "
-                             f"(from id {first_free_id}) run into video_token_id "
-                             f"({video_token_id}): use fewer frames, cells or colours, or a "
-                             "larger vocabulary")
+            raise ValueError(
+                f"the task's {nxt - first_free_id} question and answer tokens "
+                f"(from id {first_free_id}) run into video_token_id "
+                f"({video_token_id}): use fewer frames, cells or colours, or a "
+                "larger vocabulary"
+            )
         if pad_id >= first_free_id or bos_id >= first_free_id or pad_id == bos_id:
-            raise ValueError(f"pad_id ({pad_id}) and bos_id ({bos_id}) must be distinct ids below "
-                             f"first_free_id ({first_free_id})")
-        self.vocab = MarkerVocab(pad_id=pad_id, bos_id=bos_id, video_token_id=video_token_id,
-                                 question_ids=question_ids, answer_offsets=offsets,
-                                 answer_counts=counts)
+            raise ValueError(
+                f"pad_id ({pad_id}) and bos_id ({bos_id}) must be distinct ids below "
+                f"first_free_id ({first_free_id})"
+            )
+        self.vocab = MarkerVocab(
+            pad_id=pad_id,
+            bos_id=bos_id,
+            video_token_id=video_token_id,
+            question_ids=question_ids,
+            answer_offsets=offsets,
+            answer_counts=counts,
+        )
         # The fixed "encoder": orthonormal marker and colour directions, position embeddings.
         gen = torch.Generator().manual_seed(config.basis_seed)
-        basis, _ = torch.linalg.qr(torch.randn(config.width, config.width, generator=gen,
-                                               dtype=torch.float64))
+        basis, _ = torch.linalg.qr(
+            torch.randn(config.width, config.width, generator=gen, dtype=torch.float64)
+        )
         self.marker_direction = basis[:, 0].float()
-        self.colour_directions = basis[:, 1:1 + config.colours].T.contiguous().float()  # (K, Dv)
-        self.position_embeddings = torch.randn(config.tokens_per_frame, config.width,
-                                               generator=gen)  # (N, Dv)
+        self.colour_directions = basis[:, 1 : 1 + config.colours].T.contiguous().float()  # (K, Dv)
+        self.position_embeddings = torch.randn(
+            config.tokens_per_frame, config.width, generator=gen
+        )  # (N, Dv)
 
     # ------------------------------------------------------------------------------------------
 
@@ -219,13 +261,20 @@ class MarkerVideoTask:
         # Along a unit direction: texture and noise contribute their per-channel std; the
         # position embeddings are fixed per cell (a standard normal per channel, so spread 1 over
         # cells) and their mean over the frame is the same in every frame.
-        token_std = math.sqrt(c.texture_scale ** 2 + c.noise_scale ** 2 + c.position_scale ** 2)
-        pooled_std = math.sqrt(c.texture_scale ** 2 + c.noise_scale ** 2 / N)
-        return {"token": c.colour_scale / token_std,
-                "pooled_1_per_frame": c.colour_scale / N / max(pooled_std, 1e-30)}
+        token_std = math.sqrt(c.texture_scale**2 + c.noise_scale**2 + c.position_scale**2)
+        pooled_std = math.sqrt(c.texture_scale**2 + c.noise_scale**2 / N)
+        return {
+            "token": c.colour_scale / token_std,
+            "pooled_1_per_frame": c.colour_scale / N / max(pooled_std, 1e-30),
+        }
 
-    def sample(self, batch_size: int, pooled_per_frame: int, generator: torch.Generator,
-               question: str | None = None) -> MarkerBatch:
+    def sample(
+        self,
+        batch_size: int,
+        pooled_per_frame: int,
+        generator: torch.Generator,
+        question: str | None = None,
+    ) -> MarkerBatch:
         """``batch_size`` videos and questions drawn with ``generator`` (a CPU
         ``torch.Generator``: the same seed gives the same batch on any machine, whatever device
         the batch is moved to). ``question``: ask only this one (default: the config's questions
@@ -234,8 +283,9 @@ class MarkerVideoTask:
         _positive_int("batch_size", batch_size)
         _positive_int("pooled_per_frame", pooled_per_frame)
         if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise ValueError("generator must be a CPU torch.Generator (so the data do not depend "
-                             "on the device)")
+            raise ValueError(
+                "generator must be a CPU torch.Generator (so the data do not depend on the device)"
+            )
         c, v = self.config, self.vocab
         if question is not None and question not in c.questions:
             raise ValueError(f"question must be one of {c.questions}, got {question!r}")
@@ -254,18 +304,23 @@ class MarkerVideoTask:
         else:
             asked = torch.full((B,), c.questions.index(question), dtype=torch.long)
 
-        x = c.texture_scale * textures + c.noise_scale * noise \
+        x = (
+            c.texture_scale * textures
+            + c.noise_scale * noise
             + c.position_scale * self.position_embeddings
-        marker = c.marker_scale * self.marker_direction + c.colour_scale \
-            * self.colour_directions[colour]  # (B, D)
+        )
+        marker = (
+            c.marker_scale * self.marker_direction + c.colour_scale * self.colour_directions[colour]
+        )  # (B, D)
         rows = torch.arange(B)
         x[rows, frame, cell] += marker
 
         # Answer token of each sample for the question it was asked.
         names = [c.questions[i] for i in asked.tolist()]
         truth = {"colour": colour, "cell": cell, "frame": frame}
-        answer_ids = torch.tensor([v.answer_id(q, int(truth[q][b])) for b, q in enumerate(names)],
-                                  dtype=torch.long)
+        answer_ids = torch.tensor(
+            [v.answer_id(q, int(truth[q][b])) for b, q in enumerate(names)], dtype=torch.long
+        )
         question_ids = torch.tensor([v.question_ids[q] for q in names], dtype=torch.long)
         L = self.sequence_length(pooled_per_frame)
         input_ids = torch.full((B, L), v.video_token_id, dtype=torch.long)
@@ -274,9 +329,16 @@ class MarkerVideoTask:
         input_ids[:, -1] = answer_ids
         labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
         labels[:, -1] = answer_ids
-        return MarkerBatch(vision_features=x, input_ids=input_ids, labels=labels,
-                           answer_ids=answer_ids, question=asked, colour=colour, cell=cell,
-                           frame=frame)
+        return MarkerBatch(
+            vision_features=x,
+            input_ids=input_ids,
+            labels=labels,
+            answer_ids=answer_ids,
+            question=asked,
+            colour=colour,
+            cell=cell,
+            frame=frame,
+        )
 
     def chance(self, question: str) -> float:
         """The accuracy of a uniform guess among the answers of ``question``."""

@@ -23,8 +23,9 @@ def main(argv=None) -> None:
 
     # A SigLIP so400m/14 @ 384 px frame is a 27x27 grid of 1152-wide tokens: x is [B, T, N, D].
     x = torch.randn(1, args.frames, 27 * 27, 1152, device=device, dtype=dtype, requires_grad=True)
-    print(f"vision features {tuple(x.shape)} {x.dtype} on {device}: "
-          f"{args.frames * 729} visual tokens")
+    print(
+        f"vision features {tuple(x.shape)} {x.dtype} on {device}: {args.frames * 729} visual tokens"
+    )
 
     backends = ["torch"] + [b for b in fast_backends(device) if device.type == "cuda"]
     settings = {
@@ -32,7 +33,9 @@ def main(argv=None) -> None:
         "81 tokens/frame (avg 3x3)": dict(mode="avg", kernel_size=3),
         "LLaVA-OneVision, 196 tokens/frame (bilinear 14x14)": dict(mode="bilinear", output_size=14),
         "1 token/frame (mean)": dict(mode="adaptive", output_size=1),
-        "9 tokens/frame, frames pooled in pairs": dict(mode="avg", kernel_size=9, temporal_stride=2),
+        "9 tokens/frame, frames pooled in pairs": dict(
+            mode="avg", kernel_size=9, temporal_stride=2
+        ),
     }
     for label, kw in settings.items():
         reference = None
@@ -50,12 +53,16 @@ def main(argv=None) -> None:
                 reference = (pooled.detach().float(), x.grad.float())
                 cells.append(f"{ran} {ms:.1f} ms")
             else:
-                err = max((pooled.detach().float() - reference[0]).abs().max().item(),
-                          (x.grad.float() - reference[1]).abs().max().item())
+                err = max(
+                    (pooled.detach().float() - reference[0]).abs().max().item(),
+                    (x.grad.float() - reference[1]).abs().max().item(),
+                )
                 cells.append(f"{ran} {ms:.1f} ms (max diff vs torch {err:.1e})")
         tokens = pooled.shape[1] * pooled.shape[2]
-        print(f"  {label:<52} -> {tuple(pooled.shape)}, {tokens} tokens "
-              f"({args.frames * 729 / tokens:.0f}x fewer) | fwd+bwd: " + ", ".join(cells))
+        print(
+            f"  {label:<52} -> {tuple(pooled.shape)}, {tokens} tokens "
+            f"({args.frames * 729 / tokens:.0f}x fewer) | fwd+bwd: " + ", ".join(cells)
+        )
 
 
 if __name__ == "__main__":

@@ -27,28 +27,36 @@ import argparse
 import os
 import time
 
-for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                      ("NVSHMEM_DISABLE_NVLS", "1")):
+for _name, _value in (
+    ("NCCL_NVLS_ENABLE", "0"),
+    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+    ("NVSHMEM_DISABLE_NVLS", "1"),
+):
     os.environ.setdefault(_name, _value)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from marker_video import MarkerTaskConfig, MarkerVideoTask  # noqa: E402
 
 from crosslmm_ops import distributed as cd  # noqa: E402
 from crosslmm_ops.models import CrossLMMForConditionalGeneration  # noqa: E402
-from marker_video import MarkerTaskConfig, MarkerVideoTask  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available()
-                   else "cpu")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--strategy", choices=("ddp", "fsdp2"), default="ddp")
     p.add_argument("--frame-shard", choices=("on", "off"), default="on")
-    p.add_argument("--frame-group-size", type=int, default=None,
-                   help="ranks per frame group (default: all ranks with --frame-shard on)")
+    p.add_argument(
+        "--frame-group-size",
+        type=int,
+        default=None,
+        help="ranks per frame group (default: all ranks with --frame-shard on)",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4, help="samples per frame group and step")
     p.add_argument("--frames", type=int, default=8)
@@ -69,8 +77,7 @@ def main(argv=None) -> list[float]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if cuda else "gloo",
-                            device_id=device if cuda else None)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         losses = _train(args, device, rank, world)
@@ -87,15 +94,22 @@ def _train(args, device, rank, world) -> list[float]:
     if args.frame_shard == "off" and group_size != 1:
         raise SystemExit("--frame-shard off means frame groups of 1 rank")
     # Creating groups is collective: every rank creates every frame group, in the same order.
-    groups = [cd.frame_group(range(g * group_size, (g + 1) * group_size))
-              for g in range(world // group_size)] if args.frame_shard == "on" else None
+    groups = (
+        [
+            cd.frame_group(range(g * group_size, (g + 1) * group_size))
+            for g in range(world // group_size)
+        ]
+        if args.frame_shard == "on"
+        else None
+    )
     data_index = rank // group_size  # which batch this rank's frame group draws
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     dtype = DTYPES[args.dtype]
     with torch.device(device):
-        model = CrossLMMForConditionalGeneration.from_preset("crosslmm-tiny" if args.preset is None
-                                                             else args.preset, dtype=dtype)
+        model = CrossLMMForConditionalGeneration.from_preset(
+            "crosslmm-tiny" if args.preset is None else args.preset, dtype=dtype
+        )
     model.model.vision_tower.requires_grad_(False)  # the task gives encoder tokens
     for dcal in model.dcals.values():
         dcal.kv_path = args.kv_path
@@ -104,9 +118,15 @@ def _train(args, device, rank, world) -> list[float]:
     grid = config.encoder_grid
     if grid[0] != grid[1]:
         raise SystemExit("the synthetic task needs a square encoder grid")
-    task = MarkerVideoTask(MarkerTaskConfig(frames=args.frames, grid=grid[0], width=vc.hidden_size,
-                                            colours=min(8, vc.hidden_size - 1)),
-                           video_token_id=config.video_token_id)
+    task = MarkerVideoTask(
+        MarkerTaskConfig(
+            frames=args.frames,
+            grid=grid[0],
+            width=vc.hidden_size,
+            colours=min(8, vc.hidden_size - 1),
+        ),
+        video_token_id=config.video_token_id,
+    )
 
     if args.frame_shard == "on":
         module = cd.FrameShardedCrossLMM(model, groups[data_index])
@@ -129,17 +149,21 @@ def _train(args, device, rank, world) -> list[float]:
     opt = torch.optim.AdamW(params, lr=args.lr)
 
     if rank == 0:
-        print(f"world {world}, frame groups of {group_size} rank(s), strategy {args.strategy}, "
-              f"preset {args.preset}, {args.frames} frames x {task.config.tokens_per_frame} "
-              f"tokens, batch {args.batch_size} per frame group, device {device.type}, "
-              f"{args.dtype}", flush=True)
+        print(
+            f"world {world}, frame groups of {group_size} rank(s), strategy {args.strategy}, "
+            f"preset {args.preset}, {args.frames} frames x {task.config.tokens_per_frame} "
+            f"tokens, batch {args.batch_size} per frame group, device {device.type}, "
+            f"{args.dtype}",
+            flush=True,
+        )
     losses = []
     for step in range(args.steps):
         gen = torch.Generator().manual_seed(args.seed * 100_003 + step * 1_009 + data_index)
         batch = task.sample(args.batch_size, config.pooled_per_frame, gen).to(device, dtype)
         start = time.perf_counter()
-        out = train_module(input_ids=batch.input_ids, vision_features=batch.vision_features,
-                           labels=batch.labels)
+        out = train_module(
+            input_ids=batch.input_ids, vision_features=batch.vision_features, labels=batch.labels
+        )
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

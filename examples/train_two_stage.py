@@ -28,18 +28,25 @@ def toy_batch(config, batch: int, frames: int, text: int, device, seed: int):
     sample at the end: the only label, so the loss is "name this video's token"."""
     g = torch.Generator().manual_seed(seed)
     tc, n = config.text_config, config.pooled_per_frame
-    features = torch.randn(batch, frames, config.tokens_per_frame, config.vision_config.hidden_size,
-                           generator=g)
+    features = torch.randn(
+        batch, frames, config.tokens_per_frame, config.vision_config.hidden_size, generator=g
+    )
     hi = config.video_token_id  # text tokens: [3, video_token_id)
     targets = torch.randint(3, hi, (batch,), generator=g)
-    ids = torch.cat([torch.full((batch, 1), tc.bos_token_id),
-                     torch.full((batch, frames * n), config.video_token_id),
-                     torch.randint(3, hi, (batch, text), generator=g),
-                     targets.unsqueeze(1)], dim=1)
+    ids = torch.cat(
+        [
+            torch.full((batch, 1), tc.bos_token_id),
+            torch.full((batch, frames * n), config.video_token_id),
+            torch.randint(3, hi, (batch, text), generator=g),
+            targets.unsqueeze(1),
+        ],
+        dim=1,
+    )
     labels = torch.full_like(ids, -100)
     labels[:, -1] = targets
-    return dict(input_ids=ids.to(device), vision_features=features.to(device),
-                labels=labels.to(device))
+    return dict(
+        input_ids=ids.to(device), vision_features=features.to(device), labels=labels.to(device)
+    )
 
 
 def group_of(name: str) -> str:
@@ -47,8 +54,12 @@ def group_of(name: str) -> str:
     if ".dcal." in name:
         branch = name.split(".dcal.")[1].split(".")[0]
         return f"DCAL {branch}" if branch in ("v2v", "t2v") else "DCAL shared"
-    for key, label in (("vision_tower", "vision tower"), ("multi_modal_projector", "projector"),
-                       ("lm_head", "LM head"), ("language_model", "LLM")):
+    for key, label in (
+        ("vision_tower", "vision tower"),
+        ("multi_modal_projector", "projector"),
+        ("lm_head", "LM head"),
+        ("language_model", "LLM"),
+    ):
         if key in name:
             return label
     return "other"
@@ -58,8 +69,10 @@ def describe(model) -> str:
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, p in model.named_parameters():
         counts[group_of(name)][0 if p.requires_grad else 1] += p.numel()
-    return ", ".join(f"{g}: {'trains' if t and not f else 'frozen' if f and not t else 'partly'}"
-                     f" ({t + f:,})" for g, (t, f) in counts.items())
+    return ", ".join(
+        f"{g}: {'trains' if t and not f else 'frozen' if f and not t else 'partly'} ({t + f:,})"
+        for g, (t, f) in counts.items()
+    )
 
 
 def gate_value(dcal, branch: str) -> str:
@@ -73,8 +86,10 @@ def gate_value(dcal, branch: str) -> str:
 
 def run_stage(model, stage: int, batch: dict, steps: int, lr: float) -> list[float]:
     trainable = model.set_training_stage(stage)
-    print(f"stage {stage}: {len(trainable)} trainable tensors, "
-          f"T2V {'on' if model.config.dcal_t2v_enabled else 'off'}")
+    print(
+        f"stage {stage}: {len(trainable)} trainable tensors, "
+        f"T2V {'on' if model.config.dcal_t2v_enabled else 'off'}"
+    )
     print(f"  {describe(model)}")
     params = [p for p in model.parameters() if p.requires_grad]
     # A fresh optimiser per stage: the paper's stages are separate runs.
@@ -92,15 +107,20 @@ def run_stage(model, stage: int, batch: dict, steps: int, lr: float) -> list[flo
     # (A V2V gate of the last decoder layer stays at 0: the pooled positions' states after the
     # last layer reach no later position, so the loss, read at the end, cannot depend on it.)
     gates = ["/".join(gate_value(d, b) for b in ("v2v", "t2v")) for d in model.dcals.values()]
-    print(f"  stage {stage} loss {losses[0]:.4f} -> {losses[-1]:.4f}; gates tanh(alpha) "
-          f"V2V/T2V per DCAL: {', '.join(gates)}")
+    print(
+        f"  stage {stage} loss {losses[0]:.4f} -> {losses[-1]:.4f}; gates tanh(alpha) "
+        f"V2V/T2V per DCAL: {', '.join(gates)}"
+    )
     return losses
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="crosslmm-tiny",
-                        help="model shapes (random weights); only crosslmm-tiny fits a CPU")
+    parser.add_argument(
+        "--preset",
+        default="crosslmm-tiny",
+        help="model shapes (random weights); only crosslmm-tiny fits a CPU",
+    )
     parser.add_argument("--steps", type=int, default=20, help="optimiser steps per stage")
     parser.add_argument("--frames", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
@@ -116,13 +136,17 @@ def main(argv=None) -> int:
         model = CrossLMMForConditionalGeneration.from_preset(args.preset)
     config = model.config
     batch = toy_batch(config, args.batch, args.frames, args.text, device, args.seed)
-    print(f"{args.preset} (random init) on {device}: DCALs after layers {list(model.dcals)}; "
-          f"{args.batch} videos of {args.frames} frames x {config.tokens_per_frame} tokens, "
-          f"{config.pooled_per_frame} pooled per frame; {args.steps} steps per stage")
+    print(
+        f"{args.preset} (random init) on {device}: DCALs after layers {list(model.dcals)}; "
+        f"{args.batch} videos of {args.frames} frames x {config.tokens_per_frame} tokens, "
+        f"{config.pooled_per_frame} pooled per frame; {args.steps} steps per stage"
+    )
     first = run_stage(model, 1, batch, args.steps, args.lr)
     second = run_stage(model, 2, batch, args.steps, args.lr)
-    print(f"loss: {first[0]:.4f} (start) -> {first[-1]:.4f} (after stage 1) -> "
-          f"{second[-1]:.4f} (after stage 2)")
+    print(
+        f"loss: {first[0]:.4f} (start) -> {first[-1]:.4f} (after stage 1) -> "
+        f"{second[-1]:.4f} (after stage 2)"
+    )
     return 0
 
 

@@ -13,9 +13,20 @@ assert ext is not None, _backend.extension_import_error()
 x = torch.randn(2, 3, 9, 8, device="cuda")
 bad_row_ptr = torch.zeros(5, dtype=torch.int32, device="cuda")  # dst has 1 token: needs 2 entries
 try:
-    ext.token_pool_mix(x, torch.empty(2, 3, 1, 8, device="cuda"), bad_row_ptr,
-                       torch.zeros(9, dtype=torch.int32, device="cuda"),
-                       torch.zeros(9, device="cuda"), None, 0, 1, 3, 9, False, 9)
+    ext.token_pool_mix(
+        x,
+        torch.empty(2, 3, 1, 8, device="cuda"),
+        bad_row_ptr,
+        torch.zeros(9, dtype=torch.int32, device="cuda"),
+        torch.zeros(9, device="cuda"),
+        None,
+        0,
+        1,
+        3,
+        9,
+        False,
+        9,
+    )
     raise SystemExit("token_pool_mix accepted a bad row_ptr")
 except RuntimeError as e:
     print("token_pool_mix: RuntimeError:", str(e).splitlines()[0][:120])
@@ -24,8 +35,9 @@ if hasattr(ext, "attention_forward"):
     kv = torch.randn(9, 2, 96, device="cuda", dtype=torch.half)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device="cuda")
     try:
-        ext.attention_forward(q, kv, kv, torch.empty_like(q), torch.empty(4, 9, device="cuda"),
-                              cu, cu, 5, 5, 0.1, 0)
+        ext.attention_forward(
+            q, kv, kv, torch.empty_like(q), torch.empty(4, 9, device="cuda"), cu, cu, 5, 5, 0.1, 0
+        )
         raise SystemExit("attention_forward accepted head dim 96")
     except RuntimeError as e:
         print("attention_forward: RuntimeError:", str(e).splitlines()[0][:120])

@@ -50,11 +50,19 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=None, help="master seed (default: from the clock)")
     p.add_argument("--replay", type=int, default=None, metavar="SEED", help="re-run one case")
-    p.add_argument("--small", action="store_true",
-                   help="with --replay: the case of a warm-up seed (drawn with short lengths)")
-    p.add_argument("--warmup", type=int, default=None, metavar="N",
-                   help="small cases per target before the timed loop, outside the time balance "
-                        "(default: 1 on cuda, 0 on cpu)")
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="with --replay: the case of a warm-up seed (drawn with short lengths)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        metavar="N",
+        help="small cases per target before the timed loop, outside the time balance "
+        "(default: 1 on cuda, 0 on cpu)",
+    )
     p.add_argument("--ops", default=None, help="comma-separated ops to fuzz (default: all)")
     p.add_argument("--every", type=int, default=20, help="write the report every N cases")
     p.add_argument("--max-failures", type=int, default=200, help="failures kept in the report")
@@ -76,10 +84,10 @@ if ARGS.device == "cpu":
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+import fuzz_cases as fc  # noqa: E402
 import torch  # noqa: E402
 
 import crosslmm_ops  # noqa: E402
-import fuzz_cases as fc  # noqa: E402
 from crosslmm_ops import _backend  # noqa: E402
 
 # Every (op, back end) pair, in a fixed order independent of what this machine can run, so a seed
@@ -97,10 +105,14 @@ def target_of(seed: int) -> tuple[str, str]:
 
 
 def environment(device: str) -> dict:
-    env = {"device": device, "python": platform.python_version(), "torch": torch.__version__,
-           "crosslmm_ops": crosslmm_ops.__version__,
-           "extension_archs": _backend.extension_archs(),
-           "triton_interpreted": _backend.triton_interpreted()}
+    env = {
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "crosslmm_ops": crosslmm_ops.__version__,
+        "extension_archs": _backend.extension_archs(),
+        "triton_interpreted": _backend.triton_interpreted(),
+    }
     try:
         import triton
 
@@ -121,8 +133,9 @@ def draw_case(seed: int, limits) -> dict:
 
 
 def replay_command(seed: int, device: str, small: bool) -> str:
-    return (f"python scripts/fuzz_campaign.py --replay {seed} --device {device}"
-            + (" --small" if small else ""))
+    return f"python scripts/fuzz_campaign.py --replay {seed} --device {device}" + (
+        " --small" if small else ""
+    )
 
 
 def run_case(seed: int, case: dict, device: str) -> None:
@@ -132,9 +145,16 @@ def run_case(seed: int, case: dict, device: str) -> None:
 
 def _sticky_cuda_error(error: BaseException) -> bool:
     text = str(error)
-    return any(s in text for s in ("illegal memory access", "CUDA error: an illegal",
-                                   "unspecified launch failure", "misaligned address",
-                                   "device-side assert"))
+    return any(
+        s in text
+        for s in (
+            "illegal memory access",
+            "CUDA error: an illegal",
+            "unspecified launch failure",
+            "misaligned address",
+            "device-side assert",
+        )
+    )
 
 
 class Campaign:
@@ -147,8 +167,11 @@ class Campaign:
         unknown = set(ops) - set(fc.OPS)
         if unknown:
             raise SystemExit(f"unknown ops {sorted(unknown)}; known: {list(fc.OPS)}")
-        self.targets = [i for i, (op, b) in enumerate(TARGETS)
-                        if op in ops and b in fc.runnable_backends(op, self.device)]
+        self.targets = [
+            i
+            for i, (op, b) in enumerate(TARGETS)
+            if op in ops and b in fc.runnable_backends(op, self.device)
+        ]
         self.spent = {i: 0.0 for i in self.targets}
         self.stats: dict[str, dict] = {}
         self.failures: list[dict] = []
@@ -165,9 +188,19 @@ class Campaign:
 
     def _entry(self, target: int) -> dict:
         op, backend = TARGETS[target]
-        return self.stats.setdefault(f"{op}[{backend}]", {
-            "op": op, "backend": backend, "cases": 0, "failures": 0, "seconds": 0.0,
-            "by_dtype": {}, "warmup_cases": 0, "warmup_seconds": 0.0})
+        return self.stats.setdefault(
+            f"{op}[{backend}]",
+            {
+                "op": op,
+                "backend": backend,
+                "cases": 0,
+                "failures": 0,
+                "seconds": 0.0,
+                "by_dtype": {},
+                "warmup_cases": 0,
+                "warmup_seconds": 0.0,
+            },
+        )
 
     def record(self, target, seed, case, seconds, error, warmup=False):
         """One case's result. ``cases``, ``failures`` and ``by_dtype`` count every case checked;
@@ -193,28 +226,39 @@ class Campaign:
             self.warmup_failed += warmup
             if len(self.failures) < self.args.max_failures:
                 op, backend = TARGETS[target]
-                self.failures.append({
-                    "op": op, "backend": backend, "seed": seed,
-                    "replay": replay_command(seed, self.device, warmup),
-                    "case": fc.describe(case) if case else None,
-                    "error": f"{type(error).__name__}: {error}"[:1500],
-                    "where": "".join(traceback.format_tb(error.__traceback__)[-3:])[-1500:],
-                    **({"warmup": True} if warmup else {})})
+                self.failures.append(
+                    {
+                        "op": op,
+                        "backend": backend,
+                        "seed": seed,
+                        "replay": replay_command(seed, self.device, warmup),
+                        "case": fc.describe(case) if case else None,
+                        "error": f"{type(error).__name__}: {error}"[:1500],
+                        "where": "".join(traceback.format_tb(error.__traceback__)[-3:])[-1500:],
+                        **({"warmup": True} if warmup else {}),
+                    }
+                )
 
     def report(self) -> dict:
         elapsed = time.time() - self.started
         return {
             "kind": "crosslmm-ops fuzz campaign (scripts/fuzz_campaign.py)",
             "environment": environment(self.device),
-            "master_seed": self.master, "budget_s": self.args.seconds,
-            "elapsed_s": round(elapsed, 1), "stopped_by": self.stopped_by,
+            "master_seed": self.master,
+            "budget_s": self.args.seconds,
+            "elapsed_s": round(elapsed, 1),
+            "stopped_by": self.stopped_by,
             "aborted": self.aborted,
-            "totals": {"cases": self.cases, "failures": self.failed,
-                       "targets": len(self.targets),
-                       "cases_per_s": round(self.cases / elapsed, 2) if elapsed else 0.0,
-                       "warmup_per_target": self.args.warmup,
-                       "warmup_cases": self.warmup_cases, "warmup_failures": self.warmup_failed,
-                       "warmup_s": round(self.warmup_seconds, 1)},
+            "totals": {
+                "cases": self.cases,
+                "failures": self.failed,
+                "targets": len(self.targets),
+                "cases_per_s": round(self.cases / elapsed, 2) if elapsed else 0.0,
+                "warmup_per_target": self.args.warmup,
+                "warmup_cases": self.warmup_cases,
+                "warmup_failures": self.warmup_failed,
+                "warmup_s": round(self.warmup_seconds, 1),
+            },
             "targets": dict(sorted(self.stats.items())),
             "failures": self.failures,
         }
@@ -228,8 +272,10 @@ class Campaign:
 
     def progress(self) -> None:
         elapsed = time.time() - self.started
-        per = ", ".join(f"{k} {v['cases']}" + (f"/{v['failures']}F" if v["failures"] else "")
-                        for k, v in sorted(self.stats.items()))
+        per = ", ".join(
+            f"{k} {v['cases']}" + (f"/{v['failures']}F" if v["failures"] else "")
+            for k, v in sorted(self.stats.items())
+        )
         print(f"[{elapsed:6.1f}s] {self.cases} cases, {self.failed} failed | {per}", flush=True)
 
     def run_one(self, target: int, warmup: bool = False) -> bool:
@@ -250,8 +296,11 @@ class Campaign:
         self.record(target, seed, case, time.time() - t0, error, warmup=warmup)
         if error is not None:
             op, backend = TARGETS[target]
-            print(f"FAIL {op}[{backend}] seed {seed}{' (warm-up, --small)' if warmup else ''}: "
-                  f"{type(error).__name__}: {str(error)[:300]}", flush=True)
+            print(
+                f"FAIL {op}[{backend}] seed {seed}{' (warm-up, --small)' if warmup else ''}: "
+                f"{type(error).__name__}: {str(error)[:300]}",
+                flush=True,
+            )
             if self.device == "cuda" and _sticky_cuda_error(error):
                 self.aborted = f"sticky CUDA error at seed {seed}; later cases cannot run"
                 return False
@@ -264,11 +313,13 @@ class Campaign:
             raise SystemExit("nothing to fuzz here")
         deadline = self.started + self.args.seconds
         last_print = 0.0
-        print(f"fuzz campaign on {self.device}: {len(self.targets)} targets "
-              f"({', '.join(f'{TARGETS[i][0]}[{TARGETS[i][1]}]' for i in self.targets)}), "
-              f"{self.args.seconds:.0f} s, master seed {self.master}"
-              f"{f', warm-up {self.args.warmup} per target' if self.args.warmup else ''}",
-              flush=True)
+        print(
+            f"fuzz campaign on {self.device}: {len(self.targets)} targets "
+            f"({', '.join(f'{TARGETS[i][0]}[{TARGETS[i][1]}]' for i in self.targets)}), "
+            f"{self.args.seconds:.0f} s, master seed {self.master}"
+            f"{f', warm-up {self.args.warmup} per target' if self.args.warmup else ''}",
+            flush=True,
+        )
         # The warm-up: within the deadline, outside the balance (see the module docstring).
         for _ in range(self.args.warmup):
             for target in self.targets:
@@ -278,8 +329,11 @@ class Campaign:
                 continue
             break
         if self.args.warmup:
-            print(f"[{time.time() - self.started:6.1f}s] warm-up: {self.warmup_cases} cases, "
-                  f"{self.warmup_failed} failed", flush=True)
+            print(
+                f"[{time.time() - self.started:6.1f}s] warm-up: {self.warmup_cases} cases, "
+                f"{self.warmup_failed} failed",
+                flush=True,
+            )
         while time.time() < deadline and not self.aborted:
             target = min(self.targets, key=lambda i: (self.spent[i], i))
             if not self.run_one(target):
@@ -294,8 +348,10 @@ def replay(args) -> int:
     op, backend = target_of(args.replay)
     limits = fc.limits_for(args.device)
     case = draw_case(args.replay, fc.small_limits(limits) if args.small else limits)
-    print(f"replaying {op}[{backend}] on {args.device}{' (warm-up draw)' if args.small else ''}, "
-          "case:")
+    print(
+        f"replaying {op}[{backend}] on {args.device}{' (warm-up draw)' if args.small else ''}, "
+        "case:"
+    )
     print(json.dumps(fc.describe(case), default=str))
     try:
         run_case(args.replay, case, args.device)

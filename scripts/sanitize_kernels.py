@@ -20,8 +20,17 @@ runs = 0
 
 POOL_CASES = [
     ("avg", dict(kernel_size=3)),
-    ("avg", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False,
-                 temporal_stride=2)),
+    (
+        "avg",
+        dict(
+            kernel_size=3,
+            stride=2,
+            padding=1,
+            ceil_mode=True,
+            count_include_pad=False,
+            temporal_stride=2,
+        ),
+    ),
     ("max", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, temporal_stride=3)),
     ("adaptive", dict(output_size=1)),  # long rows: taps split across thread groups
     ("adaptive", dict(output_size=4)),
@@ -76,8 +85,7 @@ if attention is not None and ext is not None and hasattr(ext, "attention_forward
             cu_k = torch.tensor([0, 129, 169, 169], dtype=torch.int32, device="cuda")
             q = torch.randn(135, 4, 128, device="cuda", dtype=dtype)
             k = torch.randn(169, 2, 128, device="cuda", dtype=dtype)
-            attention(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, num_splits=2,
-                      backend="cuda")
+            attention(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, num_splits=2, backend="cuda")
             kernels.add(ext.attention_forward_kernel_name())
             runs += 2
         torch.cuda.synchronize()
@@ -108,8 +116,11 @@ if os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):
     # initcheck does not track: torch.bmm then a copy, none of our code, gives the same reports,
     # tools/diag_projected_initcheck.py section A), and racecheck reports hazards inside the
     # GEMM itself (mbarrier-ordered shared memory). So only memcheck runs this section.
-    print("sanitize_kernels: public projected call skipped under "
-          f"{os.environ['CROSSLMM_SANITIZE_TOOL']} (cuBLAS GEMMs; see the comment)", flush=True)
+    print(
+        "sanitize_kernels: public projected call skipped under "
+        f"{os.environ['CROSSLMM_SANITIZE_TOOL']} (cuBLAS GEMMs; see the comment)",
+        flush=True,
+    )
 elif ext is not None and hasattr(ext, "projected_attention_core_forward"):
     # Through the public op: the fused path's forward on CUDA (its backward runs on Triton),
     # frame-local segments and a decode row against a long segment, with splits.
@@ -120,9 +131,18 @@ elif ext is not None and hasattr(ext, "projected_attention_core_forward"):
     x = torch.randn(4458, 1152, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(256, 1152, device="cuda", dtype=torch.bfloat16) / 34
     for splits in (1, 4, 0):
-        crosslmm_ops.projected_cross_attention(q, x, w, w, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                               norm="layernorm", path="fused", backend="cuda",
-                                               num_splits=splits)
+        crosslmm_ops.projected_cross_attention(
+            q,
+            x,
+            w,
+            w,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            norm="layernorm",
+            path="fused",
+            backend="cuda",
+            num_splits=splits,
+        )
         runs += 1 if splits == 1 else 2
     torch.cuda.synchronize()
 print(f"sanitize_kernels: {runs} kernels run")

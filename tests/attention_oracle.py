@@ -24,7 +24,7 @@ import math
 import torch
 
 # Score elements per block (all heads of a block of queries): 2**27 float64 is 1 GiB.
-BLOCK_ELEMENTS = 2 ** 27
+BLOCK_ELEMENTS = 2**27
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,8 +54,9 @@ def _attend(q, k, v, scale: float, dtype: torch.dtype):
     group = q.shape[1] // k.shape[1]
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if k.shape[0] == 0:  # no keys: an empty softmax, output 0 and LSE -inf
-        return torch.zeros_like(q), q.new_full((q.shape[1], q.shape[0]), -math.inf,
-                                               dtype=_lse_dtype(dtype))
+        return torch.zeros_like(q), q.new_full(
+            (q.shape[1], q.shape[0]), -math.inf, dtype=_lse_dtype(dtype)
+        )
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     s = torch.einsum("qhd,khd->hqk", q, k) * scale
     lse = torch.logsumexp(s.to(_lse_dtype(dtype)), dim=-1)
@@ -68,12 +69,28 @@ def _packed(q, k, v, cu_q, cu_k):
         return q, k, v, cu_q, cu_k
     b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
     cu = lambda s: torch.arange(0, (b + 1) * s, s, dtype=torch.int64)  # noqa: E731
-    return q.reshape(b * sq, *q.shape[2:]), k.reshape(b * sk, *k.shape[2:]), \
-        v.reshape(b * sk, *v.shape[2:]), cu(sq), cu(sk)
+    return (
+        q.reshape(b * sq, *q.shape[2:]),
+        k.reshape(b * sk, *k.shape[2:]),
+        v.reshape(b * sk, *v.shape[2:]),
+        cu(sq),
+        cu(sk),
+    )
 
 
-def attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, *, softmax_scale=None, gate=None,
-              residual=None, dtype=torch.float64, block=BLOCK_ELEMENTS):
+def attention(
+    q,
+    k,
+    v,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    *,
+    softmax_scale=None,
+    gate=None,
+    residual=None,
+    dtype=torch.float64,
+    block=BLOCK_ELEMENTS,
+):
     """``cross_attention(q, k, v, ..., return_lse=True)`` computed in ``dtype``, segment by
     segment: ``(out in dtype, lse)``, the LSE in float32 (float64 for float64) and shaped like
     flash-attn's (``(B, Hq, Sq)`` batched, ``(Hq, total_q)`` packed). Layouts: batched
@@ -100,8 +117,18 @@ def attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, *, softmax_scale=No
     return out, lse
 
 
-def attention_grads(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale,
-                    dtype=torch.float64, block=BLOCK_ELEMENTS):
+def attention_grads(
+    dout,
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    *,
+    softmax_scale,
+    dtype=torch.float64,
+    block=BLOCK_ELEMENTS,
+):
     """``(dq, dk, dv)`` in ``dtype`` of :func:`attention` (packed layout) for the output gradient
     ``dout``, through autograd one block at a time (what autograd of the whole computation gives,
     in bounded memory); dk and dv summed over the blocks in float32 (float64 for float64) and
@@ -155,29 +182,45 @@ def magnitude_floor(ref: torch.Tensor) -> float:
     return 1e-3 * max(ref.abs().max().item(), 1e-2) if ref.numel() else 0.0
 
 
-def check_close(name: str, ours: torch.Tensor, low_precision: torch.Tensor, ref: torch.Tensor,
-                *, factor: float, floor: float | None = None) -> str:
+def check_close(
+    name: str,
+    ours: torch.Tensor,
+    low_precision: torch.Tensor,
+    ref: torch.Tensor,
+    *,
+    factor: float,
+    floor: float | None = None,
+) -> str:
     """Asserts ``ours`` has no NaN (an unwritten, poisoned element) and ``max |ours - ref| <=
     factor * max |low_precision - ref| + floor`` (``floor``: :func:`magnitude_floor` of ``ref``
     unless given); returns a one-line report of the errors."""
-    assert not torch.isnan(ours).any(), f"{name}: NaN in the result (an unwritten or poisoned " \
-                                         f"element, or a NaN computed)"
+    assert not torch.isnan(ours).any(), (
+        f"{name}: NaN in the result (an unwritten or poisoned element, or a NaN computed)"
+    )
     if ref.numel() == 0:
         return f"{name}: empty"
     floor = magnitude_floor(ref) if floor is None else floor
     err, base = max_err(ours, ref), max_err(low_precision, ref)
-    report = (f"{name}: max err {err:.3e} (PyTorch {low_precision.dtype} {base:.3e}, "
-              f"floor {floor:.1e})")
+    report = (
+        f"{name}: max err {err:.3e} (PyTorch {low_precision.dtype} {base:.3e}, floor {floor:.1e})"
+    )
     assert err <= factor * base + floor, f"{report} exceeds {factor:g}x + floor"
     return report
 
 
-def check_lse(ours: torch.Tensor, low_precision: torch.Tensor, ref: torch.Tensor, *,
-              factor: float = 2.0, floor: float | None = None) -> str:
+def check_lse(
+    ours: torch.Tensor,
+    low_precision: torch.Tensor,
+    ref: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    floor: float | None = None,
+) -> str:
     """:func:`check_close` on the finite rows, after asserting ``ours`` is ``-inf`` exactly where
     ``ref`` is (rows without keys)."""
     empty = torch.isneginf(ref)
     assert torch.equal(torch.isneginf(ours), empty), "lse: -inf exactly where a row has no keys"
     keep = ~empty
-    return check_close("lse", ours[keep], low_precision[keep], ref[keep], factor=factor,
-                       floor=floor)
+    return check_close(
+        "lse", ours[keep], low_precision[keep], ref[keep], factor=factor, floor=floor
+    )

@@ -25,15 +25,24 @@ class ChildSmoke:
             self._ran = True
             env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
             try:
-                proc = subprocess.run([sys.executable, self.path, "--smoke"],
-                                      capture_output=True, text=True, timeout=self.timeout,
-                                      env=env)
+                proc = subprocess.run(
+                    [sys.executable, self.path, "--smoke"],
+                    capture_output=True,
+                    text=True,
+                    timeout=self.timeout,
+                    env=env,
+                )
                 ok = proc.returncode == 0 and self.ok_line in proc.stdout
-                self._error = None if ok else (f"exit {proc.returncode}\n"
-                                               f"{proc.stdout[-self.tail:]}\n{proc.stderr[-6000:]}")
+                self._error = (
+                    None
+                    if ok
+                    else (
+                        f"exit {proc.returncode}\n"
+                        f"{proc.stdout[-self.tail :]}\n{proc.stderr[-6000:]}"
+                    )
+                )
                 self.log = proc.stdout
             except subprocess.TimeoutExpired as exc:
                 out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-                self._error = (f"timed out after {self.timeout:.0f} s (a hang?)\n"
-                               f"{out[-self.tail:]}")
+                self._error = f"timed out after {self.timeout:.0f} s (a hang?)\n{out[-self.tail :]}"
         return self._error

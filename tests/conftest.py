@@ -34,10 +34,11 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     ext = _backend.extension()
+    built = "built for sm_" + ", sm_".join(_backend.extension_archs()) if ext else "not built"
     return [
         f"crosslmm-ops {crosslmm_ops.__version__}, torch {torch.__version__}, "
         f"GPU: {torch.cuda.get_device_name() if HAS_CUDA else 'none'}",
-        f"extension: {'built for sm_' + ', sm_'.join(_backend.extension_archs()) if ext else 'not built'}; "
+        f"extension: {built}; "
         f"triton: {'yes' if _backend.triton_available() else 'no'}"
         f"{' (interpreter)' if _backend.triton_interpreted() else ''}",
     ]
@@ -47,4 +48,3 @@ def pytest_report_header(config):
 def _seed():
     torch.manual_seed(0)
     yield
-

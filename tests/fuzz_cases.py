@@ -22,10 +22,17 @@ import random
 from typing import Callable
 
 import torch
+from test_cross_attention import check_backend as check_attention
+from test_cross_attention import cu_seqlens, max_err, rounding
+from test_nn import Ref, positions_of, randomize, ref_branch, ref_dcal
+from test_projected_attention import check_public as check_projected
+from test_projected_attention import problem as projected_problem
+from test_token_pool import check_backend as check_pool
 
 import crosslmm_ops
 from crosslmm_ops import (
     PoolSpec,
+    _backend,
     attention_weights,
     cross_attention,
     cross_attention_reference,
@@ -33,7 +40,6 @@ from crosslmm_ops import (
     flash_attn_varlen_func,
     merge_attention_states,
 )
-from crosslmm_ops import _backend
 from crosslmm_ops.nn import (
     CrossAttention,
     DualCrossAttention,
@@ -43,12 +49,6 @@ from crosslmm_ops.nn import (
 )
 from crosslmm_ops.ops.projected_attention import last_path
 from crosslmm_ops.testing import env_value, non_contiguous, poison_outputs
-from test_cross_attention import check_backend as check_attention
-from test_cross_attention import cu_seqlens, max_err, rounding
-from test_nn import Ref, positions_of, randomize, ref_branch, ref_dcal
-from test_projected_attention import check_public as check_projected
-from test_projected_attention import problem as projected_problem
-from test_token_pool import check_backend as check_pool
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -90,12 +90,32 @@ class Limits:
     modules_fast_dtype: torch.dtype  # dtype of the modules on the triton / cuda back ends
 
 
-CPU_LIMITS = Limits(max_q=20, max_k=70, big_q=20, big_k=70, head_dims=(8, 24, 40, 64),
-                    dtypes=(F32, F16), widths=(16, 24, 40), grid=10, tokens_per_frame=(4, 6),
-                    hidden=(24, 36), modules_fast_dtype=F32)
-GPU_LIMITS = Limits(max_q=300, max_k=3000, big_q=2304, big_k=24000, head_dims=(40, 64, 128),
-                    dtypes=(BF16, F16, F32), widths=(64, 200, 1152), grid=29,
-                    tokens_per_frame=(6, 49, 729), hidden=(96, 256), modules_fast_dtype=BF16)
+CPU_LIMITS = Limits(
+    max_q=20,
+    max_k=70,
+    big_q=20,
+    big_k=70,
+    head_dims=(8, 24, 40, 64),
+    dtypes=(F32, F16),
+    widths=(16, 24, 40),
+    grid=10,
+    tokens_per_frame=(4, 6),
+    hidden=(24, 36),
+    modules_fast_dtype=F32,
+)
+GPU_LIMITS = Limits(
+    max_q=300,
+    max_k=3000,
+    big_q=2304,
+    big_k=24000,
+    head_dims=(40, 64, 128),
+    dtypes=(BF16, F16, F32),
+    widths=(64, 200, 1152),
+    grid=29,
+    tokens_per_frame=(6, 49, 729),
+    hidden=(96, 256),
+    modules_fast_dtype=BF16,
+)
 CUDA_HEAD_DIMS = (64, 128)
 CUDA_DTYPES = (BF16, F16)
 
@@ -108,8 +128,13 @@ def small_limits(limits: Limits) -> Limits:
     """``limits`` with short lengths (at most 16 queries and 64 keys per segment, no large draw)
     but the same head dims, widths and dtypes, hence the same Triton ``constexpr`` values: the
     campaign's warm-up draws compile the kernels its timed cases then use."""
-    return dataclasses.replace(limits, max_q=min(limits.max_q, 16), max_k=min(limits.max_k, 64),
-                               big_q=min(limits.big_q, 16), big_k=min(limits.big_k, 64))
+    return dataclasses.replace(
+        limits,
+        max_q=min(limits.max_q, 16),
+        max_k=min(limits.max_k, 64),
+        big_q=min(limits.big_q, 16),
+        big_k=min(limits.big_k, 64),
+    )
 
 
 def backend_dtypes(backend: str, limits: Limits) -> tuple:
@@ -163,12 +188,19 @@ def draw_attention(d, backend: str, limits: Limits) -> dict:
         lens_q, lens_k = _lengths(d, limits, allow_zero=False, count=1, big=big)
     heads = CUDA_HEAD_DIMS if backend == "cuda" else limits.head_dims
     return dict(
-        varlen=varlen, batch=batch, lens_q=lens_q, lens_k=lens_k,
-        hk=d.sampled_from([1, 2, 3]), group=d.sampled_from([1, 2, 4]),
-        d=d.sampled_from(heads), dtype=d.sampled_from(backend_dtypes(backend, limits)),
-        num_splits=d.integers(0, 5), strided=d.booleans(),
+        varlen=varlen,
+        batch=batch,
+        lens_q=lens_q,
+        lens_k=lens_k,
+        hk=d.sampled_from([1, 2, 3]),
+        group=d.sampled_from([1, 2, 4]),
+        d=d.sampled_from(heads),
+        dtype=d.sampled_from(backend_dtypes(backend, limits)),
+        num_splits=d.integers(0, 5),
+        strided=d.booleans(),
         epilogue=d.sampled_from([None, "scalar", "per-head"]),
-        lse_grad=d.booleans(), seed=d.integers(0, 2**31 - 1),
+        lse_grad=d.booleans(),
+        seed=d.integers(0, 2**31 - 1),
     )
 
 
@@ -194,8 +226,18 @@ def attention_inputs(case: dict, device: str):
 
 def run_attention(backend: str, case: dict, device: str) -> None:
     q, k, v, cu_q, cu_k, gate, residual = attention_inputs(case, device)
-    check_attention(backend, q, k, v, cu_q=cu_q, cu_k=cu_k, num_splits=case["num_splits"],
-                    gate=gate, residual=residual, lse_grad=case["lse_grad"])
+    check_attention(
+        backend,
+        q,
+        k,
+        v,
+        cu_q=cu_q,
+        cu_k=cu_k,
+        num_splits=case["num_splits"],
+        gate=gate,
+        residual=residual,
+        lse_grad=case["lse_grad"],
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,9 +252,12 @@ def draw_pool(d, backend: str, limits: Limits) -> dict:
         mode = d.sampled_from(["avg", "max", "adaptive", "bilinear"])
         if mode in ("avg", "max"):
             kh, kw_ = d.integers(1, min(h, 6) + 1), d.integers(1, min(w, 6) + 1)
-            kw = dict(kernel_size=(kh, kw_), stride=(d.integers(1, 4), d.integers(1, 4)),
-                      padding=(d.integers(0, kh // 2), d.integers(0, kw_ // 2)),
-                      ceil_mode=d.booleans())
+            kw = dict(
+                kernel_size=(kh, kw_),
+                stride=(d.integers(1, 4), d.integers(1, 4)),
+                padding=(d.integers(0, kh // 2), d.integers(0, kw_ // 2)),
+                ceil_mode=d.booleans(),
+            )
             if mode == "avg":
                 kw["count_include_pad"] = d.booleans()
         else:
@@ -229,17 +274,25 @@ def draw_pool(d, backend: str, limits: Limits) -> dict:
     dtypes = (F32,) if backend == "torch" else backend_dtypes(backend, limits)
     if backend == "cuda":
         dtypes = (BF16, F16, F32)  # the pooling kernels take fp32 too
-    return dict(grid=(h, w), mode=mode, kw=kw, frames=d.integers(1, 5),
-                lead=d.sampled_from([(), (2,)]), channels=d.integers(1, 70),
-                dtype=d.sampled_from(dtypes), strided=d.booleans(),
-                seed=d.integers(0, 2**31 - 1))
+    return dict(
+        grid=(h, w),
+        mode=mode,
+        kw=kw,
+        frames=d.integers(1, 5),
+        lead=d.sampled_from([(), (2,)]),
+        channels=d.integers(1, 70),
+        dtype=d.sampled_from(dtypes),
+        strided=d.booleans(),
+        seed=d.integers(0, 2**31 - 1),
+    )
 
 
 def run_pool(backend: str, case: dict, device: str) -> None:
     torch.manual_seed(case["seed"])
     h, w = case["grid"]
-    x = torch.randn(*case["lead"], case["frames"], h * w, case["channels"], dtype=case["dtype"],
-                    device=device)
+    x = torch.randn(
+        *case["lead"], case["frames"], h * w, case["channels"], dtype=case["dtype"], device=device
+    )
     if case["strided"]:
         x = _strided(x)
     check_pool(backend, x, case["grid"], case["mode"], case["kw"])
@@ -271,47 +324,79 @@ def draw_projected(d, backend: str, limits: Limits) -> dict:
         lens, batch = None, (d.integers(1, 3), lq[0], lk[0])
     # Materialised K/V on the CUDA kernels: their head dims; otherwise keep d small (it only
     # enters the projections on the fused path).
-    heads = CUDA_HEAD_DIMS if backend == "cuda" and path == "materialized" else \
-        tuple(h for h in limits.head_dims if h <= 64) + ((128,) if limits is GPU_LIMITS else ())
+    heads = (
+        CUDA_HEAD_DIMS
+        if backend == "cuda" and path == "materialized"
+        else tuple(h for h in limits.head_dims if h <= 64)
+        + ((128,) if limits is GPU_LIMITS else ())
+    )
     hk, group = d.sampled_from([(1, 1), (2, 2), (1, 4), (2, 3), (3, 1)])
     norm = d.sampled_from([None, "layernorm", "rmsnorm"])
     # One key per segment (dq, dW_k exactly 0 in theory, a float32 residue in practice) is drawn
     # as often as any other length: check_public's rounding-noise floor allows for the residue.
     dtype = d.sampled_from(backend_dtypes(backend, limits))
-    return dict(path=path, varlen=varlen, batch=batch, lens=lens, hk=hk, group=group,
-                d=d.sampled_from(heads), dv=d.sampled_from(limits.widths),
-                dtype=dtype, norm=norm,
-                biases=d.booleans(), norm_params=d.booleans() or norm is None,
-                num_splits=d.integers(0, 5), strided=d.booleans(), lse_grad=d.booleans(),
-                seed=d.integers(0, 2**31 - 1))
+    return dict(
+        path=path,
+        varlen=varlen,
+        batch=batch,
+        lens=lens,
+        hk=hk,
+        group=group,
+        d=d.sampled_from(heads),
+        dv=d.sampled_from(limits.widths),
+        dtype=dtype,
+        norm=norm,
+        biases=d.booleans(),
+        norm_params=d.booleans() or norm is None,
+        num_splits=d.integers(0, 5),
+        strided=d.booleans(),
+        lse_grad=d.booleans(),
+        seed=d.integers(0, 2**31 - 1),
+    )
 
 
 def run_projected(backend: str, case: dict, device: str) -> None:
     torch.manual_seed(case["seed"])
     tensors, packed = projected_problem(
-        batch=case["batch"], lens=case["lens"], hq=case["hk"] * case["group"], hk=case["hk"],
-        d=case["d"], dv=case["dv"], dtype=case["dtype"], device=device, biases=case["biases"],
-        norm_params=case["norm_params"])
+        batch=case["batch"],
+        lens=case["lens"],
+        hq=case["hk"] * case["group"],
+        hk=case["hk"],
+        d=case["d"],
+        dv=case["dv"],
+        dtype=case["dtype"],
+        device=device,
+        biases=case["biases"],
+        norm_params=case["norm_params"],
+    )
     if case["strided"]:
         tensors["q"], tensors["x"] = _strided(tensors["q"]), _strided(tensors["x"])
     lens = case["lens"] or ([case["batch"][1]], [case["batch"][2]])
     pairs = sum(a * b for a, b in zip(*lens))
     # check_public differentiates the reference, which has no graph when no query sees a key:
     # check the forward there, and that the gradients are zeros, here.
-    check_projected(backend, tensors, packed, path=case["path"], norm=case["norm"],
-                    num_splits=case["num_splits"], lse_grad=case["lse_grad"],
-                    check_grad=pairs > 0)
+    check_projected(
+        backend,
+        tensors,
+        packed,
+        path=case["path"],
+        norm=case["norm"],
+        num_splits=case["num_splits"],
+        lse_grad=case["lse_grad"],
+        check_grad=pairs > 0,
+    )
     if pairs == 0 and tensors["q"].numel():
         leaves = {n: t.detach().requires_grad_(True) for n, t in tensors.items()}
         with poison_outputs():
-            out = crosslmm_ops.projected_cross_attention(**leaves, **packed, norm=case["norm"],
-                                                         path=case["path"], backend=backend)
-            grads = torch.autograd.grad(out.float().sum(), list(leaves.values()),
-                                        allow_unused=True, materialize_grads=True)
+            out = crosslmm_ops.projected_cross_attention(
+                **leaves, **packed, norm=case["norm"], path=case["path"], backend=backend
+            )
+            grads = torch.autograd.grad(
+                out.float().sum(), list(leaves.values()), allow_unused=True, materialize_grads=True
+            )
         assert torch.equal(out, torch.zeros_like(out)), "no keys: the output must be 0"
         for name, gr in zip(leaves, grads):
             assert torch.equal(gr, torch.zeros_like(gr)), f"no keys: d{name} must be 0"
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,9 +406,15 @@ def run_projected(backend: str, case: dict, device: str) -> None:
 
 def draw_merge(d, backend: str, limits: Limits) -> dict:
     case = draw_attention(d, backend, limits)
-    case.update(varlen=True, batch=None, epilogue=None, strided=False,
-                parts=d.integers(1, 4), cut_seed=d.integers(0, 2**31 - 1),
-                stacked=d.booleans())
+    case.update(
+        varlen=True,
+        batch=None,
+        epilogue=None,
+        strided=False,
+        parts=d.integers(1, 4),
+        cut_seed=d.integers(0, 2**31 - 1),
+        stacked=d.booleans(),
+    )
     if len(case["lens_q"]) == 1 and case["lens_q"][0] == 0:
         case["lens_q"] = [1]
     return case
@@ -349,12 +440,22 @@ def run_merge(backend: str, case: dict, device: str) -> None:
     with poison_outputs():
         for part in range(case["parts"]):
             ranges = [c[part] for c in cuts]
-            rows = torch.cat([torch.arange(a, b, device=device) for a, b in ranges]) \
-                if ranges else torch.zeros(0, dtype=torch.long, device=device)
+            rows = (
+                torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+                if ranges
+                else torch.zeros(0, dtype=torch.long, device=device)
+            )
             cu_part = cu_seqlens([b - a for a, b in ranges], device)
-            o, l = cross_attention(leaves[0], leaves[1][rows], leaves[2][rows], cu_seqlens_q=cu_q,
-                                   cu_seqlens_k=cu_part, return_lse=True, backend=backend,
-                                   num_splits=case["num_splits"])
+            o, l = cross_attention(
+                leaves[0],
+                leaves[1][rows],
+                leaves[2][rows],
+                cu_seqlens_q=cu_q,
+                cu_seqlens_k=cu_part,
+                return_lse=True,
+                backend=backend,
+                num_splits=case["num_splits"],
+            )
             outs.append(o)
             lses.append(l)
     assert crosslmm_ops.last_backend("cross_attention") == backend
@@ -362,10 +463,12 @@ def run_merge(backend: str, case: dict, device: str) -> None:
         out, lse = merge_attention_states(torch.stack(outs), torch.stack(lses))
     else:
         out, lse = merge_attention_states(outs, lses)
-    ref_out, ref_lse = cross_attention_reference(*ref, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                                 return_lse=True, compute_dtype=F64)
-    low_out, low_lse = cross_attention_reference(*low, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                                 return_lse=True, compute_dtype=dtype)
+    ref_out, ref_lse = cross_attention_reference(
+        *ref, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True, compute_dtype=F64
+    )
+    low_out, low_lse = cross_attention_reference(
+        *low, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True, compute_dtype=dtype
+    )
     assert out.dtype == dtype and out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "-inf rows differ"
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
@@ -400,7 +503,7 @@ def run_merge(backend: str, case: dict, device: str) -> None:
     else:
         queries = int((cu_q[1:] - cu_q[:-1]).max().item()) if cu_q.numel() > 1 else 0
     queries = max(queries, 1)
-    p_noise = 8 * torch.finfo(F32).eps * mags[0] * queries ** 0.5
+    p_noise = 8 * torch.finfo(F32).eps * mags[0] * queries**0.5
     for name, a, e, lo in zip(("dq", "dk", "dv"), actual, expected, lowg):
         assert not torch.isnan(a).any(), f"NaN in {name}"
         # Partials of fewer keys each round differently from the one full call: 3x + 2 roundings.
@@ -410,9 +513,14 @@ def run_merge(backend: str, case: dict, device: str) -> None:
 
 def draw_weights(d, backend: str, limits: Limits) -> dict:
     case = draw_attention(d, "torch", limits)
-    case.update(epilogue=None, n_index=d.integers(1, 4), index_seed=d.integers(0, 2**31 - 1),
-                with_lse=d.booleans(), block_size=d.sampled_from([1, 7, 64, 4096]),
-                scale=d.sampled_from([None, 0.3]))
+    case.update(
+        epilogue=None,
+        n_index=d.integers(1, 4),
+        index_seed=d.integers(0, 2**31 - 1),
+        with_lse=d.booleans(),
+        block_size=d.sampled_from([1, 7, 64, 4096]),
+        scale=d.sampled_from([None, 0.3]),
+    )
     if sum(case["lens_q"]) == 0:
         case["lens_q"] = [1] + case["lens_q"][1:]
     return case
@@ -423,17 +531,25 @@ def run_weights(backend: str, case: dict, device: str) -> None:
     float64 softmax from the same inputs, every layout; with the LSE given or recomputed."""
     q, k, _, cu_q, cu_k, _, _ = attention_inputs(case, device)
     dim, group = q.shape[-1], case["group"]
-    scale = case["scale"] if case["scale"] is not None else dim ** -0.5
+    scale = case["scale"] if case["scale"] is not None else dim**-0.5
     rng = random.Random(case["index_seed"])
     limit = q.shape[1] if not case["varlen"] else q.shape[0]
     idx = [rng.randrange(-limit, limit) for _ in range(case["n_index"])]
     kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k) if case["varlen"] else {}
     lse = None
     if case["with_lse"]:
-        _, lse = cross_attention(q, k, k, softmax_scale=scale, return_lse=True, **kw,
-                                 backend="torch")
-    probs = attention_weights(q, k, softmax_scale=case["scale"], query_index=idx, lse=lse,
-                              block_size=case["block_size"], **kw)
+        _, lse = cross_attention(
+            q, k, k, softmax_scale=scale, return_lse=True, **kw, backend="torch"
+        )
+    probs = attention_weights(
+        q,
+        k,
+        softmax_scale=case["scale"],
+        query_index=idx,
+        lse=lse,
+        block_size=case["block_size"],
+        **kw,
+    )
     qd, kd = q.double(), k.double().repeat_interleave(group, -2)
     if not case["varlen"]:
         rows = [i % limit for i in idx]
@@ -446,7 +562,7 @@ def run_weights(backend: str, case: dict, device: str) -> None:
         width = max((ck[s + 1] - ck[s] for s in segs), default=0)
         expected = torch.zeros(len(idx), q.shape[1], width, dtype=F64, device=q.device)
         for r, (i, s) in enumerate(zip(idx, segs)):
-            keys = kd[ck[s]: ck[s + 1]]
+            keys = kd[ck[s] : ck[s + 1]]
             if keys.shape[0]:
                 sc = torch.einsum("hd,khd->hk", qd[i % limit], keys) * scale
                 expected[r, :, : keys.shape[0]] = torch.softmax(sc, -1)
@@ -457,8 +573,12 @@ def run_weights(backend: str, case: dict, device: str) -> None:
 
 def draw_flash(d, backend: str, limits: Limits) -> dict:
     case = draw_attention(d, backend, limits)
-    case.update(epilogue=None, scale=d.sampled_from([None, 0.2]), probs=d.booleans(),
-                deterministic=d.booleans())
+    case.update(
+        epilogue=None,
+        scale=d.sampled_from([None, 0.2]),
+        probs=d.booleans(),
+        deterministic=d.booleans(),
+    )
     return case
 
 
@@ -469,8 +589,11 @@ def run_flash(backend: str, case: dict, device: str) -> None:
     q, k, v, cu_q, cu_k, _, _ = attention_inputs(case, device)
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     direct = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    kw = dict(softmax_scale=case["scale"], deterministic=case["deterministic"],
-              return_attn_probs=case["probs"])
+    kw = dict(
+        softmax_scale=case["scale"],
+        deterministic=case["deterministic"],
+        return_attn_probs=case["probs"],
+    )
     with env_value(_backend.ENV_VAR, backend), poison_outputs():
         if case["varlen"]:
             mq, mk = max(case["lens_q"]), max(case["lens_k"])
@@ -480,8 +603,14 @@ def run_flash(backend: str, case: dict, device: str) -> None:
     assert crosslmm_ops.last_backend("cross_attention") == backend
     packed = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k) if case["varlen"] else {}
     with poison_outputs():
-        out, lse = cross_attention(*direct, softmax_scale=case["scale"], return_lse=True,
-                                   deterministic=case["deterministic"], backend=backend, **packed)
+        out, lse = cross_attention(
+            *direct,
+            softmax_scale=case["scale"],
+            return_lse=True,
+            deterministic=case["deterministic"],
+            backend=backend,
+            **packed,
+        )
     if case["probs"]:
         assert isinstance(result, tuple) and len(result) == 3 and result[2] is None
         got_out, got_lse = result[:2]
@@ -508,8 +637,9 @@ def draw_module(d, backend: str, limits: Limits) -> dict:
     kind = d.sampled_from(MODULE_KINDS)
     hk = d.sampled_from([1, 2])
     heads = hk * d.sampled_from([1, 2, 3])
-    kv_path = d.sampled_from([p for p in ("fused", "materialized")
-                              if projected_available(backend, p)])
+    kv_path = d.sampled_from(
+        [p for p in ("fused", "materialized") if projected_available(backend, p)]
+    )
     if backend == "cuda" and kv_path == "materialized":
         head_dim = d.sampled_from(CUDA_HEAD_DIMS)
     else:
@@ -517,33 +647,56 @@ def draw_module(d, backend: str, limits: Limits) -> dict:
     frames = [d.sampled_from([0, 1, d.integers(0, 3)]) for _ in range(d.integers(1, 3))]
     pooled = d.integers(1, 3)
     case = dict(
-        kind=kind, hidden=d.sampled_from(limits.hidden), vision=d.sampled_from(limits.widths),
-        heads=heads, kv_heads=hk, head_dim=head_dim, frames=frames,
-        tokens=d.sampled_from(limits.tokens_per_frame), pooled=pooled,
-        text=d.integers(0, 5), gap=d.integers(0, 2), pad=d.integers(0, 2),
-        scope=d.sampled_from(["global", "frame"]), share_kv=d.booleans(),
-        share_gate=d.booleans(), bias=d.booleans(),
+        kind=kind,
+        hidden=d.sampled_from(limits.hidden),
+        vision=d.sampled_from(limits.widths),
+        heads=heads,
+        kv_heads=hk,
+        head_dim=head_dim,
+        frames=frames,
+        tokens=d.sampled_from(limits.tokens_per_frame),
+        pooled=pooled,
+        text=d.integers(0, 5),
+        gap=d.integers(0, 2),
+        pad=d.integers(0, 2),
+        scope=d.sampled_from(["global", "frame"]),
+        share_kv=d.booleans(),
+        share_gate=d.booleans(),
+        bias=d.booleans(),
         vision_norm=d.sampled_from([None, "rmsnorm", "layernorm"]),
         query_norm=d.sampled_from([None, "rmsnorm", "layernorm"]),
-        branches=d.sampled_from(["both", "v2v", "t2v"]), kv_path=kv_path,
+        branches=d.sampled_from(["both", "v2v", "t2v"]),
+        kv_path=kv_path,
         from_features=d.booleans(),
         dtype=F64 if backend == "torch" else limits.modules_fast_dtype,
-        seed=d.integers(0, 2**31 - 1))
+        seed=d.integers(0, 2**31 - 1),
+    )
     if backend == "cuda" and kind == "generic":
         case["kind"] = "dcal"
     return case
 
 
 def _module(case: dict, backend: str):
-    common = dict(bias=case["bias"], vision_norm=case["vision_norm"],
-                  query_norm=case["query_norm"], kv_path=case["kv_path"], backend=backend)
+    common = dict(
+        bias=case["bias"],
+        vision_norm=case["vision_norm"],
+        query_norm=case["query_norm"],
+        kv_path=case["kv_path"],
+        backend=backend,
+    )
     shape = (case["hidden"], case["vision"], case["heads"], case["kv_heads"], case["head_dim"])
     kind = case["kind"]
     if kind == "dcal":
         branches = case["branches"]
-        return DualCrossAttention(*shape, v2v=branches != "t2v", t2v=branches != "v2v",
-                                  v2v_scope=case["scope"], share_kv=case["share_kv"],
-                                  share_gate=case["share_gate"], **common)
+        return DualCrossAttention(
+            *shape,
+            v2v=branches != "t2v",
+            t2v=branches != "v2v",
+            v2v_scope=case["scope"],
+            share_kv=case["share_kv"],
+            share_gate=case["share_gate"],
+            **common,
+        )
     if kind == "v2v":
         return V2VCrossAttention(*shape, scope=case["scope"], **common)
     if kind == "t2v":
@@ -561,10 +714,10 @@ def _module_batch(case: dict):
     visual = torch.zeros(len(frames), L, dtype=torch.bool)
     text = torch.zeros(len(frames), L, dtype=torch.bool)
     for b, t in enumerate(frames):
-        visual[b, case["gap"]: case["gap"] + t * n] = True
+        visual[b, case["gap"] : case["gap"] + t * n] = True
         text[b, : case["gap"]] = True
         end = case["gap"] + t * n
-        text[b, end: end + case["text"]] = True
+        text[b, end : end + case["text"]] = True
     return feats, h, visual, text
 
 
@@ -572,8 +725,9 @@ def _memory(case: dict, feats, dtype, device):
     feats = [f.to(device, dtype) for f in feats]
     if case["from_features"]:
         frames, T = case["frames"], max(case["frames"])
-        padded = torch.randn(len(frames), max(T, 1), case["tokens"], case["vision"],
-                             dtype=dtype, device=device)
+        padded = torch.randn(
+            len(frames), max(T, 1), case["tokens"], case["vision"], dtype=dtype, device=device
+        )
         mask = torch.zeros(len(frames), max(T, 1), dtype=torch.bool)
         for b, f in enumerate(feats):
             padded[b, : f.shape[0]] = f
@@ -594,9 +748,15 @@ def _call(module, case, h, memory, visual, text):
 
 
 def _expected(case, ref: Ref, module, h, feats, visual, text):
-    cfg = dict(heads=case["heads"], kv_heads=case["kv_heads"], head_dim=case["head_dim"],
-               eps=1e-6, pooled=case["pooled"], query_norm=case["query_norm"],
-               vision_norm=case["vision_norm"])
+    cfg = dict(
+        heads=case["heads"],
+        kv_heads=case["kv_heads"],
+        head_dim=case["head_dim"],
+        eps=1e-6,
+        pooled=case["pooled"],
+        query_norm=case["query_norm"],
+        vision_norm=case["vision_norm"],
+    )
     if case["kind"] == "dcal":
         return ref_dcal(ref, module, h, feats, visual, text, cfg=cfg)
     scope = case["scope"] if case["kind"] == "v2v" else "global"

@@ -50,12 +50,14 @@ from crosslmm_ops.testing import env_value, sm90_skip_reason
 ENV = "CROSSLMM_ATTENTION_BWD_SM90"
 DTYPES = [torch.bfloat16, torch.float16]
 DTYPE_IDS = ["bf16", "fp16"]
-SCALE = 128 ** -0.5
+SCALE = 128**-0.5
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(sm90_skip_reason("attention_backward_kernel_name") is not None,
-                       reason=str(sm90_skip_reason("attention_backward_kernel_name"))),
+    pytest.mark.skipif(
+        sm90_skip_reason("attention_backward_kernel_name") is not None,
+        reason=str(sm90_skip_reason("attention_backward_kernel_name")),
+    ),
 ]
 
 
@@ -91,14 +93,18 @@ def _smoke() -> None:
         ref = oracle.attention_grads(dout, q, k, v, cu_q, cu_k, softmax_scale=SCALE)
         low = oracle.attention_grads(dout, q, k, v, cu_q, cu_k, softmax_scale=SCALE, dtype=dtype)
         reports, failed = [], []
-        for name, ours, lo, r, cu in zip(("dq", "dk", "dv"), (dq, dk, dv), low, ref,
-                                         (cu_q, cu_k, cu_k)):
+        for name, ours, lo, r, cu in zip(
+            ("dq", "dk", "dv"), (dq, dk, dv), low, ref, (cu_q, cu_k, cu_k)
+        ):
             try:
                 reports.append(check_close(name, ours, lo, r, factor=3))
             except AssertionError as exc:
                 tol = 3 * max_err(lo, r) + magnitude_floor(r)
-                print(f"smoke {label}: {exc}\n    {name} mismatch: "
-                      f"{describe_mismatch(ours, r, cu, tol, 128)}", flush=True)
+                print(
+                    f"smoke {label}: {exc}\n    {name} mismatch: "
+                    f"{describe_mismatch(ours, r, cu, tol, 128)}",
+                    flush=True,
+                )
                 failed.append(name)
         if failed:
             raise AssertionError(f"smoke {label}: wrong {failed}")
@@ -119,16 +125,17 @@ def test_smoke():
     then skipped, so a broken kernel costs one failure, not --maxfail)."""
     error = smoke_error()
     if error is not None:
-        pytest.fail(f"sm90 backward smoke test failed in a child process:\n{error}",
-                    pytrace=False)
+        pytest.fail(f"sm90 backward smoke test failed in a child process:\n{error}", pytrace=False)
     print("\n" + _SMOKE.log)
 
 
 @pytest.fixture(autouse=True)
 def _needs_smoke(request):
     if request.node.name != "test_smoke" and smoke_error() is not None:
-        pytest.skip("the sm90 backward smoke test failed (see test_smoke); not running the "
-                    "kernels in-process")
+        pytest.skip(
+            "the sm90 backward smoke test failed (see test_smoke); not running the "
+            "kernels in-process"
+        )
     yield
 
 
@@ -159,8 +166,9 @@ def test_non_contiguous(dtype):
     dq_buf = torch.empty(tq, HQ, 192, device="cuda", dtype=dtype)
     dkv_buf = torch.empty(tk, HK, 2, 128, device="cuda", dtype=dtype)
     grads = (dq_buf[..., 32:160], dkv_buf[:, :, 1], dkv_buf[:, :, 0])
-    check_backward(q, k, v, cu_q, cu_k, SCALE, kernel=SM90, dout=dout, grads=grads,
-                   label="non-contiguous")
+    check_backward(
+        q, k, v, cu_q, cu_k, SCALE, kernel=SM90, dout=dout, grads=grads, label="non-contiguous"
+    )
 
 
 def test_kernel_choice():
@@ -186,8 +194,9 @@ def test_kernel_choice():
     def planned(mode, q, k, v, cu_q, cu_k):
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         with env_value(ENV, mode):
-            out = crosslmm_ops.cross_attention(*leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                               backend="cuda")
+            out = crosslmm_ops.cross_attention(
+                *leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="cuda"
+            )
             out.backward(torch.randn_like(out))
         return crosslmm_ops.last_kernel("cross_attention_backward")
 
@@ -217,27 +226,40 @@ def test_through_public_api():
 
     def logged(*args, **kwargs):
         result = original(*args, **kwargs)
-        calls.append((ext.attention_backward_kernel_name(), ext.attention_backward_sm90_declined(),
-                      [(tuple(a.shape), a.stride(), a.data_ptr() % 16, a.dtype)
-                       for a in args if isinstance(a, torch.Tensor)]))
+        calls.append(
+            (
+                ext.attention_backward_kernel_name(),
+                ext.attention_backward_sm90_declined(),
+                [
+                    (tuple(a.shape), a.stride(), a.data_ptr() % 16, a.dtype)
+                    for a in args
+                    if isinstance(a, torch.Tensor)
+                ],
+            )
+        )
         return result
 
     ext.attention_backward = logged
     try:
         with env_value(ENV, "1"):
-            out = crosslmm_ops.cross_attention(*leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                               backend="cuda")
+            out = crosslmm_ops.cross_attention(
+                *leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="cuda"
+            )
             out.backward(dout)
     finally:
         ext.attention_backward = original
-    assert crosslmm_ops.last_backend("cross_attention_backward") == "cuda", \
+    assert crosslmm_ops.last_backend("cross_attention_backward") == "cuda", (
         crosslmm_ops.last_backend("cross_attention_backward")
+    )
     assert [call[0] for call in calls] == [SM90], calls
     ref = oracle.attention_grads(dout, q, k, v, cu_q, cu_k, softmax_scale=SCALE)
-    low = oracle.attention_grads(dout, q, k, v, cu_q, cu_k, softmax_scale=SCALE,
-                                 dtype=torch.bfloat16)
-    reports = [check_close(n, t.grad, lo, r, factor=3)
-               for n, t, lo, r in zip(("dq", "dk", "dv"), leaves, low, ref)]
+    low = oracle.attention_grads(
+        dout, q, k, v, cu_q, cu_k, softmax_scale=SCALE, dtype=torch.bfloat16
+    )
+    reports = [
+        check_close(n, t.grad, lo, r, factor=3)
+        for n, t, lo, r in zip(("dq", "dk", "dv"), leaves, low, ref)
+    ]
     print("\n[sm90 bwd public API] " + "; ".join(reports))
 
 

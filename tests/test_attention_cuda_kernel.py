@@ -105,14 +105,16 @@ def run_forward(q, k, v, cu_q, cu_k, scale, num_splits=0, out=None, kernel=None)
         out.fill_(math.nan)
     lse = torch.full((q.shape[1], q.shape[0]), math.nan, device="cuda", dtype=torch.float32)
     choice = {} if kernel is None else {"kernel": KERNEL_ARGUMENT[kernel]}
-    ran = extension().attention_forward(q, k, v, out, lse, cu_q, cu_k, longest(cu_q),
-                                        longest(cu_k), scale, num_splits, **choice)
+    ran = extension().attention_forward(
+        q, k, v, out, lse, cu_q, cu_k, longest(cu_q), longest(cu_k), scale, num_splits, **choice
+    )
     torch.cuda.synchronize()  # a launch failure shows up here, at the call that caused it
     return out, lse, ran
 
 
-def run_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, kernel=None, grads=None,
-                 deterministic=False):
+def run_backward(
+    dout, q, k, v, out, lse, cu_q, cu_k, scale, kernel=None, grads=None, deterministic=False
+):
     """One ``_C.attention_backward`` call asking for ``kernel`` with NaN-poisoned gradients:
     (dq, dk, dv, the kernel that ran). ``grads`` (optional) are the tensors to write, e.g. strided
     views."""
@@ -121,9 +123,22 @@ def run_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, kernel=None, grads=
     for g in grads:
         g.fill_(math.nan)
     choice = {} if kernel is None else {"kernel": KERNEL_ARGUMENT[kernel]}
-    ran = extension().attention_backward(dout, q, k, v, out, lse, *grads, cu_q, cu_k,
-                                         longest(cu_q), longest(cu_k), scale, deterministic,
-                                         **choice)
+    ran = extension().attention_backward(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        *grads,
+        cu_q,
+        cu_k,
+        longest(cu_q),
+        longest(cu_k),
+        scale,
+        deterministic,
+        **choice,
+    )
     torch.cuda.synchronize()
     return (*grads, ran)
 
@@ -134,10 +149,11 @@ def check_forward(q, k, v, cu_q, cu_k, scale, num_splits=0, kernel=MMA, label=""
     assert_ran(ran, kernel)
     with torch.no_grad():
         ref_out, ref_lse = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=scale)
-        low_out, low_lse = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=scale,
-                                            dtype=q.dtype)
-    reports = [check_close("out", out, low_out, ref_out, factor=2),
-               check_lse(lse, low_lse, ref_lse)]
+        low_out, low_lse = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=scale, dtype=q.dtype)
+    reports = [
+        check_close("out", out, low_out, ref_out, factor=2),
+        check_lse(lse, low_lse, ref_lse),
+    ]
     print(f"\n[{kernel} {label} {q.dtype} splits={num_splits}] " + "; ".join(reports))
     return out, lse
 
@@ -153,13 +169,19 @@ def check_backward(q, k, v, cu_q, cu_k, scale, kernel=MMA, dout=None, grads=None
     assert_ran(ran, kernel)
     ref = oracle.attention_grads(dout, q, k, v, cu_q, cu_k, softmax_scale=scale)
     low = oracle.attention_grads(dout, q, k, v, cu_q, cu_k, softmax_scale=scale, dtype=q.dtype)
-    reports = [check_close(name, ours, lo, r, factor=3)
-               for name, ours, lo, r in zip(("dq", "dk", "dv"), (dq, dk, dv), low, ref)]
+    reports = [
+        check_close(name, ours, lo, r, factor=3)
+        for name, ours, lo, r in zip(("dq", "dk", "dv"), (dq, dk, dv), low, ref)
+    ]
     if kernel != MMA:
         *mma, mma_ran = run_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, MMA)
         assert mma_ran == MMA
-        reports.append("vs mma.sync: " + ", ".join(
-            f"{n} {max_err(a, b):.2e}" for n, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), mma)))
+        reports.append(
+            "vs mma.sync: "
+            + ", ".join(
+                f"{n} {max_err(a, b):.2e}" for n, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), mma)
+            )
+        )
     print(f"\n[{kernel} backward {label} {q.dtype}] " + "; ".join(reports))
     return dq, dk, dv
 
@@ -187,9 +209,11 @@ def describe_mismatch(result, ref, cu, tol, tile) -> str:
     tokens, heads, chans = bad.nonzero(as_tuple=True)
     seg = torch.bucketize(tokens, torch.tensor(bounds[1:], device=tokens.device), right=True)
     tile_row = (tokens - torch.tensor(bounds, device=tokens.device)[seg]) % tile
-    return (f"{int(bad.sum())} bad of {result.numel()} ({int(torch.isnan(result).sum())} NaN); "
-            f"tile rows {ranges(tile_row.tolist())}; channels {ranges(chans.tolist())}; heads "
-            f"{ranges(heads.tolist())}; segments {ranges(seg.tolist())}")
+    return (
+        f"{int(bad.sum())} bad of {result.numel()} ({int(torch.isnan(result).sum())} NaN); "
+        f"tile rows {ranges(tile_row.tolist())}; channels {ranges(chans.tolist())}; heads "
+        f"{ranges(heads.tolist())}; segments {ranges(seg.tolist())}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,15 +227,19 @@ def require(kernel: str) -> None:
     if kernel == MMA:
         return
     backward = kernel != SM90
-    why = sm90_skip_reason("attention_backward_kernel_name" if backward
-                           else "attention_forward_kernel_name")
+    why = sm90_skip_reason(
+        "attention_backward_kernel_name" if backward else "attention_forward_kernel_name"
+    )
     if why is not None:
         pytest.skip(why)
-    smoke = importlib.import_module("test_attention_bwd_sm90" if backward
-                                    else "test_attention_sm90")
+    smoke = importlib.import_module(
+        "test_attention_bwd_sm90" if backward else "test_attention_sm90"
+    )
     if smoke.smoke_error() is not None:
-        pytest.skip(f"the sm90 smoke test failed (see {smoke.__name__}.py::test_smoke); not "
-                    f"running the kernel in-process")
+        pytest.skip(
+            f"the sm90 smoke test failed (see {smoke.__name__}.py::test_smoke); not "
+            f"running the kernel in-process"
+        )
 
 
 def _id(value) -> str:
@@ -234,8 +262,11 @@ def per_kernel(argnames: str, cases: dict):
         for case in kernel_cases:
             values, marks = (case.values, case.marks) if hasattr(case, "marks") else (case, ())
             values = values if isinstance(values, tuple) else (values,)
-            params.append(pytest.param(kernel, *values, marks=marks,
-                                       id="-".join([kernel] + [_id(x) for x in values])))
+            params.append(
+                pytest.param(
+                    kernel, *values, marks=marks, id="-".join([kernel] + [_id(x) for x in values])
+                )
+            )
     return pytest.mark.parametrize("kernel," + argnames, params)
 
 
@@ -254,28 +285,35 @@ SM90_BWD_SHAPES += [(sk, sq) for sq, sk in SM90_BWD_SHAPES if sq != sk and sq * 
 # ----------------------------------------------------------------------------------------------
 
 
-@per_kernel("shape,dtype,head_dim", {
-    MMA: list(itertools.product(SHAPES, DTYPES, [64, 128])),
-    SM90: list(itertools.product(SM90_SHAPES, DTYPES, [128]))
-    + [pytest.param(V2V_256, dtype, 128, marks=slow) for dtype in DTYPES],
-})
+@per_kernel(
+    "shape,dtype,head_dim",
+    {
+        MMA: list(itertools.product(SHAPES, DTYPES, [64, 128])),
+        SM90: list(itertools.product(SM90_SHAPES, DTYPES, [128]))
+        + [pytest.param(V2V_256, dtype, 128, marks=slow) for dtype in DTYPES],
+    },
+)
 def test_forward(kernel, shape, dtype, head_dim):
     require(kernel)
     q, k, v, cu_q, cu_k = make_inputs(*segment_lengths(*shape), HQ, HK, head_dim, dtype)
-    check_forward(q, k, v, cu_q, cu_k, head_dim ** -0.5, kernel=kernel, label=f"{shape}")
+    check_forward(q, k, v, cu_q, cu_k, head_dim**-0.5, kernel=kernel, label=f"{shape}")
 
 
 # mma.sync: up to 16 splits merge with a warp per row, more with a CTA per row (17, 40 on the
 # long keys).
-@per_kernel("shape,num_splits", {
-    MMA: list(itertools.product([(1, 339), (9, 729), (203, 113), (16, 20000)],
-                                [0, 1, 3, 7, 17, 40])),
-    SM90: list(itertools.product([(9, 729), (300, 5000), (1, 3000)], [0, 1, 2, 3, 7])),
-})
+@per_kernel(
+    "shape,num_splits",
+    {
+        MMA: list(
+            itertools.product([(1, 339), (9, 729), (203, 113), (16, 20000)], [0, 1, 3, 7, 17, 40])
+        ),
+        SM90: list(itertools.product([(9, 729), (300, 5000), (1, 3000)], [0, 1, 2, 3, 7])),
+    },
+)
 def test_forward_num_splits(kernel, shape, num_splits):
     require(kernel)
     q, k, v, cu_q, cu_k = make_inputs(*segment_lengths(*shape), HQ, HK, 128, torch.bfloat16)
-    check_forward(q, k, v, cu_q, cu_k, 128 ** -0.5, num_splits, kernel=kernel, label=f"{shape}")
+    check_forward(q, k, v, cu_q, cu_k, 128**-0.5, num_splits, kernel=kernel, label=f"{shape}")
 
 
 HEADS = [(12, 2), (4, 4), (6, 1)]
@@ -284,8 +322,10 @@ HEADS = [(12, 2), (4, 4), (6, 1)]
 GQA_FORWARD = {MMA: ([9, 70], [729, 130], 64, 0.125), SM90: ([9, 170], [729, 130], 128, 0.07)}
 
 
-@per_kernel("heads,dtype", {MMA: [(h, torch.float16) for h in HEADS],
-                            SM90: list(itertools.product(HEADS, DTYPES))})
+@per_kernel(
+    "heads,dtype",
+    {MMA: [(h, torch.float16) for h in HEADS], SM90: list(itertools.product(HEADS, DTYPES))},
+)
 def test_forward_gqa_groups(kernel, heads, dtype):
     require(kernel)
     lens_q, lens_k, d, scale = GQA_FORWARD[kernel]
@@ -295,21 +335,29 @@ def test_forward_gqa_groups(kernel, heads, dtype):
 
 # Segments: ordinary, no queries, no keys, both empty, tile edges (64/65, 128/129 rows and keys),
 # one query; the sm90 forward also 256/257 and one key.
-VARLEN = {MMA: ([5, 0, 7, 0, 64, 1, 129, 33], [100, 50, 0, 0, 65, 1, 300, 128]),
-          SM90: ([5, 0, 7, 0, 64, 1, 129, 33, 128, 257, 3],
-                 [100, 50, 0, 0, 65, 1, 300, 128, 129, 256, 1])}
+VARLEN = {
+    MMA: ([5, 0, 7, 0, 64, 1, 129, 33], [100, 50, 0, 0, 65, 1, 300, 128]),
+    SM90: (
+        [5, 0, 7, 0, 64, 1, 129, 33, 128, 257, 3],
+        [100, 50, 0, 0, 65, 1, 300, 128, 129, 256, 1],
+    ),
+}
 
 
-@per_kernel("head_dim,dtype,num_splits", {
-    MMA: list(itertools.product([64, 128], [torch.bfloat16], [0, 1, 3])),
-    SM90: list(itertools.product([128], DTYPES, [0, 1, 3])),
-})
+@per_kernel(
+    "head_dim,dtype,num_splits",
+    {
+        MMA: list(itertools.product([64, 128], [torch.bfloat16], [0, 1, 3])),
+        SM90: list(itertools.product([128], DTYPES, [0, 1, 3])),
+    },
+)
 def test_forward_varlen_empty_segments(kernel, head_dim, dtype, num_splits):
     require(kernel)
     lens_q, lens_k = VARLEN[kernel]
     q, k, v, cu_q, cu_k = make_inputs(lens_q, lens_k, HQ, HK, head_dim, dtype)
-    out, lse = check_forward(q, k, v, cu_q, cu_k, head_dim ** -0.5, num_splits, kernel=kernel,
-                             label="varlen")
+    out, lse = check_forward(
+        q, k, v, cu_q, cu_k, head_dim**-0.5, num_splits, kernel=kernel, label="varlen"
+    )
     # The segment with 7 queries and no keys: out exactly 0, lse exactly -inf.
     no_keys = slice(sum(lens_q[:2]), sum(lens_q[:3]))
     assert torch.all(out[no_keys] == 0)
@@ -335,20 +383,22 @@ def strided_problem(lens_q, lens_k, d):
 NON_CONTIGUOUS_LENS_Q = {MMA: [9, 40], SM90: [9, 140]}
 
 
-@per_kernel("head_dim,num_splits", {MMA: list(itertools.product([64, 128], [0, 3])),
-                                    SM90: [(128, 0)]})
+@per_kernel(
+    "head_dim,num_splits", {MMA: list(itertools.product([64, 128], [0, 3])), SM90: [(128, 0)]}
+)
 def test_forward_non_contiguous(kernel, head_dim, num_splits):
     """q and out as channel slices of wider tensors, k and v as halves of a fused kv tensor (the
     sm90 kernel's TMA maps take the tensors' own strides): the bits of contiguous copies."""
     require(kernel)
     lens_q = NON_CONTIGUOUS_LENS_Q[kernel]
     q, k, v, cu_q, cu_k = strided_problem(lens_q, [729, 333], head_dim)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     # out as the middle third of a wider buffer: token stride 3 * HQ * d
     out = torch.empty(sum(lens_q), 3, HQ, head_dim, device="cuda", dtype=torch.bfloat16)[:, 1]
     out, lse, ran = run_forward(q, k, v, cu_q, cu_k, scale, num_splits, out=out, kernel=kernel)
-    out_c, lse_c, ran_c = run_forward(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k,
-                                      scale, num_splits, kernel=kernel)
+    out_c, lse_c, ran_c = run_forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, scale, num_splits, kernel=kernel
+    )
     assert_ran(ran, kernel)
     assert_ran(ran_c, kernel)
     assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
@@ -362,8 +412,8 @@ DETERMINISM = {MMA: ([9, 288, 1], [729, 4000, 64]), SM90: ([300, 9], [5000, 729]
 def test_forward_is_deterministic(kernel):
     require(kernel)
     q, k, v, cu_q, cu_k = make_inputs(*DETERMINISM[kernel], HQ, HK, 128, torch.bfloat16)
-    first = run_forward(q, k, v, cu_q, cu_k, 128 ** -0.5, kernel=kernel)
-    second = run_forward(q, k, v, cu_q, cu_k, 128 ** -0.5, kernel=kernel)
+    first = run_forward(q, k, v, cu_q, cu_k, 128**-0.5, kernel=kernel)
+    second = run_forward(q, k, v, cu_q, cu_k, 128**-0.5, kernel=kernel)
     assert_ran(first[2], kernel)
     assert_ran(second[2], kernel)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
@@ -374,24 +424,32 @@ def test_forward_is_deterministic(kernel):
 # ----------------------------------------------------------------------------------------------
 
 
-@per_kernel("shape,dtype,head_dim", {
-    MMA: list(itertools.product(SHAPES, DTYPES, [64, 128])),
-    SM90: list(itertools.product(SM90_BWD_SHAPES, DTYPES, [128]))
-    + [pytest.param(V2V_256, torch.bfloat16, 128, marks=slow)],
-    SM90_DKDV: list(itertools.product([(9, 729), (300, 5000)], [torch.bfloat16], [128])),
-})
+@per_kernel(
+    "shape,dtype,head_dim",
+    {
+        MMA: list(itertools.product(SHAPES, DTYPES, [64, 128])),
+        SM90: list(itertools.product(SM90_BWD_SHAPES, DTYPES, [128]))
+        + [pytest.param(V2V_256, torch.bfloat16, 128, marks=slow)],
+        SM90_DKDV: list(itertools.product([(9, 729), (300, 5000)], [torch.bfloat16], [128])),
+    },
+)
 def test_backward(kernel, shape, dtype, head_dim):
     require(kernel)
     q, k, v, cu_q, cu_k = make_inputs(*segment_lengths(*shape), HQ, HK, head_dim, dtype)
-    check_backward(q, k, v, cu_q, cu_k, head_dim ** -0.5, kernel=kernel, label=f"{shape}")
+    check_backward(q, k, v, cu_q, cu_k, head_dim**-0.5, kernel=kernel, label=f"{shape}")
 
 
 # Each kernel's GQA problem (lens_q, lens_k, scale), head dim 128.
-GQA_BACKWARD = {MMA: ([9, 70], [729, 130], 128 ** -0.5), SM90: ([9, 170], [729, 130], 0.07)}
+GQA_BACKWARD = {MMA: ([9, 70], [729, 130], 128**-0.5), SM90: ([9, 170], [729, 130], 0.07)}
 
 
-@per_kernel("heads,dtype", {MMA: [((4, 4), torch.bfloat16), ((6, 1), torch.bfloat16)],
-                            SM90: list(itertools.product(HEADS, DTYPES))})
+@per_kernel(
+    "heads,dtype",
+    {
+        MMA: [((4, 4), torch.bfloat16), ((6, 1), torch.bfloat16)],
+        SM90: list(itertools.product(HEADS, DTYPES)),
+    },
+)
 def test_backward_gqa_groups(kernel, heads, dtype):
     require(kernel)
     lens_q, lens_k, scale = GQA_BACKWARD[kernel]
@@ -401,20 +459,23 @@ def test_backward_gqa_groups(kernel, heads, dtype):
 
 # Segments without queries (segment 1: dk = dv = 0 for its keys) and without keys (segment 2:
 # dq = 0) between ordinary ones; the sm90 backward's lengths are no multiple of any tile.
-VARLEN_BACKWARD = {MMA: VARLEN[MMA],
-                   SM90: ([9, 0, 5, 0, 70, 3, 200], [729, 40, 0, 0, 300, 1, 1000])}
+VARLEN_BACKWARD = {
+    MMA: VARLEN[MMA],
+    SM90: ([9, 0, 5, 0, 70, 3, 200], [729, 40, 0, 0, 300, 1, 1000]),
+}
 
 
-@per_kernel("head_dim,dtype", {MMA: [(64, torch.bfloat16), (128, torch.bfloat16)],
-                               SM90: [(128, dtype) for dtype in DTYPES]})
+@per_kernel(
+    "head_dim,dtype",
+    {MMA: [(64, torch.bfloat16), (128, torch.bfloat16)], SM90: [(128, dtype) for dtype in DTYPES]},
+)
 def test_backward_varlen_empty_segments(kernel, head_dim, dtype):
     require(kernel)
     q, k, v, cu_q, cu_k = make_inputs(*VARLEN_BACKWARD[kernel], HQ, HK, head_dim, dtype)
-    dq, dk, dv = check_backward(q, k, v, cu_q, cu_k, head_dim ** -0.5, kernel=kernel,
-                                label="varlen")
+    dq, dk, dv = check_backward(q, k, v, cu_q, cu_k, head_dim**-0.5, kernel=kernel, label="varlen")
     bq, bk = cu_q.tolist(), cu_k.tolist()
-    assert torch.all(dk[bk[1]:bk[2]] == 0) and torch.all(dv[bk[1]:bk[2]] == 0)
-    assert torch.all(dq[bq[2]:bq[3]] == 0)
+    assert torch.all(dk[bk[1] : bk[2]] == 0) and torch.all(dv[bk[1] : bk[2]] == 0)
+    assert torch.all(dq[bq[2] : bq[3]] == 0)
 
 
 @pytest.mark.parametrize("num_splits", [0, 3])
@@ -424,37 +485,53 @@ def test_backward_non_contiguous_mma_sync(head_dim, num_splits):
     and the strided forward's out and lse: the bits of contiguous copies. (The sm90 backward's
     strided case, gradients written into strided views, is test_attention_bwd_sm90.py's.)"""
     q, k, v, cu_q, cu_k = strided_problem([9, 40], [729, 333], head_dim)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     out = torch.empty(q.shape[0], 3, HQ, head_dim, device="cuda", dtype=torch.bfloat16)[:, 1]
     out, lse, _ = run_forward(q, k, v, cu_q, cu_k, scale, num_splits, out=out, kernel=MMA)
-    out_c, lse_c, _ = run_forward(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, scale,
-                                  num_splits, kernel=MMA)
+    out_c, lse_c, _ = run_forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, scale, num_splits, kernel=MMA
+    )
     dout = torch.randn(q.shape[0], HQ, 2 * head_dim, device="cuda", dtype=torch.bfloat16)
     dout = dout[..., :head_dim]
     *grads, ran = run_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, MMA)
-    *grads_c, _ = run_backward(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-                               out_c, lse_c, cu_q, cu_k, scale, MMA)
+    *grads_c, _ = run_backward(
+        dout.contiguous(),
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        out_c,
+        lse_c,
+        cu_q,
+        cu_k,
+        scale,
+        MMA,
+    )
     assert_ran(ran, MMA)
     for g, g_c in zip(grads, grads_c):
         assert torch.equal(g, g_c)
 
 
-@per_kernel("problem,deterministic", {
-    MMA: [(DETERMINISM[MMA], False), (DETERMINISM[MMA], True)],
-    SM90: [(tuple(segment_lengths(*shape)), True) for shape in [(576, 46656), (9, 729)]],
-})
+@per_kernel(
+    "problem,deterministic",
+    {
+        MMA: [(DETERMINISM[MMA], False), (DETERMINISM[MMA], True)],
+        SM90: [(tuple(segment_lengths(*shape)), True) for shape in [(576, 46656), (9, 729)]],
+    },
+)
 def test_backward_is_deterministic(kernel, problem, deterministic):
     """Two calls give bitwise-equal gradients (no kernel uses atomics; the sm90 dQ key splits are
     summed in a fixed order)."""
     require(kernel)
     q, k, v, cu_q, cu_k = make_inputs(*problem, HQ, HK, 128, torch.bfloat16)
-    scale = 128 ** -0.5
+    scale = 128**-0.5
     out, lse, _ = run_forward(q, k, v, cu_q, cu_k, scale)
     dout = torch.randn_like(out)
-    first = run_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, kernel,
-                         deterministic=deterministic)
-    second = run_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, kernel,
-                          deterministic=deterministic)
+    first = run_backward(
+        dout, q, k, v, out, lse, cu_q, cu_k, scale, kernel, deterministic=deterministic
+    )
+    second = run_backward(
+        dout, q, k, v, out, lse, cu_q, cu_k, scale, kernel, deterministic=deterministic
+    )
     assert_ran(first[3], kernel)
     assert_ran(second[3], kernel)
     for name, a, b in zip(("dq", "dk", "dv"), first[:3], second[:3]):
@@ -469,10 +546,19 @@ def test_backward_is_deterministic(kernel, problem, deterministic):
 def _bad_call(**changes):
     lens = [4, 5]
     q, k, v, cu_q, cu_k = make_inputs(lens, lens, 4, 2, 64, torch.float16)
-    args = dict(q=q, k=k, v=v, out=torch.empty_like(q),
-                lse=torch.empty(4, q.shape[0], device="cuda", dtype=torch.float32),
-                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=5,
-                softmax_scale=0.125, num_splits=0)
+    args = dict(
+        q=q,
+        k=k,
+        v=v,
+        out=torch.empty_like(q),
+        lse=torch.empty(4, q.shape[0], device="cuda", dtype=torch.float32),
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=5,
+        max_seqlen_k=5,
+        softmax_scale=0.125,
+        num_splits=0,
+    )
     args.update(changes)
     extension().attention_forward(**args)
 
@@ -499,8 +585,12 @@ def _bad_input_checks():
         _bad_call(k=t(9, 2, 64, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         q = t(9, 4, 64, dtype=torch.float32)
-        _bad_call(q=q, k=t(9, 2, 64, dtype=torch.float32), v=t(9, 2, 64, dtype=torch.float32),
-                  out=torch.empty_like(q))
+        _bad_call(
+            q=q,
+            k=t(9, 2, 64, dtype=torch.float32),
+            v=t(9, 2, 64, dtype=torch.float32),
+            out=torch.empty_like(q),
+        )
     with pytest.raises(RuntimeError, match="channel"):
         _bad_call(v=t(9, 2, 128)[..., ::2])
     with pytest.raises(RuntimeError, match="lse"):
@@ -518,14 +608,42 @@ def _bad_input_checks():
     cu = cu_seqlens([4, 5])
     with pytest.raises(RuntimeError, match="head dim"):
         extension().attention_backward(
-            torch.randn_like(q), q, k, v, torch.randn_like(q), torch.zeros(4, 9, device="cuda"),
-            torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), cu, cu, 5, 5, 0.1, False)
+            torch.randn_like(q),
+            q,
+            k,
+            v,
+            torch.randn_like(q),
+            torch.zeros(4, 9, device="cuda"),
+            torch.empty_like(q),
+            torch.empty_like(k),
+            torch.empty_like(v),
+            cu,
+            cu,
+            5,
+            5,
+            0.1,
+            False,
+        )
     q, k, v = t(9, 4, 64), t(9, 2, 64), t(9, 2, 64)
     with pytest.raises(RuntimeError, match="kernel must be 'mma_sync', 'sm90' or 'sm90_dkdv'"):
         extension().attention_backward(
-            torch.randn_like(q), q, k, v, torch.randn_like(q), torch.zeros(4, 9, device="cuda"),
-            torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), cu, cu, 5, 5, 0.1, False,
-            kernel="yes")
+            torch.randn_like(q),
+            q,
+            k,
+            v,
+            torch.randn_like(q),
+            torch.zeros(4, 9, device="cuda"),
+            torch.empty_like(q),
+            torch.empty_like(k),
+            torch.empty_like(v),
+            cu,
+            cu,
+            5,
+            5,
+            0.1,
+            False,
+            kernel="yes",
+        )
 
 
 if __name__ == "__main__":  # the child process of test_bad_input_raises

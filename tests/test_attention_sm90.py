@@ -46,8 +46,10 @@ ENV = "CROSSLMM_ATTENTION_SM90"
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(sm90_skip_reason("attention_forward_kernel_name") is not None,
-                       reason=str(sm90_skip_reason("attention_forward_kernel_name"))),
+    pytest.mark.skipif(
+        sm90_skip_reason("attention_forward_kernel_name") is not None,
+        reason=str(sm90_skip_reason("attention_forward_kernel_name")),
+    ),
 ]
 
 
@@ -76,23 +78,29 @@ def _smoke() -> None:
         q, k, v, cu_q, cu_k = make_inputs(lens_q, lens_k, hq, hk, 128, dtype)
         label = f"q{lens_q} k{lens_k} {hq}/{hk} {dtype} splits={splits}"
         print(f"smoke {label}: running", flush=True)
-        out, lse, kernel = run_forward(q, k, v, cu_q, cu_k, 128 ** -0.5, splits, kernel=SM90)
+        out, lse, kernel = run_forward(q, k, v, cu_q, cu_k, 128**-0.5, splits, kernel=SM90)
         assert kernel == SM90, f"{label}: ran {kernel!r}"
-        out_ref, lse_ref = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128 ** -0.5)
-        out_pt, lse_pt = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128 ** -0.5,
-                                          dtype=dtype)
+        out_ref, lse_ref = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128**-0.5)
+        out_pt, lse_pt = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128**-0.5, dtype=dtype)
         try:
-            reports = [check_close("out", out, out_pt, out_ref, factor=2),
-                       check_lse(lse, lse_pt, lse_ref)]
+            reports = [
+                check_close("out", out, out_pt, out_ref, factor=2),
+                check_lse(lse, lse_pt, lse_ref),
+            ]
         except AssertionError:
             tol = 2 * max_err(out_pt, out_ref) + magnitude_floor(out_ref)
-            print(f"smoke {label}: out mismatch: "
-                  f"{describe_mismatch(out, out_ref, cu_q, tol, 128)}", flush=True)
+            print(
+                f"smoke {label}: out mismatch: {describe_mismatch(out, out_ref, cu_q, tol, 128)}",
+                flush=True,
+            )
             lse_bad = ((lse.double() - lse_ref).abs() > 0.05) | torch.isnan(lse)
             lse_bad &= ~torch.isneginf(lse_ref)
-            print(f"smoke {label}: lse bad at heads "
-                  f"{ranges(lse_bad.nonzero(as_tuple=True)[0].tolist())}, tokens "
-                  f"{ranges(lse_bad.nonzero(as_tuple=True)[1].tolist())}", flush=True)
+            print(
+                f"smoke {label}: lse bad at heads "
+                f"{ranges(lse_bad.nonzero(as_tuple=True)[0].tolist())}, tokens "
+                f"{ranges(lse_bad.nonzero(as_tuple=True)[1].tolist())}",
+                flush=True,
+            )
             raise
         print(f"smoke {label}: {'; '.join(reports)}", flush=True)
     print("sm90 smoke: ok", flush=True)
@@ -118,8 +126,9 @@ def test_smoke():
 @pytest.fixture(autouse=True)
 def _needs_smoke(request):
     if request.node.name != "test_smoke" and smoke_error() is not None:
-        pytest.skip("the sm90 smoke test failed (see test_smoke); not running the kernel "
-                    "in-process")
+        pytest.skip(
+            "the sm90 smoke test failed (see test_smoke); not running the kernel in-process"
+        )
     yield
 
 
@@ -136,11 +145,10 @@ def test_head_major_layout():
     k = torch.randn(HK, sum(lens_k), 128, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
     v = torch.randn(HK, sum(lens_k), 128, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
     cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
-    out, lse, kernel = run_forward(q, k, v, cu_q, cu_k, 128 ** -0.5, kernel=SM90)
+    out, lse, kernel = run_forward(q, k, v, cu_q, cu_k, 128**-0.5, kernel=SM90)
     print(f"\n[sm90 head-major layout] kernel that ran: {kernel}")
-    out_ref, lse_ref = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128 ** -0.5)
-    out_pt, lse_pt = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128 ** -0.5,
-                                      dtype=q.dtype)
+    out_ref, lse_ref = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128**-0.5)
+    out_pt, lse_pt = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128**-0.5, dtype=q.dtype)
     print(check_close("out", out, out_pt, out_ref, factor=2), check_lse(lse, lse_pt, lse_ref))
 
 
@@ -149,13 +157,15 @@ def test_agrees_with_mma_sync(shape):
     """The same inputs through both kernels: both close to float64, and close to each other."""
     lens_q, lens_k = segment_lengths(*shape)
     q, k, v, cu_q, cu_k = make_inputs(lens_q, lens_k, HQ, HK, 128, torch.bfloat16)
-    out90, lse90, kernel90 = run_forward(q, k, v, cu_q, cu_k, 128 ** -0.5, kernel=SM90)
-    out80, lse80, kernel80 = run_forward(q, k, v, cu_q, cu_k, 128 ** -0.5, kernel=MMA)
+    out90, lse90, kernel90 = run_forward(q, k, v, cu_q, cu_k, 128**-0.5, kernel=SM90)
+    out80, lse80, kernel80 = run_forward(q, k, v, cu_q, cu_k, 128**-0.5, kernel=MMA)
     assert (kernel90, kernel80) == (SM90, MMA)
-    out_ref, _ = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128 ** -0.5)
+    out_ref, _ = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128**-0.5)
     e90, e80 = max_err(out90, out_ref), max_err(out80, out_ref)
-    print(f"\n[sm90 vs mma.sync {shape}] out err sm90 {e90:.3e}, mma.sync {e80:.3e}, between "
-          f"{max_err(out90, out80):.3e}; lse between {max_err(lse90, lse80):.3e}")
+    print(
+        f"\n[sm90 vs mma.sync {shape}] out err sm90 {e90:.3e}, mma.sync {e80:.3e}, between "
+        f"{max_err(out90, out80):.3e}; lse between {max_err(lse90, lse80):.3e}"
+    )
     assert e90 <= 2 * e80 + 1e-3
 
 
@@ -169,12 +179,14 @@ def test_other_segments_values_do_not_leak(where):
     target = k if where == "k" else v
     target[200:240] = math.inf  # keys 0..39 of segment 1, inside segment 0's second tile
     target[241, 1, 5] = math.nan
-    out, lse, kernel = run_forward(q, k, v, cu_q, cu_k, 128 ** -0.5, kernel=SM90)
+    out, lse, kernel = run_forward(q, k, v, cu_q, cu_k, 128**-0.5, kernel=SM90)
     assert kernel == SM90
-    assert torch.isfinite(out[:50]).all() and torch.isfinite(lse[:, :50]).all(), \
+    assert torch.isfinite(out[:50]).all() and torch.isfinite(lse[:, :50]).all(), (
         f"values of segment 1's {where} leaked into segment 0"
-    out_ref, _ = oracle.attention(q[:50], k[:200], v[:200], cu_seqlens([50]), cu_seqlens([200]),
-                                  softmax_scale=128 ** -0.5)
+    )
+    out_ref, _ = oracle.attention(
+        q[:50], k[:200], v[:200], cu_seqlens([50]), cu_seqlens([200]), softmax_scale=128**-0.5
+    )
     print(f"\n[sm90 leak {where}] segment 0 max err {max_err(out[:50], out_ref):.3e}")
     assert max_err(out[:50], out_ref) < 0.02
 
@@ -194,7 +206,7 @@ def test_kernel_choice():
 
     q, k, v, cu_q, cu_k = make_inputs([9], [729], HQ, HK, 128, torch.bfloat16)
     q2, k2, v2, cu_q2, cu_k2 = make_inputs([300], [729], HQ, HK, 128, torch.bfloat16)
-    scale = 128 ** -0.5
+    scale = 128**-0.5
     assert run_forward(q, k, v, cu_q, cu_k, scale, kernel=MMA)[2] == MMA
     assert run_forward(q, k, v, cu_q, cu_k, scale, kernel=SM90)[2] == SM90
     q64, k64, v64, cu_q64, cu_k64 = make_inputs([300], [729], HQ, HK, 64, torch.bfloat16)
@@ -203,8 +215,9 @@ def test_kernel_choice():
 
     def planned(mode, q, k, v, cu_q, cu_k):
         with env_value(ENV, mode):
-            crosslmm_ops.cross_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                         backend="cuda")
+            crosslmm_ops.cross_attention(
+                q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="cuda"
+            )
         return crosslmm_ops.last_kernel("cross_attention")
 
     short, long = (q, k, v, cu_q, cu_k), (q2, k2, v2, cu_q2, cu_k2)
@@ -226,20 +239,22 @@ def test_through_public_api_with_backward():
     q, k, v, cu_q, cu_k = make_inputs(lens_q, lens_k, HQ, HK, 128, torch.bfloat16)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     with env_value(ENV, "1"):
-        out, lse = crosslmm_ops.cross_attention(*leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                                return_lse=True, backend="cuda")
+        out, lse = crosslmm_ops.cross_attention(
+            *leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True, backend="cuda"
+        )
         assert extension().attention_forward_kernel_name() == SM90
     assert crosslmm_ops.last_backend("cross_attention") == "cuda"
     dout = torch.randn_like(out)
     out.backward(dout)
     grads = [t.grad for t in leaves]
-    scale = 128 ** -0.5
+    scale = 128**-0.5
     with torch.no_grad():
         o64, l64 = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=scale)
         o16, l16 = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=scale, dtype=torch.bfloat16)
     g64 = oracle.attention_grads(dout, q, k, v, cu_q, cu_k, softmax_scale=scale)
-    g16 = oracle.attention_grads(dout, q, k, v, cu_q, cu_k, softmax_scale=scale,
-                                 dtype=torch.bfloat16)
+    g16 = oracle.attention_grads(
+        dout, q, k, v, cu_q, cu_k, softmax_scale=scale, dtype=torch.bfloat16
+    )
     reports = [check_close("out", out, o16, o64, factor=2), check_lse(lse, l16, l64)]
     for name, ours, low, ref in zip(("dq", "dk", "dv"), grads, g16, g64):
         reports.append(check_close(name, ours, low, ref, factor=3))
@@ -255,7 +270,7 @@ def test_fresh_thread():
 
     lens_q, lens_k = [200], [729]
     q, k, v, cu_q, cu_k = make_inputs(lens_q, lens_k, 4, 2, 128, torch.bfloat16)
-    expected, _, kernel = run_forward(q, k, v, cu_q, cu_k, 128 ** -0.5, num_splits=1, kernel=SM90)
+    expected, _, kernel = run_forward(q, k, v, cu_q, cu_k, 128**-0.5, num_splits=1, kernel=SM90)
     assert kernel == SM90
     # Preallocated, NaN-filled outputs: the thread itself only makes the extension call (any
     # allocation or copy of its own would be a runtime call and make the context current).
@@ -266,8 +281,9 @@ def test_fresh_thread():
 
     def worker():
         try:
-            extension().attention_forward(q, k, v, out, lse, cu_q, cu_k, 200, 729, 128 ** -0.5, 1,
-                                          kernel="sm90")
+            extension().attention_forward(
+                q, k, v, out, lse, cu_q, cu_k, 200, 729, 128**-0.5, 1, kernel="sm90"
+            )
             seen["kernel"] = extension().attention_forward_kernel_name()
         except BaseException as exc:  # noqa: BLE001 - reported below
             seen["error"] = exc

@@ -33,18 +33,21 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"crosslmm-ops {crosslmm_ops.__version__}"
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["demo", "--frames", "0"], "argument --frames: must be an integer >= 1, got '0'"),
-    (["demo", "--frames", "-3"], "argument --frames: must be an integer >= 1, got '-3'"),
-    (["demo", "--frames", "many"], "argument --frames: must be an integer >= 1, got 'many'"),
-    (["demo", "--new-tokens", "0"], "argument --new-tokens: must be an integer >= 2"),
-    (["demo", "--new-tokens", "1"], "argument --new-tokens: must be an integer >= 2"),
-    (["demo", "--repeats", "0"], "argument --repeats: must be an integer >= 1"),
-    (["demo", "--device", "tpu"], "argument --device: must be cpu, cuda or cuda:<index>"),
-    (["demo", "--device", "mps"], "argument --device: must be cpu, cuda or cuda:<index>"),
-    (["pool", "--frames", "0"], "argument --frames: must be an integer >= 1"),
-    (["pool", "--repeat", "-1"], "argument --repeat: must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["demo", "--frames", "0"], "argument --frames: must be an integer >= 1, got '0'"),
+        (["demo", "--frames", "-3"], "argument --frames: must be an integer >= 1, got '-3'"),
+        (["demo", "--frames", "many"], "argument --frames: must be an integer >= 1, got 'many'"),
+        (["demo", "--new-tokens", "0"], "argument --new-tokens: must be an integer >= 2"),
+        (["demo", "--new-tokens", "1"], "argument --new-tokens: must be an integer >= 2"),
+        (["demo", "--repeats", "0"], "argument --repeats: must be an integer >= 1"),
+        (["demo", "--device", "tpu"], "argument --device: must be cpu, cuda or cuda:<index>"),
+        (["demo", "--device", "mps"], "argument --device: must be cpu, cuda or cuda:<index>"),
+        (["pool", "--frames", "0"], "argument --frames: must be an integer >= 1"),
+        (["pool", "--repeat", "-1"], "argument --repeat: must be an integer >= 1"),
+    ],
+)
 def test_bad_values_are_usage_errors(argv, message, capsys):
     assert message in _usage_error(argv, capsys)
 
@@ -65,14 +68,20 @@ def test_a_missing_cuda_device_is_a_usage_error(capsys, monkeypatch):
 
 
 def test_good_values_parse():
-    args = cli.build_parser().parse_args(["demo", "--frames", "1", "--new-tokens", "2",
-                                          "--device", "cpu"])
+    args = cli.build_parser().parse_args(
+        ["demo", "--frames", "1", "--new-tokens", "2", "--device", "cpu"]
+    )
     assert (args.frames, args.new_tokens, args.device) == (1, 2, "cpu")
 
 
 def _run_cli(*argv, **env):
-    return subprocess.run([sys.executable, "-m", "crosslmm_ops.cli", *argv], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "crosslmm_ops.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
 
 
 def test_command_line_version_and_usage_errors_in_a_process():

@@ -35,8 +35,9 @@ def _attention_step(backend, seed, dtype=torch.float32):
     v = torch.randn(90, 2, 64, device=DEVICE, generator=g).to(dtype).requires_grad_(True)
     cu_q = torch.tensor([0, 6, 13], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 41, 90], dtype=torch.int32, device=DEVICE)
-    out = cross_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend,
-                          deterministic=True)
+    out = cross_attention(
+        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend, deterministic=True
+    )
     out.backward(torch.ones_like(out))
     return [out.detach(), q.grad, k.grad, v.grad]
 
@@ -54,13 +55,26 @@ def _projected_step(backend, seed, dtype=torch.float32):
     varlen problem with a LayerNorm folded in and biases; returns every result."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     make = lambda *s: torch.randn(*s, device=DEVICE, generator=g).to(dtype)  # noqa: E731
-    leaves = dict(q=make(11, 4, 16), x=make(70, 64), w_k=make(32, 64) / 8, w_v=make(32, 64) / 8,
-                  b_k=make(32), b_v=make(32), norm_weight=1 + make(64) / 4)
+    leaves = dict(
+        q=make(11, 4, 16),
+        x=make(70, 64),
+        w_k=make(32, 64) / 8,
+        w_v=make(32, 64) / 8,
+        b_k=make(32),
+        b_v=make(32),
+        norm_weight=1 + make(64) / 4,
+    )
     leaves = {n: t.requires_grad_(True) for n, t in leaves.items()}
     cu_q = torch.tensor([0, 9, 11], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 41, 70], dtype=torch.int32, device=DEVICE)
-    out = projected_cross_attention(**leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                    norm="layernorm", path="fused", backend=backend)
+    out = projected_cross_attention(
+        **leaves,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        norm="layernorm",
+        path="fused",
+        backend=backend,
+    )
     out.backward(torch.ones_like(out))
     return [out.detach()] + [t.grad for t in leaves.values()]
 
@@ -93,9 +107,10 @@ def test_several_threads_at_once(backend):
     """The ops keep no shared mutable state a second thread could corrupt: four threads running
     different problems at once get exactly the single-threaded results."""
     if backend == "triton" and crosslmm_ops._backend.triton_interpreted():
-        pytest.skip("Triton's CPU interpreter keeps the launch grid in global state: not thread-safe")
-    expected = {seed: [step(backend, seed, _dtype(backend)) for step in STEPS]
-                for seed in range(4)}
+        pytest.skip(
+            "Triton's CPU interpreter keeps the launch grid in global state: not thread-safe"
+        )
+    expected = {seed: [step(backend, seed, _dtype(backend)) for step in STEPS] for seed in range(4)}
     results, errors = {}, []
 
     def work(seed):
@@ -130,16 +145,18 @@ def test_autocast_keeps_the_op_dtype():
         pooled = token_pool(x, (9, 9), "avg", kernel_size=3)
         out = cross_attention(q, kv, kv)
         projected = out @ torch.randn(32, 8, device=DEVICE)
-        fused = projected_cross_attention(q, x[0, 0, :40, :32].unsqueeze(0).expand(2, 40, 32),
-                                          w, w, path="fused")
+        fused = projected_cross_attention(
+            q, x[0, 0, :40, :32].unsqueeze(0).expand(2, 40, 32), w, w, path="fused"
+        )
     assert pooled.dtype == torch.float32 and out.dtype == torch.float32
     assert projected.dtype == torch.bfloat16
     # projected attention's projections (q~ = Wk^T q, Wv o~) are matmuls, which autocast runs in
     # bf16 as it does nn.Linear; its attention core then runs in that dtype: a bf16 result close
     # to the float32 one.
     assert fused.dtype == torch.bfloat16
-    expected = projected_cross_attention(q, x[0, 0, :40, :32].unsqueeze(0).expand(2, 40, 32), w,
-                                         w, path="fused")
+    expected = projected_cross_attention(
+        q, x[0, 0, :40, :32].unsqueeze(0).expand(2, 40, 32), w, w, path="fused"
+    )
     torch.testing.assert_close(fused.float(), expected, atol=0.05, rtol=0.05)
     torch.testing.assert_close(pooled, token_pool(x, (9, 9), "avg", kernel_size=3))
     torch.testing.assert_close(out, cross_attention(q, kv, kv))
@@ -149,7 +166,8 @@ def test_autocast_keeps_the_op_dtype():
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_cuda_graph_capture_and_replay(backend):
     """The ops (projected attention's fused path too) can be captured in a CUDA graph (max_seqlen
-    given, so no host read of cu_seqlens happens during capture) and replay on new data in the captured buffers."""
+    given, so no host read of cu_seqlens happens during capture) and replay on new data in the
+    captured buffers."""
     torch.manual_seed(0)
     dtype = torch.bfloat16
     q = torch.randn(13, 4, 64, device="cuda", dtype=dtype)
@@ -163,11 +181,28 @@ def test_cuda_graph_capture_and_replay(backend):
     w = torch.randn(2 * 64, 1152, device="cuda", dtype=dtype) / 34
 
     def run():
-        attn = cross_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=7,
-                               max_seqlen_k=49, backend=backend)
-        fused = projected_cross_attention(q, xv, w, w, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                          max_seqlen_q=7, max_seqlen_k=49, path="fused",
-                                          backend=backend)
+        attn = cross_attention(
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=7,
+            max_seqlen_k=49,
+            backend=backend,
+        )
+        fused = projected_cross_attention(
+            q,
+            xv,
+            w,
+            w,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=7,
+            max_seqlen_k=49,
+            path="fused",
+            backend=backend,
+        )
         return attn, token_pool(x, (27, 27), "avg", kernel_size=3, backend=backend), fused
 
     stream = torch.cuda.Stream()
@@ -245,11 +280,13 @@ def test_projected_peak_memory_is_bounded(backend, path):
     is then far larger than anything linear in the inputs, and the peak extra memory must stay
     under a quarter of it: no O(Sq * Sk) buffer. (Measured on the H100: 92 MB at 2304 queries,
     above a 4x-the-inputs-and-outputs bound (43 MB) the test first had: fp32 scratch of the
-    backward and the split-KV partials.) (At CrossLMM-2B's widths a DCAL's legitimate memory -- normalised tokens, K/V, their
-    gradients -- is itself a fair fraction of a score matrix, and such a test could not tell.)"""
-    if backend == "cuda" and not hasattr(crosslmm_ops._backend.extension(),
-                                         "projected_attention_core_forward" if path == "fused"
-                                         else "attention_forward"):
+    backward and the split-KV partials.) (At CrossLMM-2B's widths a DCAL's legitimate memory --
+    normalised tokens, K/V, their gradients -- is itself a fair fraction of a score matrix, and
+    such a test could not tell.)"""
+    if backend == "cuda" and not hasattr(
+        crosslmm_ops._backend.extension(),
+        "projected_attention_core_forward" if path == "fused" else "attention_forward",
+    ):
         pytest.skip("the CUDA extension lacks this path's kernels")
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -263,8 +300,7 @@ def test_projected_peak_memory_is_bounded(backend, path):
     scores = sq * sk * heads * 2
 
     def step():
-        out = projected_cross_attention(q, x, w_k, w_v, norm="rmsnorm", path=path,
-                                        backend=backend)
+        out = projected_cross_attention(q, x, w_k, w_v, norm="rmsnorm", path=path, backend=backend)
         out.backward(torch.ones_like(out))
         return out
 
@@ -315,8 +351,11 @@ def test_dcal_peak_memory_is_bounded(kv_path):
 
 
 @pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("step", [_attention_step, _pool_step, _projected_step],
-                         ids=["cross_attention", "token_pool", "projected_cross_attention"])
+@pytest.mark.parametrize(
+    "step",
+    [_attention_step, _pool_step, _projected_step],
+    ids=["cross_attention", "token_pool", "projected_cross_attention"],
+)
 def test_eager_function_equals_the_custom_op(monkeypatch, backend, step):
     """Plain eager calls run each op's autograd.Function twin (no torch.library host cost); with
     CROSSLMM_EAGER_FUNCTION=0 the same call runs the custom op. Both run the same functions:
@@ -345,7 +384,7 @@ def test_eager_function_is_skipped_under_dispatch_modes():
     k = torch.randn(1, 9, 2, 16)
     with FlopCounterMode(display=False) as counter:
         assert not _backend.eager_function_ok(q)
-        out = cross_attention(q, k, k, backend="torch")
+        cross_attention(q, k, k, backend="torch")
     assert counter.get_total_flops() == 4 * 5 * 9 * 2 * 16
     with FakeTensorMode() as mode:
         fq, fk = mode.from_tensor(q), mode.from_tensor(k)

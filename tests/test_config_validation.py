@@ -10,10 +10,25 @@ from transformers import Qwen2Config
 from crosslmm_ops.models import CrossLMMConfig
 from crosslmm_ops.models.configuration import PRESETS, preset_config
 
-VISION_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_channels", "image_size", "patch_size")
-TEXT_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "head_dim")
+VISION_SIZES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+)
+TEXT_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "head_dim",
+)
 
 
 def _tiny(**overrides):
@@ -23,8 +38,9 @@ def _tiny(**overrides):
 @pytest.mark.parametrize("value", [0, -3])
 @pytest.mark.parametrize("field", VISION_SIZES)
 def test_vision_sizes_must_be_positive(field, value):
-    with pytest.raises(ValueError,
-                       match=rf"vision_config\.{field} must be an int >= 1, got {value}"):
+    with pytest.raises(
+        ValueError, match=rf"vision_config\.{field} must be an int >= 1, got {value}"
+    ):
         _tiny(vision_config={field: value})
 
 
@@ -33,9 +49,11 @@ def test_vision_sizes_must_be_positive(field, value):
 def test_text_sizes_must_be_positive(field, value):
     # num_hidden_layers < 0 is refused by transformers' own layer-type check first; the message
     # must still say which sub-config and which field.
-    with pytest.raises(ValueError,
-                       match=rf"(?s)text_config(\.{field} must be an int >= 1, got {value}"
-                             rf"|: .*{field})"):
+    with pytest.raises(
+        ValueError,
+        match=rf"(?s)text_config(\.{field} must be an int >= 1, got {value}"
+        rf"|: .*{field})",
+    ):
         _tiny(text_config={field: value})
 
 
@@ -57,8 +75,9 @@ def test_pooling_sizes_must_be_positive(field, value):
 
 
 @pytest.mark.parametrize("value", [0.0, -1e-6, math.nan, math.inf])
-@pytest.mark.parametrize("field", ["dcal_norm_eps", "vision_config.layer_norm_eps",
-                                   "text_config.rms_norm_eps"])
+@pytest.mark.parametrize(
+    "field", ["dcal_norm_eps", "vision_config.layer_norm_eps", "text_config.rms_norm_eps"]
+)
 def test_norm_eps_must_be_finite_and_positive(field, value):
     if "." in field:
         sub, name = field.split(".")
@@ -69,8 +88,9 @@ def test_norm_eps_must_be_finite_and_positive(field, value):
         _tiny(**kw)
 
 
-@pytest.mark.parametrize("field", ["dcal_every", "dcal_num_heads", "dcal_num_kv_heads",
-                                   "dcal_head_dim"])
+@pytest.mark.parametrize(
+    "field", ["dcal_every", "dcal_num_heads", "dcal_num_kv_heads", "dcal_head_dim"]
+)
 @pytest.mark.parametrize("value", [0, -2])
 def test_dcal_sizes_must_be_positive(field, value):
     with pytest.raises(ValueError, match=rf"{field} must be .*int >= 1, got {value}"):
@@ -78,11 +98,17 @@ def test_dcal_sizes_must_be_positive(field, value):
 
 
 def test_head_groupings_are_checked():
-    with pytest.raises(ValueError, match=r"vision_config\.hidden_size \(32\) must be a multiple of "
-                                         r"vision_config\.num_attention_heads \(3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"vision_config\.hidden_size \(32\) must be a multiple of "
+        r"vision_config\.num_attention_heads \(3\)",
+    ):
         _tiny(vision_config={"num_attention_heads": 3})
-    with pytest.raises(ValueError, match=r"text_config\.num_attention_heads \(4\) must be a "
-                                         r"multiple of text_config\.num_key_value_heads \(3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"text_config\.num_attention_heads \(4\) must be a "
+        r"multiple of text_config\.num_key_value_heads \(3\)",
+    ):
         _tiny(text_config={"num_key_value_heads": 3})
 
 

@@ -56,8 +56,21 @@ def varlen_inputs(lens_q, lens_k, hq, hk, d, dtype=torch.float32, device="cpu"):
     return q, k, v, cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
 
 
-def check_backend(backend, q, k, v, *, cu_q=None, cu_k=None, num_splits=0, gate=None,
-                  residual=None, check_grad=True, lse_grad=False, ref_dtype=torch.float64):
+def check_backend(
+    backend,
+    q,
+    k,
+    v,
+    *,
+    cu_q=None,
+    cu_k=None,
+    num_splits=0,
+    gate=None,
+    residual=None,
+    check_grad=True,
+    lse_grad=False,
+    ref_dtype=torch.float64,
+):
     """Forward (and backward) of ``backend`` against the oracle in ``ref_dtype`` from the same
     low-precision inputs, bounded by plain PyTorch's own error in the inputs' dtype (the oracle
     computed in that dtype). Outputs are poisoned, so an element a kernel forgets to write fails."""
@@ -71,13 +84,21 @@ def check_backend(backend, q, k, v, *, cu_q=None, cu_k=None, num_splits=0, gate=
     def epilogue(ts):
         return dict(gate=ts[3], residual=ts[4]) if extra else {}
 
-    ref_out, ref_lse = oracle.attention(*ref_leaves[:3], cu_q, cu_k, **epilogue(ref_leaves),
-                                        dtype=ref_dtype)
-    low_out, low_lse = oracle.attention(*low_leaves[:3], cu_q, cu_k, **epilogue(low_leaves),
-                                        dtype=dtype)
+    ref_out, ref_lse = oracle.attention(
+        *ref_leaves[:3], cu_q, cu_k, **epilogue(ref_leaves), dtype=ref_dtype
+    )
+    low_out, low_lse = oracle.attention(
+        *low_leaves[:3], cu_q, cu_k, **epilogue(low_leaves), dtype=dtype
+    )
     with poison_outputs():
-        out, lse = cross_attention(*leaves[:3], **packed, **epilogue(leaves), return_lse=True,
-                                   backend=backend, num_splits=num_splits)
+        out, lse = cross_attention(
+            *leaves[:3],
+            **packed,
+            **epilogue(leaves),
+            return_lse=True,
+            backend=backend,
+            num_splits=num_splits,
+        )
     assert crosslmm_ops.last_backend("cross_attention") == backend
     assert out.dtype == dtype and out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert lse.dtype == torch.float32
@@ -158,27 +179,41 @@ VARLEN = [
 @pytest.mark.parametrize("hq,hk", [(4, 4), (6, 2), (3, 1)], ids=["mha", "gqa", "mqa"])
 def test_reference_matches_oracle_varlen(lens, hq, hk):
     q, k, v, cu_q, cu_k = varlen_inputs(*lens, hq, hk, 8, torch.float64)
-    out, lse = cross_attention_reference(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                         return_lse=True)
+    out, lse = cross_attention_reference(
+        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True
+    )
     e_out, e_lse = oracle.attention(q, k, v, cu_q, cu_k)
     assert out.shape == q.shape and lse.shape == (hq, q.shape[0])
     torch.testing.assert_close(out, e_out, rtol=1e-12, atol=1e-12)
     assert lse_err(lse, e_lse) < 1e-12
     for backend in ["torch"] + (["triton"] if triton_cpu() else []):
-        o, l = cross_attention(q.float(), k.float(), v.float(), cu_seqlens_q=cu_q,
-                               cu_seqlens_k=cu_k, return_lse=True, backend=backend)
+        o, l = cross_attention(
+            q.float(),
+            k.float(),
+            v.float(),
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            return_lse=True,
+            backend=backend,
+        )
         assert max_err(o, e_out) < 1e-5 and lse_err(l, e_lse) < 1e-5
 
 
 def test_reference_epilogue():
     q, k, v = torch.randn(3, 2, 5, 4, 8, dtype=torch.float64)
     residual = torch.randn_like(q)
-    for gate in (torch.tensor(0.7, dtype=torch.float64), torch.tensor([-0.3]),
-                 torch.randn(4, dtype=torch.float64)):
-        out, lse = cross_attention_reference(q, k, v, gate=gate, residual=residual,
-                                             return_lse=True)
+    for gate in (
+        torch.tensor(0.7, dtype=torch.float64),
+        torch.tensor([-0.3]),
+        torch.randn(4, dtype=torch.float64),
+    ):
+        out, lse = cross_attention_reference(q, k, v, gate=gate, residual=residual, return_lse=True)
         attn, attn_lse = cross_attention_reference(q, k, v, return_lse=True)
-        g = torch.tanh(gate.double()).reshape(-1, 1) if gate.numel() > 1 else torch.tanh(gate.double())
+        g = (
+            torch.tanh(gate.double()).reshape(-1, 1)
+            if gate.numel() > 1
+            else torch.tanh(gate.double())
+        )
         torch.testing.assert_close(out, residual + g * attn)
         torch.testing.assert_close(lse, attn_lse)  # the LSE is the attention's own
     # alpha = 0 (DCAL's initialisation): the layer is the identity
@@ -211,7 +246,9 @@ def test_gradcheck_float64(case, epilogue):
     v = torch.randn(spec["k"], dtype=torch.float64, requires_grad=True)
     packed = {}
     if "lens" in spec:
-        packed = dict(cu_seqlens_q=cu_seqlens(spec["lens"][0]), cu_seqlens_k=cu_seqlens(spec["lens"][1]))
+        packed = dict(
+            cu_seqlens_q=cu_seqlens(spec["lens"][0]), cu_seqlens_k=cu_seqlens(spec["lens"][1])
+        )
     inputs = [q, k, v]
     if epilogue:
         hq = spec["q"][-2]
@@ -255,19 +292,22 @@ def test_bound_catches_perturbed_results(floor):
     the CUDA kernel tests), admits the torch back end's fp16 output, LSE and gradients, and fails
     them with one element off by 1e-2 of the largest magnitude, or all of them by 1e-2 relative."""
     q, k, v, cu_q, cu_k = varlen_inputs([113, 9, 3], [203, 729, 1], 4, 2, 32, torch.float16)
-    scale = 32 ** -0.5
+    scale = 32**-0.5
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
-    out, lse = cross_attention(*leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True,
-                               backend="torch")
+    out, lse = cross_attention(
+        *leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True, backend="torch"
+    )
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     with torch.no_grad():
         ref_out, ref_lse = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=scale)
-        low_out, low_lse = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=scale,
-                                            dtype=torch.float16)
+        low_out, low_lse = oracle.attention(
+            q, k, v, cu_q, cu_k, softmax_scale=scale, dtype=torch.float16
+        )
     ref_grads = oracle.attention_grads(dout, q, k, v, cu_q, cu_k, softmax_scale=scale)
-    low_grads = oracle.attention_grads(dout, q, k, v, cu_q, cu_k, softmax_scale=scale,
-                                       dtype=torch.float16)
+    low_grads = oracle.attention_grads(
+        dout, q, k, v, cu_q, cu_k, softmax_scale=scale, dtype=torch.float16
+    )
 
     def check(name, ours, low, ref, factor):
         fl = rounding(ref, torch.float16) if floor == "rounding" else None
@@ -275,10 +315,13 @@ def test_bound_catches_perturbed_results(floor):
             return check_lse(ours, low, ref, factor=factor, floor=fl)
         return check_close(name, ours, low, ref, factor=factor, floor=fl)
 
-    results = [("out", out.detach(), low_out, ref_out, 2),
-               ("lse", lse.detach(), low_lse, ref_lse, 2)]
-    results += [(n, a, lo, r, 3) for n, a, lo, r in zip(("dq", "dk", "dv"), grads, low_grads,
-                                                         ref_grads)]
+    results = [
+        ("out", out.detach(), low_out, ref_out, 2),
+        ("lse", lse.detach(), low_lse, ref_lse, 2),
+    ]
+    results += [
+        (n, a, lo, r, 3) for n, a, lo, r in zip(("dq", "dk", "dv"), grads, low_grads, ref_grads)
+    ]
     for name, ours, low, ref, factor in results:
         check(name, ours, low, ref, factor)
         one = ours.clone()
@@ -327,8 +370,9 @@ def test_triton_head_dims_and_groups_cpu(d, hq, hk):
 @pytest.mark.parametrize("lens", VARLEN[:2], ids=["empty-segments", "one-query"])
 def test_triton_varlen_and_splits_cpu(lens, num_splits):
     q, k, v, cu_q, cu_k = varlen_inputs(*lens, 4, 2, 24)
-    check_backend("triton", q, k, v, cu_q=cu_q, cu_k=cu_k, num_splits=num_splits,
-                  lse_grad=num_splits == 2)
+    check_backend(
+        "triton", q, k, v, cu_q=cu_q, cu_k=cu_k, num_splits=num_splits, lse_grad=num_splits == 2
+    )
 
 
 @needs_interpreter
@@ -346,7 +390,7 @@ def test_loose_max_seqlen(backend):
     q, k, v, cu_q, cu_k = varlen_inputs([3, 20], [50, 7], 2, 1, 16)
     kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend)
     exact = cross_attention(q, k, v, **kw)
-    loose = cross_attention(q, k, v, max_seqlen_q=64, max_seqlen_k=10 ** 6, **kw)
+    loose = cross_attention(q, k, v, max_seqlen_q=64, max_seqlen_k=10**6, **kw)
     torch.testing.assert_close(loose, exact, rtol=0, atol=0)
 
 
@@ -361,8 +405,9 @@ def test_lse_gradient_routing():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("layout", ["tokens-strided", "heads-strided", "channels-strided",
-                                    "packed-sliced"])
+@pytest.mark.parametrize(
+    "layout", ["tokens-strided", "heads-strided", "channels-strided", "packed-sliced"]
+)
 def test_triton_non_contiguous_cpu(layout):
     q = torch.randn(2, 13, 4, 32)
     k, v = torch.randn(2, 2, 45, 2, 32)
@@ -382,8 +427,9 @@ def test_triton_non_contiguous_cpu(layout):
 def test_triton_epilogue_cpu(gate_shape):
     q = torch.randn(2, 9, 4, 16)
     k, v = torch.randn(2, 2, 40, 2, 16)
-    check_backend("triton", q, k, v, gate=torch.randn(gate_shape), residual=torch.randn_like(q),
-                  lse_grad=True)
+    check_backend(
+        "triton", q, k, v, gate=torch.randn(gate_shape), residual=torch.randn_like(q), lse_grad=True
+    )
 
 
 def test_num_splits_heuristic():
@@ -393,7 +439,7 @@ def test_num_splits_heuristic():
     assert num_splits_heuristic(36, 132, 365) == 4  # V2V T=32: 3 query blocks x 12 heads
     assert num_splits_heuristic(12, 132, 2916) == 11  # decoding one query, 12 heads
     assert num_splits_heuristic(12, 132, 8) == 2  # short keys: at least 4 key blocks a split
-    assert num_splits_heuristic(1, 132, 10 ** 6) == MAX_SPLITS
+    assert num_splits_heuristic(1, 132, 10**6) == MAX_SPLITS
     assert num_splits_heuristic(0, 132, 10) == 1
 
 
@@ -424,12 +470,20 @@ def test_merge_attention_states_is_exact(backend):
     dtype = torch.float64 if backend == "torch" else torch.float32
     q, k, v, cu_q, cu_k = varlen_inputs([3, 0, 5, 4], [7, 4, 9, 0], 4, 2, 16, dtype)
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
-    full, full_lse = cross_attention(*leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                     return_lse=True, backend=backend)
+    full, full_lse = cross_attention(
+        *leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True, backend=backend
+    )
     outs, lses = [], []
     for rows, cu_part in _split_keys(cu_k):
-        o, l = cross_attention(q, k[rows], v[rows], cu_seqlens_q=cu_q, cu_seqlens_k=cu_part,
-                               return_lse=True, backend=backend)
+        o, l = cross_attention(
+            q,
+            k[rows],
+            v[rows],
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_part,
+            return_lse=True,
+            backend=backend,
+        )
         outs.append(o)
         lses.append(l)
     out, lse = merge_attention_states(outs, lses)  # a list
@@ -485,38 +539,66 @@ def test_attention_weights_batched():
 def test_attention_weights_varlen():
     q, k, _, cu_q, cu_k = varlen_inputs([3, 2, 4], [5, 0, 9], 2, 1, 8)
     index = torch.tensor([4, 0, 6, 3])  # segments 1 (no keys), 0, 2, 1
-    probs = attention_weights(q, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, query_index=index,
-                              block_size=4, softmax_scale=0.5)
+    probs = attention_weights(
+        q,
+        k,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        query_index=index,
+        block_size=4,
+        softmax_scale=0.5,
+    )
     assert probs.shape == (4, 2, 9)
-    dense_p = torch.softmax(torch.einsum("qhd,khd->hqk", q.double(), k.double().expand(-1, 2, -1))
-                            * 0.5 + torch.where(
-                                torch.repeat_interleave(torch.arange(3), cu_q.diff().long())[:, None]
-                                == torch.repeat_interleave(torch.arange(3), cu_k.diff().long())[None],
-                                0.0, float("-inf")), -1)
+    dense_p = torch.softmax(
+        torch.einsum("qhd,khd->hqk", q.double(), k.double().expand(-1, 2, -1)) * 0.5
+        + torch.where(
+            torch.repeat_interleave(torch.arange(3), cu_q.diff().long())[:, None]
+            == torch.repeat_interleave(torch.arange(3), cu_k.diff().long())[None],
+            0.0,
+            float("-inf"),
+        ),
+        -1,
+    )
     for r, (i, seg) in enumerate(zip(index.tolist(), [1, 0, 2, 1])):
         lo, hi = cu_k[seg].item(), cu_k[seg + 1].item()
         expected = torch.nan_to_num(dense_p[:, i, lo:hi])
         torch.testing.assert_close(probs[r, :, : hi - lo].double(), expected, rtol=1e-5, atol=1e-6)
-        assert not probs[r, :, hi - lo:].any()  # zeros past the segment's keys
+        assert not probs[r, :, hi - lo :].any()  # zeros past the segment's keys
 
 
 # ----------------------------------------------------------------------------------------------
 # flash-attn shims
 # ----------------------------------------------------------------------------------------------
 
-FLASH_FUNC_PARAMS = [("q", inspect.Parameter.empty), ("k", inspect.Parameter.empty),
-                     ("v", inspect.Parameter.empty), ("dropout_p", 0.0), ("softmax_scale", None),
-                     ("causal", False), ("window_size", (-1, -1)), ("softcap", 0.0),
-                     ("alibi_slopes", None), ("deterministic", False), ("return_attn_probs", False)]
-FLASH_VARLEN_PARAMS = FLASH_FUNC_PARAMS[:3] + [
-    (n, inspect.Parameter.empty) for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-                                           "max_seqlen_k")] + FLASH_FUNC_PARAMS[3:] + [
-    ("block_table", None)]
+FLASH_FUNC_PARAMS = [
+    ("q", inspect.Parameter.empty),
+    ("k", inspect.Parameter.empty),
+    ("v", inspect.Parameter.empty),
+    ("dropout_p", 0.0),
+    ("softmax_scale", None),
+    ("causal", False),
+    ("window_size", (-1, -1)),
+    ("softcap", 0.0),
+    ("alibi_slopes", None),
+    ("deterministic", False),
+    ("return_attn_probs", False),
+]
+FLASH_VARLEN_PARAMS = (
+    FLASH_FUNC_PARAMS[:3]
+    + [
+        (n, inspect.Parameter.empty)
+        for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+    ]
+    + FLASH_FUNC_PARAMS[3:]
+    + [("block_table", None)]
+)
 
 
-@pytest.mark.parametrize("fn,params", [(flash_attn_func, FLASH_FUNC_PARAMS),
-                                       (flash_attn_varlen_func, FLASH_VARLEN_PARAMS)],
-                         ids=["func", "varlen"])
+@pytest.mark.parametrize(
+    "fn,params",
+    [(flash_attn_func, FLASH_FUNC_PARAMS), (flash_attn_varlen_func, FLASH_VARLEN_PARAMS)],
+    ids=["func", "varlen"],
+)
 def test_flash_attn_signatures(fn, params):
     sig = inspect.signature(fn)
     assert [(p.name, p.default) for p in sig.parameters.values()] == params
@@ -532,16 +614,25 @@ def test_flash_attn_shims_compute_cross_attention():
     qp, kp, vp, cu_q, cu_k = varlen_inputs([2, 3], [4, 0], 4, 2, 16)
     out, lse, _ = flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 3, 4, return_attn_probs=True)
     assert out.shape == qp.shape and lse.shape == (4, 5)
-    torch.testing.assert_close(out, cross_attention(qp, kp, vp, cu_seqlens_q=cu_q,
-                                                    cu_seqlens_k=cu_k))
+    torch.testing.assert_close(
+        out, cross_attention(qp, kp, vp, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    )
 
 
-UNSUPPORTED = [dict(causal=True), dict(dropout_p=0.1), dict(window_size=(8, 0)),
-               dict(softcap=30.0), dict(alibi_slopes=torch.ones(4))]
+UNSUPPORTED = [
+    dict(causal=True),
+    dict(dropout_p=0.1),
+    dict(window_size=(8, 0)),
+    dict(softcap=30.0),
+    dict(alibi_slopes=torch.ones(4)),
+]
 
 
-@pytest.mark.parametrize("kw", UNSUPPORTED + [dict(block_table=torch.zeros(1, 1, dtype=torch.int32))],
-                         ids=lambda kw: next(iter(kw)))
+@pytest.mark.parametrize(
+    "kw",
+    UNSUPPORTED + [dict(block_table=torch.zeros(1, 1, dtype=torch.int32))],
+    ids=lambda kw: next(iter(kw)),
+)
 def test_flash_attn_unsupported_options(kw):
     q, k, v, cu_q, cu_k = varlen_inputs([2], [4], 4, 2, 16)
     name = next(iter(kw))
@@ -563,89 +654,250 @@ def _t(*shape, dtype=torch.float32):
 
 CU2, CU3 = cu_seqlens([2, 3]), cu_seqlens([1, 1, 3])
 BAD_INPUTS = [
-    (lambda: cross_attention([1.0], _t(1, 3, 2, 8), _t(1, 3, 2, 8)), TypeError,
-     "q must be a torch.Tensor"),
-    (lambda: cross_attention(_t(1, 2, 2, 8, dtype=torch.int64), _t(1, 3, 2, 8), _t(1, 3, 2, 8)),
-     ValueError, "q must be a floating tensor"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8, dtype=torch.float16), _t(1, 3, 2, 8)),
-     ValueError, "k must have q's dtype"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8, dtype=torch.float64)),
-     ValueError, "v must have q's dtype"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8).to("meta")),
-     ValueError, "v must be on q's device"),
-    (lambda: cross_attention(_t(2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8)), ValueError,
-     r"q must have shape \(B, S, H, D\)"),
-    (lambda: cross_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2),
-     ValueError, "given together"),
-    (lambda: cross_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_k=CU2),
-     ValueError, "given together"),
-    (lambda: cross_attention(_t(1, 5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2,
-                             cu_seqlens_k=CU2), ValueError, r"q must have shape \(total, H, D\)"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 4, 2, 8)), ValueError,
-     "k and v must have the same shape"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(2, 3, 2, 8), _t(2, 3, 2, 8)), ValueError,
-     "batch size"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 6), _t(1, 3, 2, 6)), ValueError,
-     "head dim 8"),
-    (lambda: cross_attention(_t(1, 2, 3, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8)), ValueError,
-     r"query heads \(3\) must be a multiple of the number of key/value heads \(2\)"),
-    (lambda: cross_attention(_t(1, 2, 0, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8)), ValueError,
-     "at least one head"),
-    (lambda: cross_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2.long(),
-                             cu_seqlens_k=CU2), ValueError, "cu_seqlens_q must be an int32"),
-    (lambda: cross_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2,
-                             cu_seqlens_k=CU2[None]), ValueError, "cu_seqlens_k must be 1-D"),
-    (lambda: cross_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2,
-                             cu_seqlens_k=torch.tensor([0, 6, 5], dtype=torch.int32)),
-     ValueError, "cu_seqlens_k must be non-decreasing"),
-    (lambda: cross_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2 + 1,
-                             cu_seqlens_k=CU2), ValueError, "cu_seqlens_q must start at 0"),
-    (lambda: cross_attention(_t(5, 2, 8), _t(6, 2, 8), _t(6, 2, 8), cu_seqlens_q=CU2,
-                             cu_seqlens_k=CU2), ValueError,
-     "cu_seqlens_k must end at the number of packed tokens 6"),
-    (lambda: cross_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2,
-                             cu_seqlens_k=CU3), ValueError,
-     "cu_seqlens_q and cu_seqlens_k must have the same length"),
-    (lambda: cross_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2,
-                             cu_seqlens_k=CU2.to("meta")), ValueError,
-     "cu_seqlens_k must be on q's device"),
-    (lambda: cross_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2,
-                             cu_seqlens_k=CU2, max_seqlen_q=2), ValueError,
-     "max_seqlen_q=2 is smaller than the longest segment"),
-    (lambda: cross_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2,
-                             cu_seqlens_k=CU2, max_seqlen_k=-1), ValueError, "max_seqlen_k"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), max_seqlen_q=2),
-     ValueError, "max_seqlen_q is for the packed layout"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), softmax_scale="x"),
-     ValueError, "softmax_scale"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), num_splits=-1),
-     ValueError, "num_splits"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), return_lse=1),
-     ValueError, "return_lse must be a bool"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), gate=_t(3),
-                             residual=_t(1, 2, 2, 8)), ValueError, r"gate must be a scalar.*\(2,\)"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), gate=_t(1),
-                             residual=_t(1, 2, 2, 4)), ValueError,
-     r"residual must have the output's shape \(1, 2, 2, 8\)"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), gate=_t(1),
-                             residual=_t(1, 2, 2, 8, dtype=torch.float16)), ValueError,
-     "residual must have q's dtype"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), gate=_t(1)),
-     ValueError, "gate and residual must be given together"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8),
-                             gate=torch.ones(1, dtype=torch.int32), residual=_t(1, 2, 2, 8)),
-     ValueError, "gate must be a floating"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), backend="flash"),
-     ValueError, "backend"),
-    (lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), backend="cuda"),
-     RuntimeError, "backend='cuda' cannot run"),
-    (lambda: cross_attention(_t(1, 2, 2, 8, dtype=torch.float64), _t(1, 3, 2, 8, dtype=torch.float64),
-                             _t(1, 3, 2, 8, dtype=torch.float64), backend="triton"),
-     RuntimeError, "backend='triton' cannot run"),
-    (lambda: attention_weights(_t(1, 2, 2, 8), _t(1, 3, 2, 8), query_index=[2]), ValueError,
-     "query_index"),
-    (lambda: attention_weights(_t(1, 2, 2, 8), _t(1, 3, 2, 8), query_index=[0], lse=_t(2, 1)),
-     ValueError, r"lse must have shape \(1, 2, 2\)"),
+    (
+        lambda: cross_attention([1.0], _t(1, 3, 2, 8), _t(1, 3, 2, 8)),
+        TypeError,
+        "q must be a torch.Tensor",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 2, 8, dtype=torch.int64), _t(1, 3, 2, 8), _t(1, 3, 2, 8)),
+        ValueError,
+        "q must be a floating tensor",
+    ),
+    (
+        lambda: cross_attention(
+            _t(1, 2, 2, 8), _t(1, 3, 2, 8, dtype=torch.float16), _t(1, 3, 2, 8)
+        ),
+        ValueError,
+        "k must have q's dtype",
+    ),
+    (
+        lambda: cross_attention(
+            _t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8, dtype=torch.float64)
+        ),
+        ValueError,
+        "v must have q's dtype",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8).to("meta")),
+        ValueError,
+        "v must be on q's device",
+    ),
+    (
+        lambda: cross_attention(_t(2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8)),
+        ValueError,
+        r"q must have shape \(B, S, H, D\)",
+    ),
+    (
+        lambda: cross_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2),
+        ValueError,
+        "given together",
+    ),
+    (
+        lambda: cross_attention(_t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_k=CU2),
+        ValueError,
+        "given together",
+    ),
+    (
+        lambda: cross_attention(
+            _t(1, 5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2, cu_seqlens_k=CU2
+        ),
+        ValueError,
+        r"q must have shape \(total, H, D\)",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 4, 2, 8)),
+        ValueError,
+        "k and v must have the same shape",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 2, 8), _t(2, 3, 2, 8), _t(2, 3, 2, 8)),
+        ValueError,
+        "batch size",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 6), _t(1, 3, 2, 6)),
+        ValueError,
+        "head dim 8",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 3, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8)),
+        ValueError,
+        r"query heads \(3\) must be a multiple of the number of key/value heads \(2\)",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 0, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8)),
+        ValueError,
+        "at least one head",
+    ),
+    (
+        lambda: cross_attention(
+            _t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2.long(), cu_seqlens_k=CU2
+        ),
+        ValueError,
+        "cu_seqlens_q must be an int32",
+    ),
+    (
+        lambda: cross_attention(
+            _t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2, cu_seqlens_k=CU2[None]
+        ),
+        ValueError,
+        "cu_seqlens_k must be 1-D",
+    ),
+    (
+        lambda: cross_attention(
+            _t(5, 2, 8),
+            _t(5, 2, 8),
+            _t(5, 2, 8),
+            cu_seqlens_q=CU2,
+            cu_seqlens_k=torch.tensor([0, 6, 5], dtype=torch.int32),
+        ),
+        ValueError,
+        "cu_seqlens_k must be non-decreasing",
+    ),
+    (
+        lambda: cross_attention(
+            _t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2 + 1, cu_seqlens_k=CU2
+        ),
+        ValueError,
+        "cu_seqlens_q must start at 0",
+    ),
+    (
+        lambda: cross_attention(
+            _t(5, 2, 8), _t(6, 2, 8), _t(6, 2, 8), cu_seqlens_q=CU2, cu_seqlens_k=CU2
+        ),
+        ValueError,
+        "cu_seqlens_k must end at the number of packed tokens 6",
+    ),
+    (
+        lambda: cross_attention(
+            _t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2, cu_seqlens_k=CU3
+        ),
+        ValueError,
+        "cu_seqlens_q and cu_seqlens_k must have the same length",
+    ),
+    (
+        lambda: cross_attention(
+            _t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8), cu_seqlens_q=CU2, cu_seqlens_k=CU2.to("meta")
+        ),
+        ValueError,
+        "cu_seqlens_k must be on q's device",
+    ),
+    (
+        lambda: cross_attention(
+            _t(5, 2, 8),
+            _t(5, 2, 8),
+            _t(5, 2, 8),
+            cu_seqlens_q=CU2,
+            cu_seqlens_k=CU2,
+            max_seqlen_q=2,
+        ),
+        ValueError,
+        "max_seqlen_q=2 is smaller than the longest segment",
+    ),
+    (
+        lambda: cross_attention(
+            _t(5, 2, 8),
+            _t(5, 2, 8),
+            _t(5, 2, 8),
+            cu_seqlens_q=CU2,
+            cu_seqlens_k=CU2,
+            max_seqlen_k=-1,
+        ),
+        ValueError,
+        "max_seqlen_k",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), max_seqlen_q=2),
+        ValueError,
+        "max_seqlen_q is for the packed layout",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), softmax_scale="x"),
+        ValueError,
+        "softmax_scale",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), num_splits=-1),
+        ValueError,
+        "num_splits",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), return_lse=1),
+        ValueError,
+        "return_lse must be a bool",
+    ),
+    (
+        lambda: cross_attention(
+            _t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), gate=_t(3), residual=_t(1, 2, 2, 8)
+        ),
+        ValueError,
+        r"gate must be a scalar.*\(2,\)",
+    ),
+    (
+        lambda: cross_attention(
+            _t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), gate=_t(1), residual=_t(1, 2, 2, 4)
+        ),
+        ValueError,
+        r"residual must have the output's shape \(1, 2, 2, 8\)",
+    ),
+    (
+        lambda: cross_attention(
+            _t(1, 2, 2, 8),
+            _t(1, 3, 2, 8),
+            _t(1, 3, 2, 8),
+            gate=_t(1),
+            residual=_t(1, 2, 2, 8, dtype=torch.float16),
+        ),
+        ValueError,
+        "residual must have q's dtype",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), gate=_t(1)),
+        ValueError,
+        "gate and residual must be given together",
+    ),
+    (
+        lambda: cross_attention(
+            _t(1, 2, 2, 8),
+            _t(1, 3, 2, 8),
+            _t(1, 3, 2, 8),
+            gate=torch.ones(1, dtype=torch.int32),
+            residual=_t(1, 2, 2, 8),
+        ),
+        ValueError,
+        "gate must be a floating",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), backend="flash"),
+        ValueError,
+        "backend",
+    ),
+    (
+        lambda: cross_attention(_t(1, 2, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8), backend="cuda"),
+        RuntimeError,
+        "backend='cuda' cannot run",
+    ),
+    (
+        lambda: cross_attention(
+            _t(1, 2, 2, 8, dtype=torch.float64),
+            _t(1, 3, 2, 8, dtype=torch.float64),
+            _t(1, 3, 2, 8, dtype=torch.float64),
+            backend="triton",
+        ),
+        RuntimeError,
+        "backend='triton' cannot run",
+    ),
+    (
+        lambda: attention_weights(_t(1, 2, 2, 8), _t(1, 3, 2, 8), query_index=[2]),
+        ValueError,
+        "query_index",
+    ),
+    (
+        lambda: attention_weights(_t(1, 2, 2, 8), _t(1, 3, 2, 8), query_index=[0], lse=_t(2, 1)),
+        ValueError,
+        r"lse must have shape \(1, 2, 2\)",
+    ),
 ]
 
 
@@ -677,19 +929,36 @@ def test_auto_on_cpu_is_torch_and_recorded():
 def test_opcheck():
     q, k, v, cu_q, cu_k = varlen_inputs([3, 0, 4], [5, 2, 0], 4, 2, 8, torch.float64)
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    torch.library.opcheck(_cross_attention_fwd_op, (q, k, v, cu_q, cu_k, 4, 5, 0.3, 0, False, "torch"))
+    torch.library.opcheck(
+        _cross_attention_fwd_op, (q, k, v, cu_q, cu_k, 4, 5, 0.3, 0, False, "torch")
+    )
     out, lse = _cross_attention_fwd_op(q, k, v, cu_q, cu_k, 4, 5, 0.3, 0, False, "torch")
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-    args = (dout, dlse, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu_q, cu_k,
-            4, 5, 0.3, True, "torch")
+    args = (
+        dout,
+        dlse,
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out.detach(),
+        lse.detach(),
+        cu_q,
+        cu_k,
+        4,
+        5,
+        0.3,
+        True,
+        "torch",
+    )
     torch.library.opcheck(_cross_attention_bwd_op, args)
     torch.library.opcheck(_cross_attention_bwd_op, (dout, None) + args[2:])
 
 
 def test_torch_compile_fullgraph():
     def f(q, k, v, gate, residual):
-        out, lse = cross_attention(q, k, v, gate=gate, residual=residual, return_lse=True,
-                                   backend="torch")
+        out, lse = cross_attention(
+            q, k, v, gate=gate, residual=residual, return_lse=True, backend="torch"
+        )
         return out.square().sum() + lse.sum()
 
     q = torch.randn(2, 5, 4, 8, requires_grad=True)
@@ -712,7 +981,8 @@ def require(backend: str) -> None:
     if backend == "cuda" and not hasattr(_backend.extension(), "attention_forward"):
         pytest.skip("the CUDA extension has no attention kernels (not built)")
     ok, why = (_backend.cuda_runnable if backend == "cuda" else _backend.triton_runnable)(
-        torch.device("cuda"))
+        torch.device("cuda")
+    )
     if not ok:
         pytest.fail(f"{backend} back end cannot run on this GPU: {why}")
 
@@ -735,11 +1005,20 @@ def test_gpu_varlen_gqa_head_dims(backend, d):
     require(backend)
     if backend == "cuda" and d not in (64, 128):
         pytest.skip("the CUDA kernels take head dims 64 and 128")
-    q, k, v, cu_q, cu_k = varlen_inputs([9, 0, 288, 1, 9], [729, 5, 23328, 0, 1], 12, 2, d,
-                                        torch.bfloat16, "cuda")
+    q, k, v, cu_q, cu_k = varlen_inputs(
+        [9, 0, 288, 1, 9], [729, 5, 23328, 0, 1], 12, 2, d, torch.bfloat16, "cuda"
+    )
     check_backend(backend, q, k, v, cu_q=cu_q, cu_k=cu_k, ref_dtype=torch.float32)
-    check_backend(backend, non_contiguous(q, 1), non_contiguous(k, 1), v, cu_q=cu_q, cu_k=cu_k,
-                  ref_dtype=torch.float32, lse_grad=True)
+    check_backend(
+        backend,
+        non_contiguous(q, 1),
+        non_contiguous(k, 1),
+        v,
+        cu_q=cu_q,
+        cu_k=cu_k,
+        ref_dtype=torch.float32,
+        lse_grad=True,
+    )
 
 
 @pytest.mark.cuda
@@ -749,8 +1028,9 @@ def test_gpu_split_kv(backend, num_splits):
     require(backend)
     q = torch.randn(1, 288, 12, 128, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn(2, 1, 23328, 2, 128, device="cuda", dtype=torch.bfloat16)
-    check_backend(backend, q, k, v, num_splits=num_splits, ref_dtype=torch.float32,
-                  check_grad=False)
+    check_backend(
+        backend, q, k, v, num_splits=num_splits, ref_dtype=torch.float32, check_grad=False
+    )
 
 
 @pytest.mark.cuda
@@ -775,8 +1055,9 @@ def test_gpu_crosslmm_scale_forward(backend, sq, sk):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_backward_is_deterministic(backend):
     require(backend)
-    q, k, v, cu_q, cu_k = varlen_inputs([288, 9, 40], [23328, 729, 3], 12, 2, 128,
-                                        torch.bfloat16, "cuda")
+    q, k, v, cu_q, cu_k = varlen_inputs(
+        [288, 9, 40], [23328, 729, 3], 12, 2, 128, torch.bfloat16, "cuda"
+    )
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
     kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, deterministic=True, backend=backend)
     out = cross_attention(*leaves, **kw)
@@ -790,12 +1071,17 @@ def test_gpu_backward_is_deterministic(backend):
 
 @pytest.mark.cuda
 def test_gpu_auto_picks_by_dtype_and_head_dim():
-    has_cuda_kernels = hasattr(_backend.extension(), "attention_forward") and \
-        _backend.cuda_runnable(torch.device("cuda"))[0]
-    for dtype, d, expected in [(torch.bfloat16, 128, "cuda" if has_cuda_kernels else "triton"),
-                               (torch.float16, 64, "cuda" if has_cuda_kernels else "triton"),
-                               (torch.bfloat16, 96, "triton"), (torch.float32, 128, "triton"),
-                               (torch.float64, 64, "torch")]:
+    has_cuda_kernels = (
+        hasattr(_backend.extension(), "attention_forward")
+        and _backend.cuda_runnable(torch.device("cuda"))[0]
+    )
+    for dtype, d, expected in [
+        (torch.bfloat16, 128, "cuda" if has_cuda_kernels else "triton"),
+        (torch.float16, 64, "cuda" if has_cuda_kernels else "triton"),
+        (torch.bfloat16, 96, "triton"),
+        (torch.float32, 128, "triton"),
+        (torch.float64, 64, "torch"),
+    ]:
         q = torch.randn(1, 4, 2, d, device="cuda", dtype=dtype)
         cross_attention(q, q, q)
         assert crosslmm_ops.last_backend("cross_attention") == expected, (dtype, d)
@@ -815,8 +1101,10 @@ def test_gpu_torch_compile_fullgraph():
         return cross_attention(q, k, v, gate=gate, residual=residual).float().square().sum()
 
     q = torch.randn(2, 9, 12, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(2, 729, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(2))
+    k, v = (
+        torch.randn(2, 729, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(2)
+    )
     gate = torch.zeros(12, device="cuda", requires_grad=True)
     y = torch.compile(f, fullgraph=True)(q, k, v, gate, torch.randn_like(q))
     y.backward()

@@ -88,8 +88,17 @@ def _packed_keys(rank, world, gen, lens_k, empty_rank):
     return torch.tensor(rows, dtype=torch.long), _cu(local_lens)
 
 
-def case_packed(rank, world, *, backend="torch", dtype=torch.float64, grad_scale=1.0,
-                empty_rank=None, seed=1, tol=None):
+def case_packed(
+    rank,
+    world,
+    *,
+    backend="torch",
+    dtype=torch.float64,
+    grad_scale=1.0,
+    empty_rank=None,
+    seed=1,
+    tol=None,
+):
     """Packed (varlen) T2V / V2V-global-like segments, GQA, a segment without queries and one
     without keys anywhere, keys cut unevenly over the ranks; out, LSE, dq, dk, dv."""
     gen = torch.Generator().manual_seed(seed)
@@ -104,15 +113,24 @@ def case_packed(rank, world, *, backend="torch", dtype=torch.float64, grad_scale
     rows, cu_k_r = _packed_keys(rank, world, gen, lens_k, empty_rank)
 
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = cross_attention_reference(*ref, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                         return_lse=True)
+    out, lse = cross_attention_reference(
+        *ref, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True
+    )
     ((out * go).sum() + _lse_loss(lse, gl)).backward()
 
     qs = non_contiguous(q.to(dtype)).requires_grad_()
     ks = k[rows].to(dtype).requires_grad_()
     vs = v[rows].to(dtype).requires_grad_()
-    o, l = cd.sharded_cross_attention(qs, ks, vs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k_r,
-                                      return_lse=True, backend=backend, grad_scale=grad_scale)
+    o, l = cd.sharded_cross_attention(
+        qs,
+        ks,
+        vs,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k_r,
+        return_lse=True,
+        backend=backend,
+        grad_scale=grad_scale,
+    )
     assert crosslmm_ops.last_backend("sharded_cross_attention") == backend
     assert o.dtype == dtype and o.shape == q.shape
     ((o.double() * go).sum() + _lse_loss(l.double(), gl)).backward()
@@ -126,8 +144,9 @@ def case_packed(rank, world, *, backend="torch", dtype=torch.float64, grad_scale
     qs.grad = ks.grad = vs.grad = None
     ref2 = [t.clone().requires_grad_() for t in (q, k, v)]
     (cross_attention_reference(*ref2, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k) * go).sum().backward()
-    o = cd.sharded_cross_attention(qs, ks, vs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k_r,
-                                   backend=backend, grad_scale=grad_scale)
+    o = cd.sharded_cross_attention(
+        qs, ks, vs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k_r, backend=backend, grad_scale=grad_scale
+    )
     (o.double() * go).sum().backward()
     _close(qs.grad.double(), ref2[0].grad, "dq (out only)", **tol)
     _close(ks.grad.double(), grad_scale * ref2[1].grad[rows], "dk (out only)", **tol)
@@ -166,11 +185,14 @@ def case_projected(rank, world, *, path="fused", grad_scale=1.0, empty_rank=None
     lens_q, lens_k = [3, 6, 0, 4], [10, 7, 5, 0]
     q = torch.randn(sum(lens_q), Hq, d, generator=gen, **F64)
     x = torch.randn(sum(lens_k), Dv, generator=gen, **F64)
-    params = [torch.randn(Hk * d, Dv, generator=gen, **F64) * 0.4,
-              torch.randn(Hk * d, Dv, generator=gen, **F64) * 0.4,
-              torch.randn(Hk * d, generator=gen, **F64), torch.randn(Hk * d, generator=gen, **F64),
-              1 + 0.1 * torch.randn(Dv, generator=gen, **F64),
-              0.1 * torch.randn(Dv, generator=gen, **F64)]
+    params = [
+        torch.randn(Hk * d, Dv, generator=gen, **F64) * 0.4,
+        torch.randn(Hk * d, Dv, generator=gen, **F64) * 0.4,
+        torch.randn(Hk * d, generator=gen, **F64),
+        torch.randn(Hk * d, generator=gen, **F64),
+        1 + 0.1 * torch.randn(Dv, generator=gen, **F64),
+        0.1 * torch.randn(Dv, generator=gen, **F64),
+    ]
     go = torch.randn(sum(lens_q), Hq, d, generator=gen, **F64)
     gl = torch.randn(Hq, sum(lens_q), generator=gen, **F64)
     cu_q, cu_k = _cu(lens_q), _cu(lens_k)
@@ -178,23 +200,41 @@ def case_projected(rank, world, *, path="fused", grad_scale=1.0, empty_rank=None
 
     ref = [t.clone().requires_grad_() for t in (q, x, *params)]
     out, lse = projected_cross_attention_reference(
-        ref[0], ref[1], *ref[2:6], norm="layernorm", norm_weight=ref[6], norm_bias=ref[7],
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+        ref[0],
+        ref[1],
+        *ref[2:6],
+        norm="layernorm",
+        norm_weight=ref[6],
+        norm_bias=ref[7],
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        return_lse=True,
+    )
     ((out * go).sum() + _lse_loss(lse, gl)).backward()
 
     mine = [q.clone(), x[rows].clone(), *(p.clone() for p in params)]
     mine = [t.requires_grad_() for t in mine]
     o, l = cd.sharded_projected_cross_attention(
-        mine[0], mine[1], *mine[2:6], norm="layernorm", norm_weight=mine[6], norm_bias=mine[7],
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k_r, return_lse=True, path=path,
-        grad_scale=grad_scale)
+        mine[0],
+        mine[1],
+        *mine[2:6],
+        norm="layernorm",
+        norm_weight=mine[6],
+        norm_bias=mine[7],
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k_r,
+        return_lse=True,
+        path=path,
+        grad_scale=grad_scale,
+    )
     ((o * go).sum() + _lse_loss(l, gl)).backward()
     _close(o, out, "out")
     _same_lse(l, lse, "lse")
     _close(mine[0].grad, ref[0].grad, "dq")
     _close(mine[1].grad, grad_scale * ref[1].grad[rows], "dx")
-    for name, a, b in zip(("w_k", "w_v", "b_k", "b_v", "norm_weight", "norm_bias"), mine[2:],
-                          ref[2:]):
+    for name, a, b in zip(
+        ("w_k", "w_v", "b_k", "b_v", "norm_weight", "norm_bias"), mine[2:], ref[2:]
+    ):
         _close(a.grad, b.grad, f"d{name}")
 
 
@@ -206,13 +246,15 @@ def case_frame_local(rank, world, seed=4):
     q = torch.randn(frames * n, Hq, D, generator=gen, **F64)
     k = torch.randn(frames * N, Hk, D, generator=gen, **F64)
     v = torch.randn(frames * N, Hk, D, generator=gen, **F64)
-    ref = cross_attention_reference(q, k, v, cu_seqlens_q=_cu([n] * frames),
-                                    cu_seqlens_k=_cu([N] * frames))
+    ref = cross_attention_reference(
+        q, k, v, cu_seqlens_q=_cu([n] * frames), cu_seqlens_k=_cu([N] * frames)
+    )
     cuts = _cuts(frames, world, gen, None)
     a, b = cuts[rank], cuts[rank + 1]
-    out = cd.frame_local_cross_attention(q[a * n: b * n], k[a * N: b * N], v[a * N: b * N],
-                                         queries_per_frame=n)
-    _close(out, ref[a * n: b * n], "frame-local out")
+    out = cd.frame_local_cross_attention(
+        q[a * n : b * n], k[a * N : b * N], v[a * N : b * N], queries_per_frame=n
+    )
+    _close(out, ref[a * n : b * n], "frame-local out")
 
 
 def _dcal_inputs(gen, frames, n, N, Dv, H):
@@ -221,7 +263,7 @@ def _dcal_inputs(gen, frames, n, N, Dv, H):
     L = 1 + max(frames) * n + text
     visual = torch.zeros(B, L, dtype=torch.bool)
     for b, t in enumerate(frames):
-        visual[b, 1: 1 + t * n] = True
+        visual[b, 1 : 1 + t * n] = True
     text_mask = ~visual
     text_mask[0, -1] = False  # a padding position: asks nothing
     h = torch.randn(B, L, H, generator=gen, **F64)
@@ -229,17 +271,33 @@ def _dcal_inputs(gen, frames, n, N, Dv, H):
     return h, visual, text_mask, feats
 
 
-def case_module(rank, world, *, scope="global", kv_path="materialized", gradients="mean",
-                frames=(3, 0, 4), frames_per_rank=None, seed=5):
+def case_module(
+    rank,
+    world,
+    *,
+    scope="global",
+    kv_path="materialized",
+    gradients="mean",
+    frames=(3, 0, 4),
+    frames_per_rank=None,
+    seed=5,
+):
     """DualCrossAttention on a frame-sharded VisionMemory against the unsharded one: output, the
     gradient of the hidden states (replicated), of this rank's tokens, and of every parameter
     (the mean over ranks with gradients="mean")."""
     gen = torch.Generator().manual_seed(seed)
     H, Dv, n, N = 32, 24, 2, 5
     torch.manual_seed(seed)
-    dcal = crosslmm_ops.DualCrossAttention(H, Dv, num_heads=4, num_kv_heads=2, v2v_scope=scope,
-                                           bias=True, vision_norm="layernorm",
-                                           kv_path=kv_path).double()
+    dcal = crosslmm_ops.DualCrossAttention(
+        H,
+        Dv,
+        num_heads=4,
+        num_kv_heads=2,
+        v2v_scope=scope,
+        bias=True,
+        vision_norm="layernorm",
+        kv_path=kv_path,
+    ).double()
     with torch.no_grad():
         for p in dcal.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen, **F64))  # gates != 0, biases != 0
@@ -252,24 +310,29 @@ def case_module(rank, world, *, scope="global", kv_path="materialized", gradient
     hr = h.clone().requires_grad_()
     (dcal(hr, full, visual, text_mask) * go).sum().backward()
 
-    shard = cd.FrameShard(frames, dist.group.WORLD, frames_per_rank=frames_per_rank,
-                          gradients=gradients)
-    local = tokens.detach()[shard.start * N: shard.stop * N].clone().requires_grad_()
+    shard = cd.FrameShard(
+        frames, dist.group.WORLD, frames_per_rank=frames_per_rank, gradients=gradients
+    )
+    local = tokens.detach()[shard.start * N : shard.stop * N].clone().requires_grad_()
     memory = shard.memory(local, N, n)
     hs = h.clone().requires_grad_()
     out = mine(hs, memory, visual, text_mask)
     (out * go).sum().backward()
     _close(out, dcal(h, full, visual, text_mask).detach(), "module out")
     _close(hs.grad, hr.grad, "module d hidden")
-    _close(local.grad, shard.grad_scale * tokens.grad[shard.start * N: shard.stop * N],
-           "module d tokens")
+    _close(
+        local.grad,
+        shard.grad_scale * tokens.grad[shard.start * N : shard.stop * N],
+        "module d tokens",
+    )
     for (name, a), b in zip(mine.named_parameters(), dcal.parameters()):
         g = a.grad.clone()
         dist.all_reduce(g)
         if gradients == "mean":
             _close(g / world, b.grad, f"module d{name} (mean over ranks)")
-        elif kv_path == "materialized" and any(s in name for s in ("k_proj", "v_proj",
-                                                                    "vision_norm")):
+        elif kv_path == "materialized" and any(
+            s in name for s in ("k_proj", "v_proj", "vision_norm")
+        ):
             # Applied to the local tokens outside the op: this rank's part of the gradient.
             _close(g, b.grad, f"module d{name} (sum over ranks)")
         else:  # replicated, or a weight the fused op all-reduces: exact on every rank
@@ -294,14 +357,22 @@ def _model_batch(config, frames, gen):
     ids = torch.zeros(B, L, dtype=torch.long)
     attn = torch.zeros(B, L, dtype=torch.long)
     for b, t in enumerate(frames):
-        row = [1] + [config.video_token_id] * (t * n) \
+        row = (
+            [1]
+            + [config.video_token_id] * (t * n)
             + torch.randint(3, config.video_token_id, (text,), generator=gen).tolist()
+        )
         ids[b, : len(row)] = torch.tensor(row)
         attn[b, : len(row)] = 1
     labels = ids.clone()
     labels[(ids == config.video_token_id) | (attn == 0)] = -100
-    return dict(input_ids=ids, pixel_values_videos=pixels, video_frame_mask=frame_mask,
-                attention_mask=attn, labels=labels)
+    return dict(
+        input_ids=ids,
+        pixel_values_videos=pixels,
+        video_frame_mask=frame_mask,
+        attention_mask=attn,
+        labels=labels,
+    )
 
 
 def _tiny_model(seed):
@@ -354,8 +425,9 @@ def case_model_local_input(rank, world, seed=7):
     frames = [2, 3]
     gen = torch.Generator().manual_seed(seed)
     batch = _model_batch(config, frames, gen)
-    feats = torch.randn(2, 3, config.tokens_per_frame, config.vision_config.hidden_size,
-                        generator=gen, **F64)
+    feats = torch.randn(
+        2, 3, config.tokens_per_frame, config.vision_config.hidden_size, generator=gen, **F64
+    )
     del batch["pixel_values_videos"]
     ref = model(vision_features=feats, **batch)
     wrapped = cd.FrameShardedCrossLMM(model, cd.frame_group(), gradients="exact")
@@ -400,8 +472,14 @@ def case_model_fsdp2(rank, world, seed=8):
 def _triton_case(rank, world):
     # The Triton kernels in the interpreter, float32, outputs poisoned (NaN) before they run.
     with poison_outputs():
-        case_packed(rank, world, backend="triton", dtype=torch.float32, empty_rank=world - 1,
-                    tol=dict(atol=2e-5, rtol=2e-4))
+        case_packed(
+            rank,
+            world,
+            backend="triton",
+            dtype=torch.float32,
+            empty_rank=world - 1,
+            tol=dict(atol=2e-5, rtol=2e-4),
+        )
 
 
 def _raises_everywhere(call, match):
@@ -425,7 +503,7 @@ def case_replicas(rank, world, *, env_debug=False):
     k = torch.randn(sum(lens_k), Hk, D, generator=gen, **F64)
     x = torch.randn(sum(lens_k), Dv, generator=gen, **F64)
     w_k = torch.randn(Hk * D, Dv, generator=gen, **F64)
-    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    cu_q = _cu(lens_q)
     rows, cu_k_r = _packed_keys(rank, world, gen, lens_k, None)
     ks = k[rows]
     last = rank == world - 1  # the odd one out
@@ -434,8 +512,9 @@ def case_replicas(rank, world, *, env_debug=False):
         return cd.sharded_cross_attention(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
 
     def project(q=q, cu_q=cu_q, w_k=w_k, **kw):
-        return cd.sharded_projected_cross_attention(q, x[rows], w_k, w_k, cu_seqlens_q=cu_q,
-                                                    cu_seqlens_k=cu_k_r, **kw)
+        return cd.sharded_projected_cross_attention(
+            q, x[rows], w_k, w_k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k_r, **kw
+        )
 
     expected = attend()
     # cu_seqlens_q with other values (the same length and total: the collectives would match).
@@ -449,14 +528,18 @@ def case_replicas(rank, world, *, env_debug=False):
     assert "rank 0: (12, 4, 8) float64" in message and f"rank {world - 1}: (14, 4, 8)" in message
     # Another number of segments.
     three = _cu([5, 7, 0]) if last else cu_q
-    _raises_everywhere(lambda: attend(cu_q=three, cu_k=torch.cat([cu_k_r, cu_k_r[-1:]])
-                                      if last else cu_k_r), "cu_seqlens_q")
+    _raises_everywhere(
+        lambda: attend(cu_q=three, cu_k=torch.cat([cu_k_r, cu_k_r[-1:]]) if last else cu_k_r),
+        "cu_seqlens_q",
+    )
     # Other key/value heads on one rank.
     _raises_everywhere(lambda: attend(k=ks[:, :1] if last else ks), "key/value heads")
     # A rank whose own arguments are wrong: its error there, a pointer to it everywhere else.
     bad = torch.tensor([0, 5, 11], dtype=torch.int32) if last else cu_q
-    _raises_everywhere(lambda: attend(cu_q=bad),
-                       "must end at the number" if last else rf"rank\(s\) \[{world - 1}\]")
+    _raises_everywhere(
+        lambda: attend(cu_q=bad),
+        "must end at the number" if last else rf"rank\(s\) \[{world - 1}\]",
+    )
     # The values of q: compared in the debug mode (argument, or the environment variable).
     other_q = q + 1 if last else q
     if env_debug:
@@ -478,21 +561,26 @@ _CASES = {
     "packed_triton": _triton_case,
     "batched": lambda r, w: case_batched(r, w, empty_rank=w - 1),
     "projected_fused": lambda r, w: case_projected(r, w, path="fused", empty_rank=1),
-    "projected_materialized": lambda r, w: case_projected(r, w, path="materialized",
-                                                          grad_scale=float(w), seed=13),
+    "projected_materialized": lambda r, w: case_projected(
+        r, w, path="materialized", grad_scale=float(w), seed=13
+    ),
     "frame_local": case_frame_local,
     "module_global_materialized": lambda r, w: case_module(r, w),
-    "module_global_fused": lambda r, w: case_module(r, w, kv_path="fused",
-                                                    frames_per_rank=[7] + [0] * (w - 1)),
+    "module_global_fused": lambda r, w: case_module(
+        r, w, kv_path="fused", frames_per_rank=[7] + [0] * (w - 1)
+    ),
     "module_frame_fused": lambda r, w: case_module(r, w, scope="frame", kv_path="fused"),
-    "module_frame_materialized": lambda r, w: case_module(r, w, scope="frame",
-                                                          frames=(2, 3, 1), seed=9),
-    "module_exact_fused": lambda r, w: case_module(r, w, kv_path="fused", gradients="exact",
-                                                   seed=14),
+    "module_frame_materialized": lambda r, w: case_module(
+        r, w, scope="frame", frames=(2, 3, 1), seed=9
+    ),
+    "module_exact_fused": lambda r, w: case_module(
+        r, w, kv_path="fused", gradients="exact", seed=14
+    ),
     "module_exact_materialized": lambda r, w: case_module(r, w, gradients="exact", seed=15),
     "model_ddp": case_model_ddp,
-    "model_ddp_empty_rank": lambda r, w: case_model_ddp(r, w, frames=(2, 1), kv_path="fused",
-                                                        frames_per_rank=[0, 3], seed=10),
+    "model_ddp_empty_rank": lambda r, w: case_model_ddp(
+        r, w, frames=(2, 1), kv_path="fused", frames_per_rank=[0, 3], seed=10
+    ),
     "model_local_input": case_model_local_input,
     "model_fsdp2": case_model_fsdp2,
     "replicas": case_replicas,
@@ -527,12 +615,13 @@ def case_cuda_ops(rank, world):
         fn = cd.sharded_cross_attention if sharded else crosslmm_ops.cross_attention
         out = fn(*leaves, cu_seqlens_q=cu_q.to(device), cu_seqlens_k=cu_kk)
         out.backward(go.to(device, torch.bfloat16))
-        expect_k = (ref[1].grad[rows], ref[2].grad[rows]) if sharded else (ref[1].grad,
-                                                                          ref[2].grad)
-        return [relative_error(out.cpu(), out_ref),
-                relative_error(leaves[0].grad.cpu(), ref[0].grad),
-                relative_error(leaves[1].grad.cpu(), expect_k[0]),
-                relative_error(leaves[2].grad.cpu(), expect_k[1])]
+        expect_k = (ref[1].grad[rows], ref[2].grad[rows]) if sharded else (ref[1].grad, ref[2].grad)
+        return [
+            relative_error(out.cpu(), out_ref),
+            relative_error(leaves[0].grad.cpu(), ref[0].grad),
+            relative_error(leaves[1].grad.cpu(), expect_k[0]),
+            relative_error(leaves[2].grad.cpu(), expect_k[1]),
+        ]
 
     one, many = run(False), run(True)
     for name, a, b, factor in zip(("out", "dq", "dk", "dv"), many, one, (2, 3, 3, 3)):
@@ -548,28 +637,50 @@ def _worker(rank, world, init_file, cases, backend="gloo"):
     if backend == "nccl":
         torch.cuda.set_device(rank)
         kwargs["device_id"] = torch.device("cuda", rank)
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120), **kwargs)
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+        **kwargs,
+    )
     try:
         for name in cases:
             try:
                 _CASES[name](rank, world)
             except Exception as exc:
-                raise AssertionError(f"case {name!r} failed on rank {rank}/{world}:\n"
-                                     f"{traceback.format_exc()}") from exc
+                raise AssertionError(
+                    f"case {name!r} failed on rank {rank}/{world}:\n{traceback.format_exc()}"
+                ) from exc
     finally:
         dist.destroy_process_group()
 
 
 def _spawn(world, cases, tmp_path, backend="gloo"):
-    mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous"), cases, backend), nprocs=world,
-             join=True)
+    mp.spawn(
+        _worker, args=(world, str(tmp_path / "rendezvous"), cases, backend), nprocs=world, join=True
+    )
 
 
-OP_CASES = ["packed", "packed_empty_rank", "packed_mean", "packed_triton", "batched",
-            "projected_fused", "projected_materialized", "frame_local"]
-MODULE_CASES = ["module_global_materialized", "module_global_fused", "module_frame_fused",
-                "module_frame_materialized", "module_exact_fused", "module_exact_materialized"]
+OP_CASES = [
+    "packed",
+    "packed_empty_rank",
+    "packed_mean",
+    "packed_triton",
+    "batched",
+    "projected_fused",
+    "projected_materialized",
+    "frame_local",
+]
+MODULE_CASES = [
+    "module_global_materialized",
+    "module_global_fused",
+    "module_frame_fused",
+    "module_frame_materialized",
+    "module_exact_fused",
+    "module_exact_materialized",
+]
 MODEL_CASES = ["model_ddp", "model_ddp_empty_rank", "model_local_input", "model_fsdp2"]
 
 
@@ -600,8 +711,11 @@ def test_replicated_arguments_are_checked(tmp_path, monkeypatch):
 def test_two_gpus_nccl(tmp_path, monkeypatch):
     """2 GPUs over NCCL (NVLink multicast off): the sharded attention in bf16 on the GPU back
     ends within flash-attn's bound of one GPU's (the CPU cases above cover the rest)."""
-    for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                        ("NVSHMEM_DISABLE_NVLS", "1")):
+    for name, value in (
+        ("NCCL_NVLS_ENABLE", "0"),
+        ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+        ("NVSHMEM_DISABLE_NVLS", "1"),
+    ):
         monkeypatch.setenv(name, value)
     _spawn(2, ["cuda_ops"], tmp_path, backend="nccl")
 
@@ -618,8 +732,9 @@ def test_needs_initialised_process_group():
 
 
 def test_bad_arguments_single_rank(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'single'}", rank=0,
-                            world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'single'}", rank=0, world_size=1
+    )
     try:
         q = torch.randn(1, 2, 2, 8)
         with pytest.raises(ValueError, match="grad_scale"):
@@ -640,8 +755,9 @@ def test_bad_arguments_single_rank(tmp_path):
             cd.frame_local_cross_attention(q[0], q[0], q[0], queries_per_frame=0)
         # One rank: the sharded op is the op itself.
         k = torch.randn(1, 5, 2, 8)
-        torch.testing.assert_close(cd.sharded_cross_attention(q, k, k),
-                                   crosslmm_ops.cross_attention(q, k, k))
+        torch.testing.assert_close(
+            cd.sharded_cross_attention(q, k, k), crosslmm_ops.cross_attention(q, k, k)
+        )
     finally:
         dist.destroy_process_group()
 
@@ -652,10 +768,17 @@ def test_bad_arguments_single_rank(tmp_path):
 
 
 def _torchrun(tmp_path, *script_args):
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable),
-                                                        "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc-per-node", "2",
-           os.path.join(REPO, "examples", "train_distributed.py"), "--device", "cpu", *script_args]
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        os.path.join(REPO, "examples", "train_distributed.py"),
+        "--device",
+        "cpu",
+        *script_args,
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     return [line for line in run.stdout.splitlines() if line.startswith("step ")]

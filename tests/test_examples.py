@@ -24,16 +24,20 @@ import pytest
 import torch
 
 from crosslmm_ops import cli
-from crosslmm_ops.models import CrossLMMForConditionalGeneration
 from crosslmm_ops.demo import synthetic_video, video_prompt
+from crosslmm_ops.models import CrossLMMForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 
 
 def _run(script: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args, "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args, "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -66,8 +70,9 @@ def test_patch_llava_onevision_script_generates():
 
 
 def test_train_two_stage_script_loss_falls():
-    out = _run("train_two_stage.py", "--steps", "3", "--frames", "2", "--batch", "2",
-               "--lr", "1e-2")
+    out = _run(
+        "train_two_stage.py", "--steps", "3", "--frames", "2", "--batch", "2", "--lr", "1e-2"
+    )
     assert "stage 1:" in out and "T2V off" in out and "stage 2:" in out and "T2V on" in out
     stage1 = out.split("stage 2:")[0]
     assert "projector: trains" in stage1 and "DCAL v2v: trains" in stage1
@@ -101,7 +106,8 @@ def test_attention_maps_match_the_v2v_branch(scope, share_kv):
     maps_mod = _load("attention_maps.py")
     torch.manual_seed(0)
     model = CrossLMMForConditionalGeneration.from_preset(
-        "crosslmm-tiny", dcal_v2v_scope=scope, dcal_share_kv=share_kv).eval()
+        "crosslmm-tiny", dcal_v2v_scope=scope, dcal_share_kv=share_kv
+    ).eval()
     frames = 3
     with torch.no_grad():  # O(1) query/key weights, so the softmax is far from uniform
         for dcal in model.dcals.values():
@@ -126,7 +132,7 @@ def test_attention_maps_match_the_v2v_branch(scope, share_kv):
         own = torch.arange(frames * n) // n
         key_frame = torch.arange(frames * N) // N
         scores = scores.masked_fill(own[:, None] != key_frame[None, :], float("-inf"))
-    expected = scores.softmax(-1).transpose(0, 1)                   # [q, h, k]
+    expected = scores.softmax(-1).transpose(0, 1)  # [q, h, k]
     torch.testing.assert_close(maps.probs.double(), expected, rtol=1e-5, atol=1e-6)
     assert expected.std() > 1e-3  # not the uniform distribution
 
@@ -135,7 +141,8 @@ def test_attention_maps_match_the_v2v_branch(scope, share_kv):
     seen = {}
     handle = dcal.register_forward_pre_hook(
         lambda _m, args, kwargs: seen.update(h=args[0], memory=args[1], mask=kwargs["visual_mask"]),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     with torch.no_grad():
         model(input_ids=ids, pixel_values_videos=video, use_cache=False)
         handle.remove()
@@ -196,17 +203,35 @@ def test_bench_runs_pytest_and_plots(monkeypatch, tmp_path, capsys):
     def fake_run(cmd, cwd, env):
         calls.append((cmd, cwd, env["CROSSLMM_BENCH_DIR"]))
         suite = Path(cmd[3]).stem.removeprefix("bench_")
-        shutil.copy(ROOT / "benchmarks" / "results" / f"{suite}_h100.json",
-                    Path(env["CROSSLMM_BENCH_DIR"]) / f"{suite}.json")
+        shutil.copy(
+            ROOT / "benchmarks" / "results" / f"{suite}_h100.json",
+            Path(env["CROSSLMM_BENCH_DIR"]) / f"{suite}.json",
+        )
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cli.subprocess, "run", fake_run)
     out = tmp_path / "bench"
-    assert cli.main(["bench", "--only", "token_pool", "--only", "cross_attention", "--out",
-                     str(out), "--pytest-args", "-k 'T=32'"]) == 0
-    assert [Path(c[0][3]).name for c in calls] == ["bench_token_pool.py",
-                                                   "bench_cross_attention.py"]
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--only",
+                "token_pool",
+                "--only",
+                "cross_attention",
+                "--out",
+                str(out),
+                "--pytest-args",
+                "-k 'T=32'",
+            ]
+        )
+        == 0
+    )
+    assert [Path(c[0][3]).name for c in calls] == [
+        "bench_token_pool.py",
+        "bench_cross_attention.py",
+    ]
     cmd, cwd, bench_dir = calls[0]
     assert cmd[:3] == [sys.executable, "-m", "pytest"] and "--benchmark-only" in cmd
     assert f"--benchmark-json={out / 'token_pool_pytest_benchmark.json'}" in cmd
@@ -222,8 +247,9 @@ def test_bench_runs_pytest_and_plots(monkeypatch, tmp_path, capsys):
 
 def test_bench_reports_a_failed_suite(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cli.subprocess, "run",
-                        lambda cmd, cwd, env: subprocess.CompletedProcess(cmd, 1))
+    monkeypatch.setattr(
+        cli.subprocess, "run", lambda cmd, cwd, env: subprocess.CompletedProcess(cmd, 1)
+    )
     assert cli.main(["bench", "--only", "token_pool", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "token_pool: pytest exited with 1 and wrote no token_pool.json" in err
@@ -232,7 +258,16 @@ def test_bench_reports_a_failed_suite(monkeypatch, tmp_path, capsys):
 @pytest.mark.cuda
 def test_bench_quick_run_on_gpu(tmp_path):
     """The real thing, one small case of the token_pool suite."""
-    rc = cli.main(["bench", "--only", "token_pool", "--out", str(tmp_path),
-                   "--pytest-args", "-k 'bench_forward and avg3x3s3 and 32'"])
+    rc = cli.main(
+        [
+            "bench",
+            "--only",
+            "token_pool",
+            "--out",
+            str(tmp_path),
+            "--pytest-args",
+            "-k 'bench_forward and avg3x3s3 and 32'",
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "token_pool.json").is_file() and (tmp_path / "token_pool.png").is_file()

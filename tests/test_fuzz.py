@@ -28,18 +28,23 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+import fuzz_cases as fc  # noqa: E402
 from hypothesis import HealthCheck, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import crosslmm_ops  # noqa: E402
-import fuzz_cases as fc  # noqa: E402
-from crosslmm_ops import cross_attention, cross_attention_reference  # noqa: E402
-from crosslmm_ops.testing import fast_backends, poison_outputs  # noqa: E402
 from test_cross_attention import cu_seqlens  # noqa: E402
 
+import crosslmm_ops  # noqa: E402
+from crosslmm_ops import cross_attention, cross_attention_reference  # noqa: E402
+from crosslmm_ops.testing import fast_backends, poison_outputs  # noqa: E402
+
 EXAMPLES = int(os.environ.get("CROSSLMM_FUZZ_EXAMPLES", "12"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 # Projected attention and the modules run several Triton kernels per case in the interpreter.
 FUZZ_SLOW = settings(FUZZ, max_examples=max(2, EXAMPLES // 2))
 HAS_CUDA = torch.cuda.is_available()
@@ -72,9 +77,16 @@ def _write_report():
     path = os.environ.get("CROSSLMM_FUZZ_REPORT")
     if path:
         with open(path, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if HAS_CUDA else "cpu",
-                       "torch": torch.__version__, "examples_per_test": EXAMPLES,
-                       "tests": _REPORT}, f, indent=1)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name() if HAS_CUDA else "cpu",
+                    "torch": torch.__version__,
+                    "examples_per_test": EXAMPLES,
+                    "tests": _REPORT,
+                },
+                f,
+                indent=1,
+            )
 
 
 class HypothesisDrawer:
@@ -169,6 +181,7 @@ def _backends(dtype: torch.dtype, head_dim: int | None = None) -> list[str]:
 # Numerical extremes (cross_attention)
 # ----------------------------------------------------------------------------------------------
 
+
 def _extreme_backends(dtype):
     return [b for b in _backends(dtype, 64) if b != "torch"] + ["torch"]
 
@@ -180,8 +193,9 @@ def test_large_logits_do_not_overflow(dtype):
     q = (torch.randn(2, 7, 2, 64, device=DEVICE) * 20).to(dtype)
     k = (torch.randn(2, 50, 2, 64, device=DEVICE) * 20).to(dtype)
     v = torch.randn(2, 50, 2, 64, device=DEVICE).to(dtype)
-    expected, expected_lse = cross_attention_reference(q.double(), k.double(), v.double(),
-                                                       softmax_scale=1.0, return_lse=True)
+    expected, expected_lse = cross_attention_reference(
+        q.double(), k.double(), v.double(), softmax_scale=1.0, return_lse=True
+    )
     assert expected_lse.abs().max() > 1e3  # the test really has huge logits
     for backend in _extreme_backends(dtype):
         if backend == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16:
@@ -241,8 +255,9 @@ def test_gpu_one_million_keys(backend):
     v = torch.randn(1, sk, 2, 64, device="cuda", dtype=torch.bfloat16)
     with poison_outputs():
         out, lse = cross_attention(q, k, v, return_lse=True, backend=backend)
-    expected, expected_lse = cross_attention_reference(q, k, v, return_lse=True,
-                                                       compute_dtype=torch.float64)
+    expected, expected_lse = cross_attention_reference(
+        q, k, v, return_lse=True, compute_dtype=torch.float64
+    )
     assert crosslmm_ops.last_backend("cross_attention") == backend
     assert (lse.double() - expected_lse).abs().max().item() < 1e-3 * math.log(sk)
     assert (out.double() - expected).abs().max().item() < 2e-3

@@ -50,8 +50,12 @@ def _case(case: str, items=(1, 0, 2)):
     model, _ = llava._pair(case)
     llava._set_gates(model)
     inputs = llava._batch(case, items)
-    return model, inputs, model.crosslmm_patch.dcals, dict(
-        do_sample=False, suppress_tokens=[llava.IMAGE, llava.VIDEO, llava.PAD])
+    return (
+        model,
+        inputs,
+        model.crosslmm_patch.dcals,
+        dict(do_sample=False, suppress_tokens=[llava.IMAGE, llava.VIDEO, llava.PAD]),
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -74,8 +78,13 @@ def test_beam_search_equals_recomputing_every_step(case):
     # One video per sample: transformers 5.17-5.18 expand a sample's several images per image,
     # which breaks unpatched models the same way (see test_patch_llava).
     model, inputs, _, opts = _case(case, items=(1, 1))
-    kw = dict(opts, max_new_tokens=NEW_TOKENS, num_beams=2, num_return_sequences=2,
-              return_dict_in_generate=True)
+    kw = dict(
+        opts,
+        max_new_tokens=NEW_TOKENS,
+        num_beams=2,
+        num_return_sequences=2,
+        return_dict_in_generate=True,
+    )
     cached = model.generate(**inputs, **kw)
     recomputed = model.generate(**inputs, **kw, use_cache=False)
     rows = inputs["input_ids"].shape[0] * 2
@@ -137,12 +146,14 @@ def test_every_dcal_runs_in_every_decode_step(case):
     def record(index):
         def hook(module, args, output):
             calls.append((index, args[0].shape[1], not torch.equal(output, args[0])))
+
         return hook
 
     handles = [dcal.register_forward_hook(record(i)) for i, dcal in dcals.items()]
     try:
-        out = model.generate(**inputs, **opts, max_new_tokens=NEW_TOKENS,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, **opts, max_new_tokens=NEW_TOKENS, return_dict_in_generate=True
+        )
     finally:
         for handle in handles:
             handle.remove()
@@ -174,7 +185,7 @@ def test_a_decode_step_without_the_memory_raises(case):
     cache, step = _prefill(model, inputs)
     with torch.no_grad():
         model(**step, **cache_argument(cache))  # with its record: fine
-        del cache.__dict__["vision_memory"]       # a cache that lost its record
+        del cache.__dict__["vision_memory"]  # a cache that lost its record
         with pytest.raises(DCALSkippedError, match="holds no CrossLMM vision record"):
             model(**step, **cache_argument(cache))
 
@@ -239,11 +250,11 @@ def test_save_and_load_patched_gives_equal_logits(family, tmp_path):
     for key in sd:
         assert torch.equal(sd[key], sd2[key]), key
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
     # And it generates as the original does.
-    opts = dict(do_sample=False, max_new_tokens=3,
-                suppress_tokens=[llava.IMAGE, llava.VIDEO, llava.PAD])
+    opts = dict(
+        do_sample=False, max_new_tokens=3, suppress_tokens=[llava.IMAGE, llava.VIDEO, llava.PAD]
+    )
     assert torch.equal(loaded.generate(**inputs, **opts), model.generate(**inputs, **opts))
 
 
@@ -268,20 +279,25 @@ def _tiny_tokenizer(tmp_path):
     vocab = {"<pad>": 0, "<unk>": 1, "<image>": 2, "<video>": 3, "a": 4, "b": 5}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
-                                                unk_token="<unk>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>"
+    )
     fast.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
     return fast
 
 
 def test_processor_placeholder_count_survives_save_and_load(tmp_path):
     pytest.importorskip("PIL")  # CLIPImageProcessor's slow path
-    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28},
-                                                      crop_size={"height": 28, "width": 28})
-    processor = transformers.LlavaProcessor(image_processor=image_processor,
-                                            tokenizer=_tiny_tokenizer(tmp_path), patch_size=4,
-                                            vision_feature_select_strategy="full",
-                                            image_token="<image>")
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
+    )
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=_tiny_tokenizer(tmp_path),
+        patch_size=4,
+        vision_feature_select_strategy="full",
+        image_token="<image>",
+    )
     patch_llava_processor(processor, pooled_per_frame=6)
     processor.save_pretrained(tmp_path)
     loaded = load_patched_processor(tmp_path)
@@ -289,9 +305,12 @@ def test_processor_placeholder_count_survives_save_and_load(tmp_path):
     images = {"pixel_values": torch.zeros(1, 3, 28, 28)}
     assert loaded.replace_image_token(images, 0) == "<image>" * 6
     with pytest.raises(ValueError, match="not saved from a patched processor"):
-        plain = transformers.LlavaProcessor(image_processor=image_processor,
-                                            tokenizer=_tiny_tokenizer(tmp_path), patch_size=4,
-                                            image_token="<image>")
+        plain = transformers.LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=_tiny_tokenizer(tmp_path),
+            patch_size=4,
+            image_token="<image>",
+        )
         plain.save_pretrained(tmp_path / "plain")
         load_patched_processor(tmp_path / "plain")
 
@@ -324,8 +343,9 @@ def test_lora_outside_the_dcals_trains_the_dcals_and_their_gates():
     from crosslmm_ops import lora_target_modules
 
     model, _ = llava._pair("llava_onevision")
-    config = peft.LoraConfig(r=2, target_modules=lora_target_modules(["q_proj", "v_proj"]),
-                             modules_to_save=["dcal"])
+    config = peft.LoraConfig(
+        r=2, target_modules=lora_target_modules(["q_proj", "v_proj"]), modules_to_save=["dcal"]
+    )
     lora = peft.get_peft_model(model, config)
     names = [name for name, _ in lora.named_parameters()]
     assert not any(".dcal." in n and "lora_" in n for n in names)

@@ -63,39 +63,69 @@ def _cu(*lengths):
 
 
 def _attention_batched():
-    return dict(q=_randn(2, 3, 4, 8), k=_randn(2, 5, 2, 8), v=_randn(2, 5, 2, 8),
-                gate=_randn(4), residual=_randn(2, 3, 4, 8))
+    return dict(
+        q=_randn(2, 3, 4, 8),
+        k=_randn(2, 5, 2, 8),
+        v=_randn(2, 5, 2, 8),
+        gate=_randn(4),
+        residual=_randn(2, 3, 4, 8),
+    )
 
 
 def _attention_packed():
-    return dict(q=_randn(6, 4, 8), k=_randn(9, 2, 8), v=_randn(9, 2, 8), cu_seqlens_q=_cu(2, 0, 4),
-                cu_seqlens_k=_cu(5, 3, 1), gate=_randn(4), residual=_randn(6, 4, 8))
+    return dict(
+        q=_randn(6, 4, 8),
+        k=_randn(9, 2, 8),
+        v=_randn(9, 2, 8),
+        cu_seqlens_q=_cu(2, 0, 4),
+        cu_seqlens_k=_cu(5, 3, 1),
+        gate=_randn(4),
+        residual=_randn(6, 4, 8),
+    )
 
 
 def _projected(packed: bool):
-    common = dict(w_k=_randn(16, 12), w_v=_randn(16, 12), b_k=_randn(16), b_v=_randn(16),
-                  norm_weight=_randn(12), norm_bias=_randn(12))
+    common = dict(
+        w_k=_randn(16, 12),
+        w_v=_randn(16, 12),
+        b_k=_randn(16),
+        b_v=_randn(16),
+        norm_weight=_randn(12),
+        norm_bias=_randn(12),
+    )
     if packed:
-        return dict(q=_randn(6, 4, 8), x=_randn(9, 12), cu_seqlens_q=_cu(2, 0, 4),
-                    cu_seqlens_k=_cu(5, 3, 1), **common)
+        return dict(
+            q=_randn(6, 4, 8),
+            x=_randn(9, 12),
+            cu_seqlens_q=_cu(2, 0, 4),
+            cu_seqlens_k=_cu(5, 3, 1),
+            **common,
+        )
     return dict(q=_randn(2, 3, 4, 8), x=_randn(2, 5, 12), **common)
 
 
 def _call_projected(path):
     def call(backend, **t):
-        return projected_cross_attention(**t, norm="layernorm", path=path, return_lse=True,
-                                         backend=backend)
+        return projected_cross_attention(
+            **t, norm="layernorm", path=path, return_lse=True, backend=backend
+        )
+
     return call
 
 
 def _weights(packed: bool):
     if packed:
         t = _attention_packed()
-        t = dict(q=t["q"], k=t["k"], cu_seqlens_q=t["cu_seqlens_q"],
-                 cu_seqlens_k=t["cu_seqlens_k"])
-        t["lse"] = cross_attention(t["q"], t["k"], t["k"], cu_seqlens_q=t["cu_seqlens_q"],
-                                   cu_seqlens_k=t["cu_seqlens_k"], return_lse=True,
-                                   backend="torch")[1]
+        t = dict(q=t["q"], k=t["k"], cu_seqlens_q=t["cu_seqlens_q"], cu_seqlens_k=t["cu_seqlens_k"])
+        t["lse"] = cross_attention(
+            t["q"],
+            t["k"],
+            t["k"],
+            cu_seqlens_q=t["cu_seqlens_q"],
+            cu_seqlens_k=t["cu_seqlens_k"],
+            return_lse=True,
+            backend="torch",
+        )[1]
     else:
         t = dict(q=_randn(2, 3, 4, 8), k=_randn(2, 5, 2, 8))
         t["lse"] = cross_attention(t["q"], t["k"], t["k"], return_lse=True, backend="torch")[1]
@@ -104,42 +134,92 @@ def _weights(packed: bool):
 
 
 STRIDED_CASES = [
-    ("cross_attention batched", KERNEL_BACKENDS,
-     lambda backend, **t: cross_attention(**t, return_lse=True, backend=backend),
-     _attention_batched),
-    ("cross_attention packed", KERNEL_BACKENDS,
-     lambda backend, **t: cross_attention(**t, return_lse=True, num_splits=2, backend=backend),
-     _attention_packed),
-    ("merge_attention_states", [None],
-     lambda backend, **t: merge_attention_states(t["outs"], t["lses"]),
-     lambda: dict(outs=_randn(3, 6, 4, 8), lses=_randn(3, 4, 6))),
-    ("merge_attention_states lists", [None],
-     lambda backend, **t: merge_attention_states([t["o0"], t["o1"]], [t["l0"], t["l1"]]),
-     lambda: dict(o0=_randn(6, 4, 8), o1=_randn(6, 4, 8), l0=_randn(4, 6), l1=_randn(4, 6))),
-    ("attention_weights batched", [None], lambda backend, **t: attention_weights(**t),
-     lambda: _weights(False)),
-    ("attention_weights packed", [None], lambda backend, **t: attention_weights(**t),
-     lambda: _weights(True)),
-    ("projected_cross_attention fused batched", KERNEL_BACKENDS, _call_projected("fused"),
-     lambda: _projected(False)),
-    ("projected_cross_attention fused packed", KERNEL_BACKENDS, _call_projected("fused"),
-     lambda: _projected(True)),
-    ("projected_cross_attention materialized batched", KERNEL_BACKENDS,
-     _call_projected("materialized"), lambda: _projected(False)),
-    ("projected_cross_attention materialized packed", KERNEL_BACKENDS,
-     _call_projected("materialized"), lambda: _projected(True)),
-    ("normalize_tokens", [None], lambda backend, **t: normalize_tokens(t["x"], "rmsnorm"),
-     lambda: dict(x=_randn(2, 5, 12))),
-    ("flash_attn_func", KERNEL_BACKENDS,
-     lambda backend, **t: flash_attn_func(**t, return_attn_probs=True),
-     lambda: dict(q=_randn(2, 3, 4, 8), k=_randn(2, 5, 2, 8), v=_randn(2, 5, 2, 8))),
-    ("flash_attn_varlen_func", KERNEL_BACKENDS,
-     lambda backend, **t: flash_attn_varlen_func(**t, max_seqlen_q=4, max_seqlen_k=5,
-                                                 return_attn_probs=True),
-     lambda: {k: v for k, v in _attention_packed().items() if k not in ("gate", "residual")}),
-    ("token_pool", KERNEL_BACKENDS,
-     lambda backend, **t: token_pool(t["x"], (4, 4), "avg", kernel_size=2, backend=backend),
-     lambda: dict(x=_randn(2, 3, 16, 8))),
+    (
+        "cross_attention batched",
+        KERNEL_BACKENDS,
+        lambda backend, **t: cross_attention(**t, return_lse=True, backend=backend),
+        _attention_batched,
+    ),
+    (
+        "cross_attention packed",
+        KERNEL_BACKENDS,
+        lambda backend, **t: cross_attention(**t, return_lse=True, num_splits=2, backend=backend),
+        _attention_packed,
+    ),
+    (
+        "merge_attention_states",
+        [None],
+        lambda backend, **t: merge_attention_states(t["outs"], t["lses"]),
+        lambda: dict(outs=_randn(3, 6, 4, 8), lses=_randn(3, 4, 6)),
+    ),
+    (
+        "merge_attention_states lists",
+        [None],
+        lambda backend, **t: merge_attention_states([t["o0"], t["o1"]], [t["l0"], t["l1"]]),
+        lambda: dict(o0=_randn(6, 4, 8), o1=_randn(6, 4, 8), l0=_randn(4, 6), l1=_randn(4, 6)),
+    ),
+    (
+        "attention_weights batched",
+        [None],
+        lambda backend, **t: attention_weights(**t),
+        lambda: _weights(False),
+    ),
+    (
+        "attention_weights packed",
+        [None],
+        lambda backend, **t: attention_weights(**t),
+        lambda: _weights(True),
+    ),
+    (
+        "projected_cross_attention fused batched",
+        KERNEL_BACKENDS,
+        _call_projected("fused"),
+        lambda: _projected(False),
+    ),
+    (
+        "projected_cross_attention fused packed",
+        KERNEL_BACKENDS,
+        _call_projected("fused"),
+        lambda: _projected(True),
+    ),
+    (
+        "projected_cross_attention materialized batched",
+        KERNEL_BACKENDS,
+        _call_projected("materialized"),
+        lambda: _projected(False),
+    ),
+    (
+        "projected_cross_attention materialized packed",
+        KERNEL_BACKENDS,
+        _call_projected("materialized"),
+        lambda: _projected(True),
+    ),
+    (
+        "normalize_tokens",
+        [None],
+        lambda backend, **t: normalize_tokens(t["x"], "rmsnorm"),
+        lambda: dict(x=_randn(2, 5, 12)),
+    ),
+    (
+        "flash_attn_func",
+        KERNEL_BACKENDS,
+        lambda backend, **t: flash_attn_func(**t, return_attn_probs=True),
+        lambda: dict(q=_randn(2, 3, 4, 8), k=_randn(2, 5, 2, 8), v=_randn(2, 5, 2, 8)),
+    ),
+    (
+        "flash_attn_varlen_func",
+        KERNEL_BACKENDS,
+        lambda backend, **t: flash_attn_varlen_func(
+            **t, max_seqlen_q=4, max_seqlen_k=5, return_attn_probs=True
+        ),
+        lambda: {k: v for k, v in _attention_packed().items() if k not in ("gate", "residual")},
+    ),
+    (
+        "token_pool",
+        KERNEL_BACKENDS,
+        lambda backend, **t: token_pool(t["x"], (4, 4), "avg", kernel_size=2, backend=backend),
+        lambda: dict(x=_randn(2, 3, 16, 8)),
+    ),
 ]
 
 
@@ -153,8 +233,11 @@ def _run(call, backend, tensors, with_grads=True):
     """The outputs of one call and the gradients of every floating input, the gradient of the
     outputs handed in as a strided view too (the backward's ``dout``). Unwritten output elements
     are NaN (poisoned); every op that ran must have run on ``backend``."""
-    leaves = [t.requires_grad_() for k, t in tensors.items()
-              if with_grads and t.dtype.is_floating_point and k != "lse"]
+    leaves = [
+        t.requires_grad_()
+        for k, t in tensors.items()
+        if with_grads and t.dtype.is_floating_point and k != "lse"
+    ]
     with env_value(_backend.ENV_VAR, backend), poison_outputs(), record_backends() as ran:
         outs = _flat(call(backend, **tensors))
         diff = [o for o in outs if o.requires_grad]
@@ -167,17 +250,22 @@ def _run(call, backend, tensors, with_grads=True):
     return [o.detach() for o in outs], grads
 
 
-STRIDED_RUNS = [(name, backend, call, make) for name, backends, call, make in STRIDED_CASES
-                for backend in backends]
+STRIDED_RUNS = [
+    (name, backend, call, make)
+    for name, backends, call, make in STRIDED_CASES
+    for backend in backends
+]
 
 
-@pytest.mark.parametrize("name,backend_name,call,make", STRIDED_RUNS,
-                         ids=[f"{r[0]}-{r[1] or 'plain'}" for r in STRIDED_RUNS])
+@pytest.mark.parametrize(
+    "name,backend_name,call,make",
+    STRIDED_RUNS,
+    ids=[f"{r[0]}-{r[1] or 'plain'}" for r in STRIDED_RUNS],
+)
 def test_strided_views_of_every_tensor_argument(name, backend_name, call, make):
     torch.manual_seed(0)
     tensors = make()
-    expected, expected_grads = _run(call, backend_name,
-                                    {k: t.clone() for k, t in tensors.items()})
+    expected, expected_grads = _run(call, backend_name, {k: t.clone() for k, t in tensors.items()})
     strided = {k: _strided(t) for k, t in tensors.items()}
     for k, t in strided.items():
         assert torch.equal(t.nan_to_num(), tensors[k].nan_to_num()), k
@@ -194,22 +282,41 @@ def test_strided_views_of_every_tensor_argument(name, backend_name, call, make):
 
 
 CUDA_STRIDED_CASES = [
-    ("cross_attention packed",
-     lambda backend, **t: cross_attention(**t, return_lse=True, backend=backend),
-     lambda: {k: v.half() if v.is_floating_point() and k != "gate" else v
-              for k, v in dict(q=_randn(6, 4, 64), k=_randn(9, 2, 64), v=_randn(9, 2, 64),
-                               cu_seqlens_q=_cu(2, 0, 4), cu_seqlens_k=_cu(5, 3, 1),
-                               gate=_randn(4), residual=_randn(6, 4, 64)).items()}),
-    ("projected_cross_attention fused packed",
-     lambda backend, **t: projected_cross_attention(**t, path="fused", backend=backend),
-     lambda: dict(q=_randn(6, 4, 16).half(), x=_randn(9, 64).half(), w_k=_randn(32, 64),
-                  w_v=_randn(32, 64), cu_seqlens_q=_cu(2, 0, 4), cu_seqlens_k=_cu(5, 3, 1))),
+    (
+        "cross_attention packed",
+        lambda backend, **t: cross_attention(**t, return_lse=True, backend=backend),
+        lambda: {
+            k: v.half() if v.is_floating_point() and k != "gate" else v
+            for k, v in dict(
+                q=_randn(6, 4, 64),
+                k=_randn(9, 2, 64),
+                v=_randn(9, 2, 64),
+                cu_seqlens_q=_cu(2, 0, 4),
+                cu_seqlens_k=_cu(5, 3, 1),
+                gate=_randn(4),
+                residual=_randn(6, 4, 64),
+            ).items()
+        },
+    ),
+    (
+        "projected_cross_attention fused packed",
+        lambda backend, **t: projected_cross_attention(**t, path="fused", backend=backend),
+        lambda: dict(
+            q=_randn(6, 4, 16).half(),
+            x=_randn(9, 64).half(),
+            w_k=_randn(32, 64),
+            w_v=_randn(32, 64),
+            cu_seqlens_q=_cu(2, 0, 4),
+            cu_seqlens_k=_cu(5, 3, 1),
+        ),
+    ),
 ]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name,call,make", CUDA_STRIDED_CASES,
-                         ids=[c[0] for c in CUDA_STRIDED_CASES])
+@pytest.mark.parametrize(
+    "name,call,make", CUDA_STRIDED_CASES, ids=[c[0] for c in CUDA_STRIDED_CASES]
+)
 def test_strided_views_on_the_cuda_back_end(name, call, make):
     """The CUDA binding checks contiguity: the op hands it contiguous cu_seqlens (a strided view
     is copied, not refused) and channels it can read."""
@@ -234,8 +341,9 @@ def test_triton_launchers_refuse_strided_index_tensors():
     q, k, v = t["q"], t["k"], t["v"]
     out, lse = torch.empty_like(q), torch.empty(4, 6, device=DEVICE)
     with pytest.raises(ValueError, match=r"cu_seqlens_k must be contiguous"):
-        kernels.attention_forward(q, k, v, out, lse, t["cu_seqlens_q"],
-                                  _strided(t["cu_seqlens_k"]), 4, 5, 0.3, 1)
+        kernels.attention_forward(
+            q, k, v, out, lse, t["cu_seqlens_q"], _strided(t["cu_seqlens_k"]), 4, 5, 0.3, 1
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,27 +351,64 @@ def test_triton_launchers_refuse_strided_index_tensors():
 # ----------------------------------------------------------------------------------------------
 
 INTERPRETED = TRITON and _backend.triton_interpreted() and DEVICE == "cpu"
-BF16_MESSAGE = r"Triton interpreter \(TRITON_INTERPRET=1\) cannot compute bfloat16.*float16 or " \
-               r"float32.*torch back end"
+BF16_MESSAGE = (
+    r"Triton interpreter \(TRITON_INTERPRET=1\) cannot compute bfloat16.*float16 or "
+    r"float32.*torch back end"
+)
 
 BF16_CALLS = [
-    ("cross_attention", lambda: cross_attention(
-        _randn(1, 3, 2, 16, dtype=torch.bfloat16), _randn(1, 5, 2, 16, dtype=torch.bfloat16),
-        _randn(1, 5, 2, 16, dtype=torch.bfloat16), backend="triton")),
-    ("cross_attention packed", lambda: cross_attention(
-        _randn(5, 2, 16, dtype=torch.bfloat16), _randn(7, 2, 16, dtype=torch.bfloat16),
-        _randn(7, 2, 16, dtype=torch.bfloat16), cu_seqlens_q=_cu(2, 3), cu_seqlens_k=_cu(3, 4),
-        backend="triton")),
-    ("projected_cross_attention fused", lambda: projected_cross_attention(
-        _randn(1, 3, 4, 8, dtype=torch.bfloat16), _randn(1, 5, 16, dtype=torch.bfloat16),
-        _randn(16, 16), _randn(16, 16), path="fused", backend="triton")),
-    ("projected_cross_attention materialized", lambda: projected_cross_attention(
-        _randn(1, 3, 4, 8, dtype=torch.bfloat16), _randn(1, 5, 16, dtype=torch.bfloat16),
-        _randn(16, 16), _randn(16, 16), path="materialized", backend="triton")),
-    ("flash_attn_func", lambda: _with_backend("triton", flash_attn_func,
-                                              _randn(1, 3, 2, 16, dtype=torch.bfloat16),
-                                              _randn(1, 5, 2, 16, dtype=torch.bfloat16),
-                                              _randn(1, 5, 2, 16, dtype=torch.bfloat16))),
+    (
+        "cross_attention",
+        lambda: cross_attention(
+            _randn(1, 3, 2, 16, dtype=torch.bfloat16),
+            _randn(1, 5, 2, 16, dtype=torch.bfloat16),
+            _randn(1, 5, 2, 16, dtype=torch.bfloat16),
+            backend="triton",
+        ),
+    ),
+    (
+        "cross_attention packed",
+        lambda: cross_attention(
+            _randn(5, 2, 16, dtype=torch.bfloat16),
+            _randn(7, 2, 16, dtype=torch.bfloat16),
+            _randn(7, 2, 16, dtype=torch.bfloat16),
+            cu_seqlens_q=_cu(2, 3),
+            cu_seqlens_k=_cu(3, 4),
+            backend="triton",
+        ),
+    ),
+    (
+        "projected_cross_attention fused",
+        lambda: projected_cross_attention(
+            _randn(1, 3, 4, 8, dtype=torch.bfloat16),
+            _randn(1, 5, 16, dtype=torch.bfloat16),
+            _randn(16, 16),
+            _randn(16, 16),
+            path="fused",
+            backend="triton",
+        ),
+    ),
+    (
+        "projected_cross_attention materialized",
+        lambda: projected_cross_attention(
+            _randn(1, 3, 4, 8, dtype=torch.bfloat16),
+            _randn(1, 5, 16, dtype=torch.bfloat16),
+            _randn(16, 16),
+            _randn(16, 16),
+            path="materialized",
+            backend="triton",
+        ),
+    ),
+    (
+        "flash_attn_func",
+        lambda: _with_backend(
+            "triton",
+            flash_attn_func,
+            _randn(1, 3, 2, 16, dtype=torch.bfloat16),
+            _randn(1, 5, 2, 16, dtype=torch.bfloat16),
+            _randn(1, 5, 2, 16, dtype=torch.bfloat16),
+        ),
+    ),
 ]
 
 
@@ -292,16 +437,32 @@ def test_bf16_is_refused_by_every_triton_launcher():
     with pytest.raises(RuntimeError, match=BF16_MESSAGE):
         attention.attention_forward(q, kv, kv, torch.empty_like(q), lse, cu_q, cu_k, 3, 4, 0.25, 1)
     with pytest.raises(RuntimeError, match=BF16_MESSAGE):
-        attention.attention_backward(q, q, kv, kv, q, lse, torch.empty_like(q),
-                                     torch.empty_like(kv), torch.empty_like(kv), cu_q, cu_k, 3, 4,
-                                     0.25, False)
+        attention.attention_backward(
+            q,
+            q,
+            kv,
+            kv,
+            q,
+            lse,
+            torch.empty_like(q),
+            torch.empty_like(kv),
+            torch.empty_like(kv),
+            cu_q,
+            cu_k,
+            3,
+            4,
+            0.25,
+            False,
+        )
     qg, x = _randn(1, 5, 2, 16, dtype=bf), _randn(7, 16, dtype=bf)
     with pytest.raises(RuntimeError, match=BF16_MESSAGE):
-        projected.projected_attention_core_forward(qg, x, torch.empty_like(qg), lse, cu_q, cu_k,
-                                                   3, 4, 0.25, 1)
+        projected.projected_attention_core_forward(
+            qg, x, torch.empty_like(qg), lse, cu_q, cu_k, 3, 4, 0.25, 1
+        )
     with pytest.raises(RuntimeError, match=BF16_MESSAGE):
-        projected.projected_attention_core_backward(qg, qg, x, qg, lse, torch.empty_like(qg),
-                                         torch.empty_like(x), cu_q, cu_k, 3, 4, 0.25, 1)
+        projected.projected_attention_core_backward(
+            qg, qg, x, qg, lse, torch.empty_like(qg), torch.empty_like(x), cu_q, cu_k, 3, 4, 0.25, 1
+        )
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
@@ -335,8 +496,11 @@ AQ, AK = torch.randn(2, 3, 4, 8), torch.randn(2, 5, 2, 8)
 
 @pytest.mark.parametrize("block_size", [0, -5, 1.5, True, "64", None])
 def test_attention_weights_block_size_is_checked(block_size):
-    with pytest.raises(ValueError, match=r"block_size must be an int >= 1 \(keys per block\), "
-                                         rf"got {block_size!r}"):
+    with pytest.raises(
+        ValueError,
+        match=r"block_size must be an int >= 1 \(keys per block\), "
+        rf"got {block_size!r}",
+    ):
         attention_weights(AQ, AK, query_index=[0], block_size=block_size)
 
 
@@ -352,8 +516,9 @@ def test_attention_weights_any_block_size_gives_the_same_probabilities(block_siz
 def test_attention_weights_empty_query_index(empty):
     assert attention_weights(AQ, AK, query_index=empty).shape == (2, 0, 4, 5)
     q, k = torch.randn(6, 4, 8), torch.randn(9, 2, 8)
-    packed = attention_weights(q, k, cu_seqlens_q=cu_seqlens([2, 4]),
-                               cu_seqlens_k=cu_seqlens([5, 4]), query_index=empty)
+    packed = attention_weights(
+        q, k, cu_seqlens_q=cu_seqlens([2, 4]), cu_seqlens_k=cu_seqlens([5, 4]), query_index=empty
+    )
     assert packed.shape == (0, 4, 0) and packed.dtype == torch.float32
 
 
@@ -392,43 +557,91 @@ def _cpu(make):
 
 
 META_CASES = [
-    ("cross_attention batched", lambda backend, **t: cross_attention(
-        **t, return_lse=True, backend=backend), lambda: _cpu(_attention_batched)),
-    ("cross_attention batched plain", lambda backend, **t: cross_attention(
-        t["q"], t["k"], t["v"], backend=backend), lambda: _cpu(_attention_batched)),
-    ("cross_attention packed", lambda backend, **t: cross_attention(
-        **t, return_lse=True, backend=backend), lambda: _cpu(_attention_packed)),
-    ("cross_attention packed max_seqlen", lambda backend, **t: cross_attention(
-        **t, max_seqlen_q=4, max_seqlen_k=5, backend=backend), lambda: _cpu(_attention_packed)),
-    ("merge_attention_states", lambda backend, **t: merge_attention_states(**t),
-     lambda: dict(outs=torch.randn(3, 6, 4, 8), lses=torch.randn(3, 4, 6))),
-    ("attention_weights batched", lambda backend, **t: attention_weights(
-        **t, query_index=[2, 0]), lambda: dict(q=torch.randn(2, 3, 4, 8),
-                                              k=torch.randn(2, 5, 2, 8))),
-    ("attention_weights batched lse", lambda backend, **t: attention_weights(
-        **t, query_index=[1]), lambda: dict(q=torch.randn(2, 3, 4, 8), k=torch.randn(2, 5, 2, 8),
-                                            lse=torch.randn(2, 4, 3))),
-    ("projected fused batched", lambda backend, **t: _call_projected("fused")(backend, **t),
-     lambda: _cpu(lambda: _projected(False))),
-    ("projected fused packed", lambda backend, **t: _call_projected("fused")(backend, **t),
-     lambda: _cpu(lambda: _projected(True))),
-    ("projected materialized batched",
-     lambda backend, **t: _call_projected("materialized")(backend, **t),
-     lambda: _cpu(lambda: _projected(False))),
-    ("projected materialized packed",
-     lambda backend, **t: _call_projected("materialized")(backend, **t),
-     lambda: _cpu(lambda: _projected(True))),
-    ("projected auto", lambda backend, **t: projected_cross_attention(**t, backend=backend),
-     lambda: {k: v for k, v in _cpu(lambda: _projected(False)).items()
-              if k in ("q", "x", "w_k", "w_v")}),
-    ("normalize_tokens", lambda backend, **t: normalize_tokens(t["x"]),
-     lambda: dict(x=torch.randn(2, 5, 12))),
-    ("flash_attn_func", lambda backend, **t: flash_attn_func(**t, return_attn_probs=True),
-     lambda: dict(q=torch.randn(2, 3, 4, 8), k=torch.randn(2, 5, 2, 8),
-                  v=torch.randn(2, 5, 2, 8))),
-    ("flash_attn_varlen_func", lambda backend, **t: flash_attn_varlen_func(
-        **t, max_seqlen_q=4, max_seqlen_k=5, return_attn_probs=True),
-     lambda: {k: v for k, v in _cpu(_attention_packed).items() if k not in ("gate", "residual")}),
+    (
+        "cross_attention batched",
+        lambda backend, **t: cross_attention(**t, return_lse=True, backend=backend),
+        lambda: _cpu(_attention_batched),
+    ),
+    (
+        "cross_attention batched plain",
+        lambda backend, **t: cross_attention(t["q"], t["k"], t["v"], backend=backend),
+        lambda: _cpu(_attention_batched),
+    ),
+    (
+        "cross_attention packed",
+        lambda backend, **t: cross_attention(**t, return_lse=True, backend=backend),
+        lambda: _cpu(_attention_packed),
+    ),
+    (
+        "cross_attention packed max_seqlen",
+        lambda backend, **t: cross_attention(**t, max_seqlen_q=4, max_seqlen_k=5, backend=backend),
+        lambda: _cpu(_attention_packed),
+    ),
+    (
+        "merge_attention_states",
+        lambda backend, **t: merge_attention_states(**t),
+        lambda: dict(outs=torch.randn(3, 6, 4, 8), lses=torch.randn(3, 4, 6)),
+    ),
+    (
+        "attention_weights batched",
+        lambda backend, **t: attention_weights(**t, query_index=[2, 0]),
+        lambda: dict(q=torch.randn(2, 3, 4, 8), k=torch.randn(2, 5, 2, 8)),
+    ),
+    (
+        "attention_weights batched lse",
+        lambda backend, **t: attention_weights(**t, query_index=[1]),
+        lambda: dict(
+            q=torch.randn(2, 3, 4, 8), k=torch.randn(2, 5, 2, 8), lse=torch.randn(2, 4, 3)
+        ),
+    ),
+    (
+        "projected fused batched",
+        lambda backend, **t: _call_projected("fused")(backend, **t),
+        lambda: _cpu(lambda: _projected(False)),
+    ),
+    (
+        "projected fused packed",
+        lambda backend, **t: _call_projected("fused")(backend, **t),
+        lambda: _cpu(lambda: _projected(True)),
+    ),
+    (
+        "projected materialized batched",
+        lambda backend, **t: _call_projected("materialized")(backend, **t),
+        lambda: _cpu(lambda: _projected(False)),
+    ),
+    (
+        "projected materialized packed",
+        lambda backend, **t: _call_projected("materialized")(backend, **t),
+        lambda: _cpu(lambda: _projected(True)),
+    ),
+    (
+        "projected auto",
+        lambda backend, **t: projected_cross_attention(**t, backend=backend),
+        lambda: {
+            k: v
+            for k, v in _cpu(lambda: _projected(False)).items()
+            if k in ("q", "x", "w_k", "w_v")
+        },
+    ),
+    (
+        "normalize_tokens",
+        lambda backend, **t: normalize_tokens(t["x"]),
+        lambda: dict(x=torch.randn(2, 5, 12)),
+    ),
+    (
+        "flash_attn_func",
+        lambda backend, **t: flash_attn_func(**t, return_attn_probs=True),
+        lambda: dict(
+            q=torch.randn(2, 3, 4, 8), k=torch.randn(2, 5, 2, 8), v=torch.randn(2, 5, 2, 8)
+        ),
+    ),
+    (
+        "flash_attn_varlen_func",
+        lambda backend, **t: flash_attn_varlen_func(
+            **t, max_seqlen_q=4, max_seqlen_k=5, return_attn_probs=True
+        ),
+        lambda: {k: v for k, v in _cpu(_attention_packed).items() if k not in ("gate", "residual")},
+    ),
 ]
 
 
@@ -441,16 +654,18 @@ def test_meta_tensors_give_meta_outputs_of_the_right_shape(name, call, make, bac
     expected = _flat(call("torch", **tensors))
     with env_value(_backend.ENV_VAR, backend):
         actual = _flat(call(backend, **_meta(tensors)))
-    assert [(tuple(a.shape), a.dtype, a.device.type) for a in actual] == \
-        [(tuple(e.shape), e.dtype, "meta") for e in expected]
+    assert [(tuple(a.shape), a.dtype, a.device.type) for a in actual] == [
+        (tuple(e.shape), e.dtype, "meta") for e in expected
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_meta_outputs_keep_the_dtypes(dtype):
     q, k = (torch.empty(s, dtype=dtype, device="meta") for s in ((2, 3, 4, 8), (2, 5, 2, 8)))
     out, lse = cross_attention(q, k, k, return_lse=True)
-    assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64
-                                                else torch.float32)
+    assert out.dtype == dtype and lse.dtype == (
+        torch.float64 if dtype == torch.float64 else torch.float32
+    )
     w = torch.empty(16, 12, dtype=dtype, device="meta")
     x = torch.empty(2, 5, 12, dtype=dtype, device="meta")
     for path in ("fused", "materialized"):
@@ -460,8 +675,10 @@ def test_meta_outputs_keep_the_dtypes(dtype):
 
 def test_meta_backward():
     """Autograd on meta tensors: gradients are meta tensors of the inputs' shapes."""
-    q, k, v = (torch.empty(s, device="meta", requires_grad=True)
-               for s in ((2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)))
+    q, k, v = (
+        torch.empty(s, device="meta", requires_grad=True)
+        for s in ((2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8))
+    )
     out, lse = cross_attention(q, k, v, return_lse=True)
     grads = torch.autograd.grad((out.sum() + lse.sum()), (q, k, v))
     assert [(g.shape, g.is_meta) for g in grads] == [(t.shape, True) for t in (q, k, v)]
@@ -476,8 +693,13 @@ def test_meta_packed_attention_weights_is_refused():
     """The packed layout's output width depends on cu_seqlens' values, which meta tensors lack."""
     t = _meta(_cpu(_attention_packed))
     with pytest.raises(NotImplementedError, match="depends on cu_seqlens' values"):
-        attention_weights(t["q"], t["k"], cu_seqlens_q=t["cu_seqlens_q"],
-                          cu_seqlens_k=t["cu_seqlens_k"], query_index=[0])
+        attention_weights(
+            t["q"],
+            t["k"],
+            cu_seqlens_q=t["cu_seqlens_q"],
+            cu_seqlens_k=t["cu_seqlens_k"],
+            query_index=[0],
+        )
 
 
 @pytest.mark.parametrize("path", ["fused", "materialized"])
@@ -487,11 +709,15 @@ def test_fake_tensors_of_the_packed_layout(path):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     attn, proj = _cpu(_attention_packed), _cpu(lambda: _projected(True))
-    expected = [_flat(cross_attention(**attn, return_lse=True, backend="torch")),
-                _flat(_call_projected(path)("torch", **proj))]
+    expected = [
+        _flat(cross_attention(**attn, return_lse=True, backend="torch")),
+        _flat(_call_projected(path)("torch", **proj)),
+    ]
     with FakeTensorMode() as mode:
         fake = lambda t: {k: mode.from_tensor(v) for k, v in t.items()}  # noqa: E731
-        actual = [_flat(cross_attention(**fake(attn), return_lse=True, backend="torch")),
-                  _flat(_call_projected(path)("torch", **fake(proj)))]
+        actual = [
+            _flat(cross_attention(**fake(attn), return_lse=True, backend="torch")),
+            _flat(_call_projected(path)("torch", **fake(proj))),
+        ]
         shapes = [[(tuple(a.shape), a.dtype) for a in outs] for outs in actual]
     assert shapes == [[(tuple(e.shape), e.dtype) for e in outs] for outs in expected]

@@ -69,8 +69,16 @@ def _set_gates(model, value) -> None:
                     p.fill_(value)
 
 
-def _batch(config: CrossLMMConfig, frames=(3, 1), text=(4, 5), T=None, pad="none",
-           dtype=torch.float32, features=False, seed=0):
+def _batch(
+    config: CrossLMMConfig,
+    frames=(3, 1),
+    text=(4, 5),
+    T=None,
+    pad="none",
+    dtype=torch.float32,
+    features=False,
+    seed=0,
+):
     """``input_ids`` with ``frames[b] * n`` placeholders after ``text[0]`` tokens and before
     ``text[1] + extra`` tokens (so every row has the same length), the frames (pixels or encoder
     features) padded to ``T`` with random values, ``video_frame_mask``, and ``attention_mask``
@@ -86,21 +94,29 @@ def _batch(config: CrossLMMConfig, frames=(3, 1), text=(4, 5), T=None, pad="none
     vocab_hi = config.video_token_id  # text tokens: [3, video_token_id)
     for b, t in enumerate(frames):
         npad = b if pad != "none" else 0
-        row = torch.cat([torch.randint(3, vocab_hi, (text[0],), generator=gen),
-                         torch.full((t * n,), config.video_token_id),
-                         torch.randint(3, vocab_hi, (L - npad - text[0] - t * n,), generator=gen)])
+        row = torch.cat(
+            [
+                torch.randint(3, vocab_hi, (text[0],), generator=gen),
+                torch.full((t * n,), config.video_token_id),
+                torch.randint(3, vocab_hi, (L - npad - text[0] - t * n,), generator=gen),
+            ]
+        )
         if pad == "left":
             ids[b, npad:], attn[b, npad:] = row, 1
         else:
-            ids[b, :L - npad], attn[b, :L - npad] = row, 1
+            ids[b, : L - npad], attn[b, : L - npad] = row, 1
     vc = config.vision_config
     if features:
         video = torch.randn(B, T, config.tokens_per_frame, vc.hidden_size, generator=gen)
     else:
         video = torch.randn(B, T, vc.num_channels, vc.image_size, vc.image_size, generator=gen)
     frame_mask = torch.arange(T).unsqueeze(0) < torch.tensor(frames).unsqueeze(1)
-    return dict(input_ids=ids, attention_mask=attn if pad != "none" else None,
-                video=video.to(dtype), video_frame_mask=frame_mask)
+    return dict(
+        input_ids=ids,
+        attention_mask=attn if pad != "none" else None,
+        video=video.to(dtype),
+        video_frame_mask=frame_mask,
+    )
 
 
 def _video_kwargs(batch, features=False):
@@ -139,8 +155,9 @@ def _project_reference(x: torch.Tensor, projector) -> torch.Tensor:
     return F.linear(F.gelu(h), projector.linear_2.weight, projector.linear_2.bias)
 
 
-def _branch_reference(branch, rows: torch.Tensor, key_sets: list[torch.Tensor], owner,
-                      gate) -> torch.Tensor:
+def _branch_reference(
+    branch, rows: torch.Tensor, key_sets: list[torch.Tensor], owner, gate
+) -> torch.Tensor:
     """Dense softmax attention, gated: ``rows`` split evenly over ``key_sets`` (one set for every
     row, or one per group of rows), each group against its own keys."""
     x = branch.query_norm(rows) if branch.query_norm is not None else rows
@@ -172,8 +189,9 @@ def _dcal_reference(dcal, h, memories, visual, text) -> torch.Tensor:
         if dcal.t2v is not None and text[b].any():
             owner = dcal if dcal.shares_kv else dcal.t2v
             gate = dcal.gate if dcal.shares_gate else dcal.t2v.gate
-            out[b, text[b]] += _branch_reference(dcal.t2v, h[b, text[b]], [X.flatten(0, 1)],
-                                                 owner, gate)
+            out[b, text[b]] += _branch_reference(
+                dcal.t2v, h[b, text[b]], [X.flatten(0, 1)], owner, gate
+            )
     return out
 
 
@@ -186,7 +204,7 @@ def _reference_logits(model, input_ids, pixels, frame_mask) -> torch.Tensor:
     frames = frame_mask.sum(1).tolist()
     feats = []
     for b in range(B):
-        out = inner.vision_tower(pixel_values=pixels[b, :frames[b]], output_hidden_states=True)
+        out = inner.vision_tower(pixel_values=pixels[b, : frames[b]], output_hidden_states=True)
         if config.vision_feature_layer is None:
             feats.append(out.last_hidden_state)
         else:
@@ -208,8 +226,9 @@ def _reference_logits(model, input_ids, pixels, frame_mask) -> torch.Tensor:
     for layer in lm.layers:
         x = layer.input_layernorm(h)
         # Qwen2's own attention code, not the CrossLMM subclass's.
-        a, _ = Qwen2Attention.forward(layer.self_attn, x, position_embeddings=position_embeddings,
-                                      attention_mask=causal)
+        a, _ = Qwen2Attention.forward(
+            layer.self_attn, x, position_embeddings=position_embeddings, attention_mask=causal
+        )
         h = h + a
         if getattr(layer, "dcal", None) is not None:
             h = _dcal_reference(layer.dcal, h, memories, visual, text)
@@ -221,10 +240,16 @@ VARIANTS = {
     "paper": {},
     "frame-scope": dict(dcal_v2v_scope="frame"),
     "projected-keys-shared": dict(dcal_keys="projected", dcal_share_kv=True, dcal_share_gate=True),
-    "avg-windows-layernorm": dict(pool_mode="avg", pool_kernel_size=2, pool_stride=2,
-                                  dcal_vision_norm="layernorm", dcal_query_norm=None),
-    "bilinear-2x2-layer-1": dict(pool_mode="bilinear", pooled_grid=2, vision_feature_layer=-1,
-                                 dcal_layers=[0, 2, 3]),
+    "avg-windows-layernorm": dict(
+        pool_mode="avg",
+        pool_kernel_size=2,
+        pool_stride=2,
+        dcal_vision_norm="layernorm",
+        dcal_query_norm=None,
+    ),
+    "bilinear-2x2-layer-1": dict(
+        pool_mode="bilinear", pooled_grid=2, vision_feature_layer=-1, dcal_layers=[0, 2, 3]
+    ),
     "v2v-only-t2v-off": dict(dcal_t2v=False),
     "stage1-t2v-disabled": dict(dcal_t2v_enabled=False),
     "fused-kv-path": dict(dcal_kv_path="fused", dcal_v2v_scope="frame"),
@@ -236,14 +261,20 @@ VARIANTS = {
 def test_forward_matches_independent_composition(variant):
     model = _model(torch.float64, gates="random", **VARIANTS[variant])
     batch = _batch(model.config, frames=(3, 1, 2), T=4, dtype=torch.float64)
-    out = model(input_ids=batch["input_ids"], pixel_values_videos=batch["video"],
-                video_frame_mask=batch["video_frame_mask"])
+    out = model(
+        input_ids=batch["input_ids"],
+        pixel_values_videos=batch["video"],
+        video_frame_mask=batch["video_frame_mask"],
+    )
     ref = _reference_logits(model, batch["input_ids"], batch["video"], batch["video_frame_mask"])
     assert relative_error(out.logits, ref) < 1e-10
     # and the DCALs matter: the same model with its gates at 0 gives other logits
     _set_gates(model, 0.0)
-    out0 = model(input_ids=batch["input_ids"], pixel_values_videos=batch["video"],
-                 video_frame_mask=batch["video_frame_mask"])
+    out0 = model(
+        input_ids=batch["input_ids"],
+        pixel_values_videos=batch["video"],
+        video_frame_mask=batch["video_frame_mask"],
+    )
     assert relative_error(out0.logits, ref) > 1e-4
 
 
@@ -256,19 +287,33 @@ def test_presets_have_the_papers_shapes():
     c2, c7 = preset_config("crosslmm-2b"), preset_config("crosslmm-7b")
     for c in (c2, c7):
         v = c.vision_config
-        assert (v.hidden_size, v.num_hidden_layers, v.image_size, v.patch_size) \
-            == (1152, 27, 384, 14)
+        assert (v.hidden_size, v.num_hidden_layers, v.image_size, v.patch_size) == (
+            1152,
+            27,
+            384,
+            14,
+        )
         assert c.encoder_grid == (27, 27) and c.tokens_per_frame == 729
         assert c.pooled_per_frame == 9  # default 3x3
         assert c.dcal_every == 4 and c.dcal_layer_indices == [3, 7, 11, 15, 19, 23, 27]
         assert c.dcal_v2v_scope == "global" and c.dcal_keys == "encoder"
     t = c2.text_config
-    assert (t.num_hidden_layers, t.hidden_size, t.num_attention_heads, t.num_key_value_heads,
-            t.intermediate_size) == (28, 1536, 12, 2, 8960)
+    assert (
+        t.num_hidden_layers,
+        t.hidden_size,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.intermediate_size,
+    ) == (28, 1536, 12, 2, 8960)
     assert c2.dcal_kwargs()["head_dim"] == 128 and c2.tie_word_embeddings
     t = c7.text_config
-    assert (t.num_hidden_layers, t.hidden_size, t.num_attention_heads, t.num_key_value_heads,
-            t.intermediate_size) == (28, 3584, 28, 4, 18944)
+    assert (
+        t.num_hidden_layers,
+        t.hidden_size,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.intermediate_size,
+    ) == (28, 3584, 28, 4, 18944)
     assert c7.dcal_kwargs()["head_dim"] == 128 and not c7.tie_word_embeddings
     assert set(PRESETS) >= {"crosslmm-2b", "crosslmm-7b", "crosslmm-tiny"}
     # overrides: top-level fields and sub-config fields
@@ -279,8 +324,13 @@ def test_presets_have_the_papers_shapes():
 
 
 def test_config_round_trips(tmp_path):
-    c = preset_config("crosslmm-tiny", dcal_layers=[0, 3], pooled_grid=[2, 3],
-                      dcal_keys="projected", dcal_share_kv=True)
+    c = preset_config(
+        "crosslmm-tiny",
+        dcal_layers=[0, 3],
+        pooled_grid=[2, 3],
+        dcal_keys="projected",
+        dcal_share_kv=True,
+    )
     c.save_pretrained(tmp_path)
     d = CrossLMMConfig.from_pretrained(tmp_path)
     for key in ("dcal_layers", "pooled_grid", "dcal_keys", "dcal_share_kv", "video_token_id"):
@@ -316,8 +366,9 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("overrides,message", BAD_CONFIGS,
-                         ids=[str(i) for i in range(len(BAD_CONFIGS))])
+@pytest.mark.parametrize(
+    "overrides,message", BAD_CONFIGS, ids=[str(i) for i in range(len(BAD_CONFIGS))]
+)
 def test_bad_configs_raise(overrides, message):
     name = "crosslmm-tiny"
     if "text_config" in overrides:  # a whole foreign sub-config, not a field update
@@ -343,16 +394,20 @@ def test_structure_and_state_dict_names():
     sd = model.state_dict()
     assert sorted(model.dcals) == [1, 3]
     # The Qwen2 parameters keep their names; the DCALs sit beside them in their layer.
-    for name in ("model.language_model.layers.1.self_attn.q_proj.weight",
-                 "model.language_model.layers.1.mlp.gate_proj.weight",
-                 "model.language_model.layers.1.dcal.v2v.q_proj.weight",
-                 "model.language_model.layers.3.dcal.t2v.k_proj.weight",
-                 "model.language_model.layers.3.dcal.t2v.gate.alpha",
-                 "model.multi_modal_projector.linear_1.weight", "lm_head.weight"):
+    for name in (
+        "model.language_model.layers.1.self_attn.q_proj.weight",
+        "model.language_model.layers.1.mlp.gate_proj.weight",
+        "model.language_model.layers.1.dcal.v2v.q_proj.weight",
+        "model.language_model.layers.3.dcal.t2v.k_proj.weight",
+        "model.language_model.layers.3.dcal.t2v.gate.alpha",
+        "model.multi_modal_projector.linear_1.weight",
+        "lm_head.weight",
+    ):
         assert name in sd, name
     # (SiglipVisionModel's own names: under vision_model.* in transformers 4.x, flat in 5.x)
-    assert any(k.startswith("model.vision_tower.") and k.endswith("patch_embedding.weight")
-               for k in sd)
+    assert any(
+        k.startswith("model.vision_tower.") and k.endswith("patch_embedding.weight") for k in sd
+    )
     assert not any(".dcal." in k for k in sd if ".layers.0." in k or ".layers.2." in k)
     # Every gate starts at 0 (transformers' weight init must not touch it); projections are random.
     for name, p in model.named_parameters():
@@ -401,9 +456,11 @@ def test_padding_and_different_frame_counts_match_single_samples():
         out = model(input_ids=batch["input_ids"], **_video_kwargs(batch)).logits
         for b, t in enumerate(frames):
             keep = batch["attention_mask"][b].bool()
-            ids = batch["input_ids"][b:b + 1, keep]
+            ids = batch["input_ids"][b : b + 1, keep]
             if t:
-                alone = model(input_ids=ids, pixel_values_videos=batch["video"][b:b + 1, :t]).logits
+                alone = model(
+                    input_ids=ids, pixel_values_videos=batch["video"][b : b + 1, :t]
+                ).logits
             else:  # no video at all: no memory, the DCALs do not run
                 alone = model(input_ids=ids).logits
             assert relative_error(out[b, keep], alone[0]) < 1e-5, b
@@ -438,10 +495,14 @@ def test_vision_features_equal_pixels():
     with torch.no_grad():
         by_pixels = model(input_ids=batch["input_ids"], **_video_kwargs(batch))
         feats = model.model.vision_tower(
-            pixel_values=batch["video"].flatten(0, 1)).last_hidden_state
+            pixel_values=batch["video"].flatten(0, 1)
+        ).last_hidden_state
         feats = feats.unflatten(0, batch["video"].shape[:2])
-        by_features = model(input_ids=batch["input_ids"], vision_features=feats,
-                            video_frame_mask=batch["video_frame_mask"])
+        by_features = model(
+            input_ids=batch["input_ids"],
+            vision_features=feats,
+            video_frame_mask=batch["video_frame_mask"],
+        )
     assert torch.equal(by_pixels.logits, by_features.logits)
     memory = by_pixels.vision_memory
     assert memory.frames_per_sample == (2, 1) and memory.tokens.shape == (3 * 36, 32)
@@ -501,23 +562,29 @@ def test_gradient_checkpointing_gives_the_same_gradients(kv_path):
         torch.manual_seed(0)  # the same weights twice
         model = _model(gates="random", dcal_kv_path=kv_path).train()
         if checkpointing:  # activation_checkpointing_enable since transformers 5.2x
-            enable = getattr(model, "activation_checkpointing_enable", None) \
+            enable = (
+                getattr(model, "activation_checkpointing_enable", None)
                 or model.gradient_checkpointing_enable
+            )
             enable()
         labels = _labels(batch, model.config.video_token_id)
         model(input_ids=batch["input_ids"], labels=labels, **_video_kwargs(batch)).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
-                      if p.grad is not None})
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
-    tower = next(k for k in grads[0] if k.startswith("model.vision_tower.")
-                 and k.endswith("encoder.layers.0.mlp.fc1.weight"))
-    for name in ("model.multi_modal_projector.linear_1.weight", tower,
-                 "model.language_model.layers.1.dcal.t2v.k_proj.weight",
-                 "model.language_model.layers.3.dcal.v2v.gate.alpha"):
+    tower = next(
+        k
+        for k in grads[0]
+        if k.startswith("model.vision_tower.") and k.endswith("encoder.layers.0.mlp.fc1.weight")
+    )
+    for name in (
+        "model.multi_modal_projector.linear_1.weight",
+        tower,
+        "model.language_model.layers.1.dcal.t2v.k_proj.weight",
+        "model.language_model.layers.3.dcal.v2v.gate.alpha",
+    ):
         assert grads[0][name].abs().sum() > 0, name
     for name in grads[0]:  # (atol: some gradients are 0 in exact arithmetic, e.g. SigLIP's k bias)
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-8,
-                                   msg=name)
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-8, msg=name)
 
 
 @pytest.mark.parametrize("share_kv", [False, True])
@@ -526,9 +593,13 @@ def test_training_stages_freeze_what_they_should(share_kv):
     trainable = set(set_training_stage(model, 1))
     assert model.config.dcal_t2v_enabled is False
     for name, p in model.named_parameters():
-        should = (".multi_modal_projector." in name or ".dcal.v2v." in name
-                  or (share_kv and any(f".dcal.{m}." in name
-                                       for m in ("k_proj", "v_proj", "vision_norm"))))
+        should = (
+            ".multi_modal_projector." in name
+            or ".dcal.v2v." in name
+            or (
+                share_kv and any(f".dcal.{m}." in name for m in ("k_proj", "v_proj", "vision_norm"))
+            )
+        )
         assert p.requires_grad == should, name
         assert (name in trainable) == should
     # T2V does not run in stage 1: its gate changes nothing and it gets no gradient
@@ -569,9 +640,11 @@ def test_training_stages_freeze_what_they_should(share_kv):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options", [{}, dict(dcal_kv_path="fused"),
-                                     dict(dcal_kv_path="materialized", dcal_cache_kv=True)],
-                         ids=["auto", "fused", "materialized-cached-kv"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, dict(dcal_kv_path="fused"), dict(dcal_kv_path="materialized", dcal_cache_kv=True)],
+    ids=["auto", "fused", "materialized-cached-kv"],
+)
 def test_decode_step_reads_the_memory_from_the_cache(options):
     """Prefill with the video, then two steps with text only: the same logits as a full forward
     of the longer sequence (T2V of the new tokens attends to the cached memory)."""
@@ -606,11 +679,17 @@ def test_generate_with_and_without_cache_agree(features):
     calls = []
     hook = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
     try:
-        cached = model.generate(input_ids=batch["input_ids"], **kw, max_new_tokens=5,
-                                do_sample=False, return_dict_in_generate=True)
+        cached = model.generate(
+            input_ids=batch["input_ids"],
+            **kw,
+            max_new_tokens=5,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
         n_cached = len(calls)
-        plain = model.generate(input_ids=batch["input_ids"], **kw, max_new_tokens=5,
-                               do_sample=False, use_cache=False)
+        plain = model.generate(
+            input_ids=batch["input_ids"], **kw, max_new_tokens=5, do_sample=False, use_cache=False
+        )
     finally:
         hook.remove()
     assert torch.equal(cached.sequences, plain)
@@ -622,20 +701,33 @@ def test_generate_with_and_without_cache_agree(features):
     assert cache.vision_memory.frames_per_sample == (3, 1)
     assert cache.vision_memory.tokens.shape == (4 * model.config.tokens_per_frame, 32)
     # the placeholder token is never generated
-    assert not (cached.sequences[:, batch["input_ids"].shape[1]:]
-                == model.config.video_token_id).any()
+    assert not (
+        cached.sequences[:, batch["input_ids"].shape[1] :] == model.config.video_token_id
+    ).any()
 
 
 def test_beam_search_reorders_the_memory_with_the_cache():
     model = _model(gates="random")
     batch = _batch(model.config, frames=(2, 1), T=2)
     kw = _video_kwargs(batch)
-    out = model.generate(input_ids=batch["input_ids"], **kw, max_new_tokens=4, num_beams=2,
-                         do_sample=False, return_dict_in_generate=True)
+    out = model.generate(
+        input_ids=batch["input_ids"],
+        **kw,
+        max_new_tokens=4,
+        num_beams=2,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
     memory = find_cache(out).vision_memory
     assert memory.frames_per_sample == (2, 2, 1, 1)  # each sample's beams share its video
-    plain = model.generate(input_ids=batch["input_ids"], **kw, max_new_tokens=4, num_beams=2,
-                           do_sample=False, use_cache=False)
+    plain = model.generate(
+        input_ids=batch["input_ids"],
+        **kw,
+        max_new_tokens=4,
+        num_beams=2,
+        do_sample=False,
+        use_cache=False,
+    )
     assert torch.equal(out.sequences, plain)
 
 
@@ -643,8 +735,9 @@ def test_cache_select_and_repeat():
     model = _model(gates="random")
     batch = _batch(model.config, frames=(2, 1), T=2)
     with torch.no_grad():
-        cache = find_cache(model(input_ids=batch["input_ids"], use_cache=True,
-                                 **_video_kwargs(batch)))
+        cache = find_cache(
+            model(input_ids=batch["input_ids"], use_cache=True, **_video_kwargs(batch))
+        )
     cache.batch_repeat_interleave(2)
     assert cache.vision_memory.frames_per_sample == (2, 2, 1, 1)
     cache.batch_select_indices(torch.tensor([2, 0]))
@@ -664,8 +757,9 @@ def test_cache_select_and_repeat():
 def test_save_and_load_round_trip(tmp_path, tied):
     from transformers import AutoModelForImageTextToText
 
-    model = _model(gates="random", dcal_v2v_scope="frame",
-                   text_config={"tie_word_embeddings": tied})
+    model = _model(
+        gates="random", dcal_v2v_scope="frame", text_config={"tie_word_embeddings": tied}
+    )
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
@@ -717,51 +811,111 @@ def _bad_inputs():
     feats = torch.randn(2, 2, 36, 32)
     no_video = ids.clone()
     return [
-        ("placeholders", dict(input_ids=ids, pixel_values_videos=pix),
-         "frame count does not match the placeholders"),
-        ("placeholders-mask", dict(input_ids=ids, pixel_values_videos=pix,
-                                   video_frame_mask=torch.ones_like(fm)),
-         "frame count does not match the placeholders"),
-        ("grid", dict(input_ids=ids, vision_features=torch.randn(2, 2, 25, 32),
-                      video_frame_mask=fm), "encoder grid 6x6"),
-        ("width", dict(input_ids=ids, vision_features=torch.randn(2, 2, 36, 31),
-                       video_frame_mask=fm), "width 31"),
-        ("pixel-dtype", dict(input_ids=ids, pixel_values_videos=(pix * 50).to(torch.uint8),
-                             video_frame_mask=fm), "must be a floating tensor"),
-        ("feature-dtype", dict(input_ids=ids, vision_features=feats.long(), video_frame_mask=fm),
-         "must be a floating tensor"),
-        ("ids-dtype", dict(input_ids=ids.float(), pixel_values_videos=pix, video_frame_mask=fm),
-         "input_ids must be an integer tensor"),
-        ("mask-dtype", dict(input_ids=ids, pixel_values_videos=pix, video_frame_mask=fm.float()),
-         "video_frame_mask must be a bool tensor"),
-        ("mask-shape", dict(input_ids=ids, pixel_values_videos=pix, video_frame_mask=fm[:, :1]),
-         "video_frame_mask must have shape"),
-        ("mask-prefix", dict(input_ids=ids, pixel_values_videos=pix,
-                             video_frame_mask=torch.tensor([[True, True], [False, True]])),
-         "prefix of each row"),
-        ("pixel-size", dict(input_ids=ids, pixel_values_videos=torch.randn(2, 2, 3, 20, 20),
-                            video_frame_mask=fm), "frames of shape"),
-        ("pixel-rank", dict(input_ids=ids, pixel_values_videos=torch.randn(2, 3, 24, 24)),
-         "must have shape"),
-        ("batch", dict(input_ids=ids, pixel_values_videos=pix[:1], video_frame_mask=fm[:1]),
-         "must match input_ids' batch"),
-        ("both", dict(input_ids=ids, pixel_values_videos=pix, vision_features=feats,
-                      video_frame_mask=fm),
-         "exactly one of pixel_values_videos and vision_features"),
+        (
+            "placeholders",
+            dict(input_ids=ids, pixel_values_videos=pix),
+            "frame count does not match the placeholders",
+        ),
+        (
+            "placeholders-mask",
+            dict(input_ids=ids, pixel_values_videos=pix, video_frame_mask=torch.ones_like(fm)),
+            "frame count does not match the placeholders",
+        ),
+        (
+            "grid",
+            dict(input_ids=ids, vision_features=torch.randn(2, 2, 25, 32), video_frame_mask=fm),
+            "encoder grid 6x6",
+        ),
+        (
+            "width",
+            dict(input_ids=ids, vision_features=torch.randn(2, 2, 36, 31), video_frame_mask=fm),
+            "width 31",
+        ),
+        (
+            "pixel-dtype",
+            dict(
+                input_ids=ids, pixel_values_videos=(pix * 50).to(torch.uint8), video_frame_mask=fm
+            ),
+            "must be a floating tensor",
+        ),
+        (
+            "feature-dtype",
+            dict(input_ids=ids, vision_features=feats.long(), video_frame_mask=fm),
+            "must be a floating tensor",
+        ),
+        (
+            "ids-dtype",
+            dict(input_ids=ids.float(), pixel_values_videos=pix, video_frame_mask=fm),
+            "input_ids must be an integer tensor",
+        ),
+        (
+            "mask-dtype",
+            dict(input_ids=ids, pixel_values_videos=pix, video_frame_mask=fm.float()),
+            "video_frame_mask must be a bool tensor",
+        ),
+        (
+            "mask-shape",
+            dict(input_ids=ids, pixel_values_videos=pix, video_frame_mask=fm[:, :1]),
+            "video_frame_mask must have shape",
+        ),
+        (
+            "mask-prefix",
+            dict(
+                input_ids=ids,
+                pixel_values_videos=pix,
+                video_frame_mask=torch.tensor([[True, True], [False, True]]),
+            ),
+            "prefix of each row",
+        ),
+        (
+            "pixel-size",
+            dict(
+                input_ids=ids, pixel_values_videos=torch.randn(2, 2, 3, 20, 20), video_frame_mask=fm
+            ),
+            "frames of shape",
+        ),
+        (
+            "pixel-rank",
+            dict(input_ids=ids, pixel_values_videos=torch.randn(2, 3, 24, 24)),
+            "must have shape",
+        ),
+        (
+            "batch",
+            dict(input_ids=ids, pixel_values_videos=pix[:1], video_frame_mask=fm[:1]),
+            "must match input_ids' batch",
+        ),
+        (
+            "both",
+            dict(
+                input_ids=ids, pixel_values_videos=pix, vision_features=feats, video_frame_mask=fm
+            ),
+            "exactly one of pixel_values_videos and vision_features",
+        ),
         ("no-video", dict(input_ids=no_video), "no pixel_values_videos or vision_features"),
         ("mask-alone", dict(input_ids=ids, video_frame_mask=fm), "without pixel_values_videos"),
-        ("embeds", dict(inputs_embeds=torch.randn(2, ids.shape[1], 64), pixel_values_videos=pix,
-                        video_frame_mask=fm), "a video needs input_ids"),
-        ("ids-and-embeds", dict(input_ids=ids, inputs_embeds=torch.randn(2, ids.shape[1], 64)),
-         "exactly one of input_ids and inputs_embeds"),
+        (
+            "embeds",
+            dict(
+                inputs_embeds=torch.randn(2, ids.shape[1], 64),
+                pixel_values_videos=pix,
+                video_frame_mask=fm,
+            ),
+            "a video needs input_ids",
+        ),
+        (
+            "ids-and-embeds",
+            dict(input_ids=ids, inputs_embeds=torch.randn(2, ids.shape[1], 64)),
+            "exactly one of input_ids and inputs_embeds",
+        ),
     ]
 
 
 BAD_INPUTS = _bad_inputs()
 
 
-@pytest.mark.parametrize("kwargs,message", [b[1:] for b in BAD_INPUTS],
-                         ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize(
+    "kwargs,message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS]
+)
 def test_bad_inputs_raise(kwargs, message):
     model = _model()
     with torch.no_grad(), pytest.raises(ValueError, match=message):
@@ -772,8 +926,9 @@ def test_second_video_in_a_cached_conversation_raises():
     model = _model()
     batch = _batch(model.config, frames=(1,))
     with torch.no_grad():
-        cache = find_cache(model(input_ids=batch["input_ids"], use_cache=True,
-                                 **_video_kwargs(batch)))
+        cache = find_cache(
+            model(input_ids=batch["input_ids"], use_cache=True, **_video_kwargs(batch))
+        )
         with pytest.raises(ValueError, match="only come with the first forward of a cache"):
             model(input_ids=batch["input_ids"], **cache_argument(cache), **_video_kwargs(batch))
 
@@ -835,15 +990,18 @@ def test_crosslmm_2b_bf16_forward_and_generate_64_frames_on_cuda(kv_path):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = CrossLMMForConditionalGeneration.from_preset(
-            "crosslmm-2b", dtype=torch.bfloat16, dcal_backend="cuda", dcal_kv_path=kv_path).eval()
+            "crosslmm-2b", dtype=torch.bfloat16, dcal_backend="cuda", dcal_kv_path=kv_path
+        ).eval()
     _set_gates(model, "random")
     config = model.config
     T, n = 64, config.pooled_per_frame
     gen = torch.Generator(device="cuda").manual_seed(0)
     feats = torch.randn(1, T, 729, 1152, device="cuda", dtype=torch.bfloat16, generator=gen)
     text = torch.randint(100, 150000, (1, 24), device="cuda", generator=gen)
-    ids = torch.cat([text[:, :12], torch.full((1, T * n), config.video_token_id, device="cuda"),
-                     text[:, 12:]], 1)
+    ids = torch.cat(
+        [text[:, :12], torch.full((1, T * n), config.video_token_id, device="cuda"), text[:, 12:]],
+        1,
+    )
     with torch.no_grad(), crosslmm_ops.record_backends() as log:
         pre = model(input_ids=ids, vision_features=feats, use_cache=True)
         nxt = pre.logits[:, -1].argmax(-1, keepdim=True)
@@ -858,8 +1016,13 @@ def test_crosslmm_2b_bf16_forward_and_generate_64_frames_on_cuda(kv_path):
     # the CPU (test_decode_step_reads_the_memory_from_the_cache).
     assert relative_error(step.logits[:, -1].float(), full.logits[:, -1].float()) < 5e-2
     with torch.no_grad():
-        out = model.generate(input_ids=ids, vision_features=feats, max_new_tokens=4,
-                             do_sample=False, return_dict_in_generate=True)
+        out = model.generate(
+            input_ids=ids,
+            vision_features=feats,
+            max_new_tokens=4,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
     assert out.sequences.shape == (1, ids.shape[1] + 4)
     assert find_cache(out).vision_memory.tokens.shape == (T * 729, 1152)
 

@@ -71,18 +71,35 @@ class Ref:
     the DCAL's (what a DCAL shares lives on the DCAL)."""
 
     def __init__(self, module: nn.Module):
-        self.params = {n: p.detach().double().requires_grad_(True)
-                       for n, p in module.named_parameters()}
+        self.params = {
+            n: p.detach().double().requires_grad_(True) for n, p in module.named_parameters()
+        }
 
     def sub(self, prefix: str) -> dict:
-        own = {n[len(prefix):]: p for n, p in self.params.items() if n.startswith(prefix)}
-        shared = {n: p for n, p in self.params.items() if "." in n and n.split(".")[0] in
-                  ("vision_norm", "k_proj", "v_proj", "gate")}
+        own = {n[len(prefix) :]: p for n, p in self.params.items() if n.startswith(prefix)}
+        shared = {
+            n: p
+            for n, p in self.params.items()
+            if "." in n and n.split(".")[0] in ("vision_norm", "k_proj", "v_proj", "gate")
+        }
         return {**shared, **own}
 
 
-def ref_branch(p: dict, h, feats, positions, *, scope, heads, kv_heads, head_dim, query_norm,
-               vision_norm, eps, pooled):
+def ref_branch(
+    p: dict,
+    h,
+    feats,
+    positions,
+    *,
+    scope,
+    heads,
+    kv_heads,
+    head_dim,
+    query_norm,
+    vision_norm,
+    eps,
+    pooled,
+):
     """Updates (B, L, hidden) of one branch: for each sample, its query rows ``positions[b]``
     attend (dense softmax, float64) to its original tokens (all of them, or their own frame's)."""
     B, L, _ = h.shape
@@ -94,8 +111,11 @@ def ref_branch(p: dict, h, feats, positions, *, scope, heads, kv_heads, head_dim
             continue
         x = feats[b].reshape(-1, feats[b].shape[-1])  # (T_b * N, Dv)
         hq = h[b, rows]
-        q = ref_linear(ref_norm(query_norm, hq, p.get("query_norm.weight"),
-                                p.get("query_norm.bias"), eps), p, "q_proj")
+        q = ref_linear(
+            ref_norm(query_norm, hq, p.get("query_norm.weight"), p.get("query_norm.bias"), eps),
+            p,
+            "q_proj",
+        )
         q = q.view(len(rows), heads, head_dim)
         if x.shape[0] == 0:  # no frames: nothing to attend to, the rows pass through
             continue
@@ -127,8 +147,9 @@ def ref_dcal(ref: Ref, dcal: DualCrossAttention, h, feats, visual_mask, text_mas
         if branch is None or mask is None:
             continue
         # ref.sub: the branch's own parameters, else the DCAL's shared K/V and gate.
-        out = out + ref_branch(ref.sub(name + "."), h, feats, positions_of(mask),
-                               scope=branch.scope, **cfg)
+        out = out + ref_branch(
+            ref.sub(name + "."), h, feats, positions_of(mask), scope=branch.scope, **cfg
+        )
     return out
 
 
@@ -140,8 +161,11 @@ def randomize(module: nn.Module, gates=True):
                 if gates:
                     p.uniform_(-1, 1)
             elif "norm" in name:
-                p.copy_((1 + 0.2 * torch.randn_like(p)) if name.endswith("weight")
-                        else 0.2 * torch.randn_like(p))
+                p.copy_(
+                    (1 + 0.2 * torch.randn_like(p))
+                    if name.endswith("weight")
+                    else 0.2 * torch.randn_like(p)
+                )
             else:
                 p.normal_(0, 1 / math.sqrt(p.shape[-1]) if p.dim() == 2 else 0.2)
     return module
@@ -154,7 +178,7 @@ def make_batch(frames, L, *, dtype=torch.float64, tokens=N, vision=VISION, gap=1
     h = torch.randn(len(frames), L, HIDDEN, dtype=dtype)
     visual = torch.zeros(len(frames), L, dtype=torch.bool)
     for b, t in enumerate(frames):
-        visual[b, gap: gap + t * POOLED] = True
+        visual[b, gap : gap + t * POOLED] = True
     return feats, h, visual
 
 
@@ -217,8 +241,9 @@ def test_dcal_matches_reference(kw, kv_path):
     nor text)."""
     kw = dict(kw)
     kv_heads = kw.pop("num_kv_heads", KV_HEADS)
-    dcal = DualCrossAttention(HIDDEN, VISION, HEADS, kv_heads, HEAD_DIM, **kw, kv_path=kv_path,
-                              backend="torch")
+    dcal = DualCrossAttention(
+        HIDDEN, VISION, HEADS, kv_heads, HEAD_DIM, **kw, kv_path=kv_path, backend="torch"
+    )
     randomize(dcal.double())
     frames, L = [2, 0, 3], 11
     feats, h, visual = make_batch(frames, L)
@@ -246,16 +271,25 @@ def test_dcal_matches_reference(kw, kv_path):
 @pytest.mark.parametrize("kv_path", KV_PATHS)
 @pytest.mark.parametrize("scope", ["global", "frame"])
 def test_v2v_module_matches_reference(scope, kv_path):
-    v2v = V2VCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, scope=scope, bias=True,
-                            kv_path=kv_path)
+    v2v = V2VCrossAttention(
+        HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, scope=scope, bias=True, kv_path=kv_path
+    )
     randomize(v2v.double())
     feats, h, visual = make_batch([3, 1], 9)
     memory = VisionMemory.from_list(feats, POOLED)
     h.requires_grad_()
     ref, ref_h = Ref(v2v), h.detach().clone().requires_grad_()
     out = v2v(h, memory, visual)
-    expected = ref_h + ref_branch(ref.sub(""), ref_h, feats, positions_of(visual), scope=scope,
-                                  query_norm="rmsnorm", vision_norm="rmsnorm", **CFG)
+    expected = ref_h + ref_branch(
+        ref.sub(""),
+        ref_h,
+        feats,
+        positions_of(visual),
+        scope=scope,
+        query_norm="rmsnorm",
+        vision_norm="rmsnorm",
+        **CFG,
+    )
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
     check_grads(v2v, ref, out, expected, [h], [ref_h], atol=1e-9)
 
@@ -279,8 +313,9 @@ def test_frame_and_global_scope_differ():
 def test_sample_with_frames_but_no_visual_positions(scope):
     """A batch mixing a prefill (sample 0: all its pooled tokens) and a sample whose frames are
     in memory but whose visual positions are not in this call (sample 1, as while decoding)."""
-    dcal = randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM,
-                                        v2v_scope=scope).double())
+    dcal = randomize(
+        DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, v2v_scope=scope).double()
+    )
     feats, h, visual = make_batch([2, 3, 1], 9)
     visual[1] = False
     memory = VisionMemory.from_list(feats, POOLED)
@@ -295,18 +330,38 @@ def test_t2v_and_generic_modules(kv_path):
     feats, h, _ = make_batch([2, 3], 7)
     memory = VisionMemory.from_list(feats, POOLED)
     text = torch.rand(2, 7) < 0.6
-    t2v = randomize(T2VCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM,
-                                      kv_path=kv_path).double())
+    t2v = randomize(
+        T2VCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, kv_path=kv_path).double()
+    )
     for mask in (text, None):
         rows = positions_of(text) if mask is not None else [list(range(7))] * 2
-        expected = h + ref_branch(Ref(t2v).sub(""), h, feats, rows, scope="global",
-                                  query_norm="rmsnorm", vision_norm="rmsnorm", **CFG)
+        expected = h + ref_branch(
+            Ref(t2v).sub(""),
+            h,
+            feats,
+            rows,
+            scope="global",
+            query_norm="rmsnorm",
+            vision_norm="rmsnorm",
+            **CFG,
+        )
         torch.testing.assert_close(t2v(h, memory, mask), expected, atol=1e-10, rtol=1e-10)
-    gen = randomize(CrossAttention(HIDDEN, VISION, 6, 3, 7, query_norm=None, vision_norm=None,
-                                   bias=True, kv_path=kv_path).double())
+    gen = randomize(
+        CrossAttention(
+            HIDDEN, VISION, 6, 3, 7, query_norm=None, vision_norm=None, bias=True, kv_path=kv_path
+        ).double()
+    )
     cfg = dict(CFG, heads=6, kv_heads=3, head_dim=7)
-    expected = h + ref_branch(Ref(gen).sub(""), h, feats, [list(range(7))] * 2, scope="global",
-                              query_norm=None, vision_norm=None, **cfg)
+    expected = h + ref_branch(
+        Ref(gen).sub(""),
+        h,
+        feats,
+        [list(range(7))] * 2,
+        scope="global",
+        query_norm=None,
+        vision_norm=None,
+        **cfg,
+    )
     torch.testing.assert_close(gen(h, memory), expected, atol=1e-10, rtol=1e-10)
 
 
@@ -314,16 +369,14 @@ def test_t2v_and_generic_modules(kv_path):
 def test_float32_module_close_to_float64_reference(kv_path):
     """The default float32 module against the float64 reference (the precision users train in
     on the CPU): forward and gradients within float32 rounding."""
-    dcal = randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM,
-                                        kv_path=kv_path))
+    dcal = randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, kv_path=kv_path))
     feats, h, visual = make_batch([2, 3], 9, dtype=torch.float32)
     memory = VisionMemory.from_list(feats, POOLED)
     h.requires_grad_()
     ref = Ref(dcal)
     ref_h = h.detach().double().requires_grad_()
     out = dcal(h, memory, visual)
-    expected = ref_dcal(ref, dcal, ref_h, [f.double() for f in feats], visual, None,
-                        cfg=dcal_cfg())
+    expected = ref_dcal(ref, dcal, ref_h, [f.double() for f in feats], visual, None, cfg=dcal_cfg())
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     check_grads(dcal, ref, out, expected, [h], [ref_h], atol=1e-4)
 
@@ -334,8 +387,11 @@ def test_float32_module_close_to_float64_reference(kv_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kw", [dict(), dict(share_gate=True, share_kv=True, bias=True),
-                                dict(v2v_scope="frame", bias=True)], ids=case_id)
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(share_gate=True, share_kv=True, bias=True), dict(v2v_scope="frame", bias=True)],
+    ids=case_id,
+)
 def test_gate_zero_is_identity(dtype, kw):
     dcal = DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, **kw).to(dtype)
     randomize(dcal, gates=False)
@@ -403,8 +459,9 @@ def test_decoding_and_text_only_rows():
     h = torch.randn(3, 1, HIDDEN, dtype=torch.float64)
     with crosslmm_ops.record_backends() as log:
         out = dcal(h, memory)
-    assert [op for op, _ in log].count("projected_cross_attention") == 1, \
+    assert [op for op, _ in log].count("projected_cross_attention") == 1, (
         "only T2V attends while decoding"
+    )
     expected = ref_dcal(Ref(dcal), dcal, h, feats, None, None, cfg=dcal_cfg())
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
     assert torch.equal(out[1], h[1])
@@ -420,8 +477,9 @@ def test_beam_select_and_to():
     order = [1, 1, 0, 1]
     picked = memory.select(torch.tensor(order))
     assert picked.frames_per_sample == (1, 1, 2, 1)
-    torch.testing.assert_close(dcal(h[order], picked, visual[order]), out[order], atol=1e-12,
-                               rtol=0)
+    torch.testing.assert_close(
+        dcal(h[order], picked, visual[order]), out[order], atol=1e-12, rtol=0
+    )
     assert memory.select([0, 1]) is memory
     half = memory.to(torch.float32)
     assert half.tokens.dtype == torch.float32 and half.cu_seqlens.dtype == torch.int32
@@ -463,9 +521,14 @@ def test_cache_kv_for_generation():
     """cache_kv=True (the materialised path's): K/V computed once per layer under no_grad /
     inference_mode and reused; the same outputs as without; a weight update in place
     recomputes; with gradients it is unused."""
-    layers = [randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM,
-                                           share_kv=share, kv_path="materialized"))
-              for share in (False, True)]
+    layers = [
+        randomize(
+            DualCrossAttention(
+                HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, share_kv=share, kv_path="materialized"
+            )
+        )
+        for share in (False, True)
+    ]
     feats, h, visual = make_batch([2, 1], 7, dtype=torch.float32)
     plain = VisionMemory.from_list(feats, POOLED)
     cached = VisionMemory.from_list(feats, POOLED, cache_kv=True)
@@ -498,9 +561,19 @@ def test_cache_kv_for_generation():
 def test_state_dict_is_plain():
     dcal = DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, bias=True)
     keys = set(dcal.state_dict())
-    branch = {"query_norm.weight", "q_proj.weight", "q_proj.bias", "vision_norm.weight",
-              "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "o_proj.weight",
-              "o_proj.bias", "gate.alpha"}
+    branch = {
+        "query_norm.weight",
+        "q_proj.weight",
+        "q_proj.bias",
+        "vision_norm.weight",
+        "k_proj.weight",
+        "k_proj.bias",
+        "v_proj.weight",
+        "v_proj.bias",
+        "o_proj.weight",
+        "o_proj.bias",
+        "gate.alpha",
+    }
     assert keys == {f"{b}.{k}" for b in ("v2v", "t2v") for k in branch}
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert type(getattr(dcal.v2v, name)) is nn.Linear
@@ -520,18 +593,30 @@ def test_sharing_layouts():
     shared = DualCrossAttention(HIDDEN, VISION, HEADS, share_kv=True, share_gate=True)
     keys = set(shared.state_dict())
     assert {"k_proj.weight", "v_proj.weight", "vision_norm.weight", "gate.alpha"} <= keys
-    assert not any(k.startswith(("v2v.k_proj", "t2v.k_proj", "v2v.gate", "t2v.gate",
-                                 "v2v.vision_norm")) for k in keys)
+    assert not any(
+        k.startswith(("v2v.k_proj", "t2v.k_proj", "v2v.gate", "t2v.gate", "v2v.vision_norm"))
+        for k in keys
+    )
     # Each tensor has exactly one name (safetensors and FSDP need that).
     assert len(keys) == len(list(shared.parameters()))
     # Sharing needs both branches; with one it changes nothing.
     single = DualCrossAttention(HIDDEN, VISION, HEADS, t2v=False, share_kv=True, share_gate=True)
-    assert set(single.state_dict()) == {f"v2v.{k}" for k in (
-        "query_norm.weight", "q_proj.weight", "vision_norm.weight", "k_proj.weight",
-        "v_proj.weight", "o_proj.weight", "gate.alpha")}
+    assert set(single.state_dict()) == {
+        f"v2v.{k}"
+        for k in (
+            "query_norm.weight",
+            "q_proj.weight",
+            "vision_norm.weight",
+            "k_proj.weight",
+            "v_proj.weight",
+            "o_proj.weight",
+            "gate.alpha",
+        )
+    }
     with pytest.raises(RuntimeError, match="DualCrossAttention"):
-        shared.t2v(torch.randn(1, 3, HIDDEN), VisionMemory.from_list([torch.randn(1, N, VISION)],
-                                                                      POOLED))
+        shared.t2v(
+            torch.randn(1, 3, HIDDEN), VisionMemory.from_list([torch.randn(1, N, VISION)], POOLED)
+        )
 
 
 def test_reset_parameters():
@@ -554,13 +639,15 @@ def _tiny_hf_models():
 
     class Generic(PreTrainedModel):
         """transformers' own _init_weights (as a patched pretrained model has)."""
+
         config_class = TinyConfig
 
         def __init__(self, config):
             super().__init__(config)
             self.proj = nn.Linear(HIDDEN, HIDDEN)
-            self.dcal = DualCrossAttention(HIDDEN, VISION, HEADS, bias=True) \
-                if config.with_dcal else None
+            self.dcal = (
+                DualCrossAttention(HIDDEN, VISION, HEADS, bias=True) if config.with_dcal else None
+            )
             self.post_init()
 
     class Guarded(Generic):
@@ -644,26 +731,53 @@ def _visual(B=2, L=8, counts=(4, 2)):
 _H = torch.randn(2, 8, HIDDEN)
 
 BAD_CALLS = [
-    ("hidden size", lambda d: d(torch.randn(2, 8, HIDDEN + 1), _mem(), _visual()),
-     "hidden_states has hidden size 37"),
-    ("hidden rank", lambda d: d(torch.randn(8, HIDDEN), _mem(), _visual()),
-     r"hidden_states must have shape \(B, L, hidden_size\)"),
-    ("vision width", lambda d: d(_H, _mem(vision=VISION + 2), _visual()),
-     "memory.tokens have width 22"),
-    ("not a memory", lambda d: d(_H, torch.randn(3, N, VISION), _visual()),
-     "memory must be a crosslmm_ops.nn.VisionMemory"),
+    (
+        "hidden size",
+        lambda d: d(torch.randn(2, 8, HIDDEN + 1), _mem(), _visual()),
+        "hidden_states has hidden size 37",
+    ),
+    (
+        "hidden rank",
+        lambda d: d(torch.randn(8, HIDDEN), _mem(), _visual()),
+        r"hidden_states must have shape \(B, L, hidden_size\)",
+    ),
+    (
+        "vision width",
+        lambda d: d(_H, _mem(vision=VISION + 2), _visual()),
+        "memory.tokens have width 22",
+    ),
+    (
+        "not a memory",
+        lambda d: d(_H, torch.randn(3, N, VISION), _visual()),
+        "memory must be a crosslmm_ops.nn.VisionMemory",
+    ),
     ("batch", lambda d: d(_H, _mem(frames=(1, 1, 1)), _visual()), "memory holds 3 samples"),
-    ("dtype", lambda d: d(_H, _mem(dtype=torch.float64), _visual()),
-     "memory.tokens are torch.float64"),
-    ("mask shape", lambda d: d(_H, _mem(), _visual()[:, :5]),
-     r"visual_mask must be a bool tensor of shape \(B, L\)"),
+    (
+        "dtype",
+        lambda d: d(_H, _mem(dtype=torch.float64), _visual()),
+        "memory.tokens are torch.float64",
+    ),
+    (
+        "mask shape",
+        lambda d: d(_H, _mem(), _visual()[:, :5]),
+        r"visual_mask must be a bool tensor of shape \(B, L\)",
+    ),
     ("mask dtype", lambda d: d(_H, _mem(), _visual().long()), "visual_mask must be a bool"),
-    ("text mask shape", lambda d: d(_H, _mem(), _visual(), torch.ones(2, 9, dtype=torch.bool)),
-     "text_mask must be a bool"),
-    ("visual count", lambda d: d(_H, _mem(), _visual(counts=(4, 3))),
-     "visual_mask marks 3 positions of sample 1, but its 1 frames x pooled_per_frame=2"),
-    ("overlap", lambda d: d(_H, _mem(), _visual(), torch.ones(2, 8, dtype=torch.bool)),
-     "visual_mask and text_mask overlap"),
+    (
+        "text mask shape",
+        lambda d: d(_H, _mem(), _visual(), torch.ones(2, 9, dtype=torch.bool)),
+        "text_mask must be a bool",
+    ),
+    (
+        "visual count",
+        lambda d: d(_H, _mem(), _visual(counts=(4, 3))),
+        "visual_mask marks 3 positions of sample 1, but its 1 frames x pooled_per_frame=2",
+    ),
+    (
+        "overlap",
+        lambda d: d(_H, _mem(), _visual(), torch.ones(2, 8, dtype=torch.bool)),
+        "visual_mask and text_mask overlap",
+    ),
 ]
 
 
@@ -686,16 +800,24 @@ BAD_BUILDS = [
     (lambda: T2VCrossAttention(HIDDEN, VISION, 4, scope="frame"), "no scope"),
     (lambda: CrossAttention(HIDDEN, VISION, 4, norm_eps=0), "norm_eps"),
     (lambda: VisionMemory.from_list([], POOLED), "features_per_sample"),
-    (lambda: VisionMemory.from_list([torch.randn(1, N, 4), torch.randn(1, N + 1, 4)], POOLED),
-     r"features_per_sample\[1\] has \(N, Dv\)"),
+    (
+        lambda: VisionMemory.from_list([torch.randn(1, N, 4), torch.randn(1, N + 1, 4)], POOLED),
+        r"features_per_sample\[1\] has \(N, Dv\)",
+    ),
     (lambda: VisionMemory.from_list([torch.randn(1, N, 4)], 0), "pooled_per_frame"),
     (lambda: VisionMemory.from_features(torch.randn(2, 3, N), POOLED), r"\(B, T, N, Dv\)"),
-    (lambda: VisionMemory.from_features(torch.randn(2, 3, N, 4), POOLED,
-                                        frame_mask=torch.tensor([[1, 0, 1], [1, 1, 0]]).bool()),
-     "prefix"),
-    (lambda: VisionMemory.from_features(torch.randn(2, 3, N, 4), POOLED,
-                                        frame_mask=torch.ones(3, 2, dtype=torch.bool)),
-     "frame_mask must be a bool tensor of shape"),
+    (
+        lambda: VisionMemory.from_features(
+            torch.randn(2, 3, N, 4), POOLED, frame_mask=torch.tensor([[1, 0, 1], [1, 1, 0]]).bool()
+        ),
+        "prefix",
+    ),
+    (
+        lambda: VisionMemory.from_features(
+            torch.randn(2, 3, N, 4), POOLED, frame_mask=torch.ones(3, 2, dtype=torch.bool)
+        ),
+        "frame_mask must be a bool tensor of shape",
+    ),
 ]
 
 
@@ -737,10 +859,14 @@ def test_triton_backend_cpu(kw, kv_path):
     """The modules on the Triton kernels (CPU interpreter, float32, small shapes), on both paths:
     the same output and gradients as on the torch back end, outputs poisoned, the back end on
     record."""
-    torch_dcal = randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, **kw,
-                                              kv_path=kv_path, backend="torch"))
-    triton_dcal = DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, **kw,
-                                     kv_path=kv_path, backend="triton")
+    torch_dcal = randomize(
+        DualCrossAttention(
+            HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, **kw, kv_path=kv_path, backend="torch"
+        )
+    )
+    triton_dcal = DualCrossAttention(
+        HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, **kw, kv_path=kv_path, backend="triton"
+    )
     triton_dcal.load_state_dict(torch_dcal.state_dict())
     feats, h, visual = make_batch([2, 0, 1], 7, dtype=torch.float32)
     memory = VisionMemory.from_list(feats, POOLED)
@@ -773,8 +899,9 @@ def test_backend_is_passed_and_recorded():
         with crosslmm_ops.record_backends() as log:
             dcal(h, memory, visual)
         # auto on the CPU, for V2V and T2V
-        assert [e for e in log if e[0] == "projected_cross_attention"] == \
-            [("projected_cross_attention", "torch")] * 2
+        assert [e for e in log if e[0] == "projected_cross_attention"] == [
+            ("projected_cross_attention", "torch")
+        ] * 2
         assert {b for _, b in log} == {"torch"}
         dcal.backend = "cuda"
         assert dcal.v2v.backend == "cuda" and dcal.t2v.backend == "cuda"
@@ -784,8 +911,7 @@ def test_backend_is_passed_and_recorded():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kv_path", KV_PATHS)
-@pytest.mark.parametrize("kw", [dict(), dict(v2v_scope="frame"), dict(share_kv=True)],
-                         ids=case_id)
+@pytest.mark.parametrize("kw", [dict(), dict(v2v_scope="frame"), dict(share_kv=True)], ids=case_id)
 def test_cuda_dcal_bf16(kw, kv_path):
     """A DCAL with the paper's shapes per frame (27x27 tokens of width 1152, 9 pooled) in bf16 on
     the CUDA kernels against the float64 reference; the error at most 2x that of the same module
@@ -803,11 +929,12 @@ def test_cuda_dcal_bf16(kw, kv_path):
     h = torch.randn(len(frames), L, hidden)
     visual = torch.zeros(len(frames), L, dtype=torch.bool)
     for b, t in enumerate(frames):
-        visual[b, 2: 2 + t * pooled] = True
+        visual[b, 2 : 2 + t * pooled] = True
 
     def run(dtype, backend):
-        module = DualCrossAttention(hidden, vision, heads, kv_heads, head_dim, **kw,
-                                    kv_path=kv_path, backend=backend)
+        module = DualCrossAttention(
+            hidden, vision, heads, kv_heads, head_dim, **kw, kv_path=kv_path, backend=backend
+        )
         module.load_state_dict(base.state_dict())
         module = module.to(dev, dtype)
         x = h.to(dev, dtype).requires_grad_()
@@ -854,8 +981,9 @@ def test_dcal_compiles_fullgraph(kw, kv_path):
     masks run by the same graph (padding, no visual positions as while decoding), and masks that
     overlap still fail, as an assertion of the graph."""
     torch._dynamo.reset()
-    dcal = DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, **kw, kv_path=kv_path,
-                              backend="torch")
+    dcal = DualCrossAttention(
+        HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, **kw, kv_path=kv_path, backend="torch"
+    )
     randomize(dcal.double())
     frames, L = [2, 0, 3], 11
     feats, h, visual = make_batch(frames, L)
@@ -875,7 +1003,11 @@ def test_dcal_compiles_fullgraph(kw, kv_path):
         grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
         for leaf, actual, want in zip(leaves, grads, expected_grads):
             zero = torch.zeros_like(leaf)
-            torch.testing.assert_close(zero if actual is None else actual,
-                                       zero if want is None else want, atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(
+                zero if actual is None else actual,
+                zero if want is None else want,
+                atol=1e-12,
+                rtol=1e-12,
+            )
     with pytest.raises(RuntimeError):
         compiled(h, memory, visual, torch.ones_like(visual))

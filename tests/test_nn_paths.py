@@ -50,8 +50,11 @@ def randomize(module: nn.Module) -> nn.Module:
             if name.endswith("alpha"):
                 p.uniform_(-1, 1)
             elif "norm" in name:
-                p.copy_((1 + 0.2 * torch.randn_like(p)) if name.endswith("weight")
-                        else 0.2 * torch.randn_like(p))
+                p.copy_(
+                    (1 + 0.2 * torch.randn_like(p))
+                    if name.endswith("weight")
+                    else 0.2 * torch.randn_like(p)
+                )
             else:
                 p.normal_(0, 1 / math.sqrt(p.shape[-1]) if p.dim() == 2 else 0.2)
     return module
@@ -62,7 +65,7 @@ def make_batch(frames, L, *, dtype=torch.float64, tokens=N, vision=VISION, hidde
     h = torch.randn(len(frames), L, hidden, dtype=dtype)
     visual = torch.zeros(len(frames), L, dtype=torch.bool)
     for b, t in enumerate(frames):
-        visual[b, 1: 1 + t * POOLED] = True
+        visual[b, 1 : 1 + t * POOLED] = True
     return feats, h, visual
 
 
@@ -115,22 +118,37 @@ def assert_same(fused, materialized, h, feats, *masks):
 def test_decode_shaped_call(vision_norm, kv_heads):
     """One text query per sample against all of its frames (a decode step; frames 3, 0, 2), with
     biases: forward and every gradient equal on both paths."""
-    fused, materialized = twins(T2VCrossAttention, HIDDEN, VISION, HEADS, kv_heads, HEAD_DIM,
-                                vision_norm=vision_norm, bias=True)
+    fused, materialized = twins(
+        T2VCrossAttention,
+        HIDDEN,
+        VISION,
+        HEADS,
+        kv_heads,
+        HEAD_DIM,
+        vision_norm=vision_norm,
+        bias=True,
+    )
     feats, _, _ = make_batch([3, 0, 2], 1)
     h = torch.randn(3, 1, HIDDEN, dtype=torch.float64)
     assert_same(fused, materialized, h, feats)
 
 
 @pytest.mark.parametrize("scope", ["global", "frame"])
-@pytest.mark.parametrize("kw", [dict(), dict(share_kv=True, bias=True),
-                                dict(vision_norm="layernorm", bias=True, num_kv_heads=1)],
-                         ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(share_kv=True, bias=True),
+        dict(vision_norm="layernorm", bias=True, num_kv_heads=1),
+    ],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "plain",
+)
 def test_dcal_paths_agree(scope, kw):
     kw = dict(kw)
     kv_heads = kw.pop("num_kv_heads", KV_HEADS)
-    fused, materialized = twins(DualCrossAttention, HIDDEN, VISION, HEADS, kv_heads, HEAD_DIM,
-                                v2v_scope=scope, **kw)
+    fused, materialized = twins(
+        DualCrossAttention, HIDDEN, VISION, HEADS, kv_heads, HEAD_DIM, v2v_scope=scope, **kw
+    )
     feats, h, visual = make_batch([2, 1, 3], 9)
     assert_same(fused, materialized, h, feats, visual)
 
@@ -152,9 +170,20 @@ def test_rmsnorm_without_eps_and_without_affine():
 
 
 def _layout(module: CrossAttention, lens_q, lens_k) -> ProjectedLayout:
-    return ProjectedLayout(False, len(lens_q), module.num_heads, module.num_kv_heads,
-                           module.head_dim, module.vision_size, sum(lens_q), sum(lens_k),
-                           max(lens_q), max(lens_k), lens_q=tuple(lens_q), lens_k=tuple(lens_k))
+    return ProjectedLayout(
+        False,
+        len(lens_q),
+        module.num_heads,
+        module.num_kv_heads,
+        module.head_dim,
+        module.vision_size,
+        sum(lens_q),
+        sum(lens_k),
+        max(lens_q),
+        max(lens_k),
+        lens_q=tuple(lens_q),
+        lens_k=tuple(lens_k),
+    )
 
 
 @pytest.mark.parametrize("kv_heads", [2, 12])
@@ -187,8 +216,9 @@ def test_auto_follows_cost_model_and_overrides(monkeypatch):
     monkeypatch.setattr(pa, "COST_MODEL", CostModel(fused_tflops=1e-9, bandwidth_tbs=1e9))
     t2v(h, memory)
     assert last_path() == "materialized"
-    monkeypatch.setattr(pa, "COST_MODEL", CostModel(matmul_tflops=1e-9, attention_tflops=1e-9,
-                                                    bandwidth_tbs=1e9))
+    monkeypatch.setattr(
+        pa, "COST_MODEL", CostModel(matmul_tflops=1e-9, attention_tflops=1e-9, bandwidth_tbs=1e9)
+    )
     t2v(h, memory)
     assert last_path() == "fused"
     monkeypatch.setenv(pa.PATH_ENV_VAR, "materialized")  # the environment overrides auto ...
@@ -255,15 +285,15 @@ def test_fused_path_is_not_taken_where_it_would_skip_something(monkeypatch):
         other(h, memory)
 
 
-@pytest.mark.skipif(not _backend.triton_runnable(torch.device("cpu"))[0],
-                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(
+    not _backend.triton_runnable(torch.device("cpu"))[0], reason="needs TRITON_INTERPRET=1"
+)
 def test_auto_stays_materialised_where_the_core_cannot_run(monkeypatch):
     """A token width above the fused core's limit (2048) on backend="triton": auto takes the
     materialised path (whose attention can run) instead of failing; "fused" fails loudly."""
     monkeypatch.setattr(pa, "COST_MODEL", CostModel(matmul_tflops=1e-9, attention_tflops=1e-9))
     wide = 2056
-    module = randomize(T2VCrossAttention(HIDDEN, wide, HEADS, KV_HEADS, HEAD_DIM,
-                                         backend="triton"))
+    module = randomize(T2VCrossAttention(HIDDEN, wide, HEADS, KV_HEADS, HEAD_DIM, backend="triton"))
     feats, h, _ = make_batch([1], 2, dtype=torch.float32, tokens=2, vision=wide)
     memory = VisionMemory.from_list(feats, POOLED)
     with crosslmm_ops.record_backends() as log:
@@ -275,8 +305,9 @@ def test_auto_stays_materialised_where_the_core_cannot_run(monkeypatch):
 
 
 def test_backend_passes_through_the_fused_path():
-    module = T2VCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, kv_path="fused",
-                               backend="torch")
+    module = T2VCrossAttention(
+        HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, kv_path="fused", backend="torch"
+    )
     feats, h, _ = make_batch([1, 2], 3, dtype=torch.float32)
     memory = VisionMemory.from_list(feats, POOLED)
     with crosslmm_ops.record_backends() as log:
@@ -291,8 +322,11 @@ def test_backend_passes_through_the_fused_path():
 def test_fused_under_autocast():
     """bf16 memory, float32 hidden states and weights, CPU autocast: the fused path gives what
     the materialised one gives, to bf16 rounding."""
-    dcal = randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, bias=True,
-                                        vision_norm="layernorm"))
+    dcal = randomize(
+        DualCrossAttention(
+            HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, bias=True, vision_norm="layernorm"
+        )
+    )
     feats, h, visual = make_batch([2, 1], 7, dtype=torch.float32)
     memory = VisionMemory.from_list(feats, POOLED).to(torch.bfloat16)
     outs = []
@@ -339,12 +373,17 @@ def count_projections(monkeypatch):
 def test_decode_steps_share_the_normalised_tokens(count_normalize, count_projections):
     """A prefill and three decode steps through four DCALs (fused): the tokens are normalised
     once for all of them, K/V never projected; the outputs equal the materialised path's."""
-    layers = [randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM,
-                                           kv_path="fused").double()) for _ in range(4)]
+    layers = [
+        randomize(
+            DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, kv_path="fused").double()
+        )
+        for _ in range(4)
+    ]
     feats, h, visual = make_batch([2, 1], 7)
     memory = VisionMemory.from_list(feats, POOLED)
-    steps = [(h, visual)] + [(torch.randn(2, 1, HIDDEN, dtype=torch.float64), None)
-                             for _ in range(3)]
+    steps = [(h, visual)] + [
+        (torch.randn(2, 1, HIDDEN, dtype=torch.float64), None) for _ in range(3)
+    ]
     with torch.no_grad():
         fused = []
         for x, mask in steps:
@@ -366,8 +405,11 @@ def test_normalised_tokens_follow_the_tokens(count_normalize):
     feats, h, visual = make_batch([2, 1], 7)
     memory = VisionMemory.from_list(feats, POOLED)
     rms = randomize(DualCrossAttention(HIDDEN, VISION, HEADS, kv_path="fused").double())
-    ln = randomize(DualCrossAttention(HIDDEN, VISION, HEADS, kv_path="fused",
-                                      vision_norm="layernorm", norm_eps=1e-5).double())
+    ln = randomize(
+        DualCrossAttention(
+            HIDDEN, VISION, HEADS, kv_path="fused", vision_norm="layernorm", norm_eps=1e-5
+        ).double()
+    )
     with torch.no_grad():
         for layer in (rms, ln, rms, ln):
             layer(h, memory, visual)
@@ -391,8 +433,12 @@ def test_training_steps_reuse_a_memory(count_normalize):
     forward the layers share one normalisation (its graph), the backward drops it, the next
     forward builds its own (not "backward through the graph a second time"), and every gradient
     equals the materialised path's."""
-    layers = [randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM,
-                                           kv_path="fused").double()) for _ in range(2)]
+    layers = [
+        randomize(
+            DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, kv_path="fused").double()
+        )
+        for _ in range(2)
+    ]
     feats, h, visual = make_batch([2, 1], 7)
     source = torch.cat([f.reshape(-1, VISION) for f in feats]).requires_grad_()
     g = torch.randn_like(h)
@@ -426,8 +472,9 @@ def test_entries_without_a_graph_are_not_used_for_gradients():
     """A no_grad (or inference_mode) forward first: its normalised tokens have no graph (or are
     inference tensors); a later forward with gradients computes its own, so the gradient reaches
     the tokens and autograd can save what it needs."""
-    layer = randomize(T2VCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM,
-                                        kv_path="fused").double())
+    layer = randomize(
+        T2VCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, kv_path="fused").double()
+    )
     feats, h, _ = make_batch([2, 1], 3)
     for mode in (torch.no_grad, torch.inference_mode):
         leaves = [f.clone().requires_grad_() for f in feats]
@@ -451,8 +498,12 @@ def test_gradient_checkpointing(use_reentrant):
     """DCALs under torch.utils.checkpoint (as transformers' gradient checkpointing runs decoder
     layers): the recomputation meets the shared normalised tokens; every gradient equals the
     plain run's."""
-    layers = [randomize(DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM,
-                                           kv_path="fused").double()) for _ in range(2)]
+    layers = [
+        randomize(
+            DualCrossAttention(HIDDEN, VISION, HEADS, KV_HEADS, HEAD_DIM, kv_path="fused").double()
+        )
+        for _ in range(2)
+    ]
     feats, h, visual = make_batch([2, 1], 7)
     g = torch.randn_like(h)
     results = []
@@ -467,8 +518,9 @@ def test_gradient_checkpointing(use_reentrant):
             else:
                 y = layer(y, memory, visual)
         y.backward(g)
-        grads = [x.grad] + [f.grad for f in leaves] + [p.grad for la in layers
-                                                        for p in la.parameters()]
+        grads = (
+            [x.grad] + [f.grad for f in leaves] + [p.grad for la in layers for p in la.parameters()]
+        )
         for la in layers:
             la.zero_grad(set_to_none=True)
         results.append((y.detach(), grads))
@@ -490,8 +542,16 @@ def test_decode_step_on_cuda_at_crosslmm_2b_shapes():
     kernel (CUDA, or Triton where the extension lacks the fused kernel), never projects the
     video, and agrees with the materialised path to bf16 rounding."""
     torch.manual_seed(0)
-    hidden, vision, heads, kv_heads, head_dim, frames, tokens, pooled = \
-        1536, 1152, 12, 2, 128, 64, 729, 9
+    hidden, vision, heads, kv_heads, head_dim, frames, tokens, pooled = (
+        1536,
+        1152,
+        12,
+        2,
+        128,
+        64,
+        729,
+        9,
+    )
     dcal = randomize(DualCrossAttention(hidden, vision, heads, kv_heads, head_dim))
     with torch.no_grad():
         dcal.t2v.gate.alpha.fill_(0.5)  # a gate well away from 0: the branch's result shows

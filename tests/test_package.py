@@ -26,8 +26,12 @@ def test_info_prints_versions_and_backends(capsys):
 
 
 def test_pool_command_runs(capsys):
-    assert cli.main(["pool", "--frames", "2", "--device", "cpu", "--dtype", "float32",
-                     "--repeat", "1"]) == 0
+    assert (
+        cli.main(
+            ["pool", "--frames", "2", "--device", "cpu", "--dtype", "float32", "--repeat", "1"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "avg 9x9 stride 9" in out and "(1, 2, 9, 1152)" in out
 
@@ -44,9 +48,19 @@ def test_demo_command_runs(capsys):
 
 
 def test_pool_example_script_runs():
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "pool_example.py"),
-                           "--frames", "2", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "pool_example.py"),
+            "--frames",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "CrossLMM, 9 tokens/frame" in proc.stdout and "81x fewer" in proc.stdout
 
@@ -76,8 +90,11 @@ def _sdist_files() -> set[str]:
 
     files = FileList()
     skip = {".git", ".venv", "venv"}
-    files.allfiles = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*")
-                            if p.is_file() and not skip & set(p.relative_to(ROOT).parts))
+    files.allfiles = sorted(
+        p.relative_to(ROOT).as_posix()
+        for p in ROOT.rglob("*")
+        if p.is_file() and not skip & set(p.relative_to(ROOT).parts)
+    )
     for line in (ROOT / "MANIFEST.in").read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             files.process_template_line(line)
@@ -86,8 +103,11 @@ def _sdist_files() -> set[str]:
 
 def test_sdist_carries_what_the_extension_build_needs():
     files = _sdist_files()
-    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()
-               and p.suffix in (".cu", ".cuh", ".cpp", ".h", ".hpp")}
+    sources = {
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "csrc").rglob("*")
+        if p.is_file() and p.suffix in (".cu", ".cuh", ".cpp", ".h", ".hpp")
+    }
     assert "csrc/bindings.cpp" in sources
     assert sources <= files, sorted(sources - files)
     assert "CMakeLists.txt" in files
@@ -141,9 +161,17 @@ def test_a_package_without_the_extension_declares_no_extension_module(monkeypatc
 def _setup_plan(script: str, tmp_path, *, gpus: int | None, **env) -> str:
     """The build decision ``scripts/<script>`` makes (CROSSLMM_SETUP_PLAN_ONLY stops it there),
     with a stand-in nvidia-smi that lists ``gpus`` GPUs (None: the machine's own)."""
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("CROSSLMM_BUILD_EXTENSION", "CROSSLMM_BUILD_DEFAULT",
-                          "CROSSLMM_SKIP_CUDA_BUILD", "CROSSLMM_FORCE_BUILD")}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "CROSSLMM_BUILD_EXTENSION",
+            "CROSSLMM_BUILD_DEFAULT",
+            "CROSSLMM_SKIP_CUDA_BUILD",
+            "CROSSLMM_FORCE_BUILD",
+        )
+    }
     if gpus is not None:
         fake = tmp_path / "bin"
         fake.mkdir(exist_ok=True)
@@ -152,8 +180,13 @@ def _setup_plan(script: str, tmp_path, *, gpus: int | None, **env) -> str:
         (fake / "nvidia-smi").write_text("#!/bin/sh\n" + (lines or none))
         (fake / "nvidia-smi").chmod(0o755)
         clean["PATH"] = f"{fake}{os.pathsep}{clean.get('PATH', '')}"
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / script)], capture_output=True, text=True,
-                          timeout=60, env={**clean, "CROSSLMM_SETUP_PLAN_ONLY": "1", **env})
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, "CROSSLMM_SETUP_PLAN_ONLY": "1", **env},
+    )
     assert proc.returncode == 0, proc.stderr
     line = [x for x in proc.stdout.splitlines() if x.startswith("== CUDA extension:")]
     assert len(line) == 1, proc.stdout
@@ -161,8 +194,13 @@ def _setup_plan(script: str, tmp_path, *, gpus: int | None, **env) -> str:
 
 
 def _toolkit() -> bool:
-    return bool(shutil.which("nvcc")) or Path("/usr/local/cuda/bin/nvcc").exists() or bool(
-        os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"], "bin", "nvcc").exists())
+    return (
+        bool(shutil.which("nvcc"))
+        or Path("/usr/local/cuda/bin/nvcc").exists()
+        or bool(
+            os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"], "bin", "nvcc").exists()
+        )
+    )
 
 
 def test_main_job_skips_the_compile_without_a_gpu(tmp_path):

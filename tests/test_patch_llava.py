@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from crosslmm_ops.models.patching import CrossLMMPatch, patch_llava, patch_llava_processor  # noqa: E402
 from crosslmm_ops.models.decoder import cache_argument, find_cache  # noqa: E402
+from crosslmm_ops.models.patching import CrossLMMPatch, patch_llava, patch_llava_processor  # noqa: E402
 from crosslmm_ops.nn import TokenPooling  # noqa: E402
 
 VOCAB = 96
@@ -31,8 +31,8 @@ VIDEO = VOCAB - 1
 IMAGE = VOCAB - 2
 PAD = 0
 FRAMES = 3
-GRID = 7          # 28 px / patch 4
-POOLED = 9        # pooled_grid=3
+GRID = 7  # 28 px / patch 4
+POOLED = 9  # pooled_grid=3
 EVERY = 2
 DCAL_LAYERS = (1, 3)
 
@@ -43,39 +43,68 @@ DCAL_LAYERS = (1, 3)
 
 
 def _siglip():
-    return transformers.SiglipVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=28, patch_size=4,
-                                           vision_use_head=False)
+    return transformers.SiglipVisionConfig(
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=4,
+        vision_use_head=False,
+    )
 
 
 def _clip():
-    return transformers.CLIPVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=28, patch_size=4,
-                                         projection_dim=16)
+    return transformers.CLIPVisionConfig(
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=4,
+        projection_dim=16,
+    )
 
 
 def _text(kind: str):
     cls = transformers.Qwen2Config if kind == "qwen2" else transformers.LlamaConfig
-    return cls(hidden_size=32, intermediate_size=56, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
-               pad_token_id=PAD)
+    return cls(
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        pad_token_id=PAD,
+    )
 
 
 def _build(family: str):
     if family == "llava_onevision":
         config = transformers.LlavaOnevisionConfig(
-            vision_config=_siglip(), text_config=_text("qwen2"), image_token_index=IMAGE,
-            video_token_index=VIDEO, vision_feature_layer=-1, vision_feature_select_strategy="full",
-            image_grid_pinpoints=[[28, 28]])
+            vision_config=_siglip(),
+            text_config=_text("qwen2"),
+            image_token_index=IMAGE,
+            video_token_index=VIDEO,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            image_grid_pinpoints=[[28, 28]],
+        )
         cls = transformers.LlavaOnevisionForConditionalGeneration
     elif family == "llava_next_video":
         config = transformers.LlavaNextVideoConfig(
-            vision_config=_clip(), text_config=_text("llama"), image_token_index=IMAGE,
-            video_token_index=VIDEO, image_grid_pinpoints=[[28, 28]])
+            vision_config=_clip(),
+            text_config=_text("llama"),
+            image_token_index=IMAGE,
+            video_token_index=VIDEO,
+            image_grid_pinpoints=[[28, 28]],
+        )
         cls = transformers.LlavaNextVideoForConditionalGeneration
     else:
-        config = transformers.LlavaConfig(vision_config=_clip(), text_config=_text("llama"),
-                                          image_token_index=IMAGE)
+        config = transformers.LlavaConfig(
+            vision_config=_clip(), text_config=_text("llama"), image_token_index=IMAGE
+        )
         cls = transformers.LlavaForConditionalGeneration
     config.text_config._attn_implementation = "sdpa"
     model = cls(config).eval()
@@ -89,7 +118,7 @@ def _build(family: str):
 
 
 FAMILIES = ("llava_onevision", "llava_next_video", "llava")
-EXTRA = {"llava_onevision": 1, "llava_next_video": 0, "llava": 0}   # OV's newline per video
+EXTRA = {"llava_onevision": 1, "llava_next_video": 0, "llava": 0}  # OV's newline per video
 
 
 def _is_video(family: str) -> bool:
@@ -103,8 +132,11 @@ def _set_gates(model, value=None, branch=None, seed=1):
         for name, p in dcal.named_parameters():
             if name.endswith("alpha") and (branch is None or name.startswith(branch)):
                 with torch.no_grad():
-                    p.copy_(torch.full_like(p, value) if value is not None
-                            else torch.rand(p.shape, generator=g) + 0.5)
+                    p.copy_(
+                        torch.full_like(p, value)
+                        if value is not None
+                        else torch.rand(p.shape, generator=g) + 0.5
+                    )
 
 
 def _batch(family: str, items_per_sample=(1, 0, 2), pad: bool = True, seed: int = 0):
@@ -127,8 +159,8 @@ def _batch(family: str, items_per_sample=(1, 0, 2), pad: bool = True, seed: int 
     mask = torch.zeros_like(ids)
     for b, row in enumerate(rows):
         if pad:
-            ids[b, length - len(row):] = torch.tensor(row)
-            mask[b, length - len(row):] = 1
+            ids[b, length - len(row) :] = torch.tensor(row)
+            mask[b, length - len(row) :] = 1
         else:
             fill = torch.randint(1, VOCAB - 3, (length - len(row),), generator=g).tolist()
             ids[b] = torch.tensor(row + fill)
@@ -151,8 +183,13 @@ def _pair(family: str):
     return patched, base
 
 
-GEN = dict(do_sample=False, max_new_tokens=4, suppress_tokens=[IMAGE, VIDEO, PAD],
-           output_logits=True, return_dict_in_generate=True)
+GEN = dict(
+    do_sample=False,
+    max_new_tokens=4,
+    suppress_tokens=[IMAGE, VIDEO, PAD],
+    output_logits=True,
+    return_dict_in_generate=True,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,9 +212,10 @@ def _reference_logits(model, input_ids, pixels, items_per_sample, family):
         x = x[:, 1:]
     dv = x.shape[-1]
     grid = x.transpose(1, 2).reshape(-1, dv, GRID, GRID)
-    pooled = F.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)       # (items*T, 9, Dv)
-    projected = inner.multi_modal_projector(pooled).reshape(-1, frames * POOLED,
-                                                            config.text_config.hidden_size)
+    pooled = F.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)  # (items*T, 9, Dv)
+    projected = inner.multi_modal_projector(pooled).reshape(
+        -1, frames * POOLED, config.text_config.hidden_size
+    )
     features = []
     for item in projected:
         features.append(item)
@@ -191,11 +229,11 @@ def _reference_logits(model, input_ids, pixels, items_per_sample, family):
     raw = x.reshape(-1, frames, GRID * GRID, dv)
     per_sample, start = [], 0
     for count in items_per_sample:
-        per_sample.append(raw[start:start + count].flatten(0, 1))
+        per_sample.append(raw[start : start + count].flatten(0, 1))
         start += count
     memory = VisionMemory.from_list(per_sample, POOLED)
     visual = placeholders.clone()
-    if family == "llava_onevision":   # each video's last placeholder is its newline token
+    if family == "llava_onevision":  # each video's last placeholder is its newline token
         for b in range(input_ids.shape[0]):
             pos = placeholders[b].nonzero().flatten()
             for end in range(frames * POOLED, len(pos), frames * POOLED + 1):
@@ -209,8 +247,12 @@ def _reference_logits(model, input_ids, pixels, items_per_sample, family):
     rotary = lm.rotary_emb(h, positions)
     for i, layer in enumerate(lm.layers):
         residual = h
-        attn, _ = layer.self_attn(layer.input_layernorm(h), position_embeddings=rotary,
-                                  attention_mask=None, position_ids=positions)
+        attn, _ = layer.self_attn(
+            layer.input_layernorm(h),
+            position_embeddings=rotary,
+            attention_mask=None,
+            position_ids=positions,
+        )
         h = residual + attn
         if i in DCAL_LAYERS:
             h = layer.dcal(h, memory, visual_mask=visual, text_mask=text)
@@ -313,10 +355,14 @@ def test_generate_with_and_without_cache_agree(family):
 
 
 # transformers versions whose generate() encodes the vision before the prefill (mm_encoder_outputs)
-ENCODES_BEFORE_PREFILL = "mm_encoder_outputs" in inspect.signature(
-    transformers.LlavaForConditionalGeneration.forward).parameters
-TRANSFORMERS_VERSION = tuple(int("".join(c for c in part if c.isdigit()) or 0)
-                             for part in transformers.__version__.split(".")[:2])
+ENCODES_BEFORE_PREFILL = (
+    "mm_encoder_outputs"
+    in inspect.signature(transformers.LlavaForConditionalGeneration.forward).parameters
+)
+TRANSFORMERS_VERSION = tuple(
+    int("".join(c for c in part if c.isdigit()) or 0)
+    for part in transformers.__version__.split(".")[:2]
+)
 
 
 @pytest.mark.parametrize("family", ["llava_onevision", "llava"])
@@ -347,8 +393,9 @@ def test_memory_kept_on_the_cache(family):
     assert memory.tokens_per_frame == GRID * GRID and memory.pooled_per_frame == POOLED
     # A decode step with only the cache sees the same memory.
     mask = torch.cat([batch["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1)
-    step = patched(input_ids=torch.full((3, 1), 5), **cache_argument(find_cache(out)),
-                   attention_mask=mask)
+    step = patched(
+        input_ids=torch.full((3, 1), 5), **cache_argument(find_cache(out)), attention_mask=mask
+    )
     assert CrossLMMPatch.memory(find_cache(step)) is memory
 
 
@@ -373,8 +420,10 @@ def test_gradient_checkpointing_replays_the_dcals():
     other = copy.deepcopy(patched)
     batch = _batch(family)
     labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
-    enable = getattr(other, "activation_checkpointing_enable", None) or \
-        other.gradient_checkpointing_enable
+    enable = (
+        getattr(other, "activation_checkpointing_enable", None)
+        or other.gradient_checkpointing_enable
+    )
     enable()
     grads = []
     for model in (patched, other):
@@ -401,8 +450,9 @@ def test_state_dict_keys_kept(family):
     assert set(before) <= set(after)
     added = set(after) - set(before)
     assert added and all(".dcal." in k for k in added)
-    assert {k.split(".dcal.")[0] for k in added} == {f"model.language_model.layers.{i}"
-                                                    for i in DCAL_LAYERS}
+    assert {k.split(".dcal.")[0] for k in added} == {
+        f"model.language_model.layers.{i}" for i in DCAL_LAYERS
+    }
     for k, v in before.items():
         assert torch.equal(after[k], v)
     # A patched model loads a patched checkpoint (DCAL weights included).
@@ -433,16 +483,21 @@ def test_remove_restores_the_model(family):
     # Original placeholder counts again (OV: ceil(7/2)^2 = 16 per frame + 1; NV: 3x3 after its
     # 2x2 average; LLaVA: 49 per image).
     video = _is_video(family)
-    per_item = {"llava_onevision": FRAMES * 16 + 1, "llava_next_video": FRAMES * 9,
-                "llava": 49}[family]
+    per_item = {"llava_onevision": FRAMES * 16 + 1, "llava_next_video": FRAMES * 9, "llava": 49}[
+        family
+    ]
     ids = torch.randint(1, VOCAB - 3, (2, per_item + 6))
-    ids[:, 3:3 + per_item] = VIDEO if video else IMAGE
-    pixels = ({"pixel_values_videos": torch.randn(2, FRAMES, 3, 28, 28)} if video
-              else {"pixel_values": torch.randn(2, 3, 28, 28)})
+    ids[:, 3 : 3 + per_item] = VIDEO if video else IMAGE
+    pixels = (
+        {"pixel_values_videos": torch.randn(2, FRAMES, 3, 28, 28)}
+        if video
+        else {"pixel_values": torch.randn(2, 3, 28, 28)}
+    )
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, **pixels).logits,
-                           original(input_ids=ids, **pixels).logits)
-    patch_llava(model, every=EVERY)   # and it can be patched again
+        assert torch.equal(
+            model(input_ids=ids, **pixels).logits, original(input_ids=ids, **pixels).logits
+        )
+    patch_llava(model, every=EVERY)  # and it can be patched again
 
 
 def test_onevision_images_keep_their_path():
@@ -453,14 +508,15 @@ def test_onevision_images_keep_their_path():
     model = copy.deepcopy(original)
     patch_llava(model, every=EVERY)
     _set_gates(model)
-    pixel_values = torch.randn(2, 2, 3, 28, 28)      # base crop + one anyres crop per image
+    pixel_values = torch.randn(2, 2, 3, 28, 28)  # base crop + one anyres crop per image
     image_sizes = torch.tensor([[28, 28], [28, 28]])
     with torch.no_grad():
-        feats = original.model.get_image_features(pixel_values, image_sizes,
-                                                  return_dict=True).pooler_output
+        feats = original.model.get_image_features(
+            pixel_values, image_sizes, return_dict=True
+        ).pooler_output
     per_image = feats[0].shape[0]
     ids = torch.randint(1, VOCAB - 3, (2, per_image + 7))
-    ids[:, 2:2 + per_image] = IMAGE
+    ids[:, 2 : 2 + per_image] = IMAGE
     kwargs = dict(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes)
     with torch.no_grad():
         assert torch.equal(model(**kwargs).logits, original(**kwargs).logits)
@@ -474,8 +530,14 @@ def test_onevision_images_keep_their_path():
 def test_options():
     torch.manual_seed(0)
     model = _build("llava_next_video")
-    patch_llava(model, layers=[0, -1], pooling=TokenPooling((GRID, GRID), "avg", kernel_size=2),
-                v2v_scope="frame", share_kv=True, t2v=True)
+    patch_llava(
+        model,
+        layers=[0, -1],
+        pooling=TokenPooling((GRID, GRID), "avg", kernel_size=2),
+        v2v_scope="frame",
+        share_kv=True,
+        t2v=True,
+    )
     patch = model.crosslmm_patch
     assert patch.layers == (0, 3) and patch.pooled_per_frame == 9
     assert patch.placeholders_per_item(4) == 36
@@ -501,8 +563,13 @@ def test_errors():
     with pytest.raises(ValueError, match="supports .*got Qwen2ForCausalLM"):
         patch_llava(text_only)
     next_images = transformers.LlavaNextForConditionalGeneration(
-        transformers.LlavaNextConfig(vision_config=_clip(), text_config=_text("llama"),
-                                     image_token_index=IMAGE, image_grid_pinpoints=[[28, 28]]))
+        transformers.LlavaNextConfig(
+            vision_config=_clip(),
+            text_config=_text("llama"),
+            image_token_index=IMAGE,
+            image_grid_pinpoints=[[28, 28]],
+        )
+    )
     with pytest.raises(ValueError, match="got LlavaNextForConditionalGeneration"):
         patch_llava(next_images)
 
@@ -518,12 +585,17 @@ def test_errors():
     with pytest.raises(ValueError, match="pooling.grid"):
         patch_llava(fresh(), pooling=TokenPooling((27, 27), "adaptive", output_size=3))
     with pytest.raises(ValueError, match="temporal_stride"):
-        patch_llava(fresh(), pooling=TokenPooling((GRID, GRID), "adaptive", output_size=3,
-                                                  temporal_stride=2))
+        patch_llava(
+            fresh(),
+            pooling=TokenPooling((GRID, GRID), "adaptive", output_size=3, temporal_stride=2),
+        )
     with pytest.raises(ValueError, match="pooled_grid|output_size"):
         patch_llava(fresh(), pooled_grid=0)
-    nv = transformers.LlavaNextVideoForConditionalGeneration(transformers.LlavaNextVideoConfig(
-        vision_config=_clip(), text_config=_text("llama"), spatial_pool_mode="conv"))
+    nv = transformers.LlavaNextVideoForConditionalGeneration(
+        transformers.LlavaNextVideoConfig(
+            vision_config=_clip(), text_config=_text("llama"), spatial_pool_mode="conv"
+        )
+    )
     with pytest.raises(ValueError, match="conv"):
         patch_llava(nv)
 
@@ -553,29 +625,46 @@ def _processor(cls_name: str, **attrs):
 def test_processor_counts():
     videos = {"pixel_values_videos": torch.zeros(2, 5, 3, 28, 28)}
 
-    ov = _processor("LlavaOnevisionProcessor", video_token="<video>", image_token="<image>",
-                    num_image_tokens=GRID * GRID, vision_feature_select_strategy="full")
-    assert ov.replace_video_token(videos, 1) == "<video>" * (5 * 16 + 1)    # unpatched: 4x4 + 1
+    ov = _processor(
+        "LlavaOnevisionProcessor",
+        video_token="<video>",
+        image_token="<image>",
+        num_image_tokens=GRID * GRID,
+        vision_feature_select_strategy="full",
+    )
+    assert ov.replace_video_token(videos, 1) == "<video>" * (5 * 16 + 1)  # unpatched: 4x4 + 1
     model = _build("llava_onevision")
     patch_llava(model, pooled_grid=3)
     assert patch_llava_processor(ov, model) is ov
     assert ov.replace_video_token(videos, 1) == "<video>" * (5 * 9 + 1)
     counts = ov._get_num_multimodal_tokens(video_sizes=[(5, 28, 28), (2, 28, 28)])
     assert counts.num_video_tokens == [46, 19]
-    copy.deepcopy(ov.__dict__)   # ProcessorMixin.to_dict deep-copies it
+    copy.deepcopy(ov.__dict__)  # ProcessorMixin.to_dict deep-copies it
     with pytest.raises(ValueError, match="already patched"):
         patch_llava_processor(ov, model)
 
     # (The unpatched LLaVA-NeXT-Video / LLaVA counts read image sizes through PIL.)
-    nv = _processor("LlavaNextVideoProcessor", video_token="<video>", image_token="<image>",
-                    patch_size=4, vision_feature_select_strategy="default")
+    nv = _processor(
+        "LlavaNextVideoProcessor",
+        video_token="<video>",
+        image_token="<image>",
+        patch_size=4,
+        vision_feature_select_strategy="default",
+    )
     patch_llava_processor(nv, pooled_per_frame=4)
-    assert nv.replace_video_token({"pixel_values_videos": [torch.zeros(5, 3, 28, 28)]}, 0) \
+    assert (
+        nv.replace_video_token({"pixel_values_videos": [torch.zeros(5, 3, 28, 28)]}, 0)
         == "<video>" * 20
+    )
     assert nv._get_num_multimodal_tokens(video_sizes=[(3, 28, 28)]).num_video_tokens == [12]
 
-    lv = _processor("LlavaProcessor", image_token="<image>", patch_size=4,
-                    num_additional_image_tokens=1, vision_feature_select_strategy="default")
+    lv = _processor(
+        "LlavaProcessor",
+        image_token="<image>",
+        patch_size=4,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+    )
     images = {"pixel_values": torch.zeros(1, 3, 28, 28)}
     llava = _build("llava")
     patch_llava(llava, pooled_grid=(2, 3))
@@ -610,16 +699,27 @@ def test_accelerate_device_hooks(family, tmp_path):
         expected = model(**batch).logits
     generated = model.generate(**batch, **GEN).sequences
     inner = model.model
-    device_map = {f"model.{name}": "cpu" for name, _ in inner.named_children()
-                  if name != "language_model"}
+    device_map = {
+        f"model.{name}": "cpu" for name, _ in inner.named_children() if name != "language_model"
+    }
     device_map.update({f"model.{name}": "cpu" for name, _ in inner.named_parameters(recurse=False)})
-    device_map.update({f"model.language_model.{name}": "cpu"
-                       for name, _ in inner.language_model.named_children() if name != "layers"})
-    device_map.update({f"model.language_model.layers.{i}": "disk" if i in DCAL_LAYERS else "cpu"
-                       for i in range(len(inner.language_model.layers))})
+    device_map.update(
+        {
+            f"model.language_model.{name}": "cpu"
+            for name, _ in inner.language_model.named_children()
+            if name != "layers"
+        }
+    )
+    device_map.update(
+        {
+            f"model.language_model.layers.{i}": "disk" if i in DCAL_LAYERS else "cpu"
+            for i in range(len(inner.language_model.layers))
+        }
+    )
     device_map["lm_head"] = "cpu"
-    accelerate.dispatch_model(model, device_map=device_map, main_device="cpu",
-                              offload_dir=str(tmp_path))
+    accelerate.dispatch_model(
+        model, device_map=device_map, main_device="cpu", offload_dir=str(tmp_path)
+    )
     assert inner.language_model.layers[1].dcal.v2v.q_proj.weight.device.type == "meta"
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, expected)
@@ -633,14 +733,25 @@ def test_patched_model_on_gpu_bf16():
     torch.manual_seed(0)
     vision = _siglip()
     vision.hidden_size, vision.intermediate_size = 64, 128
-    text = transformers.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                    num_attention_heads=2, num_key_value_heads=1,
-                                    vocab_size=VOCAB, max_position_embeddings=512,
-                                    pad_token_id=PAD)        # head_dim 64, as the kernels want
+    text = transformers.Qwen2Config(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        pad_token_id=PAD,
+    )  # head_dim 64, as the kernels want
     config = transformers.LlavaOnevisionConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE, video_token_index=VIDEO,
-        vision_feature_layer=-1, vision_feature_select_strategy="full",
-        image_grid_pinpoints=[[28, 28]])
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE,
+        video_token_index=VIDEO,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=[[28, 28]],
+    )
     base = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
     base = base.to(device="cuda", dtype=torch.bfloat16)
     patched = copy.deepcopy(base)

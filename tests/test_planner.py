@@ -43,8 +43,12 @@ def test_explain_cross_attention(capsys):
     q, k, v = _attention_inputs()
     plan = crosslmm_ops.explain(crosslmm_ops.cross_attention, q, k, v)
     assert isinstance(plan, crosslmm_ops.Plan)
-    assert (plan.op, plan.backend, plan.path, plan.kernel) == ("cross_attention", "torch", None,
-                                                               "reference")
+    assert (plan.op, plan.backend, plan.path, plan.kernel) == (
+        "cross_attention",
+        "torch",
+        None,
+        "reference",
+    )
     assert any("auto" in r and "not cuda" in r for r in plan.reasons), plan.reasons
     printed = capsys.readouterr().out
     assert printed.strip() == str(plan) and "back end  torch" in printed and "why" in printed
@@ -84,8 +88,9 @@ def test_explain_rejects_what_the_op_rejects():
 
 def test_explain_token_pool():
     x = torch.randn(1, 2, 9, 8)
-    plan = crosslmm_ops.explain(crosslmm_ops.token_pool, x, grid=(3, 3), kernel_size=3,
-                                print_plan=False)
+    plan = crosslmm_ops.explain(
+        crosslmm_ops.token_pool, x, grid=(3, 3), kernel_size=3, print_plan=False
+    )
     assert (plan.op, plan.backend) == ("token_pool", "torch")
     crosslmm_ops.token_pool(x, grid=(3, 3), kernel_size=3)
     assert crosslmm_ops.last_backend("token_pool") == plan.backend
@@ -94,8 +99,9 @@ def test_explain_token_pool():
 @pytest.mark.parametrize("path", ["fused", "materialized"])
 def test_explain_projected_path_then_run(path):
     q, x, w_k, w_v = _projected_inputs()
-    plan = crosslmm_ops.explain(crosslmm_ops.projected_cross_attention, q, x, w_k, w_v,
-                                path=path, print_plan=False)
+    plan = crosslmm_ops.explain(
+        crosslmm_ops.projected_cross_attention, q, x, w_k, w_v, path=path, print_plan=False
+    )
     assert plan.path == path and f"path={path!r} asked for it" in plan.reasons[0]
     crosslmm_ops.projected_cross_attention(q, x, w_k, w_v, path=path)
     record = planner.last_record("projected_cross_attention")
@@ -107,8 +113,9 @@ def test_explain_projected_environment_and_cost_model(monkeypatch):
     monkeypatch.delenv(environment.PROJECTED_PATH_VAR, raising=False)
     auto = crosslmm_ops.explain("projected_cross_attention", q, x, w_k, w_v, print_plan=False)
     assert "cost model" in auto.reasons[0]
-    layout = pa.check_inputs(q, x, w_k, w_v, None, None, None, None, None, None, None, None,
-                             None, 1e-6)
+    layout = pa.check_inputs(
+        q, x, w_k, w_v, None, None, None, None, None, None, None, None, None, 1e-6
+    )
     assert auto.path == pa.choose_path(layout, q.dtype)
     monkeypatch.setenv(environment.PROJECTED_PATH_VAR, "fused")
     plan = crosslmm_ops.explain("projected_cross_attention", q, x, w_k, w_v, print_plan=False)
@@ -195,8 +202,10 @@ def test_attention_kernel_choice(monkeypatch):
     assert planner.attention_kernel(cuda, 128, 200, 0.1)[0] == "sm90"
     assert planner.attention_kernel(cuda, 128, 200, backward=True)[0] == "sm90"
     monkeypatch.setenv(environment.ATTENTION_SM90_VAR, "0")
-    assert planner.attention_kernel(cuda, 128, 200, 0.1) == ("mma_sync",
-                                                             f"{environment.ATTENTION_SM90_VAR}=0")
+    assert planner.attention_kernel(cuda, 128, 200, 0.1) == (
+        "mma_sync",
+        f"{environment.ATTENTION_SM90_VAR}=0",
+    )
     monkeypatch.setenv(environment.ATTENTION_SM90_VAR, "1")
     assert planner.attention_kernel(cuda, 128, 9, 0.1)[0] == "sm90"
     monkeypatch.setenv(environment.ATTENTION_BWD_SM90_VAR, "dkdv")
@@ -223,8 +232,11 @@ def test_sm90_usable_needs_head_dim_128_and_a_positive_scale(monkeypatch):
 
 def test_environment_read_in_one_module():
     reads = re.compile(r"""environ(\.get)?\s*[\[(]\s*["'](CROSSLMM_|TRITON_INTERPRET)|getenv""")
-    offenders = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
-                 if p.name != "environment.py" and reads.search(p.read_text())]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "environment.py" and reads.search(p.read_text())
+    ]
     assert offenders == []
     for source in (ROOT / "csrc").rglob("*.c*"):
         assert "getenv" not in source.read_text(), source
@@ -238,9 +250,11 @@ def test_library_modules_import_no_underscore_names():
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("crosslmm_ops"):
-                offenders += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}"
-                              for a in node.names
-                              if a.name.startswith("_") and a.name not in allowed]
+                offenders += [
+                    f"{path.relative_to(ROOT)}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and a.name not in allowed
+                ]
     assert offenders == []
 
 
@@ -253,8 +267,9 @@ def test_explain_flash_attn_drop_ins():
     cu = torch.tensor([0, 5, 10], dtype=torch.int32)
     cu_k = torch.tensor([0, 7, 14], dtype=torch.int32)
     packed = q.reshape(10, 4, 16), k.reshape(14, 2, 16), v.reshape(14, 2, 16)
-    plan = crosslmm_ops.explain(crosslmm_ops.flash_attn_varlen_func, *packed, cu, cu_k, 5, 7,
-                                print_plan=False)
+    plan = crosslmm_ops.explain(
+        crosslmm_ops.flash_attn_varlen_func, *packed, cu, cu_k, 5, 7, print_plan=False
+    )
     assert (plan.op, plan.backend) == ("cross_attention", "torch")
 
 
@@ -272,8 +287,10 @@ def test_plan_names_the_cuda_kernel_as_the_extension_reports_it(monkeypatch):
         layout = attention.check_inputs(q, k, k, None, None, None, None)
         plan = attention.AttentionCall(layout, 0.088, "cuda", "stub").plan("cross_attention", cuda)
         assert (plan.backend, plan.kernel) == ("cuda", kernel), plan
-        assert any(r.startswith(f"backward kernel {'sm90_wgmma' if sq > 64 else 'mma_sync'}")
-                   for r in plan.reasons), plan.reasons
+        assert any(
+            r.startswith(f"backward kernel {'sm90_wgmma' if sq > 64 else 'mma_sync'}")
+            for r in plan.reasons
+        ), plan.reasons
 
 
 @pytest.mark.parametrize("kv_path", ["auto", "fused", "materialized"])
@@ -295,6 +312,7 @@ def test_explain_a_dcal_module(kv_path):
     assert crosslmm_ops.last_backend("projected_cross_attention") == plans[-1].backend
     # A branch without queries: nothing runs.
     block = CrossAttention(32, 24, num_heads=4, num_kv_heads=2)
-    plan = crosslmm_ops.explain(block, hidden, memory, torch.zeros(2, 8, dtype=torch.bool),
-                                print_plan=False)
+    plan = crosslmm_ops.explain(
+        block, hidden, memory, torch.zeros(2, 8, dtype=torch.bool), print_plan=False
+    )
     assert plan.backend == "none"

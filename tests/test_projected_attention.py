@@ -54,21 +54,37 @@ def triton_cpu() -> bool:
 needs_interpreter = pytest.mark.skipif(not triton_cpu(), reason="needs TRITON_INTERPRET=1")
 
 
-def problem(*, batch=None, lens=None, hq=4, hk=2, d=16, dv=40, dtype=torch.float32,
-            device="cpu", biases=True, norm_params=True):
+def problem(
+    *,
+    batch=None,
+    lens=None,
+    hq=4,
+    hk=2,
+    d=16,
+    dv=40,
+    dtype=torch.float32,
+    device="cpu",
+    biases=True,
+    norm_params=True,
+):
     """Random inputs: batched ``(B, Sq, Sk)`` or packed ``lens = (lens_q, lens_k)``. Weights are
     scaled so keys and values are O(1), biases and norm parameters are never trivial."""
     make = lambda *s: torch.randn(*s, dtype=torch.float64, device=device)  # noqa: E731
     if lens is not None:
         q, x = make(sum(lens[0]), hq, d), make(sum(lens[1]), dv)
-        packed = dict(cu_seqlens_q=cu_seqlens(lens[0], device),
-                      cu_seqlens_k=cu_seqlens(lens[1], device))
+        packed = dict(
+            cu_seqlens_q=cu_seqlens(lens[0], device), cu_seqlens_k=cu_seqlens(lens[1], device)
+        )
     else:
         b, sq, sk = batch
         q, x = make(b, sq, hq, d), make(b, sk, dv)
         packed = {}
-    t = dict(q=q, x=x * 1.5 + 0.3, w_k=make(hk * d, dv) / math.sqrt(dv),
-             w_v=make(hk * d, dv) / math.sqrt(dv))
+    t = dict(
+        q=q,
+        x=x * 1.5 + 0.3,
+        w_k=make(hk * d, dv) / math.sqrt(dv),
+        w_v=make(hk * d, dv) / math.sqrt(dv),
+    )
     if biases:
         t.update(b_k=make(hk * d), b_v=make(hk * d))
     if norm_params:
@@ -153,7 +169,7 @@ def rounding_noise(tensors, packed, *, path, norm, norm_eps=1e-6, ref_out, g=Non
         dv = x.shape[-1]
         hk = t["w_k"].shape[0] // d
         group = hq // hk
-        scale = d ** -0.5
+        scale = d**-0.5
         if batched:
             b, sq, sk = q.shape[0], q.shape[1], x.shape[1]
             cu_q, cu_k = cu_seqlens([sq] * b), cu_seqlens([sk] * b)
@@ -162,8 +178,9 @@ def rounding_noise(tensors, packed, *, path, norm, norm_eps=1e-6, ref_out, g=Non
         q, x = q.reshape(-1, hq, d), x.reshape(-1, dv)
         o = ref_out.detach().to(acc).reshape(-1, hq, d)
         grads = g is not None
-        g = (g.detach().to(acc) if grads else torch.zeros_like(ref_out, dtype=acc)) \
-            .reshape(-1, hq, d)
+        g = (g.detach().to(acc) if grads else torch.zeros_like(ref_out, dtype=acc)).reshape(
+            -1, hq, d
+        )
         xhat = normalize_tokens(x, norm, norm_eps)
         x2 = xhat.square()
         gamma, beta = t.get("norm_weight"), t.get("norm_bias")
@@ -222,18 +239,20 @@ def rounding_noise(tensors, packed, *, path, norm, norm_eps=1e-6, ref_out, g=Non
                     vals, g2_o = xhat[ks].expand(hq, -1, -1), do_t2[qs]
                     delta2 = (do_t2[qs] * px2).sum(-1).t().unsqueeze(-1)
                 nearest = vals.gather(1, star.unsqueeze(-1).expand(-1, -1, vals.shape[-1]))
-                o_round2 = torch.minimum(u_in ** 2 / 3 * o_q.square(),
-                                         (o_q - nearest.transpose(0, 1)).square())
+                o_round2 = torch.minimum(
+                    u_in**2 / 3 * o_q.square(), (o_q - nearest.transpose(0, 1)).square()
+                )
                 r += delta2
-                r *= n * u ** 2 / 3
-                r += ((g2_o * o_round2).sum(-1).t() + u ** 2 / 3 * dlse2[qs].t()).unsqueeze(-1)
+                r *= n * u**2 / 3
+                r += ((g2_o * o_round2).sum(-1).t() + u**2 / 3 * dlse2[qs].t()).unsqueeze(-1)
                 w = r.mul_(p)
                 del delta2, o_q, nearest, o_round2
-                var_dq[qs] = scale ** 2 * torch.einsum("hqk,khd->qhd", w, kp[ks].square())
-                var_dk[ks] = scale ** 2 * torch.einsum("hqk,qhd->khd", w, q[qs].square())
+                var_dq[qs] = scale**2 * torch.einsum("hqk,khd->qhd", w, kp[ks].square())
+                var_dk[ks] = scale**2 * torch.einsum("hqk,qhd->khd", w, q[qs].square())
                 rows = (qs.stop - qs.start) * group
-                var_dxp[ks] = scale ** 2 * torch.einsum("hqk,qhc->kc", w, q_t[qs].square()) \
-                    + rows * u ** 2 / 3 * torch.einsum("hqk,qhc->kc", p, do_t2[qs])
+                var_dxp[ks] = scale**2 * torch.einsum(
+                    "hqk,qhc->kc", w, q_t[qs].square()
+                ) + rows * u**2 / 3 * torch.einsum("hqk,qhc->kc", p, do_t2[qs])
                 del r, w
                 var_wv += torch.einsum("qhd,qhc->hdc", g2, pxp2)
             # 3. and 2.: score noise |q k_j|^2, |q~' x^_j|^2, carried by P into the LSE and out
@@ -242,31 +261,38 @@ def rounding_noise(tensors, packed, *, path, norm, norm_eps=1e-6, ref_out, g=Non
             var_lse[qs] = (p * (s_k + s_x)).sum(-1).t()
             ps = p.mul_(s_k.mul_(d).add_(s_x.mul_(dv)))  # P_qj * float32 score variance / u^2
             del s_k, s_x
-            spread = torch.einsum("hqk,khd->qhd", ps, v[ks].square()) \
-                - 2 * o[qs] * torch.einsum("hqk,khd->qhd", ps, v[ks]) \
-                + o[qs].square() * ps.sum(-1).t().unsqueeze(-1)  # sum_j P s2 (v_j - O)^2
-            var_out[qs] = u ** 2 / 3 * (scale ** 2 * spread.clamp_min(0)
-                                        + dv * torch.einsum("qhc,hdc->qhd", pxp2, w_v2))
+            spread = (
+                torch.einsum("hqk,khd->qhd", ps, v[ks].square())
+                - 2 * o[qs] * torch.einsum("hqk,khd->qhd", ps, v[ks])
+                + o[qs].square() * ps.sum(-1).t().unsqueeze(-1)
+            )  # sum_j P s2 (v_j - O)^2
+            var_out[qs] = (
+                u**2
+                / 3
+                * (scale**2 * spread.clamp_min(0) + dv * torch.einsum("qhc,hdc->qhd", pxp2, w_v2))
+            )
             del p, ps
-        var_lse *= scale ** 2 * (2 * u_in ** 2 + (d + dv) * u ** 2) / 3
+        var_lse *= scale**2 * (2 * u_in**2 + (d + dv) * u**2) / 3
         floors = {"out": var_out.reshape(tensors["q"].shape)}
         floors["lse"] = var_lse.view(b, sq, hq).transpose(1, 2) if batched else var_lse.t()
         if grads:
             kv_heads = lambda t_: t_.view(-1, hk, group, d).sum(2)  # noqa: E731
             var_dk = kv_heads(var_dk)
             total_rows = q.shape[0] * group
-            var_wv = total_rows * u ** 2 / 3 * var_wv.view(hk, group, d, dv).sum(1)
-            var_bv = total_rows * u ** 2 / 3 * g.square().sum(0).view(hk, group, d).sum(1)
+            var_wv = total_rows * u**2 / 3 * var_wv.view(hk, group, d, dv).sum(1)
+            var_bv = total_rows * u**2 / 3 * g.square().sum(0).view(hk, group, d).sum(1)
             if mat:  # 4. dk, dv rounded to the input dtype, then summed over the keys
-                dk2, dv2 = (u_in ** 2 / 3 * kv_heads(t_).square() for t_ in (dk_true, dv_true))
+                dk2, dv2 = (u_in**2 / 3 * kv_heads(t_).square() for t_ in (dk_true, dv_true))
                 xp2 = xp.square()
                 var_dk_sum = var_dk.sum(0) + dk2.sum(0)
                 var_wk = torch.einsum("khd,kc->hdc", var_dk + dk2, xp2)
                 var_wv = var_wv + torch.einsum("khd,kc->hdc", dv2, xp2)
                 var_bv = var_bv + dv2.sum(0)
-                var_dxp = var_dxp + torch.einsum("khd,hdc->kc", dk2, t["w_k"].view(hk, d, dv)
-                                                 .square()) \
+                var_dxp = (
+                    var_dxp
+                    + torch.einsum("khd,hdc->kc", dk2, t["w_k"].view(hk, d, dv).square())
                     + torch.einsum("khd,hdc->kc", dv2, t["w_v"].view(hk, d, dv).square())
+                )
             else:  # the fused path gives b_k an exact zero through the output
                 var_dk_sum = var_dk.new_zeros(hk, d)
                 var_wk = torch.einsum("khd,kc->hdc", var_dk, xp.square())
@@ -284,8 +310,11 @@ def rounding_noise(tensors, packed, *, path, norm, norm_eps=1e-6, ref_out, g=Non
                 centred = x - x.mean(-1, keepdim=True) if norm == "layernorm" else x
                 rstd2 = 1 / (centred.square().mean(-1, keepdim=True) + norm_eps)
                 mean = var_x.mean(-1, keepdim=True)
-                var_x = 3 * rstd2 * (var_x + (1 + x2) * mean) if norm == "layernorm" \
+                var_x = (
+                    3 * rstd2 * (var_x + (1 + x2) * mean)
+                    if norm == "layernorm"
                     else 2 * rstd2 * (var_x + x2 * mean)
+                )
             var["x"] = var_x
             floors.update({name: v.reshape(tensors[name].shape) for name, v in var.items()})
         return {name: NOISE_SIGMAS * v.sqrt() for name, v in floors.items()}
@@ -298,9 +327,20 @@ def excess(actual, expected, floor) -> float:
     return ((actual.double() - expected.double()).abs() - floor.double()).max().item()
 
 
-def check_public(backend, tensors, packed, *, path="fused", norm="layernorm", num_splits=0,
-                 check_grad=True, lse_grad=True, ref_dtype=torch.float64, fwd_factor=2.0,
-                 grad_factor=3.0):
+def check_public(
+    backend,
+    tensors,
+    packed,
+    *,
+    path="fused",
+    norm="layernorm",
+    num_splits=0,
+    check_grad=True,
+    lse_grad=True,
+    ref_dtype=torch.float64,
+    fwd_factor=2.0,
+    grad_factor=3.0,
+):
     """Forward, LSE and every gradient of ``backend`` on ``path`` against the reference in
     ``ref_dtype`` from the same low-precision inputs, bounded per element by plain PyTorch's own
     error in the inputs' dtype (2x forward, 3x gradients, plus a rounding of the magnitude) plus
@@ -312,12 +352,14 @@ def check_public(backend, tensors, packed, *, path="fused", norm="layernorm", nu
     ref_leaves = {n: t.detach().to(ref_dtype).requires_grad_(True) for n, t in leaves.items()}
     low_leaves = {n: t.detach().requires_grad_(True) for n, t in leaves.items()}
     kw = dict(norm=norm, return_lse=True, **packed)
-    ref_out, ref_lse = projected_cross_attention_reference(**ref_leaves, **kw,
-                                                           compute_dtype=ref_dtype)
+    ref_out, ref_lse = projected_cross_attention_reference(
+        **ref_leaves, **kw, compute_dtype=ref_dtype
+    )
     low_out, low_lse = projected_cross_attention_reference(**low_leaves, **kw, compute_dtype=dtype)
     with poison_outputs():
-        out, lse = projected_cross_attention(**leaves, **kw, path=path, backend=backend,
-                                             num_splits=num_splits)
+        out, lse = projected_cross_attention(
+            **leaves, **kw, path=path, backend=backend, num_splits=num_splits
+        )
     assert last_path() == path
     assert crosslmm_ops.last_backend(OP) == backend
     assert crosslmm_ops.last_backend(CORE if path == "fused" else "cross_attention") == backend
@@ -329,15 +371,30 @@ def check_public(backend, tensors, packed, *, path="fused", norm="layernorm", nu
     keyless = (~finite).transpose(-1, -2).reshape(out.shape[:-1])
     g = torch.randn_like(ref_out)
     g_lse = torch.randn_like(ref_lse)
-    floor = rounding_noise(tensors, packed, path=path, norm=norm, ref_out=ref_out,
-                           g=g if check_grad else None, g_lse=g_lse if lse_grad else None)
+    floor = rounding_noise(
+        tensors,
+        packed,
+        path=path,
+        norm=norm,
+        ref_out=ref_out,
+        g=g if check_grad else None,
+        g_lse=g_lse if lse_grad else None,
+    )
     bound = fwd_factor * max_err(low_out, ref_out) + rounding(ref_out, dtype)
-    assert excess(out, ref_out, floor["out"]) <= bound, \
-        ("out", max_err(out, ref_out), bound, floor["out"].max().item())
+    assert excess(out, ref_out, floor["out"]) <= bound, (
+        "out",
+        max_err(out, ref_out),
+        bound,
+        floor["out"].max().item(),
+    )
     assert not out[keyless].any(), "a query without keys must output exactly 0"
     lse_bound = fwd_factor * lse_err(low_lse, ref_lse) + 1e-5  # lse_err: -inf rows agree
-    assert excess(lse[finite], ref_lse[finite], floor["lse"][finite]) <= lse_bound, \
-        ("lse", lse_err(lse, ref_lse), lse_bound, floor["lse"].max().item())
+    assert excess(lse[finite], ref_lse[finite], floor["lse"][finite]) <= lse_bound, (
+        "lse",
+        lse_err(lse, ref_lse),
+        lse_bound,
+        floor["lse"].max().item(),
+    )
     if not check_grad:
         return
 
@@ -358,8 +415,12 @@ def check_public(backend, tensors, packed, *, path="fused", norm="layernorm", nu
         assert a.dtype == leaves[name].dtype and a.shape == leaves[name].shape, name
         assert not torch.isnan(a).any(), f"unwritten {name} elements"
         bound = grad_factor * max_err(lo, e) + rounding(e, dtype)
-        assert excess(a, e, floor[name]) <= bound, \
-            (name, max_err(a, e), bound, floor[name].max().item())
+        assert excess(a, e, floor[name]) <= bound, (
+            name,
+            max_err(a, e),
+            bound,
+            floor[name].max().item(),
+        )
     assert not actual[0][keyless].any(), "a query without keys must get dq exactly 0"
 
 
@@ -399,12 +460,21 @@ def dense_projected(q, x, w_k, w_v, b_k, b_v, norm, norm_weight, norm_bias, eps,
 @pytest.mark.parametrize("layout", ["batched", "packed"])
 def test_reference_matches_modules(norm, layout):
     lens = ([3, 0, 5, 2], [7, 4, 0, 9]) if layout == "packed" else None
-    t, packed = problem(batch=(2, 5, 11) if lens is None else None, lens=lens, hq=6, hk=2, d=8,
-                        dv=24, dtype=torch.float64)
-    out, lse = projected_cross_attention_reference(**t, **packed, norm=norm, norm_eps=1e-5,
-                                                   return_lse=True)
-    e_out, e_lse = dense_projected(*(t[n] for n in PARAMS[:6]), norm, t["norm_weight"],
-                                   t["norm_bias"], 1e-5, lens)
+    t, packed = problem(
+        batch=(2, 5, 11) if lens is None else None,
+        lens=lens,
+        hq=6,
+        hk=2,
+        d=8,
+        dv=24,
+        dtype=torch.float64,
+    )
+    out, lse = projected_cross_attention_reference(
+        **t, **packed, norm=norm, norm_eps=1e-5, return_lse=True
+    )
+    e_out, e_lse = dense_projected(
+        *(t[n] for n in PARAMS[:6]), norm, t["norm_weight"], t["norm_bias"], 1e-5, lens
+    )
     torch.testing.assert_close(out, e_out, rtol=1e-12, atol=1e-12)
     assert lse_err(lse, e_lse) < 1e-12
 
@@ -467,8 +537,9 @@ def test_normalize_tokens_shared_across_layers():
     """A model normalises x once and passes each layer's gamma, beta: the same result as letting
     every layer normalise."""
     x = torch.randn(2, 13, 24, dtype=torch.float64) * 2 + 1
-    torch.testing.assert_close(normalize_tokens(x, "layernorm", 1e-5),
-                               torch.nn.functional.layer_norm(x, (24,), eps=1e-5))
+    torch.testing.assert_close(
+        normalize_tokens(x, "layernorm", 1e-5), torch.nn.functional.layer_norm(x, (24,), eps=1e-5)
+    )
     rms = torch.nn.RMSNorm(24, eps=1e-6, dtype=torch.float64)
     torch.testing.assert_close(normalize_tokens(x, "rmsnorm"), rms(x))
     assert normalize_tokens(x, None) is x
@@ -507,8 +578,14 @@ def test_gradcheck_float64(layout, norm):
     names = list(t)
 
     def f(*ts):
-        out, lse = projected_cross_attention(**dict(zip(names, ts)), **packed, norm=norm,
-                                             return_lse=True, path="fused", backend="torch")
+        out, lse = projected_cross_attention(
+            **dict(zip(names, ts)),
+            **packed,
+            norm=norm,
+            return_lse=True,
+            path="fused",
+            backend="torch",
+        )
         return out, lse.where(torch.isfinite(lse), 0)
 
     assert torch.autograd.gradcheck(f, tuple(v.requires_grad_(True) for v in t.values()))
@@ -555,8 +632,9 @@ def test_core_is_cross_attention_with_shared_kv(layout):
         q, x = torch.randn(7, 3, 12), torch.randn(11, 12)
         kw = dict(cu_seqlens_q=cu_seqlens([3, 4, 0]), cu_seqlens_k=cu_seqlens([5, 0, 6]))
     out, lse = projected_attention_core(q, x, **kw, return_lse=True, backend="torch")
-    e_out, e_lse = cross_attention_reference(q, x.unsqueeze(-2), x.unsqueeze(-2), **kw,
-                                             return_lse=True)
+    e_out, e_lse = cross_attention_reference(
+        q, x.unsqueeze(-2), x.unsqueeze(-2), **kw, return_lse=True
+    )
     torch.testing.assert_close(out, e_out)
     assert lse_err(lse, e_lse) < 1e-5
     assert crosslmm_ops.last_backend(CORE) == "torch"
@@ -579,8 +657,9 @@ def check_core(backend, q, x, cu_q, cu_k, *, num_splits=0, scale=0.2, lse_grad=T
     ref_out, ref_lse = pa._core_reference_forward(*ref, cu_q, cu_k, scale, torch.float64)
     low_out, low_lse = pa._core_reference_forward(*low, cu_q, cu_k, scale, dtype)
     with poison_outputs():
-        out, lse = pa._projected_attention_core(*leaves, cu_q, cu_k, mq, mk, scale, num_splits,
-                                                backend)
+        out, lse = pa._projected_attention_core(
+            *leaves, cu_q, cu_k, mq, mk, scale, num_splits, backend
+        )
     assert crosslmm_ops.last_backend(CORE) == backend
     assert out.shape == q.shape and lse.shape == (q.shape[0] * q.shape[2], q.shape[1])
     assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten elements"
@@ -601,8 +680,9 @@ def check_core(backend, q, x, cu_q, cu_k, *, num_splits=0, scale=0.2, lse_grad=T
     expected, lowg = grads(ref_out, ref_lse, ref), grads(low_out, low_lse, low)
     with poison_outputs():
         actual = grads(out, lse, leaves)
-    assert crosslmm_ops.last_backend(CORE + "_backward") == \
-        ("triton" if backend == "cuda" else backend)
+    assert crosslmm_ops.last_backend(CORE + "_backward") == (
+        "triton" if backend == "cuda" else backend
+    )
     for name, a, e, lo in zip(("dq", "dx"), actual, expected, lowg):
         assert not torch.isnan(a).any(), f"unwritten {name} elements"
         bound = 3 * max_err(lo, e) + rounding(e, dtype)
@@ -634,7 +714,7 @@ def test_triton_core_widths_cpu(dv):
     lens = ([2, 1], [37, 20])
     q = torch.randn(1, 3, 5, dv, dtype=torch.float16)
     x = torch.randn(57, dv, dtype=torch.float16)
-    check_core("triton", q, x, cu_seqlens(lens[0]), cu_seqlens(lens[1]), scale=dv ** -0.5)
+    check_core("triton", q, x, cu_seqlens(lens[0]), cu_seqlens(lens[1]), scale=dv**-0.5)
 
 
 @needs_interpreter
@@ -643,8 +723,15 @@ def test_triton_core_splits_cpu(num_splits):
     lens = ([1, 2, 1], [150, 40, 0])
     q = torch.randn(2, 4, 2, 24)  # 2 kv heads: the merge's row -> (head, token) mapping
     x = torch.randn(190, 24)
-    check_core("triton", q, x, cu_seqlens(lens[0]), cu_seqlens(lens[1]), num_splits=num_splits,
-               lse_grad=num_splits == 3)
+    check_core(
+        "triton",
+        q,
+        x,
+        cu_seqlens(lens[0]),
+        cu_seqlens(lens[1]),
+        num_splits=num_splits,
+        lse_grad=num_splits == 3,
+    )
 
 
 @needs_interpreter
@@ -699,8 +786,7 @@ def test_triton_public_non_contiguous_rmsnorm_cpu():
 
 def test_torch_backend_low_precision():
     """fp16 through the torch back end on both paths, within PyTorch's own fp16 error."""
-    t, packed = problem(lens=([3, 1, 4], [40, 9, 0]), hq=6, hk=2, d=16, dv=40,
-                        dtype=torch.float16)
+    t, packed = problem(lens=([3, 1, 4], [40, 9, 0]), hq=6, hk=2, d=16, dv=40, dtype=torch.float16)
     for path in ("fused", "materialized"):
         check_public("torch", t, packed, path=path)
 
@@ -716,17 +802,42 @@ F16, F32 = torch.float16, torch.float32
 # every seed, the tiny LSE cases for 6 (fused) and 2 (materialised) of their 24 seeds.
 ROUNDING_CASES = {
     # 1-3 LSE values: PyTorch's fp16 error is sometimes far below the op's by chance.
-    "tiny-lse-fused-fp16": (dict(lens=([1, 1], [0, 1]), hq=1, hk=1, d=64, dv=64, dtype=F16,
-                                 biases=False), "fused", None, True, 24),
-    "tiny-lse-materialized-fp16": (dict(lens=([1], [1]), hq=3, hk=3, d=64, dv=200, dtype=F16),
-                                   "materialized", "layernorm", True, 24),
+    "tiny-lse-fused-fp16": (
+        dict(lens=([1, 1], [0, 1]), hq=1, hk=1, d=64, dv=64, dtype=F16, biases=False),
+        "fused",
+        None,
+        True,
+        24,
+    ),
+    "tiny-lse-materialized-fp16": (
+        dict(lens=([1], [1]), hq=3, hk=3, d=64, dv=200, dtype=F16),
+        "materialized",
+        "layernorm",
+        True,
+        24,
+    ),
     # One key per segment: dq, dW_k are 0 in theory; the dS residue sums over the queries.
-    "one-key-fp16": (dict(batch=(2, 800, 1), hq=6, hk=2, d=64, dv=200, dtype=F16, biases=False),
-                     "materialized", None, False, 1),
-    "one-key-materialized-fp32": (dict(batch=(2, 200, 1), hq=6, hk=2, d=64, dv=200, dtype=F32),
-                                  "materialized", "rmsnorm", False, 2),
-    "one-key-fused-fp32": (dict(lens=([100, 3, 50], [1, 7, 1]), hq=4, hk=1, d=64, dv=200,
-                                dtype=F32), "fused", "layernorm", False, 2),
+    "one-key-fp16": (
+        dict(batch=(2, 800, 1), hq=6, hk=2, d=64, dv=200, dtype=F16, biases=False),
+        "materialized",
+        None,
+        False,
+        1,
+    ),
+    "one-key-materialized-fp32": (
+        dict(batch=(2, 200, 1), hq=6, hk=2, d=64, dv=200, dtype=F32),
+        "materialized",
+        "rmsnorm",
+        False,
+        2,
+    ),
+    "one-key-fused-fp32": (
+        dict(lens=([100, 3, 50], [1, 7, 1]), hq=4, hk=1, d=64, dv=200, dtype=F32),
+        "fused",
+        "layernorm",
+        False,
+        2,
+    ),
 }
 
 
@@ -759,14 +870,26 @@ class _Nudge(torch.autograd.Function):
 # fp32 with a one-key segment (the floors at their largest), keyless queries, a segment without
 # queries; fp16 (the 3x PyTorch term dominates there).
 NUDGE_CASES = {
-    "fused-fp32": (dict(lens=([5, 3, 0, 2], [1, 0, 4, 7]), hq=4, hk=2, d=16, dv=40, dtype=F32),
-                   "fused", 1e-4),
-    "materialized-fp32": (dict(lens=([5, 3, 0, 2], [1, 0, 4, 7]), hq=4, hk=2, d=16, dv=40,
-                               dtype=F32), "materialized", 1e-4),
-    "one-key-fp32": (dict(batch=(2, 60, 1), hq=6, hk=2, d=64, dv=40, dtype=F32), "materialized",
-                     1e-4),
-    "fused-fp16": (dict(lens=([5, 3, 0, 2], [1, 0, 4, 7]), hq=4, hk=2, d=16, dv=40, dtype=F16),
-                   "fused", 5e-2),
+    "fused-fp32": (
+        dict(lens=([5, 3, 0, 2], [1, 0, 4, 7]), hq=4, hk=2, d=16, dv=40, dtype=F32),
+        "fused",
+        1e-4,
+    ),
+    "materialized-fp32": (
+        dict(lens=([5, 3, 0, 2], [1, 0, 4, 7]), hq=4, hk=2, d=16, dv=40, dtype=F32),
+        "materialized",
+        1e-4,
+    ),
+    "one-key-fp32": (
+        dict(batch=(2, 60, 1), hq=6, hk=2, d=64, dv=40, dtype=F32),
+        "materialized",
+        1e-4,
+    ),
+    "fused-fp16": (
+        dict(lens=([5, 3, 0, 2], [1, 0, 4, 7]), hq=4, hk=2, d=16, dv=40, dtype=F16),
+        "fused",
+        5e-2,
+    ),
 }
 
 
@@ -810,7 +933,9 @@ def _mutant(kind, rows_dim):
                 dout = dout.clone()
                 dout.select(rows_dim, -1).zero_()
             return original(dout, dlse, q, kx, *rest)
+
         return backward
+
     return wrap
 
 
@@ -828,8 +953,9 @@ def test_check_public_catches_backward_bugs(kind, path, dtype, monkeypatch):
         pytest.skip("within PyTorch's own fp16 error")
     from crosslmm_ops.ops import cross_attention as ca
 
-    module, name, rows_dim = (pa, "_core_reference_backward", 1) if path == "fused" \
-        else (ca, "_reference_backward", 0)
+    module, name, rows_dim = (
+        (pa, "_core_reference_backward", 1) if path == "fused" else (ca, "_reference_backward", 0)
+    )
     t, packed = problem(lens=([5, 3, 0, 2], [1, 0, 4, 7]), hq=4, hk=2, d=16, dv=40, dtype=dtype)
     check_public("torch", t, packed, path=path)
     monkeypatch.setattr(module, name, _mutant(kind, rows_dim)(getattr(module, name)))
@@ -879,8 +1005,22 @@ def test_path_overrides(monkeypatch):
     with pytest.raises(ValueError, match=pa.PATH_ENV_VAR):
         projected_cross_attention(**t, backend="torch")
     monkeypatch.delenv(pa.PATH_ENV_VAR)
-    layout = pa._check_inputs(t["q"], t["x"], t["w_k"], t["w_v"], None, None, None, None, None,
-                              None, None, None, None, 1e-6)
+    layout = pa._check_inputs(
+        t["q"],
+        t["x"],
+        t["w_k"],
+        t["w_v"],
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        1e-6,
+    )
     projected_cross_attention(**t, backend="torch")
     assert last_path() == choose_path(layout, t["q"].dtype)
 
@@ -927,66 +1067,145 @@ def _args(**over):
 CU = cu_seqlens([2, 3])
 BAD = [
     (lambda: projected_cross_attention(**_args(q=[1.0])), TypeError, "q must be a torch.Tensor"),
-    (lambda: projected_cross_attention(**_args(q=torch.ones(1, 2, 4, 8, dtype=torch.int32))),
-     ValueError, "q must be a floating tensor"),
-    (lambda: projected_cross_attention(**_args(x=torch.randn(1, 5, 12).half())), ValueError,
-     "x must have q's dtype"),
-    (lambda: projected_cross_attention(**_args(x=torch.randn(1, 5, 12, device="meta"))),
-     ValueError, "x must be on q's device"),
-    (lambda: projected_cross_attention(**_args(q=torch.randn(2, 4, 8))), ValueError,
-     r"q must have shape \(B, Sq, Hq, d\)"),
-    (lambda: projected_cross_attention(**_args(x=torch.randn(5, 12))), ValueError,
-     r"x must have shape \(B, Sk, Dv\)"),
-    (lambda: projected_cross_attention(**_args(x=torch.randn(2, 5, 12))), ValueError,
-     "batch size"),
-    (lambda: projected_cross_attention(**_args(w_k=torch.randn(16, 11))), ValueError,
-     r"w_k must have shape \(Hk \* d, Dv\)"),
-    (lambda: projected_cross_attention(**_args(w_k=torch.randn(12, 12), w_v=torch.randn(12, 12))),
-     ValueError, r"w_k must have shape"),
-    (lambda: projected_cross_attention(**_args(w_v=torch.randn(8, 12))), ValueError,
-     "w_v must have w_k's shape"),
-    (lambda: projected_cross_attention(**_args(w_k=torch.randn(24, 12), w_v=torch.randn(24, 12),
-                                               b_k=None, b_v=None)), ValueError,
-     r"query heads \(4\) must be a multiple"),
-    (lambda: projected_cross_attention(**_args(w_k=torch.ones(16, 12, dtype=torch.int64))),
-     ValueError, "w_k must be a floating tensor"),
-    (lambda: projected_cross_attention(**_args(b_k=torch.randn(8))), ValueError,
-     r"b_k must have shape \(16,\)"),
-    (lambda: projected_cross_attention(**_args(b_v=torch.randn(16, device="meta"))), ValueError,
-     "b_v must be on q's device"),
+    (
+        lambda: projected_cross_attention(**_args(q=torch.ones(1, 2, 4, 8, dtype=torch.int32))),
+        ValueError,
+        "q must be a floating tensor",
+    ),
+    (
+        lambda: projected_cross_attention(**_args(x=torch.randn(1, 5, 12).half())),
+        ValueError,
+        "x must have q's dtype",
+    ),
+    (
+        lambda: projected_cross_attention(**_args(x=torch.randn(1, 5, 12, device="meta"))),
+        ValueError,
+        "x must be on q's device",
+    ),
+    (
+        lambda: projected_cross_attention(**_args(q=torch.randn(2, 4, 8))),
+        ValueError,
+        r"q must have shape \(B, Sq, Hq, d\)",
+    ),
+    (
+        lambda: projected_cross_attention(**_args(x=torch.randn(5, 12))),
+        ValueError,
+        r"x must have shape \(B, Sk, Dv\)",
+    ),
+    (lambda: projected_cross_attention(**_args(x=torch.randn(2, 5, 12))), ValueError, "batch size"),
+    (
+        lambda: projected_cross_attention(**_args(w_k=torch.randn(16, 11))),
+        ValueError,
+        r"w_k must have shape \(Hk \* d, Dv\)",
+    ),
+    (
+        lambda: projected_cross_attention(
+            **_args(w_k=torch.randn(12, 12), w_v=torch.randn(12, 12))
+        ),
+        ValueError,
+        r"w_k must have shape",
+    ),
+    (
+        lambda: projected_cross_attention(**_args(w_v=torch.randn(8, 12))),
+        ValueError,
+        "w_v must have w_k's shape",
+    ),
+    (
+        lambda: projected_cross_attention(
+            **_args(w_k=torch.randn(24, 12), w_v=torch.randn(24, 12), b_k=None, b_v=None)
+        ),
+        ValueError,
+        r"query heads \(4\) must be a multiple",
+    ),
+    (
+        lambda: projected_cross_attention(**_args(w_k=torch.ones(16, 12, dtype=torch.int64))),
+        ValueError,
+        "w_k must be a floating tensor",
+    ),
+    (
+        lambda: projected_cross_attention(**_args(b_k=torch.randn(8))),
+        ValueError,
+        r"b_k must have shape \(16,\)",
+    ),
+    (
+        lambda: projected_cross_attention(**_args(b_v=torch.randn(16, device="meta"))),
+        ValueError,
+        "b_v must be on q's device",
+    ),
     (lambda: projected_cross_attention(**_args(), norm="batchnorm"), ValueError, "norm must be"),
-    (lambda: projected_cross_attention(**_args(norm_weight=torch.randn(11))), ValueError,
-     r"norm_weight must have shape \(12,\)"),
-    (lambda: projected_cross_attention(**_args(norm_bias=torch.randn(1, 12))), ValueError,
-     "norm_bias must have shape"),
+    (
+        lambda: projected_cross_attention(**_args(norm_weight=torch.randn(11))),
+        ValueError,
+        r"norm_weight must have shape \(12,\)",
+    ),
+    (
+        lambda: projected_cross_attention(**_args(norm_bias=torch.randn(1, 12))),
+        ValueError,
+        "norm_bias must have shape",
+    ),
     (lambda: projected_cross_attention(**_args(), norm_eps=-1.0), ValueError, "norm_eps"),
     (lambda: projected_cross_attention(**_args(), path="fast"), ValueError, "path must be"),
-    (lambda: projected_cross_attention(**_args(), softmax_scale=float("nan")), ValueError,
-     "softmax_scale"),
+    (
+        lambda: projected_cross_attention(**_args(), softmax_scale=float("nan")),
+        ValueError,
+        "softmax_scale",
+    ),
     (lambda: projected_cross_attention(**_args(), num_splits=-2), ValueError, "num_splits"),
     (lambda: projected_cross_attention(**_args(), return_lse="yes"), ValueError, "return_lse"),
-    (lambda: projected_cross_attention(**_args(), max_seqlen_q=3), ValueError,
-     "max_seqlen_q is for the packed layout"),
-    (lambda: projected_cross_attention(**_args(q=torch.randn(5, 4, 8), x=torch.randn(5, 12)),
-                                       cu_seqlens_q=CU), ValueError, "given together"),
-    (lambda: projected_cross_attention(**_args(q=torch.randn(5, 4, 8), x=torch.randn(6, 12)),
-                                       cu_seqlens_q=CU, cu_seqlens_k=CU), ValueError,
-     "cu_seqlens_k must end at the number of packed tokens 6"),
-    (lambda: projected_cross_attention(**_args(q=torch.randn(5, 4, 8), x=torch.randn(5, 12)),
-                                       cu_seqlens_q=CU.long(), cu_seqlens_k=CU), ValueError,
-     "cu_seqlens_q must be an int32"),
+    (
+        lambda: projected_cross_attention(**_args(), max_seqlen_q=3),
+        ValueError,
+        "max_seqlen_q is for the packed layout",
+    ),
+    (
+        lambda: projected_cross_attention(
+            **_args(q=torch.randn(5, 4, 8), x=torch.randn(5, 12)), cu_seqlens_q=CU
+        ),
+        ValueError,
+        "given together",
+    ),
+    (
+        lambda: projected_cross_attention(
+            **_args(q=torch.randn(5, 4, 8), x=torch.randn(6, 12)), cu_seqlens_q=CU, cu_seqlens_k=CU
+        ),
+        ValueError,
+        "cu_seqlens_k must end at the number of packed tokens 6",
+    ),
+    (
+        lambda: projected_cross_attention(
+            **_args(q=torch.randn(5, 4, 8), x=torch.randn(5, 12)),
+            cu_seqlens_q=CU.long(),
+            cu_seqlens_k=CU,
+        ),
+        ValueError,
+        "cu_seqlens_q must be an int32",
+    ),
     (lambda: projected_cross_attention(**_args(), backend="flash"), ValueError, "backend"),
-    (lambda: projected_cross_attention(**_args(), backend="cuda", path="fused"), RuntimeError,
-     "projected_cross_attention: backend='cuda' cannot run"),
-    (lambda: projected_cross_attention(**_args(q=torch.randn(1, 2, 4, 8).double(),
-                                               x=torch.randn(1, 5, 12).double()),
-                                       backend="triton", path="fused"), RuntimeError,
-     "backend='triton' cannot run"),
+    (
+        lambda: projected_cross_attention(**_args(), backend="cuda", path="fused"),
+        RuntimeError,
+        "projected_cross_attention: backend='cuda' cannot run",
+    ),
+    (
+        lambda: projected_cross_attention(
+            **_args(q=torch.randn(1, 2, 4, 8).double(), x=torch.randn(1, 5, 12).double()),
+            backend="triton",
+            path="fused",
+        ),
+        RuntimeError,
+        "backend='triton' cannot run",
+    ),
     (lambda: normalize_tokens(torch.randn(2, 3), "layer"), ValueError, "norm must be"),
-    (lambda: projected_attention_core(torch.randn(1, 2, 3, 8), torch.randn(1, 4, 6)), ValueError,
-     "head dim 8"),
-    (lambda: projected_attention_core(torch.randn(1, 2, 3, 8), torch.randn(4, 8)), ValueError,
-     r"x must have shape \(B, Sk, Dv\)"),
+    (
+        lambda: projected_attention_core(torch.randn(1, 2, 3, 8), torch.randn(1, 4, 6)),
+        ValueError,
+        "head dim 8",
+    ),
+    (
+        lambda: projected_attention_core(torch.randn(1, 2, 3, 8), torch.randn(4, 8)),
+        ValueError,
+        r"x must have shape \(B, Sk, Dv\)",
+    ),
 ]
 
 
@@ -999,11 +1218,17 @@ def test_bad_input_raises_clear_error(call, exc, match):
 def test_triton_width_limit_named():
     if not triton_cpu():
         pytest.skip("needs TRITON_INTERPRET=1")
-    t = _args(x=torch.randn(1, 5, 2056), w_k=torch.randn(16, 2056), w_v=torch.randn(16, 2056),
-              norm_weight=None, norm_bias=None)
+    t = _args(
+        x=torch.randn(1, 5, 2056),
+        w_k=torch.randn(16, 2056),
+        w_v=torch.randn(16, 2056),
+        norm_weight=None,
+        norm_bias=None,
+    )
     with pytest.raises(RuntimeError, match="width 2056"):
-        projected_cross_attention(**{k: v for k, v in t.items() if v is not None},
-                                  backend="triton", path="fused")
+        projected_cross_attention(
+            **{k: v for k, v in t.items() if v is not None}, backend="triton", path="fused"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1018,8 +1243,21 @@ def test_opcheck():
     args = (q, x, cu_q, cu_k, 4, 6, 0.3, 0, "torch")
     torch.library.opcheck(pa._projected_attention_core_op, args)
     out, lse = pa._projected_attention_core_op(*args)
-    bwd = (torch.randn_like(out), torch.randn_like(lse), q.detach(), x.detach(), out.detach(),
-           lse.detach(), cu_q, cu_k, 4, 6, 0.3, 0, "torch")
+    bwd = (
+        torch.randn_like(out),
+        torch.randn_like(lse),
+        q.detach(),
+        x.detach(),
+        out.detach(),
+        lse.detach(),
+        cu_q,
+        cu_k,
+        4,
+        6,
+        0.3,
+        0,
+        "torch",
+    )
     torch.library.opcheck(pa._projected_attention_core_backward_op, bwd)
     torch.library.opcheck(pa._projected_attention_core_backward_op, bwd[:1] + (None,) + bwd[2:])
 
@@ -1029,8 +1267,9 @@ def test_torch_compile_fullgraph():
     leaves = {n: v.requires_grad_(True) for n, v in t.items()}
 
     def f(**ts):
-        out, lse = projected_cross_attention(**ts, norm="layernorm", path="fused",
-                                             return_lse=True, backend="torch")
+        out, lse = projected_cross_attention(
+            **ts, norm="layernorm", path="fused", return_lse=True, backend="torch"
+        )
         return out.square().sum() + lse.sum()
 
     y = torch.compile(f, fullgraph=True, backend="aot_eager")(**leaves)
@@ -1050,7 +1289,8 @@ def require(backend: str) -> None:
     if backend == "cuda" and not hasattr(_backend.extension(), "projected_attention_core_forward"):
         pytest.skip("the CUDA extension has no projected-attention kernel (not built)")
     ok, why = (_backend.cuda_runnable if backend == "cuda" else _backend.triton_runnable)(
-        torch.device("cuda"))
+        torch.device("cuda")
+    )
     if not ok:
         pytest.fail(f"{backend} back end cannot run on this GPU: {why}")
 
@@ -1095,8 +1335,14 @@ def test_gpu_core_non_contiguous_and_empty(backend):
     lens = ([9, 0, 9, 1], [729, 5, 0, 2000])
     q = torch.randn(sum(lens[0]), 2, 6, 1152, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(sum(lens[1]), 1152, device="cuda", dtype=torch.bfloat16)
-    check_core(backend, q.permute(1, 0, 2, 3), non_contiguous(x, dim=0),
-               cu_seqlens(lens[0], "cuda"), cu_seqlens(lens[1], "cuda"), scale=128 ** -0.5)
+    check_core(
+        backend,
+        q.permute(1, 0, 2, 3),
+        non_contiguous(x, dim=0),
+        cu_seqlens(lens[0], "cuda"),
+        cu_seqlens(lens[1], "cuda"),
+        scale=128**-0.5,
+    )
 
 
 @pytest.mark.cuda
@@ -1106,8 +1352,11 @@ def test_gpu_paths_agree_t2v_prefill(backend):
     require(backend)
     t, packed = crosslmm_2b(([128], [4 * 729]))
     for path in ("fused", "materialized"):
-        if path == "materialized" and backend == "cuda" and \
-                not hasattr(_backend.extension(), "attention_forward"):
+        if (
+            path == "materialized"
+            and backend == "cuda"
+            and not hasattr(_backend.extension(), "attention_forward")
+        ):
             continue
         check_public(backend, t, packed, path=path, norm="layernorm")
 
@@ -1117,8 +1366,10 @@ def test_gpu_auto_path_and_backend():
     t, packed = crosslmm_2b(([1], [64 * 729]))
     projected_cross_attention(**t, **packed, norm="layernorm")
     assert last_path() == "fused"
-    has_cuda = hasattr(_backend.extension(), "projected_attention_core_forward") and \
-        _backend.cuda_runnable(torch.device("cuda"))[0]
+    has_cuda = (
+        hasattr(_backend.extension(), "projected_attention_core_forward")
+        and _backend.cuda_runnable(torch.device("cuda"))[0]
+    )
     assert crosslmm_ops.last_backend(CORE) == ("cuda" if has_cuda else "triton")
     t, packed = crosslmm_2b(([128], [64 * 729]))
     projected_cross_attention(**t, **packed, norm="layernorm")
@@ -1143,8 +1394,14 @@ def test_gpu_torch_compile_fullgraph():
     leaves = {n: v.requires_grad_(True) for n, v in t.items()}
 
     def f(**ts):
-        return projected_cross_attention(**ts, **packed, max_seqlen_q=9, max_seqlen_k=729,
-                                         norm="layernorm", path="fused").float().square().sum()
+        return (
+            projected_cross_attention(
+                **ts, **packed, max_seqlen_q=9, max_seqlen_k=729, norm="layernorm", path="fused"
+            )
+            .float()
+            .square()
+            .sum()
+        )
 
     y = torch.compile(f, fullgraph=True)(**leaves)
     y.backward()

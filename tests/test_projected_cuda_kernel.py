@@ -24,8 +24,8 @@ import sys
 import pytest
 import torch
 
-from crosslmm_ops.testing import cu_seqlens as cu_seqlens_on
 from crosslmm_ops import _backend
+from crosslmm_ops.testing import cu_seqlens as cu_seqlens_on
 
 
 def _extension():
@@ -43,12 +43,13 @@ def gpu(test):
     """Marks a test `cuda` and skips it without a GPU or without the binding."""
     return pytest.mark.cuda(_needs_gpu(test))
 
+
 DTYPES = [torch.bfloat16, torch.float16]
 DTYPE_IDS = ["bf16", "fp16"]
-HQ = 12          # CrossLMM-2B: 12 query heads
-DV = 1152        # SigLIP width
-SCALE = 128 ** -0.5  # the softmax scale of the original head dim (d = 128), not Dv's
-FRAME = 729      # SigLIP tokens per frame
+HQ = 12  # CrossLMM-2B: 12 query heads
+DV = 1152  # SigLIP width
+SCALE = 128**-0.5  # the softmax scale of the original head dim (d = 128), not Dv's
+FRAME = 729  # SigLIP tokens per frame
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,8 +74,9 @@ def poison_allocator(*shapes_dtypes) -> None:
     """Put NaN-filled blocks of the given sizes into the caching allocator's free lists, so the
     binding's next allocations of those sizes most likely receive NaN memory (best effort: the
     allocator may pick another free block of the same size)."""
-    blocks = [torch.full(shape, math.nan, device="cuda", dtype=dtype)
-              for shape, dtype in shapes_dtypes]
+    blocks = [
+        torch.full(shape, math.nan, device="cuda", dtype=dtype) for shape, dtype in shapes_dtypes
+    ]
     del blocks
 
 
@@ -86,12 +88,15 @@ def run(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, max_q=None, max_k=None):
     poison_allocator(((total_q, heads, dv), q.dtype), ((heads, total_q), torch.float32))
     max_q = max_seqlen(cu_q) if max_q is None else max_q
     max_k = max_seqlen(cu_k) if max_k is None else max_k
-    out, lse = _extension().projected_attention_core_forward(q, x, cu_q, cu_k, max_q, max_k, scale,
-                                                        num_splits)
+    out, lse = _extension().projected_attention_core_forward(
+        q, x, cu_q, cu_k, max_q, max_k, scale, num_splits
+    )
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), (
-        f"out: shape {tuple(out.shape)} dtype {out.dtype}, expected {tuple(q.shape)} {q.dtype}")
+        f"out: shape {tuple(out.shape)} dtype {out.dtype}, expected {tuple(q.shape)} {q.dtype}"
+    )
     assert lse.shape == (heads, total_q) and lse.dtype == torch.float32, (
-        f"lse: shape {tuple(lse.shape)} dtype {lse.dtype}, expected {(heads, total_q)} float32")
+        f"lse: shape {tuple(lse.shape)} dtype {lse.dtype}, expected {(heads, total_q)} float32"
+    )
     return out, lse
 
 
@@ -104,17 +109,18 @@ def reference(q, x, cu_q, cu_k, scale, dtype):
     lse = torch.full((heads, total_q), -math.inf, device=q.device, dtype=torch.float64)
     bq, bk = cu_q.tolist(), cu_k.tolist()
     for b in range(len(bq) - 1):
-        qi = q[bq[b]:bq[b + 1]].to(dtype)  # [n, H, Dv]
-        xi = x[bk[b]:bk[b + 1]].to(dtype)  # [m, Dv]
+        qi = q[bq[b] : bq[b + 1]].to(dtype)  # [n, H, Dv]
+        xi = x[bk[b] : bk[b + 1]].to(dtype)  # [m, Dv]
         if qi.shape[0] == 0 or xi.shape[0] == 0:
             continue
         # Long key sets (decode at T = 256: 186,624 keys) in query blocks keep memory bounded.
         for i in range(0, qi.shape[0], 64):
-            qb = qi[i:i + 64]
+            qb = qi[i : i + 64]
             s = torch.einsum("qhd,kd->qhk", qb, xi) * scale
-            lse[:, bq[b] + i:bq[b] + i + qb.shape[0]] = torch.logsumexp(s.double(), -1).T
-            out[bq[b] + i:bq[b] + i + qb.shape[0]] = torch.einsum("qhk,kd->qhd",
-                                                                 torch.softmax(s, -1), xi)
+            lse[:, bq[b] + i : bq[b] + i + qb.shape[0]] = torch.logsumexp(s.double(), -1).T
+            out[bq[b] + i : bq[b] + i + qb.shape[0]] = torch.einsum(
+                "qhk,kd->qhd", torch.softmax(s, -1), xi
+            )
     return out, lse
 
 
@@ -130,8 +136,14 @@ def _describe(where: int, shape, cu_q: torch.Tensor) -> str:
     _, heads, dv = shape
     token, rest = divmod(where, heads * dv)
     head, chan = divmod(rest, dv)
-    seg = int(torch.searchsorted(cu_q.cpu(), torch.tensor([token], dtype=torch.int32),
-                                 right=True).item()) - 1
+    seg = (
+        int(
+            torch.searchsorted(
+                cu_q.cpu(), torch.tensor([token], dtype=torch.int32), right=True
+            ).item()
+        )
+        - 1
+    )
     return f"token {token} (segment {seg}), head {head}, channel {chan}"
 
 
@@ -143,13 +155,17 @@ def check(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, label=""):
     with torch.no_grad():
         ref_out, ref_lse = reference(q, x, cu_q, cu_k, scale, torch.float64)
         low_out, low_lse = reference(q, x, cu_q, cu_k, scale, q.dtype)
-    ctx = (f"[{label} q {tuple(q.shape)} {q.dtype}, x {tuple(x.shape)}, segments q "
-           f"{(cu_q[1:] - cu_q[:-1]).tolist()[:12]} k {(cu_k[1:] - cu_k[:-1]).tolist()[:12]}, "
-           f"scale {scale:.4g}, num_splits {num_splits}]")
+    ctx = (
+        f"[{label} q {tuple(q.shape)} {q.dtype}, x {tuple(x.shape)}, segments q "
+        f"{(cu_q[1:] - cu_q[:-1]).tolist()[:12]} k {(cu_k[1:] - cu_k[:-1]).tolist()[:12]}, "
+        f"scale {scale:.4g}, num_splits {num_splits}]"
+    )
 
     nan = torch.isnan(out)
-    assert not nan.any(), (f"{ctx} out has {int(nan.sum())} NaN elements (unwritten?), first at "
-                           f"{_describe(int(nan.flatten().nonzero()[0]), q.shape, cu_q)}")
+    assert not nan.any(), (
+        f"{ctx} out has {int(nan.sum())} NaN elements (unwritten?), first at "
+        f"{_describe(int(nan.flatten().nonzero()[0]), q.shape, cu_q)}"
+    )
     bad_lse = torch.isnan(lse).nonzero()[:5].tolist()
     assert not bad_lse, f"{ctx} lse has NaN (unwritten?) at (head, token) {bad_lse}"
     if ref_out.numel():
@@ -162,12 +178,15 @@ def check(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, label=""):
                 f"{ctx} out: max error {err:.3e} > bound {bound:.3e} (2x plain PyTorch's error in "
                 f"{q.dtype} + rounding), worst at {_describe(where, q.shape, cu_q)}: kernel "
                 f"{out.flatten()[where].item():.6g}, "
-                f"reference {ref_out.flatten()[where].item():.6g}")
+                f"reference {ref_out.flatten()[where].item():.6g}"
+            )
 
     empty = torch.isneginf(ref_lse)
     mismatch = torch.isneginf(lse) != empty
-    assert not mismatch.any(), (f"{ctx} lse must be -inf exactly for rows without keys; wrong at "
-                                f"(head, token) {mismatch.nonzero()[:5].tolist()}")
+    assert not mismatch.any(), (
+        f"{ctx} lse must be -inf exactly for rows without keys; wrong at "
+        f"(head, token) {mismatch.nonzero()[:5].tolist()}"
+    )
     if (~empty).any():
         lse_diff = (lse.double() - ref_lse)[~empty].abs()
         lse_err = lse_diff.max().item()
@@ -207,7 +226,7 @@ def test_forward_rows_per_segment(heads, lq):
     check(q, x, cu_q, cu_k, label=f"{heads} heads x {lq} queries")
 
 
-@pytest.mark.parametrize("scale", [1152 ** -0.5, 1.0, -0.05])
+@pytest.mark.parametrize("scale", [1152**-0.5, 1.0, -0.05])
 @gpu
 def test_forward_scales(scale):
     """A flat softmax (1/sqrt(Dv)), a near one-hot one (logits ~ 30) and a negative scale."""
@@ -251,7 +270,8 @@ def test_splits_agree():
         ulp = torch.finfo(torch.bfloat16).eps * base.float().abs().max().item()
         assert err <= 4 * ulp + 1e-3, f"num_splits {splits} vs 1: out differs by {err:.3e}"
         assert torch.allclose(lse, base_lse, rtol=0, atol=1e-4), (
-            f"num_splits {splits} vs 1: lse differs by {(lse - base_lse).abs().max().item():.3e}")
+            f"num_splits {splits} vs 1: lse differs by {(lse - base_lse).abs().max().item():.3e}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +345,8 @@ def test_deterministic():
     for _ in range(2):
         again = run(q, x, cu_q, cu_k)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), (
-            "repeated calls must give the same bits")
+            "repeated calls must give the same bits"
+        )
 
 
 @gpu
@@ -334,7 +355,7 @@ def test_loose_max_seqlen():
     q, x, cu_q, cu_k = make_inputs([3, 5], [100, 40], HQ, 64, torch.float16)
     # The split heuristic reads max_seqlen_k, so fix the splits: then the results are bitwise equal.
     for splits in (1, 3):
-        out, lse = run(q, x, cu_q, cu_k, num_splits=splits, max_q=1000, max_k=10 ** 6)
+        out, lse = run(q, x, cu_q, cu_k, num_splits=splits, max_q=1000, max_k=10**6)
         ref, ref_lse = run(q, x, cu_q, cu_k, num_splits=splits)
         assert torch.equal(out, ref) and torch.equal(lse, ref_lse), splits
 
@@ -345,8 +366,9 @@ def test_loose_max_seqlen():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("frames", [[256], [32, 64, 5, 128, 1, 200, 97, 256]],
-                         ids=["T256-batch1", "batch8"])
+@pytest.mark.parametrize(
+    "frames", [[256], [32, 64, 5, 128, 1, 200, 97, 256]], ids=["T256-batch1", "batch8"]
+)
 @gpu
 def test_decode_real_size(frames, dtype):
     """T2V decode: one query (12 rows) per sequence against all T * 729 tokens of its video."""
@@ -383,9 +405,11 @@ def test_long_query_prefill_t256():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(_backend.extension() is None
-                    or not hasattr(_backend.extension(), "projected_attention_core_forward"),
-                    reason="crosslmm_ops._C not built with projected_attention_core_forward")
+@pytest.mark.skipif(
+    _backend.extension() is None
+    or not hasattr(_backend.extension(), "projected_attention_core_forward"),
+    reason="crosslmm_ops._C not built with projected_attention_core_forward",
+)
 def test_binding_rejects_cpu_tensors():
     """Runs without a GPU (CI): the binding exists, and its first check comes back as a
     RuntimeError naming the argument (through bindings.cpp's guarded wrapper), not a crash."""
@@ -411,9 +435,16 @@ def _bad_input_checks():
         return torch.randn(*shape, device=device, dtype=dtype)
 
     def call(**changes):
-        args = dict(q=t(9, 4, 64), x=t(9, 64), cu_seqlens_q=cu_seqlens([4, 5]),
-                    cu_seqlens_k=cu_seqlens([4, 5]), max_seqlen_q=5, max_seqlen_k=5,
-                    softmax_scale=0.125, num_splits=0)
+        args = dict(
+            q=t(9, 4, 64),
+            x=t(9, 64),
+            cu_seqlens_q=cu_seqlens([4, 5]),
+            cu_seqlens_k=cu_seqlens([4, 5]),
+            max_seqlen_q=5,
+            max_seqlen_k=5,
+            softmax_scale=0.125,
+            num_splits=0,
+        )
         args.update(changes)
         return _extension().projected_attention_core_forward(**args)
 
@@ -422,8 +453,10 @@ def _bad_input_checks():
         (dict(q=t(9, 4, 2056), x=t(9, 2056)), "at most 2048"),
         (dict(x=t(9, 72)), "width Dv"),
         (dict(x=t(9, 64, dtype=torch.bfloat16)), "x must have dtype"),
-        (dict(q=t(9, 4, 64, dtype=torch.float32), x=t(9, 64, dtype=torch.float32)),
-         "float16 or bfloat16"),
+        (
+            dict(q=t(9, 4, 64, dtype=torch.float32), x=t(9, 64, dtype=torch.float32)),
+            "float16 or bfloat16",
+        ),
         (dict(q=t(9, 4, 64, device="cpu")), "q must be a CUDA tensor"),
         (dict(x=t(9, 64, device="cpu")), "x must be a CUDA tensor"),
         (dict(x=t(9, 1, 64)), "x must have 2 dimensions"),

@@ -76,7 +76,7 @@ def test_batch_layout(pooled_per_frame):
     assert b.input_ids.shape == b.labels.shape == (7, L)
     assert (b.input_ids[:, 0] == task.vocab.bos_id).all()
     assert ((b.input_ids == 95).sum(1) == T * pooled_per_frame).all()
-    assert (b.input_ids[:, 1:1 + T * pooled_per_frame] == 95).all()  # placeholders in one run
+    assert (b.input_ids[:, 1 : 1 + T * pooled_per_frame] == 95).all()  # placeholders in one run
     assert (b.labels[:, :-1] == IGNORE_INDEX).all()
     assert torch.equal(b.labels[:, -1], b.answer_ids)
     assert torch.equal(b.input_ids[:, -1], b.answer_ids)
@@ -124,8 +124,9 @@ def test_the_marker_is_where_the_batch_says():
     assert torch.equal(flat // 36, b.frame) and torch.equal(flat % 36, b.cell)
     marker_tokens = residual[torch.arange(16), b.frame, b.cell]
     assert torch.equal((marker_tokens @ task.colour_directions.T).argmax(1), b.colour)
-    torch.testing.assert_close(marker_tokens,
-                               8.0 * task.marker_direction + 6.0 * task.colour_directions[b.colour])
+    torch.testing.assert_close(
+        marker_tokens, 8.0 * task.marker_direction + 6.0 * task.colour_directions[b.colour]
+    )
     residual[torch.arange(16), b.frame, b.cell] = 0
     assert residual.abs().max() < 1e-6  # nothing else in the video
 
@@ -145,16 +146,19 @@ def test_with_the_default_scales_a_token_shows_the_colour_and_a_pooled_frame_har
     assert token_acc > 0.95 and pooled_acc < 0.35
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(frames=0), "frames must be an int >= 1"),
-    (dict(grid=2.0), "grid must be an int >= 1"),
-    (dict(colours=32), "colours"),
-    (dict(questions=("size",)), "questions must be distinct names"),
-    (dict(questions=("cell", "cell")), "questions must be distinct names"),
-    (dict(noise_scale=-1.0), "noise_scale must be a finite number >= 0"),
-    (dict(marker_scale=float("nan")), "marker_scale must be a finite number >= 0"),
-    (dict(basis_seed=1.5), "basis_seed must be an int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(frames=0), "frames must be an int >= 1"),
+        (dict(grid=2.0), "grid must be an int >= 1"),
+        (dict(colours=32), "colours"),
+        (dict(questions=("size",)), "questions must be distinct names"),
+        (dict(questions=("cell", "cell")), "questions must be distinct names"),
+        (dict(noise_scale=-1.0), "noise_scale must be a finite number >= 0"),
+        (dict(marker_scale=float("nan")), "marker_scale must be a finite number >= 0"),
+        (dict(basis_seed=1.5), "basis_seed must be an int"),
+    ],
+)
 def test_bad_task_configs_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MarkerTaskConfig(**kwargs)
@@ -195,9 +199,12 @@ def test_kv_paths_give_the_same_training_run():
         runs[path] = r
     assert "cross_attention:torch" in runs["materialized"]["backends_ran"]
     assert "projected_attention_core:torch" in runs["fused"]["backends_ran"]
-    torch.testing.assert_close(torch.tensor(runs["fused"]["loss_curve"]),
-                               torch.tensor(runs["materialized"]["loss_curve"]),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(runs["fused"]["loss_curve"]),
+        torch.tensor(runs["materialized"]["loss_curve"]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     # The gates moved off 0, so the DCALs took part in the later steps' losses - all but the V2V
     # gate of the last layer's DCAL: its update lands on the visual positions after the last
     # self-attention, where nothing reads it, so it never gets a gradient.
@@ -231,8 +238,12 @@ def test_settings_are_the_configs_the_issue_names():
     # Same widths everywhere: the LLM and projector are identical; DCALs only add parameters.
     base = d["pooled"]["trained_parameters"]
     assert d["unpooled"]["trained_parameters"] == base
-    assert base < d["t2v"]["trained_parameters"] == d["v2v"]["trained_parameters"] \
+    assert (
+        base
+        < d["t2v"]["trained_parameters"]
+        == d["v2v"]["trained_parameters"]
         < d["both"]["trained_parameters"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,8 +276,9 @@ def test_the_results_file_justifies_the_ci_margin():
         pytest.skip(f"{path} not written yet")
     data = json.loads(path.read_text())
     task_cfg, recipe = st.PRESETS["ci"]
-    assert data["recipe_key"] == st._recipe_key(task_cfg, recipe), \
+    assert data["recipe_key"] == st._recipe_key(task_cfg, recipe), (
         "the CI preset changed since the full runs: rerun them"
+    )
     by_seed = {}
     for r in data["runs"]:
         by_seed.setdefault(r["seed"], {})[r["setting"]] = r["accuracy"]["colour"]
@@ -282,8 +294,20 @@ def test_the_results_file_justifies_the_ci_margin():
 
 def test_study_cli_writes_json_and_resumes(tmp_path):
     out = tmp_path / "study.json"
-    args = ["--preset", "ci", "--settings", "pooled,t2v", "--seeds", "0", "--steps", "3",
-            "--eval-size", "16", "--out", str(out)]
+    args = [
+        "--preset",
+        "ci",
+        "--settings",
+        "pooled,t2v",
+        "--seeds",
+        "0",
+        "--steps",
+        "3",
+        "--eval-size",
+        "16",
+        "--out",
+        str(out),
+    ]
     data = st.main(args)
     assert {r["setting"] for r in data["runs"]} == {"pooled", "t2v"}
     saved = json.loads(out.read_text())
@@ -302,17 +326,39 @@ def test_compare_backends_mechanics_on_cpu(tmp_path):
     # autocast on the materialised path, and bfloat16 on the fused path, each recorded as having
     # run its ops on torch.
     out = tmp_path / "compare.json"
-    report = st.main(["--compare-backends", "--backend", "torch", "--dtype", "bfloat16",
-                      "--steps", "4", "--eval-size", "16", "--out", str(out),
-                      "--dcal-head-dim", "16", "--set", "frames=2", "--set", "batch_size=4"])
+    report = st.main(
+        [
+            "--compare-backends",
+            "--backend",
+            "torch",
+            "--dtype",
+            "bfloat16",
+            "--steps",
+            "4",
+            "--eval-size",
+            "16",
+            "--out",
+            str(out),
+            "--dcal-head-dim",
+            "16",
+            "--set",
+            "frames=2",
+            "--set",
+            "batch_size=4",
+        ]
+    )
     assert set(report["runs"]) == {"torch-float32", "torch-bfloat16", "torch-bfloat16-fused"}
     assert "cross_attention:torch" in report["runs"]["torch-bfloat16"]["backends_ran"]
-    assert "projected_attention_core:torch" in report["runs"]["torch-bfloat16-fused"]["backends_ran"]
+    assert (
+        "projected_attention_core:torch" in report["runs"]["torch-bfloat16-fused"]["backends_ran"]
+    )
     for r in report["runs"].values():
         assert "token_pool:torch" in r["backends_ran"]
         assert len(r["loss_curve"]) == 4 and all(math.isfinite(x) for x in r["loss_curve"])
-    assert set(report["comparison"]) == {"noise: torch-float32 vs torch-bfloat16",
-                                         "torch-bfloat16-fused vs torch-bfloat16"}
+    assert set(report["comparison"]) == {
+        "noise: torch-float32 vs torch-bfloat16",
+        "torch-bfloat16-fused vs torch-bfloat16",
+    }
     assert json.loads(out.read_text())["setting"] == "both"
 
 
@@ -321,9 +367,23 @@ def test_cuda_kernels_train_like_the_torch_back_end(tmp_path):
     """The same 60 steps with the CUDA kernels (both K/V paths) and with the torch back end, bf16
     autocast: the loss curves differ by no more than a few times the bf16 noise (the distance
     between the float32 and the bf16 torch runs)."""
-    report = st.main(["--compare-backends", "--device", "cuda", "--dtype", "bfloat16",
-                      "--backend", "cuda", "--steps", "60", "--eval-size", "64",
-                      "--out", str(tmp_path / "compare.json")])
+    report = st.main(
+        [
+            "--compare-backends",
+            "--device",
+            "cuda",
+            "--dtype",
+            "bfloat16",
+            "--backend",
+            "cuda",
+            "--steps",
+            "60",
+            "--eval-size",
+            "64",
+            "--out",
+            str(tmp_path / "compare.json"),
+        ]
+    )
     comparison = report["comparison"]
     noise = comparison["noise: torch-float32 vs torch-bfloat16"]["max_abs_moving_average_10"]
     for path in ("materialized", "fused"):

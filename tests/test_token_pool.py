@@ -34,27 +34,51 @@ GRIDS = [(27, 27), (24, 24), (7, 9), (1, 1), (2, 3)]
 CASES = [
     ("avg", dict(kernel_size=3), lambda t: F.avg_pool2d(t, 3)),
     ("avg", dict(kernel_size=2, stride=1), lambda t: F.avg_pool2d(t, 2, 1)),
-    ("avg", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
-     lambda t: F.avg_pool2d(t, 3, 2, 1, ceil_mode=True)),
-    ("avg", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
-     lambda t: F.avg_pool2d(t, 3, 2, 1, ceil_mode=True, count_include_pad=False)),
-    ("avg", dict(kernel_size=(2, 1), stride=(1, 2), padding=(1, 0)),
-     lambda t: F.avg_pool2d(t, (2, 1), (1, 2), (1, 0))),
+    (
+        "avg",
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+        lambda t: F.avg_pool2d(t, 3, 2, 1, ceil_mode=True),
+    ),
+    (
+        "avg",
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        lambda t: F.avg_pool2d(t, 3, 2, 1, ceil_mode=True, count_include_pad=False),
+    ),
+    (
+        "avg",
+        dict(kernel_size=(2, 1), stride=(1, 2), padding=(1, 0)),
+        lambda t: F.avg_pool2d(t, (2, 1), (1, 2), (1, 0)),
+    ),
     ("max", dict(kernel_size=3), lambda t: F.max_pool2d(t, 3)),
     ("max", dict(kernel_size=2, stride=1, padding=1), lambda t: F.max_pool2d(t, 2, 1, 1)),
-    ("max", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
-     lambda t: F.max_pool2d(t, 3, 2, 1, ceil_mode=True)),
+    (
+        "max",
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+        lambda t: F.max_pool2d(t, 3, 2, 1, ceil_mode=True),
+    ),
     ("adaptive", dict(output_size=1), lambda t: F.adaptive_avg_pool2d(t, 1)),
     ("adaptive", dict(output_size=3), lambda t: F.adaptive_avg_pool2d(t, 3)),
     ("adaptive", dict(output_size=(4, 5)), lambda t: F.adaptive_avg_pool2d(t, (4, 5))),
-    ("bilinear", dict(output_size=(3, 4)),
-     lambda t: F.interpolate(t, (3, 4), mode="bilinear", align_corners=False)),
-    ("bilinear", dict(output_size=(14, 14)),
-     lambda t: F.interpolate(t, (14, 14), mode="bilinear", align_corners=False)),
-    ("bilinear", dict(output_size=(5, 3), align_corners=True),
-     lambda t: F.interpolate(t, (5, 3), mode="bilinear", align_corners=True)),
-    ("bilinear", dict(output_size=1, align_corners=True),
-     lambda t: F.interpolate(t, (1, 1), mode="bilinear", align_corners=True)),
+    (
+        "bilinear",
+        dict(output_size=(3, 4)),
+        lambda t: F.interpolate(t, (3, 4), mode="bilinear", align_corners=False),
+    ),
+    (
+        "bilinear",
+        dict(output_size=(14, 14)),
+        lambda t: F.interpolate(t, (14, 14), mode="bilinear", align_corners=False),
+    ),
+    (
+        "bilinear",
+        dict(output_size=(5, 3), align_corners=True),
+        lambda t: F.interpolate(t, (5, 3), mode="bilinear", align_corners=True),
+    ),
+    (
+        "bilinear",
+        dict(output_size=1, align_corners=True),
+        lambda t: F.interpolate(t, (1, 1), mode="bilinear", align_corners=True),
+    ),
 ]
 CASE_IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for m, kw, _ in CASES]
 
@@ -74,7 +98,7 @@ def _torch_path(x: torch.Tensor, grid, fn, temporal_stride: int = 1) -> torch.Te
     out = fn(img)
     out = out.reshape(B, T, D, -1).permute(0, 1, 3, 2)
     if temporal_stride > 1:  # ceil-mode temporal average
-        groups = [out[:, t: t + temporal_stride].mean(1) for t in range(0, T, temporal_stride)]
+        groups = [out[:, t : t + temporal_stride].mean(1) for t in range(0, T, temporal_stride)]
         out = torch.stack(groups, 1)
     return out
 
@@ -101,8 +125,11 @@ def test_reference_matches_torch_pooling(grid, case):
     torch.testing.assert_close(out2, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode,kw,fn", [CASES[0], CASES[5], CASES[9], CASES[11]],
-                         ids=[CASE_IDS[i] for i in (0, 5, 9, 11)])
+@pytest.mark.parametrize(
+    "mode,kw,fn",
+    [CASES[0], CASES[5], CASES[9], CASES[11]],
+    ids=[CASE_IDS[i] for i in (0, 5, 9, 11)],
+)
 @pytest.mark.parametrize("s", [2, 3])
 def test_temporal_stride_matches_torch(mode, kw, fn, s):
     grid = (7, 9)
@@ -110,7 +137,7 @@ def test_temporal_stride_matches_torch(mode, kw, fn, s):
     out = token_pool(x, grid, mode, temporal_stride=s, backend="torch", **kw)
     if mode == "max":
         spatial = _torch_path(x, grid, fn)
-        expected = torch.stack([spatial[:, t: t + s].amax(1) for t in range(0, 7, s)], 1)
+        expected = torch.stack([spatial[:, t : t + s].amax(1) for t in range(0, 7, s)], 1)
     else:
         expected = _torch_path(x, grid, fn, temporal_stride=s)
     assert out.shape == (2, -(-7 // s), expected.shape[2], 4)
@@ -118,14 +145,19 @@ def test_temporal_stride_matches_torch(mode, kw, fn, s):
 
 
 def test_plan_rows_are_normalised():
-    for spec in (PoolSpec.make((27, 27), "avg", kernel_size=3),
-                 PoolSpec.make((27, 27), "adaptive", output_size=4),
-                 PoolSpec.make((27, 27), "bilinear", output_size=14)):
+    for spec in (
+        PoolSpec.make((27, 27), "avg", kernel_size=3),
+        PoolSpec.make((27, 27), "adaptive", output_size=4),
+        PoolSpec.make((27, 27), "bilinear", output_size=14),
+    ):
         plan = pool_plan(spec)
         sums = torch.zeros(spec.tokens_out, dtype=torch.float64).index_add_(
-            0, torch.repeat_interleave(torch.arange(spec.tokens_out),
-                                       torch.as_tensor(plan.row_ptr).diff().long()),
-            torch.as_tensor(plan.weight))
+            0,
+            torch.repeat_interleave(
+                torch.arange(spec.tokens_out), torch.as_tensor(plan.row_ptr).diff().long()
+            ),
+            torch.as_tensor(plan.weight),
+        )
         torch.testing.assert_close(sums, torch.ones_like(sums))
 
 
@@ -154,7 +186,9 @@ GRAD_CASES = [
 @pytest.mark.parametrize("mode,kw", GRAD_CASES, ids=[f"{m}-{kw}" for m, kw in GRAD_CASES])
 def test_gradcheck_float64(mode, kw):
     x = torch.randn(2, 3, 5 * 7, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: token_pool(t, (5, 7), mode, backend="torch", **kw), (x,))
+    assert torch.autograd.gradcheck(
+        lambda t: token_pool(t, (5, 7), mode, backend="torch", **kw), (x,)
+    )
 
 
 @pytest.mark.parametrize("mode,kw", GRAD_CASES, ids=[f"{m}-{kw}" for m, kw in GRAD_CASES])
@@ -284,8 +318,12 @@ def test_nonfinite_stays_in_its_windows(case, grid):
         pytest.skip("window does not fit this grid")
     N = grid[0] * grid[1]
     x = torch.randn(2, 3, N, 4, dtype=torch.float64)
-    for b, t, token, d, value in ((0, 1, N // 2, 1, float("nan")), (1, 2, N - 1, 3, float("inf")),
-                                  (1, 0, 0, 0, float("-inf")), (0, 0, N - 1, 2, float("nan"))):
+    for b, t, token, d, value in (
+        (0, 1, N // 2, 1, float("nan")),
+        (1, 2, N - 1, 3, float("inf")),
+        (1, 0, 0, 0, float("-inf")),
+        (0, 0, N - 1, 2, float("nan")),
+    ):
         x[b, t, token, d] = value
     x_torch = x.clone().requires_grad_(True)
     expected = _torch_path(x_torch, grid, fn)
@@ -296,16 +334,31 @@ def test_nonfinite_stays_in_its_windows(case, grid):
         dtype = torch.float64 if backend == "torch" else torch.float32
         xb = x.to(dtype).requires_grad_(True)
         out = token_pool(xb, grid, mode, backend=backend, **kw)
-        torch.testing.assert_close(out.double(), expected, equal_nan=True, rtol=1e-5, atol=1e-5,
-                                   msg=lambda m: f"{backend} forward: {m}")
+        torch.testing.assert_close(
+            out.double(),
+            expected,
+            equal_nan=True,
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m: f"{backend} forward: {m}",
+        )
         (grad,) = torch.autograd.grad(out, xb, g.to(dtype))
-        torch.testing.assert_close(grad.double(), expected_grad, equal_nan=True, rtol=1e-5,
-                                   atol=1e-5, msg=lambda m: f"{backend} backward: {m}")
+        torch.testing.assert_close(
+            grad.double(),
+            expected_grad,
+            equal_nan=True,
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m: f"{backend} backward: {m}",
+        )
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("mode,kw,fn", [CASES[0], CASES[5], CASES[9], CASES[13]],
-                         ids=[CASE_IDS[i] for i in (0, 5, 9, 13)])
+@pytest.mark.parametrize(
+    "mode,kw,fn",
+    [CASES[0], CASES[5], CASES[9], CASES[13]],
+    ids=[CASE_IDS[i] for i in (0, 5, 9, 13)],
+)
 def test_nonfinite_stays_in_its_frames(mode, kw, fn):
     """With temporal pooling, a NaN or inf reaches only its own group of frames."""
     grid, s = (7, 9), 3
@@ -314,14 +367,20 @@ def test_nonfinite_stays_in_its_frames(mode, kw, fn):
     x[1, 6, 62, 2] = float("inf")  # the last, short group
     spatial = _torch_path(x, grid, fn)
     if mode == "max":
-        expected = torch.stack([spatial[:, t: t + s].amax(1) for t in range(0, 7, s)], 1)
+        expected = torch.stack([spatial[:, t : t + s].amax(1) for t in range(0, 7, s)], 1)
     else:
         expected = _torch_path(x, grid, fn, temporal_stride=s)
     for backend in ["torch"] + fast_backends("cpu"):
         dtype = torch.float64 if backend == "torch" else torch.float32
         out = token_pool(x.to(dtype), grid, mode, temporal_stride=s, backend=backend, **kw)
-        torch.testing.assert_close(out.double(), expected, equal_nan=True, rtol=1e-5, atol=1e-5,
-                                   msg=lambda m: f"{backend}: {m}")
+        torch.testing.assert_close(
+            out.double(),
+            expected,
+            equal_nan=True,
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m: f"{backend}: {m}",
+        )
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -349,9 +408,11 @@ MEMORY_CASES = [
 
 
 @pytest.mark.parametrize("s", [1, 2])
-@pytest.mark.parametrize("mode,kw,fn", MEMORY_CASES,
-                         ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in kw.items())}"
-                              for m, kw, _ in MEMORY_CASES])
+@pytest.mark.parametrize(
+    "mode,kw,fn",
+    MEMORY_CASES,
+    ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for m, kw, _ in MEMORY_CASES],
+)
 def test_reference_memory_is_linear_in_the_input(mode, kw, fn, s):
     """The reference (torch back end and oracle), forward and backward, never makes a tensor
     much larger than its input: no [n, N] pooling map (a 300x300 grid asked for 16 GB)."""
@@ -376,33 +437,72 @@ def test_reference_memory_is_linear_in_the_input(mode, kw, fn, s):
 
 BAD_INPUTS = [
     (lambda: token_pool(torch.randn(2, 3, 50, 8), 7, "avg", kernel_size=3), ValueError, "N=50"),
-    (lambda: token_pool(torch.randn(2, 3, 49, 8), (7, 7), "avg", kernel_size=9), ValueError,
-     "larger than the padded grid"),
-    (lambda: token_pool(torch.randn(2, 3, 49, 8), 7, "avg", kernel_size=3, padding=2), ValueError,
-     "padding must be at most half"),
-    (lambda: token_pool(torch.randint(0, 9, (2, 3, 49, 8)), 7, "avg", kernel_size=3), ValueError,
-     "floating"),
+    (
+        lambda: token_pool(torch.randn(2, 3, 49, 8), (7, 7), "avg", kernel_size=9),
+        ValueError,
+        "larger than the padded grid",
+    ),
+    (
+        lambda: token_pool(torch.randn(2, 3, 49, 8), 7, "avg", kernel_size=3, padding=2),
+        ValueError,
+        "padding must be at most half",
+    ),
+    (
+        lambda: token_pool(torch.randint(0, 9, (2, 3, 49, 8)), 7, "avg", kernel_size=3),
+        ValueError,
+        "floating",
+    ),
     (lambda: token_pool(torch.randn(2, 0, 49, 8), 7, "avg", kernel_size=3), ValueError, "empty"),
     (lambda: token_pool(torch.randn(2, 3, 49, 0), 7, "avg", kernel_size=3), ValueError, "empty"),
-    (lambda: token_pool(torch.randn(49, 8), 7, "avg", kernel_size=3), ValueError, "at least 3 dims"),
+    (
+        lambda: token_pool(torch.randn(49, 8), 7, "avg", kernel_size=3),
+        ValueError,
+        "at least 3 dims",
+    ),
     (lambda: token_pool([1, 2, 3], 7, "avg", kernel_size=3), TypeError, "torch.Tensor"),
     (lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "mean", kernel_size=3), ValueError, "mode"),
     (lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg"), ValueError, "needs kernel_size"),
     (lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "adaptive"), ValueError, "needs output_size"),
-    (lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "adaptive", output_size=2, kernel_size=2),
-     ValueError, "kernel_size"),
-    (lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg", kernel_size=3, output_size=2),
-     ValueError, "output_size"),
-    (lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg", kernel_size=0), ValueError, "kernel_size"),
-    (lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg", kernel_size=3, stride=0), ValueError,
-     "stride"),
-    (lambda: token_pool(torch.randn(1, 1, 49, 8), (7, 7, 1), "avg", kernel_size=3), ValueError, "grid"),
-    (lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg", kernel_size=3, temporal_stride=0),
-     ValueError, "temporal_stride"),
-    (lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg", kernel_size=3, backend="cudnn"),
-     ValueError, "backend"),
-    (lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg", kernel_size=3, backend="cuda"),
-     RuntimeError, "backend='cuda' cannot run"),
+    (
+        lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "adaptive", output_size=2, kernel_size=2),
+        ValueError,
+        "kernel_size",
+    ),
+    (
+        lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg", kernel_size=3, output_size=2),
+        ValueError,
+        "output_size",
+    ),
+    (
+        lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg", kernel_size=0),
+        ValueError,
+        "kernel_size",
+    ),
+    (
+        lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg", kernel_size=3, stride=0),
+        ValueError,
+        "stride",
+    ),
+    (
+        lambda: token_pool(torch.randn(1, 1, 49, 8), (7, 7, 1), "avg", kernel_size=3),
+        ValueError,
+        "grid",
+    ),
+    (
+        lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg", kernel_size=3, temporal_stride=0),
+        ValueError,
+        "temporal_stride",
+    ),
+    (
+        lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg", kernel_size=3, backend="cudnn"),
+        ValueError,
+        "backend",
+    ),
+    (
+        lambda: token_pool(torch.randn(1, 1, 49, 8), 7, "avg", kernel_size=3, backend="cuda"),
+        RuntimeError,
+        "backend='cuda' cannot run",
+    ),
 ]
 
 
@@ -422,13 +522,17 @@ EQUAL_BUT_INVALID = [
     (dict(ceil_mode=False), dict(ceil_mode=0), "ceil_mode"),
     (dict(count_include_pad=True), dict(count_include_pad=1), "count_include_pad"),
     (dict(temporal_stride=1), dict(temporal_stride=True), "temporal_stride"),
-    (dict(mode="bilinear", kernel_size=None, output_size=2, align_corners=False),
-     dict(mode="bilinear", kernel_size=None, output_size=2, align_corners=0), "align_corners"),
+    (
+        dict(mode="bilinear", kernel_size=None, output_size=2, align_corners=False),
+        dict(mode="bilinear", kernel_size=None, output_size=2, align_corners=0),
+        "align_corners",
+    ),
 ]
 
 
-@pytest.mark.parametrize("valid,invalid,name", EQUAL_BUT_INVALID,
-                         ids=[name for _, _, name in EQUAL_BUT_INVALID])
+@pytest.mark.parametrize(
+    "valid,invalid,name", EQUAL_BUT_INVALID, ids=[name for _, _, name in EQUAL_BUT_INVALID]
+)
 def test_validation_does_not_depend_on_history(valid, invalid, name):
     """A call validated (and its spec cached) before does not let an equal-hashing argument of
     the wrong type through: every call is checked, types included."""
@@ -480,8 +584,9 @@ def test_auto_on_cpu_is_torch_and_recorded():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode,kw", [("avg", dict(kernel_size=3, temporal_stride=2)),
-                                     ("max", dict(kernel_size=3))])
+@pytest.mark.parametrize(
+    "mode,kw", [("avg", dict(kernel_size=3, temporal_stride=2)), ("max", dict(kernel_size=3))]
+)
 def test_opcheck(mode, kw):
     spec = PoolSpec.make((7, 7), mode, **kw)
     from crosslmm_ops.ops.token_pool import _spec_args
@@ -515,18 +620,22 @@ GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 @pytest.mark.parametrize("case", range(len(KERNEL_CASES)), ids=KERNEL_IDS)
 def test_gpu_matches_reference(backend, dtype, case):
     if backend not in fast_backends("cuda"):
-        pytest.fail(f"{backend} back end cannot run on this GPU: "
-                    f"{crosslmm_ops._backend.cuda_runnable(torch.device('cuda'))[1]}")
+        pytest.fail(
+            f"{backend} back end cannot run on this GPU: "
+            f"{crosslmm_ops._backend.cuda_runnable(torch.device('cuda'))[1]}"
+        )
     mode, kw = KERNEL_CASES[case]
-    x = torch.randn(2, 9, 27 * 27, 1152 if dtype != torch.float32 else 200, device="cuda",
-                    dtype=dtype)
+    x = torch.randn(
+        2, 9, 27 * 27, 1152 if dtype != torch.float32 else 200, device="cuda", dtype=dtype
+    )
     check_backend(backend, x, (27, 27), mode, kw)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("layout", ["tokens-strided", "frames-sliced", "channels-strided",
-                                    "odd-channels"])
+@pytest.mark.parametrize(
+    "layout", ["tokens-strided", "frames-sliced", "channels-strided", "odd-channels"]
+)
 def test_gpu_non_contiguous_and_odd(backend, layout):
     x = torch.randn(2, 5, 24 * 24, 96, device="cuda", dtype=torch.bfloat16)
     if layout == "tokens-strided":
@@ -543,9 +652,15 @@ def test_gpu_non_contiguous_and_odd(backend, layout):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("mode,kw", [("avg", dict(kernel_size=3)), ("max", dict(kernel_size=3)),
-                                     ("bilinear", dict(output_size=14)),
-                                     ("adaptive", dict(output_size=1))])
+@pytest.mark.parametrize(
+    "mode,kw",
+    [
+        ("avg", dict(kernel_size=3)),
+        ("max", dict(kernel_size=3)),
+        ("bilinear", dict(output_size=14)),
+        ("adaptive", dict(output_size=1)),
+    ],
+)
 def test_gpu_crosslmm_scale(backend, mode, kw):
     """T = 256 frames of SigLIP tokens (27x27, 1152 channels), forward and backward."""
     x = torch.randn(1, 256, 729, 1152, device="cuda", dtype=torch.bfloat16)
@@ -553,8 +668,13 @@ def test_gpu_crosslmm_scale(backend, mode, kw):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("mode,kw", [("avg", dict(kernel_size=3, stride=2, padding=1)),
-                                     ("max", dict(kernel_size=3, stride=2, padding=1))])
+@pytest.mark.parametrize(
+    "mode,kw",
+    [
+        ("avg", dict(kernel_size=3, stride=2, padding=1)),
+        ("max", dict(kernel_size=3, stride=2, padding=1)),
+    ],
+)
 def test_gpu_backward_is_deterministic(mode, kw):
     x = torch.randn(2, 16, 729, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out = token_pool(x, 27, mode, backend="cuda", **kw)

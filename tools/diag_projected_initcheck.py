@@ -14,8 +14,12 @@ before it runs so that initcheck's reports can be attributed:
     python tools/diag_projected_initcheck.py [A|B|C ...]      (default: all three)
     compute-sanitizer --tool initcheck python tools/diag_projected_initcheck.py A
 """
+
 import sys
-import torch, crosslmm_ops
+
+import torch
+
+import crosslmm_ops
 from crosslmm_ops import _backend
 
 ext = _backend.extension()
@@ -43,8 +47,11 @@ def section_b():
         del junk  # NaN left in the allocator's cache: unwritten output elements read back as NaN
         out, lse = ext.projected_attention_core_forward(q, x, cu_q, cu_k, 9, 3000, 0.1, splits)
         torch.cuda.synchronize()
-        print(f"B splits={splits}: NaN in out {int(torch.isnan(out).sum())}, "
-              f"in lse {int(torch.isnan(lse).sum())}", flush=True)
+        print(
+            f"B splits={splits}: NaN in out {int(torch.isnan(out).sum())}, "
+            f"in lse {int(torch.isnan(lse).sum())}",
+            flush=True,
+        )
         out.clone()
         torch.cuda.synchronize()
 
@@ -53,9 +60,18 @@ def section_c():
     print("=== C: public call", flush=True)
     w = torch.randn(256, 1152, device=dev, dtype=bf16) / 34
     q = torch.randn(19, 12, 128, device=dev, dtype=bf16)
-    o = crosslmm_ops.projected_cross_attention(q, x, w, w, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                               norm="layernorm", path="fused", backend="cuda",
-                                               num_splits=1)
+    o = crosslmm_ops.projected_cross_attention(
+        q,
+        x,
+        w,
+        w,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        norm="layernorm",
+        path="fused",
+        backend="cuda",
+        num_splits=1,
+    )
     torch.cuda.synchronize()
     print("=== C done; NaN in output:", int(torch.isnan(o).sum()), flush=True)
 

@@ -24,7 +24,6 @@ from crosslmm_ops.models.decoder import (
     cache_vision_memory,
     find_cache,
 )
-
 from crosslmm_ops.models.patching import (  # noqa: E402
     CrossLMMPatch,
     fix_processor_token_count,
@@ -43,8 +42,9 @@ def _register_auto_classes() -> None:
 
     AutoConfig.register(CrossLMMConfig.model_type, CrossLMMConfig, exist_ok=True)
     AutoModel.register(CrossLMMConfig, CrossLMMModel, exist_ok=True)
-    AutoModelForImageTextToText.register(CrossLMMConfig, CrossLMMForConditionalGeneration,
-                                         exist_ok=True)
+    AutoModelForImageTextToText.register(
+        CrossLMMConfig, CrossLMMForConditionalGeneration, exist_ok=True
+    )
 
 
 _register_auto_classes()

@@ -22,8 +22,9 @@ How it is put together (DESIGN.md, "Model side"):
   frozen; 2: everything, T2V on).
 
 Tested with the oldest and the newest transformers release of the supported range (see
-``pyproject.toml``); the cache is passed on under whatever name the release uses. Not supported: a second video in a
-conversation that continues a cache (the cache keeps one memory per sample), chunked prefill
+``pyproject.toml``); the cache is passed on under whatever name the release uses. Not
+supported: a second video in a conversation that continues a cache (the cache keeps one memory per
+sample), chunked prefill
 (``prefill_chunk_size``: a chunk would hold only part of the video's placeholders) and
 ``torch.compile(fullgraph=True)`` (the DCALs read segment lengths on the host). Activation
 checkpointing must keep transformers' default ``use_reentrant=False``: the memory reaches the
@@ -110,8 +111,13 @@ class CrossLMMMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-def _memory_from_packed(tokens: torch.Tensor, frames: Sequence[int], tokens_per_frame: int,
-                        pooled_per_frame: int, cache_kv: bool = False) -> VisionMemory:
+def _memory_from_packed(
+    tokens: torch.Tensor,
+    frames: Sequence[int],
+    tokens_per_frame: int,
+    pooled_per_frame: int,
+    cache_kv: bool = False,
+) -> VisionMemory:
     """A VisionMemory over ``tokens (F * N, Dv)`` (the real frames, sample after sample), without
     copying them (``VisionMemory.from_list`` would concatenate per-sample tensors)."""
     N, device = tokens_per_frame, tokens.device
@@ -198,8 +204,9 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         self.vision_tower = SiglipVisionModel(config.vision_config)
         self.pooling = TokenPooling(**config.pool_kwargs())
         self.multi_modal_projector = CrossLMMMultiModalProjector(config)
-        self.language_model = CrossLMMTextModel(config.text_config, config.dcal_layer_indices,
-                                                config.dcal_kwargs())
+        self.language_model = CrossLMMTextModel(
+            config.text_config, config.dcal_layer_indices, config.dcal_kwargs()
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -224,24 +231,33 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             return [frames] * batch
         if not isinstance(video_frame_mask, torch.Tensor) or video_frame_mask.dtype != torch.bool:
             got = getattr(video_frame_mask, "dtype", type(video_frame_mask).__name__)
-            raise ValueError(f"video_frame_mask must be a bool tensor (True = real frame), got "
-                             f"{got}")
+            raise ValueError(
+                f"video_frame_mask must be a bool tensor (True = real frame), got {got}"
+            )
         if tuple(video_frame_mask.shape) != (batch, frames):
-            raise ValueError(f"video_frame_mask must have shape (B, T) = {(batch, frames)}, got "
-                             f"{tuple(video_frame_mask.shape)}")
+            raise ValueError(
+                f"video_frame_mask must have shape (B, T) = {(batch, frames)}, got "
+                f"{tuple(video_frame_mask.shape)}"
+            )
         counts = video_frame_mask.sum(1)
         prefix = torch.arange(frames, device=video_frame_mask.device) < counts.unsqueeze(1)
-        values = torch.cat([(prefix == video_frame_mask).all().reshape(1).long(),
-                            counts.long()]).tolist()  # one host read
+        values = torch.cat(
+            [(prefix == video_frame_mask).all().reshape(1).long(), counts.long()]
+        ).tolist()  # one host read
         if not values[0]:
-            raise ValueError("video_frame_mask must mark a prefix of each row: real frames first, "
-                             "padding frames after")
+            raise ValueError(
+                "video_frame_mask must mark a prefix of each row: real frames first, "
+                "padding frames after"
+            )
         return values[1:]
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor | None = None,
-                           video_frame_mask: torch.Tensor | None = None, *,
-                           vision_features: torch.Tensor | None = None,
-                           ) -> tuple[torch.Tensor, list[int]]:
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_frame_mask: torch.Tensor | None = None,
+        *,
+        vision_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[int]]:
         """The encoder tokens of the real frames, packed: ``(F, N, Dv)`` with sample 0's frames
         first, and the number of frames of each sample.
 
@@ -257,35 +273,52 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             x, name = pixel_values_videos, "pixel_values_videos"
             vc = config.vision_config
             if not isinstance(x, torch.Tensor) or x.dim() != 5:
-                raise ValueError(f"pixel_values_videos must have shape (B, T, {vc.num_channels}, "
-                                 f"H, W), got {getattr(x, 'shape', type(x).__name__)}")
-            if x.shape[2] != vc.num_channels or x.shape[3] != vc.image_size \
-                    or x.shape[4] != vc.image_size:
-                raise ValueError(f"pixel_values_videos must have frames of shape "
-                                 f"({vc.num_channels}, {vc.image_size}, {vc.image_size}) "
-                                 f"(vision_config), got {tuple(x.shape[2:])}")
+                raise ValueError(
+                    f"pixel_values_videos must have shape (B, T, {vc.num_channels}, "
+                    f"H, W), got {getattr(x, 'shape', type(x).__name__)}"
+                )
+            if (
+                x.shape[2] != vc.num_channels
+                or x.shape[3] != vc.image_size
+                or x.shape[4] != vc.image_size
+            ):
+                raise ValueError(
+                    f"pixel_values_videos must have frames of shape "
+                    f"({vc.num_channels}, {vc.image_size}, {vc.image_size}) "
+                    f"(vision_config), got {tuple(x.shape[2:])}"
+                )
         else:
             x, name = vision_features, "vision_features"
             N, Dv = config.tokens_per_frame, config.vision_config.hidden_size
             if not isinstance(x, torch.Tensor) or x.dim() != 4:
-                raise ValueError(f"vision_features must have shape (B, T, N, Dv) = (B, T, {N}, "
-                                 f"{Dv}), got {getattr(x, 'shape', type(x).__name__)}")
+                raise ValueError(
+                    f"vision_features must have shape (B, T, N, Dv) = (B, T, {N}, "
+                    f"{Dv}), got {getattr(x, 'shape', type(x).__name__)}"
+                )
             if x.shape[2] != N:
                 grid = config.encoder_grid
-                raise ValueError(f"vision_features has N = {x.shape[2]} tokens per frame, but the "
-                                 f"encoder grid {grid[0]}x{grid[1]} (vision_config image_size "
-                                 f"{config.vision_config.image_size} / patch_size "
-                                 f"{config.vision_config.patch_size}) has {N}")
+                raise ValueError(
+                    f"vision_features has N = {x.shape[2]} tokens per frame, but the "
+                    f"encoder grid {grid[0]}x{grid[1]} (vision_config image_size "
+                    f"{config.vision_config.image_size} / patch_size "
+                    f"{config.vision_config.patch_size}) has {N}"
+                )
             if x.shape[3] != Dv:
-                raise ValueError(f"vision_features has width {x.shape[3]}, the vision tower's is "
-                                 f"{Dv}")
+                raise ValueError(
+                    f"vision_features has width {x.shape[3]}, the vision tower's is {Dv}"
+                )
         if not x.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating tensor (normalised pixels / features), "
-                             f"got dtype {x.dtype}")
+            raise ValueError(
+                f"{name} must be a floating tensor (normalised pixels / features), "
+                f"got dtype {x.dtype}"
+            )
         B, T = x.shape[:2]
         frames = self._frame_mask(video_frame_mask, B, T)
-        real = x.reshape(B * T, *x.shape[2:]) if video_frame_mask is None \
+        real = (
+            x.reshape(B * T, *x.shape[2:])
+            if video_frame_mask is None
             else x[video_frame_mask.to(x.device)]
+        )
         if pixel_values_videos is None:
             return real, frames
         if real.shape[0] == 0:
@@ -299,7 +332,8 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         config, vc = self.config, self.config.vision_config
         tower_dtype = self.vision_tower.dtype
         chunk = check_chunk_frames(self.vision_chunk_frames) or auto_chunk_frames(
-            config.tokens_per_frame, vc.hidden_size, vc.intermediate_size, tower_dtype)
+            config.tokens_per_frame, vc.hidden_size, vc.intermediate_size, tower_dtype
+        )
         layer = config.vision_feature_layer
 
         def encode(x: torch.Tensor) -> torch.Tensor:
@@ -322,11 +356,18 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 raise ValueError(
                     f"sample {b} of input_ids has {c} video placeholder tokens (video_token_id="
                     f"{config.video_token_id}), but its {t} frames x {n} pooled tokens per frame "
-                    f"need {t * n}: the frame count does not match the placeholders")
+                    f"need {t * n}: the frame count does not match the placeholders"
+                )
         return mask
 
-    def forward_vision(self, memory: VisionMemory | None, visual_mask: torch.Tensor | None,
-                       attention_mask: torch.Tensor | None, shape, device) -> ForwardVision:
+    def forward_vision(
+        self,
+        memory: VisionMemory | None,
+        visual_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        shape,
+        device,
+    ) -> ForwardVision:
         """What one forward hands the DCALs (see :mod:`crosslmm_ops.models.decoder`): ``memory``
         (None: a decode step, which reads the cache's), V2V at the pooled positions
         ``visual_mask``, T2V at the text positions that are not padding (none while T2V is
@@ -363,19 +404,26 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         config = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
-        if input_ids is not None and (not isinstance(input_ids, torch.Tensor)
-                                      or input_ids.dtype.is_floating_point
-                                      or input_ids.dtype == torch.bool or input_ids.dim() != 2):
-            raise ValueError(f"input_ids must be an integer tensor of shape (B, L), got "
-                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
-                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        if input_ids is not None and (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.dtype.is_floating_point
+            or input_ids.dtype == torch.bool
+            or input_ids.dim() != 2
+        ):
+            raise ValueError(
+                f"input_ids must be an integer tensor of shape (B, L), got "
+                f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                f"{tuple(getattr(input_ids, 'shape', ()))}"
+            )
         has_video = pixel_values_videos is not None or vision_features is not None
         if has_video and input_ids is None:
-            raise ValueError("a video needs input_ids: its pooled tokens replace the "
-                             "video_token_id placeholders")
+            raise ValueError(
+                "a video needs input_ids: its pooled tokens replace the video_token_id placeholders"
+            )
         if video_frame_mask is not None and not has_video:
-            raise ValueError("video_frame_mask was given without pixel_values_videos or "
-                             "vision_features")
+            raise ValueError(
+                "video_frame_mask was given without pixel_values_videos or vision_features"
+            )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         B = inputs_embeds.shape[0]
@@ -391,13 +439,17 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
         if has_video:
             source = pixel_values_videos if pixel_values_videos is not None else vision_features
             if source.shape[0] != B:
-                raise ValueError(f"the video batch ({source.shape[0]}) must match input_ids' "
-                                 f"batch ({B})")
+                raise ValueError(
+                    f"the video batch ({source.shape[0]}) must match input_ids' batch ({B})"
+                )
             if past_length(cache) > 0:
-                raise ValueError("a video can only come with the first forward of a cache (the "
-                                 "prefill): the cache keeps one memory per sample")
+                raise ValueError(
+                    "a video can only come with the first forward of a cache (the "
+                    "prefill): the cache keeps one memory per sample"
+                )
             features, frames = self.get_video_features(
-                pixel_values_videos, video_frame_mask, vision_features=vision_features)
+                pixel_values_videos, video_frame_mask, vision_features=vision_features
+            )
             visual_mask = self._visual_mask(input_ids, frames)
             if features.shape[0] == 0:  # every sample without frames: nothing to pool or attend
                 features = None
@@ -407,13 +459,19 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             # Pool before the projector (DESIGN.md): the LLM sees n tokens per frame.
             pooled = self.multi_modal_projector(self.pooling(features))
             inputs_embeds = inputs_embeds.masked_scatter(
-                visual_mask.unsqueeze(-1), pooled.to(inputs_embeds.dtype))
+                visual_mask.unsqueeze(-1), pooled.to(inputs_embeds.dtype)
+            )
             N = features.shape[1]
             flat = features.reshape(-1, features.shape[-1])
             if config.dcal_keys == "projected":
                 flat = self.multi_modal_projector(flat)
-            memory = _memory_from_packed(flat.to(inputs_embeds.dtype), frames, N,
-                                         self.pooling.tokens_out, config.dcal_cache_kv)
+            memory = _memory_from_packed(
+                flat.to(inputs_embeds.dtype),
+                frames,
+                N,
+                self.pooling.tokens_out,
+                config.dcal_cache_kv,
+            )
         elif not has_video and past_length(cache) == 0 and input_ids is not None:
             # A prompt with placeholders needs its video (checked in a prefill only: while
             # decoding, the placeholder id is suppressed and no host read is wanted per token).
@@ -422,10 +480,12 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 raise ValueError(
                     f"input_ids holds {placeholders} video placeholder tokens (video_token_id="
                     f"{config.video_token_id}) but no pixel_values_videos or vision_features "
-                    "were given (and the cache holds no video)")
+                    "were given (and the cache holds no video)"
+                )
 
-        vision = self.forward_vision(memory, visual_mask, attention_mask,
-                                     inputs_embeds.shape[:2], inputs_embeds.device)
+        vision = self.forward_vision(
+            memory, visual_mask, attention_mask, inputs_embeds.shape[:2], inputs_embeds.device
+        )
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -460,8 +520,9 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
     def __init__(self, config: CrossLMMConfig):
         super().__init__(config)
         self.model = CrossLMMModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size,
-                                 bias=False)
+        self.lm_head = nn.Linear(
+            config.text_config.hidden_size, config.text_config.vocab_size, bias=False
+        )
         self.post_init()
         # A video placeholder is never a token to produce: generating one would make the next
         # step's input claim frames that do not exist.
@@ -469,8 +530,9 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
             self.generation_config.suppress_tokens = [config.video_token_id]
 
     @classmethod
-    def from_preset(cls, name: str, *, dtype: torch.dtype | None = None,
-                    **overrides) -> "CrossLMMForConditionalGeneration":
+    def from_preset(
+        cls, name: str, *, dtype: torch.dtype | None = None, **overrides
+    ) -> "CrossLMMForConditionalGeneration":
         """A randomly initialised model of preset ``name`` (see :func:`preset_config`;
         ``overrides`` change its config). Build on the GPU directly with
         ``with torch.device("cuda"): CrossLMMForConditionalGeneration.from_preset(...)``."""
@@ -550,8 +612,12 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels,
-                                      vocab_size=self.config.text_config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                **kwargs,
+            )
         fields = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
         out = CrossLMMCausalLMOutputWithPast(loss=loss, logits=logits, **fields)
         return out.to_tuple() if return_dict is False else out
@@ -562,7 +628,8 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
 
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs)
+            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs
+        )
         # transformers drops pixel_values_videos after the prefill when a cache is used; drop the
         # other video inputs too: the memory is in the cache, the decode steps carry text only.
         if not is_first_iteration and kwargs.get("use_cache", True):
@@ -581,8 +648,10 @@ def _crosslmm_model(model: nn.Module) -> CrossLMMModel:
         return model.model
     if isinstance(model, CrossLMMModel):
         return model
-    raise ValueError(f"model must be a CrossLMMForConditionalGeneration or CrossLMMModel, got "
-                     f"{type(model).__name__}")
+    raise ValueError(
+        f"model must be a CrossLMMForConditionalGeneration or CrossLMMModel, got "
+        f"{type(model).__name__}"
+    )
 
 
 def _v2v_parameters(dcal: DualCrossAttention) -> list[nn.Parameter]:
@@ -600,8 +669,12 @@ def _v2v_parameters(dcal: DualCrossAttention) -> list[nn.Parameter]:
     return params
 
 
-def set_training_stage(model: nn.Module, stage: int, *, train_vision_tower: bool = True,
-                       ) -> list[str]:
+def set_training_stage(
+    model: nn.Module,
+    stage: int,
+    *,
+    train_vision_tower: bool = True,
+) -> list[str]:
     """Set up the paper's training stages; returns the names of the trainable parameters.
 
     * ``stage=1``: only the projector and the V2V branch of every DCAL train (with a shared K/V or

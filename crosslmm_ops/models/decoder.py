@@ -85,8 +85,11 @@ def cache_argument(cache: Cache | None) -> dict:
 
     from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
-    name = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters \
+    name = (
+        "cache"
+        if "cache" in inspect.signature(Qwen2Model.forward).parameters
         else "past_key_values"
+    )
     return {name: cache}
 
 
@@ -116,8 +119,9 @@ class VisionMemoryCache:
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.vision_memory is not None:
-            self._select_memory(torch.arange(self.vision_memory.batch_size)
-                                .repeat_interleave(repeats))
+            self._select_memory(
+                torch.arange(self.vision_memory.batch_size).repeat_interleave(repeats)
+            )
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
@@ -143,8 +147,11 @@ def _memory_cache_class(cls: type) -> type:
         return cls
     sub = _MEMORY_CACHE_CLASSES.get(cls)
     if sub is None:
-        sub = type(f"{cls.__name__}WithVisionMemory", (VisionMemoryCache, cls),
-                   {"__module__": __name__, "__qualname__": f"{cls.__name__}WithVisionMemory"})
+        sub = type(
+            f"{cls.__name__}WithVisionMemory",
+            (VisionMemoryCache, cls),
+            {"__module__": __name__, "__qualname__": f"{cls.__name__}WithVisionMemory"},
+        )
         _MEMORY_CACHE_CLASSES[cls] = sub
     return sub
 
@@ -156,8 +163,10 @@ def attach_vision_memory(cache: Cache, memory: VisionMemory | None) -> None:
         try:
             cache.__class__ = _memory_cache_class(type(cache))
         except TypeError as exc:  # a cache class with __slots__ or a C layout
-            raise TypeError(f"a {type(cache).__name__} cannot carry the vision memory ({exc}); "
-                            "use transformers' DynamicCache or StaticCache") from exc
+            raise TypeError(
+                f"a {type(cache).__name__} cannot carry the vision memory ({exc}); "
+                "use transformers' DynamicCache or StaticCache"
+            ) from exc
     cache.vision_memory = memory
 
 
@@ -286,20 +295,29 @@ def check_decoder_layers(language_model: nn.Module, indices: Sequence[int], who:
     Llama/Qwen2-style decoder layers a DCAL can be inserted into."""
     layers = getattr(language_model, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{who}: the language model {type(language_model).__name__} has no "
-                         "`layers` ModuleList of decoder layers")
+        raise ValueError(
+            f"{who}: the language model {type(language_model).__name__} has no "
+            "`layers` ModuleList of decoder layers"
+        )
     for i in indices:
         layer = layers[i]
-        missing = [a for a in ("self_attn", "post_attention_layernorm", "mlp")
-                   if not isinstance(getattr(layer, a, None), nn.Module)]
-        sandwich = [a for a in ("pre_feedforward_layernorm", "post_feedforward_layernorm")
-                    if hasattr(layer, a)]
+        missing = [
+            a
+            for a in ("self_attn", "post_attention_layernorm", "mlp")
+            if not isinstance(getattr(layer, a, None), nn.Module)
+        ]
+        sandwich = [
+            a
+            for a in ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+            if hasattr(layer, a)
+        ]
         if missing or sandwich:
             raise ValueError(
                 f"{who}: decoder layer {type(layer).__name__} is not a pre-norm "
                 "Llama/Qwen2-style layer (self_attn, residual add, post_attention_layernorm, mlp)"
                 + (f"; it lacks {missing}" if missing else "")
-                + (f"; it has {sandwich}" if sandwich else ""))
+                + (f"; it has {sandwich}" if sandwich else "")
+            )
         if "dcal" in layer._modules or (hasattr(layer, "dcal") and layer.dcal is not None):
             raise ValueError(f"{who}: decoder layer {i} already has an attribute `dcal`")
 
@@ -309,8 +327,13 @@ class DCALDecoder:
     ``LlamaModel``): inserts ``dcals[i]`` as ``language_model.layers[i].dcal`` and installs the
     hooks described in the module docstring. :meth:`remove` undoes both."""
 
-    def __init__(self, language_model: nn.Module, dcals: Mapping[int, nn.Module], *,
-                 who: str = "crosslmm_ops"):
+    def __init__(
+        self,
+        language_model: nn.Module,
+        dcals: Mapping[int, nn.Module],
+        *,
+        who: str = "crosslmm_ops",
+    ):
         check_decoder_layers(language_model, list(dcals), who)
         self.language_model = language_model
         self.layer_indices = tuple(sorted(dcals))
@@ -320,17 +343,21 @@ class DCALDecoder:
         layers = language_model.layers
         for i, module in dcals.items():
             layers[i].dcal = module
-        self._handles.append(language_model.register_forward_pre_hook(self._lm_pre,
-                                                                      with_kwargs=True))
-        self._handles.append(language_model.register_forward_hook(self._lm_post, with_kwargs=True,
-                                                                  always_call=True))
+        self._handles.append(
+            language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True)
+        )
+        self._handles.append(
+            language_model.register_forward_hook(self._lm_post, with_kwargs=True, always_call=True)
+        )
         for index, layer in enumerate(layers):
             hooks = _LayerHooks(layer, index, index in dcals)
-            self._handles.append(layer.self_attn.register_forward_pre_hook(hooks.attn_pre,
-                                                                           with_kwargs=True))
+            self._handles.append(
+                layer.self_attn.register_forward_pre_hook(hooks.attn_pre, with_kwargs=True)
+            )
             if index in dcals:
-                self._handles.append(layer.post_attention_layernorm.register_forward_pre_hook(
-                    hooks.norm_pre))
+                self._handles.append(
+                    layer.post_attention_layernorm.register_forward_pre_hook(hooks.norm_pre)
+                )
                 self._handles.append(layer.mlp.register_forward_hook(hooks.mlp_post))
 
     @property
@@ -370,8 +397,10 @@ class DCALDecoder:
         past = past_length(cache)
         memory = vision.memory
         if memory is not None and past > 0:
-            raise ValueError("a video can only come with the first forward of a cache (the "
-                             "prefill): the cache keeps one memory per sample")
+            raise ValueError(
+                "a video can only come with the first forward of a cache (the "
+                "prefill): the cache keeps one memory per sample"
+            )
         if memory is None and past > 0:
             if not has_vision_record(cache):
                 raise DCALSkippedError(
@@ -379,17 +408,23 @@ class DCALDecoder:
                     "holds no CrossLMM vision record: it was not filled by a forward of this "
                     "model, or was copied or converted in a way that dropped the record. The "
                     "DCALs cannot run without the prompt's vision memory; give the video again "
-                    "with a fresh cache")
+                    "with a fresh cache"
+                )
             memory = cache_vision_memory(cache)
         if memory is None or not self.layer_indices:
             return args, kwargs
         if memory.batch_size != shape[0]:
-            raise ValueError(f"the vision memory holds {memory.batch_size} samples, this forward "
-                             f"has {shape[0]} (a cache's batch changes only through its "
-                             "reorder/select methods)")
+            raise ValueError(
+                f"the vision memory holds {memory.batch_size} samples, this forward "
+                f"has {shape[0]} (a cache's batch changes only through its "
+                "reorder/select methods)"
+            )
         self._warn_frozen_gates(module)
-        checkpointing = bool(getattr(module, "gradient_checkpointing", False)) \
-            and module.training and torch.is_grad_enabled()
+        checkpointing = (
+            bool(getattr(module, "gradient_checkpointing", False))
+            and module.training
+            and torch.is_grad_enabled()
+        )
         forward.inputs = _LayerInputs(memory, vision.visual_mask, vision.text_mask, checkpointing)
         kwargs[_LAYER_KWARG] = forward.inputs
         return args, kwargs
@@ -406,19 +441,22 @@ class DCALDecoder:
             raise DCALSkippedError(
                 f"the DCALs of decoder layers {missing} did not run in this forward: "
                 f"{type(module).__name__} did not hand its keyword arguments on to the layers' "
-                "self-attention, which this transformers release may have changed")
+                "self-attention, which this transformers release may have changed"
+            )
         cache = find_cache(output)
         if forward.cache is None and cache is not None and past_length(cache) > forward.positions:
             raise DCALSkippedError(
                 f"this forward continued a {type(cache).__name__} that was not found among the "
-                "language model's arguments, so its vision memory could not be read")
+                "language model's arguments, so its vision memory could not be read"
+            )
         if cache is None:
             cache = forward.cache
         # The decode steps carry no pixels: they read the prefill's memory (None for a prompt
         # without vision) from the cache. A cache without a record here was started by this
         # forward (a continued one without a record raised in the pre-hook).
-        if cache is not None and (forward.vision.memory is not None
-                                  or not has_vision_record(cache)):
+        if cache is not None and (
+            forward.vision.memory is not None or not has_vision_record(cache)
+        ):
             attach_vision_memory(cache, forward.vision.memory)
         return None
 
@@ -434,16 +472,23 @@ class DCALDecoder:
                 if not name.endswith("gate.alpha") or p.requires_grad or bool(p.detach().any()):
                     continue
                 branch = name[: -len("gate.alpha")]
-                trainable = [n for n, q in dcal.named_parameters()
-                             if q.requires_grad and n.startswith(branch)]
+                trainable = [
+                    n
+                    for n, q in dcal.named_parameters()
+                    if q.requires_grad and n.startswith(branch)
+                ]
                 if trainable:
                     stuck.append(f"layer {i}: {trainable[0]}")
         if stuck:
             warnings.warn(
                 "DCAL parameters train behind a gate that is frozen at 0, so they get no gradient ("
-                + "; ".join(stuck[:4]) + (" ..." if len(stuck) > 4 else "") + "). Train the "
+                + "; ".join(stuck[:4])
+                + (" ..." if len(stuck) > 4 else "")
+                + "). Train the "
                 "gates too (requires_grad on every `gate.alpha`), or keep adapters off the DCALs "
-                "(crosslmm_ops.models.lora_target_modules)", stacklevel=3)
+                "(crosslmm_ops.models.lora_target_modules)",
+                stacklevel=3,
+            )
 
 
 __all__ = [

@@ -86,19 +86,21 @@ _MIN_TRANSFORMERS = (5, 17)
 @dataclasses.dataclass(frozen=True)
 class _Family:
     name: str
-    modality: str                 # "video" or "image": the input that is pooled and remembered
-    token_attr: str               # config attribute of that input's placeholder token id
-    extra_tokens: int             # placeholders per item that are not pooled frame tokens
-    other_token_attrs: tuple      # placeholders of other inputs: neither V2V nor T2V queries
-    bypass: str | None            # the model's own video pooling, switched off while encoding
+    modality: str  # "video" or "image": the input that is pooled and remembered
+    token_attr: str  # config attribute of that input's placeholder token id
+    extra_tokens: int  # placeholders per item that are not pooled frame tokens
+    other_token_attrs: tuple  # placeholders of other inputs: neither V2V nor T2V queries
+    bypass: str | None  # the model's own video pooling, switched off while encoding
 
 
 _FAMILIES = {
     # LLaVA-OneVision: pooler_output of a video is frames*n pooled tokens + one image_newline.
-    "llava_onevision": _Family("llava_onevision", "video", "video_token_id", 1,
-                               ("image_token_id",), "apply_pooling"),
-    "llava_next_video": _Family("llava_next_video", "video", "video_token_id", 0,
-                                ("image_token_id",), "vision_resampler"),
+    "llava_onevision": _Family(
+        "llava_onevision", "video", "video_token_id", 1, ("image_token_id",), "apply_pooling"
+    ),
+    "llava_next_video": _Family(
+        "llava_next_video", "video", "video_token_id", 0, ("image_token_id",), "vision_resampler"
+    ),
     "llava": _Family("llava", "image", "image_token_id", 0, (), None),
 }
 
@@ -122,7 +124,8 @@ def _family_of(model: nn.Module) -> tuple[_Family, nn.Module]:
     supported = ", ".join(c for pair in classes.values() for c in pair)
     raise ValueError(
         f"patch_llava supports {supported} (transformers); got {type(model).__name__}. "
-        "Other LLaVA variants (LLaVA-NeXT images, VipLlava, Video-LLaVA, ...) are not supported.")
+        "Other LLaVA variants (LLaVA-NeXT images, VipLlava, Video-LLaVA, ...) are not supported."
+    )
 
 
 def _transformers_version() -> tuple[int, int]:
@@ -215,13 +218,21 @@ class _ChunkedTower:
         if chunk is None:
             config = getattr(self._tower, "config", None)
             inner = getattr(config, "vision_config", config)
-            chunk = auto_chunk_frames(patch.tokens_per_frame, inner.hidden_size,
-                                      inner.intermediate_size, pixel_values.dtype)
+            chunk = auto_chunk_frames(
+                patch.tokens_per_frame,
+                inner.hidden_size,
+                inner.intermediate_size,
+                pixel_values.dtype,
+            )
         total = pixel_values.shape[0]
         if chunk >= total:
             return self.__wrapped__(pixel_values, *args, **kwargs)
-        return concat_outputs([self.__wrapped__(pixel_values[i:i + chunk], *args, **kwargs)
-                               for i in range(0, total, chunk)])
+        return concat_outputs(
+            [
+                self.__wrapped__(pixel_values[i : i + chunk], *args, **kwargs)
+                for i in range(0, total, chunk)
+            ]
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,8 +253,16 @@ class CrossLMMPatch:
       :meth:`memory` (the vision memory a cache holds), :meth:`remove`.
     """
 
-    def __init__(self, model, inner, family: _Family, pooling: TokenPooling, layers, dcal: bool,
-                 dcal_kwargs: dict):
+    def __init__(
+        self,
+        model,
+        inner,
+        family: _Family,
+        pooling: TokenPooling,
+        layers,
+        dcal: bool,
+        dcal_kwargs: dict,
+    ):
         self.model = model
         self.inner = inner
         self.family = family.name
@@ -258,9 +277,9 @@ class CrossLMMPatch:
         self.dcal_kwargs = dict(dcal_kwargs)
         config = inner.config
         self.token_id = getattr(config, family.token_attr)
-        self.other_token_ids = tuple(t for t in (getattr(config, a, None)
-                                                 for a in family.other_token_attrs)
-                                     if t is not None)
+        self.other_token_ids = tuple(
+            t for t in (getattr(config, a, None) for a in family.other_token_attrs) if t is not None
+        )
         self._hooks: list = []
         self.decoder: DCALDecoder | None = None
         # Frames per vision-tower call while encoding a video (None: automatic); any value gives
@@ -320,8 +339,10 @@ class CrossLMMPatch:
         }
 
     def __repr__(self) -> str:
-        return (f"CrossLMMPatch(family={self.family!r}, grid={self.grid}, "
-                f"pooled_per_frame={self.pooled_per_frame}, layers={list(self.layers)})")
+        return (
+            f"CrossLMMPatch(family={self.family!r}, grid={self.grid}, "
+            f"pooled_per_frame={self.pooled_per_frame}, layers={list(self.layers)})"
+        )
 
     # -- installing ----------------------------------------------------------------------------
 
@@ -332,12 +353,14 @@ class CrossLMMPatch:
     def _install(self, dcals: dict[int, nn.Module]) -> None:
         inner = self.inner
         features_name = f"get_{self.modality}_features"
-        self._override(inner, features_name,
-                       _FeaturesWithMemory(self, getattr(inner, features_name)))
+        self._override(
+            inner, features_name, _FeaturesWithMemory(self, getattr(inner, features_name))
+        )
         tower = inner.vision_tower
         self._override(tower, "forward", _ChunkedTower(self, tower, tower.forward))
-        self._hooks.append(inner.multi_modal_projector.register_forward_pre_hook(
-            self._projector_pre))
+        self._hooks.append(
+            inner.multi_modal_projector.register_forward_pre_hook(self._projector_pre)
+        )
         bypass = self._family.bypass
         if bypass == "apply_pooling":
             self._override(inner, "apply_pooling", _BypassedPooling(self, inner.apply_pooling))
@@ -356,12 +379,23 @@ class CrossLMMPatch:
 
     def _encode(self, original, args, kwargs):
         if self.family == "llava" and kwargs.get("image_sizes") is not None:
-            raise ValueError("patch_llava: LLaVA with image_sizes (variable-resolution vision towers "
-                             "such as Pixtral) is not supported; its features are split by image "
-                             "size, which pooling changes")
-        pixels = args[0] if args else next(
-            (kwargs[k] for k in ("pixel_values_videos", "pixel_values") if kwargs.get(k) is not None),
-            None)
+            raise ValueError(
+                "patch_llava: LLaVA with image_sizes (variable-resolution vision towers "
+                "such as Pixtral) is not supported; its features are split by image "
+                "size, which pooling changes"
+            )
+        pixels = (
+            args[0]
+            if args
+            else next(
+                (
+                    kwargs[k]
+                    for k in ("pixel_values_videos", "pixel_values")
+                    if kwargs.get(k) is not None
+                ),
+                None,
+            )
+        )
         record = _Recording()
         self._recordings.append(record)
         try:
@@ -371,15 +405,19 @@ class CrossLMMPatch:
         if not self.dcal_enabled:
             return out
         if record.raw is None:
-            raise RuntimeError(f"patch_llava: {type(self.inner).__name__}.get_{self.modality}"
-                               "_features did not call multi_modal_projector; this transformers "
-                               "version's model code is not supported")
+            raise RuntimeError(
+                f"patch_llava: {type(self.inner).__name__}.get_{self.modality}"
+                "_features did not call multi_modal_projector; this transformers "
+                "version's model code is not supported"
+            )
         raw = record.raw
         if self.modality == "video":
             if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5:
-                raise ValueError("patch_llava: pixel_values_videos must be a (videos, frames, "
-                                 "channels, height, width) tensor, got "
-                                 f"{getattr(pixels, 'shape', type(pixels).__name__)}")
+                raise ValueError(
+                    "patch_llava: pixel_values_videos must be a (videos, frames, "
+                    "channels, height, width) tensor, got "
+                    f"{getattr(pixels, 'shape', type(pixels).__name__)}"
+                )
             videos, frames = pixels.shape[:2]
             items = list(raw.reshape(videos, frames, *raw.shape[1:]).unbind(0))
         else:  # an image is a one-frame video
@@ -402,7 +440,8 @@ class CrossLMMPatch:
             raise ValueError(
                 f"patch_llava: the projector's input has shape {tuple(x.shape)}, expected "
                 f"(frames, {self.tokens_per_frame}, D) for the {self.grid[0]}x{self.grid[1]} token "
-                "grid (with a CLS token, use vision_feature_select_strategy='default')")
+                "grid (with a CLS token, use vision_feature_select_strategy='default')"
+            )
         record = self._recordings[-1]
         if self.dcal_enabled:
             if record.raw is not None:
@@ -420,8 +459,11 @@ class CrossLMMPatch:
 
     def _inner_pre(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        state = _ForwardState(input_ids=input_ids, inputs_embeds=kwargs.get("inputs_embeds"),
-                              attention_mask=kwargs.get("attention_mask"))
+        state = _ForwardState(
+            input_ids=input_ids,
+            inputs_embeds=kwargs.get("inputs_embeds"),
+            attention_mask=kwargs.get("attention_mask"),
+        )
         mm = kwargs.get("mm_encoder_outputs")
         if isinstance(mm, dict) and mm.get(self.modality) is not None:
             output = mm[self.modality]
@@ -444,11 +486,13 @@ class CrossLMMPatch:
     def _count_message(self, have, sizes) -> str:
         per = "frames x " if self.modality == "video" else ""
         newline = " + 1 newline" if self._family.extra_tokens else ""
-        return (f"patch_llava: the prompt has {have} {self.modality} placeholder tokens"
-                f"{' per sample' if isinstance(have, list) else ''}, but the {len(sizes)} encoded "
-                f"{self.modality}(s) need {sizes} ({per}{self.pooled_per_frame} pooled tokens"
-                f"{newline} each). Write the prompt with the patched count: "
-                "patch_llava_processor(processor, model) makes the processor do it")
+        return (
+            f"patch_llava: the prompt has {have} {self.modality} placeholder tokens"
+            f"{' per sample' if isinstance(have, list) else ''}, but the {len(sizes)} encoded "
+            f"{self.modality}(s) need {sizes} ({per}{self.pooled_per_frame} pooled tokens"
+            f"{newline} each). Write the prompt with the patched count: "
+            "patch_llava_processor(processor, model) makes the processor do it"
+        )
 
     def _inner_post(self, module, args, output):
         if self._states:
@@ -458,13 +502,16 @@ class CrossLMMPatch:
         if state.input_ids is not None:
             ids = state.input_ids
             if tuple(ids.shape) != tuple(shape):
-                raise ValueError(f"patch_llava: input_ids has shape {tuple(ids.shape)}, the "
-                                 f"language model got {tuple(shape)} positions")
+                raise ValueError(
+                    f"patch_llava: input_ids has shape {tuple(ids.shape)}, the "
+                    f"language model got {tuple(shape)} positions"
+                )
             return ids == token_id
         embeds = state.inputs_embeds
         embedding = self.inner.get_input_embeddings()
-        token = embedding(torch.tensor(token_id, dtype=torch.long,
-                                       device=embedding.weight.device)).to(embeds.device, embeds.dtype)
+        token = embedding(
+            torch.tensor(token_id, dtype=torch.long, device=embedding.weight.device)
+        ).to(embeds.device, embeds.dtype)
         return (embeds == token).all(-1)
 
     def _assign(self, encoded: _Encoded, placeholders: torch.Tensor):
@@ -479,10 +526,16 @@ class CrossLMMPatch:
             # generate() with num_beams / num_return_sequences > 1 expands input_ids (each row
             # repeated `expand` times in place) after the vision was encoded.
             ratio = total_rows // total_items if total_items else 0
-            if not (ratio > 1 and total_rows == ratio * total_items and B % ratio == 0
-                    and all(counts[i] == counts[i - i % ratio] for i in range(B))):
-                raise ValueError(self._count_message(counts, sizes) + "; chunked prefill, which "
-                                 "splits a video across forwards, is not supported")
+            if not (
+                ratio > 1
+                and total_rows == ratio * total_items
+                and B % ratio == 0
+                and all(counts[i] == counts[i - i % ratio] for i in range(B))
+            ):
+                raise ValueError(
+                    self._count_message(counts, sizes) + "; chunked prefill, which "
+                    "splits a video across forwards, is not supported"
+                )
             expand = ratio
         owners: list[list[int]] = []
         item = 0
@@ -494,13 +547,19 @@ class CrossLMMPatch:
                 item += 1
             if filled != count:
                 raise ValueError(
-                    f"patch_llava: sample {b} has {count} {self.modality} placeholder tokens, which "
-                    f"is not a whole number of its {self.modality}s ({sizes} tokens each, in order)")
+                    f"patch_llava: sample {b} has {count} {self.modality} placeholder tokens, "
+                    f"which is not a whole number of its {self.modality}s ({sizes} tokens each, "
+                    "in order)"
+                )
             owners.append(mine)
         owners = [mine for mine in owners for _ in range(expand)]
         first = encoded.items[0]
-        per_sample = [torch.cat([encoded.items[i] for i in mine]) if mine
-                      else first.new_zeros((0,) + tuple(first.shape[1:])) for mine in owners]
+        per_sample = [
+            torch.cat([encoded.items[i] for i in mine])
+            if mine
+            else first.new_zeros((0,) + tuple(first.shape[1:]))
+            for mine in owners
+        ]
         memory = VisionMemory.from_list(per_sample, self.pooled_per_frame)
         visual = placeholders
         extra = self._family.extra_tokens
@@ -538,9 +597,13 @@ class CrossLMMPatch:
             memory, visual = self._assign(state.encoded, placeholders)
         text = ~not_text
         mask = state.attention_mask
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == shape[0] \
-                and mask.shape[1] >= shape[1]:
-            text = text & mask[:, -shape[1]:].to(device=text.device, dtype=torch.bool)
+        if (
+            isinstance(mask, torch.Tensor)
+            and mask.dim() == 2
+            and mask.shape[0] == shape[0]
+            and mask.shape[1] >= shape[1]
+        ):
+            text = text & mask[:, -shape[1] :].to(device=text.device, dtype=torch.bool)
         kwargs = dict(kwargs)
         kwargs[VISION_KWARG] = ForwardVision(memory, visual, text)
         return args, kwargs
@@ -550,24 +613,28 @@ class CrossLMMPatch:
 # Public entry points
 # ----------------------------------------------------------------------------------------------
 
-_DCAL_PARAMS = {name for name in inspect.signature(DualCrossAttention.__init__).parameters
-                if name != "self"}
+_DCAL_PARAMS = {
+    name for name in inspect.signature(DualCrossAttention.__init__).parameters if name != "self"
+}
 
 
 def _default_layers(num_layers: int, every) -> list[int]:
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be an int >= 1, got {every!r}")
     if every > num_layers:
-        raise ValueError(f"every={every} is larger than the language model's {num_layers} layers: "
-                         "no layer would get a DCAL")
+        raise ValueError(
+            f"every={every} is larger than the language model's {num_layers} layers: "
+            "no layer would get a DCAL"
+        )
     return [i for i in range(num_layers) if (i + 1) % every == 0]
 
 
 def _parameter_of(module: nn.Module) -> torch.Tensor:
     for p in module.parameters():
         return p
-    raise ValueError(f"patch_llava: {type(module).__name__} has no parameters to take the device "
-                     "and dtype from")
+    raise ValueError(
+        f"patch_llava: {type(module).__name__} has no parameters to take the device and dtype from"
+    )
 
 
 def patch_llava(
@@ -583,7 +650,8 @@ def patch_llava(
     """Turn a transformers LLaVA-style model into a CrossLMM, in place; returns ``model``.
 
     Args:
-        model: ``LlavaOnevisionForConditionalGeneration``, ``LlavaNextVideoForConditionalGeneration``
+        model: ``LlavaOnevisionForConditionalGeneration``,
+        ``LlavaNextVideoForConditionalGeneration``
             or ``LlavaForConditionalGeneration`` (or their inner ``*Model``).
         every: a DCAL after the self-attention of every ``every``-th decoder layer (the paper's
             K = 4): layers ``every-1, 2*every-1, ...``.
@@ -615,54 +683,73 @@ def patch_llava(
     if major_minor[0] < 5:
         import transformers
 
-        raise RuntimeError(f"patch_llava needs transformers>=5.17,<6; found {transformers.__version__}")
+        raise RuntimeError(
+            f"patch_llava needs transformers>=5.17,<6; found {transformers.__version__}"
+        )
     if major_minor < _MIN_TRANSFORMERS:
         import transformers
 
-        warnings.warn(f"patch_llava is tested with transformers>=5.17; found "
-                      f"{transformers.__version__}", stacklevel=2)
+        warnings.warn(
+            f"patch_llava is tested with transformers>=5.17; found {transformers.__version__}",
+            stacklevel=2,
+        )
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a transformers model (nn.Module), got {type(model).__name__}")
-    existing = getattr(model, PATCH_ATTR, None) or getattr(getattr(model, "model", None),
-                                                           PATCH_ATTR, None)
+        raise ValueError(
+            f"model must be a transformers model (nn.Module), got {type(model).__name__}"
+        )
+    existing = getattr(model, PATCH_ATTR, None) or getattr(
+        getattr(model, "model", None), PATCH_ATTR, None
+    )
     if existing is not None:
-        raise ValueError(f"this model is already patched ({existing!r}); patch_llava patches a "
-                         "model once (call model.crosslmm_patch.remove() first to re-patch)")
+        raise ValueError(
+            f"this model is already patched ({existing!r}); patch_llava patches a "
+            "model once (call model.crosslmm_patch.remove() first to re-patch)"
+        )
     family, inner = _family_of(model)
     if getattr(inner, PATCH_ATTR, None) is not None:
-        raise ValueError("this model's inner model is already patched; patch_llava patches a model "
-                         "once")
+        raise ValueError(
+            "this model's inner model is already patched; patch_llava patches a model once"
+        )
     if not isinstance(dcal, bool):
         raise ValueError(f"dcal must be a bool, got {dcal!r}")
     unknown = sorted(set(dcal_kwargs) - _DCAL_PARAMS)
     if unknown:
-        raise ValueError(f"unknown argument(s) {unknown}: patch_llava passes extra keyword "
-                         f"arguments to DualCrossAttention, which takes {sorted(_DCAL_PARAMS)}")
+        raise ValueError(
+            f"unknown argument(s) {unknown}: patch_llava passes extra keyword "
+            f"arguments to DualCrossAttention, which takes {sorted(_DCAL_PARAMS)}"
+        )
     if "vision_size" in dcal_kwargs or "hidden_size" in dcal_kwargs:
         raise ValueError("hidden_size and vision_size come from the model; do not pass them")
 
     config = inner.config
     vision_config, text_config = config.vision_config, config.text_config
     image_size, patch_size = vision_config.image_size, vision_config.patch_size
-    hw = ((image_size, image_size) if isinstance(image_size, int) else tuple(image_size))
-    ps = ((patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size))
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    ps = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
     grid = (hw[0] // ps[0], hw[1] // ps[1])
     if pooling is None:
         pooling = TokenPooling(grid, "adaptive", output_size=pooled_grid)
     elif not isinstance(pooling, TokenPooling):
-        raise ValueError(f"pooling must be a crosslmm_ops.nn.TokenPooling, got "
-                         f"{type(pooling).__name__}")
+        raise ValueError(
+            f"pooling must be a crosslmm_ops.nn.TokenPooling, got {type(pooling).__name__}"
+        )
     if tuple(pooling.grid) != grid:
-        raise ValueError(f"pooling.grid is {pooling.grid}, but the vision tower makes a "
-                         f"{grid[0]}x{grid[1]} token grid ({image_size} px / patch {patch_size})")
+        raise ValueError(
+            f"pooling.grid is {pooling.grid}, but the vision tower makes a "
+            f"{grid[0]}x{grid[1]} token grid ({image_size} px / patch {patch_size})"
+        )
     if pooling.temporal_stride != 1:
-        raise ValueError("pooling.temporal_stride must be 1: every frame keeps its pooled tokens "
-                         "and its original tokens")
+        raise ValueError(
+            "pooling.temporal_stride must be 1: every frame keeps its pooled tokens "
+            "and its original tokens"
+        )
     if family.bypass == "vision_resampler":
         pool = getattr(inner.vision_resampler, "pool", None)
         if isinstance(pool, nn.Conv2d):
-            raise ValueError("patch_llava: LLaVA-NeXT-Video with spatial_pool_mode='conv' (a learned "
-                             "resampler) is not supported; CrossLMM pools with token_pool")
+            raise ValueError(
+                "patch_llava: LLaVA-NeXT-Video with spatial_pool_mode='conv' (a learned "
+                "resampler) is not supported; CrossLMM pools with token_pool"
+            )
 
     lm = inner.language_model
     num_layers = len(getattr(lm, "layers", ()))
@@ -670,8 +757,11 @@ def patch_llava(
         indices = _default_layers(num_layers, every) if dcal else []
     else:
         indices = list(layers)
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in indices) \
-                or len(set(indices)) != len(indices) or not indices:
+        if (
+            any(isinstance(i, bool) or not isinstance(i, int) for i in indices)
+            or len(set(indices)) != len(indices)
+            or not indices
+        ):
             raise ValueError(f"layers must be distinct ints, got {layers!r}")
         if any(not -num_layers <= i < num_layers for i in indices):
             raise ValueError(f"layers must index the {num_layers} decoder layers, got {layers!r}")
@@ -683,8 +773,10 @@ def patch_llava(
     if dcal:
         projector = inner.multi_modal_projector
         if not isinstance(getattr(projector, "linear_1", None), nn.Linear):
-            raise ValueError(f"patch_llava: the projector {type(projector).__name__} has no linear_1 "
-                             "to read the vision width from")
+            raise ValueError(
+                f"patch_llava: the projector {type(projector).__name__} has no linear_1 "
+                "to read the vision width from"
+            )
         defaults = dict(
             num_heads=text_config.num_attention_heads,
             num_kv_heads=getattr(text_config, "num_key_value_heads", None),
@@ -696,10 +788,13 @@ def patch_llava(
         for i in indices:
             ref = _parameter_of(lm.layers[i])
             if ref.device.type == "meta":
-                raise ValueError(f"patch_llava: decoder layer {i} has its weights on the meta device "
-                                 "(offloaded); patch before offloading")
-            module = DualCrossAttention(text_config.hidden_size, projector.linear_1.in_features,
-                                        **kwargs)
+                raise ValueError(
+                    f"patch_llava: decoder layer {i} has its weights on the meta device "
+                    "(offloaded); patch before offloading"
+                )
+            module = DualCrossAttention(
+                text_config.hidden_size, projector.linear_1.in_features, **kwargs
+            )
             modules[i] = module.to(device=ref.device, dtype=ref.dtype)
     patch._install(modules)
     # What load_patched needs to patch a saved model the same way, saved with its config.
@@ -758,14 +853,20 @@ class _MultimodalCounts(_ProcessorOverride):
     """``_get_num_multimodal_tokens`` with the patched video (or LLaVA image) counts."""
 
     def __init__(self, original, modality: str, per_frame: int, extra: int):
-        self.original, self.modality, self.per_frame, self.extra = original, modality, per_frame, extra
+        self.original, self.modality, self.per_frame, self.extra = (
+            original,
+            modality,
+            per_frame,
+            extra,
+        )
 
     def __call__(self, image_sizes=None, video_sizes=None, **kwargs):
         if self.modality == "video":
             data = self.original(image_sizes=image_sizes, **kwargs)
             if video_sizes is not None:
-                data.num_video_tokens = [int(frames) * self.per_frame + self.extra
-                                         for frames, *_ in video_sizes]
+                data.num_video_tokens = [
+                    int(frames) * self.per_frame + self.extra for frames, *_ in video_sizes
+                ]
             return data
         data = self.original(image_sizes=image_sizes, **kwargs)
         if image_sizes is not None:
@@ -773,8 +874,9 @@ class _MultimodalCounts(_ProcessorOverride):
         return data
 
 
-def patch_llava_processor(processor, model: nn.Module | None = None, *,
-                          pooled_per_frame: int | None = None):
+def patch_llava_processor(
+    processor, model: nn.Module | None = None, *, pooled_per_frame: int | None = None
+):
     """Make a transformers processor write the placeholder counts of a patched model; in place,
     returns ``processor``.
 
@@ -791,14 +893,20 @@ def patch_llava_processor(processor, model: nn.Module | None = None, *,
         "llava_next_video": getattr(transformers, "LlavaNextVideoProcessor", None),
         "llava": getattr(transformers, "LlavaProcessor", None),
     }
-    family = next((name for name, cls in families.items()
-                   if cls is not None and isinstance(processor, cls)), None)
+    family = next(
+        (name for name, cls in families.items() if cls is not None and isinstance(processor, cls)),
+        None,
+    )
     if family is None:
-        raise ValueError(f"patch_llava_processor supports LlavaOnevisionProcessor, "
-                         f"LlavaNextVideoProcessor and LlavaProcessor; got {type(processor).__name__}")
+        raise ValueError(
+            f"patch_llava_processor supports LlavaOnevisionProcessor, "
+            f"LlavaNextVideoProcessor and LlavaProcessor; got {type(processor).__name__}"
+        )
     if processor.__dict__.get("crosslmm_pooled_per_frame") is not None:
-        raise ValueError("this processor is already patched (placeholders per frame: "
-                         f"{processor.crosslmm_pooled_per_frame})")
+        raise ValueError(
+            "this processor is already patched (placeholders per frame: "
+            f"{processor.crosslmm_pooled_per_frame})"
+        )
     if (model is None) == (pooled_per_frame is None):
         raise ValueError("give exactly one of model (a patched model) and pooled_per_frame")
     if model is not None:
@@ -806,12 +914,17 @@ def patch_llava_processor(processor, model: nn.Module | None = None, *,
         if patch is None:
             raise ValueError("model is not patched: call patch_llava(model) first")
         if patch.family != family:
-            raise ValueError(f"processor {type(processor).__name__} does not match the patched "
-                             f"{patch.family} model")
+            raise ValueError(
+                f"processor {type(processor).__name__} does not match the patched "
+                f"{patch.family} model"
+            )
         n = patch.pooled_per_frame
     else:
-        if isinstance(pooled_per_frame, bool) or not isinstance(pooled_per_frame, int) \
-                or pooled_per_frame < 1:
+        if (
+            isinstance(pooled_per_frame, bool)
+            or not isinstance(pooled_per_frame, int)
+            or pooled_per_frame < 1
+        ):
             raise ValueError(f"pooled_per_frame must be an int >= 1, got {pooled_per_frame!r}")
         n = pooled_per_frame
     spec = _FAMILIES[family]
@@ -820,8 +933,9 @@ def patch_llava_processor(processor, model: nn.Module | None = None, *,
         processor.replace_video_token = _VideoTokens(processor, n, spec.extra_tokens)
     else:
         processor.replace_image_token = _ImageTokens(processor, n)
-    processor._get_num_multimodal_tokens = _MultimodalCounts(original_counts, spec.modality, n,
-                                                             spec.extra_tokens)
+    processor._get_num_multimodal_tokens = _MultimodalCounts(
+        original_counts, spec.modality, n, spec.extra_tokens
+    )
     processor.to_dict = _ToDictWithCount(processor.to_dict, n)
     processor.crosslmm_pooled_per_frame = n
     return processor
@@ -840,8 +954,10 @@ def load_patched_processor(path: str | os.PathLike, **from_pretrained_kwargs):
         with open(config_file) as f:
             count = json.load(f).get(PROCESSOR_KEY)
     if count is None:
-        raise ValueError(f"load_patched_processor: {path} holds no `{PROCESSOR_KEY}` in "
-                         "processor_config.json: it was not saved from a patched processor")
+        raise ValueError(
+            f"load_patched_processor: {path} holds no `{PROCESSOR_KEY}` in "
+            "processor_config.json: it was not saved from a patched processor"
+        )
     processor = transformers.AutoProcessor.from_pretrained(path, **from_pretrained_kwargs)
     return patch_llava_processor(processor, pooled_per_frame=count)
 
@@ -859,8 +975,10 @@ def _jsonable(value):
         return [_jsonable(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise ValueError(f"patch_llava: the argument value {value!r} cannot be saved with the model's "
-                     "config (JSON); pass plain numbers, strings, bools or lists")
+    raise ValueError(
+        f"patch_llava: the argument value {value!r} cannot be saved with the model's "
+        "config (JSON); pass plain numbers, strings, bools or lists"
+    )
 
 
 _DCAL_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.dcal\.(.+)$")
@@ -875,16 +993,21 @@ def _checkpoint_files(path: str) -> list[str]:
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         return [single]
-    raise ValueError(f"load_patched: {path} holds no model.safetensors (or its index); save the "
-                     "patched model with save_pretrained (safetensors)")
+    raise ValueError(
+        f"load_patched: {path} holds no model.safetensors (or its index); save the "
+        "patched model with save_pretrained (safetensors)"
+    )
 
 
 def _load_dcal_weights(patch: "CrossLMMPatch", path: str) -> None:
     """Copy the saved DCAL tensors into the patch's DCALs; every DCAL tensor must be found."""
     from safetensors import safe_open
 
-    wanted = {(i, name): tensor for i, dcal in patch.dcals.items()
-              for name, tensor in dcal.state_dict(keep_vars=True).items()}
+    wanted = {
+        (i, name): tensor
+        for i, dcal in patch.dcals.items()
+        for name, tensor in dcal.state_dict(keep_vars=True).items()
+    }
     found = set()
     for file in _checkpoint_files(path):
         with safe_open(file, framework="pt") as f:
@@ -894,16 +1017,20 @@ def _load_dcal_weights(patch: "CrossLMMPatch", path: str) -> None:
                     continue
                 slot = (int(match.group(1)), match.group(2))
                 if slot not in wanted:
-                    raise ValueError(f"load_patched: the checkpoint holds {key}, which the saved "
-                                     f"patch (layers {list(patch.layers)}) has no place for")
+                    raise ValueError(
+                        f"load_patched: the checkpoint holds {key}, which the saved "
+                        f"patch (layers {list(patch.layers)}) has no place for"
+                    )
                 with torch.no_grad():
                     wanted[slot].copy_(f.get_tensor(key))
                 found.add(slot)
     missing = sorted(set(wanted) - found)
     if missing:
-        raise ValueError(f"load_patched: the checkpoint lacks DCAL tensors "
-                         f"{[f'layers.{i}.dcal.{n}' for i, n in missing[:4]]}"
-                         f"{' ...' if len(missing) > 4 else ''}")
+        raise ValueError(
+            f"load_patched: the checkpoint lacks DCAL tensors "
+            f"{[f'layers.{i}.dcal.{n}' for i, n in missing[:4]]}"
+            f"{' ...' if len(missing) > 4 else ''}"
+        )
 
 
 def load_patched(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
@@ -922,14 +1049,18 @@ def load_patched(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module
     config = transformers.AutoConfig.from_pretrained(path)
     record = getattr(config, CONFIG_KEY, None)
     if not isinstance(record, dict) or record.get("format") != 1:
-        raise ValueError(f"load_patched: the config in {path} has no `{CONFIG_KEY}` record: it was "
-                         "not saved from a patched model (load it with from_pretrained and call "
-                         "patch_llava)")
+        raise ValueError(
+            f"load_patched: the config in {path} has no `{CONFIG_KEY}` record: it was "
+            "not saved from a patched model (load it with from_pretrained and call "
+            "patch_llava)"
+        )
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
-        raise ValueError(f"load_patched: the config in {path} names no transformers model class "
-                         f"(architectures={architectures})")
+        raise ValueError(
+            f"load_patched: the config in {path} names no transformers model class "
+            f"(architectures={architectures})"
+        )
     # The DCAL tensors are not the unpatched model's: load them below, without transformers
     # reporting them as unused.
     level = transformers.logging.get_verbosity()
@@ -940,13 +1071,21 @@ def load_patched(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module
         transformers.logging.set_verbosity(level)
     unexpected = [k for k in info.get("unexpected_keys", ()) if not _DCAL_KEY.search(k)]
     if unexpected or info.get("missing_keys"):
-        warnings.warn(f"load_patched: loading {path} left missing keys "
-                      f"{sorted(info.get('missing_keys', ()))[:4]} and unexpected keys "
-                      f"{sorted(unexpected)[:4]}", stacklevel=2)
+        warnings.warn(
+            f"load_patched: loading {path} left missing keys "
+            f"{sorted(info.get('missing_keys', ()))[:4]} and unexpected keys "
+            f"{sorted(unexpected)[:4]}",
+            stacklevel=2,
+        )
     inner = model.model if getattr(model, "model", None) is not None else model
     delattr(inner.config, CONFIG_KEY)
-    patch_llava(model, layers=record["layers"] or None, pooling=TokenPooling(**record["pooling"]),
-                dcal=record["dcal"], **record["dcal_kwargs"])
+    patch_llava(
+        model,
+        layers=record["layers"] or None,
+        pooling=TokenPooling(**record["pooling"]),
+        dcal=record["dcal"],
+        **record["dcal_kwargs"],
+    )
     if record["dcal"]:
         patch = getattr(model, PATCH_ATTR)
         _load_dcal_weights(patch, path)
@@ -963,8 +1102,11 @@ def lora_target_modules(names: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o
         LoraConfig(target_modules=lora_target_modules(["q_proj", "v_proj"]),
                    modules_to_save=["dcal"])
     """
-    if isinstance(names, str) or not names or not all(
-            isinstance(n, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in names):
+    if (
+        isinstance(names, str)
+        or not names
+        or not all(isinstance(n, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in names)
+    ):
         raise ValueError(f"names must be a non-empty list of module names, got {names!r}")
     return rf"(?!.*\.dcal\.).*\.({'|'.join(names)})"
 
@@ -972,5 +1114,12 @@ def lora_target_modules(names: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o
 # The name crosslmm_ops/models/__init__.py imports.
 fix_processor_token_count = patch_llava_processor
 
-__all__ = ["CrossLMMPatch", "fix_processor_token_count", "load_patched", "load_patched_processor",
-           "lora_target_modules", "patch_llava", "patch_llava_processor"]
+__all__ = [
+    "CrossLMMPatch",
+    "fix_processor_token_count",
+    "load_patched",
+    "load_patched_processor",
+    "lora_target_modules",
+    "patch_llava",
+    "patch_llava_processor",
+]

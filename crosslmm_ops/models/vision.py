@@ -16,8 +16,13 @@ import torch
 CHUNK_BUDGET_BYTES = 256 * 2**20
 
 
-def auto_chunk_frames(tokens_per_frame: int, hidden_size: int, intermediate_size: int,
-                      dtype: torch.dtype, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+def auto_chunk_frames(
+    tokens_per_frame: int,
+    hidden_size: int,
+    intermediate_size: int,
+    dtype: torch.dtype,
+    budget_bytes: int = CHUNK_BUDGET_BYTES,
+) -> int:
     """Frames per vision-tower call whose transient activations (one layer's MLP and attention
     inputs and outputs, plus the tokens kept per frame) stay near ``budget_bytes``."""
     width = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
@@ -27,26 +32,28 @@ def auto_chunk_frames(tokens_per_frame: int, hidden_size: int, intermediate_size
 
 def check_chunk_frames(value) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"vision_chunk_frames must be None (automatic) or an int >= 1, got "
-                         f"{value!r}")
+        raise ValueError(
+            f"vision_chunk_frames must be None (automatic) or an int >= 1, got {value!r}"
+        )
     return value
 
 
-def encode_in_chunks(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
-                     chunk: int) -> torch.Tensor:
+def encode_in_chunks(
+    encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """``encode(pixels)`` computed ``chunk`` frames (rows of ``pixels``) at a time. Without
     autograd the result is written into one buffer (no second copy for a concatenation)."""
     total = pixels.shape[0]
     if chunk >= total:
         return encode(pixels)
     if torch.is_grad_enabled():  # autograd keeps every chunk's activations anyway
-        return torch.cat([encode(pixels[i:i + chunk]) for i in range(0, total, chunk)])
+        return torch.cat([encode(pixels[i : i + chunk]) for i in range(0, total, chunk)])
     first = encode(pixels[:chunk])
     out = first.new_empty((total,) + tuple(first.shape[1:]))
     out[:chunk] = first
     del first
     for i in range(chunk, total, chunk):
-        out[i:i + chunk] = encode(pixels[i:i + chunk])
+        out[i : i + chunk] = encode(pixels[i : i + chunk])
     return out
 
 
@@ -70,5 +77,10 @@ def concat_outputs(outputs: list):
     return type(first)(**{key: merge([o[key] for o in outputs]) for key in first.keys()})
 
 
-__all__ = ["CHUNK_BUDGET_BYTES", "auto_chunk_frames", "check_chunk_frames", "concat_outputs",
-           "encode_in_chunks"]
+__all__ = [
+    "CHUNK_BUDGET_BYTES",
+    "auto_chunk_frames",
+    "check_chunk_frames",
+    "concat_outputs",
+    "encode_in_chunks",
+]

@@ -2,7 +2,8 @@
 
 * :class:`TanhGate` - ``tanh(alpha) * x`` with ``alpha`` initialised to 0 (an untrained block is
   the identity);
-* :class:`CrossAttention` - the generic block: optional pre-norm of the queries, optional norm of the
+* :class:`CrossAttention` - the generic block: optional pre-norm of the queries, optional norm of
+the
   vision tokens, ``q/k/v/o`` projections as plain ``nn.Linear`` (LoRA/PEFT, FSDP and ``state_dict``
   see ordinary weights), GQA, attention (packed varlen, any back end), the gate and the residual;
 * :class:`V2VCrossAttention` - the pooled visual positions query the original tokens of their
@@ -15,7 +16,8 @@ attention itself takes one of two paths per call (``kv_path``), the same functio
 
 * **materialised**: keys and values projected from the packed
   :class:`~crosslmm_ops.nn.VisionMemory` (``vision_norm``, ``k_proj``, ``v_proj``; once per call for
-  both branches of a DCAL with ``share_kv``; kept across calls with ``VisionMemory(cache_kv=True)``),
+  both branches of a DCAL with ``share_kv``; kept across calls with
+  ``VisionMemory(cache_kv=True)``),
   then :func:`crosslmm_ops.cross_attention`;
 * **fused**: :func:`crosslmm_ops.projected_cross_attention` over the normalised tokens, which the
   memory computes once for every layer (:meth:`~crosslmm_ops.nn.VisionMemory.normalized_tokens`);
@@ -69,8 +71,11 @@ class TanhGate(nn.Module):
 
     def __init__(self, init_value: float = 0.0):
         super().__init__()
-        if isinstance(init_value, bool) or not isinstance(init_value, (int, float)) \
-                or not math.isfinite(init_value):
+        if (
+            isinstance(init_value, bool)
+            or not isinstance(init_value, (int, float))
+            or not math.isfinite(init_value)
+        ):
             raise ValueError(f"init_value must be a finite number, got {init_value!r}")
         self.init_value = float(init_value)
         # Shape (1,), not 0-dim: FSDP and optimiser-state code that shards or flattens along dim 0
@@ -108,30 +113,41 @@ def make_norm(kind, size: int, eps: float, name: str) -> nn.Module | None:
 
 def head_shape(hidden_size, num_heads, num_kv_heads, head_dim) -> tuple[int, int, int]:
     num_heads = positive_int("num_heads", num_heads)
-    num_kv_heads = num_heads if num_kv_heads is None else positive_int("num_kv_heads",
-                                                                          num_kv_heads)
+    num_kv_heads = num_heads if num_kv_heads is None else positive_int("num_kv_heads", num_kv_heads)
     if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
-                         f"({num_kv_heads})")
+        raise ValueError(
+            f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+        )
     if head_dim is None:
         if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden_size ({hidden_size}) is not a multiple of num_heads "
-                             f"({num_heads}); give head_dim")
+            raise ValueError(
+                f"hidden_size ({hidden_size}) is not a multiple of num_heads "
+                f"({num_heads}); give head_dim"
+            )
         head_dim = hidden_size // num_heads
     return num_heads, num_kv_heads, positive_int("head_dim", head_dim)
 
 
-def _project_kv(memory: VisionMemory, vision_norm, k_proj: nn.Linear, v_proj: nn.Linear,
-                num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _project_kv(
+    memory: VisionMemory,
+    vision_norm,
+    k_proj: nn.Linear,
+    v_proj: nn.Linear,
+    num_kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``(total_k, Hk, d)`` of the packed original tokens: the materialised path
     (the only place K and V are computed)."""
     cached = memory.cache_kv and not torch.is_grad_enabled()
     if cached:
         modules = [m for m in (vision_norm, k_proj, v_proj) if m is not None]
         autocast = _autocasting(memory.device)
-        state = (tensor_version(memory.tokens), memory.tokens.dtype, autocast,
-                 torch.get_autocast_dtype(memory.device.type) if autocast else None) + tuple(
-            (p.data_ptr(), tensor_version(p)) for m in modules for p in m.parameters())
+        state = (
+            tensor_version(memory.tokens),
+            memory.tokens.dtype,
+            autocast,
+            torch.get_autocast_dtype(memory.device.type) if autocast else None,
+        ) + tuple((p.data_ptr(), tensor_version(p)) for m in modules for p in m.parameters())
         hit = memory.kv_cache.get(id(k_proj))
         if hit is not None and hit[0] is k_proj and hit[1] == state:
             return hit[2]
@@ -139,8 +155,10 @@ def _project_kv(memory: VisionMemory, vision_norm, k_proj: nn.Linear, v_proj: nn
     if vision_norm is not None:
         x = vision_norm(x)
     rows = x.shape[0]
-    kv = (k_proj(x).view(rows, num_kv_heads, head_dim),
-          v_proj(x).view(rows, num_kv_heads, head_dim))
+    kv = (
+        k_proj(x).view(rows, num_kv_heads, head_dim),
+        v_proj(x).view(rows, num_kv_heads, head_dim),
+    )
     if cached:  # the entry holds k_proj, so its id is not reused while the entry lives
         memory.kv_cache[id(k_proj)] = (k_proj, state, kv)
     return kv
@@ -165,13 +183,17 @@ def _unfused_reason(name: str, module: nn.Module, types: tuple) -> str | None:
         # A subclass or wrapper (PEFT/LoRA, a quantised or parametrised layer) computes something
         # other than its ``weight``: reading the weight would silently skip it.
         if isinstance(getattr(module, "base_layer", None), nn.Module):
-            return (f"{name} is wrapped by an adapter ({type(module).__module__}."
-                    f"{type(module).__name__}), which the fused path would skip. Merge the "
-                    "adapter into the weight first (PEFT: merge_and_unload()), or keep adapters "
-                    "off the DCALs (crosslmm_ops.lora_target_modules) and train the DCALs as "
-                    "full modules (modules_to_save=['dcal'])")
-        return (f"{name} is a {type(module).__name__}, not a plain "
-                f"{' or '.join(t.__name__ for t in types)}")
+            return (
+                f"{name} is wrapped by an adapter ({type(module).__module__}."
+                f"{type(module).__name__}), which the fused path would skip. Merge the "
+                "adapter into the weight first (PEFT: merge_and_unload()), or keep adapters "
+                "off the DCALs (crosslmm_ops.lora_target_modules) and train the DCALs as "
+                "full modules (modules_to_save=['dcal'])"
+            )
+        return (
+            f"{name} is a {type(module).__name__}, not a plain "
+            f"{' or '.join(t.__name__ for t in types)}"
+        )
     if module._forward_hooks or module._forward_pre_hooks:
         return f"{name} has forward hooks, which the fused path would not run"
     if hasattr(module, "_hf_hook"):
@@ -189,8 +211,14 @@ class KVSource:
     The DCAL hands one instance to both branches, so the materialised K/V are computed once per
     call."""
 
-    def __init__(self, vision_norm: nn.Module | None, k_proj: nn.Linear, v_proj: nn.Linear,
-                 num_kv_heads: int, head_dim: int):
+    def __init__(
+        self,
+        vision_norm: nn.Module | None,
+        k_proj: nn.Linear,
+        v_proj: nn.Linear,
+        num_kv_heads: int,
+        head_dim: int,
+    ):
         self.vision_norm, self.k_proj, self.v_proj = vision_norm, k_proj, v_proj
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self._kv = None
@@ -198,8 +226,9 @@ class KVSource:
     def keys_values(self, memory: VisionMemory) -> tuple[torch.Tensor, torch.Tensor]:
         """The materialised keys and values (computed on first use)."""
         if self._kv is None:
-            self._kv = _project_kv(memory, self.vision_norm, self.k_proj, self.v_proj,
-                                   self.num_kv_heads, self.head_dim)
+            self._kv = _project_kv(
+                memory, self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads, self.head_dim
+            )
         return self._kv
 
     def unfused_reason(self, vision_size: int) -> str | None:
@@ -214,12 +243,15 @@ class KVSource:
             if reason is not None:
                 return reason
             if tuple(norm.normalized_shape) != (vision_size,):
-                return (f"vision_norm normalises over {tuple(norm.normalized_shape)}, not the "
-                        f"token width ({vision_size},)")
+                return (
+                    f"vision_norm normalises over {tuple(norm.normalized_shape)}, not the "
+                    f"token width ({vision_size},)"
+                )
         return None
 
-    def fused(self, q: torch.Tensor, memory: VisionMemory, segments: tuple, softmax_scale,
-              backend) -> torch.Tensor:
+    def fused(
+        self, q: torch.Tensor, memory: VisionMemory, segments: tuple, softmax_scale, backend
+    ) -> torch.Tensor:
         """:func:`projected_cross_attention` over the memory's normalised tokens (shared by every
         layer), with this norm's weight and bias passed as ``norm_weight``/``norm_bias`` (folded
         into the K/V weights by the op, so their gradients are the norm module's)."""
@@ -236,49 +268,76 @@ class KVSource:
         shard = memory.frame_shard
         attend = projected_cross_attention if shard is None else shard.projected_cross_attention
         return attend(
-            q, x, self.k_proj.weight, self.v_proj.weight, self.k_proj.bias, self.v_proj.bias,
-            softmax_scale=softmax_scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-            max_seqlen_q=max_q, max_seqlen_k=max_k,
-            norm_weight=getattr(norm, "weight", None), norm_bias=getattr(norm, "bias", None),
-            path="fused", backend=backend)
+            q,
+            x,
+            self.k_proj.weight,
+            self.v_proj.weight,
+            self.k_proj.bias,
+            self.v_proj.bias,
+            softmax_scale=softmax_scale,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=max_q,
+            max_seqlen_k=max_k,
+            norm_weight=getattr(norm, "weight", None),
+            norm_bias=getattr(norm, "bias", None),
+            path="fused",
+            backend=backend,
+        )
 
 
 def check_call(hidden_states, memory, hidden_size: int, vision_size: int) -> None:
     """The arguments every block's forward shares: hidden states, memory, and how they match."""
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
-        raise ValueError(f"hidden_states must have shape (B, L, hidden_size), got "
-                         f"{getattr(hidden_states, 'shape', type(hidden_states).__name__)}")
+        raise ValueError(
+            f"hidden_states must have shape (B, L, hidden_size), got "
+            f"{getattr(hidden_states, 'shape', type(hidden_states).__name__)}"
+        )
     if not isinstance(memory, VisionMemory):
-        raise ValueError(f"memory must be a crosslmm_ops.nn.VisionMemory, got "
-                         f"{type(memory).__name__}")
+        raise ValueError(
+            f"memory must be a crosslmm_ops.nn.VisionMemory, got {type(memory).__name__}"
+        )
     B, _, H = hidden_states.shape
     if H != hidden_size:
-        raise ValueError(f"hidden_states has hidden size {H}, the module was built for "
-                         f"hidden_size={hidden_size}")
+        raise ValueError(
+            f"hidden_states has hidden size {H}, the module was built for hidden_size={hidden_size}"
+        )
     if memory.vision_size != vision_size:
-        raise ValueError(f"memory.tokens have width {memory.vision_size}, the module was built for "
-                         f"vision_size={vision_size}")
+        raise ValueError(
+            f"memory.tokens have width {memory.vision_size}, the module was built for "
+            f"vision_size={vision_size}"
+        )
     if memory.batch_size != B:
-        raise ValueError(f"memory holds {memory.batch_size} samples, hidden_states has batch "
-                         f"size {B}")
+        raise ValueError(
+            f"memory holds {memory.batch_size} samples, hidden_states has batch size {B}"
+        )
     if memory.device != hidden_states.device:
-        raise ValueError(f"memory is on {memory.device}, hidden_states on {hidden_states.device}; "
-                         "move the memory with memory.to(device)")
+        raise ValueError(
+            f"memory is on {memory.device}, hidden_states on {hidden_states.device}; "
+            "move the memory with memory.to(device)"
+        )
     # Under autocast the two may legitimately differ (the projections cast both).
     if memory.dtype != hidden_states.dtype and not _autocasting(hidden_states.device):
-        raise ValueError(f"memory.tokens are {memory.dtype}, hidden_states {hidden_states.dtype}; "
-                         "convert the memory with memory.to(dtype)")
+        raise ValueError(
+            f"memory.tokens are {memory.dtype}, hidden_states {hidden_states.dtype}; "
+            "convert the memory with memory.to(dtype)"
+        )
 
 
 def check_mask(name: str, mask, hidden_states: torch.Tensor) -> torch.Tensor | None:
     if mask is None:
         return None
     B, L = hidden_states.shape[:2]
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
-            or tuple(mask.shape) != (B, L):
-        raise ValueError(f"{name} must be a bool tensor of shape (B, L) = {(B, L)}, got "
-                         f"{getattr(mask, 'dtype', type(mask).__name__)} "
-                         f"{tuple(getattr(mask, 'shape', ()))}")
+    if (
+        not isinstance(mask, torch.Tensor)
+        or mask.dtype != torch.bool
+        or tuple(mask.shape) != (B, L)
+    ):
+        raise ValueError(
+            f"{name} must be a bool tensor of shape (B, L) = {(B, L)}, got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)} "
+            f"{tuple(getattr(mask, 'shape', ()))}"
+        )
     if mask.device != hidden_states.device:
         raise ValueError(f"{name} is on {mask.device}, hidden_states on {hidden_states.device}")
     return mask
@@ -289,15 +348,18 @@ def check_visual_counts(name: str, counts: list[int], memory: VisionMemory) -> N
     (decoding): the i-th visual position of a sample belongs to its frame ``i // n``."""
     for b, (c, want) in enumerate(zip(counts, memory.visual_tokens_per_sample())):
         if torch.compiler.is_compiling():  # c is symbolic: a check the traced graph runs
-            message = (f"{name} marks a number of positions of sample {b} other than its "
-                       f"{memory.frames_per_sample[b]} frames x pooled_per_frame="
-                       f"{memory.pooled_per_frame} = {want} pooled visual tokens, or 0")
+            message = (
+                f"{name} marks a number of positions of sample {b} other than its "
+                f"{memory.frames_per_sample[b]} frames x pooled_per_frame="
+                f"{memory.pooled_per_frame} = {want} pooled visual tokens, or 0"
+            )
             torch._check_value((c == want) | (c == 0), lambda: message)
         elif c != want and c != 0:
             raise ValueError(
                 f"{name} marks {c} positions of sample {b}, but its {memory.frames_per_sample[b]} "
                 f"frames x pooled_per_frame={memory.pooled_per_frame} make {want} pooled visual "
-                "tokens (a sample has all of them in the sequence, in frame order, or none)")
+                "tokens (a sample has all of them in the sequence, in frame order, or none)"
+            )
 
 
 @dataclasses.dataclass
@@ -320,16 +382,23 @@ class Queries:
         """Queries and keys per segment of ``scope``, on the host (no device read)."""
         if scope not in self._lengths:
             if scope == "global":  # one key segment per sample
-                lens = (list(self.counts),
-                        [t * memory.tokens_per_frame for t in memory.frames_per_sample])
+                lens = (
+                    list(self.counts),
+                    [t * memory.tokens_per_frame for t in memory.frames_per_sample],
+                )
             else:
                 # One key segment per frame: pooled token i of sample b sits in frame i // n; a
                 # sample without queries (decoding) has empty query segments for its frames
                 # (a count is 0 or T_b * n, so min(c, n) is n or 0 without a branch on c).
                 n = memory.pooled_per_frame
-                lens = ([min(c, n) for c, frames in zip(self.counts, memory.frames_per_sample)
-                         for _ in range(frames)],
-                        [memory.tokens_per_frame] * memory.num_frames)
+                lens = (
+                    [
+                        min(c, n)
+                        for c, frames in zip(self.counts, memory.frames_per_sample)
+                        for _ in range(frames)
+                    ],
+                    [memory.tokens_per_frame] * memory.num_frames,
+                )
             self._lengths[scope] = lens
         return self._lengths[scope]
 
@@ -344,22 +413,36 @@ class Queries:
             if scope == "global":
                 seg = (cu_q, memory.cu_seqlens, max(self.counts, default=0), memory.max_seqlen)
             else:
-                seg = (cu_q, memory.frame_cu_seqlens, memory.pooled_per_frame,
-                       memory.tokens_per_frame)
+                seg = (
+                    cu_q,
+                    memory.frame_cu_seqlens,
+                    memory.pooled_per_frame,
+                    memory.tokens_per_frame,
+                )
             self._segments[scope] = seg
         return self._segments[scope]
 
-    def layout(self, scope: str, memory: VisionMemory, heads: int, kv_heads: int,
-               head_dim: int) -> ProjectedLayout:
+    def layout(
+        self, scope: str, memory: VisionMemory, heads: int, kv_heads: int, head_dim: int
+    ) -> ProjectedLayout:
         """This call's shapes as :func:`choose_path`'s cost model reads them."""
         lens_q, lens_k = self.lengths(scope, memory)
         return ProjectedLayout(
-            batched=False, batch=len(lens_q), heads_q=heads, heads_k=kv_heads, head_dim=head_dim,
+            batched=False,
+            batch=len(lens_q),
+            heads_q=heads,
+            heads_k=kv_heads,
+            head_dim=head_dim,
             # total_k from the segments: the whole batch's tokens, also for a frame-sharded
             # memory, so that every rank of its group picks the same path.
-            width=memory.vision_size, total_q=sum(lens_q), total_k=sum(lens_k),
-            max_seqlen_q=max(lens_q, default=0), max_seqlen_k=max(lens_k, default=0),
-            lens_q=tuple(lens_q), lens_k=tuple(lens_k))
+            width=memory.vision_size,
+            total_q=sum(lens_q),
+            total_k=sum(lens_k),
+            max_seqlen_q=max(lens_q, default=0),
+            max_seqlen_k=max(lens_k, default=0),
+            lens_q=tuple(lens_q),
+            lens_k=tuple(lens_k),
+        )
 
     def rows_with_keys(self, memory: VisionMemory, device: torch.device) -> torch.Tensor | None:
         """``(total_q,)`` bool: the rows whose sample has frames; None when all have."""
@@ -369,7 +452,8 @@ class Queries:
             keep = None
             if not all(has):
                 keep = torch.tensor(has, device=device).repeat_interleave(
-                    torch.tensor(self.counts, device=device), output_size=self.total)
+                    torch.tensor(self.counts, device=device), output_size=self.total
+                )
             self._keep["global"] = keep
         return self._keep["global"]
 
@@ -386,8 +470,11 @@ def cached_plan(memory: VisionMemory, key: tuple, masks: tuple, build):
         return build()
     # A plan built in inference mode holds inference tensors (offsets, indices), which autograd
     # cannot save: it is not reused outside inference mode.
-    full_key = key + (torch.is_inference_mode_enabled(),) + tuple(
-        None if m is None else (id(m), tensor_version(m)) for m in masks)
+    full_key = (
+        key
+        + (torch.is_inference_mode_enabled(),)
+        + tuple(None if m is None else (id(m), tensor_version(m)) for m in masks)
+    )
     hit = memory.plan_cache.get(full_key)
     if hit is not None and all(a is b for a, b in zip(hit[0], masks)):
         return hit[1]
@@ -398,8 +485,9 @@ def cached_plan(memory: VisionMemory, key: tuple, masks: tuple, build):
     return value
 
 
-def branch_queries(memory: VisionMemory, hidden_states: torch.Tensor, mask, name: str,
-                    visual: bool) -> Queries:
+def branch_queries(
+    memory: VisionMemory, hidden_states: torch.Tensor, mask, name: str, visual: bool
+) -> Queries:
     B, L = hidden_states.shape[:2]
 
     def build():
@@ -439,7 +527,8 @@ class CrossAttention(nn.Module):
       ``"frame"``: the queries are pooled visual tokens in frame order (sample ``b`` has
       ``T_b * n`` of them, or none) and the ``i``-th attends to frame ``i // n`` only;
     * ``query_norm`` / ``vision_norm``: ``"rmsnorm"``, ``"layernorm"`` or None;
-    * ``bias``: biases in the four projections; ``softmax_scale`` defaults to ``1 / sqrt(head_dim)``;
+    * ``bias``: biases in the four projections; ``softmax_scale`` defaults to ``1 /
+    sqrt(head_dim)``;
     * ``gate=False``: no gate (the result is added ungated); ``gate_init``: ``alpha``'s start value;
     * ``kv_proj=False``: no ``vision_norm``/``k_proj``/``v_proj`` here; the caller passes the keys
       and values (a :class:`DualCrossAttention` sharing them between its branches);
@@ -493,17 +582,22 @@ class CrossAttention(nn.Module):
         self.hidden_size = positive_int("hidden_size", hidden_size)
         self.vision_size = positive_int("vision_size", vision_size)
         self.num_heads, self.num_kv_heads, self.head_dim = head_shape(
-            hidden_size, num_heads, num_kv_heads, head_dim)
+            hidden_size, num_heads, num_kv_heads, head_dim
+        )
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         for name, value in (("bias", bias), ("gate", gate), ("kv_proj", kv_proj)):
             validation.flag(name, value)
         if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or norm_eps <= 0:
             raise ValueError(f"norm_eps must be a number > 0, got {norm_eps!r}")
-        if softmax_scale is not None and (isinstance(softmax_scale, bool)
-                                          or not isinstance(softmax_scale, (int, float))
-                                          or not math.isfinite(softmax_scale)):
-            raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
+        if softmax_scale is not None and (
+            isinstance(softmax_scale, bool)
+            or not isinstance(softmax_scale, (int, float))
+            or not math.isfinite(softmax_scale)
+        ):
+            raise ValueError(
+                f"softmax_scale must be a finite number or None, got {softmax_scale!r}"
+            )
         self.scope = scope
         self.softmax_scale = softmax_scale
         self.kv_path = kv_path
@@ -541,43 +635,78 @@ class CrossAttention(nn.Module):
 
     def kv_source(self) -> KVSource:
         if not self.has_kv_proj:
-            raise RuntimeError(f"this {type(self).__name__} was built with kv_proj=False (its keys "
-                               "and values belong to its DualCrossAttention); call that instead")
-        return KVSource(self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads,
-                         self.head_dim)
+            raise RuntimeError(
+                f"this {type(self).__name__} was built with kv_proj=False (its keys "
+                "and values belong to its DualCrossAttention); call that instead"
+            )
+        return KVSource(
+            self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads, self.head_dim
+        )
 
-    def choose_path(self, source: KVSource, memory: VisionMemory, queries: Queries,
-                    dtype: torch.dtype, device: torch.device) -> str:
+    def choose_path(
+        self,
+        source: KVSource,
+        memory: VisionMemory,
+        queries: Queries,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> str:
         """``"fused"`` or ``"materialized"`` for this call (see ``kv_path``)."""
         return self.path_and_reason(source, memory, queries, dtype, device)[0]
 
-    def path_and_reason(self, source: KVSource, memory: VisionMemory, queries: Queries,
-                        dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
-        """The path of this call (see ``kv_path``) and why, decided by the
-        planner through the op's interface
-        (:func:`~crosslmm_ops.ops.projected_attention.plan_path`): the op's cost model, ``CROSSLMM_PROJECTED_PATH``, and whether the fused path can stand in
-        for these modules."""
+    def path_and_reason(
+        self,
+        source: KVSource,
+        memory: VisionMemory,
+        queries: Queries,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> tuple[str, str]:
+        """The path of this call (see ``kv_path``) and why, decided by the planner through the
+        op's interface (:func:`~crosslmm_ops.ops.projected_attention.plan_path`): the op's cost
+        model, ``CROSSLMM_PROJECTED_PATH``, and whether the fused path can stand in for these
+        modules."""
         # Only asked when no path is forced (the reason reads the modules' types and hooks).
-        reason = None if planner.path_override(self.kv_path) == "materialized" \
+        reason = (
+            None
+            if planner.path_override(self.kv_path) == "materialized"
             else source.unfused_reason(self.vision_size)
+        )
         return projected.plan_path(
-            lambda: queries.layout(self.scope, memory, self.num_heads, self.num_kv_heads,
-                                   self.head_dim),
-            dtype, device, self.kv_path, self.backend, unfused_reason=reason,
-            tracing=torch.compiler.is_compiling())
+            lambda: queries.layout(
+                self.scope, memory, self.num_heads, self.num_kv_heads, self.head_dim
+            ),
+            dtype,
+            device,
+            self.kv_path,
+            self.backend,
+            unfused_reason=reason,
+            tracing=torch.compiler.is_compiling(),
+        )
 
-    def plan(self, hidden_states: torch.Tensor, memory: VisionMemory,
-             mask: torch.Tensor | None = None) -> planner.Plan:
+    def plan(
+        self, hidden_states: torch.Tensor, memory: VisionMemory, mask: torch.Tensor | None = None
+    ) -> planner.Plan:
         """How ``forward(hidden_states, memory, mask)`` would run its attention: path, back end,
         kernel and why (:func:`crosslmm_ops.explain` of this module), nothing computed."""
         check_call(hidden_states, memory, self.hidden_size, self.vision_size)
         mask = check_mask(self._mask_name, mask, hidden_states)
-        queries = branch_queries(memory, hidden_states, mask, self._mask_name,
-                                 self._visual_queries or self.scope == "frame")
+        queries = branch_queries(
+            memory,
+            hidden_states,
+            mask,
+            self._mask_name,
+            self._visual_queries or self.scope == "frame",
+        )
         return self.plan_queries(hidden_states, memory, queries)
 
-    def plan_queries(self, hidden_states: torch.Tensor, memory: VisionMemory, queries: Queries,
-                     kv: KVSource | None = None) -> planner.Plan:
+    def plan_queries(
+        self,
+        hidden_states: torch.Tensor,
+        memory: VisionMemory,
+        queries: Queries,
+        kv: KVSource | None = None,
+    ) -> planner.Plan:
         """:meth:`plan` for queries already gathered (``kv``: the caller's K/V source)."""
         name = type(self).__name__
         if queries.total == 0:
@@ -585,19 +714,29 @@ class CrossAttention(nn.Module):
         source = self.kv_source() if kv is None else kv
         dtype, device = hidden_states.dtype, hidden_states.device
         path, reason = self.path_and_reason(source, memory, queries, dtype, device)
-        layout = queries.layout(self.scope, memory, self.num_heads, self.num_kv_heads,
-                                self.head_dim)
+        layout = queries.layout(
+            self.scope, memory, self.num_heads, self.num_kv_heads, self.head_dim
+        )
         scale = validation.softmax_scale(self.softmax_scale, self.head_dim)
-        return projected.plan_layout(layout, scale, path, reason, dtype, device, self.backend,
-                                     op=name)
+        return projected.plan_layout(
+            layout, scale, path, reason, dtype, device, self.backend, op=name
+        )
 
-    def attend(self, hidden_states: torch.Tensor, memory: VisionMemory, queries: Queries,
-                kv: KVSource | None = None) -> torch.Tensor:
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        memory: VisionMemory,
+        queries: Queries,
+        kv: KVSource | None = None,
+    ) -> torch.Tensor:
         """The branch's (gated) update at its query rows, packed ``(total_q, hidden)`` in the
         order of ``queries.index``. ``kv``: the caller's K/V source (a DCAL sharing it)."""
         B, L, H = hidden_states.shape
-        hq = hidden_states.reshape(B * L, H) if queries.index is None \
+        hq = (
+            hidden_states.reshape(B * L, H)
+            if queries.index is None
             else hidden_states[queries.index]
+        )
         total_q = hq.shape[0]
         x = self.query_norm(hq) if self.query_norm is not None else hq
         q = self.q_proj(x).view(total_q, self.num_heads, self.head_dim)
@@ -611,8 +750,17 @@ class CrossAttention(nn.Module):
             shard = memory.frame_shard  # this rank's keys: the sharded op merges over ranks
             attend = cross_attention if shard is None else shard.cross_attention
             attn = projected.attend_materialized(
-                q, k, v, attend=attend, softmax_scale=self.softmax_scale, cu_seqlens_q=cu_q,
-                cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, backend=self.backend)
+                q,
+                k,
+                v,
+                attend=attend,
+                softmax_scale=self.softmax_scale,
+                cu_seqlens_q=cu_q,
+                cu_seqlens_k=cu_k,
+                max_seqlen_q=max_q,
+                max_seqlen_k=max_k,
+                backend=self.backend,
+            )
         out = self.o_proj(attn.reshape(total_q, self.num_heads * self.head_dim))
         if self.o_proj.bias is not None and self.scope == "global":
             # Rows of a sample without frames got zeros from the attention; o_proj's bias would
@@ -624,14 +772,21 @@ class CrossAttention(nn.Module):
             out = self.gate(out)
         return out
 
-    def forward(self, hidden_states: torch.Tensor, memory: VisionMemory,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, memory: VisionMemory, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``hidden_states (B, L, hidden)`` -> the same shape: the gated attention added at the
-        positions ``mask (B, L)`` selects (every position when None), ``hidden_states`` elsewhere."""
+        positions ``mask (B, L)`` selects (every position when None), ``hidden_states``
+        elsewhere."""
         check_call(hidden_states, memory, self.hidden_size, self.vision_size)
         mask = check_mask(self._mask_name, mask, hidden_states)
-        queries = branch_queries(memory, hidden_states, mask, self._mask_name,
-                                  self._visual_queries or self.scope == "frame")
+        queries = branch_queries(
+            memory,
+            hidden_states,
+            mask,
+            self._mask_name,
+            self._visual_queries or self.scope == "frame",
+        )
         if queries.total == 0:
             return hidden_states
         if not self.has_kv_proj:
@@ -640,9 +795,14 @@ class CrossAttention(nn.Module):
         return scatter_add(hidden_states, queries.index, delta)
 
     def extra_repr(self) -> str:
-        parts = [f"hidden_size={self.hidden_size}", f"vision_size={self.vision_size}",
-                 f"num_heads={self.num_heads}", f"num_kv_heads={self.num_kv_heads}",
-                 f"head_dim={self.head_dim}", f"scope={self.scope!r}"]
+        parts = [
+            f"hidden_size={self.hidden_size}",
+            f"vision_size={self.vision_size}",
+            f"num_heads={self.num_heads}",
+            f"num_kv_heads={self.num_kv_heads}",
+            f"head_dim={self.head_dim}",
+            f"scope={self.scope!r}",
+        ]
         if not self.has_kv_proj:
             parts.append("kv_proj=False")
         if self.kv_path != "auto":
@@ -660,20 +820,37 @@ class V2VCrossAttention(CrossAttention):
     _visual_queries = True
     _mask_name = "mask"
 
-    def __init__(self, hidden_size: int, vision_size: int, num_heads: int,
-                 num_kv_heads: int | None = None, head_dim: int | None = None, *,
-                 scope: str = "global", **kwargs):
-        super().__init__(hidden_size, vision_size, num_heads, num_kv_heads, head_dim, scope=scope,
-                         **kwargs)
+    def __init__(
+        self,
+        hidden_size: int,
+        vision_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        scope: str = "global",
+        **kwargs,
+    ):
+        super().__init__(
+            hidden_size, vision_size, num_heads, num_kv_heads, head_dim, scope=scope, **kwargs
+        )
 
 
 class T2VCrossAttention(CrossAttention):
     """T2V: the text positions (``mask``; every position when None) query all original tokens of
     their sample. Arguments as :class:`CrossAttention`, without ``scope``."""
 
-    def __init__(self, hidden_size: int, vision_size: int, num_heads: int,
-                 num_kv_heads: int | None = None, head_dim: int | None = None, **kwargs):
+    def __init__(
+        self,
+        hidden_size: int,
+        vision_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        **kwargs,
+    ):
         if "scope" in kwargs:
             raise ValueError("T2VCrossAttention always attends to the whole sample (no scope)")
-        super().__init__(hidden_size, vision_size, num_heads, num_kv_heads, head_dim,
-                         scope="global", **kwargs)
+        super().__init__(
+            hidden_size, vision_size, num_heads, num_kv_heads, head_dim, scope="global", **kwargs
+        )

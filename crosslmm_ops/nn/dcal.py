@@ -88,8 +88,12 @@ class DualCrossAttention(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        for name, value in (("v2v", v2v), ("t2v", t2v), ("share_kv", share_kv),
-                            ("share_gate", share_gate)):
+        for name, value in (
+            ("v2v", v2v),
+            ("t2v", t2v),
+            ("share_kv", share_kv),
+            ("share_gate", share_gate),
+        ):
             flag(name, value)
         if not (v2v or t2v):
             raise ValueError("a DualCrossAttention needs at least one branch: v2v=True or t2v=True")
@@ -97,19 +101,42 @@ class DualCrossAttention(nn.Module):
             raise ValueError(f"v2v_scope must be one of {SCOPES}, got {v2v_scope!r}")
         positive_int("hidden_size", hidden_size)
         positive_int("vision_size", vision_size)
-        num_heads, num_kv_heads, head_dim = head_shape(hidden_size, num_heads, num_kv_heads,
-                                                        head_dim)
+        num_heads, num_kv_heads, head_dim = head_shape(
+            hidden_size, num_heads, num_kv_heads, head_dim
+        )
         both = v2v and t2v
         self.shares_kv = share_kv and both
         self.shares_gate = share_gate and both
-        common = dict(vision_norm=vision_norm, query_norm=query_norm, bias=bias,
-                      norm_eps=norm_eps, softmax_scale=softmax_scale, gate=not self.shares_gate,
-                      gate_init=gate_init, kv_proj=not self.shares_kv, kv_path=kv_path,
-                      backend=backend)
-        self.v2v = V2VCrossAttention(hidden_size, vision_size, num_heads, num_kv_heads, head_dim,
-                                     scope=v2v_scope, **common) if v2v else None
-        self.t2v = T2VCrossAttention(hidden_size, vision_size, num_heads, num_kv_heads, head_dim,
-                                     **common) if t2v else None
+        common = dict(
+            vision_norm=vision_norm,
+            query_norm=query_norm,
+            bias=bias,
+            norm_eps=norm_eps,
+            softmax_scale=softmax_scale,
+            gate=not self.shares_gate,
+            gate_init=gate_init,
+            kv_proj=not self.shares_kv,
+            kv_path=kv_path,
+            backend=backend,
+        )
+        self.v2v = (
+            V2VCrossAttention(
+                hidden_size,
+                vision_size,
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                scope=v2v_scope,
+                **common,
+            )
+            if v2v
+            else None
+        )
+        self.t2v = (
+            T2VCrossAttention(hidden_size, vision_size, num_heads, num_kv_heads, head_dim, **common)
+            if t2v
+            else None
+        )
         branch = self.v2v if self.v2v is not None else self.t2v
         self.hidden_size, self.vision_size = branch.hidden_size, branch.vision_size
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -150,15 +177,19 @@ class DualCrossAttention(nn.Module):
         """Projections as torch initialises ``nn.Linear``, norms to ones/zeros, gates to their
         start value."""
         for m in self.modules():
-            if m is not self and hasattr(m, "reset_parameters") \
-                    and not isinstance(m, (V2VCrossAttention, T2VCrossAttention)):
+            if (
+                m is not self
+                and hasattr(m, "reset_parameters")
+                and not isinstance(m, (V2VCrossAttention, T2VCrossAttention))
+            ):
                 m.reset_parameters()
 
     def kv_source(self) -> KVSource:
         """The shared norm and K/V projections (``share_kv``): one source for both branches of
         a call, so materialised keys and values are computed once for both."""
-        return KVSource(self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads,
-                         self.head_dim)
+        return KVSource(
+            self.vision_norm, self.k_proj, self.v_proj, self.num_kv_heads, self.head_dim
+        )
 
     def forward(
         self,
@@ -193,9 +224,13 @@ class DualCrossAttention(nn.Module):
             out = scatter_add(out, queries.index, delta)
         return out
 
-    def plan(self, hidden_states: torch.Tensor, memory: VisionMemory,
-             visual_mask: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
-             ) -> tuple:
+    def plan(
+        self,
+        hidden_states: torch.Tensor,
+        memory: VisionMemory,
+        visual_mask: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> tuple:
         """How ``forward`` would run each branch's attention (path, back end, kernel, why), one
         plan per branch that is on (:func:`crosslmm_ops.explain` of this module)."""
         check_call(hidden_states, memory, self.hidden_size, self.vision_size)
@@ -203,9 +238,11 @@ class DualCrossAttention(nn.Module):
         text_mask = check_mask("text_mask", text_mask, hidden_states)
         visual, text = _dcal_queries(memory, hidden_states, visual_mask, text_mask)
         kv = self.kv_source() if self.shares_kv else None
-        return tuple(branch.plan_queries(hidden_states, memory, queries, kv)
-                     for branch, queries in ((self.v2v, visual), (self.t2v, text))
-                     if branch is not None)
+        return tuple(
+            branch.plan_queries(hidden_states, memory, queries, kv)
+            for branch, queries in ((self.v2v, visual), (self.t2v, text))
+            if branch is not None
+        )
 
     def extra_repr(self) -> str:
         parts = [f"v2v_scope={self.v2v_scope!r}"]
@@ -245,12 +282,17 @@ def _dcal_queries(memory: VisionMemory, hidden_states: torch.Tensor, visual_mask
         # A check, not a branch: torch.compile traces it (the counts are then symbolic) as an
         # assertion at run time instead of breaking the graph on it.
         for overlap in values[0] if values else ():
-            torch._check_value(overlap == 0, lambda: (
-                "visual_mask and text_mask overlap: a position is either a pooled visual token "
-                "(V2V) or a text token (T2V)"))
+            torch._check_value(
+                overlap == 0,
+                lambda: (
+                    "visual_mask and text_mask overlap: a position is either a pooled visual token "
+                    "(V2V) or a text token (T2V)"
+                ),
+            )
         check_visual_counts("visual_mask", visual_counts, memory)
-        visual = Queries(visual_counts, None if visual_mask is None
-                          else visual_mask.nonzero(as_tuple=True))
+        visual = Queries(
+            visual_counts, None if visual_mask is None else visual_mask.nonzero(as_tuple=True)
+        )
         text_q = Queries(text_counts, None if text is None else text.nonzero(as_tuple=True))
         return visual, text_q
 

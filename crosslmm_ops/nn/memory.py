@@ -108,51 +108,76 @@ class VisionMemory:
         # Shape-level checks only (no device reads): the constructors derive consistent values.
         self.frames_per_sample = tuple(int(t) for t in self.frames_per_sample)
         if not isinstance(self.tokens, torch.Tensor) or self.tokens.dim() != 2:
-            raise ValueError(f"VisionMemory.tokens must be a (total_tokens, Dv) tensor, got "
-                             f"{getattr(self.tokens, 'shape', type(self.tokens).__name__)}")
+            raise ValueError(
+                f"VisionMemory.tokens must be a (total_tokens, Dv) tensor, got "
+                f"{getattr(self.tokens, 'shape', type(self.tokens).__name__)}"
+            )
         if not self.tokens.dtype.is_floating_point:
-            raise ValueError(f"VisionMemory.tokens must be a floating tensor, got {self.tokens.dtype}")
+            raise ValueError(
+                f"VisionMemory.tokens must be a floating tensor, got {self.tokens.dtype}"
+            )
         if not isinstance(self.cache_kv, bool):
             raise ValueError(f"VisionMemory.cache_kv must be a bool, got {self.cache_kv!r}")
         for name in ("tokens_per_frame", "pooled_per_frame", "max_seqlen"):
             value = getattr(self, name)
             if not is_int(value) or value < (0 if name == "max_seqlen" else 1):
-                raise ValueError(f"VisionMemory.{name} must be an int >= "
-                                 f"{0 if name == 'max_seqlen' else 1}, got {value!r}")
+                raise ValueError(
+                    f"VisionMemory.{name} must be an int >= "
+                    f"{0 if name == 'max_seqlen' else 1}, got {value!r}"
+                )
         if any(t < 0 for t in self.frames_per_sample) or not self.frames_per_sample:
-            raise ValueError(f"VisionMemory.frames_per_sample must be one int >= 0 per sample, got "
-                             f"{self.frames_per_sample}")
+            raise ValueError(
+                f"VisionMemory.frames_per_sample must be one int >= 0 per sample, got "
+                f"{self.frames_per_sample}"
+            )
         frames = sum(self.frames_per_sample)
-        for name, want in (("cu_seqlens", len(self.frames_per_sample) + 1),
-                           ("frame_cu_seqlens", frames + 1)):
+        for name, want in (
+            ("cu_seqlens", len(self.frames_per_sample) + 1),
+            ("frame_cu_seqlens", frames + 1),
+        ):
             cu = getattr(self, name)
-            if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 \
-                    or tuple(cu.shape) != (want,):
-                raise ValueError(f"VisionMemory.{name} must be an int32 tensor of shape ({want},), "
-                                 f"got {getattr(cu, 'dtype', None)} {tuple(getattr(cu, 'shape', ()))}")
+            if (
+                not isinstance(cu, torch.Tensor)
+                or cu.dtype != torch.int32
+                or tuple(cu.shape) != (want,)
+            ):
+                raise ValueError(
+                    f"VisionMemory.{name} must be an int32 tensor of shape ({want},), "
+                    f"got {getattr(cu, 'dtype', None)} {tuple(getattr(cu, 'shape', ()))}"
+                )
             if cu.device != self.tokens.device:
-                raise ValueError(f"VisionMemory.{name} must be on the tokens' device "
-                                 f"{self.tokens.device}, got {cu.device}")
+                raise ValueError(
+                    f"VisionMemory.{name} must be on the tokens' device "
+                    f"{self.tokens.device}, got {cu.device}"
+                )
         here = frames if self.frame_shard is None else self.frame_shard.num_local_frames
         if self.tokens.shape[0] != here * self.tokens_per_frame:
-            raise ValueError(f"VisionMemory.tokens has {self.tokens.shape[0]} rows, but "
-                             f"{here} frames x {self.tokens_per_frame} tokens per frame = "
-                             f"{here * self.tokens_per_frame}")
+            raise ValueError(
+                f"VisionMemory.tokens has {self.tokens.shape[0]} rows, but "
+                f"{here} frames x {self.tokens_per_frame} tokens per frame = "
+                f"{here * self.tokens_per_frame}"
+            )
 
     # ------------------------------------------------------------------------------------------
     # Construction
     # ------------------------------------------------------------------------------------------
 
     @classmethod
-    def _from_packed(cls, tokens: torch.Tensor, frames: Sequence[int], tokens_per_frame: int,
-                     pooled_per_frame: int, cache_kv: bool = False) -> "VisionMemory":
+    def _from_packed(
+        cls,
+        tokens: torch.Tensor,
+        frames: Sequence[int],
+        tokens_per_frame: int,
+        pooled_per_frame: int,
+        cache_kv: bool = False,
+    ) -> "VisionMemory":
         frames = tuple(int(t) for t in frames)
         N = int(tokens_per_frame)
         return cls(
             tokens=tokens,
             cu_seqlens=_cu_seqlens([t * N for t in frames], tokens.device),
-            frame_cu_seqlens=torch.arange(sum(frames) + 1, dtype=torch.int32,
-                                          device=tokens.device) * N,
+            frame_cu_seqlens=torch.arange(sum(frames) + 1, dtype=torch.int32, device=tokens.device)
+            * N,
             frames_per_sample=frames,
             tokens_per_frame=N,
             pooled_per_frame=pooled_per_frame,
@@ -161,67 +186,92 @@ class VisionMemory:
         )
 
     @classmethod
-    def from_features(cls, features: torch.Tensor, pooled_per_frame: int,
-                      frame_mask: torch.Tensor | None = None, *,
-                      cache_kv: bool = False) -> "VisionMemory":
+    def from_features(
+        cls,
+        features: torch.Tensor,
+        pooled_per_frame: int,
+        frame_mask: torch.Tensor | None = None,
+        *,
+        cache_kv: bool = False,
+    ) -> "VisionMemory":
         """From a padded batch ``features (B, T, N, Dv)``; ``frame_mask (B, T)`` bool, True for a
         real frame (the real frames must come first in each row; padded frames are dropped).
         Without ``frame_mask`` every frame is real and ``tokens`` is a view of ``features`` when
         its layout allows one."""
         _check_pooled(pooled_per_frame)
         if not isinstance(features, torch.Tensor) or features.dim() != 4:
-            raise ValueError(f"features must have shape (B, T, N, Dv), got "
-                             f"{getattr(features, 'shape', type(features).__name__)}")
+            raise ValueError(
+                f"features must have shape (B, T, N, Dv), got "
+                f"{getattr(features, 'shape', type(features).__name__)}"
+            )
         B, T, N, Dv = features.shape
         if B == 0 or N == 0 or Dv == 0:
             raise ValueError(f"features needs B, N, Dv >= 1, got shape {tuple(features.shape)}")
         if frame_mask is None:
-            return cls._from_packed(features.reshape(B * T * N, Dv), [T] * B, N, pooled_per_frame,
-                                    cache_kv)
-        if not isinstance(frame_mask, torch.Tensor) or frame_mask.dtype != torch.bool \
-                or tuple(frame_mask.shape) != (B, T):
-            raise ValueError(f"frame_mask must be a bool tensor of shape (B, T) = {(B, T)}, got "
-                             f"{getattr(frame_mask, 'dtype', type(frame_mask).__name__)} "
-                             f"{tuple(getattr(frame_mask, 'shape', ()))}")
+            return cls._from_packed(
+                features.reshape(B * T * N, Dv), [T] * B, N, pooled_per_frame, cache_kv
+            )
+        if (
+            not isinstance(frame_mask, torch.Tensor)
+            or frame_mask.dtype != torch.bool
+            or tuple(frame_mask.shape) != (B, T)
+        ):
+            raise ValueError(
+                f"frame_mask must be a bool tensor of shape (B, T) = {(B, T)}, got "
+                f"{getattr(frame_mask, 'dtype', type(frame_mask).__name__)} "
+                f"{tuple(getattr(frame_mask, 'shape', ()))}"
+            )
         counts = frame_mask.sum(1)
         prefix = torch.arange(T, device=frame_mask.device) < counts.unsqueeze(1)
         # One host read for both the check and the frame counts.
         ok_and_counts = torch.cat([(prefix == frame_mask).all().reshape(1).long(), counts.long()])
         values = ok_and_counts.tolist()
         if not values[0]:
-            raise ValueError("frame_mask must mark a prefix of each row (real frames first, padding "
-                             "after)")
+            raise ValueError(
+                "frame_mask must mark a prefix of each row (real frames first, padding after)"
+            )
         frames = values[1:]
         tokens = features[frame_mask.to(features.device)].reshape(-1, Dv)
         return cls._from_packed(tokens, frames, N, pooled_per_frame, cache_kv)
 
     @classmethod
-    def from_list(cls, features_per_sample: Sequence[torch.Tensor], pooled_per_frame: int, *,
-                  cache_kv: bool = False) -> "VisionMemory":
+    def from_list(
+        cls,
+        features_per_sample: Sequence[torch.Tensor],
+        pooled_per_frame: int,
+        *,
+        cache_kv: bool = False,
+    ) -> "VisionMemory":
         """From one ``(T_b, N, Dv)`` tensor per sample; ``T_b`` may be 0 (a sample without video:
         its T2V rows get zeros from the attention)."""
         _check_pooled(pooled_per_frame)
         feats = list(features_per_sample) if features_per_sample is not None else []
         if not feats:
-            raise ValueError("features_per_sample must hold one (T_b, N, Dv) tensor per sample, "
-                             "got none")
+            raise ValueError(
+                "features_per_sample must hold one (T_b, N, Dv) tensor per sample, got none"
+            )
         first = feats[0]
         for b, f in enumerate(feats):
             if not isinstance(f, torch.Tensor) or f.dim() != 3:
-                raise ValueError(f"features_per_sample[{b}] must have shape (T_b, N, Dv), got "
-                                 f"{getattr(f, 'shape', type(f).__name__)}")
+                raise ValueError(
+                    f"features_per_sample[{b}] must have shape (T_b, N, Dv), got "
+                    f"{getattr(f, 'shape', type(f).__name__)}"
+                )
             if f.shape[1:] != first.shape[1:]:
-                raise ValueError(f"features_per_sample[{b}] has (N, Dv) = {tuple(f.shape[1:])}, "
-                                 f"sample 0 has {tuple(first.shape[1:])}: all must match")
+                raise ValueError(
+                    f"features_per_sample[{b}] has (N, Dv) = {tuple(f.shape[1:])}, "
+                    f"sample 0 has {tuple(first.shape[1:])}: all must match"
+                )
             if f.dtype != first.dtype or f.device != first.device:
-                raise ValueError(f"features_per_sample[{b}] is {f.dtype} on {f.device}, sample 0 "
-                                 f"is {first.dtype} on {first.device}: all must match")
+                raise ValueError(
+                    f"features_per_sample[{b}] is {f.dtype} on {f.device}, sample 0 "
+                    f"is {first.dtype} on {first.device}: all must match"
+                )
         N, Dv = first.shape[1:]
         if N == 0 or Dv == 0:
             raise ValueError(f"features_per_sample needs N, Dv >= 1, got {(N, Dv)}")
         tokens = torch.cat([f.reshape(-1, Dv) for f in feats], 0)
-        return cls._from_packed(tokens, [f.shape[0] for f in feats], N, pooled_per_frame,
-                                cache_kv)
+        return cls._from_packed(tokens, [f.shape[0] for f in feats], N, pooled_per_frame, cache_kv)
 
     # ------------------------------------------------------------------------------------------
     # Derived views
@@ -254,17 +304,21 @@ class VisionMemory:
         return tuple(t * self.pooled_per_frame for t in self.frames_per_sample)
 
     def per_sample(self) -> list[torch.Tensor]:
-        """The tokens of each sample as ``(T_b, N, Dv)`` views (the inverse of :meth:`from_list`)."""
+        """The tokens of each sample as ``(T_b, N, Dv)`` views (the inverse of
+        :meth:`from_list`)."""
         _check_unsharded(self, "per_sample()")
         out, start = [], 0
         for t in self.frames_per_sample:
             n = t * self.tokens_per_frame
-            out.append(self.tokens[start: start + n].reshape(t, self.tokens_per_frame, self.vision_size))
+            out.append(
+                self.tokens[start : start + n].reshape(t, self.tokens_per_frame, self.vision_size)
+            )
             start += n
         return out
 
-    def normalized_tokens(self, norm: str | None, eps: float,
-                          dtype: torch.dtype | None = None) -> torch.Tensor:
+    def normalized_tokens(
+        self, norm: str | None, eps: float, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """:func:`crosslmm_ops.normalize_tokens` ``(tokens, norm, eps)`` in ``dtype`` (default the
         tokens'): what every DCAL layer's vision norm computes before its own weight and bias,
         which the fused path folds into the layer's K/V weights. Computed once and reused by every
@@ -300,14 +354,18 @@ class VisionMemory:
     # ------------------------------------------------------------------------------------------
 
     def to(self, *args, **kwargs) -> "VisionMemory":
-        """``tokens.to(*args, **kwargs)``; the offsets follow to the tokens' device (staying int32)."""
+        """``tokens.to(*args, **kwargs)``; the offsets follow to the tokens' device (staying
+        int32)."""
         tokens = self.tokens.to(*args, **kwargs)
         if tokens is self.tokens:
             return self
         device = tokens.device
-        return dataclasses.replace(self, tokens=tokens,
-                                   cu_seqlens=self.cu_seqlens.to(device),
-                                   frame_cu_seqlens=self.frame_cu_seqlens.to(device))
+        return dataclasses.replace(
+            self,
+            tokens=tokens,
+            cu_seqlens=self.cu_seqlens.to(device),
+            frame_cu_seqlens=self.frame_cu_seqlens.to(device),
+        )
 
     def select(self, batch_indices) -> "VisionMemory":
         """The memory of samples ``batch_indices`` (a list or 1-D integer tensor; repeats allowed),
@@ -331,8 +389,13 @@ class VisionMemory:
         rows = [torch.arange(starts[i], starts[i + 1]) for i in idx]
         rows = torch.cat(rows).to(self.tokens.device)
         frames = [self.frames_per_sample[i] for i in idx]
-        return self._from_packed(self.tokens.index_select(0, rows), frames, self.tokens_per_frame,
-                                 self.pooled_per_frame, self.cache_kv)
+        return self._from_packed(
+            self.tokens.index_select(0, rows),
+            frames,
+            self.tokens_per_frame,
+            self.pooled_per_frame,
+            self.cache_kv,
+        )
 
 
 class _NormalizeTokens(torch.autograd.Function):
@@ -354,8 +417,10 @@ class _NormalizeTokens(torch.autograd.Function):
     def backward(ctx, grad):
         tokens = ctx.tokens
         if tensor_version(tokens) != ctx.version:  # what autograd checks for a saved tensor
-            raise RuntimeError("VisionMemory.tokens were modified in place after the normalised "
-                               "tokens were computed from them; the gradient would be wrong")
+            raise RuntimeError(
+                "VisionMemory.tokens were modified in place after the normalised "
+                "tokens were computed from them; the gradient would be wrong"
+            )
         with torch.enable_grad():
             x = tokens.detach().requires_grad_()
             (dx,) = torch.autograd.grad(normalize_tokens(x, ctx.norm, ctx.eps), x, grad)
@@ -395,8 +460,10 @@ def _forget_after_backward(memory: VisionMemory, key: tuple, entry_id: int):
 
 def _check_unsharded(memory: VisionMemory, what: str) -> None:
     if memory.frame_shard is not None:
-        raise NotImplementedError(f"VisionMemory.{what} is not supported on a frame-sharded "
-                                  "memory (it holds only this rank's frames)")
+        raise NotImplementedError(
+            f"VisionMemory.{what} is not supported on a frame-sharded "
+            "memory (it holds only this rank's frames)"
+        )
 
 
 def _check_pooled(pooled_per_frame) -> None:

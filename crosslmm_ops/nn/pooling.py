@@ -42,12 +42,30 @@ class TokenPooling(nn.Module):
                 raise ValueError("give output_size or output_grid (the same thing), not both")
             output_size = output_grid
         # Validate now, so that a bad configuration fails when the model is built.
-        self.spec = make_spec(grid, mode, kernel_size, stride, padding, ceil_mode,
-                               count_include_pad, output_size, align_corners, temporal_stride)
-        self._kwargs = dict(grid=grid, mode=mode, kernel_size=kernel_size, stride=stride,
-                            padding=padding, ceil_mode=ceil_mode,
-                            count_include_pad=count_include_pad, output_size=output_size,
-                            align_corners=align_corners, temporal_stride=temporal_stride)
+        self.spec = make_spec(
+            grid,
+            mode,
+            kernel_size,
+            stride,
+            padding,
+            ceil_mode,
+            count_include_pad,
+            output_size,
+            align_corners,
+            temporal_stride,
+        )
+        self._kwargs = dict(
+            grid=grid,
+            mode=mode,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            ceil_mode=ceil_mode,
+            count_include_pad=count_include_pad,
+            output_size=output_size,
+            align_corners=align_corners,
+            temporal_stride=temporal_stride,
+        )
         self.backend = backend
 
     @property

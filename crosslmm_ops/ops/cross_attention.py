@@ -61,21 +61,26 @@ class AttentionLayout:
     seqlen_k: int | None = None
 
 
-def check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                  max_seqlen_k) -> AttentionLayout:
+def check_inputs(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+) -> AttentionLayout:
     for name, t in (("q", q), ("k", k), ("v", v)):
         validation.tensor(name, t)
     if q.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"q must be a floating tensor (float16, bfloat16, float32 or float64), "
-                         f"got dtype {q.dtype}")
+        raise ValueError(
+            f"q must be a floating tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {q.dtype}"
+        )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (packed layout) or "
-                         "both left out (batched layout)")
+        raise ValueError(
+            "cu_seqlens_q and cu_seqlens_k must be given together (packed layout) or "
+            "both left out (batched layout)"
+        )
     packed = cu_seqlens_q is not None
     want = 3 if packed else 4
     layout_text = "(total, H, D) with cu_seqlens" if packed else "(B, S, H, D)"
@@ -83,29 +88,37 @@ def check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         if t.dim() != want:
             raise ValueError(f"{name} must have shape {layout_text}, got {tuple(t.shape)}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
     Hq, D = q.shape[-2:]
     Hk, Dk = k.shape[-2:]
     if D == 0 or Hq == 0 or Hk == 0:
-        raise ValueError(f"q and k need at least one head of width >= 1, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k need at least one head of width >= 1, got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}"
+        )
     if Dk != D:
         raise ValueError(f"k and v must have q's head dim {D}, got {Dk}")
     if Hq % Hk != 0:
-        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of "
-                         f"key/value heads ({Hk})")
+        raise ValueError(
+            f"the number of query heads ({Hq}) must be a multiple of the number of "
+            f"key/value heads ({Hk})"
+        )
     if not packed:
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"k and v must have q's batch size {q.shape[0]}, got {k.shape[0]}")
         for name, given in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
             if given is not None:
-                raise ValueError(f"{name} is for the packed layout (with cu_seqlens); batched "
-                                 "input takes its lengths from the shapes")
+                raise ValueError(
+                    f"{name} is for the packed layout (with cu_seqlens); batched "
+                    "input takes its lengths from the shapes"
+                )
         B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
         return AttentionLayout(True, B, Hq, Hk, D, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
-    batch, _, _, max_q, max_k = validation.packed(cu_seqlens_q, cu_seqlens_k, q.shape[0],
-                                                  k.shape[0], max_seqlen_q, max_seqlen_k, q.device)
+    batch, _, _, max_q, max_k = validation.packed(
+        cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, q.device
+    )
     return AttentionLayout(False, batch, Hq, Hk, D, q.shape[0], k.shape[0], max_q, max_k)
 
 
@@ -117,20 +130,24 @@ def _check_epilogue(gate, residual, q: torch.Tensor, out_shape: tuple, heads_q: 
         if gate.device != q.device:
             raise ValueError(f"gate must be on q's device {q.device}, got {gate.device}")
         if gate.numel() != 1 and tuple(gate.shape) != (heads_q,):
-            raise ValueError(f"gate must be a scalar (0-dim or 1 element) or per head of shape "
-                             f"({heads_q},), got shape {tuple(gate.shape)}")
+            raise ValueError(
+                f"gate must be a scalar (0-dim or 1 element) or per head of shape "
+                f"({heads_q},), got shape {tuple(gate.shape)}"
+            )
     if residual is not None:
         residual = validation.tensor("residual", residual)
         if tuple(residual.shape) != out_shape:
-            raise ValueError(f"residual must have the output's shape {out_shape}, got "
-                             f"{tuple(residual.shape)}")
+            raise ValueError(
+                f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}"
+            )
         if residual.dtype != q.dtype:
             raise ValueError(f"residual must have q's dtype {q.dtype}, got {residual.dtype}")
         if residual.device != q.device:
             raise ValueError(f"residual must be on q's device {q.device}, got {residual.device}")
     if (gate is None) != (residual is None):
-        raise ValueError("gate and residual must be given together (out = residual + "
-                         "tanh(gate) * attention)")
+        raise ValueError(
+            "gate and residual must be given together (out = residual + tanh(gate) * attention)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,11 +172,15 @@ def uniform_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.T
 def uniform_cu_seqlens_pair(batch: int, seqlen_q: int, seqlen_k: int, device: torch.device):
     """The uniform ``(cu_seqlens_q, cu_seqlens_k)`` of a batched call, one cache lookup for both
     (the stream lookup is a good part of the cost)."""
+
     def build(seqlen: int) -> torch.Tensor:
         return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
 
-    if device.type != "cuda" or torch.compiler.is_compiling() \
-            or torch.cuda.is_current_stream_capturing():
+    if (
+        device.type != "cuda"
+        or torch.compiler.is_compiling()
+        or torch.cuda.is_current_stream_capturing()
+    ):
         return build(seqlen_q), build(seqlen_k)
     key = (batch, seqlen_q, seqlen_k, device.index, torch.cuda.current_stream(device).cuda_stream)
     cached = _UNIFORM_CU_SEQLENS.get(key)
@@ -167,7 +188,10 @@ def uniform_cu_seqlens_pair(batch: int, seqlen_q: int, seqlen_k: int, device: to
         if len(_UNIFORM_CU_SEQLENS) >= _UNIFORM_CU_SEQLENS_MAX:
             _UNIFORM_CU_SEQLENS.clear()
         cu_q = build(seqlen_q)
-        cached = _UNIFORM_CU_SEQLENS[key] = (cu_q, cu_q if seqlen_k == seqlen_q else build(seqlen_k))
+        cached = _UNIFORM_CU_SEQLENS[key] = (
+            cu_q,
+            cu_q if seqlen_k == seqlen_q else build(seqlen_k),
+        )
     return cached
 
 
@@ -177,8 +201,12 @@ def packed_inputs(layout: AttentionLayout, q, k, v, cu_seqlens_q, cu_seqlens_k):
     uniform cu_seqlens; packed input is returned as it is."""
     if not layout.batched:
         return q, k, v, cu_seqlens_q, cu_seqlens_k
-    return (q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
-            *uniform_cu_seqlens_pair(layout.batch, layout.seqlen_q, layout.seqlen_k, q.device))
+    return (
+        q.reshape(-1, *q.shape[2:]),
+        k.reshape(-1, *k.shape[2:]),
+        v.reshape(-1, *v.shape[2:]),
+        *uniform_cu_seqlens_pair(layout.batch, layout.seqlen_q, layout.seqlen_k, q.device),
+    )
 
 
 def lse_batched(lse: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
@@ -287,8 +315,9 @@ def cross_attention_reference(
     scale = validation.softmax_scale(softmax_scale, layout.head_dim)
     _check_epilogue(gate, residual, q, tuple(q.shape), layout.heads_q)
     cdt = compute_dtype or accumulation_dtype(q.dtype)
-    out, lse = _reference_forward(*packed_inputs(layout, q, k, v, cu_seqlens_q, cu_seqlens_k),
-                                  scale, cdt)
+    out, lse = _reference_forward(
+        *packed_inputs(layout, q, k, v, cu_seqlens_q, cu_seqlens_k), scale, cdt
+    )
     if layout.batched:
         out = out.reshape(q.shape)
         lse = lse_batched(lse, layout.batch, layout.seqlen_q)
@@ -306,13 +335,17 @@ def _kernel_input(x: torch.Tensor, backend: str) -> torch.Tensor:
     """The kernels read any token/head strides but need the channels contiguous; the CUDA kernels
     move 16 bytes at a time, so they also need token/head strides that are multiples of 8
     elements and a 16-byte aligned base. Anything else is copied once."""
-    if x.is_contiguous() and (backend != "cuda" or (x.shape[-1] % 8 == 0
-                                                    and x.data_ptr() % 16 == 0)):
+    if x.is_contiguous() and (
+        backend != "cuda" or (x.shape[-1] % 8 == 0 and x.data_ptr() % 16 == 0)
+    ):
         return x  # the common case, decided in two cheap calls (host time of short calls)
     ok = x.stride(-1) == 1
     if backend == "cuda":
-        ok = ok and x.data_ptr() % 16 == 0 and all(
-            x.shape[d] <= 1 or x.stride(d) % 8 == 0 for d in range(x.dim() - 1))
+        ok = (
+            ok
+            and x.data_ptr() % 16 == 0
+            and all(x.shape[d] <= 1 or x.stride(d) % 8 == 0 for d in range(x.dim() - 1))
+        )
     return x if ok else x.contiguous()
 
 
@@ -353,8 +386,22 @@ def _backward_backend(backend: str, dlse, device: torch.device) -> str:
     return backend
 
 
-def _backward(backend, dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
-              deterministic):
+def _backward(
+    backend,
+    dout,
+    dlse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_q,
+    cu_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    deterministic,
+):
     if backend == "torch":
         with _backend.reference_mode(q.device):
             grads = _reference_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, scale)
@@ -364,8 +411,23 @@ def _backward(backend, dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
     dq = _backend.new_output(q.shape, q.dtype, q.device)
     dk = _backend.new_output(k.shape, k.dtype, k.device)
     dv = _backend.new_output(v.shape, v.dtype, v.device)
-    args = (dout, q, k, v, out, lse.contiguous(), dq, dk, dv, cu_q, cu_k, max_seqlen_q,
-            max_seqlen_k, scale, deterministic)
+    args = (
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse.contiguous(),
+        dq,
+        dk,
+        dv,
+        cu_q,
+        cu_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        deterministic,
+    )
     if backend == "cuda":  # dlse is None here (see _backward_backend)
         kernel = planner.attention_kernel(q.device, q.shape[-1], max_seqlen_q, backward=True)[0]
         ran = _kernels(backend).attention_backward(*args, kernel)
@@ -381,59 +443,175 @@ def _backward(backend, dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
 
 @torch.library.custom_op("crosslmm::cross_attention_fwd", mutates_args=())
 def _cross_attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-    num_splits: int, deterministic: bool, backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    num_splits: int,
+    deterministic: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         softmax_scale, num_splits, deterministic, backend)
+    return forward_impl(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        num_splits,
+        deterministic,
+        backend,
+    )
 
 
-def forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                 num_splits, deterministic, backend, op: str = OP_NAME):
+def forward_impl(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale,
+    num_splits,
+    deterministic,
+    backend,
+    op: str = OP_NAME,
+):
     """The packed forward on ``backend``, recorded under ``op``: ``(out, lse)``. The forward
     custom op's implementation (also the eager function's forward, and the local attention of
     the sharded op)."""
-    out, lse, kernel = _forward(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                max_seqlen_k, softmax_scale, num_splits)
+    out, lse, kernel = _forward(
+        backend,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        num_splits,
+    )
     planner.note(op, backend, kernel=kernel)
     return out, lse
 
 
-
 @_cross_attention_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, num_splits,
-      deterministic, backend):
+def _(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale,
+    num_splits,
+    deterministic,
+    backend,
+):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
 
 
 @torch.library.custom_op("crosslmm::cross_attention_bwd", mutates_args=())
 def _cross_attention_bwd_op(
-    dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
-    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-    deterministic: bool, backend: str,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    deterministic: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward_impl(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                          max_seqlen_k, softmax_scale, deterministic, backend)
+    return backward_impl(
+        dout,
+        dlse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        deterministic,
+        backend,
+    )
 
 
-def backward_impl(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                  max_seqlen_k, softmax_scale, deterministic, backend):
+def backward_impl(
+    dout,
+    dlse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale,
+    deterministic,
+    backend,
+):
     """The packed backward: ``(dq, dk, dv)``, recorded as ``cross_attention_backward``. The
     backward custom op's implementation (also the eager function's and the sharded op's)."""
     backend = _backward_backend(backend, dlse, q.device)
-    *grads, kernel = _backward(backend, dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                               max_seqlen_q, max_seqlen_k, softmax_scale, deterministic)
+    *grads, kernel = _backward(
+        backend,
+        dout,
+        dlse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        deterministic,
+    )
     planner.note(OP_NAME + "_backward", backend, kernel=kernel)
     return tuple(grads)
 
 
-
 @_cross_attention_bwd_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      softmax_scale, deterministic, backend):
+def _(
+    dout,
+    dlse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale,
+    deterministic,
+    backend,
+):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -455,16 +633,18 @@ def _backward_formula(ctx, grad_out, grad_lse):
 
 
 _cross_attention_fwd_op.register_autograd(_backward_formula, setup_context=_setup_context)
-_CrossAttentionFunction = _backend.eager_function("_CrossAttentionFunction", forward_impl,
-                                                  _setup_context, _backward_formula)
+_CrossAttentionFunction = _backend.eager_function(
+    "_CrossAttentionFunction", forward_impl, _setup_context, _backward_formula
+)
 
 
 def _cross_attention_fwd(q, k, v, *args):
     """The forward op for this call: the custom op, or in plain eager mode its autograd.Function
     twin (the same functions, without torch.library's per-call host cost)."""
     if _backend.eager_function_ok(q, k, v):
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                             or v.requires_grad)):
+        if not (
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        ):
             return forward_impl(q, k, v, *args)  # no graph to record: skip apply's host cost
         return _CrossAttentionFunction.apply(q, k, v, *args)
     return _cross_attention_fwd_op(q, k, v, *args)
@@ -488,8 +668,9 @@ def _forward_flops(q, k, v, cu_q, cu_k, max_q, max_k, *args, out_val=None, **kwa
 
 
 @register_flop_formula(torch.ops.crosslmm.cross_attention_bwd, get_raw=True)
-def _backward_flops(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *args, out_val=None,
-                    **kwargs) -> int:
+def _backward_flops(
+    dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *args, out_val=None, **kwargs
+) -> int:
     return 10 * _attended_pairs(cu_q, cu_k, max_q, max_k) * q.shape[1] * q.shape[2]
 
 
@@ -498,8 +679,14 @@ def _backward_flops(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *ar
 # ----------------------------------------------------------------------------------------------
 
 
-def _fast_ok(layout: AttentionLayout, dtype: torch.dtype, runnable: tuple[bool, str], *,
-             dtypes: tuple, head_dims) -> tuple[bool, str]:
+def _fast_ok(
+    layout: AttentionLayout,
+    dtype: torch.dtype,
+    runnable: tuple[bool, str],
+    *,
+    dtypes: tuple,
+    head_dims,
+) -> tuple[bool, str]:
     if not runnable[0]:
         return runnable
     if dtype not in dtypes:
@@ -513,16 +700,22 @@ def _cuda_ok(layout: AttentionLayout, dtype: torch.dtype, device: torch.device):
     runnable = _backend.cuda_runnable(device)
     if runnable[0] and not hasattr(_backend.extension(), "attention_forward"):
         runnable = (False, "the CUDA extension was built without the attention kernels; rebuild it")
-    return _fast_ok(layout, dtype, runnable, dtypes=_CUDA_DTYPES,
-                    head_dims=lambda d: d in _CUDA_HEAD_DIMS)
+    return _fast_ok(
+        layout, dtype, runnable, dtypes=_CUDA_DTYPES, head_dims=lambda d: d in _CUDA_HEAD_DIMS
+    )
 
 
 def _triton_ok(layout: AttentionLayout, dtype: torch.dtype, device: torch.device):
     runnable = _backend.triton_runnable(device)
     if runnable[0]:
         runnable = _backend.triton_dot_dtype_ok(dtype)
-    return _fast_ok(layout, dtype, runnable, dtypes=_TRITON_DTYPES,
-                    head_dims=lambda d: d <= _TRITON_MAX_HEAD_DIM)
+    return _fast_ok(
+        layout,
+        dtype,
+        runnable,
+        dtypes=_TRITON_DTYPES,
+        head_dims=lambda d: d <= _TRITON_MAX_HEAD_DIM,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -540,21 +733,39 @@ class AttentionCall:
         reasons = [self.reason]
         kernel = {"triton": "triton", "torch": "reference"}.get(self.backend)
         if self.backend == "cuda":
-            choice, why = planner.attention_kernel(device, self.layout.head_dim,
-                                                   self.layout.max_seqlen_q, self.scale)
+            choice, why = planner.attention_kernel(
+                device, self.layout.head_dim, self.layout.max_seqlen_q, self.scale
+            )
             kernel = planner.KERNEL_NAMES.get(choice, choice)  # as the extension reports it
             reasons.append(f"kernel: {why}")
-            choice, why = planner.attention_kernel(device, self.layout.head_dim,
-                                                   self.layout.max_seqlen_q, backward=True)
-            reasons.append(f"backward kernel {planner.KERNEL_NAMES.get(choice, choice)} (without "
-                           f"a gradient on the LSE): {why}")
+            choice, why = planner.attention_kernel(
+                device, self.layout.head_dim, self.layout.max_seqlen_q, backward=True
+            )
+            reasons.append(
+                f"backward kernel {planner.KERNEL_NAMES.get(choice, choice)} (without "
+                f"a gradient on the LSE): {why}"
+            )
         return planner.Plan(op, self.backend, None, kernel, tuple(reasons))
 
 
-def prepare(q, k, v, *, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
-            max_seqlen_q=None, max_seqlen_k=None, num_splits=0, return_lse=False,
-            deterministic=False, gate=None, residual=None, backend=None,
-            op: str = OP_NAME) -> AttentionCall:
+def prepare(
+    q,
+    k,
+    v,
+    *,
+    softmax_scale=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    num_splits=0,
+    return_lse=False,
+    deterministic=False,
+    gate=None,
+    residual=None,
+    backend=None,
+    op: str = OP_NAME,
+) -> AttentionCall:
     """Validate one call of :func:`cross_attention` (the same arguments) and choose its back end
     (:func:`crosslmm_ops.planner.choose_backend`, errors reported under ``op``)."""
     layout = check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -566,20 +777,35 @@ def prepare(q, k, v, *, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None
     return call_for(layout, scale, q.dtype, q.device, backend, op)
 
 
-def call_for(layout: AttentionLayout, scale: float, dtype: torch.dtype, device: torch.device,
-             backend: str | None, op: str = OP_NAME) -> AttentionCall:
+def call_for(
+    layout: AttentionLayout,
+    scale: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend: str | None,
+    op: str = OP_NAME,
+) -> AttentionCall:
     """The call of a validated ``layout``, its back end chosen (also what the materialised path
     of projected attention plans with)."""
     chosen, reason = planner.choose_backend(
-        op, backend, device,
+        op,
+        backend,
+        device,
         cuda_ok=lambda: _cuda_ok(layout, dtype, device),
         triton_ok=lambda: _triton_ok(layout, dtype, device),
     )
     return AttentionCall(layout, scale, chosen, reason)
 
 
-def finish(call: AttentionCall, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-           return_lse: bool, gate=None, residual=None):
+def finish(
+    call: AttentionCall,
+    q: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    return_lse: bool,
+    gate=None,
+    residual=None,
+):
     """The packed ``(out, lse)`` of a call in the caller's layout, with the epilogue applied:
     what :func:`cross_attention` returns."""
     layout = call.layout
@@ -644,14 +870,32 @@ def cross_attention(
     Meta (and fake) tensors give outputs of the right shapes and dtypes without running a back
     end; ``max_seqlen_q/k`` then default to the numbers of packed tokens.
     """
-    call = prepare(q, k, v, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
-                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                   num_splits=num_splits, return_lse=return_lse, deterministic=deterministic,
-                   gate=gate, residual=residual, backend=backend)
+    call = prepare(
+        q,
+        k,
+        v,
+        softmax_scale=softmax_scale,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        num_splits=num_splits,
+        return_lse=return_lse,
+        deterministic=deterministic,
+        gate=gate,
+        residual=residual,
+        backend=backend,
+    )
     layout = call.layout
-    out, lse = _cross_attention_fwd(*packed_inputs(layout, q, k, v, cu_seqlens_q, cu_seqlens_k),
-                                    layout.max_seqlen_q, layout.max_seqlen_k, call.scale,
-                                    num_splits, deterministic, call.backend)
+    out, lse = _cross_attention_fwd(
+        *packed_inputs(layout, q, k, v, cu_seqlens_q, cu_seqlens_k),
+        layout.max_seqlen_q,
+        layout.max_seqlen_k,
+        call.scale,
+        num_splits,
+        deterministic,
+        call.backend,
+    )
     return finish(call, q, out, lse, return_lse, gate, residual)
 
 
@@ -662,16 +906,22 @@ def _stacked(name: str, value) -> torch.Tensor:
     """A stacked tensor, or a list/tuple of tensors of one shape, dtype and device, stacked."""
     if isinstance(value, torch.Tensor):
         return value
-    if not isinstance(value, (list, tuple)) or not value \
-            or not all(isinstance(t, torch.Tensor) for t in value):
-        raise TypeError(f"{name} must be a tensor or a non-empty list of tensors, got "
-                        f"{type(value).__name__}")
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(t, torch.Tensor) for t in value)
+    ):
+        raise TypeError(
+            f"{name} must be a tensor or a non-empty list of tensors, got {type(value).__name__}"
+        )
     first = value[0]
     for i, t in enumerate(value):
         if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
-            raise ValueError(f"{name}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}, {name}[0] "
-                             f"is {tuple(first.shape)} {first.dtype} on {first.device}: all must "
-                             "match")
+            raise ValueError(
+                f"{name}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}, {name}[0] "
+                f"is {tuple(first.shape)} {first.dtype} on {first.device}: all must "
+                "match"
+            )
     return torch.stack(list(value))
 
 
@@ -692,14 +942,20 @@ def merge_attention_states(
     """
     outs, lses = _stacked("outs", outs), _stacked("lses", lses)
     if not outs.dtype.is_floating_point or not lses.dtype.is_floating_point:
-        raise ValueError(f"outs and lses must be floating tensors, got {outs.dtype} and "
-                         f"{lses.dtype}")
+        raise ValueError(
+            f"outs and lses must be floating tensors, got {outs.dtype} and {lses.dtype}"
+        )
     if lses.device != outs.device:
         raise ValueError(f"lses must be on outs' device {outs.device}, got {lses.device}")
-    if outs.dim() < 4 or lses.dim() != outs.dim() - 1 \
-            or lses.shape != (*outs.shape[:-3], outs.shape[-2], outs.shape[-3]):
-        raise ValueError(f"outs must be [S, ..., total_q, H, D] and lses [S, ..., H, total_q], got "
-                         f"outs {tuple(outs.shape)} and lses {tuple(lses.shape)}")
+    if (
+        outs.dim() < 4
+        or lses.dim() != outs.dim() - 1
+        or lses.shape != (*outs.shape[:-3], outs.shape[-2], outs.shape[-3])
+    ):
+        raise ValueError(
+            f"outs must be [S, ..., total_q, H, D] and lses [S, ..., H, total_q], got "
+            f"outs {tuple(outs.shape)} and lses {tuple(lses.shape)}"
+        )
     cdt = accumulation_dtype(outs.dtype)
     lses = lses.to(cdt)
     top = lses.amax(0)
@@ -779,35 +1035,41 @@ def attention_weights(
         lse = lse.to(cdt)
         lse_p = lse.transpose(0, 1).reshape(layout.heads_q, -1) if layout.batched else lse
     if layout.batched:  # uniform segments: known on the host, no device read (works on meta)
-        cq, ck = ([i * n for i in range(layout.batch + 1)]
-                  for n in (layout.seqlen_q, layout.seqlen_k))
+        cq, ck = (
+            [i * n for i in range(layout.batch + 1)] for n in (layout.seqlen_q, layout.seqlen_k)
+        )
     elif q.device.type == "meta":
         raise NotImplementedError(
             "attention_weights of the packed layout on the meta device: the output's width is the "
             "longest key segment of the chosen queries, which depends on cu_seqlens' values; use "
-            "the batched layout or real tensors")
+            "the batched layout or real tensors"
+        )
     else:
         cq, ck = cu_q.tolist(), cu_k.tolist()
     seg_of = torch.searchsorted(torch.tensor(cq[1:], dtype=torch.long), rows, right=True)
-    width = layout.seqlen_k if layout.batched else \
-        max((ck[s + 1] - ck[s] for s in seg_of.tolist()), default=0)
+    width = (
+        layout.seqlen_k
+        if layout.batched
+        else max((ck[s + 1] - ck[s] for s in seg_of.tolist()), default=0)
+    )
     probs = torch.zeros(rows.numel(), layout.heads_q, width, dtype=cdt, device=q.device)
     for seg in seg_of.unique().tolist():
         picked = (seg_of == seg).nonzero().reshape(-1)
         qi = qp[rows[picked].to(q.device)].to(cdt)  # [m, Hq, D]
-        keys = kp[ck[seg]: ck[seg + 1]]
+        keys = kp[ck[seg] : ck[seg + 1]]
         blocks = range(0, keys.shape[0], block_size)
         if lse is None:  # running log-sum-exp over key blocks
             seg_lse = qi.new_full((layout.heads_q, qi.shape[0]), float("-inf"))
             for j in blocks:
-                s = _segment_scores(qi, keys[j: j + block_size].to(cdt), scale)
+                s = _segment_scores(qi, keys[j : j + block_size].to(cdt), scale)
                 seg_lse = torch.logaddexp(seg_lse, torch.logsumexp(s, -1))
         else:
             seg_lse = lse_p[:, rows[picked].to(q.device)]
         for j in blocks:
-            s = _segment_scores(qi, keys[j: j + block_size].to(cdt), scale)  # [Hq, m, blk]
-            probs[picked.to(q.device), :, j: j + s.shape[-1]] = \
-                torch.exp(s - seg_lse.unsqueeze(-1)).transpose(0, 1)
+            s = _segment_scores(qi, keys[j : j + block_size].to(cdt), scale)  # [Hq, m, blk]
+            probs[picked.to(q.device), :, j : j + s.shape[-1]] = torch.exp(
+                s - seg_lse.unsqueeze(-1)
+            ).transpose(0, 1)
     if layout.batched:
         probs = probs.reshape(layout.batch, idx.numel(), layout.heads_q, width)
     return probs

@@ -112,22 +112,41 @@ def _check_vector(name: str, t, size: int, device: torch.device, what: str) -> N
         raise ValueError(f"{name} must have shape ({size},) ({what}), got {tuple(t.shape)}")
 
 
-def check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                  max_seqlen_k, norm, norm_weight, norm_bias, norm_eps) -> ProjectedLayout:
+def check_inputs(
+    q,
+    x,
+    w_k,
+    w_v,
+    b_k,
+    b_v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    norm,
+    norm_weight,
+    norm_bias,
+    norm_eps,
+) -> ProjectedLayout:
     q, x = validation.tensor("q", q), validation.tensor("x", x)
     if q.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"q must be a floating tensor (float16, bfloat16, float32 or float64), "
-                         f"got dtype {q.dtype}")
+        raise ValueError(
+            f"q must be a floating tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {q.dtype}"
+        )
     if x.dtype != q.dtype:
         raise ValueError(f"x must have q's dtype {q.dtype}, got {x.dtype}")
     if x.device != q.device:
         raise ValueError(f"x must be on q's device {q.device}, got {x.device}")
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (packed layout) or "
-                         "both left out (batched layout)")
+        raise ValueError(
+            "cu_seqlens_q and cu_seqlens_k must be given together (packed layout) or "
+            "both left out (batched layout)"
+        )
     packed = cu_seqlens_q is not None
-    q_text, x_text = (("(total_q, Hq, d)", "(total_k, Dv)") if packed
-                      else ("(B, Sq, Hq, d)", "(B, Sk, Dv)"))
+    q_text, x_text = (
+        ("(total_q, Hq, d)", "(total_k, Dv)") if packed else ("(B, Sq, Hq, d)", "(B, Sk, Dv)")
+    )
     with_cu = " with cu_seqlens" if packed else ""
     if q.dim() != (3 if packed else 4):
         raise ValueError(f"q must have shape {q_text}{with_cu}, got {tuple(q.shape)}")
@@ -136,19 +155,25 @@ def check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seqle
     Hq, d = q.shape[-2:]
     Dv = x.shape[-1]
     if Hq == 0 or d == 0 or Dv == 0:
-        raise ValueError(f"q needs at least one head of width >= 1 and x a width >= 1, got q "
-                         f"{tuple(q.shape)}, x {tuple(x.shape)}")
+        raise ValueError(
+            f"q needs at least one head of width >= 1 and x a width >= 1, got q "
+            f"{tuple(q.shape)}, x {tuple(x.shape)}"
+        )
     w_k = validation.floating("w_k", w_k, q.device)
     w_v = validation.floating("w_v", w_v, q.device)
     if w_k.dim() != 2 or w_k.shape[1] != Dv or w_k.shape[0] == 0 or w_k.shape[0] % d != 0:
-        raise ValueError(f"w_k must have shape (Hk * d, Dv) = (Hk * {d}, {Dv}) (nn.Linear.weight), "
-                         f"got {tuple(w_k.shape)}")
+        raise ValueError(
+            f"w_k must have shape (Hk * d, Dv) = (Hk * {d}, {Dv}) (nn.Linear.weight), "
+            f"got {tuple(w_k.shape)}"
+        )
     if w_v.shape != w_k.shape:
         raise ValueError(f"w_v must have w_k's shape {tuple(w_k.shape)}, got {tuple(w_v.shape)}")
     Hk = w_k.shape[0] // d
     if Hq % Hk != 0:
-        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of "
-                         f"key/value heads (w_k rows / head dim = {Hk})")
+        raise ValueError(
+            f"the number of query heads ({Hq}) must be a multiple of the number of "
+            f"key/value heads (w_k rows / head dim = {Hk})"
+        )
     _check_vector("b_k", b_k, Hk * d, q.device, "Hk * d")
     _check_vector("b_v", b_v, Hk * d, q.device, "Hk * d")
     if norm not in NORMS:
@@ -161,15 +186,29 @@ def check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seqle
             raise ValueError(f"x must have q's batch size {q.shape[0]}, got {x.shape[0]}")
         for name, given in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
             if given is not None:
-                raise ValueError(f"{name} is for the packed layout (with cu_seqlens); batched "
-                                 "input takes its lengths from the shapes")
+                raise ValueError(
+                    f"{name} is for the packed layout (with cu_seqlens); batched "
+                    "input takes its lengths from the shapes"
+                )
         B, Sq, Sk = q.shape[0], q.shape[1], x.shape[1]
         return ProjectedLayout(True, B, Hq, Hk, d, Dv, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
     batch, lens_q, lens_k, max_q, max_k = validation.packed(
-        cu_seqlens_q, cu_seqlens_k, q.shape[0], x.shape[0], max_seqlen_q, max_seqlen_k, q.device)
-    return ProjectedLayout(False, batch, Hq, Hk, d, Dv, q.shape[0], x.shape[0], max_q, max_k,
-                           lens_q=None if lens_q is None else tuple(lens_q),
-                           lens_k=None if lens_k is None else tuple(lens_k))
+        cu_seqlens_q, cu_seqlens_k, q.shape[0], x.shape[0], max_seqlen_q, max_seqlen_k, q.device
+    )
+    return ProjectedLayout(
+        False,
+        batch,
+        Hq,
+        Hk,
+        d,
+        Dv,
+        q.shape[0],
+        x.shape[0],
+        max_q,
+        max_k,
+        lens_q=None if lens_q is None else tuple(lens_q),
+        lens_k=None if lens_k is None else tuple(lens_k),
+    )
 
 
 _check_inputs = check_inputs  # the name the op's tests use
@@ -180,8 +219,9 @@ _check_inputs = check_inputs  # the name the op's tests use
 # ----------------------------------------------------------------------------------------------
 
 
-def normalize_tokens(x: torch.Tensor, norm: str | None = "layernorm", eps: float = 1e-6
-                     ) -> torch.Tensor:
+def normalize_tokens(
+    x: torch.Tensor, norm: str | None = "layernorm", eps: float = 1e-6
+) -> torch.Tensor:
     """The per-token normalisation of a LayerNorm / RMSNorm without its affine part:
     ``(x - mean) * rstd`` (``"layernorm"``) or ``x * rstd`` (``"rmsnorm"``) over the last dim,
     statistics in float32 (float64 for float64 input), returned in ``x``'s dtype;
@@ -289,27 +329,26 @@ def _core_reference_forward(q, x, cu_seqlens_q, cu_seqlens_k, scale, compute_dty
     for n, q0, lq, k0, lk in _runs(cu_seqlens_q, cu_seqlens_k):
         if lq == 0:
             continue
-        qi = qr[q0: q0 + n * lq].reshape(n, lq * hq, dv)
+        qi = qr[q0 : q0 + n * lq].reshape(n, lq * hq, dv)
         if lk == 0:  # no keys: the output is 0 and the LSE -inf (an empty softmax)
             outs.append(torch.zeros_like(qi))
             lses.append(qi.new_full((n, lq * hq), float("-inf")))
             continue
-        xi = xc[k0: k0 + n * lk].reshape(n, lk, dv)
+        xi = xc[k0 : k0 + n * lk].reshape(n, lk, dv)
         s = torch.bmm(qi, xi.transpose(1, 2)) * scale  # [n, rows, lk]
         lse = torch.logsumexp(s, -1)
         outs.append(torch.bmm(torch.exp(s - lse.unsqueeze(-1)), xi))
         lses.append(lse)
     out = torch.cat([o.reshape(-1, hq, dv) for o in outs]) if outs else qr.new_zeros(qr.shape)
-    lse = torch.cat([l.reshape(-1, hq) for l in lses]).t() if lses \
-        else qr.new_zeros(hq, total_q)
+    lse = torch.cat([l.reshape(-1, hq) for l in lses]).t() if lses else qr.new_zeros(hq, total_q)
     return _grouped(out, hk), lse
 
 
 def _core_reference_backward(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, scale):
     """The backward written out (what the kernels compute), per run of equal segments::
 
-        P = exp(S - lse),  dP = dO x^T,  dS = P * (dP - delta),  delta = rowsum(dO * O) - dlse,
-        dq = scale * dS x,  dx = P^T dO (x as the value) + scale * dS^T q (x as the key)
+    P = exp(S - lse),  dP = dO x^T,  dS = P * (dP - delta),  delta = rowsum(dO * O) - dlse,
+    dq = scale * dS x,  dx = P^T dO (x as the value) + scale * dS^T q (x as the key)
     """
     cdt = accumulation_dtype(q.dtype)
     hk = q.shape[0]
@@ -327,12 +366,13 @@ def _core_reference_backward(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlen
         rows = slice(q0, q0 + n * lq)
         qi, doi = (t[rows].reshape(n, lq * hq, dv) for t in (qr, dor))
         lse_i, delta_i = (t[:, rows].t().reshape(n, lq * hq, 1) for t in (lse, delta))
-        xi = xc[k0: k0 + n * lk].reshape(n, lk, dv)
+        xi = xc[k0 : k0 + n * lk].reshape(n, lk, dv)
         p = torch.exp(torch.bmm(qi, xi.transpose(1, 2)) * scale - lse_i)
         ds = p * (torch.bmm(doi, xi.transpose(1, 2)) - delta_i)
         dq[rows] = (torch.bmm(ds, xi) * scale).reshape(n * lq, hq, dv)
-        dx[k0: k0 + n * lk] = (torch.bmm(p.transpose(1, 2), doi)
-                               + torch.bmm(ds.transpose(1, 2), qi) * scale).reshape(n * lk, dv)
+        dx[k0 : k0 + n * lk] = (
+            torch.bmm(p.transpose(1, 2), doi) + torch.bmm(ds.transpose(1, 2), qi) * scale
+        ).reshape(n * lk, dv)
     return _grouped(dq, hk), dx
 
 
@@ -350,8 +390,11 @@ def _triton_kernels():
 def _cuda_input(t: torch.Tensor) -> torch.Tensor:
     """The CUDA kernel moves 16 bytes at a time: channels contiguous, other strides multiples of
     8 elements, a 16-byte aligned base; anything else is copied once."""
-    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
-        t.shape[d] <= 1 or t.stride(d) % 8 == 0 for d in range(t.dim() - 1))
+    ok = (
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all(t.shape[d] <= 1 or t.stride(d) % 8 == 0 for d in range(t.dim() - 1))
+    )
     return t if ok else t.contiguous()
 
 
@@ -368,15 +411,23 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
         # The binding takes [total_q, Hq, Dv]: a copy of q~ and of the output when 1 < Hk < Hq.
         hk = q.shape[0]
         out, lse = _backend.extension().projected_attention_core_forward(
-            _cuda_input(_rows_view(q)), _cuda_input(x), cu_q, cu_k, max_seqlen_q, max_seqlen_k,
-            scale, num_splits)
+            _cuda_input(_rows_view(q)),
+            _cuda_input(x),
+            cu_q,
+            cu_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            scale,
+            num_splits,
+        )
         return _grouped(out, hk), lse
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = _backend.new_output(q.shape, q.dtype, q.device)
     lse = _backend.new_output((q.shape[0] * q.shape[2], q.shape[1]), torch.float32, q.device)
-    _triton_kernels().projected_attention_core_forward(q, x, out, lse, cu_q, cu_k, max_seqlen_q,
-                                            max_seqlen_k, scale, num_splits)
+    _triton_kernels().projected_attention_core_forward(
+        q, x, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits
+    )
     return out, lse
 
 
@@ -388,8 +439,9 @@ def _backward_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _core_backward(backend, dout, dlse, q, x, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
-                   scale, num_splits):
+def _core_backward(
+    backend, dout, dlse, q, x, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits
+):
     if backend == "torch":
         with torch.no_grad():
             dq, dx = _core_reference_backward(dout, dlse, q, x, out, lse, cu_q, cu_k, scale)
@@ -399,8 +451,21 @@ def _core_backward(backend, dout, dlse, q, x, out, lse, cu_q, cu_k, max_seqlen_q
     dq = _backend.new_output(q.shape, q.dtype, q.device)
     dx = _backend.new_output(x.shape, x.dtype, x.device)
     _triton_kernels().projected_attention_core_backward(
-        dout, q, x, out.contiguous(), lse.contiguous(), dq, dx, cu_q, cu_k, max_seqlen_q,
-        max_seqlen_k, scale, num_splits, dlse=dlse)
+        dout,
+        q,
+        x,
+        out.contiguous(),
+        lse.contiguous(),
+        dq,
+        dx,
+        cu_q,
+        cu_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        num_splits,
+        dlse=dlse,
+    )
     return dq, dx
 
 
@@ -411,53 +476,144 @@ def _core_backward(backend, dout, dlse, q, x, out, lse, cu_q, cu_k, max_seqlen_q
 
 @torch.library.custom_op("crosslmm::projected_attention_core", mutates_args=())
 def _projected_attention_core_op(
-    q: torch.Tensor, x: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, num_splits: int, backend: str,
+    q: torch.Tensor,
+    x: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    num_splits: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _core_forward_impl(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             softmax_scale, num_splits, backend)
+    return _core_forward_impl(
+        q,
+        x,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        num_splits,
+        backend,
+    )
 
 
-def _core_forward_impl(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                      num_splits, backend):
+def _core_forward_impl(
+    q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, num_splits, backend
+):
     """The forward custom op's implementation (also the eager function's forward)."""
-    out, lse = _core_forward(backend, q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, softmax_scale, num_splits)
+    out, lse = _core_forward(
+        backend,
+        q,
+        x,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        num_splits,
+    )
     planner.note(CORE_OP_NAME, backend)
     return out, lse
 
 
 @_projected_attention_core_op.register_fake
-def _(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, num_splits,
-      backend):
+def _(
+    q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, num_splits, backend
+):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return (q.new_empty(q.shape),
-            q.new_empty((q.shape[0] * q.shape[2], q.shape[1]), dtype=lse_dtype))
+    return (
+        q.new_empty(q.shape),
+        q.new_empty((q.shape[0] * q.shape[2], q.shape[1]), dtype=lse_dtype),
+    )
 
 
 @torch.library.custom_op("crosslmm::projected_attention_core_backward", mutates_args=())
 def _projected_attention_core_backward_op(
-    dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, x: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, num_splits: int, backend: str,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    num_splits: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _core_backward_impl(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                              max_seqlen_k, softmax_scale, num_splits, backend)
+    return _core_backward_impl(
+        dout,
+        dlse,
+        q,
+        x,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        num_splits,
+        backend,
+    )
 
 
-def _core_backward_impl(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                       max_seqlen_k, softmax_scale, num_splits, backend):
+def _core_backward_impl(
+    dout,
+    dlse,
+    q,
+    x,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale,
+    num_splits,
+    backend,
+):
     """The backward custom op's implementation (also the eager function's backward)."""
     backend = _backward_backend(backend, q.device)
-    grads = _core_backward(backend, dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k,
-                           max_seqlen_q, max_seqlen_k, softmax_scale, num_splits)
+    grads = _core_backward(
+        backend,
+        dout,
+        dlse,
+        q,
+        x,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        num_splits,
+    )
     planner.note(CORE_OP_NAME + "_backward", backend)
     return grads
 
 
 @_projected_attention_core_backward_op.register_fake
-def _(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      softmax_scale, num_splits, backend):
+def _(
+    dout,
+    dlse,
+    q,
+    x,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale,
+    num_splits,
+    backend,
+):
     return q.new_empty(q.shape), x.new_empty(x.shape)
 
 
@@ -473,52 +629,67 @@ def _backward_formula(ctx, grad_out, grad_lse):
     q, x, out, lse, cu_q, cu_k = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    backward = (_core_backward_impl if getattr(ctx, "eager", False)
-                else _projected_attention_core_backward_op)
+    backward = (
+        _core_backward_impl
+        if getattr(ctx, "eager", False)
+        else _projected_attention_core_backward_op
+    )
     dq, dx = backward(grad_out, grad_lse, q, x, out, lse, cu_q, cu_k, *ctx.params)
     return (dq, dx) + (None,) * 7
 
 
 _projected_attention_core_op.register_autograd(_backward_formula, setup_context=_setup_context)
 _ProjectedAttentionCoreFunction = _backend.eager_function(
-    "_ProjectedAttentionCoreFunction", _core_forward_impl, _setup_context, _backward_formula)
+    "_ProjectedAttentionCoreFunction", _core_forward_impl, _setup_context, _backward_formula
+)
 
 
 def core_backends(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device):
     """``(cuda_ok, triton_ok)`` for the core of one call: each ``(bool, reason)``."""
     cuda = _backend.cuda_runnable(device)
     if cuda[0] and not hasattr(_backend.extension(), "projected_attention_core_forward"):
-        cuda = (False, "the CUDA extension was built without the projected-attention kernel; "
-                       "rebuild it")
+        cuda = (
+            False,
+            "the CUDA extension was built without the projected-attention kernel; rebuild it",
+        )
     if cuda[0] and dtype not in _CUDA_DTYPES:
         cuda = (False, f"dtype {dtype} is not supported (only float16, bfloat16)")
     if cuda[0] and (layout.width % 8 or layout.width > _CUDA_MAX_WIDTH):
-        cuda = (False, f"x's width {layout.width} is not supported (a multiple of 8, at most "
-                       f"{_CUDA_MAX_WIDTH})")
+        cuda = (
+            False,
+            f"x's width {layout.width} is not supported (a multiple of 8, at most "
+            f"{_CUDA_MAX_WIDTH})",
+        )
     triton_ok = _backend.triton_runnable(device)
     if triton_ok[0] and dtype not in _TRITON_DTYPES:
         triton_ok = (False, f"dtype {dtype} is not supported (only float16, bfloat16, float32)")
     if triton_ok[0]:
         triton_ok = _backend.triton_dot_dtype_ok(dtype)
     if triton_ok[0] and layout.width > _TRITON_MAX_WIDTH:
-        triton_ok = (False, f"x's width {layout.width} is not supported (at most "
-                            f"{_TRITON_MAX_WIDTH})")
+        triton_ok = (
+            False,
+            f"x's width {layout.width} is not supported (at most {_TRITON_MAX_WIDTH})",
+        )
     return cuda, triton_ok
 
 
-def _projected_attention_core(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits,
-                              backend):
+def _projected_attention_core(
+    q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits, backend
+):
     """The core op for this call: the custom op, or in plain eager mode its autograd.Function
     twin (the same functions, without torch.library's per-call host cost)."""
     if _backend.eager_function_ok(q, x):
         if not (torch.is_grad_enabled() and (q.requires_grad or x.requires_grad)):
             # no graph to record: skip apply's host cost (decode steps are host-bound)
-            return _core_forward_impl(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
-                                     num_splits, backend)
-        return _ProjectedAttentionCoreFunction.apply(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
-                                                     scale, num_splits, backend)
-    return _projected_attention_core_op(q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale,
-                                        num_splits, backend)
+            return _core_forward_impl(
+                q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits, backend
+            )
+        return _ProjectedAttentionCoreFunction.apply(
+            q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits, backend
+        )
+    return _projected_attention_core_op(
+        q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits, backend
+    )
 
 
 def projected_attention_core(
@@ -545,22 +716,44 @@ def projected_attention_core(
     which ran."""
     q, x = validation.tensor("q", q), validation.tensor("x", x)
     if x.dim() != q.dim() - 1:
-        raise ValueError(f"x must have shape (B, Sk, Dv) for q (B, Sq, Hq, Dv), or (total_k, Dv) "
-                         f"for q (total_q, Hq, Dv), got q {tuple(q.shape)}, x {tuple(x.shape)}")
+        raise ValueError(
+            f"x must have shape (B, Sk, Dv) for q (B, Sq, Hq, Dv), or (total_k, Dv) "
+            f"for q (total_q, Hq, Dv), got q {tuple(q.shape)}, x {tuple(x.shape)}"
+        )
     # Validated as what it is: cross_attention with one key/value head, k = v = x.
-    att = attention.check_inputs(q, x.unsqueeze(-2), x.unsqueeze(-2), cu_seqlens_q,
-                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    layout = ProjectedLayout(att.batched, att.batch, att.heads_q, 1, att.head_dim, att.head_dim,
-                             att.total_q, att.total_k, att.max_seqlen_q, att.max_seqlen_k,
-                             att.seqlen_q, att.seqlen_k)
+    att = attention.check_inputs(
+        q, x.unsqueeze(-2), x.unsqueeze(-2), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
+    layout = ProjectedLayout(
+        att.batched,
+        att.batch,
+        att.heads_q,
+        1,
+        att.head_dim,
+        att.head_dim,
+        att.total_q,
+        att.total_k,
+        att.max_seqlen_q,
+        att.max_seqlen_k,
+        att.seqlen_q,
+        att.seqlen_k,
+    )
     scale = validation.softmax_scale(softmax_scale, layout.width)
     _check_flags(num_splits, return_lse)
     cuda_ok, triton_ok = core_backends(layout, q.dtype, q.device)
-    chosen = planner.resolve(CORE_OP_NAME, backend, q.device, cuda_ok=cuda_ok,
-                             triton_ok=triton_ok)
+    chosen = planner.resolve(CORE_OP_NAME, backend, q.device, cuda_ok=cuda_ok, triton_ok=triton_ok)
     qp, xp, cu_q, cu_k = _packed(layout, q, x, cu_seqlens_q, cu_seqlens_k)
-    out, lse = _projected_attention_core(qp.unsqueeze(0), xp, cu_q, cu_k, layout.max_seqlen_q,
-                              layout.max_seqlen_k, scale, num_splits, chosen)
+    out, lse = _projected_attention_core(
+        qp.unsqueeze(0),
+        xp,
+        cu_q,
+        cu_k,
+        layout.max_seqlen_q,
+        layout.max_seqlen_k,
+        scale,
+        num_splits,
+        chosen,
+    )
     out = out.squeeze(0)
     if layout.batched:
         out = out.reshape(q.shape)
@@ -577,8 +770,11 @@ def _check_flags(num_splits, return_lse) -> None:
 def _packed(layout: ProjectedLayout, q, x, cu_seqlens_q, cu_seqlens_k):
     if not layout.batched:
         return q, x, cu_seqlens_q, cu_seqlens_k
-    return (q.reshape(-1, *q.shape[2:]), x.reshape(-1, x.shape[-1]),
-            *uniform_cu_seqlens_pair(layout.batch, layout.seqlen_q, layout.seqlen_k, q.device))
+    return (
+        q.reshape(-1, *q.shape[2:]),
+        x.reshape(-1, x.shape[-1]),
+        *uniform_cu_seqlens_pair(layout.batch, layout.seqlen_q, layout.seqlen_k, q.device),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,18 +832,21 @@ class CostModel:
         pairs = layout.pairs()
         hq, hk, d, dv = layout.heads_q, layout.heads_k, layout.head_dim, layout.width
         tq, tk = layout.total_q, layout.total_k
-        mm, attn, fused = (r * 1e12 for r in (self.matmul_tflops, self.attention_tflops,
-                                              self.fused_tflops))
+        mm, attn, fused = (
+            r * 1e12 for r in (self.matmul_tflops, self.attention_tflops, self.fused_tflops)
+        )
         bw = self.bandwidth_tbs * 1e12
         x_bytes = tk * dv * e
         w_bytes = 2 * hk * d * dv * e
         wide = tq * hq * dv * e  # q~ or o~: written by one kernel, read by the next
         io = 2 * tq * hq * d * e  # q read, out written
-        fused_s = (max(4 * pairs * hq * dv / fused, (x_bytes + 2 * wide) / bw)
-                   + max(4 * tq * hq * d * dv / mm, (2 * wide + io + w_bytes) / bw))
+        fused_s = max(4 * pairs * hq * dv / fused, (x_bytes + 2 * wide) / bw) + max(
+            4 * tq * hq * d * dv / mm, (2 * wide + io + w_bytes) / bw
+        )
         kv = 2 * tk * hk * d * e
-        mat_s = (max(4 * tk * dv * hk * d / mm, (x_bytes + w_bytes + kv) / bw)
-                 + max(4 * pairs * hq * d / attn, (kv + io) / bw))
+        mat_s = max(4 * tk * dv * hk * d / mm, (x_bytes + w_bytes + kv) / bw) + max(
+            4 * pairs * hq * d / attn, (kv + io) / bw
+        )
         return fused_s * 1e3, mat_s * 1e3
 
 
@@ -661,8 +860,9 @@ def choose_path(layout: ProjectedLayout, dtype: torch.dtype, path: str = "auto")
     return planner.choose_path(path, lambda: COST_MODEL.estimate(layout, dtype.itemsize))[0]
 
 
-def fused_core_fast(layout: ProjectedLayout, dtype: torch.dtype, device: torch.device,
-                    backend) -> tuple[bool, str]:
+def fused_core_fast(
+    layout: ProjectedLayout, dtype: torch.dtype, device: torch.device, backend
+) -> tuple[bool, str]:
     """Whether the fused core can run on the back end this call asks for, and on a GPU on a
     kernel: the cost model assumes kernels on both paths, and the core has limits the
     materialised attention does not (e.g. a token width above 2048) where ``auto`` would fall to
@@ -676,9 +876,16 @@ def fused_core_fast(layout: ProjectedLayout, dtype: torch.dtype, device: torch.d
     return {"cuda": cuda_ok, "triton": triton_ok, "torch": (True, "")}[wanted]
 
 
-def plan_path(layout, dtype: torch.dtype, device: torch.device,
-              path: str = "auto", backend=None, *, unfused_reason: str | None = None,
-              tracing: bool = False) -> tuple[str, str]:
+def plan_path(
+    layout,
+    dtype: torch.dtype,
+    device: torch.device,
+    path: str = "auto",
+    backend=None,
+    *,
+    unfused_reason: str | None = None,
+    tracing: bool = False,
+) -> tuple[str, str]:
     """``(path, reason)`` of one call, by :func:`crosslmm_ops.planner.choose_path` with this op's
     cost model (:data:`COST_MODEL`, read at each call) and the fused core's limits
     (:func:`fused_core_fast`). The op and the DCAL modules both ask here; the modules add why the
@@ -693,8 +900,12 @@ def plan_path(layout, dtype: torch.dtype, device: torch.device,
         return known[0]
 
     return planner.choose_path(
-        path, lambda: COST_MODEL.estimate(shapes(), dtype.itemsize), unfused_reason=unfused_reason,
-        fused_fast=lambda: fused_core_fast(shapes(), dtype, device, backend), tracing=tracing)
+        path,
+        lambda: COST_MODEL.estimate(shapes(), dtype.itemsize),
+        unfused_reason=unfused_reason,
+        fused_fast=lambda: fused_core_fast(shapes(), dtype, device, backend),
+        tracing=tracing,
+    )
 
 
 def last_path() -> str | None:
@@ -711,8 +922,12 @@ def attend_materialized(q, k, v, *, attend=cross_attention, **kwargs):
     and the DCAL modules' (which project K/V themselves, to share or cache them)."""
     result = attend(q, k, v, **kwargs)
     if not (torch.compiler.is_compiling() or q.is_meta):  # meta: no back end ran
-        planner.note(OP_NAME, planner.last_backend(attention.OP_NAME), path="materialized",
-                     kernel=planner.last_kernel(attention.OP_NAME))
+        planner.note(
+            OP_NAME,
+            planner.last_backend(attention.OP_NAME),
+            path="materialized",
+            kernel=planner.last_kernel(attention.OP_NAME),
+        )
     return result
 
 
@@ -735,9 +950,17 @@ def _fused(q, xhat, wk, wv, bk, bv, layout, scale, cu_q, cu_k, num_splits, backe
     q_tilde = torch.bmm(qg, _per_kv_head(wk, hk, d)).view(hk, tq, group, dv)
     # Under autocast the GEMM returns its lower dtype: the core multiplies q~ with x, so both
     # must have it (a no-op outside autocast).
-    o_tilde, lse = _projected_attention_core(q_tilde, xhat.to(q_tilde.dtype), cu_q, cu_k,
-                                  layout.max_seqlen_q, layout.max_seqlen_k, scale, num_splits,
-                                  backend)
+    o_tilde, lse = _projected_attention_core(
+        q_tilde,
+        xhat.to(q_tilde.dtype),
+        cu_q,
+        cu_k,
+        layout.max_seqlen_q,
+        layout.max_seqlen_k,
+        scale,
+        num_splits,
+        backend,
+    )
     # out = Wv_h o~ + bv_h: [Hk, total_q * G, Dv] x [Hk, Dv, d]
     out = torch.bmm(o_tilde.view(hk, tq * group, dv), _per_kv_head(wv, hk, d).transpose(1, 2))
     out = out.view(hk, tq, group, d)
@@ -815,27 +1038,50 @@ def projected_cross_attention(
       natural-log LSE of the projected scores (``b_k`` included), float32 (float64 for float64).
     """
     layout, scale, chosen_path, _ = _prepare(
-        q, x, w_k, w_v, b_k, b_v, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, norm, norm_weight, norm_bias, norm_eps, num_splits, path, return_lse,
-        backend)
+        q,
+        x,
+        w_k,
+        w_v,
+        b_k,
+        b_v,
+        softmax_scale,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        norm,
+        norm_weight,
+        norm_bias,
+        norm_eps,
+        num_splits,
+        path,
+        return_lse,
+        backend,
+    )
     xhat = normalize_tokens(x, norm, norm_eps)
     if chosen_path == "materialized":
         wk, wv, bk, bv = _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, q.dtype)
         kv_shape = (*x.shape[:-1], layout.heads_k, layout.head_dim)
         k = F.linear(xhat, wk, bk).view(kv_shape)
         v = F.linear(xhat, wv, bv).view(kv_shape)
-        return attend_materialized(q, k, v, softmax_scale=scale, cu_seqlens_q=cu_seqlens_q,
-                                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                                   max_seqlen_k=max_seqlen_k, num_splits=num_splits,
-                                   return_lse=return_lse, backend=backend)
+        return attend_materialized(
+            q,
+            k,
+            v,
+            softmax_scale=scale,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            num_splits=num_splits,
+            return_lse=return_lse,
+            backend=backend,
+        )
     cuda_ok, triton_ok = core_backends(layout, q.dtype, q.device)
-    core_backend = planner.resolve(OP_NAME, backend, q.device, cuda_ok=cuda_ok,
-                                   triton_ok=triton_ok)
-    wk, wv, bk, bv = _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, q.dtype,
-                           need_b_k=return_lse)
+    core_backend = planner.resolve(OP_NAME, backend, q.device, cuda_ok=cuda_ok, triton_ok=triton_ok)
+    wk, wv, bk, bv = _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, q.dtype, need_b_k=return_lse)
     qp, xp, cu_q, cu_k = _packed(layout, q, xhat, cu_seqlens_q, cu_seqlens_k)
-    out, lse = _fused(qp, xp, wk, wv, bk, bv, layout, scale, cu_q, cu_k, num_splits,
-                      core_backend)
+    out, lse = _fused(qp, xp, wk, wv, bk, bv, layout, scale, cu_q, cu_k, num_splits, core_backend)
     if b_k is not None and b_k.requires_grad and torch.is_grad_enabled():
         # b_k's gradient through the output is zero (it only moves the LSE, which adds its
         # own part when returned): give it that zero, as the materialised path does.
@@ -849,41 +1095,124 @@ def projected_cross_attention(
     return (out, lse) if return_lse else out
 
 
-def _prepare(q, x, w_k, w_v, b_k, b_v, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-             max_seqlen_k, norm, norm_weight, norm_bias, norm_eps, num_splits, path, return_lse,
-             backend):
+def _prepare(
+    q,
+    x,
+    w_k,
+    w_v,
+    b_k,
+    b_v,
+    softmax_scale,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    norm,
+    norm_weight,
+    norm_bias,
+    norm_eps,
+    num_splits,
+    path,
+    return_lse,
+    backend,
+):
     """One call validated, its path chosen: ``(layout, scale, path, reason)``."""
-    layout = check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                           max_seqlen_k, norm, norm_weight, norm_bias, norm_eps)
+    layout = check_inputs(
+        q,
+        x,
+        w_k,
+        w_v,
+        b_k,
+        b_v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        norm,
+        norm_weight,
+        norm_bias,
+        norm_eps,
+    )
     scale = validation.softmax_scale(softmax_scale, layout.head_dim)
     _check_flags(num_splits, return_lse)
     chosen, reason = plan_path(layout, q.dtype, q.device, path, backend)
     return layout, scale, chosen, reason
 
 
-def plan(q, x, w_k, w_v, b_k=None, b_v=None, *, softmax_scale=None, cu_seqlens_q=None,
-         cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, norm=None, norm_weight=None,
-         norm_bias=None, norm_eps=1e-6, num_splits=0, path="auto", return_lse=False,
-         backend=None) -> planner.Plan:
+def plan(
+    q,
+    x,
+    w_k,
+    w_v,
+    b_k=None,
+    b_v=None,
+    *,
+    softmax_scale=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    norm=None,
+    norm_weight=None,
+    norm_bias=None,
+    norm_eps=1e-6,
+    num_splits=0,
+    path="auto",
+    return_lse=False,
+    backend=None,
+) -> planner.Plan:
     """How :func:`projected_cross_attention` would run this call (:func:`crosslmm_ops.explain`):
     the path, then the back end and kernel of that path."""
     layout, scale, chosen, reason = _prepare(
-        q, x, w_k, w_v, b_k, b_v, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, norm, norm_weight, norm_bias, norm_eps, num_splits, path, return_lse,
-        backend)
+        q,
+        x,
+        w_k,
+        w_v,
+        b_k,
+        b_v,
+        softmax_scale,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        norm,
+        norm_weight,
+        norm_bias,
+        norm_eps,
+        num_splits,
+        path,
+        return_lse,
+        backend,
+    )
     return plan_layout(layout, scale, chosen, reason, q.dtype, q.device, backend)
 
 
-def plan_layout(layout: ProjectedLayout, scale: float, path: str, reason: str,
-                dtype: torch.dtype, device: torch.device, backend, op: str = OP_NAME
-                ) -> planner.Plan:
+def plan_layout(
+    layout: ProjectedLayout,
+    scale: float,
+    path: str,
+    reason: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend,
+    op: str = OP_NAME,
+) -> planner.Plan:
     """The plan of a call whose path is chosen (``reason``: why): the back end and kernel of
     that path (the op's and the DCAL modules' plans)."""
     if path == "materialized":
         kv_layout = attention.AttentionLayout(
-            layout.batched, layout.batch, layout.heads_q, layout.heads_k, layout.head_dim,
-            layout.total_q, layout.total_k, layout.max_seqlen_q, layout.max_seqlen_k,
-            layout.seqlen_q, layout.seqlen_k)
+            layout.batched,
+            layout.batch,
+            layout.heads_q,
+            layout.heads_k,
+            layout.head_dim,
+            layout.total_q,
+            layout.total_k,
+            layout.max_seqlen_q,
+            layout.max_seqlen_k,
+            layout.seqlen_q,
+            layout.seqlen_k,
+        )
         inner = attention.call_for(kv_layout, scale, dtype, device, backend, op).plan(op, device)
         return dataclasses.replace(inner, path=path, reasons=(f"path: {reason}",) + inner.reasons)
     cuda_ok, triton_ok = core_backends(layout, dtype, device)
@@ -917,8 +1246,22 @@ def projected_cross_attention_reference(
     weight and bias applied, not folded), project with ``F.linear`` and call
     :func:`~crosslmm_ops.cross_attention_reference`, everything in ``compute_dtype`` (default
     float32, float64 for float64 input). Differentiable through autograd."""
-    layout = check_inputs(q, x, w_k, w_v, b_k, b_v, cu_seqlens_q, cu_seqlens_k, None, None, norm,
-                           norm_weight, norm_bias, norm_eps)
+    layout = check_inputs(
+        q,
+        x,
+        w_k,
+        w_v,
+        b_k,
+        b_v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        None,
+        None,
+        norm,
+        norm_weight,
+        norm_bias,
+        norm_eps,
+    )
     cdt = compute_dtype or accumulation_dtype(q.dtype)
     cast = lambda t: None if t is None else t.to(cdt)  # noqa: E731
     xc = x.to(cdt)
@@ -934,6 +1277,13 @@ def projected_cross_attention_reference(
     kv_shape = (*x.shape[:-1], layout.heads_k, layout.head_dim)
     k = F.linear(xc, cast(w_k), cast(b_k)).view(kv_shape)
     v = F.linear(xc, cast(w_v), cast(b_v)).view(kv_shape)
-    return cross_attention_reference(q.to(cdt), k, v, softmax_scale=softmax_scale,
-                                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                     return_lse=return_lse, compute_dtype=cdt)
+    return cross_attention_reference(
+        q.to(cdt),
+        k,
+        v,
+        softmax_scale=softmax_scale,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        return_lse=return_lse,
+        compute_dtype=cdt,
+    )

@@ -98,19 +98,27 @@ class PoolSpec:
         H, W = _pair("grid", grid)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(temporal_stride, (int, np.integer)) or isinstance(temporal_stride, bool) \
-                or temporal_stride < 1:
+        if (
+            not isinstance(temporal_stride, (int, np.integer))
+            or isinstance(temporal_stride, bool)
+            or temporal_stride < 1
+        ):
             raise ValueError(f"temporal_stride must be an int >= 1, got {temporal_stride!r}")
-        for name, flag in (("ceil_mode", ceil_mode), ("count_include_pad", count_include_pad),
-                           ("align_corners", align_corners)):
+        for name, flag in (
+            ("ceil_mode", ceil_mode),
+            ("count_include_pad", count_include_pad),
+            ("align_corners", align_corners),
+        ):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
         if mode in ("avg", "max"):
             if kernel_size is None:
                 raise ValueError(f"mode={mode!r} needs kernel_size (e.g. kernel_size=3)")
             if output_size is not None:
-                raise ValueError(f"output_size is for the adaptive and bilinear modes, not {mode!r}; "
-                                 "give kernel_size/stride/padding")
+                raise ValueError(
+                    f"output_size is for the adaptive and bilinear modes, not {mode!r}; "
+                    "give kernel_size/stride/padding"
+                )
             k = _pair("kernel_size", kernel_size)
             s = _pair("stride", k if stride is None else stride)
             p = _pair("padding", padding, allow_zero=True)
@@ -118,24 +126,44 @@ class PoolSpec:
                 if 2 * p[axis] > k[axis]:
                     raise ValueError(
                         f"padding must be at most half of kernel_size, got padding={p} for "
-                        f"kernel_size={k}")
+                        f"kernel_size={k}"
+                    )
                 if length + 2 * p[axis] < k[axis]:
                     raise ValueError(
                         f"kernel_size {k} is larger than the padded grid "
-                        f"({H + 2 * p[0]}, {W + 2 * p[1]}) (grid {(H, W)}, padding {p})")
-            out = (_window_out(H, k[0], s[0], p[0], ceil_mode),
-                   _window_out(W, k[1], s[1], p[1], ceil_mode))
-            return PoolSpec((H, W), mode, k, s, p, ceil_mode, count_include_pad, out, False,
-                            int(temporal_stride))
+                        f"({H + 2 * p[0]}, {W + 2 * p[1]}) (grid {(H, W)}, padding {p})"
+                    )
+            out = (
+                _window_out(H, k[0], s[0], p[0], ceil_mode),
+                _window_out(W, k[1], s[1], p[1], ceil_mode),
+            )
+            return PoolSpec(
+                (H, W),
+                mode,
+                k,
+                s,
+                p,
+                ceil_mode,
+                count_include_pad,
+                out,
+                False,
+                int(temporal_stride),
+            )
         # adaptive / bilinear: a target grid, no windows.
         if output_size is None:
             raise ValueError(f"mode={mode!r} needs output_size (e.g. output_size=3 for a 3x3 grid)")
         if kernel_size is not None or stride is not None or padding not in (0, (0, 0)):
-            raise ValueError(f"kernel_size, stride and padding are for the avg and max modes, "
-                             f"not {mode!r}")
+            raise ValueError(
+                f"kernel_size, stride and padding are for the avg and max modes, not {mode!r}"
+            )
         out = _pair("output_size", output_size)
-        return PoolSpec((H, W), mode, output_size=out, align_corners=align_corners,
-                        temporal_stride=int(temporal_stride))
+        return PoolSpec(
+            (H, W),
+            mode,
+            output_size=out,
+            align_corners=align_corners,
+            temporal_stride=int(temporal_stride),
+        )
 
     @property
     def tokens_in(self) -> int:
@@ -276,8 +304,11 @@ def _axis_taps(spec: PoolSpec, axis: int) -> list[list[tuple[int, float]]]:
 @functools.lru_cache(maxsize=256)
 def pool_plan(spec: PoolSpec) -> PoolPlan:
     W = spec.grid[1]
-    entries = [[(h * W + w, wh * ww) for h, wh in rows for w, ww in cols]
-               for rows in _axis_taps(spec, 0) for cols in _axis_taps(spec, 1)]
+    entries = [
+        [(h * W + w, wh * ww) for h, wh in rows for w, ww in cols]
+        for rows in _axis_taps(spec, 0)
+        for cols in _axis_taps(spec, 1)
+    ]
     row_ptr = np.zeros(len(entries) + 1, dtype=np.int32)
     row_ptr[1:] = np.cumsum([len(e) for e in entries])
     col_idx = np.array([i for e in entries for i, _ in e], dtype=np.int32)
@@ -296,9 +327,11 @@ def _plan_tensors(spec: PoolSpec, device: torch.device) -> dict[str, torch.Tenso
     plan = pool_plan(spec)
     as_t = functools.partial(torch.as_tensor, device=device)
     return {
-        "row_ptr": as_t(plan.row_ptr), "col_idx": as_t(plan.col_idx),
+        "row_ptr": as_t(plan.row_ptr),
+        "col_idx": as_t(plan.col_idx),
         "weight": as_t(plan.weight, dtype=torch.float32),
-        "t_row_ptr": as_t(plan.t_row_ptr), "t_col_idx": as_t(plan.t_col_idx),
+        "t_row_ptr": as_t(plan.t_row_ptr),
+        "t_col_idx": as_t(plan.t_col_idx),
         "t_weight": as_t(plan.t_weight, dtype=torch.float32),
     }
 
@@ -331,10 +364,12 @@ def _reference_tables(spec: PoolSpec) -> dict[str, torch.Tensor]:
     plan = pool_plan(spec)
     tables = {}
     for prefix, row_ptr, col_idx, weight, pad in (
-            ("", plan.row_ptr, plan.col_idx, plan.weight, spec.tokens_in),
-            ("t_", plan.t_row_ptr, plan.t_col_idx, plan.t_weight, spec.tokens_out)):
-        taps, w = csr_table(torch.as_tensor(row_ptr), torch.as_tensor(col_idx).long(),
-                            torch.as_tensor(weight))
+        ("", plan.row_ptr, plan.col_idx, plan.weight, spec.tokens_in),
+        ("t_", plan.t_row_ptr, plan.t_col_idx, plan.t_weight, spec.tokens_out),
+    ):
+        taps, w = csr_table(
+            torch.as_tensor(row_ptr), torch.as_tensor(col_idx).long(), torch.as_tensor(weight)
+        )
         tables[prefix + "taps"] = torch.where(taps < 0, pad, taps).T.contiguous()
         tables[prefix + "weight"] = w.T.contiguous()
     return tables
@@ -408,8 +443,7 @@ def _weighted_backward(grad: torch.Tensor, spec: PoolSpec, frames_in: int) -> to
         g = g / _group_sizes(frames_in, s, g).view(-1, 1)
         g = g.repeat_interleave(s, dim=2)[:, :, :frames_in]
     tables = _reference_tables(spec)
-    g = _weighted_sum(_token_rows(g.permute(1, 2, 0, 3), 0.0), tables["t_taps"],
-                      tables["t_weight"])
+    g = _weighted_sum(_token_rows(g.permute(1, 2, 0, 3), 0.0), tables["t_taps"], tables["t_weight"])
     return g.view(spec.tokens_in, B, frames_in, D).permute(1, 2, 0, 3)
 
 
@@ -437,8 +471,9 @@ def _max_reference(x: torch.Tensor, spec: PoolSpec) -> tuple[torch.Tensor, torch
         tables = _reference_tables(spec)
         taps = tables["taps"].to(x.device)
         rows = _token_rows(x, float("-inf"))
-        best, token = _first_max((rows.index_select(0, taps[j]), taps[j].unsqueeze(1))
-                                 for j in range(taps.shape[0]))
+        best, token = _first_max(
+            (rows.index_select(0, taps[j]), taps[j].unsqueeze(1)) for j in range(taps.shape[0])
+        )
         best, token = best.view(n, B, T, D), token.view(n, B, T, D)
         if s > 1:
             groups = _frame_groups(best, 2, s, float("-inf"))  # [n, B, T', s, D]
@@ -464,8 +499,9 @@ def token_pool_reference(x: torch.Tensor, spec: PoolSpec, *, compute_dtype=None)
     that dtype; the torch back end casts the result to the input's dtype.
     """
     if not isinstance(spec, PoolSpec):
-        raise TypeError(f"spec must be a PoolSpec (PoolSpec.make(grid, mode, ...)), got "
-                        f"{type(spec).__name__}")
+        raise TypeError(
+            f"spec must be a PoolSpec (PoolSpec.make(grid, mode, ...)), got {type(spec).__name__}"
+        )
     if compute_dtype is None:
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     lead = x.shape[:-3]
@@ -503,17 +539,32 @@ def _forward(backend: str, x: torch.Tensor, spec: PoolSpec, need_argmax: bool):
     x = _kernel_input(x)
     out = _backend.new_output(out_shape, x.dtype, x.device)
     # Max records each element's winner only when a backward will need it.
-    argmax = (_backend.new_output(out_shape, torch.int32, x.device) if is_max and need_argmax
-              else x.new_empty(0, dtype=torch.int32))
+    argmax = (
+        _backend.new_output(out_shape, torch.int32, x.device)
+        if is_max and need_argmax
+        else x.new_empty(0, dtype=torch.int32)
+    )
     mix = _mix_function(backend)
-    mix(x, out, plan["row_ptr"], plan["col_idx"], plan["weight"], argmax if argmax.numel() else None,
-        KIND_MAX_FORWARD if is_max else KIND_WEIGHTED_SUM, spec.temporal_stride, T, N, False,
-        pool_plan(spec).max_row_len)
+    mix(
+        x,
+        out,
+        plan["row_ptr"],
+        plan["col_idx"],
+        plan["weight"],
+        argmax if argmax.numel() else None,
+        KIND_MAX_FORWARD if is_max else KIND_WEIGHTED_SUM,
+        spec.temporal_stride,
+        T,
+        N,
+        False,
+        pool_plan(spec).max_row_len,
+    )
     return out, argmax
 
 
-def _backward_reference(grad: torch.Tensor, argmax: torch.Tensor, spec: PoolSpec,
-                        in_shape: tuple) -> torch.Tensor:
+def _backward_reference(
+    grad: torch.Tensor, argmax: torch.Tensor, spec: PoolSpec, in_shape: tuple
+) -> torch.Tensor:
     """The torch back end's backward: the transposed pooling map (or the max's winners)."""
     B, frames_in, N, D = in_shape
     cdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
@@ -524,8 +575,9 @@ def _backward_reference(grad: torch.Tensor, argmax: torch.Tensor, spec: PoolSpec
     return _weighted_backward(grad.to(cdt), spec, frames_in).to(grad.dtype).contiguous()
 
 
-def _backward(backend: str, grad: torch.Tensor, argmax: torch.Tensor, spec: PoolSpec,
-              frames_in: int) -> torch.Tensor:
+def _backward(
+    backend: str, grad: torch.Tensor, argmax: torch.Tensor, spec: PoolSpec, frames_in: int
+) -> torch.Tensor:
     B, _, _, D = grad.shape
     N = spec.tokens_in
     in_shape = (B, frames_in, N, D)
@@ -538,9 +590,20 @@ def _backward(backend: str, grad: torch.Tensor, argmax: torch.Tensor, spec: Pool
     grad_x = _backend.new_output(in_shape, grad.dtype, grad.device)
     is_max = spec.mode == "max"
     mix = _mix_function(backend)
-    mix(grad, grad_x, plan["t_row_ptr"], plan["t_col_idx"], plan["t_weight"],
-        argmax if is_max else None, KIND_MAX_BACKWARD if is_max else KIND_WEIGHTED_SUM,
-        spec.temporal_stride, frames_in, N, True, pool_plan(spec).t_max_row_len)
+    mix(
+        grad,
+        grad_x,
+        plan["t_row_ptr"],
+        plan["t_col_idx"],
+        plan["t_weight"],
+        argmax if is_max else None,
+        KIND_MAX_BACKWARD if is_max else KIND_WEIGHTED_SUM,
+        spec.temporal_stride,
+        frames_in,
+        N,
+        True,
+        pool_plan(spec).t_max_row_len,
+    )
     return grad_x
 
 
@@ -558,41 +621,128 @@ def _mix_function(backend: str):
 
 
 def _spec_args(spec: PoolSpec) -> tuple:
-    return (list(spec.grid), spec.mode, list(spec.kernel_size), list(spec.stride),
-            list(spec.padding), spec.ceil_mode, spec.count_include_pad, list(spec.output_size),
-            spec.align_corners, spec.temporal_stride)
+    return (
+        list(spec.grid),
+        spec.mode,
+        list(spec.kernel_size),
+        list(spec.stride),
+        list(spec.padding),
+        spec.ceil_mode,
+        spec.count_include_pad,
+        list(spec.output_size),
+        spec.align_corners,
+        spec.temporal_stride,
+    )
 
 
-def _spec_from_args(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                    output_size, align_corners, temporal_stride) -> PoolSpec:
-    return PoolSpec(tuple(grid), mode, tuple(kernel_size), tuple(stride), tuple(padding), ceil_mode,
-                    count_include_pad, tuple(output_size), align_corners, temporal_stride)
+def _spec_from_args(
+    grid,
+    mode,
+    kernel_size,
+    stride,
+    padding,
+    ceil_mode,
+    count_include_pad,
+    output_size,
+    align_corners,
+    temporal_stride,
+) -> PoolSpec:
+    return PoolSpec(
+        tuple(grid),
+        mode,
+        tuple(kernel_size),
+        tuple(stride),
+        tuple(padding),
+        ceil_mode,
+        count_include_pad,
+        tuple(output_size),
+        align_corners,
+        temporal_stride,
+    )
 
 
 @torch.library.custom_op("crosslmm::token_pool", mutates_args=())
 def _token_pool_op(
-    x: torch.Tensor, grid: list[int], mode: str, kernel_size: list[int], stride: list[int],
-    padding: list[int], ceil_mode: bool, count_include_pad: bool, output_size: list[int],
-    align_corners: bool, temporal_stride: int, need_argmax: bool, backend: str,
+    x: torch.Tensor,
+    grid: list[int],
+    mode: str,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    output_size: list[int],
+    align_corners: bool,
+    temporal_stride: int,
+    need_argmax: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(x, grid, mode, kernel_size, stride, padding, ceil_mode,
-                         count_include_pad, output_size, align_corners, temporal_stride,
-                         need_argmax, backend)
+    return _forward_impl(
+        x,
+        grid,
+        mode,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        count_include_pad,
+        output_size,
+        align_corners,
+        temporal_stride,
+        need_argmax,
+        backend,
+    )
 
 
-def _forward_impl(x, grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                  output_size, align_corners, temporal_stride, need_argmax, backend):
+def _forward_impl(
+    x,
+    grid,
+    mode,
+    kernel_size,
+    stride,
+    padding,
+    ceil_mode,
+    count_include_pad,
+    output_size,
+    align_corners,
+    temporal_stride,
+    need_argmax,
+    backend,
+):
     """The forward custom op's implementation (also the eager function's forward)."""
-    spec = _spec_from_args(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                           output_size, align_corners, temporal_stride)
+    spec = _spec_from_args(
+        grid,
+        mode,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        count_include_pad,
+        output_size,
+        align_corners,
+        temporal_stride,
+    )
     out, argmax = _forward(backend, x, spec, need_argmax)
     planner.note(OP_NAME, backend)
     return out, argmax
 
 
 @_token_pool_op.register_fake
-def _(x, grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad, output_size,
-      align_corners, temporal_stride, need_argmax, backend):
+def _(
+    x,
+    grid,
+    mode,
+    kernel_size,
+    stride,
+    padding,
+    ceil_mode,
+    count_include_pad,
+    output_size,
+    align_corners,
+    temporal_stride,
+    need_argmax,
+    backend,
+):
     B, T, _, D = x.shape
     shape = (B, -(-T // temporal_stride), output_size[0] * output_size[1], D)
     argmax = x.new_empty(shape if (need_argmax and mode == "max") else (0,), dtype=torch.int32)
@@ -601,29 +751,90 @@ def _(x, grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
 
 @torch.library.custom_op("crosslmm::token_pool_backward", mutates_args=())
 def _token_pool_backward_op(
-    grad: torch.Tensor, argmax: torch.Tensor, frames_in: int, grid: list[int], mode: str,
-    kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
-    count_include_pad: bool, output_size: list[int], align_corners: bool, temporal_stride: int,
+    grad: torch.Tensor,
+    argmax: torch.Tensor,
+    frames_in: int,
+    grid: list[int],
+    mode: str,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    output_size: list[int],
+    align_corners: bool,
+    temporal_stride: int,
     backend: str,
 ) -> torch.Tensor:
-    return _backward_impl(grad, argmax, frames_in, grid, mode, kernel_size, stride, padding,
-                          ceil_mode, count_include_pad, output_size, align_corners,
-                          temporal_stride, backend)
+    return _backward_impl(
+        grad,
+        argmax,
+        frames_in,
+        grid,
+        mode,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        count_include_pad,
+        output_size,
+        align_corners,
+        temporal_stride,
+        backend,
+    )
 
 
-def _backward_impl(grad, argmax, frames_in, grid, mode, kernel_size, stride, padding, ceil_mode,
-                   count_include_pad, output_size, align_corners, temporal_stride, backend):
+def _backward_impl(
+    grad,
+    argmax,
+    frames_in,
+    grid,
+    mode,
+    kernel_size,
+    stride,
+    padding,
+    ceil_mode,
+    count_include_pad,
+    output_size,
+    align_corners,
+    temporal_stride,
+    backend,
+):
     """The backward custom op's implementation (also the eager function's backward)."""
-    spec = _spec_from_args(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                           output_size, align_corners, temporal_stride)
+    spec = _spec_from_args(
+        grid,
+        mode,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        count_include_pad,
+        output_size,
+        align_corners,
+        temporal_stride,
+    )
     grad_x = _backward(backend, grad, argmax, spec, frames_in)
     planner.note(OP_NAME + "_backward", backend)
     return grad_x
 
 
 @_token_pool_backward_op.register_fake
-def _(grad, argmax, frames_in, grid, mode, kernel_size, stride, padding, ceil_mode,
-      count_include_pad, output_size, align_corners, temporal_stride, backend):
+def _(
+    grad,
+    argmax,
+    frames_in,
+    grid,
+    mode,
+    kernel_size,
+    stride,
+    padding,
+    ceil_mode,
+    count_include_pad,
+    output_size,
+    align_corners,
+    temporal_stride,
+    backend,
+):
     return grad.new_empty(grad.shape[0], frames_in, grid[0] * grid[1], grad.shape[3])
 
 
@@ -643,8 +854,9 @@ def _backward_formula(ctx, grad_out, _grad_argmax):
 
 
 _token_pool_op.register_autograd(_backward_formula, setup_context=_setup_context)
-_TokenPoolFunction = _backend.eager_function("_TokenPoolFunction", _forward_impl, _setup_context,
-                                             _backward_formula)
+_TokenPoolFunction = _backend.eager_function(
+    "_TokenPoolFunction", _forward_impl, _setup_context, _backward_formula
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,15 +868,21 @@ def _check_input(x: torch.Tensor, spec: PoolSpec) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"x must be a floating tensor (float16, bfloat16, float32 or float64), "
-                         f"got dtype {x.dtype}")
+        raise ValueError(
+            f"x must be a floating tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {x.dtype}"
+        )
     if x.dim() < 3:
-        raise ValueError(f"x must have shape [..., T, N, D] (at least 3 dims), got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must have shape [..., T, N, D] (at least 3 dims), got {tuple(x.shape)}"
+        )
     if any(d == 0 for d in x.shape):
         raise ValueError(f"x must not have empty dimensions, got shape {tuple(x.shape)}")
     if x.shape[-2] != spec.tokens_in:
-        raise ValueError(f"x has N={x.shape[-2]} tokens per frame (shape {tuple(x.shape)}), but "
-                         f"grid {spec.grid} needs N = {spec.grid[0]}*{spec.grid[1]} = {spec.tokens_in}")
+        raise ValueError(
+            f"x has N={x.shape[-2]} tokens per frame (shape {tuple(x.shape)}), but "
+            f"grid {spec.grid} needs N = {spec.grid[0]}*{spec.grid[1]} = {spec.tokens_in}"
+        )
 
 
 def _fast_ok(dtype: torch.dtype, runnable: tuple[bool, str]) -> tuple[bool, str]:
@@ -684,7 +902,9 @@ def _choose_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
 
 def _backend_and_reason(backend: str | None, device: torch.device, dtype: torch.dtype):
     return planner.choose_backend(
-        OP_NAME, backend, device,
+        OP_NAME,
+        backend,
+        device,
         cuda_ok=_fast_ok(dtype, _backend.cuda_runnable(device)),
         triton_ok=_fast_ok(dtype, _backend.triton_runnable(device)),
     )
@@ -723,8 +943,18 @@ def token_pool(
     ``backend``: ``"auto"`` (default; env ``CROSSLMM_BACKEND``), ``"cuda"``, ``"triton"`` or
     ``"torch"``; :func:`crosslmm_ops.last_backend` says which ran.
     """
-    spec = make_spec(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                      output_size, align_corners, temporal_stride)
+    spec = make_spec(
+        grid,
+        mode,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        count_include_pad,
+        output_size,
+        align_corners,
+        temporal_stride,
+    )
     _check_input(x, spec)
     chosen = _choose_backend(backend, x.device, x.dtype)
     lead = x.shape[:-3]
@@ -736,12 +966,34 @@ def token_pool(
     return out.reshape(*lead, *out.shape[1:])
 
 
-def plan(x, grid=(27, 27), mode="avg", *, kernel_size=None, stride=None, padding=0,
-         ceil_mode=False, count_include_pad=True, output_size=None, align_corners=False,
-         temporal_stride=1, backend=None) -> planner.Plan:
+def plan(
+    x,
+    grid=(27, 27),
+    mode="avg",
+    *,
+    kernel_size=None,
+    stride=None,
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    output_size=None,
+    align_corners=False,
+    temporal_stride=1,
+    backend=None,
+) -> planner.Plan:
     """How :func:`token_pool` would run this call (:func:`crosslmm_ops.explain`)."""
-    spec = make_spec(grid, mode, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                     output_size, align_corners, temporal_stride)
+    spec = make_spec(
+        grid,
+        mode,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        count_include_pad,
+        output_size,
+        align_corners,
+        temporal_stride,
+    )
     _check_input(x, spec)
     chosen, reason = _backend_and_reason(backend, x.device, x.dtype)
     kernel = {"cuda": "token_pool_mix", "triton": "triton", "torch": "reference"}[chosen]

@@ -63,8 +63,12 @@ def softmax_scale(value, head_dim: int) -> float:
 
 def eps(name: str, value) -> None:
     """A norm's epsilon: NaN, infinite or negative would turn every token's statistics to NaN."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -107,24 +111,27 @@ def cu_values(name: str, values: list[int], total: int) -> list[int]:
     if any(n < 0 for n in lengths):
         raise ValueError(f"{name} must be non-decreasing, got {values}")
     if values[-1] != total:
-        raise ValueError(f"{name} must end at the number of packed tokens {total}, got "
-                         f"{values[-1]}")
+        raise ValueError(
+            f"{name} must end at the number of packed tokens {total}, got {values[-1]}"
+        )
     return lengths
 
 
-def max_seqlen(name: str, given, lengths: list[int] | None, total: int,
-               only_shapes: bool) -> int:
+def max_seqlen(name: str, given, lengths: list[int] | None, total: int, only_shapes: bool) -> int:
     """``given`` (an upper bound of the segment lengths), else the longest segment; never more
     than ``total``, the packed tokens."""
-    if given is not None and (not isinstance(given, numbers.Integral) or isinstance(given, bool)
-                              or given < 0):
+    if given is not None and (
+        not isinstance(given, numbers.Integral) or isinstance(given, bool) or given < 0
+    ):
         raise ValueError(f"{name} must be an int >= 0, got {given!r}")
     if lengths is None:
         if given is None:
             if only_shapes:  # no kernel is launched: the loosest bound will do
                 return total
-            raise ValueError(f"{name} must be given when cu_seqlens cannot be read (torch.compile, "
-                             "CUDA graph capture)")
+            raise ValueError(
+                f"{name} must be given when cu_seqlens cannot be read (torch.compile, "
+                "CUDA graph capture)"
+            )
         return min(given, total)
     actual = max(lengths, default=0)
     if given is not None and given < actual:
@@ -134,8 +141,15 @@ def max_seqlen(name: str, given, lengths: list[int] | None, total: int,
     return actual if given is None else min(given, total)
 
 
-def packed(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q, max_seqlen_k,
-           device: torch.device):
+def packed(
+    cu_seqlens_q,
+    cu_seqlens_k,
+    total_q: int,
+    total_k: int,
+    max_seqlen_q,
+    max_seqlen_k,
+    device: torch.device,
+):
     """The packed layout's ``cu_seqlens`` and ``max_seqlen``, validated (shared by every op that
     takes them): ``(batch, lens_q, lens_k, max_seqlen_q, max_seqlen_k)``, the segment lengths
     ``None`` where the values cannot be read (see :func:`checking_values`)."""
@@ -143,14 +157,20 @@ def packed(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q,
     cu_seqlens("cu_seqlens_k", cu_seqlens_k, device)
     batch = cu_seqlens_q.shape[0] - 1
     if cu_seqlens_k.shape[0] != batch + 1:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
-                         f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
+            f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}"
+        )
     lens_q = lens_k = None
     if checking_values(cu_seqlens_q):  # one host read (a device sync on the GPU) for both
         values = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()
         lens_q = cu_values("cu_seqlens_q", values[: batch + 1], total_q)
-        lens_k = cu_values("cu_seqlens_k", values[batch + 1:], total_k)
+        lens_k = cu_values("cu_seqlens_k", values[batch + 1 :], total_k)
     only_shapes = shapes_only(cu_seqlens_q)
-    return (batch, lens_q, lens_k,
-            max_seqlen("max_seqlen_q", max_seqlen_q, lens_q, total_q, only_shapes),
-            max_seqlen("max_seqlen_k", max_seqlen_k, lens_k, total_k, only_shapes))
+    return (
+        batch,
+        lens_q,
+        lens_k,
+        max_seqlen("max_seqlen_q", max_seqlen_q, lens_q, total_q, only_shapes),
+        max_seqlen("max_seqlen_k", max_seqlen_k, lens_k, total_k, only_shapes),
+    )

@@ -67,6 +67,8 @@ def check_launch(dot_dtype: torch.dtype | None = None, **index: torch.Tensor) ->
             raise RuntimeError(why)
     for name, t in index.items():
         if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (the Triton kernels read its storage "
-                             f"without strides), got strides {t.stride()}; pass "
-                             f"{name}.contiguous()")
+            raise ValueError(
+                f"{name} must be contiguous (the Triton kernels read its storage "
+                f"without strides), got strides {t.stride()}; pass "
+                f"{name}.contiguous()"
+            )

@@ -44,8 +44,9 @@ MAX_HEAD_DIM = 256
 @triton.jit
 def _load_tile(ptr, rows, stride_t, head_offset, offs_d, mask):
     """A [rows, D] tile of one head (``rows``: int64 token indices), zero where masked."""
-    return tl.load(ptr + rows[:, None] * stride_t + head_offset + offs_d[None, :], mask=mask,
-                   other=0.0)
+    return tl.load(
+        ptr + rows[:, None] * stride_t + head_offset + offs_d[None, :], mask=mask, other=0.0
+    )
 
 
 @triton.jit
@@ -57,10 +58,32 @@ def _load_row_stats(Lse, Delta, h, total_q, rows, mask):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, cu_q, cu_k,
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_s, so_t, so_h, sl_s, sl_h,
-    num_m_blocks, num_splits, head_dim, group, scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    cu_q,
+    cu_k,
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    sv_t,
+    sv_h,
+    so_s,
+    so_t,
+    so_h,
+    sl_s,
+    sl_h,
+    num_m_blocks,
+    num_splits,
+    head_dim,
+    group,
+    scale_log2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     seg = tl.program_id(0) // num_m_blocks
@@ -93,8 +116,11 @@ def _attn_fwd_kernel(
         cols = nb * BLOCK_N + offs_n
         mask_n = cols < k_len
         krows = (k_start + cols).to(tl.int64)
-        kt = tl.load(K + krows[None, :] * sk_t + hk * sk_h + offs_d[:, None],
-                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # K transposed: [D, N]
+        kt = tl.load(
+            K + krows[None, :] * sk_t + hk * sk_h + offs_d[:, None],
+            mask=mask_n[None, :] & mask_d[:, None],
+            other=0.0,
+        )  # K transposed: [D, N]
         s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
         s = tl.where(mask_n[None, :], s, float("-inf"))
         # Every block in range holds at least one real key, so m_new is finite.
@@ -119,10 +145,22 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_merge_kernel(
-    PartOut, PartLse, Out, Lse,
-    total_q, num_splits, head_dim,
-    sp_s, sp_t, sp_h, spl_s, spl_h, so_t, so_h,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    PartOut,
+    PartLse,
+    Out,
+    Lse,
+    total_q,
+    num_splits,
+    head_dim,
+    sp_s,
+    sp_t,
+    sp_h,
+    spl_s,
+    spl_h,
+    so_t,
+    so_h,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     h = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,8 +171,9 @@ def _attn_merge_kernel(
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for s in range(num_splits):
-        m = tl.maximum(m, tl.load(PartLse + s * spl_s + h * spl_h + rows, mask=mask_m,
-                                  other=float("-inf")))
+        m = tl.maximum(
+            m, tl.load(PartLse + s * spl_s + h * spl_h + rows, mask=mask_m, other=float("-inf"))
+        )
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: every weight is exp(-inf)=0
     w_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -150,16 +189,31 @@ def _attn_merge_kernel(
     w_safe = tl.where(has_keys, w_sum, 1.0)
     out = tl.where(has_keys[:, None], acc / w_safe[:, None], 0.0)
     lse = tl.where(has_keys, m_safe + tl.log(w_safe), float("-inf"))
-    tl.store(Out + rows[:, None] * so_t + h * so_h + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=mask)
+    tl.store(
+        Out + rows[:, None] * so_t + h * so_h + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=mask,
+    )
     tl.store(Lse + h * total_q + rows, lse, mask=mask_m)
 
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    Out, dOut, dLse, Delta,
-    total_q, head_dim, so_t, so_h, sdo_t, sdo_h, sdl_h, sdl_t,
-    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Out,
+    dOut,
+    dLse,
+    Delta,
+    total_q,
+    head_dim,
+    so_t,
+    so_h,
+    sdo_t,
+    sdo_h,
+    sdl_h,
+    sdl_t,
+    HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     h = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -178,10 +232,35 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k,
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h,
-    total_q, num_n_blocks, head_dim, group, scale, scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    dOut,
+    Lse,
+    Delta,
+    dK,
+    dV,
+    cu_q,
+    cu_k,
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    sv_t,
+    sv_h,
+    sdo_t,
+    sdo_h,
+    sdk_t,
+    sdk_h,
+    total_q,
+    num_n_blocks,
+    head_dim,
+    group,
+    scale,
+    scale_log2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     seg = tl.program_id(0) // num_n_blocks
@@ -230,10 +309,34 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k,
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
-    total_q, num_m_blocks, head_dim, group, scale, scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    dOut,
+    Lse,
+    Delta,
+    dQ,
+    cu_q,
+    cu_k,
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    sv_t,
+    sv_h,
+    sdo_t,
+    sdo_h,
+    sdq_t,
+    sdq_h,
+    total_q,
+    num_m_blocks,
+    head_dim,
+    group,
+    scale,
+    scale_log2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     seg = tl.program_id(0) // num_m_blocks
@@ -270,8 +373,11 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(dQ + qrows[:, None] * sdq_t + h * sdq_h + offs_d[None, :],
-             (dq * scale).to(dQ.dtype.element_ty), mask=q_mask)
+    tl.store(
+        dQ + qrows[:, None] * sdq_t + h * sdq_h + offs_d[None, :],
+        (dq * scale).to(dQ.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,19 +402,27 @@ def _forward_config(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> dic
     wide = block_d > 128 or (dtype == torch.float32 and block_d > 64)
     # Short query segments (decode, frame-local V2V) waste most of a 128-row tile: shrink it.
     block_m = min(64 if wide else 128, max(16, triton.next_power_of_2(max_seqlen_q)))
-    return dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, BLOCK_D=block_d,
-                num_warps=8 if block_m * block_d >= 128 * 128 else 4,
-                num_stages=2 if wide else 3)
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_N=32 if wide else 64,
+        BLOCK_D=block_d,
+        num_warps=8 if block_m * block_d >= 128 * 128 else 4,
+        num_stages=2 if wide else 3,
+    )
 
 
 def _backward_config(head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
     """(dK/dV kernel, dQ kernel) block sizes and launch options."""
     block_d = _block_d(head_dim)
     big, small = (32, 16) if block_d > 128 else (64, 32)
-    launch = dict(num_warps=8 if block_d >= 128 else 4,
-                  num_stages=2 if block_d >= 128 or dtype == torch.float32 else 3)
-    return (dict(BLOCK_M=small, BLOCK_N=big, BLOCK_D=block_d, **launch),
-            dict(BLOCK_M=big, BLOCK_N=small, BLOCK_D=block_d, **launch))
+    launch = dict(
+        num_warps=8 if block_d >= 128 else 4,
+        num_stages=2 if block_d >= 128 or dtype == torch.float32 else 3,
+    )
+    return (
+        dict(BLOCK_M=small, BLOCK_N=big, BLOCK_D=block_d, **launch),
+        dict(BLOCK_M=big, BLOCK_N=small, BLOCK_D=block_d, **launch),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,15 +431,26 @@ def _backward_config(head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
 
 
 def _check_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, \
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, (
         "channels must be contiguous"
+    )
     assert q.shape[-1] <= MAX_HEAD_DIM, f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                      max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                      num_splits: int, kernel: str | None = None) -> str:
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    num_splits: int,
+    kernel: str | None = None,
+) -> str:
     """Same contract as ``crosslmm_ops._C.attention_forward`` (see csrc/attention/): writes
     ``out [total_q, Hq, D]`` and the natural-log ``lse`` (float32, contiguous ``[Hq, total_q]``).
     ``num_splits=0`` picks the split count with :func:`num_splits_heuristic`. ``kernel`` (the CUDA
@@ -354,35 +479,103 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     common = dict(PRECISION=precision, **cfg)
     if num_splits == 1:
         _attn_fwd_kernel[grid](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            0, out.stride(0), out.stride(1), 0, lse.stride(0),
-            m_blocks, 1, D, group, scale_log2, **common)
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            0,
+            out.stride(0),
+            out.stride(1),
+            0,
+            lse.stride(0),
+            m_blocks,
+            1,
+            D,
+            group,
+            scale_log2,
+            **common,
+        )
         return "triton"
     # Scratch is written in full by the split programs (an empty split writes lse = -inf).
     part_out = torch.empty((num_splits, total_q, Hq, D), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((num_splits, Hq, total_q), dtype=torch.float32, device=q.device)
     _attn_fwd_kernel[grid](
-        q, k, v, part_out, part_lse, cu_seqlens_q, cu_seqlens_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        m_blocks, num_splits, D, group, scale_log2, **common)
+        q,
+        k,
+        v,
+        part_out,
+        part_lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        part_out.stride(0),
+        part_out.stride(1),
+        part_out.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        m_blocks,
+        num_splits,
+        D,
+        group,
+        scale_log2,
+        **common,
+    )
     merge_m = 16 if triton_interpreted() else 64
     _attn_merge_kernel[(triton.cdiv(total_q, merge_m), Hq)](
-        part_out, part_lse, out, lse, total_q, num_splits, D,
-        part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=merge_m, BLOCK_D=cfg["BLOCK_D"], num_warps=1 if triton_interpreted() else 4)
+        part_out,
+        part_lse,
+        out,
+        lse,
+        total_q,
+        num_splits,
+        D,
+        part_out.stride(0),
+        part_out.stride(1),
+        part_out.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_M=merge_m,
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=1 if triton_interpreted() else 4,
+    )
     return "triton"
 
 
-def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
-                       dv: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                       max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                       deterministic: bool, kernel: str | None = None,
-                       dlse: torch.Tensor | None = None) -> str:
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    deterministic: bool,
+    kernel: str | None = None,
+    dlse: torch.Tensor | None = None,
+) -> str:
     """Same contract as ``crosslmm_ops._C.attention_backward`` (see csrc/attention/), plus an
     optional gradient ``dlse [Hq, total_q]`` on the LSE. Always deterministic (no atomics), so
     ``deterministic`` changes nothing here; ``kernel`` is taken for the same signature and
@@ -408,26 +601,81 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if total_q:
         rows = 16 if triton_interpreted() else 64
         _attn_bwd_preprocess_kernel[(triton.cdiv(total_q, rows), Hq)](
-            out, dout, dlse if dlse is not None else lse, delta, total_q, D,
-            out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-            dlse.stride(0) if dlse is not None else 0, dlse.stride(1) if dlse is not None else 0,
-            HAS_DLSE=dlse is not None, BLOCK_M=rows, BLOCK_D=_block_d(D),
-            num_warps=1 if triton_interpreted() else 4)
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               dout.stride(0), dout.stride(1))
+            out,
+            dout,
+            dlse if dlse is not None else lse,
+            delta,
+            total_q,
+            D,
+            out.stride(0),
+            out.stride(1),
+            dout.stride(0),
+            dout.stride(1),
+            dlse.stride(0) if dlse is not None else 0,
+            dlse.stride(1) if dlse is not None else 0,
+            HAS_DLSE=dlse is not None,
+            BLOCK_M=rows,
+            BLOCK_D=_block_d(D),
+            num_warps=1 if triton_interpreted() else 4,
+        )
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+    )
     scale_log2 = softmax_scale * LOG2E
     if total_k:
         n_blocks = triton.cdiv(max(max_seqlen_k, 1), dkdv_cfg["BLOCK_N"])
         _attn_bwd_dkdv_kernel[(batch * n_blocks, Hk)](
-            q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
-            *strides, dk.stride(0), dk.stride(1),
-            total_q, n_blocks, D, group, softmax_scale, scale_log2,
-            PRECISION=precision, **dkdv_cfg)
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            *strides,
+            dk.stride(0),
+            dk.stride(1),
+            total_q,
+            n_blocks,
+            D,
+            group,
+            softmax_scale,
+            scale_log2,
+            PRECISION=precision,
+            **dkdv_cfg,
+        )
     if total_q:
         m_blocks = triton.cdiv(max(max_seqlen_q, 1), dq_cfg["BLOCK_M"])
         _attn_bwd_dq_kernel[(batch * m_blocks, Hq)](
-            q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
-            *strides, dq.stride(0), dq.stride(1),
-            total_q, m_blocks, D, group, softmax_scale, scale_log2,
-            PRECISION=precision, **dq_cfg)
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dq,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            *strides,
+            dq.stride(0),
+            dq.stride(1),
+            total_q,
+            m_blocks,
+            D,
+            group,
+            softmax_scale,
+            scale_log2,
+            PRECISION=precision,
+            **dq_cfg,
+        )
     return "triton"

@@ -73,10 +73,12 @@ def _load_slabs(ptr, row_off, mask, dv, DV_HI: tl.constexpr, DV_LO: tl.constexpr
     zero past ``dv``."""
     hi = tl.arange(0, DV_HI)
     lo = DV_HI + tl.arange(0, DV_LO)
-    a = tl.load(ptr + row_off[:, None] + hi[None, :], mask=mask[:, None] & (hi < dv)[None, :],
-                other=0.0)
-    b = tl.load(ptr + row_off[:, None] + lo[None, :], mask=mask[:, None] & (lo < dv)[None, :],
-                other=0.0)
+    a = tl.load(
+        ptr + row_off[:, None] + hi[None, :], mask=mask[:, None] & (hi < dv)[None, :], other=0.0
+    )
+    b = tl.load(
+        ptr + row_off[:, None] + lo[None, :], mask=mask[:, None] & (lo < dv)[None, :], other=0.0
+    )
     return a, b
 
 
@@ -84,10 +86,16 @@ def _load_slabs(ptr, row_off, mask, dv, DV_HI: tl.constexpr, DV_LO: tl.constexpr
 def _store_slabs(ptr, row_off, mask, dv, a, b, DV_HI: tl.constexpr, DV_LO: tl.constexpr):
     hi = tl.arange(0, DV_HI)
     lo = DV_HI + tl.arange(0, DV_LO)
-    tl.store(ptr + row_off[:, None] + hi[None, :], a.to(ptr.dtype.element_ty),
-             mask=mask[:, None] & (hi < dv)[None, :])
-    tl.store(ptr + row_off[:, None] + lo[None, :], b.to(ptr.dtype.element_ty),
-             mask=mask[:, None] & (lo < dv)[None, :])
+    tl.store(
+        ptr + row_off[:, None] + hi[None, :],
+        a.to(ptr.dtype.element_ty),
+        mask=mask[:, None] & (hi < dv)[None, :],
+    )
+    tl.store(
+        ptr + row_off[:, None] + lo[None, :],
+        b.to(ptr.dtype.element_ty),
+        mask=mask[:, None] & (lo < dv)[None, :],
+    )
 
 
 @triton.jit
@@ -101,11 +109,33 @@ def _split_range(k_len, num_splits, split, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    Q, X, Out, Lse, cu_q, cu_k,
-    sq_k, sq_t, sq_g, sx_t, so_s, so_k, so_t, so_g, sl_s,
-    total_q, dv, num_m_blocks, num_splits, scale_log2,
-    HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DV_HI: tl.constexpr, DV_LO: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    X,
+    Out,
+    Lse,
+    cu_q,
+    cu_k,
+    sq_k,
+    sq_t,
+    sq_g,
+    sx_t,
+    so_s,
+    so_k,
+    so_t,
+    so_g,
+    sl_s,
+    total_q,
+    dv,
+    num_m_blocks,
+    num_splits,
+    scale_log2,
+    HQ: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DV_HI: tl.constexpr,
+    DV_LO: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     seg = tl.program_id(0) // num_m_blocks
     m_block = tl.program_id(0) % num_m_blocks
@@ -148,16 +178,34 @@ def _fwd_kernel(
     acc_hi = tl.where(has_keys[:, None], acc_hi / l_safe[:, None], 0.0)
     acc_lo = tl.where(has_keys[:, None], acc_lo / l_safe[:, None], 0.0)
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
-    _store_slabs(Out + split * so_s, kh * so_k + t * so_t + g * so_g, mask_m, dv, acc_hi, acc_lo,
-                 DV_HI, DV_LO)
+    _store_slabs(
+        Out + split * so_s,
+        kh * so_k + t * so_t + g * so_g,
+        mask_m,
+        dv,
+        acc_hi,
+        acc_lo,
+        DV_HI,
+        DV_LO,
+    )
     tl.store(Lse + split * sl_s + h * total_q + t, lse, mask=mask_m)
 
 
 @triton.jit
 def _merge_kernel(
-    PartOut, PartLse, Out, Lse,
-    total_q, n_rows, num_splits, dv, sp_s, spl_s,
-    GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    PartOut,
+    PartLse,
+    Out,
+    Lse,
+    total_q,
+    n_rows,
+    num_splits,
+    dv,
+    sp_s,
+    spl_s,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Merge the splits' partial outputs by their LSE. Rows ``i`` in ``[Hk, total_q, G]`` order
     (partials and output are contiguous); one program per (row block, channel block)."""
@@ -187,15 +235,27 @@ def _merge_kernel(
     out = tl.where(has_keys[:, None], acc / w_safe[:, None], 0.0)
     tl.store(Out + i[:, None] * dv + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask)
     if tl.program_id(1) == 0:
-        tl.store(Lse + lse_off, tl.where(has_keys, m_safe + tl.log(w_safe), float("-inf")),
-                 mask=mask_r)
+        tl.store(
+            Lse + lse_off, tl.where(has_keys, m_safe + tl.log(w_safe), float("-inf")), mask=mask_r
+        )
 
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    Out, dOut, dLse, Delta,
-    total_q, n_rows, dv, sdo_k, sdo_t, sdo_g,
-    HAS_DLSE: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    Out,
+    dOut,
+    dLse,
+    Delta,
+    total_q,
+    n_rows,
+    dv,
+    sdo_k,
+    sdo_t,
+    sdo_g,
+    HAS_DLSE: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """``delta = rowsum(dO * O) - dlse`` for rows ``i`` in ``[Hk, total_q, G]`` order."""
     i = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -220,11 +280,38 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, X, dOut, Lse, Delta, dQ, cu_q, cu_k,
-    sq_k, sq_t, sq_g, sx_t, sdo_k, sdo_t, sdo_g, sdq_s, sdq_k, sdq_t, sdq_g,
-    total_q, dv, num_m_blocks, num_splits, scale, scale_log2,
-    HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DV_HI: tl.constexpr, DV_LO: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    X,
+    dOut,
+    Lse,
+    Delta,
+    dQ,
+    cu_q,
+    cu_k,
+    sq_k,
+    sq_t,
+    sq_g,
+    sx_t,
+    sdo_k,
+    sdo_t,
+    sdo_g,
+    sdq_s,
+    sdq_k,
+    sdq_t,
+    sdq_g,
+    total_q,
+    dv,
+    num_m_blocks,
+    num_splits,
+    scale,
+    scale_log2,
+    HQ: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DV_HI: tl.constexpr,
+    DV_LO: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     seg = tl.program_id(0) // num_m_blocks
     m_block = tl.program_id(0) % num_m_blocks
@@ -258,17 +345,48 @@ def _bwd_dq_kernel(
         dq_hi = tl.dot(ds, x_hi, dq_hi, input_precision=PRECISION)
         dq_lo = tl.dot(ds, x_lo, dq_lo, input_precision=PRECISION)
 
-    _store_slabs(dQ + split * sdq_s, kh * sdq_k + t * sdq_t + g * sdq_g, mask_m, dv,
-                 dq_hi * scale, dq_lo * scale, DV_HI, DV_LO)
+    _store_slabs(
+        dQ + split * sdq_s,
+        kh * sdq_k + t * sdq_t + g * sdq_g,
+        mask_m,
+        dv,
+        dq_hi * scale,
+        dq_lo * scale,
+        DV_HI,
+        DV_LO,
+    )
 
 
 @triton.jit
 def _bwd_dx_kernel(
-    Q, X, dOut, Lse, Delta, dX, cu_q, cu_k,
-    sq_k, sq_t, sq_g, sx_t, sdo_k, sdo_t, sdo_g, sdx_t,
-    total_q, dv, num_n_blocks, scale, scale_log2,
-    HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DV_HI: tl.constexpr, DV_LO: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    X,
+    dOut,
+    Lse,
+    Delta,
+    dX,
+    cu_q,
+    cu_k,
+    sq_k,
+    sq_t,
+    sq_g,
+    sx_t,
+    sdo_k,
+    sdo_t,
+    sdo_g,
+    sdx_t,
+    total_q,
+    dv,
+    num_n_blocks,
+    scale,
+    scale_log2,
+    HQ: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DV_HI: tl.constexpr,
+    DV_LO: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     seg = tl.program_id(0) // num_n_blocks
     n_block = tl.program_id(0) % num_n_blocks
@@ -290,8 +408,9 @@ def _bwd_dx_kernel(
     for m0 in range(0, n_rows, BLOCK_M):
         mask_m, t, h, kh, g = _rows(m0, q_start, n_rows, HQ, GROUP, BLOCK_M)
         q_hi, q_lo = _load_slabs(Q, kh * sq_k + t * sq_t + g * sq_g, mask_m, dv, DV_HI, DV_LO)
-        do_hi, do_lo = _load_slabs(dOut, kh * sdo_k + t * sdo_t + g * sdo_g, mask_m, dv,
-                                   DV_HI, DV_LO)
+        do_hi, do_lo = _load_slabs(
+            dOut, kh * sdo_k + t * sdo_t + g * sdo_g, mask_m, dv, DV_HI, DV_LO
+        )
         lse = tl.load(Lse + h * total_q + t, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(Delta + h * total_q + t, mask=mask_m, other=0.0)
         st = tl.dot(x_hi, tl.trans(q_hi), input_precision=PRECISION)
@@ -335,8 +454,14 @@ def _tile_rows(dv: int, dtype: torch.dtype, budget: int) -> int:
 
 def forward_config(dv: int, dtype: torch.dtype) -> dict:
     hi, lo = width_slabs(dv)
-    return dict(BLOCK_M=16, BLOCK_N=_tile_rows(dv, dtype, 160 * 1024), DV_HI=hi, DV_LO=lo,
-                num_warps=8 if hi >= 512 else 4, num_stages=2)
+    return dict(
+        BLOCK_M=16,
+        BLOCK_N=_tile_rows(dv, dtype, 160 * 1024),
+        DV_HI=hi,
+        DV_LO=lo,
+        num_warps=8 if hi >= 512 else 4,
+        num_stages=2,
+    )
 
 
 def backward_config(dv: int, dtype: torch.dtype) -> tuple[dict, dict]:
@@ -354,8 +479,9 @@ def _interpreted(cfg: dict) -> dict:
     return cfg
 
 
-def _choose_splits(num_splits: int, batch: int, m_blocks: int, key_blocks: int,
-                   device: torch.device) -> int:
+def _choose_splits(
+    num_splits: int, batch: int, m_blocks: int, key_blocks: int, device: torch.device
+) -> int:
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch * m_blocks, sm_count(device), key_blocks)
     return max(1, min(num_splits, max(key_blocks, 1), MAX_SPLITS))
@@ -366,8 +492,9 @@ def _grouped_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _check(q: torch.Tensor, x: torch.Tensor, cu_seqlens_q: torch.Tensor,
-           cu_seqlens_k: torch.Tensor) -> None:
+def _check(
+    q: torch.Tensor, x: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor
+) -> None:
     assert q.dim() == 4 and x.dim() == 2 and q.shape[-1] == x.shape[-1]
     assert q.stride(-1) == 1 and x.stride(-1) == 1, "channels must be contiguous"
     assert q.shape[-1] <= MAX_WIDTH, f"width {q.shape[-1]} > {MAX_WIDTH}"
@@ -379,11 +506,18 @@ def _check(q: torch.Tensor, x: torch.Tensor, cu_seqlens_q: torch.Tensor,
 # ----------------------------------------------------------------------------------------------
 
 
-def projected_attention_core_forward(q: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
-                                     lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                                     max_seqlen_k: int, softmax_scale: float,
-                                     num_splits: int) -> None:
+def projected_attention_core_forward(
+    q: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    num_splits: int,
+) -> None:
     """Writes ``out [Hk, total_q, G, Dv]`` (contiguous) and the natural-log ``lse`` (float32,
     contiguous ``[Hq, total_q]``). ``num_splits=0`` picks the split count from the occupancy."""
     _check(q, x, cu_seqlens_q, cu_seqlens_k)
@@ -401,33 +535,85 @@ def projected_attention_core_forward(q: torch.Tensor, x: torch.Tensor, out: torc
     grid = (batch * m_blocks, num_splits)
     scale_log2 = softmax_scale * LOG2E
     if num_splits == 1:
-        _fwd_kernel[grid](q, x, out, lse, cu_seqlens_q, cu_seqlens_k,
-                          *_grouped_strides(q), x.stride(0), 0, *_grouped_strides(out), 0,
-                          total_q, dv, m_blocks, 1, scale_log2, **common)
+        _fwd_kernel[grid](
+            q,
+            x,
+            out,
+            lse,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            *_grouped_strides(q),
+            x.stride(0),
+            0,
+            *_grouped_strides(out),
+            0,
+            total_q,
+            dv,
+            m_blocks,
+            1,
+            scale_log2,
+            **common,
+        )
         return
     # Scratch is written in full by the split programs (an empty split writes lse = -inf).
     part_out = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((num_splits, hq, total_q), dtype=torch.float32, device=q.device)
-    _fwd_kernel[grid](q, x, part_out, part_lse, cu_seqlens_q, cu_seqlens_k,
-                      *_grouped_strides(q), x.stride(0), part_out.stride(0),
-                      *_grouped_strides(part_out[0]), part_lse.stride(0),
-                      total_q, dv, m_blocks, num_splits, scale_log2, **common)
+    _fwd_kernel[grid](
+        q,
+        x,
+        part_out,
+        part_lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        *_grouped_strides(q),
+        x.stride(0),
+        part_out.stride(0),
+        *_grouped_strides(part_out[0]),
+        part_lse.stride(0),
+        total_q,
+        dv,
+        m_blocks,
+        num_splits,
+        scale_log2,
+        **common,
+    )
     n_rows = hq * total_q
     rows = 16 if triton_interpreted() else 32
     block_d = 128
     _merge_kernel[(triton.cdiv(n_rows, rows), triton.cdiv(dv, block_d))](
-        part_out, part_lse, out, lse, total_q, n_rows, num_splits, dv,
-        part_out.stride(0), part_lse.stride(0),
-        GROUP=group, BLOCK_R=rows, BLOCK_D=block_d, num_warps=1 if triton_interpreted() else 4)
+        part_out,
+        part_lse,
+        out,
+        lse,
+        total_q,
+        n_rows,
+        num_splits,
+        dv,
+        part_out.stride(0),
+        part_lse.stride(0),
+        GROUP=group,
+        BLOCK_R=rows,
+        BLOCK_D=block_d,
+        num_warps=1 if triton_interpreted() else 4,
+    )
 
 
-def projected_attention_core_backward(dout: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
-                                      out: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor,
-                                      dx: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                                      max_seqlen_k: int, softmax_scale: float,
-                                      num_splits: int = 0,
-                                      dlse: torch.Tensor | None = None) -> None:
+def projected_attention_core_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dq: torch.Tensor,
+    dx: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    num_splits: int = 0,
+    dlse: torch.Tensor | None = None,
+) -> None:
     """Writes ``dq`` (``q``'s shape, contiguous) and ``dx`` (``x``'s shape, contiguous); ``dlse``
     (``[Hq, total_q]``) is an optional gradient on the LSE. Deterministic: no atomics, and the
     key splits of ``dq`` are summed in a fixed order."""
@@ -448,30 +634,79 @@ def projected_attention_core_backward(dout: torch.Tensor, q: torch.Tensor, x: to
     if n_rows:
         rows = 16 if triton_interpreted() else 32
         _bwd_preprocess_kernel[(triton.cdiv(n_rows, rows),)](
-            out, dout, dlse.contiguous() if dlse is not None else lse, delta, total_q, n_rows, dv,
-            *_grouped_strides(dout), HAS_DLSE=dlse is not None, GROUP=group, BLOCK_R=rows,
-            BLOCK_D=128, num_warps=1 if triton_interpreted() else 4)
+            out,
+            dout,
+            dlse.contiguous() if dlse is not None else lse,
+            delta,
+            total_q,
+            n_rows,
+            dv,
+            *_grouped_strides(dout),
+            HAS_DLSE=dlse is not None,
+            GROUP=group,
+            BLOCK_R=rows,
+            BLOCK_D=128,
+            num_warps=1 if triton_interpreted() else 4,
+        )
     common = dict(HQ=hq, GROUP=group, PRECISION=precision)
     q_strides, do_strides = _grouped_strides(q), _grouped_strides(dout)
     if total_k:
         n_blocks = triton.cdiv(max(max_seqlen_k, 1), dx_cfg["BLOCK_N"])
         _bwd_dx_kernel[(batch * n_blocks,)](
-            q, x, dout, lse, delta, dx, cu_seqlens_q, cu_seqlens_k,
-            *q_strides, x.stride(0), *do_strides, dx.stride(0),
-            total_q, dv, n_blocks, softmax_scale, scale_log2, **common, **dx_cfg)
+            q,
+            x,
+            dout,
+            lse,
+            delta,
+            dx,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            *q_strides,
+            x.stride(0),
+            *do_strides,
+            dx.stride(0),
+            total_q,
+            dv,
+            n_blocks,
+            softmax_scale,
+            scale_log2,
+            **common,
+            **dx_cfg,
+        )
     if not total_q:
         return
     m_blocks = triton.cdiv(max(max_seqlen_q * hq, 1), dq_cfg["BLOCK_M"])
     key_blocks = triton.cdiv(max_seqlen_k, dq_cfg["BLOCK_N"])
     num_splits = _choose_splits(num_splits, batch, m_blocks, key_blocks, q.device)
-    target = dq if num_splits == 1 else torch.empty((num_splits, *q.shape), dtype=torch.float32,
-                                                    device=q.device)
+    target = (
+        dq
+        if num_splits == 1
+        else torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
+    )
     split_stride = 0 if num_splits == 1 else target.stride(0)
     _bwd_dq_kernel[(batch * m_blocks, num_splits)](
-        q, x, dout, lse, delta, target, cu_seqlens_q, cu_seqlens_k,
-        *q_strides, x.stride(0), *do_strides, split_stride,
+        q,
+        x,
+        dout,
+        lse,
+        delta,
+        target,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        *q_strides,
+        x.stride(0),
+        *do_strides,
+        split_stride,
         *_grouped_strides(target if num_splits == 1 else target[0]),
-        total_q, dv, m_blocks, num_splits, softmax_scale, scale_log2, **common, **dq_cfg)
+        total_q,
+        dv,
+        m_blocks,
+        num_splits,
+        softmax_scale,
+        scale_log2,
+        **common,
+        **dq_cfg,
+    )
     if num_splits > 1:
         # Rows a split never visits (none of its keys) are never written: every split program
         # of an existing row block writes its whole block, zeros for an empty range.

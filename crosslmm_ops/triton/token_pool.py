@@ -24,10 +24,27 @@ from crosslmm_ops.ops.token_pool import csr_table
 
 @triton.jit
 def _token_mix_kernel(
-    src, dst, argmax, taps, weights,
-    src_sb, src_st, src_sn, dst_sb, dst_st, dst_sn,
-    total_rows, src_frames, src_tokens, dst_frames, dst_tokens, channels, width,
-    temporal_stride, frames_in, tokens_in,
+    src,
+    dst,
+    argmax,
+    taps,
+    weights,
+    src_sb,
+    src_st,
+    src_sn,
+    dst_sb,
+    dst_st,
+    dst_sn,
+    total_rows,
+    src_frames,
+    src_tokens,
+    dst_frames,
+    dst_tokens,
+    channels,
+    width,
+    temporal_stride,
+    frames_in,
+    tokens_in,
     KIND: tl.constexpr,  # 0 weighted sum, 1 max forward, 2 max backward
     TIME_TRANSPOSED: tl.constexpr,
     FRAMES_PER_ROW: tl.constexpr,  # most source frames one destination row reads
@@ -73,8 +90,12 @@ def _token_mix_kernel(
             tap_ok = tap_ok & (tok >= 0)
             tok = tl.where(tap_ok, tok, 0).to(tl.int64)  # [ROWS, BLOCK_J]
             mask = tap_ok[:, :, None] & mask_d[None, None, :]
-            ptrs = (src + (b * src_sb + f * src_st)[:, None, None] + tok[:, :, None] * src_sn
-                    + offs_d[None, None, :])
+            ptrs = (
+                src
+                + (b * src_sb + f * src_st)[:, None, None]
+                + tok[:, :, None] * src_sn
+                + offs_d[None, None, :]
+            )
             if KIND == 0:
                 vals = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
                 w = tl.load(weights + o[:, None] * width + offs_j[None, :], mask=tap_ok, other=0.0)
@@ -82,8 +103,13 @@ def _token_mix_kernel(
                 acc += tl.sum(vals * w[:, :, None], axis=1)
             elif KIND == 2:
                 vals = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                won = tl.load(argmax + (((b * src_frames + f)[:, None] * src_tokens + tok) * channels)[:, :, None]
-                              + offs_d[None, None, :], mask=mask, other=-1)
+                won = tl.load(
+                    argmax
+                    + (((b * src_frames + f)[:, None] * src_tokens + tok) * channels)[:, :, None]
+                    + offs_d[None, None, :],
+                    mask=mask,
+                    other=-1,
+                )
                 acc += tl.sum(tl.where(won == my_pos[:, None, None], vals, 0.0), axis=1)
             else:
                 vals = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
@@ -94,23 +120,35 @@ def _token_mix_kernel(
                 jj = tl.broadcast_to(offs_j[None, :, None], [ROWS, BLOCK_J, BLOCK_D])
                 first = tl.min(tl.where(hit, jj, big), axis=1)  # earliest winner in this block
                 found = first < big
-                winner_tok = tl.load(taps + o[:, None] * width + tl.where(found, first, 0),
-                                     mask=found & mask_d[None, :], other=0)
+                winner_tok = tl.load(
+                    taps + o[:, None] * width + tl.where(found, first, 0),
+                    mask=found & mask_d[None, :],
+                    other=0,
+                )
                 block_best = tl.where(has_nan, float("nan"), top)
                 # Earlier blocks win ties; NaN beats numbers; nothing beats an earlier NaN.
                 best_nan = best != best
-                better = (best_pos < 0) | (has_nan & ~best_nan) | (~has_nan & ~best_nan & (top > best))
+                better = (
+                    (best_pos < 0) | (has_nan & ~best_nan) | (~has_nan & ~best_nan & (top > best))
+                )
                 better = better & found
                 best = tl.where(better, block_best, best)
-                best_pos = tl.where(better, (f[:, None] * tokens_in + winner_tok).to(tl.int32), best_pos)
+                best_pos = tl.where(
+                    better, (f[:, None] * tokens_in + winner_tok).to(tl.int32), best_pos
+                )
 
     out_mask = row_ok[:, None] & mask_d[None, :]
     out_ptrs = dst + (b * dst_sb + t * dst_st + o * dst_sn)[:, None] + offs_d[None, :]
     if KIND == 1:
         tl.store(out_ptrs, best.to(dst.dtype.element_ty), mask=out_mask)
         if WRITE_ARGMAX:
-            tl.store(argmax + (((b * dst_frames + t) * dst_tokens + o) * channels)[:, None]
-                     + offs_d[None, :], best_pos, mask=out_mask)
+            tl.store(
+                argmax
+                + (((b * dst_frames + t) * dst_tokens + o) * channels)[:, None]
+                + offs_d[None, :],
+                best_pos,
+                mask=out_mask,
+            )
     else:
         tl.store(out_ptrs, acc.to(dst.dtype.element_ty), mask=out_mask)
 
@@ -120,10 +158,20 @@ def _token_mix_kernel(
 _padded_table = functools.lru_cache(maxsize=256)(csr_table)
 
 
-def token_pool_mix(src: torch.Tensor, dst: torch.Tensor, row_ptr: torch.Tensor,
-                   col_idx: torch.Tensor, weight: torch.Tensor, argmax: torch.Tensor | None,
-                   kind: int, temporal_stride: int, frames_in: int, tokens_in: int,
-                   time_transposed: bool, max_row_len: int) -> None:
+def token_pool_mix(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    weight: torch.Tensor,
+    argmax: torch.Tensor | None,
+    kind: int,
+    temporal_stride: int,
+    frames_in: int,
+    tokens_in: int,
+    time_transposed: bool,
+    max_row_len: int,
+) -> None:
     """Same contract as ``crosslmm_ops._C.token_pool_mix`` (see csrc/pooling/token_pool.cu)."""
     assert src.stride(3) == 1 and dst.stride(3) == 1, "channels must be contiguous"
     if kind == 2:
@@ -140,13 +188,33 @@ def token_pool_mix(src: torch.Tensor, dst: torch.Tensor, row_ptr: torch.Tensor,
     rows_per_program = max(1, min(32 // block_j, 8))
     grid = (triton.cdiv(total_rows, rows_per_program), triton.cdiv(channels, block_d))
     _token_mix_kernel[grid](
-        src, dst, argmax if argmax is not None else dst, taps, table_w,
-        src.stride(0), src.stride(1), src.stride(2), dst.stride(0), dst.stride(1), dst.stride(2),
-        total_rows, src.shape[1], src.shape[2], dst.shape[1], dst.shape[2], channels, width,
-        temporal_stride, frames_in, tokens_in,
-        KIND=kind, TIME_TRANSPOSED=time_transposed,
+        src,
+        dst,
+        argmax if argmax is not None else dst,
+        taps,
+        table_w,
+        src.stride(0),
+        src.stride(1),
+        src.stride(2),
+        dst.stride(0),
+        dst.stride(1),
+        dst.stride(2),
+        total_rows,
+        src.shape[1],
+        src.shape[2],
+        dst.shape[1],
+        dst.shape[2],
+        channels,
+        width,
+        temporal_stride,
+        frames_in,
+        tokens_in,
+        KIND=kind,
+        TIME_TRANSPOSED=time_transposed,
         FRAMES_PER_ROW=1 if time_transposed else temporal_stride,
         WRITE_ARGMAX=argmax is not None,
-        ROWS=rows_per_program, BLOCK_J=block_j, BLOCK_D=block_d,
+        ROWS=rows_per_program,
+        BLOCK_J=block_j,
+        BLOCK_D=block_d,
         num_warps=4,
     )
