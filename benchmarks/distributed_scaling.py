@@ -48,6 +48,7 @@ import torch.distributed as dist  # noqa: E402
 
 import crosslmm_ops  # noqa: E402
 from crosslmm_ops import distributed as cd  # noqa: E402
+from crosslmm_ops.models import FrameShardedCrossLMM  # noqa: E402
 from crosslmm_ops.testing import relative_error  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -294,7 +295,7 @@ def _pixels(config, frames, dtype, device, seed=5):
 def part_prefill(args, dtype, device, rank, world, result) -> list[dict]:
     model = _model(args, dtype, device).eval()
     config = model.config
-    wrapped = cd.FrameShardedCrossLMM(model, cd.frame_group())
+    wrapped = FrameShardedCrossLMM(model, cd.frame_group())
     ids, _ = _prompt(config, args.frames, args.text, device)
     rows = []
     sources = [("vision_features", _features(config, args.frames, dtype, device))]
@@ -359,7 +360,7 @@ def part_train_step(args, dtype, device, rank, world, result) -> dict:
     t1 = _timed(one, args, device, collective=False)
     m1 = _peak_gib(device)
     ddp = DDP(
-        cd.FrameShardedCrossLMM(model, cd.frame_group()),
+        FrameShardedCrossLMM(model, cd.frame_group()),
         device_ids=[device.index] if device.type == "cuda" else None,
     )
     opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=1e-6)

@@ -10,7 +10,7 @@ encoder tokens (``vision_features``: the SigLIP tower does not run and is frozen
 
 Parallelism: the ranks form frame groups of ``--frame-group-size`` ranks (default: all of them
 with ``--frame-shard on``, 1 with ``off``). The ranks of one frame group see the same batch: each
-holds its share of the frames (:class:`crosslmm_ops.distributed.FrameShardedCrossLMM`: its own
+holds its share of the frames (:class:`crosslmm_ops.models.FrameShardedCrossLMM`: its own
 frames' original tokens, the pooled tokens all-gathered, sharded DCAL attention) and runs the LLM
 on the whole (short) sequence. Different frame groups draw different batches: that is the
 data-parallel dimension. DDP or FSDP2 (``fully_shard`` per decoder layer and the root) average
@@ -39,7 +39,10 @@ import torch.distributed as dist  # noqa: E402
 from marker_video import MarkerTaskConfig, MarkerVideoTask  # noqa: E402
 
 from crosslmm_ops import distributed as cd  # noqa: E402
-from crosslmm_ops.models import CrossLMMForConditionalGeneration  # noqa: E402
+from crosslmm_ops.models import (  # noqa: E402
+    CrossLMMForConditionalGeneration,
+    FrameShardedCrossLMM,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -129,7 +132,7 @@ def _train(args, device, rank, world) -> list[float]:
     )
 
     if args.frame_shard == "on":
-        module = cd.FrameShardedCrossLMM(model, groups[data_index])
+        module = FrameShardedCrossLMM(model, groups[data_index])
     else:
         module = model
     if args.strategy == "ddp":

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 import crosslmm_ops
 from crosslmm_ops import distributed as cd
+from crosslmm_ops.models import FrameShardedCrossLMM
 from crosslmm_ops.ops.cross_attention import cross_attention_reference
 from crosslmm_ops.ops.projected_attention import projected_cross_attention_reference
 from crosslmm_ops.testing import non_contiguous, poison_outputs
@@ -401,7 +402,7 @@ def case_model_ddp(rank, world, *, frames=(3, 1), frames_per_rank=None, kv_path=
     out_ref = ref(**batch)
     out_ref.loss.backward()
 
-    ddp = DDP(cd.FrameShardedCrossLMM(model, cd.frame_group()))
+    ddp = DDP(FrameShardedCrossLMM(model, cd.frame_group()))
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     out = ddp(**batch, frames_per_rank=frames_per_rank)
     _close(out.logits, out_ref.logits, "model logits")
@@ -430,7 +431,7 @@ def case_model_local_input(rank, world, seed=7):
     )
     del batch["pixel_values_videos"]
     ref = model(vision_features=feats, **batch)
-    wrapped = cd.FrameShardedCrossLMM(model, cd.frame_group(), gradients="exact")
+    wrapped = FrameShardedCrossLMM(model, cd.frame_group(), gradients="exact")
     shard = wrapped.frame_shard(frames)
     packed = feats[batch.pop("video_frame_mask")]
     out = wrapped(vision_features=shard.local(packed), frames_per_sample=frames, **batch)
@@ -451,7 +452,7 @@ def case_model_fsdp2(rank, world, seed=8):
     out_ref.loss.backward()
 
     mesh = init_device_mesh("cpu", (world,))
-    wrapped = cd.FrameShardedCrossLMM(model, cd.frame_group())
+    wrapped = FrameShardedCrossLMM(model, cd.frame_group())
     for layer in model.model.language_model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model.model.vision_tower, mesh=mesh)

@@ -24,6 +24,7 @@ from crosslmm_ops.models.decoder import (
     cache_vision_memory,
     find_cache,
 )
+from crosslmm_ops.models.frame_sharded import FrameShardedCrossLMM
 from crosslmm_ops.models.patching import (  # noqa: E402
     CrossLMMPatch,
     fix_processor_token_count,
@@ -59,6 +60,7 @@ __all__ = [
     "CrossLMMPreTrainedModel",
     "CrossLMMTextModel",
     "DCALSkippedError",
+    "FrameShardedCrossLMM",
     "cache_vision_memory",
     "find_cache",
     "fix_processor_token_count",

@@ -224,7 +224,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
     # Video -> features
     # ------------------------------------------------------------------------------------------
 
-    def _frame_mask(self, video_frame_mask, batch: int, frames: int) -> list[int]:
+    def frames_per_sample(self, video_frame_mask, batch: int, frames: int) -> list[int]:
         """Frames per sample from ``video_frame_mask (B, T)`` (True = real frame, a prefix of
         each row; None = every frame real)."""
         if video_frame_mask is None:
@@ -313,7 +313,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 f"got dtype {x.dtype}"
             )
         B, T = x.shape[:2]
-        frames = self._frame_mask(video_frame_mask, B, T)
+        frames = self.frames_per_sample(video_frame_mask, B, T)
         real = (
             x.reshape(B * T, *x.shape[2:])
             if video_frame_mask is None
@@ -346,7 +346,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------
 
-    def _visual_mask(self, input_ids: torch.Tensor, frames: list[int]) -> torch.Tensor:
+    def visual_positions(self, input_ids: torch.Tensor, frames: list[int]) -> torch.Tensor:
         config = self.config
         n = self.pooling.tokens_out
         mask = input_ids == config.video_token_id
@@ -450,7 +450,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             features, frames = self.get_video_features(
                 pixel_values_videos, video_frame_mask, vision_features=vision_features
             )
-            visual_mask = self._visual_mask(input_ids, frames)
+            visual_mask = self.visual_positions(input_ids, frames)
             if features.shape[0] == 0:  # every sample without frames: nothing to pool or attend
                 features = None
                 visual_mask = None
