@@ -495,7 +495,9 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             **kwargs,
         )
         if memory is None:  # a decode step: the memory its DCALs read from the cache
-            memory = cache_vision_memory(find_cache(outputs) or cache)
+            # (not `find_cache(...) or cache`: a cache with no layers yet is falsy)
+            out_cache = find_cache(outputs)
+            memory = cache_vision_memory(cache if out_cache is None else out_cache)
         out = CrossLMMModelOutputWithPast(**dict(outputs.items()), vision_memory=memory)
         return out.to_tuple() if return_dict is False else out
 

@@ -34,6 +34,8 @@ hooks could not find, or a forward after which a DCAL layer did not run raises
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import warnings
 from collections.abc import Mapping
 from typing import Sequence
@@ -78,19 +80,19 @@ def find_cache(*objects) -> Cache | None:
     return None
 
 
+@functools.cache
+def _cache_keyword() -> str:
+    # The installed release's decoders name it; read once (decode loops pass a cache per token).
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+
+    parameters = inspect.signature(Qwen2Model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def cache_argument(cache: Cache | None) -> dict:
     """``{name: cache}`` to pass a cache to a model call, under the name the installed
     transformers' decoders take it by (``cache`` from 5.24, ``past_key_values`` before)."""
-    import inspect
-
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
-
-    name = (
-        "cache"
-        if "cache" in inspect.signature(Qwen2Model.forward).parameters
-        else "past_key_values"
-    )
-    return {name: cache}
+    return {_cache_keyword(): cache}
 
 
 def past_length(cache: Cache | None) -> int:
