@@ -2,7 +2,7 @@
 # Build, test, sanitize and benchmark on a GPU machine in one go (what the lent H100 runs):
 #
 #   bash scripts/gpu_check.sh [build] [test] [fuzz] [sanitize] [bench] [bench-attention]
-#                             [bench-projected] [probe-sm90] [efficiency] [demo]
+#                             [bench-projected] [peers] [profile] [probe-sm90] [efficiency] [demo]
 #                             (default: build test sanitize bench)
 #
 # Logs and results go to $OUT (default ./gpu_out): gpu_tests.log, sanitizer.log, bench.log and the
@@ -97,6 +97,19 @@ run_bench() {  # run_bench <file> <log>: one pytest-benchmark file, its summary 
 has bench-attention && run_bench benchmarks/bench_cross_attention.py bench_attention.log
 has bench-projected && [[ -f benchmarks/bench_projected_attention.py ]] && \
   run_bench benchmarks/bench_projected_attention.py bench_projected.log
+
+if has peers; then
+  # The peer table of docs/performance.md (FlashAttention-4's column when flash_attn.cute imports).
+  step "peers: ours against FA4, SDPA cuDNN and SDPA flash"
+  $PY benchmarks/peers.py --out "$OUT/peers_h100.json" > "$OUT/peers.log" 2>&1 || status=1
+  tail -30 "$OUT/peers.log"
+fi
+
+if has profile; then
+  step "kernel profile and pooling probe (tools/)"
+  $PY tools/kernel_profile.py 2>&1 | tail -80 || status=1
+  $PY tools/pool_probe.py --json "$OUT/pool_probe.json" 2>&1 | tail -10 || status=1
+fi
 
 if has fuzz; then
   # Hypothesis tests at a modest count (bounded by a timeout, so the campaign below always runs),

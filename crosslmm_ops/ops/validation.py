@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
+from collections import OrderedDict
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -141,6 +143,49 @@ def max_seqlen(name: str, given, lengths: list[int] | None, total: int, only_sha
     return actual if given is None else min(given, total)
 
 
+# Segment lengths of cu_seqlens pairs already read and checked, so that a pair reused call after
+# call (every DCAL layer of a forward, a benchmark loop) costs one host read, not one per call: a
+# host read waits for the GPU to drain, and the GPU then idles while the host prepares the next
+# launch. An entry is valid while both tensors are alive and unmodified: it holds weak references
+# (an id is reused only after its object dies) and the version counters that every in-place write
+# to the tensors or to any view of their storage bumps.
+_VALIDATED: OrderedDict[tuple, tuple] = OrderedDict()
+_VALIDATED_MAX = 64
+
+
+def _versions(cu_q: torch.Tensor, cu_k: torch.Tensor):
+    """Both tensors' version counters, or None where there are none (inference tensors)."""
+    try:
+        return cu_q._version, cu_k._version
+    except RuntimeError:
+        return None
+
+
+def _segment_lengths(cu_q: torch.Tensor, cu_k: torch.Tensor, batch, total_q, total_k):
+    key = (id(cu_q), id(cu_k), total_q, total_k)
+    versions = _versions(cu_q, cu_k)
+    hit = _VALIDATED.get(key)
+    if hit is not None and versions is not None:
+        ref_q, ref_k, seen, lengths = hit
+        if ref_q() is cu_q and ref_k() is cu_k and seen == versions:
+            _VALIDATED.move_to_end(key)
+            return lengths
+    values = torch.cat([cu_q, cu_k]).tolist()  # one host read (a device sync on the GPU)
+    lengths = (
+        tuple(cu_values("cu_seqlens_q", values[: batch + 1], total_q)),
+        tuple(cu_values("cu_seqlens_k", values[batch + 1 :], total_k)),
+    )
+    if versions is not None:
+        try:
+            refs = (weakref.ref(cu_q), weakref.ref(cu_k))
+        except TypeError:  # a tensor type without weak references: read it every call
+            return lengths
+        _VALIDATED[key] = (*refs, versions, lengths)
+        if len(_VALIDATED) > _VALIDATED_MAX:
+            _VALIDATED.popitem(last=False)
+    return lengths
+
+
 def packed(
     cu_seqlens_q,
     cu_seqlens_k,
@@ -162,10 +207,8 @@ def packed(
             f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}"
         )
     lens_q = lens_k = None
-    if checking_values(cu_seqlens_q):  # one host read (a device sync on the GPU) for both
-        values = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()
-        lens_q = cu_values("cu_seqlens_q", values[: batch + 1], total_q)
-        lens_k = cu_values("cu_seqlens_k", values[batch + 1 :], total_k)
+    if checking_values(cu_seqlens_q):
+        lens_q, lens_k = _segment_lengths(cu_seqlens_q, cu_seqlens_k, batch, total_q, total_k)
     only_shapes = shapes_only(cu_seqlens_q)
     return (
         batch,

@@ -28,7 +28,7 @@
 
 #include "attention/attention_common.cuh"
 #include "attention/attention_params.h"
-#include "attention/mma.cuh"
+#include "common/mma.cuh"
 
 namespace crosslmm {
 namespace attention {

@@ -60,11 +60,10 @@
 #include <cstdint>
 #include <cstring>
 
-#include "attention/attention_bwd_sm90_ptx.cuh"
 #include "attention/attention_common.cuh"
-#include "attention/attention_fwd_sm90_ptx.cuh"
 #include "attention/attention_params.h"
-#include "attention/mma.cuh"
+#include "common/mma.cuh"
+#include "common/sm90_ptx.cuh"
 
 namespace crosslmm {
 namespace attention {

@@ -25,7 +25,7 @@
 // Shared memory (1024-byte aligned): Q, then K[kStages], then V[kStages], 32 KB each, then the
 // mbarriers. Every tile is two 16 KB halves (channels 0-63, 64-127) of [128 rows][64 channels],
 // 128-byte rows in TMA's 128-byte swizzle, which is the canonical wgmma layout (see
-// make_smem_desc_sw128 in attention_fwd_sm90_ptx.cuh). TMA boxes are 64 channels wide because a
+// make_smem_desc_sw128 in common/sm90_ptx.cuh). TMA boxes are 64 channels wide because a
 // 128-byte swizzle allows at most 128-byte box rows.
 //
 // Segment edges. TMA zero-fills only past the end of the whole tensor, so a tile's rows may run
@@ -47,9 +47,9 @@
 #include <cstring>
 
 #include "attention/attention_common.cuh"
-#include "attention/attention_fwd_sm90_ptx.cuh"
 #include "attention/attention_params.h"
-#include "attention/mma.cuh"
+#include "common/mma.cuh"
+#include "common/sm90_ptx.cuh"
 
 namespace crosslmm {
 namespace attention {

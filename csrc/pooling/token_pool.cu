@@ -27,7 +27,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "../common/check.h"
+#include "common/check.h"
 
 namespace crosslmm {
 namespace {
@@ -120,7 +120,12 @@ __device__ __forceinline__ FrameRange frames_for(const TokenMixParams& p, int64_
 }
 
 // Max with a fixed tie-break: the larger value wins; equal values go to the earlier position in
-// scan order (frames, then the CSR row); NaN wins over numbers so it propagates, as in torch.
+// scan order (frames, then the CSR row); NaN wins over numbers so it propagates, as in torch. A
+// thread scans its taps in increasing order, so within a thread "strictly better" is enough
+// (`improves`); `beats` compares two threads' winners by their rank when their results meet.
+__device__ __forceinline__ bool improves(float v, float best) {
+  return v > best || (isnan(v) && !isnan(best));
+}
 __device__ __forceinline__ bool beats(float v, int32_t rank, float best, int32_t best_rank) {
   if (best_rank < 0) return true;
   const bool v_nan = isnan(v), b_nan = isnan(best);
@@ -129,13 +134,16 @@ __device__ __forceinline__ bool beats(float v, int32_t rank, float best, int32_t
   return v > best || (v == best && rank < best_rank);
 }
 
-template <typename T, int VEC, int KIND>
+// kTrackWinner (kMaxForward only): record each element's winning input position, which the max
+// backward needs; without it the max is a plain running maximum with no per-element rank state.
+template <typename T, int VEC, int KIND, bool kTrackWinner>
 __global__ void __launch_bounds__(256, 2) token_mix_kernel(const TokenMixParams p) {
+  static_assert(!kTrackWinner || KIND == kMaxForward, "only the max forward records winners");
   constexpr bool kMaxBackwardOnly = KIND == kMaxBackward;
-  // Source rows loaded before the first is used (loads in flight per thread). The max kinds keep
-  // more state per channel (winners), so they take fewer at a time to stay within the register
+  // Source rows loaded before the first is used (loads in flight per thread). The max backward
+  // also loads each row's int32 winners, so it takes fewer at a time to stay within the register
   // budget of __launch_bounds__(256, 2) (128 registers, no spills).
-  constexpr int kUnroll = KIND == kWeightedSum ? 8 : 4;
+  constexpr int kUnroll = KIND == kMaxBackward ? 4 : 8;
   extern __shared__ float smem[];
 
   const int lane = threadIdx.x;
@@ -157,15 +165,15 @@ __global__ void __launch_bounds__(256, 2) token_mix_kernel(const TokenMixParams 
 
   const T* __restrict__ src = static_cast<const T*>(p.src) + b * p.src_sb + c0;
 
+  // Max: acc starts at -inf, so an empty window (impossible for valid specs) yields -inf. With
+  // kTrackWinner, best_rank is the scan position (f - first) * row_len + j of the winner, -1 until
+  // the first tap, so a first tap equal to -inf still wins.
   float acc[VEC];
-  int32_t best_rank[VEC];
-  int32_t best_pos[VEC];
+  int32_t best_rank[kTrackWinner ? VEC : 1];
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    acc[k] = 0.f;
-    best_rank[k] = -1;
-    best_pos[k] = -1;
-  }
+  for (int k = 0; k < VEC; ++k) acc[k] = KIND == kMaxForward ? -std::numeric_limits<float>::infinity() : 0.f;
+#pragma unroll
+  for (int k = 0; k < (kTrackWinner ? VEC : 1); ++k) best_rank[k] = -1;
   // kMaxBackward: the forward position that this destination token (input frame t, token o) has.
   const int32_t my_pos = static_cast<int32_t>(t * p.tokens_in + o);
 
@@ -203,16 +211,21 @@ __global__ void __launch_bounds__(256, 2) token_mix_kernel(const TokenMixParams 
           } else if constexpr (KIND == kMaxBackward) {
 #pragma unroll
             for (int k = 0; k < VEC; ++k) acc[k] += won[u].v[k] == my_pos ? to_float(raw[u].v[k]) : 0.f;
-          } else {
+          } else if constexpr (kTrackWinner) {
             const int32_t rank = static_cast<int32_t>((f - fr.first) * row_len + j);
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
               const float v = to_float(raw[u].v[k]);
-              if (beats(v, rank, acc[k], best_rank[k])) {
+              if (best_rank[k] < 0 || improves(v, acc[k])) {
                 acc[k] = v;
                 best_rank[k] = rank;
-                best_pos[k] = static_cast<int32_t>(f * p.tokens_in + tok[u]);
               }
+            }
+          } else {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              const float v = to_float(raw[u].v[k]);
+              acc[k] = improves(v, acc[k]) ? v : acc[k];
             }
           }
         }
@@ -224,16 +237,12 @@ __global__ void __launch_bounds__(256, 2) token_mix_kernel(const TokenMixParams 
   if (groups > 1) {
     const int lanes = blockDim.x;
     float* s_acc = smem;                                                     // [groups][lanes][VEC]
-    int32_t* s_rank = reinterpret_cast<int32_t*>(smem + groups * lanes * VEC);  // max only
-    int32_t* s_pos = reinterpret_cast<int32_t*>(s_rank + groups * lanes * VEC);
+    int32_t* s_rank = reinterpret_cast<int32_t*>(smem + groups * lanes * VEC);  // kTrackWinner
     const int slot = (group * lanes + lane) * VEC;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       s_acc[slot + k] = acc[k];
-      if (KIND == kMaxForward) {
-        s_rank[slot + k] = best_rank[k];
-        s_pos[slot + k] = best_pos[k];
-      }
+      if constexpr (kTrackWinner) s_rank[slot + k] = best_rank[k];
     }
     __syncthreads();
     if (group != 0) return;
@@ -241,13 +250,14 @@ __global__ void __launch_bounds__(256, 2) token_mix_kernel(const TokenMixParams 
       const int other = (g * lanes + lane) * VEC;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        if (KIND == kMaxForward) {
+        if constexpr (kTrackWinner) {
           const int32_t r = s_rank[other + k];
           if (r >= 0 && beats(s_acc[other + k], r, acc[k], best_rank[k])) {
             acc[k] = s_acc[other + k];
             best_rank[k] = r;
-            best_pos[k] = s_pos[other + k];
           }
+        } else if constexpr (KIND == kMaxForward) {
+          acc[k] = improves(s_acc[other + k], acc[k]) ? s_acc[other + k] : acc[k];
         } else {
           acc[k] += s_acc[other + k];
         }
@@ -256,18 +266,17 @@ __global__ void __launch_bounds__(256, 2) token_mix_kernel(const TokenMixParams 
   }
   if (!active) return;
 
-  if (KIND == kMaxForward) {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      // An empty window (impossible for valid specs) yields -inf and no winner.
-      if (best_rank[k] < 0) acc[k] = -std::numeric_limits<float>::infinity();
-    }
-  }
-  if (KIND == kMaxForward && p.argmax_out != nullptr) {
+  if constexpr (kTrackWinner) {
+    // The winner's input position f * N + token, from its scan rank (-1: an empty window).
     int32_t* am = p.argmax_out + ((b * p.dst_frames + t) * p.dst_tokens + o) * p.channels + c0;
     Packed<int32_t, VEC> pk;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) pk.v[k] = best_pos[k];
+    for (int k = 0; k < VEC; ++k) {
+      const int32_t r = best_rank[k];
+      pk.v[k] = r < 0 ? -1
+                      : static_cast<int32_t>((fr.first + r / row_len) * p.tokens_in +
+                                             p.col_idx[row_begin + r % row_len]);
+    }
     *reinterpret_cast<Packed<int32_t, VEC>*>(am) = pk;
   }
   T* dst = static_cast<T*>(p.dst) + b * p.dst_sb + t * p.dst_st + o * p.dst_sn + c0;
@@ -296,6 +305,7 @@ int pick_vec(int64_t elem_size, const at::Tensor& src, const at::Tensor& dst,
 
 template <typename T, int VEC, int KIND>
 void launch(TokenMixParams p, int64_t rows, int64_t max_taps, cudaStream_t stream) {
+  const bool track_winner = KIND == kMaxForward && p.argmax_out != nullptr;
   const int64_t lanes_total = ceil_div(p.channels, VEC);
   const int sms = multiprocessor_count();
   // Split the channels over several blocks only when there are too few rows to fill the GPU.
@@ -320,9 +330,17 @@ void launch(TokenMixParams p, int64_t rows, int64_t max_taps, cudaStream_t strea
   size_t smem = 0;
   if (groups > 1) {
     smem = groups * lanes * VEC * sizeof(float);
-    if (KIND == kMaxForward) smem += groups * lanes * VEC * 2 * sizeof(int32_t);
+    if (track_winner) smem += groups * lanes * VEC * sizeof(int32_t);
   }
-  token_mix_kernel<T, VEC, KIND><<<grid, block, smem, stream>>>(p);
+  if constexpr (KIND == kMaxForward) {
+    if (track_winner) {
+      token_mix_kernel<T, VEC, KIND, true><<<grid, block, smem, stream>>>(p);
+    } else {
+      token_mix_kernel<T, VEC, KIND, false><<<grid, block, smem, stream>>>(p);
+    }
+  } else {
+    token_mix_kernel<T, VEC, KIND, false><<<grid, block, smem, stream>>>(p);
+  }
   CROSSLMM_CHECK_LAUNCH();
 }
 

@@ -38,27 +38,13 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "attention/attention_common.cuh"
-#include "attention/mma.cuh"
-#include "attention/ptx.cuh"
+#include "common/mma.cuh"
+#include "common/ptx.cuh"
+#include "common/segments.cuh"
 #include "projected/projected_params.h"
 
 namespace crosslmm {
 namespace projected {
-
-using attention::ceil_div_int;
-using attention::cp_async_16;
-using attention::cp_async_commit;
-using attention::cp_async_wait;
-using attention::kLn2;
-using attention::load_a_fragment;
-using attention::load_b_fragments_kn;
-using attention::load_b_fragments_nk;
-using attention::mma_16816;
-using attention::Segment;
-using attention::segment_bounds;
-using attention::store2;
-using attention::tile_offset;
 
 // cp.async.wait_group takes an immediate; the pipeline depth is chosen at run time (it depends on
 // the GPU's shared memory), so pick the instruction here. Waiting for more groups than needed is
@@ -511,7 +497,7 @@ __global__ void __launch_bounds__(kCombineThreads)
       total[2] += part.z;
       total[3] += part.w;
     }
-    attention::store4(static_cast<T*>(p.out) + row * dv + c, total);
+    store4(static_cast<T*>(p.out) + row * dv + c, total);
   }
   if (tid == 0 && channel_tile == 0) {
     p.lse[(row % p.num_heads) * p.total_q + row / p.num_heads] = lse;

@@ -59,7 +59,7 @@ struct ProjectedForwardParams {
 
 // Shared-memory geometry of the forward kernel for a Dv bucket and a tile of kMTiles m16 tiles.
 // All regions are multiples of 16 bytes, so every region starts 16-byte aligned. Rows of Q and x
-// tiles are padded by 16 bytes (as in csrc/attention/mma.cuh) so ldmatrix is conflict-free.
+// tiles are padded by 16 bytes (as in csrc/common/mma.cuh) so ldmatrix is conflict-free.
 template <int kDvMax, int kMTiles>
 struct ProjectedTile {
   static_assert(kDvMax % (16 * kWarps) == 0, "every warp must own whole 16-column k-steps");

@@ -29,10 +29,9 @@
 #include <cstring>
 #include <type_traits>
 
-#include "attention/ptx.cuh"
+#include "common/ptx.cuh"
 
 namespace crosslmm {
-namespace attention {
 
 // ---------------------------------------------------------------------------------------------
 // Shared-memory tiles: [rows][kHeadDim] 16-bit elements, each row padded by 16 bytes
@@ -207,5 +206,4 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x;
 }
 
-}  // namespace attention
 }  // namespace crosslmm

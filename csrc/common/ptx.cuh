@@ -10,7 +10,6 @@
 #include <type_traits>
 
 namespace crosslmm {
-namespace attention {
 
 __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
@@ -72,5 +71,4 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
-}  // namespace attention
 }  // namespace crosslmm
