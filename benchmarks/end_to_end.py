@@ -6,7 +6,9 @@ on one GPU, written as ``benchmarks/results/end_to_end_<gpu>.json`` (issue 20's 
 
 Inference rows (``mode="inference"``): the vision tower alone, the prefill from pixels, the peak
 activation memory of that prefill (beyond weights and inputs), and the decode time per token from
-its cache; medians after a warm-up (:func:`crosslmm_ops.demo.measure`), checked for consistency
+its cache, eager (``decode_ms_per_token``) and with the step captured in a CUDA graph
+(``decode_ms_per_token_graph``, on a GPU); medians after a warm-up, decode means over
+``--new-tokens`` - 2 timed tokens (:func:`crosslmm_ops.demo.measure`), checked for consistency
 (``study.consistency_problems``). Training rows (``"train-stage1"`` / ``"train-stage2"``, with
 and without activation checkpointing): one optimizer step (forward with the loss, backward, AdamW)
 from pixels, its time, peak memory and frames per second. A row that runs out of GPU memory is
@@ -45,14 +47,18 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def inference_row(model, variant, preset, frames, device, dtype, repeats, warmup) -> dict:
+def inference_row(
+    model, variant, preset, frames, device, dtype, repeats, warmup, new_tokens=34
+) -> dict:
     row = dict(preset=preset, variant=variant, frames=frames, mode="inference")
     video = demo.synthetic_video(
         frames, model.config.vision_config.image_size, device=device, dtype=dtype
     )
     ids = demo.video_prompt(model.config, frames, device=device)
     try:
-        m = demo.measure(model, variant, video, ids, new_tokens=6, repeats=repeats, warmup=warmup)
+        m = demo.measure(
+            model, variant, video, ids, new_tokens=new_tokens, repeats=repeats, warmup=warmup
+        )
     except Exception as exc:  # noqa: BLE001
         if not _is_oom(exc):
             raise
@@ -66,6 +72,10 @@ def inference_row(model, variant, preset, frames, device, dtype, repeats, warmup
         vision_ms=round(m.vision_ms, 2),
         llm_prefill_ms=round(m.llm_prefill_ms, 2),
         decode_ms_per_token=round(m.decode_ms_per_token, 3),
+        decode_ms_per_token_graph=None
+        if m.decode_ms_per_token_graph is None
+        else round(m.decode_ms_per_token_graph, 3),
+        decode_tokens_timed=new_tokens - 2,
         sequence_length=m.sequence_length,
         oom=False,
     )
@@ -184,9 +194,17 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed calls per number (default: demo.measure's)"
     )
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=34,
+        help="tokens per decode measurement (all but the first two timed), eager and graph",
+    )
     parser.add_argument("--train-repeats", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.new_tokens < 3:
+        parser.error("--new-tokens must be >= 3 (the first two are not timed)")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     env = environment(device)
     print(json.dumps(env), flush=True)
@@ -196,7 +214,9 @@ def main(argv=None) -> int:
         for frames in args.frames:
             # Long videos: one timed call after the warm-up (a 1024-frame prefill takes seconds).
             repeats = args.repeats if args.repeats is not None else (1 if frames > 256 else None)
-            row = inference_row(model, variant, args.preset, frames, device, dtype, repeats, None)
+            row = inference_row(
+                model, variant, args.preset, frames, device, dtype, repeats, None, args.new_tokens
+            )
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "_measurement"}), flush=True)
         for frames in args.train_frames:

@@ -258,6 +258,14 @@ def demo(args) -> int:
             lambda m: f"{m.prefill_ms:.1f} ms ({base.prefill_ms / m.prefill_ms:.2f}x)",
         ),
         ("decode per token", lambda m: f"{m.decode_ms_per_token:.2f} ms"),
+        (
+            "decode per token, CUDA graph",
+            lambda m: (
+                "n/a (CPU)"
+                if m.decode_ms_per_token_graph is None
+                else f"{m.decode_ms_per_token_graph:.2f} ms"
+            ),
+        ),
         ("peak prefill memory (total)", lambda m: _size(m.peak_memory_bytes)),
         ("  of which activations", lambda m: _size(m.activation_memory_bytes)),
         ("cache after prefill (KV + vision)", lambda m: _size(m.cache_bytes)),

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import statistics
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -170,6 +171,9 @@ class Measurement:
     cache_bytes: int  # the self-attention KV cache + the kept vision tokens after prefill
     generated: list[int]
     backends: dict[str, str]
+    # The same greedy decode with the step captured in a CUDA graph (GraphDecoder), on a CUDA
+    # device; None where it was not measured (the CPU).
+    decode_ms_per_token_graph: float | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -209,6 +213,7 @@ def measure(
     new_tokens: int = 8,
     repeats: int | None = None,
     warmup: int | None = None,
+    graph: bool | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Measurement:
     """The vision tower alone, the prefill from its tokens (what the LLM side costs), the prefill
@@ -217,6 +222,10 @@ def measure(
     from that prefill's cache: one untimed, then ``new_tokens - 2`` timed (mean per token; NaN
     when none). Only the last position's logits are computed, as ``generate()`` does.
 
+    With ``graph`` (default: on a CUDA device), the decode is measured a second time with the
+    step captured in a CUDA graph (:func:`graph_decode_ms`: its own prefill into a static cache,
+    the warm-up steps and the capture untimed, then the same number of timed tokens).
+
     Defaults: on a GPU 1 warm-up and 5 repeats (a first call pays for kernel selection and
     compilation, which is not the model's speed); on the CPU none and 1."""
     device = input_ids.device
@@ -224,6 +233,11 @@ def measure(
     frames = video.shape[1]
     repeats = (5 if cuda else 1) if repeats is None else repeats
     warmup = (1 if cuda else 0) if warmup is None else warmup
+    graph = cuda if graph is None else graph
+    if not isinstance(graph, bool):
+        raise ValueError(f"graph must be a bool or None, got {graph!r}")
+    if graph and not cuda:
+        raise ValueError(f"graph=True needs a CUDA device (a CUDA graph), got {device}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -287,6 +301,23 @@ def measure(
                 progress("decode")
         _sync(device)
         decode_ms = ((time.perf_counter() - t0) * 1e3 / timed_steps) if timed_steps else math.nan
+        del step, cache  # the graph's decode brings its own cache
+        graph_ms = None
+        if graph:
+            try:
+                graph_ms = (
+                    graph_decode_ms(model, input_ids, video, timed_steps)
+                    if timed_steps
+                    else math.nan
+                )
+            except torch.OutOfMemoryError:
+                # The graph needs a second cache (static, prompt + new tokens): keep the eager
+                # numbers and say the graph's did not fit.
+                warnings.warn(
+                    f"{variant}, {frames} frames: the CUDA graph decode ran out of memory",
+                    stacklevel=2,
+                )
+                graph_ms = math.nan
     backends = {op: ", ".join(sorted({b for o, b in ran if o == op})) for op, _ in ran}
     peak = None if activations is None else weights + activations
     return Measurement(
@@ -304,4 +335,35 @@ def measure(
         cache_bytes,
         generated,
         backends,
+        graph_ms,
     )
+
+
+@torch.no_grad()
+def graph_decode_ms(model, input_ids: torch.Tensor, video: torch.Tensor, steps: int) -> float:
+    """Milliseconds per token of greedy decoding with the step captured in a CUDA graph
+    (:class:`~crosslmm_ops.models.GraphDecoder`): prefill from pixels, the eager warm-up steps,
+    the capture and its first replay untimed, then the mean over ``steps`` replays, with no host
+    read in between (no end-of-sequence checks; the loop's cost is in the number)."""
+    from crosslmm_ops.models import GraphDecoder
+    from crosslmm_ops.models.graph_decode import WARMUP_STEPS
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    untimed = WARMUP_STEPS + 1
+    # As the eager loop above: plain argmax, no end of sequence, no suppressed token.
+    decoder = GraphDecoder(
+        model,
+        max_new_tokens=1 + untimed + steps,
+        eos_token_id=None,
+        suppress_tokens=None,
+    )
+    decoder.prefill(input_ids, pixel_values_videos=video)
+    decoder.decode(steps=untimed, check_eos=False)
+    if not decoder.captured:
+        raise RuntimeError("the decode step was not captured after the warm-up")
+    _sync(input_ids.device)
+    t0 = time.perf_counter()
+    decoder.decode(steps=steps, check_eos=False)
+    _sync(input_ids.device)
+    return (time.perf_counter() - t0) * 1e3 / steps

@@ -7,7 +7,10 @@
   training forward with ``labels``, ``generate()`` whose cache (:class:`CrossLMMCache`) keeps the
   original vision tokens once for every DCAL; ``save_pretrained`` / ``from_pretrained``
   (safetensors);
-* :func:`set_training_stage`: the paper's two training stages.
+* :func:`set_training_stage`: the paper's two training stages;
+* :func:`generate_with_cuda_graph` / :class:`GraphDecoder`: greedy decoding with the decode step
+  captured in a CUDA graph (reference and patched models; ``generate(..., cuda_graph=True)`` on
+  the reference model).
 """
 
 from crosslmm_ops.models.configuration import PRESETS, CrossLMMConfig, preset_config
@@ -25,6 +28,7 @@ from crosslmm_ops.models.decoder import (
     find_cache,
 )
 from crosslmm_ops.models.frame_sharded import FrameShardedCrossLMM
+from crosslmm_ops.models.graph_decode import GraphDecoder, generate_with_cuda_graph
 from crosslmm_ops.models.patching import (  # noqa: E402
     CrossLMMPatch,
     fix_processor_token_count,
@@ -61,9 +65,11 @@ __all__ = [
     "CrossLMMTextModel",
     "DCALSkippedError",
     "FrameShardedCrossLMM",
+    "GraphDecoder",
     "cache_vision_memory",
     "find_cache",
     "fix_processor_token_count",
+    "generate_with_cuda_graph",
     "load_patched",
     "load_patched_processor",
     "lora_target_modules",

@@ -51,8 +51,10 @@ from crosslmm_ops.models.decoder import (
     ForwardVision,
     cache_vision_memory,
     find_cache,
+    in_static_decode_step,
     past_length,
 )
+from crosslmm_ops.models.graph_decode import generate_with_cuda_graph
 from crosslmm_ops.models.vision import auto_chunk_frames, check_chunk_frames, encode_in_chunks
 from crosslmm_ops.nn import DualCrossAttention, TanhGate, TokenPooling, VisionMemory
 
@@ -472,7 +474,12 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
                 self.pooling.tokens_out,
                 config.dcal_cache_kv,
             )
-        elif not has_video and past_length(cache) == 0 and input_ids is not None:
+        elif (
+            not has_video
+            and input_ids is not None
+            and not in_static_decode_step()
+            and past_length(cache) == 0
+        ):
             # A prompt with placeholders needs its video (checked in a prefill only: while
             # decoding, the placeholder id is suppressed and no host read is wanted per token).
             placeholders = int((input_ids == config.video_token_id).sum())
@@ -627,6 +634,17 @@ class CrossLMMForConditionalGeneration(CrossLMMPreTrainedModel, GenerationMixin)
     # ------------------------------------------------------------------------------------------
     # Generation
     # ------------------------------------------------------------------------------------------
+
+    def generate(self, *args, cuda_graph: bool = False, **kwargs):
+        """transformers' ``generate()``; with ``cuda_graph=True``, greedy decoding whose decode
+        step is captured once in a CUDA graph and replayed for every token
+        (:func:`~crosslmm_ops.models.generate_with_cuda_graph`: the same tokens as greedy
+        ``generate()``, ``max_new_tokens`` required, a ``LongTensor`` of sequences returned)."""
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        if cuda_graph:
+            return generate_with_cuda_graph(self, *args, **kwargs)
+        return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(

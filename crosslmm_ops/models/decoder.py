@@ -29,10 +29,19 @@ the K/V on beam search and batch selection); decode steps, which carry no pixels
 Nothing is skipped silently: a decode step whose cache holds no memory record, a cache that the
 hooks could not find, or a forward after which a DCAL layer did not run raises
 :class:`DCALSkippedError`.
+
+**Static decode steps.** Inside :func:`static_decode_step` a forward is one decode step of a
+loop that a CUDA graph may capture (:mod:`crosslmm_ops.models.graph_decode`): nothing on its
+path reads a tensor back to the host or takes a shape from tensor values. The hooks then skip the
+checks that need the cache's length (the caller checked once, before the loop), and the DCALs
+run in their static-shape form (every position queries T2V; the text mask selects, on the
+device, which positions keep the update; see :class:`~crosslmm_ops.nn.DualCrossAttention`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -55,6 +64,33 @@ _LAYER_KWARG = "crosslmm_dcal_inputs"
 
 class DCALSkippedError(RuntimeError):
     """A forward that needed the vision memory could not find it, or a DCAL layer did not run."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Static decode steps
+# ----------------------------------------------------------------------------------------------
+
+# A context variable, not a module flag: it follows the thread (and task) that entered it, which
+# is the one a CUDA graph capture runs in.
+_STATIC_DECODE = contextvars.ContextVar("crosslmm_static_decode", default=False)
+
+
+@contextlib.contextmanager
+def static_decode_step():
+    """Forwards inside are decode steps of a static-shape loop (one new token per sample, a
+    cache that already holds the prompt and its vision record): no host reads, no shapes from
+    tensor values, so a CUDA graph can capture them. The one place that says so; the model side
+    asks :func:`in_static_decode_step`."""
+    token = _STATIC_DECODE.set(True)
+    try:
+        yield
+    finally:
+        _STATIC_DECODE.reset(token)
+
+
+def in_static_decode_step() -> bool:
+    """Whether the current forward runs inside :func:`static_decode_step`."""
+    return _STATIC_DECODE.get()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,6 +123,15 @@ def _cache_keyword() -> str:
 
     parameters = inspect.signature(Qwen2Model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+@functools.cache
+def decoders_take_cache_position() -> bool:
+    """Whether the installed transformers' decoders take ``cache_position`` (releases before
+    5.25 do; they then compute it from the cache's length, a host read, when it is not given)."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+
+    return "cache_position" in inspect.signature(Qwen2Model.forward).parameters
 
 
 def cache_argument(cache: Cache | None) -> dict:
@@ -213,9 +258,18 @@ class _LayerInputs:
     (normalised tokens, plans) must not be found ready-made by a layer's recompute, which would
     then save fewer tensors than its forward did (torch's CheckpointError)."""
 
-    def __init__(self, memory: VisionMemory, visual_mask, text_mask, per_layer_memory: bool):
+    def __init__(
+        self,
+        memory: VisionMemory,
+        visual_mask,
+        text_mask,
+        per_layer_memory: bool,
+        static: bool = False,
+    ):
         self.memory, self.visual_mask, self.text_mask = memory, visual_mask, text_mask
         self.per_layer_memory = per_layer_memory
+        # A static decode step: the DCALs take their static-shape form.
+        self.static = static
         self.ran: set[int] = set()
         self._converted: dict = {}
 
@@ -268,7 +322,9 @@ class _LayerHooks:
             return None
         h = args[0]
         memory, visual_mask, text_mask = inputs.on(h.device, h.dtype)
-        out = self.layer.dcal(h, memory, visual_mask=visual_mask, text_mask=text_mask)
+        # The keyword only when it is on: a DCAL wrapped by other code keeps its usual call.
+        static = {"static_shapes": True} if inputs.static else {}
+        out = self.layer.dcal(h, memory, visual_mask=visual_mask, text_mask=text_mask, **static)
         inputs.ran.add(self.index)
         if out is h:  # no query this call (e.g. decoding with T2V off)
             return None
@@ -396,23 +452,27 @@ class DCALDecoder:
             return args, kwargs
         if not isinstance(vision, ForwardVision):
             raise TypeError(f"{VISION_KWARG} must be a ForwardVision, got {type(vision).__name__}")
-        past = past_length(cache)
-        memory = vision.memory
-        if memory is not None and past > 0:
-            raise ValueError(
-                "a video can only come with the first forward of a cache (the "
-                "prefill): the cache keeps one memory per sample"
-            )
-        if memory is None and past > 0:
-            if not has_vision_record(cache):
-                raise DCALSkippedError(
-                    f"this forward continues a cache ({type(cache).__name__}, {past} tokens) that "
-                    "holds no CrossLMM vision record: it was not filled by a forward of this "
-                    "model, or was copied or converted in a way that dropped the record. The "
-                    "DCALs cannot run without the prompt's vision memory; give the video again "
-                    "with a fresh cache"
+        static = in_static_decode_step()
+        if static:
+            memory = self._static_step_memory(vision, cache)
+        else:
+            past = past_length(cache)  # a host read: not in a static step
+            memory = vision.memory
+            if memory is not None and past > 0:
+                raise ValueError(
+                    "a video can only come with the first forward of a cache (the "
+                    "prefill): the cache keeps one memory per sample"
                 )
-            memory = cache_vision_memory(cache)
+            if memory is None and past > 0:
+                if not has_vision_record(cache):
+                    raise DCALSkippedError(
+                        f"this forward continues a cache ({type(cache).__name__}, {past} tokens) "
+                        "that holds no CrossLMM vision record: it was not filled by a forward of "
+                        "this model, or was copied or converted in a way that dropped the "
+                        "record. The DCALs cannot run without the prompt's vision memory; give "
+                        "the video again with a fresh cache"
+                    )
+                memory = cache_vision_memory(cache)
         if memory is None or not self.layer_indices:
             return args, kwargs
         if memory.batch_size != shape[0]:
@@ -427,9 +487,29 @@ class DCALDecoder:
             and module.training
             and torch.is_grad_enabled()
         )
-        forward.inputs = _LayerInputs(memory, vision.visual_mask, vision.text_mask, checkpointing)
+        forward.inputs = _LayerInputs(
+            memory, vision.visual_mask, vision.text_mask, checkpointing, static
+        )
         kwargs[_LAYER_KWARG] = forward.inputs
         return args, kwargs
+
+    def _static_step_memory(self, vision: ForwardVision, cache: Cache | None):
+        """The memory a static decode step's DCALs read: the cache's, found without reading the
+        cache's length (a device tensor in a static cache)."""
+        if vision.memory is not None or vision.visual_mask is not None:
+            raise ValueError(
+                "a static decode step brings no video and no visual positions: the video comes "
+                "with the prefill, outside static_decode_step()"
+            )
+        if not self.layer_indices:
+            return None
+        if cache is None or not has_vision_record(cache):
+            raise DCALSkippedError(
+                "a static decode step needs a cache that a prefill of this model filled, with "
+                f"its CrossLMM vision record; got {type(cache).__name__}"
+                + ("" if cache is None else " without a record")
+            )
+        return cache_vision_memory(cache)
 
     def _lm_post(self, module, args, kwargs, output):
         if not self._forwards:
@@ -446,7 +526,12 @@ class DCALDecoder:
                 "self-attention, which this transformers release may have changed"
             )
         cache = find_cache(output)
-        if forward.cache is None and cache is not None and past_length(cache) > forward.positions:
+        if (
+            forward.cache is None
+            and cache is not None
+            and not in_static_decode_step()  # a host read; a static step's caller checked
+            and past_length(cache) > forward.positions
+        ):
             raise DCALSkippedError(
                 f"this forward continued a {type(cache).__name__} that was not found among the "
                 "language model's arguments, so its vision memory could not be read"
@@ -504,7 +589,10 @@ __all__ = [
     "cache_argument",
     "cache_vision_memory",
     "check_decoder_layers",
+    "decoders_take_cache_position",
     "find_cache",
     "has_vision_record",
+    "in_static_decode_step",
     "past_length",
+    "static_decode_step",
 ]

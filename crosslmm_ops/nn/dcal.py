@@ -197,6 +197,8 @@ class DualCrossAttention(nn.Module):
         memory: VisionMemory,
         visual_mask: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        *,
+        static_shapes: bool = False,
     ) -> torch.Tensor:
         """``hidden_states (B, L, hidden)`` -> the same shape.
 
@@ -205,10 +207,19 @@ class DualCrossAttention(nn.Module):
         decoding). ``text_mask (B, L)`` bool: the positions that query T2V (default: every
         position that is not visual; pass ``attention_mask & ~visual_mask`` to skip padding). The
         two must not overlap.
+
+        ``static_shapes=True`` (decode steps captured in a CUDA graph): nothing is read back to
+        the host and no shape depends on the masks' values. There is no V2V (``visual_mask``
+        must be None, as while decoding); every position queries T2V, and ``text_mask`` (None:
+        all) selects on the device which positions keep the update. Equal to the default form
+        for the same masks.
         """
         check_call(hidden_states, memory, self.hidden_size, self.vision_size)
         visual_mask = check_mask("visual_mask", visual_mask, hidden_states)
         text_mask = check_mask("text_mask", text_mask, hidden_states)
+        flag("static_shapes", static_shapes)
+        if static_shapes:
+            return self._forward_static(hidden_states, memory, visual_mask, text_mask)
         visual, text = _dcal_queries(memory, hidden_states, visual_mask, text_mask)
         kv = self.kv_source() if self.shares_kv else None
         out = hidden_states
@@ -223,6 +234,27 @@ class DualCrossAttention(nn.Module):
                 delta = self.gate(delta)
             out = scatter_add(out, queries.index, delta)
         return out
+
+    def _forward_static(self, hidden_states, memory, visual_mask, text_mask) -> torch.Tensor:
+        if visual_mask is not None:
+            raise ValueError(
+                "static_shapes=True takes no visual_mask: V2V queries come with a prefill, whose "
+                "shapes depend on the video; a static-shape call is a decode step"
+            )
+        if self.t2v is None:
+            return hidden_states
+        # Every position, in order: no mask is read (the plan is memoised on the memory, so a
+        # CUDA graph captures a call whose offsets were built before the capture).
+        _, every = _dcal_queries(memory, hidden_states, None, None)
+        kv = self.kv_source() if self.shares_kv else None
+        delta = self.t2v.attend(hidden_states, memory, every, kv)
+        if self.shares_gate:
+            delta = self.gate(delta)
+        if text_mask is not None:
+            # h + 0 is h: a position outside the mask passes through unchanged, as in the
+            # default form, where it is not gathered at all.
+            delta = torch.where(text_mask.reshape(-1, 1), delta, torch.zeros_like(delta))
+        return scatter_add(hidden_states, every.index, delta)
 
     def plan(
         self,
