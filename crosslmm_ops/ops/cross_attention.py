@@ -220,7 +220,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
     """(query slice, key slice) of every segment, read on the host."""
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    cq, ck = validation.reference_host_values(OP_NAME, cu_seqlens_q, cu_seqlens_k)
     return [(slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])) for i in range(len(cq) - 1)]
 
 

@@ -307,7 +307,7 @@ def _runs(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
     """Consecutive segments of equal (queries, keys) as runs ``(n, q0, lq, k0, lk)``: a run is a
     contiguous block of ``n`` segments, batched as one ``bmm`` (every frame of frame-local V2V is
     one run)."""
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    cq, ck = validation.reference_host_values(OP_NAME, cu_seqlens_q, cu_seqlens_k)
     runs = []
     for i in range(len(cq) - 1):
         lq, lk = cq[i + 1] - cq[i], ck[i + 1] - ck[i]

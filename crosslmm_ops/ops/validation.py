@@ -95,6 +95,18 @@ def checking_values(cu_seqlens: torch.Tensor) -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def reference_host_values(op: str, *tensors: torch.Tensor) -> list[list[int]]:
+    """The values of ``tensors`` (cu_seqlens) read to the host for a reference (torch back end)
+    computation, which loops over segments in Python. A CUDA graph cannot capture that read, so a
+    capture raises here, naming the way out, instead of failing inside torch."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{op}: the torch back end reads cu_seqlens on the host, which a CUDA graph cannot "
+            "capture; use backend='cuda' or 'triton' inside a captured region"
+        )
+    return [t.tolist() for t in tensors]
+
+
 def cu_seqlens(name: str, cu, device: torch.device) -> None:
     cu = tensor(name, cu)
     if cu.dtype != torch.int32:
