@@ -27,7 +27,7 @@ import torch
 from triton.testing import do_bench
 
 import crosslmm_ops
-from crosslmm_ops import _backend
+from crosslmm_ops import _backend, planner
 
 HEADS, HEAD_DIM = 12, 128
 CASES = {
@@ -110,9 +110,15 @@ def attention_cases(ext) -> None:
         cu_q = torch.tensor([0, lq], device="cuda", dtype=torch.int32)
         cu_k = torch.tensor([0, lk], device="cuda", dtype=torch.int32)
 
+        scale = HEAD_DIM**-0.5
+        # The kernel the public op takes for this call, decided by the planner as the op decides
+        # it (the extension's own default is mma_sync): raw and op time the same kernel.
+        kernel, _ = planner.attention_kernel(q2.device, HEAD_DIM, lq, scale)
+
         def raw():
-            scale = HEAD_DIM**-0.5
-            return ext.attention_forward(q2, k2, v2, out, lse, cu_q, cu_k, lq, lk, scale, 0)
+            return ext.attention_forward(
+                q2, k2, v2, out, lse, cu_q, cu_k, lq, lk, scale, 0, kernel=kernel
+            )
 
         t_raw, t_raw_host = bench(raw), host_ms(raw)
         report(

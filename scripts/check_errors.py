@@ -5,7 +5,7 @@ import faulthandler
 
 import torch
 
-from crosslmm_ops import _backend
+from crosslmm_ops import _backend, planner
 
 faulthandler.enable()
 ext = _backend.extension()
@@ -34,9 +34,21 @@ if hasattr(ext, "attention_forward"):
     q = torch.randn(9, 4, 96, device="cuda", dtype=torch.half)  # head dim 96: not compiled
     kv = torch.randn(9, 2, 96, device="cuda", dtype=torch.half)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device="cuda")
+    kernel, _ = planner.attention_kernel(q.device, q.shape[-1], 5, 0.1)  # as the op asks
     try:
         ext.attention_forward(
-            q, kv, kv, torch.empty_like(q), torch.empty(4, 9, device="cuda"), cu, cu, 5, 5, 0.1, 0
+            q,
+            kv,
+            kv,
+            torch.empty_like(q),
+            torch.empty(4, 9, device="cuda"),
+            cu,
+            cu,
+            5,
+            5,
+            0.1,
+            0,
+            kernel=kernel,
         )
         raise SystemExit("attention_forward accepted head dim 96")
     except RuntimeError as e:

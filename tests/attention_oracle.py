@@ -4,17 +4,24 @@
 GQA, the LSE, the ``residual + tanh(gate) * attention`` epilogue), computed in any dtype: in float64
 it is the oracle; in the inputs' own low precision it is "plain PyTorch", whose error against the
 oracle sets the bound, as in flash-attn's tests (``attention_ref(..., upcast=False)``: matmuls and
-softmax in the low dtype, GQA by repeating k and v). It is written apart from the package's
-``cross_attention_reference`` (the torch back end, itself under test). :func:`attention_grads`
-differentiates it with autograd a block of queries at a time, so problems like (2304, 186624) fit
-in memory.
+softmax in the low dtype; GQA by grouping the query heads of a key head, which computes what
+repeating k and v does without the copies: the projection core's one key head of width 1152 shared
+by 12 query heads over 186,624 keys would be 20 GB in float64). It is written apart from the
+package's ``cross_attention_reference`` (the torch back end, itself under test).
+:func:`attention_grads` differentiates it with autograd a block of queries at a time, so problems
+like (2304, 186624) fit in memory. Built on it, with the same scores and softmax:
+:func:`probabilities` (``attention_weights``) and :func:`projected_attention`
+(``projected_cross_attention``: x normalised and projected to K and V in the same dtype, then
+:func:`attention`).
 
 The bound (:func:`check_close`): the max error of the code under test against the oracle is at most
 ``factor`` times plain PyTorch's max error in the same low precision (2 for outputs and LSEs, 3 for
 gradients) plus a floor: :func:`magnitude_floor` (1e-3 of the reference's largest magnitude, the
 CUDA kernel tests' floor) unless the caller passes another (tests/test_cross_attention.py passes
-flash-attn's rounding-sized :func:`rounding`). An LSE must also be ``-inf`` exactly where the
-reference's is (rows without keys): :func:`check_lse`.
+flash-attn's rounding-sized :func:`rounding`). A caller with a per-element model of rounding noise
+that plain PyTorch does not have (tests/test_projected_attention.py's ``rounding_noise``) passes it
+as ``noise``: each element's error is taken net of its noise before the max. An LSE must also be
+``-inf`` exactly where the reference's is (rows without keys): :func:`check_lse`.
 """
 
 from __future__ import annotations
@@ -48,19 +55,28 @@ def _blocks(cu_q: torch.Tensor, cu_k: torch.Tensor, heads: int, block: int):
             yield slice(c0, min(c0 + rows, q1)), slice(k0, k1)
 
 
+def _scores(q, k, scale: float, dtype: torch.dtype):
+    """Scores ``[Hq, Sq, Sk]`` in ``dtype`` of ``q [Sq, Hq, D]`` against one segment's ``k [Sk, Hk,
+    D]``: query head ``h`` reads key head ``h // (Hq / Hk)`` (GQA), each score one dot product as
+    with repeated keys, the query heads of a key head grouped instead of the keys copied."""
+    hq, (sk, hk, d) = q.shape[1], k.shape
+    grouped = q.to(dtype).reshape(q.shape[0], hk, hq // hk, d)
+    return torch.einsum("qhgd,khd->hgqk", grouped, k.to(dtype)).reshape(hq, q.shape[0], sk) * scale
+
+
 def _attend(q, k, v, scale: float, dtype: torch.dtype):
     """One block: ``q [Sq, Hq, D]`` against one segment's ``k, v [Sk, Hk, D]`` in ``dtype``:
     ``(out [Sq, Hq, D] in dtype, lse [Hq, Sq])``. Differentiable."""
-    group = q.shape[1] // k.shape[1]
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    sq, hq, hk = q.shape[0], q.shape[1], k.shape[1]
     if k.shape[0] == 0:  # no keys: an empty softmax, output 0 and LSE -inf
-        return torch.zeros_like(q), q.new_full(
-            (q.shape[1], q.shape[0]), -math.inf, dtype=_lse_dtype(dtype)
+        return q.new_zeros(q.shape, dtype=dtype), q.new_full(
+            (hq, sq), -math.inf, dtype=_lse_dtype(dtype)
         )
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    s = _scores(q, k, scale, dtype)
     lse = torch.logsumexp(s.to(_lse_dtype(dtype)), dim=-1)
-    return torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), v), lse
+    p = torch.softmax(s, dim=-1).reshape(hk, hq // hk, sq, k.shape[0])
+    out = torch.einsum("hgqk,khd->qhgd", p, v.to(dtype)).reshape(sq, hq, v.shape[-1])
+    return out, lse
 
 
 def _packed(q, k, v, cu_q, cu_k):
@@ -150,6 +166,92 @@ def attention_grads(
     return dq, dk.to(dtype), dv.to(dtype)
 
 
+def probabilities(
+    q,
+    k,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    *,
+    query_index,
+    softmax_scale=None,
+    dtype=torch.float64,
+):
+    """``attention_weights(q, k, ..., query_index)`` computed in ``dtype``: the softmax of
+    :func:`attention`'s scores for the queries ``query_index`` (indices into ``Sq`` batched or
+    ``total_q`` packed; negative ones count from the end). Batched: ``[B, n, Hq, Sk]``; packed:
+    ``[n, Hq, L]``, ``L`` the longest key segment among the chosen queries' segments, each row its
+    own segment's keys, then zeros."""
+    batched = cu_seqlens_q is None
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    qp, kp, _, cu_q, cu_k = _packed(q, k, k, cu_seqlens_q, cu_seqlens_k)
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    limit = q.shape[1] if batched else q.shape[0]
+    index = [i % limit for i in query_index]
+    rows = [b * limit + i for b in range(q.shape[0]) for i in index] if batched else index
+    # the segment of packed row r: the one whose (non-empty) query range holds it
+    segments = [next(s for s in range(len(bq) - 1) if bq[s] <= r < bq[s + 1]) for r in rows]
+    width = max((bk[s + 1] - bk[s] for s in segments), default=0)
+    probs = qp.new_zeros((len(rows), qp.shape[1], width), dtype=dtype)
+    for n, (r, s) in enumerate(zip(rows, segments)):
+        if bk[s + 1] > bk[s]:
+            scores = _scores(qp[r : r + 1], kp[bk[s] : bk[s + 1]], scale, dtype)
+            probs[n, :, : bk[s + 1] - bk[s]] = torch.softmax(scores, dim=-1)[:, 0]
+    return probs.reshape(q.shape[0], len(index), *probs.shape[1:]) if batched else probs
+
+
+def projected_attention(
+    q,
+    x,
+    w_k,
+    w_v,
+    b_k=None,
+    b_v=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    *,
+    norm=None,
+    norm_weight=None,
+    norm_bias=None,
+    norm_eps=1e-6,
+    softmax_scale=None,
+    dtype=torch.float64,
+    block=BLOCK_ELEMENTS,
+):
+    """``projected_cross_attention(q, x, w_k, w_v, ..., return_lse=True)`` computed in ``dtype``:
+    ``x`` normalised (``"layernorm"``: ``(x - mean) * rstd``, ``"rmsnorm"``: ``x * rstd``, then
+    ``norm_weight`` and ``norm_bias`` applied, whatever the norm), projected to
+    ``K = x W_k^T + b_k`` and ``V = x W_v^T + b_v`` (``Hk`` = rows of ``W_k`` / head dim), then
+    :func:`attention`; every step in ``dtype``, as plain PyTorch writes it. Layouts as
+    :func:`attention` (``x (B, Sk, Dv)`` or ``(total_k, Dv)``). Differentiable."""
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    xn = x.to(dtype)
+    if norm == "layernorm":
+        centred = xn - xn.mean(-1, keepdim=True)
+        xn = centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + norm_eps)
+    elif norm == "rmsnorm":
+        xn = xn * torch.rsqrt(xn.square().mean(-1, keepdim=True) + norm_eps)
+    elif norm is not None:
+        raise ValueError(f"norm must be None, 'layernorm' or 'rmsnorm', got {norm!r}")
+    if norm_weight is not None:
+        xn = xn * cast(norm_weight)
+    if norm_bias is not None:
+        xn = xn + cast(norm_bias)
+    d = q.shape[-1]
+    heads = (w_k.shape[0] // d, d)
+    k = torch.nn.functional.linear(xn, cast(w_k), cast(b_k)).unflatten(-1, heads)
+    v = torch.nn.functional.linear(xn, cast(w_v), cast(b_v)).unflatten(-1, heads)
+    return attention(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        softmax_scale=softmax_scale,
+        dtype=dtype,
+        block=block,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # The bound
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +284,14 @@ def magnitude_floor(ref: torch.Tensor) -> float:
     return 1e-3 * max(ref.abs().max().item(), 1e-2) if ref.numel() else 0.0
 
 
+def excess(actual: torch.Tensor, expected: torch.Tensor, noise: torch.Tensor) -> float:
+    """``max(|actual - expected| - noise)`` in float64, ``noise`` per element (``-inf`` for empty
+    tensors)."""
+    if actual.numel() == 0:
+        return -math.inf
+    return ((actual.double() - expected.double()).abs() - noise.double()).max().item()
+
+
 def check_close(
     name: str,
     ours: torch.Tensor,
@@ -190,10 +300,12 @@ def check_close(
     *,
     factor: float,
     floor: float | None = None,
+    noise: torch.Tensor | None = None,
 ) -> str:
     """Asserts ``ours`` has no NaN (an unwritten, poisoned element) and ``max |ours - ref| <=
     factor * max |low_precision - ref| + floor`` (``floor``: :func:`magnitude_floor` of ``ref``
-    unless given); returns a one-line report of the errors."""
+    unless given; ``noise``: a per-element allowance shaped like ``ref``, taken off each element's
+    error before the max); returns a one-line report of the errors."""
     assert not torch.isnan(ours).any(), (
         f"{name}: NaN in the result (an unwritten or poisoned element, or a NaN computed)"
     )
@@ -202,8 +314,12 @@ def check_close(
     floor = magnitude_floor(ref) if floor is None else floor
     err, base = max_err(ours, ref), max_err(low_precision, ref)
     report = (
-        f"{name}: max err {err:.3e} (PyTorch {low_precision.dtype} {base:.3e}, floor {floor:.1e})"
+        f"{name}: max err {err:.3e} (PyTorch {low_precision.dtype} {base:.3e}, floor {floor:.1e}"
     )
+    if noise is not None:
+        err = excess(ours, ref, noise)
+        report += f"; beyond the noise floor (max {noise.max().item():.1e}): {err:.3e}"
+    report += ")"
     assert err <= factor * base + floor, f"{report} exceeds {factor:g}x + floor"
     return report
 
@@ -215,6 +331,7 @@ def check_lse(
     *,
     factor: float = 2.0,
     floor: float | None = None,
+    noise: torch.Tensor | None = None,
 ) -> str:
     """:func:`check_close` on the finite rows, after asserting ``ours`` is ``-inf`` exactly where
     ``ref`` is (rows without keys)."""
@@ -222,5 +339,11 @@ def check_lse(
     assert torch.equal(torch.isneginf(ours), empty), "lse: -inf exactly where a row has no keys"
     keep = ~empty
     return check_close(
-        "lse", ours[keep], low_precision[keep], ref[keep], factor=factor, floor=floor
+        "lse",
+        ours[keep],
+        low_precision[keep],
+        ref[keep],
+        factor=factor,
+        floor=floor,
+        noise=None if noise is None else noise[keep],
     )

@@ -96,9 +96,10 @@ def assert_ran(ran: str, kernel: str) -> None:
     assert ran == kernel, f"expected the {kernel} kernel to run, got {ran!r}"
 
 
-def run_forward(q, k, v, cu_q, cu_k, scale, num_splits=0, out=None, kernel=None):
-    """One ``_C.attention_forward`` call asking for ``kernel`` (``None``: the extension's default)
-    with NaN-poisoned outputs: (out, lse, the kernel that ran)."""
+def run_forward(q, k, v, cu_q, cu_k, scale, num_splits=0, out=None, kernel=MMA):
+    """One ``_C.attention_forward`` call asking for ``kernel`` (always named, as the library names
+    the planner's choice; ``None``: the extension's default) with NaN-poisoned outputs: (out, lse,
+    the kernel that ran)."""
     if out is None:
         out = torch.full(q.shape, math.nan, device="cuda", dtype=q.dtype)
     else:
@@ -113,7 +114,7 @@ def run_forward(q, k, v, cu_q, cu_k, scale, num_splits=0, out=None, kernel=None)
 
 
 def run_backward(
-    dout, q, k, v, out, lse, cu_q, cu_k, scale, kernel=None, grads=None, deterministic=False
+    dout, q, k, v, out, lse, cu_q, cu_k, scale, kernel=MMA, grads=None, deterministic=False
 ):
     """One ``_C.attention_backward`` call asking for ``kernel`` with NaN-poisoned gradients:
     (dq, dk, dv, the kernel that ran). ``grads`` (optional) are the tensors to write, e.g. strided

@@ -6,8 +6,9 @@ Hypothesis draws shapes, dtypes, layouts and options for every op -- ``cross_att
 (``DualCrossAttention`` and its branches over a ``VisionMemory``, ``kv_path`` fused/materialised,
 global/frame scope, samples with 0 frames), and checks each back end that can run here against a
 float64 reference, forward and backward, with the same bounds (and poisoned outputs) as the per-op
-tests, whose checkers are reused. The draws live in tests/fuzz_cases.py, shared with the
-time-bounded GPU campaign ``scripts/fuzz_campaign.py``.
+tests, whose checkers are reused (the attention oracle and error bound: tests/attention_oracle.py).
+The draws live in tests/fuzz_cases.py, shared with the time-bounded GPU campaign
+``scripts/fuzz_campaign.py``.
 
 * CI (CPU): the torch back end and the Triton kernels under the interpreter, small draws,
   ``CROSSLMM_FUZZ_EXAMPLES`` examples per test (default 12; the slower interpreter tests of
@@ -28,13 +29,14 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+import attention_oracle as oracle  # noqa: E402
 import fuzz_cases as fc  # noqa: E402
 from hypothesis import HealthCheck, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_cross_attention import cu_seqlens  # noqa: E402
 
 import crosslmm_ops  # noqa: E402
-from crosslmm_ops import cross_attention, cross_attention_reference  # noqa: E402
+from crosslmm_ops import cross_attention  # noqa: E402
 from crosslmm_ops.testing import fast_backends, poison_outputs  # noqa: E402
 
 EXAMPLES = int(os.environ.get("CROSSLMM_FUZZ_EXAMPLES", "12"))
@@ -193,9 +195,7 @@ def test_large_logits_do_not_overflow(dtype):
     q = (torch.randn(2, 7, 2, 64, device=DEVICE) * 20).to(dtype)
     k = (torch.randn(2, 50, 2, 64, device=DEVICE) * 20).to(dtype)
     v = torch.randn(2, 50, 2, 64, device=DEVICE).to(dtype)
-    expected, expected_lse = cross_attention_reference(
-        q.double(), k.double(), v.double(), softmax_scale=1.0, return_lse=True
-    )
+    expected, expected_lse = oracle.attention(q, k, v, softmax_scale=1.0)
     assert expected_lse.abs().max() > 1e3  # the test really has huge logits
     for backend in _extreme_backends(dtype):
         if backend == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16:
@@ -213,7 +213,7 @@ def test_very_negative_scores_still_normalise():
     q = torch.full((1, 3, 1, 16), 30.0, device=DEVICE)
     k = -torch.ones(1, 40, 1, 16, device=DEVICE) * 60 + torch.rand(1, 40, 1, 16, device=DEVICE)
     v = torch.randn(1, 40, 1, 16, device=DEVICE)
-    expected = cross_attention_reference(q.double(), k.double(), v.double(), softmax_scale=1.0)
+    expected, _ = oracle.attention(q, k, v, softmax_scale=1.0)
     for backend in _extreme_backends(torch.float32):
         if backend == "cuda":
             continue  # fp32 is not a CUDA-kernel dtype
@@ -255,9 +255,7 @@ def test_gpu_one_million_keys(backend):
     v = torch.randn(1, sk, 2, 64, device="cuda", dtype=torch.bfloat16)
     with poison_outputs():
         out, lse = cross_attention(q, k, v, return_lse=True, backend=backend)
-    expected, expected_lse = cross_attention_reference(
-        q, k, v, return_lse=True, compute_dtype=torch.float64
-    )
+    expected, expected_lse = oracle.attention(q, k, v)
     assert crosslmm_ops.last_backend("cross_attention") == backend
     assert (lse.double() - expected_lse).abs().max().item() < 1e-3 * math.log(sk)
     assert (out.double() - expected).abs().max().item() < 2e-3

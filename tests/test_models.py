@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import attention_oracle as oracle
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from crosslmm_ops.models import (
     set_training_stage,
 )
 from crosslmm_ops.models.decoder import cache_argument
-from crosslmm_ops.testing import relative_error
+from crosslmm_ops.testing import cu_seqlens, relative_error
 
 HAS_CUDA = torch.cuda.is_available()
 # The ops a DCAL's attention runs as (crosslmm_ops.record_backends): cross_attention on the
@@ -158,8 +159,9 @@ def _project_reference(x: torch.Tensor, projector) -> torch.Tensor:
 def _branch_reference(
     branch, rows: torch.Tensor, key_sets: list[torch.Tensor], owner, gate
 ) -> torch.Tensor:
-    """Dense softmax attention, gated: ``rows`` split evenly over ``key_sets`` (one set for every
-    row, or one per group of rows), each group against its own keys."""
+    """Attention (the tests' oracle, in the model's dtype), gated: ``rows`` split evenly over
+    ``key_sets`` (one set for every row, or one per group of rows), each group against its own
+    keys."""
     x = branch.query_norm(rows) if branch.query_norm is not None else rows
     q = branch.q_proj(x).view(len(key_sets), -1, branch.num_heads, branch.head_dim)
     outs = []
@@ -167,10 +169,11 @@ def _branch_reference(
         xk = owner.vision_norm(X) if owner.vision_norm is not None else X
         k = owner.k_proj(xk).view(-1, branch.num_kv_heads, branch.head_dim)
         v = owner.v_proj(xk).view(-1, branch.num_kv_heads, branch.head_dim)
-        rep = branch.num_heads // branch.num_kv_heads
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        s = torch.einsum("qhd,khd->hqk", qg, k) / math.sqrt(branch.head_dim)
-        outs.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), v).flatten(1))
+        segment = cu_seqlens([qg.shape[0]]), cu_seqlens([k.shape[0]])
+        out, _ = oracle.attention(
+            qg, k, v, *segment, softmax_scale=branch.head_dim**-0.5, dtype=qg.dtype
+        )
+        outs.append(out.flatten(1))
     return torch.tanh(gate.alpha) * branch.o_proj(torch.cat(outs))
 
 

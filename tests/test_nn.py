@@ -1,11 +1,11 @@
 """crosslmm_ops.nn: the modules against a plain-PyTorch composition of the same math written out
-here (dense per-sample masked softmax in float64), forward and backward; the identity of an
-untrained DCAL; GQA; global and frame scope; batches with different numbers of frames (0 too),
-text lengths and padding; shared gates and K/V; state_dict layout; transformers' weight
-initialisation; VisionMemory and TokenPooling; bad input; the Triton back end (CPU interpreter)
-and, marked ``cuda``, the CUDA back end in bf16. The reference tests run both attention paths
-(``kv_path``: materialised K/V, and projection-fused); tests/test_nn_paths.py tests the choice
-between them and the shared normalised tokens.
+here (per sample, in float64; the attention is tests/attention_oracle.py's), forward and backward;
+the identity of an untrained DCAL; GQA; global and frame scope; batches with different numbers of
+frames (0 too), text lengths and padding; shared gates and K/V; state_dict layout; transformers'
+weight initialisation; VisionMemory and TokenPooling; bad input; the Triton back end (CPU
+interpreter) and, marked ``cuda``, the CUDA back end in bf16. The reference tests run both
+attention paths (``kv_path``: materialised K/V, and projection-fused); tests/test_nn_paths.py tests
+the choice between them and the shared normalised tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import tempfile
 
+import attention_oracle as oracle
 import pytest
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from crosslmm_ops.nn import (
     VisionMemory,
 )
 from crosslmm_ops.ops.projected_attention import last_path
-from crosslmm_ops.testing import non_contiguous, poison_outputs
+from crosslmm_ops.testing import cu_seqlens, non_contiguous, poison_outputs
 
 
 def triton_cpu() -> bool:
@@ -101,10 +102,9 @@ def ref_branch(
     pooled,
 ):
     """Updates (B, L, hidden) of one branch: for each sample, its query rows ``positions[b]``
-    attend (dense softmax, float64) to its original tokens (all of them, or their own frame's)."""
+    attend (the oracle, float64) to its original tokens (all of them, or their own frame's)."""
     B, L, _ = h.shape
     delta = torch.zeros_like(h)
-    group = heads // kv_heads
     for b in range(B):
         rows = positions[b]
         if not rows:
@@ -120,14 +120,19 @@ def ref_branch(
         if x.shape[0] == 0:  # no frames: nothing to attend to, the rows pass through
             continue
         xv = ref_norm(vision_norm, x, p.get("vision_norm.weight"), p.get("vision_norm.bias"), eps)
-        k = ref_linear(xv, p, "k_proj").view(-1, kv_heads, head_dim).repeat_interleave(group, 1)
-        v = ref_linear(xv, p, "v_proj").view(-1, kv_heads, head_dim).repeat_interleave(group, 1)
-        s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(head_dim)
-        if scope == "frame":
-            frame_q = torch.arange(len(rows)) // pooled
-            frame_k = torch.arange(x.shape[0]) // feats[b].shape[1]
-            s = s.masked_fill(frame_q[:, None] != frame_k[None, :], float("-inf"))
-        attn = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v).reshape(len(rows), -1)
+        k = ref_linear(xv, p, "k_proj").view(-1, kv_heads, head_dim)
+        v = ref_linear(xv, p, "v_proj").view(-1, kv_heads, head_dim)
+        if scope == "frame":  # the i-th group of `pooled` rows (frame i) sees frame i's tokens
+            frames, tokens = feats[b].shape[:2]
+            assert len(rows) <= frames * pooled, "a query row past the last frame"
+            lens_q = [max(0, min(pooled, len(rows) - f * pooled)) for f in range(frames)]
+            lens = lens_q, [tokens] * frames
+        else:
+            lens = [len(rows)], [x.shape[0]]
+        attn, _ = oracle.attention(
+            q, k, v, cu_seqlens(lens[0]), cu_seqlens(lens[1]), softmax_scale=head_dim**-0.5
+        )
+        attn = attn.reshape(len(rows), -1)
         out = ref_linear(attn, p, "o_proj")
         if "gate.alpha" in p:
             out = torch.tanh(p["gate.alpha"]) * out
