@@ -153,6 +153,36 @@ def test_dcal_paths_agree(scope, kw):
     assert_same(fused, materialized, h, feats, visual)
 
 
+@pytest.mark.parametrize("vision_norm", ["rmsnorm", "layernorm", None])
+def test_materialised_keys_projected_in_chunks_without_autograd(monkeypatch, vision_norm):
+    """Without autograd the tokens are normalised and projected a chunk of rows at a time (the
+    normalised copy of all of them is never made): the DCAL's output is the same as with one
+    projection of all rows, gates open, chunks that do not divide the rows."""
+    _, materialized = twins(
+        DualCrossAttention,
+        HIDDEN,
+        VISION,
+        HEADS,
+        KV_HEADS,
+        HEAD_DIM,
+        vision_norm=vision_norm,
+        bias=True,
+    )
+    feats, h, visual = make_batch([2, 1, 3], 9)
+    with torch.no_grad():
+        whole = materialized(h, VisionMemory.from_list(feats, POOLED), visual)
+        assert not torch.equal(whole, h)  # the gates are open: the DCAL changed something
+        calls = []
+        real = nn_attention._project_in_chunks
+        monkeypatch.setattr(nn_attention, "_PROJECTION_CHUNK_ROWS", 7)  # 36 rows: 5 full + 1
+        monkeypatch.setattr(
+            nn_attention, "_project_in_chunks", lambda *a: calls.append(1) or real(*a)
+        )
+        chunked = materialized(h, VisionMemory.from_list(feats, POOLED), visual)
+    assert calls, "the chunked projection did not run"
+    torch.testing.assert_close(chunked, whole, **TIGHT)
+
+
 def test_rmsnorm_without_eps_and_without_affine():
     """Norms built by hand: nn.RMSNorm(eps=None) (the dtype's epsilon) and a LayerNorm without
     weight and bias."""

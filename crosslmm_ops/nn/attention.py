@@ -128,6 +128,29 @@ def head_shape(hidden_size, num_heads, num_kv_heads, head_dim) -> tuple[int, int
     return num_heads, num_kv_heads, positive_int("head_dim", head_dim)
 
 
+# Without autograd, the original tokens are normalised and projected this many rows at a time:
+# the normalised copy of all of them (as large as the tokens themselves, 0.43 GB at 256 frames,
+# more where the norm computes in float32) would otherwise be the largest transient of a prefill
+# from pixels. With autograd the projections keep their inputs for the backward anyway.
+_PROJECTION_CHUNK_ROWS = 16384
+
+
+def _project_in_chunks(x: torch.Tensor, vision_norm, k_proj: nn.Linear, v_proj: nn.Linear):
+    """``k_proj(norm(x)), v_proj(norm(x))`` computed over row chunks into preallocated outputs."""
+    k = v = None
+    for start in range(0, x.shape[0], _PROJECTION_CHUNK_ROWS):
+        chunk = x[start : start + _PROJECTION_CHUNK_ROWS]
+        if vision_norm is not None:
+            chunk = vision_norm(chunk)
+        k_part, v_part = k_proj(chunk), v_proj(chunk)
+        if k is None:  # the projections' output dtype (autocast may change it) sizes the outputs
+            k = k_part.new_empty(x.shape[0], k_part.shape[1])
+            v = v_part.new_empty(x.shape[0], v_part.shape[1])
+        k[start : start + k_part.shape[0]] = k_part
+        v[start : start + v_part.shape[0]] = v_part
+    return k, v
+
+
 def _project_kv(
     memory: VisionMemory,
     vision_norm,
@@ -152,13 +175,13 @@ def _project_kv(
         if hit is not None and hit[0] is k_proj and hit[1] == state:
             return hit[2]
     x = memory.tokens
-    if vision_norm is not None:
-        x = vision_norm(x)
     rows = x.shape[0]
-    kv = (
-        k_proj(x).view(rows, num_kv_heads, head_dim),
-        v_proj(x).view(rows, num_kv_heads, head_dim),
-    )
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or rows <= _PROJECTION_CHUNK_ROWS:
+        xn = vision_norm(x) if vision_norm is not None else x
+        k, v = k_proj(xn), v_proj(xn)
+    else:
+        k, v = _project_in_chunks(x, vision_norm, k_proj, v_proj)
+    kv = (k.view(rows, num_kv_heads, head_dim), v.view(rows, num_kv_heads, head_dim))
     if cached:  # the entry holds k_proj, so its id is not reused while the entry lives
         memory.kv_cache[id(k_proj)] = (k_proj, state, kv)
     return kv
