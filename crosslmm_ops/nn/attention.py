@@ -132,7 +132,7 @@ def head_shape(hidden_size, num_heads, num_kv_heads, head_dim) -> tuple[int, int
 # the normalised copy of all of them (as large as the tokens themselves, 0.43 GB at 256 frames,
 # more where the norm computes in float32) would otherwise be the largest transient of a prefill
 # from pixels. With autograd the projections keep their inputs for the backward anyway.
-_PROJECTION_CHUNK_ROWS = 16384
+_PROJECTION_CHUNK_ROWS = 8192
 
 
 def _project_in_chunks(x: torch.Tensor, vision_norm, k_proj: nn.Linear, v_proj: nn.Linear):
