@@ -10,32 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench
 
 import crosslmm_ops
 
-GRID, DIM = 27, 1152
-MODES = [
-    ("avg3x3s3", dict(mode="avg", kernel_size=3), lambda t: F.avg_pool2d(t, 3)),
-    ("avg9x9s9", dict(mode="avg", kernel_size=9), lambda t: F.avg_pool2d(t, 9)),
-    ("adaptive4x4", dict(mode="adaptive", output_size=4), lambda t: F.adaptive_avg_pool2d(t, 4)),
-    (
-        "bilinear14x14",
-        dict(mode="bilinear", output_size=14),
-        lambda t: F.interpolate(t, (14, 14), mode="bilinear", align_corners=False),
-    ),
-    ("mean1", dict(mode="adaptive", output_size=1), lambda t: F.adaptive_avg_pool2d(t, 1)),
-    ("max3x3s3", dict(mode="max", kernel_size=3), lambda t: F.max_pool2d(t, 3)),
-]
-
-
-def torch_path(x, fn):
-    B, T, N, D = x.shape
-    out = fn(x.view(B * T, GRID, GRID, D).permute(0, 3, 1, 2))
-    return out.permute(0, 2, 3, 1).reshape(B, T, -1, D).contiguous()
+# The modes and the torch path of the pooling benchmark, so that both measure the same calls.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from bench_token_pool import DIM, GRID, MODES, torch_path  # noqa: E402
 
 
 def copy_bandwidth_tbs() -> float:

@@ -1,9 +1,9 @@
 // PTX wrappers for the Hopper (sm_90a) kernels: mbarriers, TMA tensor loads, wgmma (m64n128k16
-// and m64n64k16) and its shared-memory matrix descriptors, named barriers, setmaxnreg. Device code
-// only; each wrapper is one instruction or a short fixed sequence, written from the PTX ISA (sections
-// "mbarrier", "cp.async.bulk.tensor", "Asynchronous Warpgroup Level Matrix Multiply-Accumulate",
-// "setmaxnreg"). Only the sm_90a pass of a kernel calls them, so nothing here is emitted for other
-// targets.
+// and m64n64k16) and its shared-memory matrix descriptors, named barriers, setmaxnreg. Device
+// code only; each wrapper is one instruction or a short fixed sequence, written from the PTX ISA
+// (sections "mbarrier", "cp.async.bulk.tensor", "Asynchronous Warpgroup Level Matrix
+// Multiply-Accumulate", "setmaxnreg"). Only the sm_90a pass of a kernel calls them, so nothing
+// here is emitted for other targets.
 #pragma once
 
 #include <cuda_runtime.h>
