@@ -897,6 +897,26 @@ def test_bad_input_raises_clear_error(call, exc, match):
         call()
 
 
+def test_torch_back_end_refuses_a_cuda_graph_capture(monkeypatch):
+    """The torch back end loops over segments in Python, reading cu_seqlens on the host: inside a
+    CUDA graph capture that read cannot happen, and the error says which back ends can."""
+    q, k, v = _t(5, 2, 8), _t(5, 2, 8), _t(5, 2, 8)
+    cu = cu_seqlens([2, 3])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot capture; use backend='cuda' or 'triton'"):
+        cross_attention(
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu,
+            cu_seqlens_k=cu,
+            max_seqlen_q=3,
+            max_seqlen_k=3,
+            backend="torch",
+        )
+
+
 def test_reused_cu_seqlens_are_checked_again_after_an_in_place_change():
     """cu_seqlens read once are not read again while unchanged (no host sync per call), but an
     in-place write to them, or to a view of them, is seen at the next call."""
