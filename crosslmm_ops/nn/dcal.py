@@ -229,11 +229,15 @@ class DualCrossAttention(nn.Module):
                 continue
             # Both branches read the original hidden_states; their rows are disjoint, so adding
             # the updates one after the other is the same as adding both to the input.
-            delta = branch.attend(hidden_states, memory, queries, kv)
-            if self.shares_gate:
-                delta = self.gate(delta)
-            out = scatter_add(out, queries.index, delta)
+            out = scatter_add(
+                out, queries.index, self._update(branch, hidden_states, memory, queries, kv)
+            )
         return out
+
+    def _update(self, branch, hidden_states, memory, queries, kv) -> torch.Tensor:
+        """One branch's gated update of its query rows."""
+        delta = branch.attend(hidden_states, memory, queries, kv)
+        return self.gate(delta) if self.shares_gate else delta
 
     def _forward_static(self, hidden_states, memory, visual_mask, text_mask) -> torch.Tensor:
         if visual_mask is not None:
@@ -247,13 +251,11 @@ class DualCrossAttention(nn.Module):
         # CUDA graph captures a call whose offsets were built before the capture).
         _, every = _dcal_queries(memory, hidden_states, None, None)
         kv = self.kv_source() if self.shares_kv else None
-        delta = self.t2v.attend(hidden_states, memory, every, kv)
-        if self.shares_gate:
-            delta = self.gate(delta)
+        delta = self._update(self.t2v, hidden_states, memory, every, kv)
         if text_mask is not None:
             # h + 0 is h: a position outside the mask passes through unchanged, as in the
             # default form, where it is not gathered at all.
-            delta = torch.where(text_mask.reshape(-1, 1), delta, torch.zeros_like(delta))
+            delta = delta.masked_fill(~text_mask.reshape(-1, 1), 0)
         return scatter_add(hidden_states, every.index, delta)
 
     def plan(
