@@ -62,6 +62,7 @@
 
 #include "attention/attention_common.cuh"
 #include "attention/attention_params.h"
+#include "attention/attention_sm90_epilogue.cuh"
 #include "common/mma.cuh"
 #include "common/sm90_ptx.cuh"
 
@@ -674,58 +675,22 @@ __global__ void __launch_bounds__(384, 1)
 
     // Epilogue.
     const float scale = p.softmax_scale;
-    if (num_splits > 1) {
-      // fp32 partial dQ * scale straight from the accumulators (8-byte stores).
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = wg_row0 + warp * 16 + quad_row + 8 * r;
-        if (row >= qs.length) continue;
-        const int64_t partial_row =
-            (static_cast<int64_t>(split) * p.num_heads_q + head) * p.total_q + qs.begin + row;
-        float* const dst = dq_partial + partial_row * kHeadDim;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          *reinterpret_cast<float2*>(dst + 8 * j + 2 * quad_col) =
-              make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
-        }
-      }
+    const float row_scale[2] = {scale, scale};
+    const AccumulatorLane acc_lane{wg_tid, warp, quad_row, quad_col};
+    const int valid_rows = qs.length - wg_row0;
+    if (num_splits > 1) {  // fp32 partial dQ * scale
+      const int64_t partial_row0 =
+          (static_cast<int64_t>(split) * p.num_heads_q + head) * p.total_q + qs.begin + wg_row0;
+      store_accumulator_fp32(dq_partial + partial_row0 * kHeadDim, dq, row_scale, acc_lane,
+                             valid_rows);
     } else {
-      // dQ * scale as T through this warpgroup's 64 rows of the Q buffer (swizzled as Q), then
-      // 16-byte stores. (count == 0: the Q buffer was never loaded; staging zeros is still fine.)
-      fence_proxy_async_shared();
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = warp * 16 + quad_row + 8 * r;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const uint32_t addr = q_rows + (j / 8) * kRowHalf + row * 128 +
-                                (((j % 8) ^ quad_row) << 4) + 4 * quad_col;
-          const uint32_t bits = pack2<T>(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
-          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(bits) : "memory");
-        }
-      }
-      named_barrier_sync(Cfg::kWarpgroupBarrier + consumer, 128);
-      T* const dq_out = static_cast<T*>(p.dq);
-#pragma unroll
-      for (int it = 0; it < (Cfg::kRowsPerWarpgroup * 16) / 128; ++it) {
-        const int idx = it * 128 + wg_tid;
-        const int row = idx / 16;
-        const int chunk = idx % 16;
-        const int seg_row = wg_row0 + row;
-        if (seg_row >= qs.length) continue;
-        const uint32_t addr =
-            q_rows + (chunk / 8) * kRowHalf + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
-        uint32_t v[4];
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
-                     : "r"(addr)
-                     : "memory");
-        Vec8<T> value;
-        memcpy(&value, v, sizeof(value));
-        T* const dst = dq_out + static_cast<int64_t>(qs.begin + seg_row) * p.dq_token_stride +
-                       static_cast<int64_t>(head) * p.dq_head_stride + chunk * 8;
-        *reinterpret_cast<Vec8<T>*>(dst) = value;
-      }
+      // dQ * scale as T through this warpgroup's 64 rows of the Q buffer (swizzled as Q). (count
+      // == 0: the Q buffer was never loaded; staging zeros is still fine.)
+      T* const dq_out = static_cast<T*>(p.dq) +
+                        static_cast<int64_t>(qs.begin + wg_row0) * p.dq_token_stride +
+                        static_cast<int64_t>(head) * p.dq_head_stride;
+      store_accumulator_staged<T>(dq_out, p.dq_token_stride, q_rows, kRowHalf, dq, row_scale,
+                                  acc_lane, valid_rows, Cfg::kWarpgroupBarrier + consumer);
     }
   }
 #elif defined(__CUDA_ARCH__)

@@ -48,6 +48,7 @@
 
 #include "attention/attention_common.cuh"
 #include "attention/attention_params.h"
+#include "attention/attention_sm90_epilogue.cuh"
 #include "common/mma.cuh"
 #include "common/sm90_ptx.cuh"
 
@@ -443,65 +444,21 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
 
-    if (p.num_splits > 1) {
-      // fp32 partial O / l straight from the accumulators (8-byte stores, 32-byte row pieces).
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = wg_row0 + warp * 16 + quad_row + 8 * r;
-        if (row >= qs.length) continue;
-        const int64_t partial_row =
-            (static_cast<int64_t>(split) * p.num_heads_q + head) * p.total_q + qs.begin + row;
-        float* const dst = p.out_partial + partial_row * kHeadDim;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          *reinterpret_cast<float2*>(dst + 8 * j + 2 * quad_col) =
-              make_float2(o[4 * j + 2 * r] * inv_sum[r], o[4 * j + 2 * r + 1] * inv_sum[r]);
-        }
-      }
+    const AccumulatorLane acc_lane{wg_tid, warp, quad_row, quad_col};
+    const int valid_rows = qs.length - wg_row0;
+    if (p.num_splits > 1) {  // fp32 partial O / l
+      const int64_t partial_row0 =
+          (static_cast<int64_t>(split) * p.num_heads_q + head) * p.total_q + qs.begin + wg_row0;
+      store_accumulator_fp32(p.out_partial + partial_row0 * kHeadDim, o, inv_sum, acc_lane,
+                             valid_rows);
     } else {
-      // O / l as T into this warpgroup's 64 rows of the Q buffer (its own S GEMMs are all done, and
-      // the other warpgroup never reads these rows), in the same swizzled layout: element (row r,
-      // channel 8j + 2t) at half j / 8, chunk (j % 8) ^ (r % 8); r % 8 = g here. A warp's 32 4-byte
-      // stores then hit 32 different banks.
-      const uint32_t stage_rows = q_rows;
-      // Order the wgmmas' (async-proxy) reads of these Q rows before the ordinary stores below.
-      fence_proxy_async_shared();
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = warp * 16 + quad_row + 8 * r;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const uint32_t addr = stage_rows + (j / 8) * kHalf + row * 128 +
-                                (((j % 8) ^ quad_row) << 4) + 4 * quad_col;
-          const uint32_t bits =
-              pack2<T>(o[4 * j + 2 * r] * inv_sum[r], o[4 * j + 2 * r + 1] * inv_sum[r]);
-          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(bits) : "memory");
-        }
-      }
-      named_barrier_sync(Cfg::kWarpgroupBarrier + consumer, 128);
-
-      // 64 rows x 16 chunks of 16 bytes; 16 consecutive threads write one 256-byte output row.
-      T* const out = static_cast<T*>(p.out);
-#pragma unroll
-      for (int it = 0; it < (Cfg::kRowsPerWarpgroup * 16) / 128; ++it) {
-        const int idx = it * 128 + wg_tid;
-        const int row = idx / 16;
-        const int chunk = idx % 16;
-        const int seg_row = wg_row0 + row;
-        if (seg_row >= qs.length) continue;
-        const uint32_t addr =
-            stage_rows + (chunk / 8) * kHalf + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
-        uint32_t v[4];
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
-                     : "r"(addr)
-                     : "memory");
-        Vec8<T> value;
-        memcpy(&value, v, sizeof(value));
-        T* const dst = out + static_cast<int64_t>(qs.begin + seg_row) * p.out_token_stride +
-                       static_cast<int64_t>(head) * p.out_head_stride + chunk * 8;
-        *reinterpret_cast<Vec8<T>*>(dst) = value;
-      }
+      // O / l as T through this warpgroup's 64 rows of the Q buffer (its own S GEMMs are all
+      // done, and the other warpgroup never reads these rows), swizzled as Q.
+      T* const out = static_cast<T*>(p.out) +
+                     static_cast<int64_t>(qs.begin + wg_row0) * p.out_token_stride +
+                     static_cast<int64_t>(head) * p.out_head_stride;
+      store_accumulator_staged<T>(out, p.out_token_stride, q_rows, kHalf, o, inv_sum, acc_lane,
+                                  valid_rows, Cfg::kWarpgroupBarrier + consumer);
     }
   }
 #elif defined(__CUDA_ARCH__)

@@ -171,7 +171,9 @@ __global__ void __launch_bounds__(256, 2) token_mix_kernel(const TokenMixParams 
   float acc[VEC];
   int32_t best_rank[kTrackWinner ? VEC : 1];
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) acc[k] = KIND == kMaxForward ? -std::numeric_limits<float>::infinity() : 0.f;
+  for (int k = 0; k < VEC; ++k) {
+    acc[k] = KIND == kMaxForward ? -std::numeric_limits<float>::infinity() : 0.f;
+  }
 #pragma unroll
   for (int k = 0; k < (kTrackWinner ? VEC : 1); ++k) best_rank[k] = -1;
   // kMaxBackward: the forward position that this destination token (input frame t, token o) has.
