@@ -1,6 +1,6 @@
-// Thin wrappers over the PTX instructions the attention kernels use (see mma.cuh for what each is
-// for and the fragment layouts). Kept apart from mma.cuh so that nothing else in these headers is
-// inline assembly.
+// Thin wrappers over the PTX instructions the attention and pooling kernels use (see mma.cuh for
+// what each is for and the fragment layouts). Kept apart from mma.cuh so that nothing else in
+// these headers is inline assembly.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -27,6 +27,13 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
 __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
   const int src_bytes = valid ? 4 : 0;
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+
+// 8 bytes global -> shared, asynchronously, zero-filled when !valid.
+__device__ __forceinline__ void cp_async_8(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(shared_address(smem)),
                "l"(gmem), "r"(src_bytes));
 }
 

@@ -24,10 +24,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
 #include "common/check.h"
+#include "common/ptx.cuh"
 
 namespace crosslmm {
 namespace {
@@ -56,6 +58,10 @@ struct TokenMixParams {
   int lanes;                       // threads along the channels in one block (blockDim.x)
   int chunk_channels;              // channels covered by one block (lanes * VEC)
 };
+
+// Source rows each thread has in flight per pipeline stage (token_mix_kernel). The max backward
+// also stages each row's int32 winners, so it takes fewer to keep two blocks per multiprocessor.
+constexpr int stage_rows(int kind) { return kind == kMaxBackward ? 4 : 8; }
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
@@ -134,21 +140,64 @@ __device__ __forceinline__ bool beats(float v, int32_t rank, float best, int32_t
   return v > best || (v == best && rank < best_rank);
 }
 
+// Copies one packed vector from global to shared memory without holding it in registers: cp.async
+// for 4, 8 and multiples of 16 bytes (the addresses are aligned to the vector size by pick_vec);
+// a 2-byte vector (one half/bf16 channel) goes through a register.
+template <typename P>
+__device__ __forceinline__ void copy_to_shared(P* smem, const void* gmem) {
+  if constexpr (sizeof(P) % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(P) / 16); ++i) {
+      cp_async_16(reinterpret_cast<char*>(smem) + 16 * i, static_cast<const char*>(gmem) + 16 * i, true);
+    }
+  } else if constexpr (sizeof(P) == 8) {
+    cp_async_8(smem, gmem, true);
+  } else if constexpr (sizeof(P) == 4) {
+    cp_async_4(smem, gmem, true);
+  } else {
+    *smem = load_readonly<P>(gmem);
+  }
+}
+
+// Position of one of a thread's taps in its row's scan order: frame f (from the row's first frame)
+// and index j into the CSR row. A thread takes taps group, group + groups, ... of the flattened
+// (frame, j) order, so its scan rank is f * row_len + j.
+struct Tap {
+  int32_t f, j;
+  __device__ __forceinline__ void advance(int32_t step, int32_t row_len) {
+    j += step;
+    while (j >= row_len) {
+      j -= row_len;
+      ++f;
+    }
+  }
+};
+
 // kTrackWinner (kMaxForward only): record each element's winning input position, which the max
 // backward needs; without it the max is a plain running maximum with no per-element rank state.
+//
+// Source rows reach registers through shared memory: each thread copies its next kStage rows with
+// cp.async while it combines the kStage rows it copied before (two stages). Loads in flight cost
+// shared memory rather than registers, so short rows (a 3x3 window: 9 taps) have all their loads
+// in flight at once and long rows (27x27 -> 1: 729 taps) keep 2 * kStage in flight per thread, at
+// an occupancy that registers would not allow. A thread reads back only the slots it wrote, so the
+// stages need no barrier between threads.
 template <typename T, int VEC, int KIND, bool kTrackWinner>
-__global__ void __launch_bounds__(256, 2) token_mix_kernel(const TokenMixParams p) {
+__global__ void __launch_bounds__(256) token_mix_kernel(const TokenMixParams p) {
   static_assert(!kTrackWinner || KIND == kMaxForward, "only the max forward records winners");
   constexpr bool kMaxBackwardOnly = KIND == kMaxBackward;
-  // Source rows loaded before the first is used (loads in flight per thread). The max backward
-  // also loads each row's int32 winners, so it takes fewer at a time to stay within the register
-  // budget of __launch_bounds__(256, 2) (128 registers, no spills).
-  constexpr int kUnroll = KIND == kMaxBackward ? 4 : 8;
-  extern __shared__ float smem[];
+  constexpr int kStage = stage_rows(KIND);
+  using Row = Packed<T, VEC>;
+  using Won = Packed<int32_t, VEC>;
+  extern __shared__ __align__(16) unsigned char smem[];
 
   const int lane = threadIdx.x;
   const int group = threadIdx.y;
   const int groups = blockDim.y;
+  const int threads = blockDim.x * blockDim.y;
+  const int tid = group * blockDim.x + lane;
+  Row* s_rows = reinterpret_cast<Row*>(smem);                           // [2][kStage][threads]
+  Won* s_won = reinterpret_cast<Won*>(smem + 2 * kStage * threads * sizeof(Row));  // max backward
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * p.chunk_channels +
                      static_cast<int64_t>(lane) * VEC;
   const bool active = c0 < p.channels;
@@ -162,12 +211,40 @@ __global__ void __launch_bounds__(256, 2) token_mix_kernel(const TokenMixParams 
   const int32_t row_begin = p.row_ptr[o];
   const int32_t row_len = p.row_ptr[o + 1] - row_begin;
   const FrameRange fr = frames_for(p, t);
+  const int32_t taps = static_cast<int32_t>(fr.last - fr.first) * row_len;
+  const int32_t mine = active && group < taps ? (taps - group + groups - 1) / groups : 0;
+  const int32_t batches = (mine + kStage - 1) / kStage;
 
-  const T* __restrict__ src = static_cast<const T*>(p.src) + b * p.src_sb + c0;
+  const T* __restrict__ src = static_cast<const T*>(p.src) + b * p.src_sb + fr.first * p.src_st + c0;
+  // kMaxBackward: the forward position that this destination token (input frame t, token o) has.
+  const int32_t my_pos = static_cast<int32_t>(t * p.tokens_in + o);
+
+  auto first_tap = [&](int32_t batch) {
+    const int32_t q = group + batch * kStage * groups;
+    return Tap{q / max(row_len, 1), q % max(row_len, 1)};
+  };
+  auto issue = [&](int32_t batch) {
+    const int stage = batch & 1;
+    Tap tap = first_tap(batch);
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      if (batch * kStage + u < mine) {
+        const int64_t tok = p.col_idx[row_begin + tap.j];
+        const int slot = (stage * kStage + u) * threads + tid;
+        copy_to_shared(&s_rows[slot], src + tap.f * p.src_st + tok * p.src_sn);
+        if constexpr (kMaxBackwardOnly) {
+          copy_to_shared(&s_won[slot], p.argmax_in + ((b * p.src_frames + fr.first + tap.f) * p.src_tokens + tok) *
+                                                         p.channels + c0);
+        }
+      }
+      tap.advance(groups, row_len);
+    }
+    cp_async_commit();
+  };
 
   // Max: acc starts at -inf, so an empty window (impossible for valid specs) yields -inf. With
-  // kTrackWinner, best_rank is the scan position (f - first) * row_len + j of the winner, -1 until
-  // the first tap, so a first tap equal to -inf still wins.
+  // kTrackWinner, best_rank is the scan rank of the winner, -1 until the first tap, so a first tap
+  // equal to -inf still wins.
   float acc[VEC];
   int32_t best_rank[kTrackWinner ? VEC : 1];
 #pragma unroll
@@ -176,70 +253,60 @@ __global__ void __launch_bounds__(256, 2) token_mix_kernel(const TokenMixParams 
   }
 #pragma unroll
   for (int k = 0; k < (kTrackWinner ? VEC : 1); ++k) best_rank[k] = -1;
-  // kMaxBackward: the forward position that this destination token (input frame t, token o) has.
-  const int32_t my_pos = static_cast<int32_t>(t * p.tokens_in + o);
 
-  if (active) {
-    for (int64_t f = fr.first; f < fr.last; ++f) {
-      const T* frame = src + f * p.src_st;
-      for (int32_t j0 = group; j0 < row_len; j0 += groups * kUnroll) {
-        // Issue all of this batch's loads before using any: kUnroll rows in flight per thread.
-        // They stay packed (16 bytes = 4 registers for 8 bf16) until they are accumulated.
-        int32_t tok[kUnroll];
-        Packed<T, VEC> raw[kUnroll];
-        Packed<int32_t, VEC> won[kMaxBackwardOnly ? kUnroll : 1];
+  if (batches > 0) issue(0);
+  for (int32_t batch = 0; batch < batches; ++batch) {
+    if (batch + 1 < batches) {
+      issue(batch + 1);
+    } else {
+      cp_async_commit();  // an empty group, so that "all but the newest group" is this batch
+    }
+    cp_async_wait<1>();
+    const int stage = batch & 1;
+    Tap tap = first_tap(batch);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int32_t j = j0 + u * groups;
-          tok[u] = j < row_len ? p.col_idx[row_begin + j] : -1;
-        }
+    for (int u = 0; u < kStage; ++u) {
+      if (batch * kStage + u < mine) {
+        const int slot = (stage * kStage + u) * threads + tid;
+        const Row raw = s_rows[slot];
+        if constexpr (KIND == kWeightedSum) {
+          const float w = p.weight[row_begin + tap.j] * fr.weight;
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (tok[u] < 0) continue;
-          raw[u] = load_readonly<Packed<T, VEC>>(frame + tok[u] * p.src_sn);
-          if constexpr (kMaxBackwardOnly) {
-            won[u] = load_readonly<Packed<int32_t, VEC>>(
-                p.argmax_in + ((b * p.src_frames + f) * p.src_tokens + tok[u]) * p.channels + c0);
+          for (int k = 0; k < VEC; ++k) acc[k] = fmaf(w, to_float(raw.v[k]), acc[k]);
+        } else if constexpr (KIND == kMaxBackward) {
+          const Won won = s_won[slot];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc[k] += won.v[k] == my_pos ? to_float(raw.v[k]) : 0.f;
+        } else if constexpr (kTrackWinner) {
+          const int32_t rank = tap.f * row_len + tap.j;
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const float v = to_float(raw.v[k]);
+            if (best_rank[k] < 0 || improves(v, acc[k])) {
+              acc[k] = v;
+              best_rank[k] = rank;
+            }
           }
-        }
+        } else {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (tok[u] < 0) continue;
-          const int32_t j = j0 + u * groups;
-          if constexpr (KIND == kWeightedSum) {
-            const float w = p.weight[row_begin + j] * fr.weight;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) acc[k] = fmaf(w, to_float(raw[u].v[k]), acc[k]);
-          } else if constexpr (KIND == kMaxBackward) {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) acc[k] += won[u].v[k] == my_pos ? to_float(raw[u].v[k]) : 0.f;
-          } else if constexpr (kTrackWinner) {
-            const int32_t rank = static_cast<int32_t>((f - fr.first) * row_len + j);
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-              const float v = to_float(raw[u].v[k]);
-              if (best_rank[k] < 0 || improves(v, acc[k])) {
-                acc[k] = v;
-                best_rank[k] = rank;
-              }
-            }
-          } else {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-              const float v = to_float(raw[u].v[k]);
-              acc[k] = improves(v, acc[k]) ? v : acc[k];
-            }
+          for (int k = 0; k < VEC; ++k) {
+            const float v = to_float(raw.v[k]);
+            acc[k] = improves(v, acc[k]) ? v : acc[k];
           }
         }
       }
+      tap.advance(groups, row_len);
     }
   }
+  cp_async_wait<0>();
 
-  // Combine the partial results of the groups that split this row's taps between them.
+  // Combine the partial results of the groups that split this row's taps between them, in the
+  // shared memory the stages used once every thread is done with its stages.
   if (groups > 1) {
     const int lanes = blockDim.x;
-    float* s_acc = smem;                                                     // [groups][lanes][VEC]
-    int32_t* s_rank = reinterpret_cast<int32_t*>(smem + groups * lanes * VEC);  // kTrackWinner
+    __syncthreads();
+    float* s_acc = reinterpret_cast<float*>(smem);                           // [groups][lanes][VEC]
+    int32_t* s_rank = reinterpret_cast<int32_t*>(s_acc + groups * lanes * VEC);  // kTrackWinner
     const int slot = (group * lanes + lane) * VEC;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -305,6 +372,21 @@ int pick_vec(int64_t elem_size, const at::Tensor& src, const at::Tensor& dst,
   return vec;
 }
 
+// Launches kKernel with `smem` bytes of dynamic shared memory. Above 48 KB a kernel must opt in,
+// per device: each instantiation opts in once per device for the most it can ask (`most_smem`).
+template <auto kKernel>
+void launch_opted_in(dim3 grid, dim3 block, size_t smem, int most_smem, cudaStream_t stream,
+                     const TokenMixParams& p) {
+  static std::atomic<uint64_t> opted_in_devices{0};
+  const int device = c10::cuda::current_device();
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (!bit || !(opted_in_devices.load(std::memory_order_relaxed) & bit)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most_smem));
+    opted_in_devices.fetch_or(bit);
+  }
+  kKernel<<<grid, block, smem, stream>>>(p);
+}
+
 template <typename T, int VEC, int KIND>
 void launch(TokenMixParams p, int64_t rows, int64_t max_taps, cudaStream_t stream) {
   const bool track_winner = KIND == kMaxForward && p.argmax_out != nullptr;
@@ -329,19 +411,22 @@ void launch(TokenMixParams p, int64_t rows, int64_t max_taps, cudaStream_t strea
   p.chunk_channels = static_cast<int>(lanes * VEC);
   const dim3 block(static_cast<unsigned>(lanes), static_cast<unsigned>(groups));
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks));
-  size_t smem = 0;
-  if (groups > 1) {
-    smem = groups * lanes * VEC * sizeof(float);
-    if (track_winner) smem += groups * lanes * VEC * sizeof(int32_t);
-  }
+  // Shared memory: the pipeline's two stages, then (reusing them) the groups' partial results.
+  const int64_t threads = lanes * groups;
+  const int64_t staged_bytes = sizeof(T) * VEC + (KIND == kMaxBackward ? sizeof(int32_t) * VEC : 0);
+  const int64_t stage_bytes = 2 * stage_rows(KIND) * threads * staged_bytes;
+  const int64_t combine_bytes =
+      groups > 1 ? threads * VEC * (sizeof(float) + (track_winner ? sizeof(int32_t) : 0)) : 0;
+  const size_t smem = static_cast<size_t>(std::max(stage_bytes, combine_bytes));
+  const int most_smem = static_cast<int>(2 * stage_rows(KIND) * 256 * staged_bytes);
   if constexpr (KIND == kMaxForward) {
     if (track_winner) {
-      token_mix_kernel<T, VEC, KIND, true><<<grid, block, smem, stream>>>(p);
+      launch_opted_in<token_mix_kernel<T, VEC, KIND, true>>(grid, block, smem, most_smem, stream, p);
     } else {
-      token_mix_kernel<T, VEC, KIND, false><<<grid, block, smem, stream>>>(p);
+      launch_opted_in<token_mix_kernel<T, VEC, KIND, false>>(grid, block, smem, most_smem, stream, p);
     }
   } else {
-    token_mix_kernel<T, VEC, KIND, false><<<grid, block, smem, stream>>>(p);
+    launch_opted_in<token_mix_kernel<T, VEC, KIND, false>>(grid, block, smem, most_smem, stream, p);
   }
   CROSSLMM_CHECK_LAUNCH();
 }
