@@ -239,6 +239,11 @@ def check_backend(backend, x, grid, mode, kw, *, check_grad=True):
         torch.testing.assert_close(out.double(), expected, rtol=0, atol=0)
     else:
         assert relative_error(out, expected) < tol
+    # Without autograd the max records no winners (a kernel path of its own): the same values.
+    with torch.no_grad(), poison_outputs():
+        inference_out = token_pool(x, grid, mode, backend=backend, **kw)
+    assert crosslmm_ops.last_backend("token_pool") == backend
+    torch.testing.assert_close(inference_out, out, rtol=0, atol=0)
     if not check_grad:
         return
     g = torch.randn_like(out)
@@ -682,6 +687,23 @@ def test_gpu_backward_is_deterministic(mode, kw):
     (a,) = torch.autograd.grad(out, x, g, retain_graph=True)
     (b,) = torch.autograd.grad(out, x, g)
     assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_max_nan_propagates(backend, dtype):
+    """A NaN wins its max windows, with and without autograd (the two kernel paths), and only
+    those windows."""
+    x = torch.randn(2, 3, 81, 40, device="cuda", dtype=dtype)
+    x[1, 2, 40, 7] = float("nan")  # token (4, 4): the centre of 3x3 window (1, 1)
+    for grad in (False, True):
+        xb = x.detach().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out = token_pool(xb, 9, "max", kernel_size=3, backend=backend)
+        assert crosslmm_ops.last_backend("token_pool") == backend
+        nan = torch.isnan(out)
+        assert nan[1, 2, 4, 7] and nan.sum() == 1, f"grad={grad}: NaN in {nan.nonzero().tolist()}"
 
 
 @pytest.mark.cuda
