@@ -48,6 +48,14 @@ for dtype in (torch.bfloat16, torch.float32):
                 with torch.no_grad():  # max without winners: its own kernel path
                     crosslmm_ops.token_pool(x, 9, mode, backend="cuda", **kw)
                 runs += 3
+# Long rows, few of them (the mean over a 27x27 frame, over one and over two frames).
+for temporal_stride in (1, 2):
+    x = torch.randn(1, 3, 729, 64, device="cuda", requires_grad=True)
+    out = crosslmm_ops.token_pool(
+        x, 27, "adaptive", output_size=1, temporal_stride=temporal_stride, backend="cuda"
+    )
+    out.backward(torch.randn_like(out))
+    runs += 2
 torch.cuda.synchronize()
 
 print("sanitize_kernels: section attention", flush=True)

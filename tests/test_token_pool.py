@@ -214,6 +214,7 @@ KERNEL_CASES = [
     ("max", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, temporal_stride=3)),
     ("max", dict(kernel_size=5, stride=4, padding=2)),  # 25-tap windows: several tap blocks
     ("adaptive", dict(output_size=1)),
+    ("adaptive", dict(output_size=1, temporal_stride=2)),  # one row of every token of two frames
     ("adaptive", dict(output_size=4)),
     ("bilinear", dict(output_size=(4, 5))),
     ("bilinear", dict(output_size=(8, 6), align_corners=True)),
