@@ -55,7 +55,6 @@ struct TokenMixParams {
   int64_t frames_in;               // frame count before temporal pooling (sizes the last group)
   int64_t tokens_in;               // token count per input frame (argmax encoding: f * N + i)
   bool time_transposed;            // backward direction over frames
-  int lanes;                       // threads along the channels in one block (blockDim.x)
   int chunk_channels;              // channels covered by one block (lanes * VEC)
 };
 
@@ -407,7 +406,6 @@ void launch(TokenMixParams p, int64_t rows, int64_t max_taps, cudaStream_t strea
   groups = std::min<int64_t>(groups, 32);
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "token_pool: too many output rows: ", rows);
   TORCH_CHECK(chunks <= 65535, "token_pool: too many channel chunks: ", chunks);
-  p.lanes = static_cast<int>(lanes);
   p.chunk_channels = static_cast<int>(lanes * VEC);
   const dim3 block(static_cast<unsigned>(lanes), static_cast<unsigned>(groups));
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks));
