@@ -131,6 +131,17 @@ __device__ __forceinline__ FrameRange frames_for(const TokenMixParams& p, int64_
 __device__ __forceinline__ bool improves(float v, float best) {
   return v > best || (isnan(v) && !isnan(best));
 }
+// The larger of a and b, NaN if either is NaN: one instruction (max.NaN) from sm_80 on. Without
+// winners to track, equal values need no tie-break (+0 and -0 may come out either way).
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+#else
+  return improves(b, a) ? b : a;
+#endif
+}
 __device__ __forceinline__ bool beats(float v, int32_t rank, float best, int32_t best_rank) {
   if (best_rank < 0) return true;
   const bool v_nan = isnan(v), b_nan = isnan(best);
@@ -201,11 +212,15 @@ __global__ void __launch_bounds__(256) token_mix_kernel(const TokenMixParams p) 
                      static_cast<int64_t>(lane) * VEC;
   const bool active = c0 < p.channels;
 
-  const int64_t row = blockIdx.x;  // (b, t, o) of the destination token
-  const int64_t o = row % p.dst_tokens;
-  const int64_t bt = row / p.dst_tokens;
-  const int64_t t = bt % p.dst_frames;
-  const int64_t b = bt / p.dst_frames;
+  // (b, t, o) of the destination token; the launcher checks that rows fit in 32 bits, so these
+  // divisions are the cheap 32-bit kind (a short row's block does little else).
+  const int32_t row = static_cast<int32_t>(blockIdx.x);
+  const int32_t dst_tokens = static_cast<int32_t>(p.dst_tokens);
+  const int32_t dst_frames = static_cast<int32_t>(p.dst_frames);
+  const int64_t o = row % dst_tokens;
+  const int32_t bt = row / dst_tokens;
+  const int64_t t = bt % dst_frames;
+  const int64_t b = bt / dst_frames;
 
   const int32_t row_begin = p.row_ptr[o];
   const int32_t row_len = p.row_ptr[o + 1] - row_begin;
@@ -289,8 +304,7 @@ __global__ void __launch_bounds__(256) token_mix_kernel(const TokenMixParams p) 
         } else {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            const float v = to_float(raw.v[k]);
-            acc[k] = improves(v, acc[k]) ? v : acc[k];
+            acc[k] = max_nan(acc[k], to_float(raw.v[k]));
           }
         }
       }
@@ -325,7 +339,7 @@ __global__ void __launch_bounds__(256) token_mix_kernel(const TokenMixParams p) 
             best_rank[k] = r;
           }
         } else if constexpr (KIND == kMaxForward) {
-          acc[k] = improves(s_acc[other + k], acc[k]) ? s_acc[other + k] : acc[k];
+          acc[k] = max_nan(acc[k], s_acc[other + k]);
         } else {
           acc[k] += s_acc[other + k];
         }
@@ -395,7 +409,7 @@ void launch(TokenMixParams p, int64_t rows, int64_t max_taps, cudaStream_t strea
   // A block covers at most 256 lanes of channels (2048 bf16 channels at 16 bytes a lane).
   int64_t chunks = ceil_div(lanes_total, 256);
   int64_t lanes = ceil_div(lanes_total, chunks);
-  while (rows * chunks < 8LL * sms && lanes > 32) {
+  while (rows * chunks < 8LL * sms && lanes > 16) {
     chunks *= 2;
     lanes = ceil_div(lanes_total, chunks);
   }
