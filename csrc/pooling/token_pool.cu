@@ -15,6 +15,10 @@
 // frame t reads input frames [t*s, min(t*s+s, T)); in the backward ("time transposed") an input frame
 // f reads output frame f/s.
 //
+// Long weighted rows too few to fill the GPU one block each (the mean over a frame) take a second
+// path: each row's taps split over several blocks, their fp32 partial sums added in a fixed order
+// by a small kernel (split_row_sum_kernel), so that path is deterministic too.
+//
 // Layout: the channel dimension D is innermost with stride 1, so a thread owns VEC consecutive
 // channels (16 bytes when alignment allows) of one output token; the B, T, N dimensions may have any
 // strides, so sliced and non-contiguous inputs are read in place without a copy.
@@ -385,6 +389,144 @@ int pick_vec(int64_t elem_size, const at::Tensor& src, const at::Tensor& dst,
   return vec;
 }
 
+// Long weighted rows, few of them (the mean over a frame, 27x27 -> 1: 729 taps a row, one row per
+// frame): one block per row cannot fill the GPU, so each row's taps are split over `splits` blocks
+// whose fp32 partial sums a second kernel adds in split order (deterministic). Loads stay in
+// registers, kSplitUnroll in flight per thread, and the rows need no shared-memory staging.
+constexpr int kSplitUnroll = 4;
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(512, 2) split_row_sum_kernel(const TokenMixParams p, float* partial,
+                                                            int32_t splits) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x;
+  const int group = threadIdx.y;
+  const int groups = blockDim.y;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * p.chunk_channels +
+                     static_cast<int64_t>(lane) * VEC;
+  const bool active = c0 < p.channels;
+  const int32_t row = static_cast<int32_t>(blockIdx.x);
+  const int32_t split = static_cast<int32_t>(blockIdx.z);
+  const int64_t o = row % static_cast<int32_t>(p.dst_tokens);
+  const int32_t bt = row / static_cast<int32_t>(p.dst_tokens);
+  const int64_t t = bt % static_cast<int32_t>(p.dst_frames);
+  const int64_t b = bt / static_cast<int32_t>(p.dst_frames);
+
+  const int32_t row_begin = p.row_ptr[o];
+  const int32_t row_len = p.row_ptr[o + 1] - row_begin;
+  const FrameRange fr = frames_for(p, t);
+  const int32_t taps = static_cast<int32_t>(fr.last - fr.first) * row_len;
+  const int32_t per_split = (taps + splits - 1) / splits;
+  const int32_t q_end = min(taps, (split + 1) * per_split);
+  const T* __restrict__ src = static_cast<const T*>(p.src) + b * p.src_sb + fr.first * p.src_st + c0;
+
+  float acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
+  if (active) {
+    // This thread's taps: split * per_split + group, then every `groups`-th up to q_end.
+    for (int32_t q0 = split * per_split + group; q0 < q_end; q0 += groups * kSplitUnroll) {
+      Packed<T, VEC> raw[kSplitUnroll];
+      float w[kSplitUnroll];
+      Tap tap{q0 / row_len, q0 % row_len};
+#pragma unroll
+      for (int u = 0; u < kSplitUnroll; ++u) {
+        if (q0 + u * groups < q_end) {
+          const int64_t tok = p.col_idx[row_begin + tap.j];
+          raw[u] = load_readonly<Packed<T, VEC>>(src + tap.f * p.src_st + tok * p.src_sn);
+          w[u] = p.weight[row_begin + tap.j] * fr.weight;
+        }
+        tap.advance(groups, row_len);
+      }
+#pragma unroll
+      for (int u = 0; u < kSplitUnroll; ++u) {
+        if (q0 + u * groups < q_end) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc[k] = fmaf(w[u], to_float(raw[u].v[k]), acc[k]);
+        }
+      }
+    }
+  }
+  if (groups > 1) {  // the groups' sums, added in group order
+    const int lanes = blockDim.x;
+    float* s_acc = reinterpret_cast<float*>(smem);  // [groups][lanes][VEC]
+    const int slot = (group * lanes + lane) * VEC;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s_acc[slot + k] = acc[k];
+    __syncthreads();
+    if (group != 0) return;
+    for (int g = 1; g < groups; ++g) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] += s_acc[(g * lanes + lane) * VEC + k];
+    }
+  }
+  if (!active) return;
+  float* out = partial + (static_cast<int64_t>(split) * gridDim.x + row) * p.channels + c0;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = acc[k];
+}
+
+// dst[row] = the sum over splits, in split order, of split_row_sum_kernel's partial sums.
+template <typename T, int VEC>
+__global__ void split_row_finish_kernel(const TokenMixParams p, const float* partial, int32_t splits,
+                                        int64_t rows) {
+  const int64_t lanes_total = p.channels / VEC;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * lanes_total) return;
+  const int64_t row = i / lanes_total;
+  const int64_t c0 = (i - row * lanes_total) * VEC;
+  const int64_t o = row % p.dst_tokens;
+  const int64_t bt = row / p.dst_tokens;
+  const int64_t t = bt % p.dst_frames;
+  const int64_t b = bt / p.dst_frames;
+  float acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
+  for (int32_t s = 0; s < splits; ++s) {
+    const float* in = partial + (s * rows + row) * p.channels + c0;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] += in[k];
+  }
+  T* dst = static_cast<T*>(p.dst) + b * p.dst_sb + t * p.dst_st + o * p.dst_sn + c0;
+  store_packed<T, VEC>(dst, acc);
+}
+
+// Splits for split_row_sum_kernel: 1 (use token_mix_kernel) unless the rows are long and too few
+// to fill the GPU with one block each; then enough splits for about 4 blocks per multiprocessor,
+// each split at least 64 taps long.
+int64_t row_splits(int kind, int64_t rows, int64_t chunks, int64_t max_taps, int sms) {
+  if (kind != kWeightedSum || max_taps < 256 || rows * chunks >= 4LL * sms) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(4LL * sms, rows * chunks), max_taps / 64));
+}
+
+// The split path of a weighted gather (see split_row_sum_kernel): `splits` blocks per row and
+// channel chunk, then their sum.
+template <typename T, int VEC>
+void launch_split_rows(TokenMixParams p, int64_t rows, int64_t lanes, int64_t splits,
+                       int64_t max_taps, cudaStream_t stream) {
+  const int64_t lanes_total = ceil_div(p.channels, VEC);
+  const int64_t chunks = ceil_div(lanes_total, lanes);
+  const int64_t groups =
+      std::max<int64_t>(1, std::min<int64_t>(512 / lanes, ceil_div(max_taps, splits)));
+  TORCH_CHECK(chunks <= 65535 && splits <= 65535, "token_pool: too many blocks per row: ", chunks,
+              " channel chunks x ", splits, " splits");
+  p.lanes = static_cast<int>(lanes);
+  p.chunk_channels = static_cast<int>(lanes * VEC);
+  at::Tensor partial = at::empty({splits, rows, p.channels},
+                                 at::device(at::kCUDA).dtype(at::kFloat));  // current device
+  const dim3 block(static_cast<unsigned>(lanes), static_cast<unsigned>(groups));
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks),
+                  static_cast<unsigned>(splits));
+  const size_t smem = groups > 1 ? groups * lanes * VEC * sizeof(float) : 0;
+  split_row_sum_kernel<T, VEC><<<grid, block, smem, stream>>>(p, partial.data_ptr<float>(),
+                                                              static_cast<int32_t>(splits));
+  CROSSLMM_CHECK_LAUNCH();
+  const int64_t items = rows * lanes_total;
+  split_row_finish_kernel<T, VEC><<<static_cast<unsigned>(ceil_div(items, 256)), 256, 0, stream>>>(
+      p, partial.data_ptr<float>(), static_cast<int32_t>(splits), rows);
+  CROSSLMM_CHECK_LAUNCH();
+}
+
 // Launches kKernel with `smem` bytes of dynamic shared memory. Above 48 KB a kernel must opt in,
 // per device: each instantiation opts in once per device for the most it can ask (`most_smem`).
 template <auto kKernel>
@@ -409,6 +551,10 @@ void launch(TokenMixParams p, int64_t rows, int64_t max_taps, cudaStream_t strea
   // A block covers at most 256 lanes of channels (2048 bf16 channels at 16 bytes a lane).
   int64_t chunks = ceil_div(lanes_total, 256);
   int64_t lanes = ceil_div(lanes_total, chunks);
+  if constexpr (KIND == kWeightedSum) {
+    const int64_t splits = row_splits(KIND, rows, chunks, max_taps, sms);
+    if (splits > 1) return launch_split_rows<T, VEC>(p, rows, lanes, splits, max_taps, stream);
+  }
   while (rows * chunks < 8LL * sms && lanes > 16) {
     chunks *= 2;
     lanes = ceil_div(lanes_total, chunks);
