@@ -116,26 +116,32 @@ def _token_mix_kernel(
                 is_nan = vals != vals
                 has_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0  # [ROWS, BLOCK_D]
                 top = tl.max(tl.where(is_nan, float("-inf"), vals), axis=1)
-                hit = tl.where(has_nan[:, None, :], is_nan, vals == top[:, None, :]) & mask
-                jj = tl.broadcast_to(offs_j[None, :, None], [ROWS, BLOCK_J, BLOCK_D])
-                first = tl.min(tl.where(hit, jj, big), axis=1)  # earliest winner in this block
-                found = first < big
-                winner_tok = tl.load(
-                    taps + o[:, None] * width + tl.where(found, first, 0),
-                    mask=found & mask_d[None, :],
-                    other=0,
-                )
-                block_best = tl.where(has_nan, float("nan"), top)
-                # Earlier blocks win ties; NaN beats numbers; nothing beats an earlier NaN.
-                best_nan = best != best
-                better = (
-                    (best_pos < 0) | (has_nan & ~best_nan) | (~has_nan & ~best_nan & (top > best))
-                )
-                better = better & found
-                best = tl.where(better, block_best, best)
-                best_pos = tl.where(
-                    better, (f[:, None] * tokens_in + winner_tok).to(tl.int32), best_pos
-                )
+                if not WRITE_ARGMAX:
+                    # No backward needs the winners: a running maximum that NaN wins for good.
+                    best = tl.where((best != best) | has_nan, float("nan"), tl.maximum(best, top))
+                else:
+                    hit = tl.where(has_nan[:, None, :], is_nan, vals == top[:, None, :]) & mask
+                    jj = tl.broadcast_to(offs_j[None, :, None], [ROWS, BLOCK_J, BLOCK_D])
+                    first = tl.min(tl.where(hit, jj, big), axis=1)  # earliest winner in this block
+                    found = first < big
+                    winner_tok = tl.load(
+                        taps + o[:, None] * width + tl.where(found, first, 0),
+                        mask=found & mask_d[None, :],
+                        other=0,
+                    )
+                    block_best = tl.where(has_nan, float("nan"), top)
+                    # Earlier blocks win ties; NaN beats numbers; nothing beats an earlier NaN.
+                    best_nan = best != best
+                    better = (
+                        (best_pos < 0)
+                        | (has_nan & ~best_nan)
+                        | (~has_nan & ~best_nan & (top > best))
+                    )
+                    better = better & found
+                    best = tl.where(better, block_best, best)
+                    best_pos = tl.where(
+                        better, (f[:, None] * tokens_in + winner_tok).to(tl.int32), best_pos
+                    )
 
     out_mask = row_ok[:, None] & mask_d[None, :]
     out_ptrs = dst + (b * dst_sb + t * dst_st + o * dst_sn)[:, None] + offs_d[None, :]
