@@ -510,7 +510,6 @@ void launch_split_rows(TokenMixParams p, int64_t rows, int64_t lanes, int64_t sp
       std::max<int64_t>(1, std::min<int64_t>(512 / lanes, ceil_div(max_taps, splits)));
   TORCH_CHECK(chunks <= 65535 && splits <= 65535, "token_pool: too many blocks per row: ", chunks,
               " channel chunks x ", splits, " splits");
-  p.lanes = static_cast<int>(lanes);
   p.chunk_channels = static_cast<int>(lanes * VEC);
   at::Tensor partial = at::empty({splits, rows, p.channels},
                                  at::device(at::kCUDA).dtype(at::kFloat));  // current device
