@@ -5,8 +5,10 @@
 
 bf16, 12 query heads of 128 (Hk = 2 or 12 key/value heads), keys T*729 original tokens; V2V
 queries T*9, T2V 128, decode 1; per-frame V2V: each frame's 9 queries against its own 729 keys.
-Columns: ``ours`` (the CUDA back end, asserted), ``fa4`` (FlashAttention-4, ``flash_attn.cute``,
-when importable; said to be absent otherwise), ``sdpa_cudnn`` and ``sdpa_flash`` (PyTorch SDPA).
+Columns: ``ours`` (the CUDA back end, asserted), ``ours_triton`` (the Triton fallback, asserted;
+not a peer: ``triton_vs_cuda`` is its speed as a share of ``ours``), ``fa4`` (FlashAttention-4,
+``flash_attn.cute``, when importable; said to be absent otherwise), ``sdpa_cudnn`` and
+``sdpa_flash`` (PyTorch SDPA).
 A peer that cannot run a row is left out of it, with the reason under ``skipped``.
 
 Fairness: SDPA's back ends get K/V already expanded to the 12 query heads (GQA) and the per-frame
@@ -33,6 +35,7 @@ from conftest import do_bench_ms  # noqa: E402
 import crosslmm_ops  # noqa: E402
 
 HEADS, HEAD_DIM, N, n = 12, 128, 729, 9
+OURS = {"ours": "cuda", "ours_triton": "triton"}  # column: the back end it must run on
 
 try:
     from flash_attn.cute import flash_attn_func as fa4_func  # type: ignore
@@ -86,7 +89,10 @@ def _runners(scope, frames, q, k, v):
     """{peer: callable() -> output} for one row's inputs (layouts prepared outside)."""
     runs = {}
     if scope == "global":
-        runs["ours"] = lambda: crosslmm_ops.cross_attention(q, k, v, backend="cuda")
+        for name, backend in OURS.items():
+            runs[name] = lambda backend=backend: crosslmm_ops.cross_attention(
+                q, k, v, backend=backend
+            )
         if fa4_func is not None:
             runs["fa4"] = lambda: fa4_func(q, k, v)[0]
         rep = HEADS // k.shape[2]
@@ -97,16 +103,17 @@ def _runners(scope, frames, q, k, v):
         lq = q.shape[0] // frames
         cu_q = torch.arange(frames + 1, device="cuda", dtype=torch.int32) * lq
         cu_k = torch.arange(frames + 1, device="cuda", dtype=torch.int32) * N
-        runs["ours"] = lambda: crosslmm_ops.cross_attention(
-            q,
-            k,
-            v,
-            cu_seqlens_q=cu_q,
-            cu_seqlens_k=cu_k,
-            max_seqlen_q=lq,
-            max_seqlen_k=N,
-            backend="cuda",
-        )
+        for name, backend in OURS.items():
+            runs[name] = lambda backend=backend: crosslmm_ops.cross_attention(
+                q,
+                k,
+                v,
+                cu_seqlens_q=cu_q,
+                cu_seqlens_k=cu_k,
+                max_seqlen_q=lq,
+                max_seqlen_k=N,
+                backend=backend,
+            )
         if fa4_varlen_func is not None:
             runs["fa4"] = lambda: fa4_varlen_func(
                 q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=lq, max_seqlen_k=N
@@ -164,18 +171,20 @@ def run(selected: set[str]) -> dict:
             except Exception as exc:  # noqa: BLE001 - a peer that cannot run the row
                 row["skipped"][peer] = f"{type(exc).__name__}: {str(exc)[:160]}"
                 continue
-            if peer == "ours":
+            if peer in OURS:
                 ran = crosslmm_ops.last_backend("cross_attention")
-                assert ran == "cuda", f"ours ran on {ran}, not the CUDA back end"
+                assert ran == OURS[peer], f"{peer} ran on {ran}, not the {OURS[peer]} back end"
             row["ms"][peer] = round(ms, 5)
             row["tflops"][peer] = round(flops / ms / 1e9, 1)
         if FA4_ERROR is not None:
             row["skipped"]["fa4"] = f"not importable: {FA4_ERROR[:160]}"
-        peers = [p for p in row["ms"] if p != "ours"]
+        peers = [p for p in row["ms"] if p not in OURS]
         if "ours" in row["ms"] and peers:
             best = min(peers, key=lambda p: row["ms"][p])
             row["best_peer"] = best
             row["ours_vs_best_peer"] = round(row["ms"][best] / row["ms"]["ours"], 3)
+        if "ours" in row["ms"] and "ours_triton" in row["ms"]:
+            row["triton_vs_cuda"] = round(row["ms"]["ours"] / row["ms"]["ours_triton"], 3)
         if not row["skipped"]:
             del row["skipped"]
         rows.append(row)
@@ -183,7 +192,8 @@ def run(selected: set[str]) -> dict:
         print(
             f"{name:42s} "
             + "  ".join(f"{p} {ms:.4f}" for p, ms in row["ms"].items())
-            + f"  | ours vs best peer {ratio:.2f}x",
+            + f"  | ours vs best peer {ratio:.2f}x"
+            + f", triton {row.get('triton_vs_cuda', math.nan):.0%} of cuda",
             flush=True,
         )
         del q, k, v

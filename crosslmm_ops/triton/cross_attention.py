@@ -5,11 +5,15 @@ Everything works on the packed varlen layout: ``q [total_q, Hq, D]``, ``k, v [to
 attends to key segment ``i`` only, non-causal; query head ``h`` reads key/value head
 ``h // (Hq // Hk)`` (GQA/MQA).
 
-Forward (FlashAttention-2 with split-KV, "flash-decoding"): one program per (query block, head,
-segment, split). Short queries against long keys give too few (query block, head, segment)
-programs to fill the GPU, so the keys of a segment are divided into ``num_splits`` contiguous
-ranges, one program each; each writes its partial output and log-sum-exp to fp32 scratch and a
-second small kernel merges them by LSE. With one split the first kernel writes the result directly.
+Forward (FlashAttention-2 with split-KV, "flash-decoding"): one program per (row block, key/value
+head, segment, split). A program's rows are the (query, query head) pairs of one GQA group, query
+by query (row ``r`` is query ``r // group`` of head ``hk * group + r % group``), so every K/V tile
+it loads serves all the heads that read it: 9 frame-local queries of a 6-head group fill one
+64-row tile where one program per head would fill six 16-row tiles, each loading the same keys.
+Short queries against long keys give too few programs to fill the GPU, so the keys of a segment
+are divided into ``num_splits`` contiguous ranges, one program each; each writes its partial
+output and log-sum-exp to fp32 scratch and a second small kernel merges them by LSE. With one
+split the first kernel writes the result directly.
 
 Backward (FlashAttention-2): ``delta = rowsum(dO * O) - dlse`` first, then one kernel per key block
 accumulating dK and dV over every query block and every query head of its GQA group, and one
@@ -88,10 +92,10 @@ def _attn_fwd_kernel(
 ):
     seg = tl.program_id(0) // num_m_blocks
     m_block = tl.program_id(0) % num_m_blocks
-    h = tl.program_id(1)
+    hk = tl.program_id(1)
     split = tl.program_id(2).to(tl.int64)  # split * (split stride) can pass 2**31
     q_start, q_len = segment(cu_q, seg)
-    if m_block * BLOCK_M >= q_len:
+    if m_block * BLOCK_M >= q_len * group:
         return
     k_start, k_len = segment(cu_k, seg)
     # This split's contiguous range of key blocks (possibly empty: it then writes lse = -inf).
@@ -100,14 +104,19 @@ def _attn_fwd_kernel(
     blk_lo = split * per_split
     blk_hi = tl.minimum(blk_lo + per_split, n_blocks)
 
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Packed rows: (query, head of the group) pairs, query-major (see the module docstring).
+    packed = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < q_len
+    mask_m = packed < q_len * group
     mask_d = offs_d < head_dim
-    rows = (q_start + offs_m).to(tl.int64)
-    q = _load_tile(Q, rows, sq_t, h * sq_h, offs_d, mask_m[:, None] & mask_d[None, :])
-    hk = h // group
+    rows = (q_start + packed // group).to(tl.int64)
+    heads = (hk * group + packed % group).to(tl.int64)
+    q = tl.load(
+        Q + rows[:, None] * sq_t + heads[:, None] * sq_h + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -138,9 +147,9 @@ def _attn_fwd_kernel(
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = tl.where(has_keys[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
-    o_ptrs = Out + split * so_s + rows[:, None] * so_t + h * so_h + offs_d[None, :]
+    o_ptrs = Out + split * so_s + rows[:, None] * so_t + heads[:, None] * so_h + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(Lse + split * sl_s + h * sl_h + rows, lse, mask=mask_m)
+    tl.store(Lse + split * sl_s + heads * sl_h + rows, lse, mask=mask_m)
 
 
 @triton.jit
@@ -397,11 +406,13 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _forward_config(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> dict:
+def _forward_config(packed_rows: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Launch options for a forward whose programs hold at most ``packed_rows`` rows (a query
+    segment's queries times the heads of a GQA group)."""
     block_d = _block_d(head_dim)
     wide = block_d > 128 or (dtype == torch.float32 and block_d > 64)
-    # Short query segments (decode, frame-local V2V) waste most of a 128-row tile: shrink it.
-    block_m = min(64 if wide else 128, max(16, triton.next_power_of_2(max_seqlen_q)))
+    # Few rows (decode, frame-local V2V) waste most of a 128-row tile: shrink it.
+    block_m = min(64 if wide else 128, max(16, triton.next_power_of_2(packed_rows)))
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=32 if wide else 64,
@@ -464,18 +475,20 @@ def attention_forward(
     batch = cu_seqlens_q.shape[0] - 1
     if total_q == 0 or batch <= 0:
         return "none"
-    group = Hq // k.shape[1]
-    cfg = _forward_config(max_seqlen_q, D, q.dtype)
-    m_blocks = triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"])
+    Hk = k.shape[1]
+    group = Hq // Hk
+    packed_rows = max(max_seqlen_q, 1) * group  # a program's rows: (query, head of the group)
+    cfg = _forward_config(packed_rows, D, q.dtype)
+    m_blocks = triton.cdiv(packed_rows, cfg["BLOCK_M"])
     key_blocks = triton.cdiv(max_seqlen_k, cfg["BLOCK_N"])
     if num_splits <= 0:
-        num_splits = num_splits_heuristic(batch * m_blocks * Hq, sm_count(q.device), key_blocks)
+        num_splits = num_splits_heuristic(batch * m_blocks * Hk, sm_count(q.device), key_blocks)
     num_splits = max(1, min(num_splits, max(key_blocks, 1), MAX_SPLITS))
     if triton_interpreted():
         cfg.update(num_warps=1, num_stages=1)
     precision = dot_precision(q.dtype)
     scale_log2 = softmax_scale * LOG2E
-    grid = (batch * m_blocks, Hq, num_splits)
+    grid = (batch * m_blocks, Hk, num_splits)
     common = dict(PRECISION=precision, **cfg)
     if num_splits == 1:
         _attn_fwd_kernel[grid](
