@@ -12,7 +12,8 @@ its cache, eager (``decode_ms_per_token``) and with the step captured in a CUDA 
 (``study.consistency_problems``). Training rows (``"train-stage1"`` / ``"train-stage2"``, with
 and without activation checkpointing): one optimizer step (forward with the loss, backward, AdamW)
 from pixels, its time, peak memory and frames per second. A row that runs out of GPU memory is
-recorded with ``"oom": true``. Random weights, synthetic video.
+recorded with ``"oom": true``. Random weights, synthetic video. ``--vision-compile`` runs the
+vision tower's chunks through ``torch.compile`` (rows marked ``"vision_compile": true``).
 """
 
 from __future__ import annotations
@@ -201,6 +202,12 @@ def main(argv=None) -> int:
         help="tokens per decode measurement (all but the first two timed), eager and graph",
     )
     parser.add_argument("--train-repeats", type=int, default=2)
+    parser.add_argument(
+        "--vision-compile",
+        action="store_true",
+        help="run the vision tower's chunks through torch.compile (model.model.vision_compile); "
+        "the rows say so with vision_compile: true",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.new_tokens < 3:
@@ -211,12 +218,15 @@ def main(argv=None) -> int:
     rows, problems = [], []
     for variant in args.variants:
         model = demo.build_models(args.preset, [variant], device=device, dtype=dtype)[variant]
+        model.model.vision_compile = args.vision_compile
         for frames in args.frames:
             # Long videos: one timed call after the warm-up (a 1024-frame prefill takes seconds).
             repeats = args.repeats if args.repeats is not None else (1 if frames > 256 else None)
             row = inference_row(
                 model, variant, args.preset, frames, device, dtype, repeats, None, args.new_tokens
             )
+            if args.vision_compile:
+                row["vision_compile"] = True
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "_measurement"}), flush=True)
         for frames in args.train_frames:
@@ -233,6 +243,8 @@ def main(argv=None) -> int:
                         dtype,
                         args.train_repeats,
                     )
+                    if args.vision_compile:
+                        row["vision_compile"] = True
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         del model

@@ -1046,6 +1046,85 @@ def test_tiny_bf16_on_cuda_matches_fp32_on_cpu():
     assert relative_error(out.float().cpu()[keep], ref[keep]) < 3e-2
 
 
+def _assert_same_tower_gradients(model, batch, kw, attribute, settings):
+    """The vision tower's gradients with ``model.model.<attribute>`` set to each of the two
+    ``settings`` in turn: non-zero, and equal."""
+    grads = []
+    for value in settings:
+        setattr(model.model, attribute, value)
+        model.zero_grad()
+        model(input_ids=batch["input_ids"], **kw).logits.square().mean().backward()
+        grads.append(model.model.vision_tower.get_input_embeddings().weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def _recording_backend(graphs: list):
+    """A torch.compile back end that records each graph it is given and runs it as traced: proof
+    that the compiled path ran, without a C++ toolchain."""
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def test_vision_tower_compiled_gives_the_same_model():
+    """``vision_compile``: every chunk through torch.compile (here a back end that records its
+    graphs), with a last chunk shorter than the others: the eager logits and gradients; the
+    compiled tower is built once and reused; a copy of the model starts without it."""
+    import copy
+
+    model = _model(gates="random")
+    batch = _batch(model.config, frames=(3, 2), T=3)
+    kw = _video_kwargs(batch)
+    graphs = []
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = model(input_ids=batch["input_ids"], **kw).logits
+            model.model.vision_chunk_frames = 2  # 5 frames: chunks of 2, 2 and 1
+            model.model.vision_compile = {"backend": _recording_backend(graphs)}
+            compiled = model(input_ids=batch["input_ids"], **kw).logits
+            built = model.model._compiled_vision_tower.compiled
+            assert graphs and built is not None
+            again = model(input_ids=batch["input_ids"], **kw).logits
+            assert model.model._compiled_vision_tower.compiled is built
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again, eager, rtol=1e-5, atol=1e-5)
+        _assert_same_tower_gradients(
+            model, batch, kw, "vision_compile", (False, model.model.vision_compile)
+        )
+        assert copy.deepcopy(model).model._compiled_vision_tower.compiled is None
+        model.model.vision_compile = "max-autotune"
+        with pytest.raises(ValueError, match="vision_compile must be"):
+            model(input_ids=batch["input_ids"], **kw)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+def test_vision_tower_compiled_on_cuda_matches_eager():
+    """``vision_compile=True`` (inductor) on the GPU, bf16: the eager model's logits."""
+    model = _model(gates="random").to("cuda", torch.bfloat16)
+    batch = _batch(model.config, frames=(3, 2), T=3)
+    kw = {k: v.cuda() for k, v in _video_kwargs(batch).items()}
+    kw["pixel_values_videos"] = kw["pixel_values_videos"].to(torch.bfloat16)
+    ids = batch["input_ids"].cuda()
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = model(input_ids=ids, **kw).logits.float()
+            model.model.vision_chunk_frames = 2
+            model.model.vision_compile = True
+            compiled = model(input_ids=ids, **kw).logits.float()
+        assert model.model._compiled_vision_tower.compiled is not None
+        assert relative_error(compiled, eager) < 2e-2
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("chunk", [1, 2])
 def test_vision_tower_in_chunks_gives_the_same_model(chunk):
     """Frames through the vision tower ``chunk`` at a time: the same tokens, logits and
@@ -1058,14 +1137,7 @@ def test_vision_tower_in_chunks_gives_the_same_model(chunk):
         model.model.vision_chunk_frames = chunk
         chunked = model(input_ids=batch["input_ids"], **kw).logits
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
-    grads = []
-    for frames_at_once in (None, chunk):
-        model.model.vision_chunk_frames = frames_at_once
-        model.zero_grad()
-        model(input_ids=batch["input_ids"], **kw).logits.square().mean().backward()
-        grads.append(model.model.vision_tower.get_input_embeddings().weight.grad.clone())
-    assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    _assert_same_tower_gradients(model, batch, kw, "vision_chunk_frames", (None, chunk))
     model.model.vision_chunk_frames = 0
     with pytest.raises(ValueError, match="vision_chunk_frames must be"):
         model(input_ids=batch["input_ids"], **kw)

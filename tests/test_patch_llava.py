@@ -768,6 +768,40 @@ def test_patched_model_on_gpu_bf16():
     torch.testing.assert_close(out.logits[0].float(), forward, rtol=3e-2, atol=3e-2)
 
 
+def test_vision_tower_compiled_gives_the_same_logits():
+    """``crosslmm_patch.vision_compile``: the tower's chunks through torch.compile (a back end
+    that records its graphs, so the compiled path provably ran): the eager logits, the compiled
+    forward built once; a bad value is named."""
+    family = "llava_onevision"
+    patched, _ = _pair(family)
+    _set_gates(patched)
+    batch = _batch(family)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    patch = patched.crosslmm_patch
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = patched(**batch).logits
+            patch.vision_chunk_frames = 2
+            patch.vision_compile = {"backend": backend}
+            compiled = patched(**batch).logits
+            traced = len(graphs)
+            again = patched(**batch).logits
+        assert traced > 0 and len(graphs) == traced  # the second call reused the graphs
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again, eager, rtol=1e-5, atol=1e-5)
+        patch.vision_compile = 1
+        with pytest.raises(ValueError, match="vision_compile must be"):
+            patched(**batch)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vision_tower_in_chunks_gives_the_same_logits(family):
     patched, _ = _pair(family)

@@ -55,7 +55,13 @@ from crosslmm_ops.models.decoder import (
     past_length,
 )
 from crosslmm_ops.models.graph_decode import generate_with_cuda_graph
-from crosslmm_ops.models.vision import auto_chunk_frames, check_chunk_frames, encode_in_chunks
+from crosslmm_ops.models.vision import (
+    CompiledTowerCache,
+    auto_chunk_frames,
+    check_chunk_frames,
+    compiled_tower,
+    encode_in_chunks,
+)
 from crosslmm_ops.nn import DualCrossAttention, TanhGate, TokenPooling, VisionMemory
 
 # ----------------------------------------------------------------------------------------------
@@ -197,12 +203,18 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
     ``vision_chunk_frames``: how many frames go through the vision tower at once (None: chosen
     from the tower's shape for about 256 MiB of transient activations,
-    :func:`~crosslmm_ops.models.vision.auto_chunk_frames`); any value gives the same tokens."""
+    :func:`~crosslmm_ops.models.vision.auto_chunk_frames`); any value gives the same tokens.
+
+    ``vision_compile``: False (default) runs the tower eagerly; True, or a dict of
+    ``torch.compile`` keyword arguments, runs each chunk through the compiled tower
+    (:func:`~crosslmm_ops.models.vision.compiled_tower`; the first call compiles)."""
 
     vision_chunk_frames: int | None = None
+    vision_compile: bool | dict | None = False
 
     def __init__(self, config: CrossLMMConfig):
         super().__init__(config)
+        self._compiled_vision_tower = CompiledTowerCache()
         self.vision_tower = SiglipVisionModel(config.vision_config)
         self.pooling = TokenPooling(**config.pool_kwargs())
         self.multi_modal_projector = CrossLMMMultiModalProjector(config)
@@ -337,11 +349,12 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             config.tokens_per_frame, vc.hidden_size, vc.intermediate_size, tower_dtype
         )
         layer = config.vision_feature_layer
+        tower = compiled_tower(self.vision_tower, self.vision_compile, self._compiled_vision_tower)
 
         def encode(x: torch.Tensor) -> torch.Tensor:
             if layer is None:
-                return self.vision_tower(pixel_values=x.to(tower_dtype)).last_hidden_state
-            out = self.vision_tower(pixel_values=x.to(tower_dtype), output_hidden_states=True)
+                return tower(pixel_values=x.to(tower_dtype)).last_hidden_state
+            out = tower(pixel_values=x.to(tower_dtype), output_hidden_states=True)
             return out.hidden_states[layer]
 
         return encode_in_chunks(encode, pixels, chunk)

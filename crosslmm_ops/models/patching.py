@@ -61,7 +61,13 @@ from crosslmm_ops.models.decoder import (
     cache_vision_memory,
     check_decoder_layers,
 )
-from crosslmm_ops.models.vision import auto_chunk_frames, check_chunk_frames, concat_outputs
+from crosslmm_ops.models.vision import (
+    CompiledTowerCache,
+    auto_chunk_frames,
+    check_chunk_frames,
+    compiled_tower,
+    concat_outputs,
+)
 from crosslmm_ops.nn import DualCrossAttention, TokenPooling, VisionMemory
 
 # Where the unpooled tokens travel with the vision encoder's output (a ModelOutput key, not a plain
@@ -209,6 +215,7 @@ class _ChunkedTower:
     def __init__(self, patch: "CrossLMMPatch", tower: nn.Module, original):
         self._patch, self._tower = patch, tower
         self.__wrapped__ = original
+        self._compiled = CompiledTowerCache()
 
     def __call__(self, pixel_values=None, *args, **kwargs):
         patch = self._patch
@@ -224,14 +231,12 @@ class _ChunkedTower:
                 inner.intermediate_size,
                 pixel_values.dtype,
             )
+        forward = compiled_tower(self.__wrapped__, patch.vision_compile, self._compiled)
         total = pixel_values.shape[0]
         if chunk >= total:
-            return self.__wrapped__(pixel_values, *args, **kwargs)
+            return forward(pixel_values, *args, **kwargs)
         return concat_outputs(
-            [
-                self.__wrapped__(pixel_values[i : i + chunk], *args, **kwargs)
-                for i in range(0, total, chunk)
-            ]
+            [forward(pixel_values[i : i + chunk], *args, **kwargs) for i in range(0, total, chunk)]
         )
 
 
@@ -283,8 +288,10 @@ class CrossLMMPatch:
         self._hooks: list = []
         self.decoder: DCALDecoder | None = None
         # Frames per vision-tower call while encoding a video (None: automatic); any value gives
-        # the same tokens.
+        # the same tokens. vision_compile: run those calls through torch.compile (True, or a dict
+        # of its keyword arguments; see crosslmm_ops.models.vision.compiled_tower).
         self.vision_chunk_frames: int | None = None
+        self.vision_compile: bool | dict | None = False
         self._overrides: list[tuple[object, str]] = []
         self._recordings: list[_Recording] = []
         self._states: list[_ForwardState] = []
