@@ -2,18 +2,21 @@
 (27 layers, width 1152, MLP 4304, 16 heads of 72, 729 tokens per frame), random weights, bf16,
 one chunk of frames at a time as the model encodes them.
 
-For each variant (attention implementation, SDPA back end, torch.compile) and chunk size: the
-median time per frame (CUDA events after warm-up) and the achieved TFLOP/s, counting the matmuls
-(patch embedding, q/k/v/o, MLP) and attention (4·N²·width per layer) at 2 FLOPs per
-multiply-add. Then, for the eager tower, the kernels one chunk launches grouped by kind
-(torch.profiler), so the matmuls' share and the rest (norms, GELU, attention) are visible.
+For each variant (SDPA back end, torch.compile and its mode, GELU fused into the MLP's first
+matmul) and chunk size: the median time per frame (CUDA events after warm-up), the achieved
+TFLOP/s, counting the matmuls (patch embedding, q/k/v/o, MLP) and attention (4·N²·width per
+layer) at 2 FLOPs per multiply-add, and the relative error of the output against the eager tower
+(a variant must compute the same function). For the variants that leave the attention back end
+to SDPA, the kernels one chunk launches (torch.profiler), so the matmuls' share and the rest
+(norms, GELU, attention, gaps) are visible.
 
-    python tools/vision_tower_profile.py [--chunks 8 16 32] [--no-compile] [--json out.json]
+    python tools/vision_tower_profile.py [--chunks 8 16 32] [--variants ...] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from collections import defaultdict
@@ -78,11 +81,71 @@ def kernel_table(fn, top=14) -> list[dict]:
     ] + [dict(kernel="(all kernels)", us=round(total, 1))]
 
 
+# name: (label, SDPA back end or None for torch's choice, torch.compile kwargs or None for eager,
+# the MLP's first matmul with GELU in its cuBLASLt epilogue)
+VARIANTS = {
+    "eager": ("eager, sdpa (torch's choice)", None, None, False),
+    "eager-cudnn": ("eager, sdpa cuDNN", SDPBackend.CUDNN_ATTENTION, None, False),
+    "eager-flash": ("eager, sdpa flash", SDPBackend.FLASH_ATTENTION, None, False),
+    "eager-efficient": ("eager, sdpa efficient", SDPBackend.EFFICIENT_ATTENTION, None, False),
+    "eager-gelu-epilogue": ("eager, GELU in fc1's epilogue", None, None, True),
+    "compile": ("torch.compile, sdpa (torch's choice)", None, {}, False),
+    "compile-gelu-epilogue": ("torch.compile, GELU in fc1's epilogue", None, {}, True),
+    "compile-reduce-overhead": (
+        "torch.compile mode=reduce-overhead",
+        None,
+        {"mode": "reduce-overhead"},
+        False,
+    ),
+    "compile-max-autotune": (
+        "torch.compile mode=max-autotune-no-cudagraphs",
+        None,
+        {"mode": "max-autotune-no-cudagraphs"},
+        False,
+    ),
+}
+DEFAULT_VARIANTS = ["eager", "compile", "compile-gelu-epilogue", "compile-reduce-overhead"]
+
+
+@torch.library.custom_op("crosslmm_tools::linear_gelu_tanh", mutates_args=())
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x @ weight.T + bias) as one cuBLASLt matmul with a GELU+bias epilogue; a custom
+    op, so that torch.compile keeps the call whole instead of splitting off the GELU."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@linear_gelu_tanh.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def with_gelu_epilogue(tower):
+    """The tower with each MLP's fc1 + GELU as :func:`linear_gelu_tanh` (the same function:
+    SigLIP's GELU is the tanh approximation, as is cuBLASLt's epilogue)."""
+    for module in tower.modules():
+        if type(module).__name__ == "SiglipMLP":
+
+            def forward(hidden_states, mlp=module):
+                h = linear_gelu_tanh(hidden_states, mlp.fc1.weight, mlp.fc1.bias)
+                return mlp.fc2(h)
+
+            module.forward = forward
+    return tower
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--table-chunk", type=int, default=16, help="chunk of the kernel tables")
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=DEFAULT_VARIANTS,
+        choices=list(VARIANTS),
+        help=f"default: {' '.join(DEFAULT_VARIANTS)}",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -94,24 +157,21 @@ def main() -> None:
         ),
         rows=[],
     )
-    variants = [
-        ("eager, sdpa (torch's choice)", "sdpa", None, False),
-        ("eager, sdpa cuDNN", "sdpa", SDPBackend.CUDNN_ATTENTION, False),
-        ("eager, sdpa flash", "sdpa", SDPBackend.FLASH_ATTENTION, False),
-        ("eager, sdpa efficient", "sdpa", SDPBackend.EFFICIENT_ATTENTION, False),
-    ]
-    if not args.no_compile:
-        variants.append(("torch.compile, sdpa (torch's choice)", "sdpa", None, True))
-    towers = {}
-    for label, attn, backend, compiled in variants:
-        if attn not in towers:
-            towers[attn] = build_tower(attn)
-        tower, vc = towers[attn]
-        flops = tower_flops_per_frame(vc)
-        module = torch.compile(tower) if compiled else tower
+    base, vc = build_tower("sdpa")
+    flops = tower_flops_per_frame(vc)
+    fused = None
+    reference = {}  # chunk -> the eager tower's output, to check every variant against
+    for name in args.variants:
+        label, backend, compile_kwargs, gelu_epilogue = VARIANTS[name]
+        if gelu_epilogue and fused is None:
+            fused = with_gelu_epilogue(copy.deepcopy(base))
+        tower = fused if gelu_epilogue else base
+        module = tower if compile_kwargs is None else torch.compile(tower, **compile_kwargs)
         for chunk in args.chunks:
-            pixels = torch.randn(chunk, 3, vc.image_size, vc.image_size, device="cuda")
-            pixels = pixels.to(torch.bfloat16)
+            g = torch.Generator(device="cuda").manual_seed(chunk)
+            pixels = torch.randn(
+                chunk, 3, vc.image_size, vc.image_size, device="cuda", generator=g
+            ).to(torch.bfloat16)
 
             def run(module=module, pixels=pixels, backend=backend):
                 with torch.no_grad():
@@ -122,23 +182,29 @@ def main() -> None:
 
             t0 = time.perf_counter()
             try:
-                run()
+                out = run().float()
                 torch.cuda.synchronize()
             except Exception as exc:  # a back end that cannot run this shape says so
                 print(
-                    f"{label:40s} chunk {chunk:3d}: cannot run ({type(exc).__name__}: "
+                    f"{label:46s} chunk {chunk:3d}: cannot run ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0][:120]})"
                 )
                 results["rows"].append(dict(variant=label, chunk=chunk, error=str(exc)[:300]))
                 continue
             first_s = time.perf_counter() - t0
+            if chunk not in reference:
+                with torch.no_grad():
+                    reference[chunk] = base(pixel_values=pixels).last_hidden_state.float()
+            ref = reference[chunk]
+            error = ((out - ref).norm() / ref.norm()).item()
+            del out
             ms = time_ms(run)
             per_frame = ms / chunk
             tflops = flops * chunk / (ms * 1e-3) / 1e12
             print(
-                f"{label:40s} chunk {chunk:3d}: {ms:8.2f} ms, {per_frame:6.3f} ms/frame "
+                f"{label:46s} chunk {chunk:3d}: {ms:8.2f} ms, {per_frame:6.3f} ms/frame "
                 f"(256 frames: {256 * per_frame:6.1f} ms), {tflops:5.0f} TFLOP/s "
-                f"[first call {first_s:5.1f} s]"
+                f"[first call {first_s:5.1f} s; relative error against eager {error:.1e}]"
             )
             results["rows"].append(
                 dict(
@@ -148,11 +214,10 @@ def main() -> None:
                     ms_per_frame=round(per_frame, 4),
                     tflops=round(tflops, 1),
                     first_call_s=round(first_s, 2),
+                    relative_error_vs_eager=error,
                 )
             )
-            if chunk == args.table_chunk and label.startswith(
-                ("eager, sdpa (", "torch.compile, sdpa (")
-            ):
+            if chunk == args.table_chunk and backend is None:
                 table = kernel_table(run)
                 results["rows"][-1]["kernels"] = table
                 for row in table:
