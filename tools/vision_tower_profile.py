@@ -82,29 +82,66 @@ def kernel_table(fn, top=14) -> list[dict]:
 
 
 # name: (label, SDPA back end or None for torch's choice, torch.compile kwargs or None for eager,
-# the MLP's first matmul with GELU in its cuBLASLt epilogue)
+# the MLP's first matmul with GELU in its cuBLASLt epilogue, the attention implementation)
 VARIANTS = {
-    "eager": ("eager, sdpa (torch's choice)", None, None, False),
-    "eager-cudnn": ("eager, sdpa cuDNN", SDPBackend.CUDNN_ATTENTION, None, False),
-    "eager-flash": ("eager, sdpa flash", SDPBackend.FLASH_ATTENTION, None, False),
-    "eager-efficient": ("eager, sdpa efficient", SDPBackend.EFFICIENT_ATTENTION, None, False),
-    "eager-gelu-epilogue": ("eager, GELU in fc1's epilogue", None, None, True),
-    "compile": ("torch.compile, sdpa (torch's choice)", None, {}, False),
-    "compile-gelu-epilogue": ("torch.compile, GELU in fc1's epilogue", None, {}, True),
+    "eager": ("eager, sdpa (torch's choice)", None, None, False, "sdpa"),
+    "eager-cudnn": ("eager, sdpa cuDNN", SDPBackend.CUDNN_ATTENTION, None, False, "sdpa"),
+    "eager-flash": ("eager, sdpa flash", SDPBackend.FLASH_ATTENTION, None, False, "sdpa"),
+    "eager-efficient": (
+        "eager, sdpa efficient",
+        SDPBackend.EFFICIENT_ATTENTION,
+        None,
+        False,
+        "sdpa",
+    ),
+    "eager-fa4": ("eager, FlashAttention-4", None, None, False, "fa4"),
+    "eager-crosslmm": ("eager, crosslmm_ops.cross_attention", None, None, False, "crosslmm"),
+    "eager-gelu-epilogue": ("eager, GELU in fc1's epilogue", None, None, True, "sdpa"),
+    "compile": ("torch.compile, sdpa (torch's choice)", None, {}, False, "sdpa"),
+    "compile-gelu-epilogue": ("torch.compile, GELU in fc1's epilogue", None, {}, True, "sdpa"),
     "compile-reduce-overhead": (
         "torch.compile mode=reduce-overhead",
         None,
         {"mode": "reduce-overhead"},
         False,
+        "sdpa",
     ),
     "compile-max-autotune": (
         "torch.compile mode=max-autotune-no-cudagraphs",
         None,
         {"mode": "max-autotune-no-cudagraphs"},
         False,
+        "sdpa",
     ),
 }
 DEFAULT_VARIANTS = ["eager", "compile", "compile-gelu-epilogue", "compile-reduce-overhead"]
+
+
+def _fa4_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers' attention interface over FlashAttention-4 (``flash_attn.cute``):
+    ``(B, H, S, D)`` in, ``(B, S, H, D)`` out."""
+    from flash_attn.cute import flash_attn_func
+
+    assert attention_mask is None, "the vision tower's attention has no mask"
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    return flash_attn_func(q, k, v, softmax_scale=scaling)[0], None
+
+
+def _crosslmm_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """The same over ``crosslmm_ops.cross_attention`` (``auto`` back end: head dim 72 runs on
+    Triton)."""
+    import crosslmm_ops
+
+    assert attention_mask is None, "the vision tower's attention has no mask"
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    return crosslmm_ops.cross_attention(q, k, v, softmax_scale=scaling), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("fa4", _fa4_attention)
+    AttentionInterface.register("crosslmm", _crosslmm_attention)
 
 
 @torch.library.custom_op("crosslmm_tools::linear_gelu_tanh", mutates_args=())
@@ -157,21 +194,28 @@ def main() -> None:
         ),
         rows=[],
     )
+    register_attention()
     base, vc = build_tower("sdpa")
     flops = tower_flops_per_frame(vc)
     fused = None
-    reference = {}  # chunk -> the eager tower's output, to check every variant against
+    inputs, reference = {}, {}  # chunk -> pixels, and the eager tower's output for them
+    with torch.no_grad():
+        for chunk in args.chunks:
+            g = torch.Generator(device="cuda").manual_seed(chunk)
+            inputs[chunk] = torch.randn(
+                chunk, 3, vc.image_size, vc.image_size, device="cuda", generator=g
+            ).to(torch.bfloat16)
+            reference[chunk] = base(pixel_values=inputs[chunk]).last_hidden_state.float()
     for name in args.variants:
-        label, backend, compile_kwargs, gelu_epilogue = VARIANTS[name]
+        label, backend, compile_kwargs, gelu_epilogue, attention = VARIANTS[name]
         if gelu_epilogue and fused is None:
             fused = with_gelu_epilogue(copy.deepcopy(base))
         tower = fused if gelu_epilogue else base
+        # Every layer reads the implementation from the shared config at call time.
+        tower.config._attn_implementation = attention
         module = tower if compile_kwargs is None else torch.compile(tower, **compile_kwargs)
         for chunk in args.chunks:
-            g = torch.Generator(device="cuda").manual_seed(chunk)
-            pixels = torch.randn(
-                chunk, 3, vc.image_size, vc.image_size, device="cuda", generator=g
-            ).to(torch.bfloat16)
+            pixels = inputs[chunk]
 
             def run(module=module, pixels=pixels, backend=backend):
                 with torch.no_grad():
@@ -192,9 +236,6 @@ def main() -> None:
                 results["rows"].append(dict(variant=label, chunk=chunk, error=str(exc)[:300]))
                 continue
             first_s = time.perf_counter() - t0
-            if chunk not in reference:
-                with torch.no_grad():
-                    reference[chunk] = base(pixel_values=pixels).last_hidden_state.float()
             ref = reference[chunk]
             error = ((out - ref).norm() / ref.norm()).item()
             del out
