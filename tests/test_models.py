@@ -1075,6 +1075,7 @@ def test_vision_tower_compiled_gives_the_same_model():
     graphs), with a last chunk shorter than the others: the eager logits and gradients; the
     compiled tower is built once and reused; a copy of the model starts without it."""
     import copy
+    import pickle
 
     model = _model(gates="random")
     batch = _batch(model.config, frames=(3, 2), T=3)
@@ -1087,16 +1088,19 @@ def test_vision_tower_compiled_gives_the_same_model():
             model.model.vision_chunk_frames = 2  # 5 frames: chunks of 2, 2 and 1
             model.model.vision_compile = {"backend": _recording_backend(graphs)}
             compiled = model(input_ids=batch["input_ids"], **kw).logits
-            built = model.model._compiled_vision_tower.compiled
+            built = model.model._compiled_tower_cache().compiled
             assert graphs and built is not None
             again = model(input_ids=batch["input_ids"], **kw).logits
-            assert model.model._compiled_vision_tower.compiled is built
+            assert model.model._compiled_tower_cache().compiled is built
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(again, eager, rtol=1e-5, atol=1e-5)
         _assert_same_tower_gradients(
             model, batch, kw, "vision_compile", (False, model.model.vision_compile)
         )
-        assert copy.deepcopy(model).model._compiled_vision_tower.compiled is None
+        assert copy.deepcopy(model).model._compiled_tower_cache().compiled is None
+        cache = model.model._compiled_tower_cache()
+        for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+            assert pickle.loads(pickle.dumps(cache, protocol=protocol)).compiled is None
         model.model.vision_compile = "max-autotune"
         with pytest.raises(ValueError, match="vision_compile must be"):
             model(input_ids=batch["input_ids"], **kw)
@@ -1119,7 +1123,7 @@ def test_vision_tower_compiled_on_cuda_matches_eager():
             model.model.vision_chunk_frames = 2
             model.model.vision_compile = True
             compiled = model(input_ids=ids, **kw).logits.float()
-        assert model.model._compiled_vision_tower.compiled is not None
+        assert model.model._compiled_tower_cache().compiled is not None
         assert relative_error(compiled, eager) < 2e-2
     finally:
         torch._dynamo.reset()

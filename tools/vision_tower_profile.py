@@ -6,9 +6,9 @@ For each variant (SDPA back end, torch.compile and its mode, GELU fused into the
 matmul) and chunk size: the median time per frame (CUDA events after warm-up), the achieved
 TFLOP/s, counting the matmuls (patch embedding, q/k/v/o, MLP) and attention (4·N²·width per
 layer) at 2 FLOPs per multiply-add, and the relative error of the output against the eager tower
-(a variant must compute the same function). For the variants that leave the attention back end
-to SDPA, the kernels one chunk launches (torch.profiler), so the matmuls' share and the rest
-(norms, GELU, attention, gaps) are visible.
+(a variant must compute the same function). For every variant that does not force an SDPA back
+end, the kernels one chunk launches (torch.profiler), so the matmuls' share and the rest (norms,
+GELU, attention, gaps) are visible.
 
     python tools/vision_tower_profile.py [--chunks 8 16 32] [--variants ...] [--json out.json]
 """

@@ -214,7 +214,6 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
 
     def __init__(self, config: CrossLMMConfig):
         super().__init__(config)
-        self._compiled_vision_tower = CompiledTowerCache()
         self.vision_tower = SiglipVisionModel(config.vision_config)
         self.pooling = TokenPooling(**config.pool_kwargs())
         self.multi_modal_projector = CrossLMMMultiModalProjector(config)
@@ -340,6 +339,14 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             return real.new_zeros(0, N, Dv, dtype=self.vision_tower.dtype), frames
         return self._encode_frames(real), frames
 
+    def _compiled_tower_cache(self) -> CompiledTowerCache:
+        """Where ``vision_compile`` keeps the compiled tower (made on first use, so a model
+        unpickled from before the option existed has one too)."""
+        cache = self.__dict__.get("_compiled_vision_tower")
+        if cache is None:
+            cache = self.__dict__["_compiled_vision_tower"] = CompiledTowerCache()
+        return cache
+
     def _encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
         """The vision tower's tokens ``(F, N, Dv)`` of frames ``(F, 3, H, W)``, encoded
         ``vision_chunk_frames`` at a time (see :mod:`crosslmm_ops.models.vision`)."""
@@ -349,7 +356,7 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             config.tokens_per_frame, vc.hidden_size, vc.intermediate_size, tower_dtype
         )
         layer = config.vision_feature_layer
-        tower = compiled_tower(self.vision_tower, self.vision_compile, self._compiled_vision_tower)
+        tower = compiled_tower(self.vision_tower, self.vision_compile, self._compiled_tower_cache())
 
         def encode(x: torch.Tensor) -> torch.Tensor:
             if layer is None:

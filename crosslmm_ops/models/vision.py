@@ -66,14 +66,8 @@ class CompiledTowerCache:
     def __init__(self):
         self.key = self.forward = self.compiled = None
 
-    def __deepcopy__(self, memo):
-        return CompiledTowerCache()
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
+    def __reduce__(self):  # copies and pickles (any protocol) rebuild an empty cache
+        return (CompiledTowerCache, ())
 
 
 def compiled_tower(forward: Callable, option, cache: CompiledTowerCache) -> Callable:
