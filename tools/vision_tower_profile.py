@@ -3,7 +3,7 @@
 one chunk of frames at a time as the model encodes them.
 
 For each variant (SDPA back end, torch.compile and its mode, GELU fused into the MLP's first
-matmul) and chunk size: the median time per frame (CUDA events after warm-up), the achieved
+matmul) and chunk size: the median time per frame (``triton.testing.do_bench``), the achieved
 TFLOP/s, counting the matmuls (patch embedding, q/k/v/o, MLP) and attention (4·N²·width per
 layer) at 2 FLOPs per multiply-add, and the relative error of the output against the eager tower
 (a variant must compute the same function). For every variant that does not force an SDPA back
@@ -24,6 +24,7 @@ from collections import defaultdict
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench
 
 from crosslmm_ops.models.configuration import preset_config
 
@@ -36,29 +37,16 @@ def tower_flops_per_frame(vc) -> float:
     return patch + vc.num_hidden_layers * per_layer
 
 
-def build_tower(attn: str):
+def build_tower():
+    """crosslmm-2b's SigLIP tower on the GPU, bf16, attention through SDPA (a variant switches
+    the implementation on the shared config)."""
     from transformers import SiglipVisionModel
 
     vc = preset_config("crosslmm-2b").vision_config
-    vc._attn_implementation = attn
+    vc._attn_implementation = "sdpa"
     with torch.device("cuda"):  # random init on the GPU: seconds, not the CPU's minute
         tower = SiglipVisionModel(vc).to(torch.bfloat16).eval()
     return tower, vc
-
-
-def time_ms(fn, warmup=2, repeats=7) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def kernel_table(fn, top=14) -> list[dict]:
@@ -195,7 +183,7 @@ def main() -> None:
         rows=[],
     )
     register_attention()
-    base, vc = build_tower("sdpa")
+    base, vc = build_tower()
     flops = tower_flops_per_frame(vc)
     fused = None
     inputs, reference = {}, {}  # chunk -> pixels, and the eager tower's output for them
@@ -239,7 +227,7 @@ def main() -> None:
             ref = reference[chunk]
             error = ((out - ref).norm() / ref.norm()).item()
             del out
-            ms = time_ms(run)
+            ms = do_bench(run, warmup=100, rep=1000, return_mode="median")
             per_frame = ms / chunk
             tflops = flops * chunk / (ms * 1e-3) / 1e12
             print(
