@@ -1070,6 +1070,88 @@ def _recording_backend(graphs: list):
     return backend
 
 
+def _calls_fused_mlp(graphs) -> bool:
+    return any("linear_gelu_tanh" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+
+
+def test_linear_gelu_tanh_is_the_composition_with_gradients():
+    """The fused fc1 + GELU op: ``gelu(x W^T + b, tanh)`` and its gradients, in float64, on a
+    non-contiguous input of odd sizes."""
+    from crosslmm_ops.models.vision import linear_gelu_tanh
+
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(3, 5, 14, dtype=torch.float64, generator=gen)
+    x = wide[..., ::2].requires_grad_()  # (3, 5, 7), not contiguous
+    w = torch.randn(11, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, generator=gen, requires_grad=True)
+    out = linear_gelu_tanh(x, w, b)
+    want = F.gelu(F.linear(x, w, b), approximate="tanh")
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.autograd.gradcheck(linear_gelu_tanh, (x, w, b))
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(out, (x, w, b), grad)
+    expected = torch.autograd.grad(want, (x, w, b), grad)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    torch.library.opcheck(torch.ops.crosslmm.linear_gelu_tanh.default, (x, w, b))
+
+
+def test_fuse_gelu_epilogues_keeps_the_tower():
+    """Fusing the tower's MLPs: every layer's MLP, once (idempotent); the same output, parameters
+    and state_dict; an MLP whose activation is not GELU-tanh is left alone; a deep copy of the
+    fused tower computes with its own weights."""
+    import copy
+
+    from transformers.activations import ACT2FN
+
+    from crosslmm_ops.models.vision import fuse_gelu_epilogues
+
+    tower = _model().model.vision_tower
+    layers = tower.config.num_hidden_layers
+    pixels = torch.randn(2, 3, tower.config.image_size, tower.config.image_size)
+    keys = list(tower.state_dict())
+    with torch.no_grad():
+        before = tower(pixel_values=pixels).last_hidden_state
+        assert fuse_gelu_epilogues(tower) == layers
+        assert fuse_gelu_epilogues(tower) == layers  # already fused: counted, not wrapped again
+        after = tower(pixel_values=pixels).last_hidden_state
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+        assert list(tower.state_dict()) == keys
+        twin = copy.deepcopy(tower)
+        for module in twin.modules():
+            if hasattr(module, "fc1"):
+                module.fc1.weight.mul_(2)
+        assert not torch.allclose(twin(pixel_values=pixels).last_hidden_state, after)
+        torch.testing.assert_close(tower(pixel_values=pixels).last_hidden_state, after)
+        other = _model().model.vision_tower
+        for module in other.modules():
+            if hasattr(module, "activation_fn"):
+                module.activation_fn = ACT2FN["gelu"]  # exact GELU: no tanh epilogue for it
+        assert fuse_gelu_epilogues(other) == 0
+
+
+@pytest.mark.cuda
+def test_linear_gelu_tanh_on_cuda_is_the_tanh_gelu():
+    """On CUDA the op is cuBLASLt's GELU epilogue: in float32 it matches the tanh GELU (and is
+    told apart from the exact one), in bf16 it is within bf16 rounding of float64."""
+    from crosslmm_ops.models.vision import linear_gelu_tanh
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 37, 96, device="cuda", generator=gen)[:, 1:]  # odd, non-contiguous rows
+    w = torch.randn(200, 96, device="cuda", generator=gen) / 8
+    b = torch.randn(200, device="cuda", generator=gen)
+    pre = F.linear(x.double(), w.double(), b.double())
+    tanh_gelu, exact_gelu = F.gelu(pre, approximate="tanh"), F.gelu(pre)
+    out = linear_gelu_tanh(x, w, b).double()
+    assert (out - tanh_gelu).abs().max() < 1e-4 < (out - exact_gelu).abs().max()
+    low = linear_gelu_tanh(x.bfloat16(), w.bfloat16(), b.bfloat16()).double()
+    ref = F.gelu(
+        F.linear(x.bfloat16().double(), w.bfloat16().double(), b.bfloat16().double()),
+        approximate="tanh",
+    )
+    assert relative_error(low, ref) < 1e-2
+
+
 def test_vision_tower_compiled_gives_the_same_model():
     """``vision_compile``: every chunk through torch.compile (here a back end that records its
     graphs), with a last chunk shorter than the others: the eager logits and gradients; the
@@ -1090,6 +1172,7 @@ def test_vision_tower_compiled_gives_the_same_model():
             compiled = model(input_ids=batch["input_ids"], **kw).logits
             built = model.model._compiled_tower_cache().compiled
             assert graphs and built is not None
+            assert _calls_fused_mlp(graphs)  # the GELU went into fc1's epilogue
             again = model(input_ids=batch["input_ids"], **kw).logits
             assert model.model._compiled_tower_cache().compiled is built
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

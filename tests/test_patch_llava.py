@@ -794,6 +794,7 @@ def test_vision_tower_compiled_gives_the_same_logits():
             built = cache.compiled
             again = patched(**batch).logits
         assert graphs and built is not None
+        assert any("linear_gelu_tanh" in str(n.target) for g in graphs for n in g.graph.nodes)
         assert cache.compiled is built  # the second call reused the compiled forward
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(again, eager, rtol=1e-5, atol=1e-5)

@@ -356,7 +356,9 @@ class CrossLMMModel(CrossLMMPreTrainedModel):
             config.tokens_per_frame, vc.hidden_size, vc.intermediate_size, tower_dtype
         )
         layer = config.vision_feature_layer
-        tower = compiled_tower(self.vision_tower, self.vision_compile, self._compiled_tower_cache())
+        tower = compiled_tower(
+            self.vision_tower, self.vision_compile, self._compiled_tower_cache(), self.vision_tower
+        )
 
         def encode(x: torch.Tensor) -> torch.Tensor:
             if layer is None:

@@ -231,7 +231,9 @@ class _ChunkedTower:
                 inner.intermediate_size,
                 pixel_values.dtype,
             )
-        forward = compiled_tower(self.__wrapped__, patch.vision_compile, self._compiled)
+        forward = compiled_tower(
+            self.__wrapped__, patch.vision_compile, self._compiled, self._tower
+        )
         total = pixel_values.shape[0]
         if chunk >= total:
             return forward(pixel_values, *args, **kwargs)
