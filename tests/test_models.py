@@ -1123,6 +1123,20 @@ def test_fuse_gelu_epilogues_keeps_the_tower():
                 module.fc1.weight.mul_(2)
         assert not torch.allclose(twin(pixel_values=pixels).last_hidden_state, after)
         torch.testing.assert_close(tower(pixel_values=pixels).last_hidden_state, after)
+        # An fc1 hooked (or wrapped) after fusing is called as it is, not bypassed.
+        mlp = next(m for m in tower.modules() if hasattr(m, "fc1"))
+
+        def halve(module, args, out):
+            return out * 0.5
+
+        handle = mlp.fc1.register_forward_hook(halve)
+        hooked = tower(pixel_values=pixels).last_hidden_state
+        handle.remove()
+        unfused = _model().model.vision_tower
+        unfused.load_state_dict(tower.state_dict())
+        next(m for m in unfused.modules() if hasattr(m, "fc1")).fc1.register_forward_hook(halve)
+        torch.testing.assert_close(hooked, unfused(pixel_values=pixels).last_hidden_state)
+        assert not torch.allclose(hooked, after)
         other = _model().model.vision_tower
         for module in other.modules():
             if hasattr(module, "activation_fn"):

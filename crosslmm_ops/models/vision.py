@@ -155,16 +155,33 @@ def _is_gelu_tanh(activation) -> bool:
     return isinstance(got, torch.Tensor) and torch.allclose(got, want, rtol=0, atol=1e-12)
 
 
+def _plain_linear(module) -> bool:
+    """Whether calling ``module`` is exactly ``F.linear(x, weight, bias)``: an ``nn.Linear``
+    itself (not a quantised or adapter subclass) with a bias, no hooks and no replaced forward.
+    Anything else (a LoRA wrapper or an offloading hook added after fusing) must be called as it
+    is, so the fused path steps aside for it."""
+    return (
+        type(module) is torch.nn.Linear
+        and module.bias is not None
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in module.__dict__
+    )
+
+
 def _fused_mlp_forward(mlp: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    if not _plain_linear(mlp.fc1):  # changed since it was fused: the module's own composition
+        return mlp.fc2(mlp.activation_fn(mlp.fc1(hidden_states)))
     h = linear_gelu_tanh(hidden_states, mlp.fc1.weight, mlp.fc1.bias)
     return mlp.fc2(h)
 
 
 def fuse_gelu_epilogues(tower: torch.nn.Module) -> int:
-    """Computes each MLP of ``tower`` (a module with ``fc1``, ``fc2`` linears with biases and an
-    ``activation_fn`` that is GELU's tanh approximation, as SigLIP's) through
-    :func:`linear_gelu_tanh`: the module's ``forward`` is replaced in place; its parameters,
-    ``state_dict`` and function stay. Idempotent; returns how many MLPs are fused."""
+    """Computes each MLP of ``tower`` (a module with an ``fc1`` that is a plain ``nn.Linear``
+    with a bias, an ``fc2`` and an ``activation_fn`` that is GELU's tanh approximation, as
+    SigLIP's) through :func:`linear_gelu_tanh`: the module's ``forward`` is replaced in place; its
+    parameters, ``state_dict`` and function stay, and an ``fc1`` wrapped or hooked later is called
+    as it is. Idempotent; returns how many MLPs are fused."""
     fused = 0
     for module in tower.modules():
         if isinstance(module.__dict__.get("forward"), functools.partial) and (
@@ -173,9 +190,9 @@ def fuse_gelu_epilogues(tower: torch.nn.Module) -> int:
             fused += 1
             continue
         fc1, fc2 = getattr(module, "fc1", None), getattr(module, "fc2", None)
-        if not (isinstance(fc1, torch.nn.Linear) and isinstance(fc2, torch.nn.Linear)):
+        if not (_plain_linear(fc1) and isinstance(fc2, torch.nn.Module)):
             continue
-        if fc1.bias is None or not _is_gelu_tanh(getattr(module, "activation_fn", None)):
+        if not _is_gelu_tanh(getattr(module, "activation_fn", None)):
             continue
         module.forward = functools.partial(_fused_mlp_forward, module)
         fused += 1
