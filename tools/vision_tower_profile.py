@@ -102,6 +102,20 @@ VARIANTS = {
         True,
         "sdpa",
     ),
+    "compile-gelu-epilogue-fa4": (
+        "torch.compile, GELU in fc1's epilogue, FlashAttention-4",
+        None,
+        {},
+        True,
+        "fa4",
+    ),
+    "compile-gelu-epilogue-crosslmm": (
+        "torch.compile, GELU in fc1's epilogue, crosslmm_ops.cross_attention",
+        None,
+        {},
+        True,
+        "crosslmm",
+    ),
     "compile-max-autotune": (
         "torch.compile mode=max-autotune-no-cudagraphs",
         None,
@@ -113,14 +127,28 @@ VARIANTS = {
 DEFAULT_VARIANTS = ["eager", "compile", "compile-gelu-epilogue"]
 
 
+@torch.library.custom_op("crosslmm_tools::fa4_attention", mutates_args=())
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """FlashAttention-4's forward on ``(B, S, H, D)`` tensors (head dim 72 runs on sm90: FA4
+    takes any multiple of 8 up to 256 there), as a custom op so that torch.compile calls it
+    whole instead of tracing into the CuTe DSL."""
+    from flash_attn.cute import flash_attn_func
+
+    return flash_attn_func(q, k, v, softmax_scale=scale)[0]
+
+
+@fa4_attention.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def _fa4_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """transformers' attention interface over FlashAttention-4 (``flash_attn.cute``):
     ``(B, H, S, D)`` in, ``(B, S, H, D)`` out."""
-    from flash_attn.cute import flash_attn_func
-
     assert attention_mask is None, "the vision tower's attention has no mask"
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    return flash_attn_func(q, k, v, softmax_scale=scaling)[0], None
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    return fa4_attention(q, k, v, scale), None
 
 
 def _crosslmm_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
