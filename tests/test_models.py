@@ -1205,6 +1205,24 @@ def test_vision_tower_compiled_gives_the_same_model():
         torch._dynamo.reset()
 
 
+def test_vision_tower_compiled_trains_through_aot_autograd():
+    """Training with ``vision_compile`` goes through AOTAutograd (here its ``aot_eager`` back end,
+    which needs no compiler), which traces the fused MLP op's backward formula: the tower's
+    gradients equal the eager ones."""
+    model = _model(gates="random")
+    batch = _batch(model.config, frames=(3, 2), T=3)
+    kw = _video_kwargs(batch)
+    torch._dynamo.reset()
+    try:
+        _assert_same_tower_gradients(
+            model, batch, kw, "vision_compile", (False, {"backend": "aot_eager"})
+        )
+        mlps = [m for m in model.model.vision_tower.modules() if "forward" in m.__dict__]
+        assert len(mlps) == model.config.vision_config.num_hidden_layers  # the fused path ran
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.cuda
 def test_vision_tower_compiled_on_cuda_matches_eager():
     """``vision_compile=True`` (inductor) on the GPU, bf16: the eager model's logits."""
