@@ -11,6 +11,17 @@ not a peer: ``triton_vs_cuda`` is its speed as a share of ``ours``), ``fa4`` (Fl
 ``sdpa_flash`` (PyTorch SDPA).
 A peer that cannot run a row is left out of it, with the reason under ``skipped``.
 
+The ``projected`` rows (issue 19) time the projection-fused path against what a user does today:
+``projected frame-local T=.. Hk=2`` is frame-local V2V including the K/V projections of the raw
+vision tokens (width 1152): ``ours`` is ``projected_cross_attention(path="fused")`` on the CUDA
+back end (the core asserted), ``ours_materialized`` our materialised path (cuBLAS projections and
+our attention; not a peer), and the peers project with cuBLAS (``F.linear``) and then attend
+(``cublas+fa4``, ``cublas+sdpa_cudnn``, ``cublas+sdpa_flash``). ``projected decode T=256 Hk=2`` is
+one decode step from the cached tokens, with the floor of reading them once (``floor_ms``). ``fused
+core fwd/bwd T=256 Hk=2`` is the core alone on frame-local V2V with the 12 query heads folded
+through the key projection (queries of width 1152); its TFLOP/s count the backward as 2.5x the
+forward, and ``backend`` says what the backward ran on.
+
 Fairness: SDPA's back ends get K/V already expanded to the 12 query heads (GQA) and the per-frame
 rows as a batch of frames (uniform frames: the same function as the packed varlen call), both
 prepared outside the timed region. Times are ``triton.testing.do_bench`` medians; FLOPs
@@ -30,9 +41,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_projected_attention as projected  # noqa: E402
 from conftest import do_bench_ms  # noqa: E402
 
 import crosslmm_ops  # noqa: E402
+from crosslmm_ops.ops import projected_attention as pa  # noqa: E402
 
 HEADS, HEAD_DIM, N, n = 12, 128, 729, 9
 OURS = {"ours": "cuda", "ours_triton": "triton"}  # column: the back end it must run on
@@ -178,11 +191,7 @@ def run(selected: set[str]) -> dict:
             row["tflops"][peer] = round(flops / ms / 1e9, 1)
         if FA4_ERROR is not None:
             row["skipped"]["fa4"] = f"not importable: {FA4_ERROR[:160]}"
-        peers = [p for p in row["ms"] if p not in OURS]
-        if "ours" in row["ms"] and peers:
-            best = min(peers, key=lambda p: row["ms"][p])
-            row["best_peer"] = best
-            row["ours_vs_best_peer"] = round(row["ms"][best] / row["ms"]["ours"], 3)
+        _summarise(row, set(OURS))
         if "ours" in row["ms"] and "ours_triton" in row["ms"]:
             row["triton_vs_cuda"] = round(row["ms"]["ours"] / row["ms"]["ours_triton"], 3)
         if not row["skipped"]:
@@ -197,6 +206,137 @@ def run(selected: set[str]) -> dict:
             flush=True,
         )
         del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _summarise(row: dict, ours: set[str]) -> None:
+    """Best peer and our ratio against it, for a row whose ``ms`` holds ours and the peers."""
+    peers = [p for p in row["ms"] if p not in ours]
+    if "ours" in row["ms"] and peers:
+        best = min(peers, key=lambda p: row["ms"][p])
+        row["best_peer"] = best
+        row["ours_vs_best_peer"] = round(row["ms"][best] / row["ms"]["ours"], 3)
+
+
+def _projected_frame_local_row(frames: int, hk: int) -> dict:
+    kind = "v2v-frame"
+    t = projected.make_inputs(kind, frames, hk)
+    row = {"case": f"projected frame-local T={frames} Hk={hk}", "ms": {}, "skipped": {}}
+    ours = {"ours": ("fused", "projected_attention_core"), "ours_materialized": ("materialized",)}
+    for name, (path, *core) in ours.items():
+        fn = projected.ours("cuda", path)
+        with torch.no_grad():
+            fn(t)
+        ran = crosslmm_ops.last_path("projected_cross_attention")
+        assert ran == path, f"{name} took the {ran} path, not {path}"
+        op = core[0] if core else "cross_attention"
+        assert crosslmm_ops.last_backend(op) == "cuda", f"{name}: {op} did not run on cuda"
+        with torch.no_grad():
+            row["ms"][name] = round(do_bench_ms(lambda fn=fn: fn(t)), 5)
+
+    def project(t):
+        k = F.linear(t["x"], t["w_k"], t["b_k"]).unflatten(-1, (hk, HEAD_DIM))
+        v = F.linear(t["x"], t["w_v"], t["b_v"]).unflatten(-1, (hk, HEAD_DIM))
+        return k, v
+
+    peers = {}
+    if fa4_func is not None:
+        peers["cublas+fa4"] = lambda t: fa4_func(t["q"], *project(t))[0]
+    else:
+        row["skipped"]["cublas+fa4"] = f"not importable: {FA4_ERROR[:160]}"
+    for sdpa in ("cudnn", "flash"):
+        fn, _, error = projected.first_working(
+            lambda g, sdpa=sdpa: projected.projected_then_sdpa(sdpa, g), [t]
+        )
+        if fn is None:
+            row["skipped"][f"cublas+sdpa_{sdpa}"] = error
+        else:
+            peers[f"cublas+sdpa_{sdpa}"] = fn
+    for name, fn in peers.items():
+        try:
+            with torch.no_grad():
+                fn(t)
+                row["ms"][name] = round(do_bench_ms(lambda fn=fn: fn(t)), 5)
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot run the row
+            row["skipped"][name] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    flops = projected.fused_counts(kind, frames, hk)[0]
+    row["tflops"] = {"ours": round(flops / row["ms"]["ours"] / 1e9, 1)}
+    _summarise(row, set(ours))
+    return row
+
+
+def _projected_decode_row(frames: int, hk: int) -> dict:
+    t = projected.make_inputs("decode", frames, hk)
+    fn = projected.ours("cuda", "fused")
+    with torch.no_grad():
+        fn(t)
+        assert crosslmm_ops.last_path("projected_cross_attention") == "fused"
+        assert crosslmm_ops.last_backend("projected_attention_core") == "cuda"
+        ms = do_bench_ms(lambda: fn(t))
+    floor = projected.floor_ms("decode", frames, hk)
+    return {
+        "case": f"projected decode T={frames} Hk={hk}",
+        "ms": {"ours": round(ms, 5)},
+        "floor_ms": round(floor, 5),
+        "share_of_floor": round(floor / ms, 3),
+    }
+
+
+def _fused_core_rows(frames: int, hk: int) -> list[dict]:
+    """The core alone: frame-local V2V, 9 queries a frame, the 12 query heads' queries folded to
+    the tokens' width (what the fused path hands the core; hk only names the model's shape)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dv = projected.DV
+    q = torch.randn(frames, n, HEADS, dv, device="cuda", dtype=torch.bfloat16, generator=g)
+    x = torch.randn(frames, N, dv, device="cuda", dtype=torch.bfloat16, generator=g)
+    flops = 4 * frames * n * N * HEADS * dv
+    with torch.no_grad():
+        pa.projected_attention_core(q, x, backend="cuda")
+        assert crosslmm_ops.last_backend("projected_attention_core") == "cuda"
+        fwd_ms = do_bench_ms(lambda: pa.projected_attention_core(q, x, backend="cuda"))
+    q.requires_grad_(True)
+    x.requires_grad_(True)
+    out = pa.projected_attention_core(q, x, backend="cuda")
+    dout = torch.randn_like(out)
+    torch.autograd.grad(out, (q, x), dout, retain_graph=True)
+    bwd_backend = crosslmm_ops.last_backend("projected_attention_core_backward")
+    bwd_ms = do_bench_ms(lambda: torch.autograd.grad(out, (q, x), dout, retain_graph=True))
+    return [
+        {
+            "case": f"fused core fwd T={frames} Hk={hk}",
+            "ms": {"ours": round(fwd_ms, 5)},
+            "tflops": {"ours": round(flops / fwd_ms / 1e9, 1)},
+            "backend": "cuda",
+        },
+        {
+            "case": f"fused core bwd T={frames} Hk={hk}",
+            "ms": {"ours": round(bwd_ms, 5)},
+            "tflops": {"ours": round(2.5 * flops / bwd_ms / 1e9, 1)},
+            "backend": bwd_backend,
+        },
+    ]
+
+
+def run_projected() -> list[dict]:
+    rows = [_projected_frame_local_row(t, 2) for t in (64, 256)]
+    rows.append(_projected_decode_row(256, 2))
+    rows += _fused_core_rows(256, 2)
+    for row in rows:
+        if not row.get("skipped", True):
+            del row["skipped"]
+        extra = {k: row[k] for k in ("floor_ms", "backend", "tflops") if k in row}
+        print(
+            f"{row['case']:42s} "
+            + "  ".join(f"{p} {ms:.4f}" for p, ms in row["ms"].items())
+            + (
+                f"  | ours vs best peer {row['ours_vs_best_peer']:.2f}x"
+                if "best_peer" in row
+                else ""
+            )
+            + f"  {extra}",
+            flush=True,
+        )
         torch.cuda.empty_cache()
     return rows
 
@@ -228,7 +368,9 @@ def main(argv=None) -> int:
         "--out", default=None, help="JSON path (default: benchmarks/results/peers_<gpu>.json)"
     )
     parser.add_argument(
-        "--cases", default="fwd,fwd+bwd", help="comma-separated kinds of rows: fwd, fwd+bwd"
+        "--cases",
+        default="fwd,fwd+bwd,projected",
+        help="comma-separated kinds of rows: fwd, fwd+bwd, projected",
     )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -238,7 +380,10 @@ def main(argv=None) -> int:
     print(json.dumps(env))
     if FA4_ERROR is not None:
         print(f"FlashAttention-4 is not importable here ({FA4_ERROR}); its column is absent")
-    rows = run(set(args.cases.split(",")))
+    cases = set(args.cases.split(","))
+    rows = run(cases)
+    if "projected" in cases:
+        rows += run_projected()
     gpu = "h100" if "H100" in env["gpu"] else "h200" if "H200" in env["gpu"] else "gpu"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"peers_{gpu}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
