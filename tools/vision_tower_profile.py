@@ -71,56 +71,64 @@ def kernel_table(fn, top=14) -> list[dict]:
 
 
 # name: (label, SDPA back end or None for torch's choice, torch.compile kwargs or None for eager,
-# the MLP's first matmul with GELU in its cuBLASLt epilogue, the attention implementation)
+# the fusions applied to the tower ("gelu": the MLP's first matmul with GELU in its cuBLASLt
+# epilogue, as vision_compile does; "qkv": q, k and v as one matmul), the attention implementation)
 VARIANTS = {
-    "eager": ("eager, sdpa (torch's choice)", None, None, False, "sdpa"),
-    "eager-cudnn": ("eager, sdpa cuDNN", SDPBackend.CUDNN_ATTENTION, None, False, "sdpa"),
-    "eager-flash": ("eager, sdpa flash", SDPBackend.FLASH_ATTENTION, None, False, "sdpa"),
+    "eager": ("eager, sdpa (torch's choice)", None, None, (), "sdpa"),
+    "eager-cudnn": ("eager, sdpa cuDNN", SDPBackend.CUDNN_ATTENTION, None, (), "sdpa"),
+    "eager-flash": ("eager, sdpa flash", SDPBackend.FLASH_ATTENTION, None, (), "sdpa"),
     "eager-efficient": (
         "eager, sdpa efficient",
         SDPBackend.EFFICIENT_ATTENTION,
         None,
-        False,
+        (),
         "sdpa",
     ),
-    "eager-fa4": ("eager, FlashAttention-4", None, None, False, "fa4"),
-    "eager-crosslmm": ("eager, crosslmm_ops.cross_attention", None, None, False, "crosslmm"),
-    "eager-gelu-epilogue": ("eager, GELU in fc1's epilogue", None, None, True, "sdpa"),
-    "compile": ("torch.compile, sdpa (torch's choice)", None, {}, False, "sdpa"),
-    "compile-gelu-epilogue": ("torch.compile, GELU in fc1's epilogue", None, {}, True, "sdpa"),
+    "eager-fa4": ("eager, FlashAttention-4", None, None, (), "fa4"),
+    "eager-crosslmm": ("eager, crosslmm_ops.cross_attention", None, None, (), "crosslmm"),
+    "eager-gelu-epilogue": ("eager, GELU in fc1's epilogue", None, None, ("gelu",), "sdpa"),
+    "compile": ("torch.compile, sdpa (torch's choice)", None, {}, (), "sdpa"),
+    "compile-gelu-epilogue": ("torch.compile, GELU in fc1's epilogue", None, {}, ("gelu",), "sdpa"),
     "compile-reduce-overhead": (
         "torch.compile mode=reduce-overhead",
         None,
         {"mode": "reduce-overhead"},
-        False,
+        (),
         "sdpa",
     ),
     "compile-gelu-epilogue-reduce-overhead": (
         "torch.compile mode=reduce-overhead, GELU in fc1's epilogue",
         None,
         {"mode": "reduce-overhead"},
-        True,
+        ("gelu",),
         "sdpa",
     ),
     "compile-gelu-epilogue-fa4": (
         "torch.compile, GELU in fc1's epilogue, FlashAttention-4",
         None,
         {},
-        True,
+        ("gelu",),
         "fa4",
     ),
     "compile-gelu-epilogue-crosslmm": (
         "torch.compile, GELU in fc1's epilogue, crosslmm_ops.cross_attention",
         None,
         {},
-        True,
+        ("gelu",),
         "crosslmm",
+    ),
+    "compile-gelu-epilogue-fused-qkv": (
+        "torch.compile, GELU in fc1's epilogue, q/k/v as one matmul",
+        None,
+        {},
+        ("gelu", "qkv"),
+        "sdpa",
     ),
     "compile-max-autotune": (
         "torch.compile mode=max-autotune-no-cudagraphs",
         None,
         {"mode": "max-autotune-no-cudagraphs"},
-        False,
+        (),
         "sdpa",
     ),
 }
@@ -168,6 +176,35 @@ def register_attention() -> None:
     AttentionInterface.register("crosslmm", _crosslmm_attention)
 
 
+def fuse_qkv(tower) -> None:
+    """Each attention layer's q, k and v projections as one matmul over weights concatenated once
+    (inference only: the copy does not follow later changes of the weights), then the layer's
+    own attention implementation and output projection, as transformers' SiglipAttention does."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.siglip.modeling_siglip import eager_attention_forward
+
+    for module in tower.modules():
+        if type(module).__name__ != "SiglipAttention":
+            continue
+        projections = (module.q_proj, module.k_proj, module.v_proj)
+        module.register_buffer("qkv_weight", torch.cat([m.weight.detach() for m in projections]))
+        module.register_buffer("qkv_bias", torch.cat([m.bias.detach() for m in projections]))
+
+        def forward(hidden_states, attention_mask=None, attn=module, **kwargs):
+            shape = hidden_states.shape[:-1]
+            qkv = torch.nn.functional.linear(hidden_states, attn.qkv_weight, attn.qkv_bias)
+            qkv = qkv.view(*shape, 3, -1, attn.head_dim)
+            q, k, v = (qkv[..., i, :, :].transpose(1, 2) for i in range(3))
+            impl = attn.config._attn_implementation
+            attend = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+            out, weights = attend(
+                attn, q, k, v, attention_mask, is_causal=False, scaling=attn.scale, dropout=0.0
+            )
+            return attn.out_proj(out.reshape(*shape, -1).contiguous()), weights
+
+        module.forward = forward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, nargs="+", default=[8, 16, 32])
@@ -193,7 +230,7 @@ def main() -> None:
     register_attention()
     base, vc = build_tower()
     flops = tower_flops_per_frame(vc)
-    fused = None
+    towers = {(): base}  # the tower with each set of fusions, made once
     inputs, reference = {}, {}  # chunk -> pixels, and the eager tower's output for them
     with torch.no_grad():
         for chunk in args.chunks:
@@ -203,11 +240,14 @@ def main() -> None:
             ).to(torch.bfloat16)
             reference[chunk] = base(pixel_values=inputs[chunk]).last_hidden_state.float()
     for name in args.variants:
-        label, backend, compile_kwargs, gelu_epilogue, attention = VARIANTS[name]
-        if gelu_epilogue and fused is None:
-            fused = copy.deepcopy(base)
-            fuse_gelu_epilogues(fused)  # what vision_compile does to the tower
-        tower = fused if gelu_epilogue else base
+        label, backend, compile_kwargs, fusions, attention = VARIANTS[name]
+        if fusions not in towers:
+            towers[fusions] = copy.deepcopy(base)
+            if "gelu" in fusions:
+                fuse_gelu_epilogues(towers[fusions])  # what vision_compile does to the tower
+            if "qkv" in fusions:
+                fuse_qkv(towers[fusions])
+        tower = towers[fusions]
         # Every layer reads the implementation from the shared config at call time.
         tower.config._attn_implementation = attention
         module = tower if compile_kwargs is None else torch.compile(tower, **compile_kwargs)
