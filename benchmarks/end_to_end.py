@@ -216,6 +216,8 @@ def main(argv=None) -> int:
     env = environment(device)
     print(json.dumps(env), flush=True)
     rows, problems = [], []
+    # What every row says of the run.
+    marks = {"vision_compile": True} if args.vision_compile else {}
     for variant in args.variants:
         model = demo.build_models(args.preset, [variant], device=device, dtype=dtype)[variant]
         model.model.vision_compile = args.vision_compile
@@ -225,8 +227,7 @@ def main(argv=None) -> int:
             row = inference_row(
                 model, variant, args.preset, frames, device, dtype, repeats, None, args.new_tokens
             )
-            if args.vision_compile:
-                row["vision_compile"] = True
+            row.update(marks)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "_measurement"}), flush=True)
         for frames in args.train_frames:
@@ -243,8 +244,7 @@ def main(argv=None) -> int:
                         dtype,
                         args.train_repeats,
                     )
-                    if args.vision_compile:
-                        row["vision_compile"] = True
+                    row.update(marks)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         del model
