@@ -43,7 +43,12 @@ PATHS = ("auto", "fused", "materialized")
 SM90_MIN_SEQLEN_Q = 64
 SM90_HEAD_DIM = 128
 # The extension's kernel argument -> the name it reports for the kernel that ran.
-KERNEL_NAMES = {"sm90": "sm90_wgmma", "sm90_dkdv": "sm90_dkdv", "mma_sync": "mma_sync"}
+KERNEL_NAMES = {
+    "sm90": "sm90_wgmma",
+    "sm90_packed": "sm90_packed",
+    "sm90_dkdv": "sm90_dkdv",
+    "mma_sync": "mma_sync",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +251,8 @@ def attention_kernel(
     backward: bool = False,
 ) -> tuple[str, str]:
     """``(kernel, reason)`` of the CUDA attention forward (or ``backward``) for one call:
-    ``"sm90"``, ``"sm90_dkdv"`` (backward, diagnostic) or ``"mma_sync"``; what
+    ``"sm90"``, ``"sm90_packed"`` (forward, short query sets), ``"sm90_dkdv"`` (backward,
+    diagnostic) or ``"mma_sync"``; what
     ``crosslmm_ops._C.attention_forward / attention_backward`` take as ``kernel``."""
     var = environment.ATTENTION_BWD_SM90_VAR if backward else environment.ATTENTION_SM90_VAR
     mode = environment.attention_bwd_sm90() if backward else environment.attention_sm90()
@@ -263,6 +269,11 @@ def attention_kernel(
         return "sm90", (
             f"max_seqlen_q {max_seqlen_q} >= {SM90_MIN_SEQLEN_Q} fills the sm90 "
             "kernel's head-major tiles"
+        )
+    if not backward:
+        return "sm90_packed", (
+            f"max_seqlen_q {max_seqlen_q} < {SM90_MIN_SEQLEN_Q}: GQA-packed 64-row tiles "
+            "(query x head of a group) fill better than head-major ones; wgmma on them"
         )
     return "mma_sync", (
         f"max_seqlen_q {max_seqlen_q} < {SM90_MIN_SEQLEN_Q}: the GQA-packed "

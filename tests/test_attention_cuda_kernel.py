@@ -63,7 +63,13 @@ V2V_256 = (2304, 186624)  # CrossLMM-2B's V2V at 256 frames: 2304 pooled queries
 # The kernels, by the names the extension returns (what ran), and the ``kernel`` argument that
 # asks for each (where an sm90 kernel cannot run, the extension runs the mma.sync one instead).
 MMA, SM90, SM90_DKDV = "mma_sync", "sm90_wgmma", "sm90_dkdv"
-KERNEL_ARGUMENT = {MMA: "mma_sync", SM90: "sm90", SM90_DKDV: "sm90_dkdv"}
+SM90_PACKED = "sm90_packed"  # forward only: wgmma on the mma.sync kernel's GQA-packed plan
+KERNEL_ARGUMENT = {
+    MMA: "mma_sync",
+    SM90: "sm90",
+    SM90_DKDV: "sm90_dkdv",
+    SM90_PACKED: "sm90_packed",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +233,7 @@ def require(kernel: str) -> None:
     process, see test_attention_sm90.py) failed."""
     if kernel == MMA:
         return
-    backward = kernel != SM90
+    backward = kernel not in (SM90, SM90_PACKED)
     why = sm90_skip_reason(
         "attention_backward_kernel_name" if backward else "attention_forward_kernel_name"
     )
@@ -292,6 +298,7 @@ SM90_BWD_SHAPES += [(sk, sq) for sq, sk in SM90_BWD_SHAPES if sq != sk and sq * 
         MMA: list(itertools.product(SHAPES, DTYPES, [64, 128])),
         SM90: list(itertools.product(SM90_SHAPES, DTYPES, [128]))
         + [pytest.param(V2V_256, dtype, 128, marks=slow) for dtype in DTYPES],
+        SM90_PACKED: list(itertools.product(SHAPES + [(10, 729), (11, 65)], DTYPES, [128])),
     },
 )
 def test_forward(kernel, shape, dtype, head_dim):
@@ -309,6 +316,9 @@ def test_forward(kernel, shape, dtype, head_dim):
             itertools.product([(1, 339), (9, 729), (203, 113), (16, 20000)], [0, 1, 3, 7, 17, 40])
         ),
         SM90: list(itertools.product([(9, 729), (300, 5000), (1, 3000)], [0, 1, 2, 3, 7])),
+        SM90_PACKED: list(
+            itertools.product([(1, 339), (9, 729), (16, 20000)], [0, 1, 3, 7, 17, 40])
+        ),
     },
 )
 def test_forward_num_splits(kernel, shape, num_splits):
@@ -320,12 +330,20 @@ def test_forward_num_splits(kernel, shape, num_splits):
 HEADS = [(12, 2), (4, 4), (6, 1)]
 # Each kernel's GQA problem (lens_q, lens_k, head dim, scale): group 6 and 1 (no packing) and
 # multi-query (group 6 over one kv head); the sm90 forward's 170 queries span two row tiles.
-GQA_FORWARD = {MMA: ([9, 70], [729, 130], 64, 0.125), SM90: ([9, 170], [729, 130], 128, 0.07)}
+GQA_FORWARD = {
+    MMA: ([9, 70], [729, 130], 64, 0.125),
+    SM90: ([9, 170], [729, 130], 128, 0.07),
+    SM90_PACKED: ([9, 70], [729, 130], 128, 0.07),
+}
 
 
 @per_kernel(
     "heads,dtype",
-    {MMA: [(h, torch.float16) for h in HEADS], SM90: list(itertools.product(HEADS, DTYPES))},
+    {
+        MMA: [(h, torch.float16) for h in HEADS],
+        SM90: list(itertools.product(HEADS, DTYPES)),
+        SM90_PACKED: list(itertools.product(HEADS, DTYPES)),
+    },
 )
 def test_forward_gqa_groups(kernel, heads, dtype):
     require(kernel)
@@ -342,6 +360,7 @@ VARLEN = {
         [5, 0, 7, 0, 64, 1, 129, 33, 128, 257, 3],
         [100, 50, 0, 0, 65, 1, 300, 128, 129, 256, 1],
     ),
+    SM90_PACKED: ([5, 0, 7, 0, 64, 1, 129, 33, 3], [100, 50, 0, 0, 65, 1, 300, 128, 1]),
 }
 
 
@@ -350,6 +369,7 @@ VARLEN = {
     {
         MMA: list(itertools.product([64, 128], [torch.bfloat16], [0, 1, 3])),
         SM90: list(itertools.product([128], DTYPES, [0, 1, 3])),
+        SM90_PACKED: list(itertools.product([128], DTYPES, [0, 1, 3])),
     },
 )
 def test_forward_varlen_empty_segments(kernel, head_dim, dtype, num_splits):
@@ -381,11 +401,16 @@ def strided_problem(lens_q, lens_k, d):
     return q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k)
 
 
-NON_CONTIGUOUS_LENS_Q = {MMA: [9, 40], SM90: [9, 140]}
+NON_CONTIGUOUS_LENS_Q = {MMA: [9, 40], SM90: [9, 140], SM90_PACKED: [9, 40]}
 
 
 @per_kernel(
-    "head_dim,num_splits", {MMA: list(itertools.product([64, 128], [0, 3])), SM90: [(128, 0)]}
+    "head_dim,num_splits",
+    {
+        MMA: list(itertools.product([64, 128], [0, 3])),
+        SM90: [(128, 0)],
+        SM90_PACKED: [(128, 0), (128, 3)],
+    },
 )
 def test_forward_non_contiguous(kernel, head_dim, num_splits):
     """q and out as channel slices of wider tensors, k and v as halves of a fused kv tensor (the
@@ -406,10 +431,14 @@ def test_forward_non_contiguous(kernel, head_dim, num_splits):
     check_forward(q, k, v, cu_q, cu_k, scale, num_splits, kernel=kernel, label="non-contiguous")
 
 
-DETERMINISM = {MMA: ([9, 288, 1], [729, 4000, 64]), SM90: ([300, 9], [5000, 729])}
+DETERMINISM = {
+    MMA: ([9, 288, 1], [729, 4000, 64]),
+    SM90: ([300, 9], [5000, 729]),
+    SM90_PACKED: ([9, 288, 1], [729, 4000, 64]),
+}
 
 
-@pytest.mark.parametrize("kernel", [MMA, SM90])
+@pytest.mark.parametrize("kernel", [MMA, SM90, SM90_PACKED])
 def test_forward_is_deterministic(kernel):
     require(kernel)
     q, k, v, cu_q, cu_k = make_inputs(*DETERMINISM[kernel], HQ, HK, 128, torch.bfloat16)

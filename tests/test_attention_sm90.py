@@ -31,6 +31,7 @@ from test_attention_cuda_kernel import (
     HQ,
     MMA,
     SM90,
+    SM90_PACKED,
     cu_seqlens,
     describe_mismatch,
     extension,
@@ -72,14 +73,27 @@ SMOKE_CASES = [
 ]
 
 
+# The packed sm90 forward (short GQA-packed query sets, cp.async ring): a frame's 9 queries, a
+# decode step, two 64-row tiles, ring wrap (1..13 key tiles of 64), masked last tiles, splits.
+PACKED_SMOKE_CASES = [
+    ([9], [729], 12, 2, torch.bfloat16, 1),
+    ([1], [100], 12, 2, torch.bfloat16, 1),
+    ([11, 0, 3], [65, 7, 0], 12, 2, torch.float16, 1),
+    ([1], [3000], 12, 2, torch.bfloat16, 0),
+    ([16, 9], [2000, 729], 12, 2, torch.bfloat16, 3),
+]
+
+
 def _smoke() -> None:
     torch.manual_seed(0)
-    for lens_q, lens_k, hq, hk, dtype, splits in SMOKE_CASES:
+    cases = [(case, SM90) for case in SMOKE_CASES]
+    cases += [(case, SM90_PACKED) for case in PACKED_SMOKE_CASES]
+    for (lens_q, lens_k, hq, hk, dtype, splits), kernel in cases:
         q, k, v, cu_q, cu_k = make_inputs(lens_q, lens_k, hq, hk, 128, dtype)
-        label = f"q{lens_q} k{lens_k} {hq}/{hk} {dtype} splits={splits}"
+        label = f"{kernel} q{lens_q} k{lens_k} {hq}/{hk} {dtype} splits={splits}"
         print(f"smoke {label}: running", flush=True)
-        out, lse, kernel = run_forward(q, k, v, cu_q, cu_k, 128**-0.5, splits, kernel=SM90)
-        assert kernel == SM90, f"{label}: ran {kernel!r}"
+        out, lse, ran = run_forward(q, k, v, cu_q, cu_k, 128**-0.5, splits, kernel=kernel)
+        assert ran == kernel, f"{label}: ran {ran!r}"
         out_ref, lse_ref = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128**-0.5)
         out_pt, lse_pt = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128**-0.5, dtype=dtype)
         try:

@@ -198,7 +198,8 @@ def test_attention_kernel_choice(monkeypatch):
         monkeypatch.delenv(environment.ATTENTION_SM90_VAR)
     # The rule itself, with the GPU facts stubbed.
     monkeypatch.setattr(planner, "sm90_usable", lambda *args: (True, ""))
-    assert planner.attention_kernel(cuda, 128, 9, 0.1)[0] == "mma_sync"  # decode / 9 per frame
+    assert planner.attention_kernel(cuda, 128, 9, 0.1)[0] == "sm90_packed"  # decode / per frame
+    assert planner.attention_kernel(cuda, 128, 9, backward=True)[0] == "mma_sync"
     assert planner.attention_kernel(cuda, 128, 200, 0.1)[0] == "sm90"
     assert planner.attention_kernel(cuda, 128, 200, backward=True)[0] == "sm90"
     monkeypatch.setenv(environment.ATTENTION_SM90_VAR, "0")
@@ -282,7 +283,7 @@ def test_plan_names_the_cuda_kernel_as_the_extension_reports_it(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(planner, "sm90_usable", lambda *args: (True, ""))
     cuda = torch.device("cuda", 0)
-    for sq, kernel in ((200, "sm90_wgmma"), (9, "mma_sync")):
+    for sq, kernel in ((200, "sm90_wgmma"), (9, "sm90_packed")):
         q, k = torch.randn(1, sq, 12, 128), torch.randn(1, 729, 2, 128)
         layout = attention.check_inputs(q, k, k, None, None, None, None)
         plan = attention.AttentionCall(layout, 0.088, "cuda", "stub").plan("cross_attention", cuda)

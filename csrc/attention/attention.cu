@@ -26,12 +26,15 @@
 //   forward   "mma_sync": the mma.sync kernel (attention_fwd_kernel.cuh), every GPU;
 //             "sm90": the wgmma + TMA kernel (attention_fwd_sm90_kernel.cuh) where it can run (an
 //             sm_90 GPU, a 90a build, head dim 128, softmax_scale > 0, tensors TMA can describe),
+//             else the mma.sync kernel; "sm90_packed": wgmma over a cp.async ring with the mma.sync
+//             kernel's GQA-packed 64-row plan (attention_fwd_sm90_packed_kernel.cuh), for short
+//             query sets, where it can run (sm_90, 90a build, head dim 128, fp16/bf16, scale > 0),
 //             else the mma.sync kernel;
 //   backward  "mma_sync"; "sm90": the wgmma + TMA dK/dV and dQ kernels (attention_bwd_sm90_kernel.cuh)
 //             where they can run (sm_90, 90a build, head dim 128), else mma.sync; "sm90_dkdv": the
 //             sm90 dK/dV kernel with the mma.sync dQ kernel (a diagnostic).
-// Each entry point returns the name of the kernel that ran ("sm90_wgmma", "sm90_dkdv", "mma_sync",
-// or "none": nothing to compute). attention_forward_kernel_name() / attention_backward_kernel_name()
+// Each entry point returns the name of the kernel that ran ("sm90_wgmma", "sm90_packed",
+// "sm90_dkdv", "mma_sync", or "none": nothing to compute). attention_forward_kernel_name() / attention_backward_kernel_name()
 // repeat the last one for callers that cannot see the return value.
 
 #include <ATen/ATen.h>
@@ -183,15 +186,16 @@ int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The caller's kernel choice (see the file comment). When to prefer the sm90 kernels is decided
 // in crosslmm_ops/planner.py; here only whether they can run.
-enum class KernelChoice { kMmaSync, kSm90, kSm90DkDv };
+enum class KernelChoice { kMmaSync, kSm90, kSm90DkDv, kSm90Packed };
 
 KernelChoice kernel_choice(const char* op, const std::string& kernel, bool backward) {
   if (kernel == "mma_sync") return KernelChoice::kMmaSync;
   if (kernel == "sm90") return KernelChoice::kSm90;
   if (backward && kernel == "sm90_dkdv") return KernelChoice::kSm90DkDv;
+  if (!backward && kernel == "sm90_packed") return KernelChoice::kSm90Packed;
   TORCH_CHECK(false, op, ": kernel must be ",
-              backward ? "'mma_sync', 'sm90' or 'sm90_dkdv'" : "'mma_sync' or 'sm90'", ", got '",
-              kernel, "'");
+              backward ? "'mma_sync', 'sm90' or 'sm90_dkdv'" : "'mma_sync', 'sm90' or 'sm90_packed'",
+              ", got '", kernel, "'");
   return KernelChoice::kMmaSync;
 }
 
@@ -346,7 +350,13 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
       }
     }
   }
-  last_forward_kernel = "mma_sync";
+  // The packed sm90 kernel takes the mma.sync kernel's plan with 64-row tiles (it has no other).
+  const bool packed_sm90 = choice == KernelChoice::kSm90Packed &&
+                           attention::attention_forward_sm90_compiled() && head_dim == 128 &&
+                           scale_log2 > 0.f && std::isfinite(scale_log2) &&
+                           (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
+                           device_is_sm90(q.get_device());
+  last_forward_kernel = packed_sm90 ? "sm90_packed" : "mma_sync";
 
   // GQA packing: the query heads of a group share one CTA (rows = (token, head in group) pairs), so
   // K/V are read once per group and short query sets (decode, 9 queries per frame) fill the tile.
@@ -363,7 +373,7 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
   // gives fewer CTAs; use 64 when the rows fit in one 64-row tile, or when even splitting the keys
   // could not give 128-row tiles one CTA per multiprocessor.
   auto ctas_for = [&](int64_t block_m) { return ceil_div64(rows, block_m) * head_ctas * batch; };
-  int block_m = rows > 64 ? 128 : 64;
+  int block_m = rows > 64 && !packed_sm90 ? 128 : 64;
   if (block_m == 128 && ctas_for(128) * useful_splits < sms) block_m = 64;
   const int64_t ctas = ctas_for(block_m);
 
@@ -372,9 +382,15 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
   int64_t splits = 1;
   if (num_splits == 0) {
     int ctas_per_sm = 1;
-    dispatch_dtype_head_dim(op, q.scalar_type(), head_dim, [&]<typename T, int kHeadDim>() {
-      ctas_per_sm = attention::attention_forward_ctas_per_sm<T, kHeadDim>(block_m);
-    });
+    if (packed_sm90) {
+      ctas_per_sm = q.scalar_type() == at::kHalf
+                        ? attention::attention_forward_sm90_packed_ctas_per_sm<__half, 128>()
+                        : attention::attention_forward_sm90_packed_ctas_per_sm<__nv_bfloat16, 128>();
+    } else {
+      dispatch_dtype_head_dim(op, q.scalar_type(), head_dim, [&]<typename T, int kHeadDim>() {
+        ctas_per_sm = attention::attention_forward_ctas_per_sm<T, kHeadDim>(block_m);
+      });
+    }
     const int64_t wave = static_cast<int64_t>(sms) * ctas_per_sm;
     if (ctas < wave) splits = ceil_div64(2 * wave, ctas);
     splits = std::min({splits, useful_splits, kMaxSplits});
@@ -389,6 +405,14 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
   p.head_ctas = static_cast<int>(head_ctas);
   p.num_m_blocks = static_cast<int>(ceil_div64(rows, block_m));
 
+  if (packed_sm90) {
+    if (q.scalar_type() == at::kHalf) {
+      attention::run_attention_forward_sm90_packed<__half, 128>(p, stream);
+    } else {
+      attention::run_attention_forward_sm90_packed<__nv_bfloat16, 128>(p, stream);
+    }
+    return last_forward_kernel;
+  }
   dispatch_dtype_head_dim(op, q.scalar_type(), head_dim, [&]<typename T, int kHeadDim>() {
     attention::run_attention_forward<T, kHeadDim>(p, block_m, stream);
   });

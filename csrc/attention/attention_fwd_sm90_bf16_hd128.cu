@@ -7,5 +7,8 @@ namespace crosslmm {
 namespace attention {
 template bool run_attention_forward_sm90<__nv_bfloat16, 128>(const AttentionForwardParams&,
                                                             cudaStream_t);
+template void run_attention_forward_sm90_packed<__nv_bfloat16, 128>(const AttentionForwardParams&,
+                                                            cudaStream_t);
+template int attention_forward_sm90_packed_ctas_per_sm<__nv_bfloat16, 128>();
 }  // namespace attention
 }  // namespace crosslmm

@@ -5,5 +5,8 @@
 namespace crosslmm {
 namespace attention {
 template bool run_attention_forward_sm90<__half, 128>(const AttentionForwardParams&, cudaStream_t);
+template void run_attention_forward_sm90_packed<__half, 128>(const AttentionForwardParams&,
+                                                            cudaStream_t);
+template int attention_forward_sm90_packed_ctas_per_sm<__half, 128>();
 }  // namespace attention
 }  // namespace crosslmm

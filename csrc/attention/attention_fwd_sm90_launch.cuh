@@ -18,6 +18,7 @@
 
 #include "attention/attention_fwd_launch.cuh"  // the split-KV combine kernel and its launch
 #include "attention/attention_fwd_sm90_kernel.cuh"
+#include "attention/attention_fwd_sm90_packed_kernel.cuh"
 #include "attention/attention_params.h"
 #include "common/check.h"
 
@@ -139,6 +140,41 @@ bool run_attention_forward_sm90(const AttentionForwardParams& p, cudaStream_t st
 
   if (p.num_splits > 1) launch_attention_forward_combine<T, kHeadDim>(p, stream);
   return true;
+}
+
+// Three stages: 112 KB, two CTAs per multiprocessor (attention_fwd_sm90_packed_kernel.cuh).
+constexpr int kSm90PackedStages = 3;
+
+template <typename T, int kHeadDim>
+void run_attention_forward_sm90_packed(const AttentionForwardParams& p, cudaStream_t stream) {
+  static_assert(kHeadDim == 128, "the packed sm90 forward is instantiated for head dim 128 only");
+  using Cfg = Sm90PackedConfig<kHeadDim, kSm90PackedStages>;
+  if (p.num_m_blocks == 0 || p.head_ctas == 0 || p.batch == 0) return;
+  TORCH_CHECK(p.scale_log2 > 0.f, "attention_forward (sm90_packed): softmax_scale must be > 0");
+  auto kernel = attention_forward_sm90_packed_kernel<T, kHeadDim, kSm90PackedStages>;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  const int64_t ctas = static_cast<int64_t>(p.num_m_blocks) * p.head_ctas * p.batch * p.num_splits;
+  TORCH_CHECK(ctas <= 0x7fffffff, "attention_forward: grid too large (", ctas, " CTAs)");
+  kernel<<<static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  CROSSLMM_CHECK_LAUNCH();
+  if (p.num_splits > 1) launch_attention_forward_combine<T, kHeadDim>(p, stream);
+}
+
+template <typename T, int kHeadDim>
+int attention_forward_sm90_packed_ctas_per_sm() {
+  using Cfg = Sm90PackedConfig<kHeadDim, kSm90PackedStages>;
+  // Asked once per process (thread-safe static), as for the mma.sync kernel.
+  static const int ctas = [] {
+    auto kernel = attention_forward_sm90_packed_kernel<T, kHeadDim, kSm90PackedStages>;
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+    int n = 0;
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, Cfg::kSmemBytes));
+    return n > 0 ? n : 1;
+  }();
+  return ctas;
 }
 
 }  // namespace attention

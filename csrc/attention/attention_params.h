@@ -125,7 +125,20 @@ constexpr int kSm90BlockN = 128;
 template <typename T, int kHeadDim>
 bool run_attention_forward_sm90(const AttentionForwardParams& p, cudaStream_t stream);
 
-// Whether this build holds sm_90a code for the kernel above (CROSSLMM_CUDA_ARCHS names 90a).
+// Hopper (sm_90a) forward for GQA-packed short query sets, wgmma over a cp.async ring
+// (attention_fwd_sm90_packed_kernel.cuh), implemented beside the one above. Takes exactly the
+// mma.sync kernel's parameters with 64-row tiles (block_m = 64: num_m_blocks, head_ctas,
+// rows_per_query and the key splits as run_attention_forward takes them), launches the combine when
+// num_splits > 1, and never declines. Same preconditions as the kernel above (sm_90 device, sm_90a
+// build, softmax_scale > 0); head dim 128.
+template <typename T, int kHeadDim>
+void run_attention_forward_sm90_packed(const AttentionForwardParams& p, cudaStream_t stream);
+
+// CTAs of that kernel one multiprocessor holds (for the split plan).
+template <typename T, int kHeadDim>
+int attention_forward_sm90_packed_ctas_per_sm();
+
+// Whether this build holds sm_90a code for the kernels above (CROSSLMM_CUDA_ARCHS names 90a).
 constexpr bool attention_forward_sm90_compiled() {
 #ifdef CROSSLMM_CUDA_ARCHS
   for (const char* a = CROSSLMM_CUDA_ARCHS; a[0] != '\0'; ++a) {
