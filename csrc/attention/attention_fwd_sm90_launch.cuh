@@ -154,6 +154,9 @@ void run_attention_forward_sm90_packed(const AttentionForwardParams& p, cudaStre
   auto kernel = attention_forward_sm90_packed_kernel<T, kHeadDim, kSm90PackedStages>;
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  // Two CTAs of 113 KB need the whole 228 KB carveout.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
   const int64_t ctas = static_cast<int64_t>(p.num_m_blocks) * p.head_ctas * p.batch * p.num_splits;
   TORCH_CHECK(ctas <= 0x7fffffff, "attention_forward: grid too large (", ctas, " CTAs)");
   kernel<<<static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
@@ -169,6 +172,8 @@ int attention_forward_sm90_packed_ctas_per_sm() {
     auto kernel = attention_forward_sm90_packed_kernel<T, kHeadDim, kSm90PackedStages>;
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        cudaSharedmemCarveoutMaxShared));
     int n = 0;
     C10_CUDA_CHECK(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, Cfg::kSmemBytes));
