@@ -187,6 +187,8 @@ def run(selected: set[str]) -> dict:
             if peer in OURS:
                 ran = crosslmm_ops.last_backend("cross_attention")
                 assert ran == OURS[peer], f"{peer} ran on {ran}, not the {OURS[peer]} back end"
+                if peer == "ours":  # which CUDA kernel the planner chose for the row
+                    row["kernel"] = crosslmm_ops.last_kernel("cross_attention")
             row["ms"][peer] = round(ms, 5)
             row["tflops"][peer] = round(flops / ms / 1e9, 1)
         if FA4_ERROR is not None:
