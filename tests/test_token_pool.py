@@ -8,6 +8,9 @@ GPU against the CUDA and Triton back ends.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,9 @@ import crosslmm_ops
 from crosslmm_ops import token_pool
 from crosslmm_ops.nn import TokenPooling
 from crosslmm_ops.ops.token_pool import (
+    KIND_MAX_BACKWARD,
+    KIND_MAX_FORWARD,
+    KIND_WEIGHTED_SUM,
     PoolSpec,
     _backward_reference,
     _max_reference,
@@ -614,6 +620,83 @@ def test_torch_compile_fullgraph():
 
 
 # ----------------------------------------------------------------------------------------------
+# The CUDA kernel's launch plan (csrc/pooling/token_pool_plan.h), compiled by the host compiler
+# ----------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER = ROOT / "tests" / "token_pool_plan_driver.cpp"
+
+
+@pytest.fixture(scope="module")
+def plan_driver(tmp_path_factory):
+    """plan_mix as a function (through tests/token_pool_plan_driver.cpp)."""
+    cxx = shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    exe = tmp_path_factory.mktemp("plan") / "token_pool_plan_driver"
+    subprocess.run(
+        [cxx, "-std=c++17", "-O1", "-I", str(ROOT / "csrc"), "-o", str(exe), str(DRIVER)],
+        check=True,
+    )
+
+    def plan(kind, *, rows, max_taps, taps_total, tokens=729, channels=1152, track=False):
+        # bf16 in 16-byte vectors on an H100 (132 multiprocessors); the max backward also stages
+        # each vector's int32 winners.
+        staged = 16 + (32 if kind == KIND_MAX_BACKWARD else 0)
+        args = (kind, int(track), rows, channels // 8, 8, staged, max_taps, taps_total, tokens, 132)
+        line = " ".join(map(str, args))
+        out = subprocess.run([str(exe)], input=line, capture_output=True, text=True, check=True)
+        keys = ("splits", "lanes", "groups", "chunks", "stage_slots", "smem", "most_smem")
+        return dict(zip(keys, map(int, out.stdout.split())))
+
+    return plan
+
+
+def _forward_plan(plan_driver, mode, frames=256, **kw):
+    spec = PoolSpec.make((27, 27), mode, **kw)
+    p = pool_plan(spec)
+    return plan_driver(
+        KIND_MAX_FORWARD if mode == "max" else KIND_WEIGHTED_SUM,
+        rows=frames * spec.tokens_out,
+        max_taps=p.max_row_len,
+        taps_total=len(p.col_idx),
+    )
+
+
+def test_plan_keeps_the_measured_launches(plan_driver):
+    """The modes measured at 85-96% of copy bandwidth (benchmarks/results/pool_probe_h100.json)
+    keep their launches: two stages of 8 rows for 144 threads in one group, or, for the mean, the
+    split path."""
+    for mode, k in [("avg", 3), ("avg", 9), ("max", 3)]:
+        p = _forward_plan(plan_driver, mode, kernel_size=k)
+        assert (p["splits"], p["lanes"], p["groups"], p["chunks"]) == (1, 144, 1, 1)
+        assert (p["stage_slots"], p["smem"]) == (16, 2 * 8 * 144 * 16)
+    assert _forward_plan(plan_driver, "adaptive", output_size=1)["splits"] == 3
+
+
+def test_plan_shortens_blocks_whose_rows_share_tokens(plan_driver):
+    """Adaptive 27 -> 4: windows meet on shared token rows (900 taps for 729 tokens), so each
+    row's 49-64 taps split over two groups (4 stages a thread): three 288-thread blocks an SM."""
+    p = _forward_plan(plan_driver, "adaptive", output_size=4)
+    assert (p["lanes"], p["groups"], p["chunks"], p["stage_slots"]) == (144, 2, 1, 16)
+    assert p["smem"] == 2 * 8 * 288 * 16
+    # The max kernels keep blocks of at most 256 threads.
+    assert plan_driver(KIND_MAX_FORWARD, rows=4096, max_taps=64, taps_total=900)["groups"] == 1
+
+
+def test_plan_stages_only_the_slots_short_rows_use(plan_driver):
+    """Bilinear 27 -> 14: four taps a row fit one stage, so the block asks for four slots a thread
+    (9 KB instead of 36 KB), and registers rather than shared memory bound the blocks per SM."""
+    p = _forward_plan(plan_driver, "bilinear", output_size=14)
+    assert (p["groups"], p["stage_slots"], p["smem"]) == (1, 4, 4 * 144 * 16)
+    # An odd tap count rounds up to an even slot count: the max backward's winners follow the rows.
+    p = plan_driver(KIND_MAX_BACKWARD, rows=256 * 729, max_taps=1, taps_total=729, tokens=81)
+    assert (p["stage_slots"], p["smem"]) == (2, 2 * 144 * 48)
+    # A thread with more taps than one stage keeps both stages.
+    assert _forward_plan(plan_driver, "avg", kernel_size=3)["stage_slots"] == 16
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU: CUDA and Triton against the reference at CrossLMM shapes
 # ----------------------------------------------------------------------------------------------
 
@@ -664,6 +747,7 @@ def test_gpu_non_contiguous_and_odd(backend, layout):
         ("avg", dict(kernel_size=3)),
         ("max", dict(kernel_size=3)),
         ("bilinear", dict(output_size=14)),
+        ("adaptive", dict(output_size=4)),
         ("adaptive", dict(output_size=1)),
     ],
 )

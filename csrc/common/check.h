@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 
+#include "common/host_math.h"
+
 #define CROSSLMM_CHECK_CUDA(t) \
   TORCH_CHECK((t).is_cuda(), #t " must be a CUDA tensor, got one on ", (t).device())
 
@@ -28,8 +30,6 @@
 #define CROSSLMM_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
 
 namespace crosslmm {
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Multiprocessor count of the current device. (ATen/cuda/CUDAContext.h would give it too, but it
 // pulls in cuSPARSE/cuBLAS headers that a minimal CUDA toolkit does not ship.)

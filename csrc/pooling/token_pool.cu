@@ -34,15 +34,10 @@
 
 #include "common/check.h"
 #include "common/ptx.cuh"
+#include "pooling/token_pool_plan.h"
 
 namespace crosslmm {
 namespace {
-
-enum MixKind : int {
-  kWeightedSum = 0,  // avg, adaptive, bilinear forward, and their backward (transposed CSR)
-  kMaxForward = 1,   // max over the CSR row; writes the winning input position to argmax
-  kMaxBackward = 2,  // gradient of max: sum of grad_out over the rows whose winner is this token
-};
 
 struct TokenMixParams {
   const void* src;           // [B, Ts, Ns, D], channel stride 1
@@ -60,11 +55,8 @@ struct TokenMixParams {
   int64_t tokens_in;               // token count per input frame (argmax encoding: f * N + i)
   bool time_transposed;            // backward direction over frames
   int chunk_channels;              // channels covered by one block (lanes * VEC)
+  int stage_slots;                 // staged rows per thread that shared memory holds (MixPlan)
 };
-
-// Source rows each thread has in flight per pipeline stage (token_mix_kernel). The max backward
-// also stages each row's int32 winners, so it takes fewer to keep two blocks per multiprocessor.
-constexpr int stage_rows(int kind) { return kind == kMaxBackward ? 4 : 8; }
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
@@ -194,10 +186,11 @@ struct Tap {
 // cp.async while it combines the kStage rows it copied before (two stages). Loads in flight cost
 // shared memory rather than registers, so short rows (a 3x3 window: 9 taps) have all their loads
 // in flight at once and long rows (27x27 -> 1: 729 taps) keep 2 * kStage in flight per thread, at
-// an occupancy that registers would not allow. A thread reads back only the slots it wrote, so the
-// stages need no barrier between threads.
+// an occupancy that registers would not allow. Rows whose taps all fit in one stage are given
+// only the slots they fill (p.stage_slots; see plan_mix). A thread reads back only the slots it
+// wrote, so the stages need no barrier between threads.
 template <typename T, int VEC, int KIND, bool kTrackWinner>
-__global__ void __launch_bounds__(256) token_mix_kernel(const TokenMixParams p) {
+__global__ void __launch_bounds__(mix_max_threads(KIND)) token_mix_kernel(const TokenMixParams p) {
   static_assert(!kTrackWinner || KIND == kMaxForward, "only the max forward records winners");
   constexpr bool kMaxBackwardOnly = KIND == kMaxBackward;
   constexpr int kStage = stage_rows(KIND);
@@ -210,8 +203,10 @@ __global__ void __launch_bounds__(256) token_mix_kernel(const TokenMixParams p) 
   const int groups = blockDim.y;
   const int threads = blockDim.x * blockDim.y;
   const int tid = group * blockDim.x + lane;
-  Row* s_rows = reinterpret_cast<Row*>(smem);                           // [2][kStage][threads]
-  Won* s_won = reinterpret_cast<Won*>(smem + 2 * kStage * threads * sizeof(Row));  // max backward
+  // [2][kStage][threads], of which the first p.stage_slots * threads are allocated; the max
+  // backward's winners follow, in the same layout.
+  Row* s_rows = reinterpret_cast<Row*>(smem);
+  Won* s_won = reinterpret_cast<Won*>(smem + p.stage_slots * threads * sizeof(Row));
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * p.chunk_channels +
                      static_cast<int64_t>(lane) * VEC;
   const bool active = c0 < p.channels;
@@ -491,14 +486,6 @@ __global__ void split_row_finish_kernel(const TokenMixParams p, const float* par
   store_packed<T, VEC>(dst, acc);
 }
 
-// Splits for split_row_sum_kernel: 1 (use token_mix_kernel) unless the rows are long and too few
-// to fill the GPU with one block each; then enough splits for about 4 blocks per multiprocessor,
-// each split at least 64 taps long.
-int64_t row_splits(int kind, int64_t rows, int64_t chunks, int64_t max_taps, int sms) {
-  if (kind != kWeightedSum || max_taps < 256 || rows * chunks >= 4LL * sms) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(4LL * sms, rows * chunks), max_taps / 64));
-}
-
 // The split path of a weighted gather (see split_row_sum_kernel): `splits` blocks per row and
 // channel chunk, then their sum.
 template <typename T, int VEC>
@@ -541,41 +528,31 @@ void launch_opted_in(dim3 grid, dim3 block, size_t smem, int most_smem, cudaStre
   kKernel<<<grid, block, smem, stream>>>(p);
 }
 
+// The rows' extent for the launch plan: destination rows, the longest row (frames included) and
+// the CSR's entry count.
+struct MixRows {
+  int64_t rows, max_taps, taps_total;
+};
+
 template <typename T, int VEC, int KIND>
-void launch(TokenMixParams p, int64_t rows, int64_t max_taps, cudaStream_t stream) {
+void launch(TokenMixParams p, const MixRows& r, cudaStream_t stream) {
   const bool track_winner = KIND == kMaxForward && p.argmax_out != nullptr;
   const int64_t lanes_total = ceil_div(p.channels, VEC);
-  const int sms = multiprocessor_count();
-  // Split the channels over several blocks only when there are too few rows to fill the GPU.
-  // A block covers at most 256 lanes of channels (2048 bf16 channels at 16 bytes a lane).
-  int64_t chunks = ceil_div(lanes_total, 256);
-  int64_t lanes = ceil_div(lanes_total, chunks);
-  if constexpr (KIND == kWeightedSum) {
-    const int64_t splits = row_splits(KIND, rows, chunks, max_taps, sms);
-    if (splits > 1) return launch_split_rows<T, VEC>(p, rows, lanes, splits, max_taps, stream);
-  }
-  while (rows * chunks < 8LL * sms && lanes > 16) {
-    chunks *= 2;
-    lanes = ceil_div(lanes_total, chunks);
-  }
-  chunks = ceil_div(lanes_total, lanes);
-  // Then split each row's taps over groups of threads so long rows (27x27 -> 1) keep many loads in
-  // flight; a block stays near 256 threads.
-  int64_t groups = std::max<int64_t>(1, std::min<int64_t>(256 / std::max<int64_t>(lanes, 1), max_taps));
-  groups = std::min<int64_t>(groups, 32);
-  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "token_pool: too many output rows: ", rows);
-  TORCH_CHECK(chunks <= 65535, "token_pool: too many channel chunks: ", chunks);
-  p.chunk_channels = static_cast<int>(lanes * VEC);
-  const dim3 block(static_cast<unsigned>(lanes), static_cast<unsigned>(groups));
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks));
-  // Shared memory: the pipeline's two stages, then (reusing them) the groups' partial results.
-  const int64_t threads = lanes * groups;
   const int64_t staged_bytes = sizeof(T) * VEC + (KIND == kMaxBackward ? sizeof(int32_t) * VEC : 0);
-  const int64_t stage_bytes = 2 * stage_rows(KIND) * threads * staged_bytes;
-  const int64_t combine_bytes =
-      groups > 1 ? threads * VEC * (sizeof(float) + (track_winner ? sizeof(int32_t) : 0)) : 0;
-  const size_t smem = static_cast<size_t>(std::max(stage_bytes, combine_bytes));
-  const int most_smem = static_cast<int>(2 * stage_rows(KIND) * 256 * staged_bytes);
+  const MixPlan plan = plan_mix(KIND, track_winner, r.rows, lanes_total, VEC, staged_bytes, r.max_taps,
+                                r.taps_total, p.src_tokens, multiprocessor_count());
+  if (plan.splits > 1) {
+    return launch_split_rows<T, VEC>(p, r.rows, plan.lanes, plan.splits, r.max_taps, stream);
+  }
+  TORCH_CHECK(r.rows <= std::numeric_limits<int32_t>::max(), "token_pool: too many output rows: ",
+              r.rows);
+  TORCH_CHECK(plan.chunks <= 65535, "token_pool: too many channel chunks: ", plan.chunks);
+  p.chunk_channels = static_cast<int>(plan.lanes * VEC);
+  p.stage_slots = static_cast<int>(plan.stage_slots);
+  const dim3 block(static_cast<unsigned>(plan.lanes), static_cast<unsigned>(plan.groups));
+  const dim3 grid(static_cast<unsigned>(r.rows), static_cast<unsigned>(plan.chunks));
+  const size_t smem = static_cast<size_t>(plan.smem);
+  const int most_smem = static_cast<int>(plan.most_smem);
   if constexpr (KIND == kMaxForward) {
     if (track_winner) {
       launch_opted_in<token_mix_kernel<T, VEC, KIND, true>>(grid, block, smem, most_smem, stream, p);
@@ -589,14 +566,14 @@ void launch(TokenMixParams p, int64_t rows, int64_t max_taps, cudaStream_t strea
 }
 
 template <typename T, int KIND>
-void launch_vec(int vec, const TokenMixParams& p, int64_t rows, int64_t max_taps, cudaStream_t s) {
+void launch_vec(int vec, const TokenMixParams& p, const MixRows& r, cudaStream_t s) {
   switch (vec) {
     case 8:
-      if constexpr (sizeof(T) <= 2) return launch<T, 8, KIND>(p, rows, max_taps, s);
+      if constexpr (sizeof(T) <= 2) return launch<T, 8, KIND>(p, r, s);
       break;
-    case 4: return launch<T, 4, KIND>(p, rows, max_taps, s);
-    case 2: return launch<T, 2, KIND>(p, rows, max_taps, s);
-    case 1: return launch<T, 1, KIND>(p, rows, max_taps, s);
+    case 4: return launch<T, 4, KIND>(p, r, s);
+    case 2: return launch<T, 2, KIND>(p, r, s);
+    case 1: return launch<T, 1, KIND>(p, r, s);
   }
   TORCH_CHECK(false, "token_pool: unsupported vector width ", vec);
 }
@@ -605,6 +582,8 @@ void launch_vec(int vec, const TokenMixParams& p, int64_t rows, int64_t max_taps
 
 // dst[b, t, o, :] = combine over frames f of t and CSR row o of src[b, f, col_idx[j], :].
 // See the file comment for `kind`. `argmax` is written (kind 1) or read (kind 2), unused otherwise.
+// max_row_len must be the CSR's longest row (pool_plan's, as row_ptr is): it sizes the kernel's
+// shared memory.
 void token_pool_mix(const at::Tensor& src, at::Tensor& dst, const at::Tensor& row_ptr,
                     const at::Tensor& col_idx, const at::Tensor& weight,
                     const c10::optional<at::Tensor>& argmax, int64_t kind,
@@ -681,16 +660,16 @@ void token_pool_mix(const at::Tensor& src, at::Tensor& dst, const at::Tensor& ro
   p.tokens_in = tokens_in;
   p.time_transposed = time_transposed;
 
-  const int64_t rows = dst.size(0) * dst.size(1) * dst.size(2);
   const int64_t frames_per_row = time_transposed ? 1 : temporal_stride;
-  const int64_t max_taps = std::max<int64_t>(1, max_row_len * frames_per_row);
+  const MixRows extent{dst.size(0) * dst.size(1) * dst.size(2),
+                     std::max<int64_t>(1, max_row_len * frames_per_row), col_idx.numel()};
   const int vec = pick_vec(src.element_size(), src, dst, argmax);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "token_pool_mix", [&] {
     switch (kind) {
-      case kWeightedSum: launch_vec<scalar_t, kWeightedSum>(vec, p, rows, max_taps, stream); break;
-      case kMaxForward: launch_vec<scalar_t, kMaxForward>(vec, p, rows, max_taps, stream); break;
-      case kMaxBackward: launch_vec<scalar_t, kMaxBackward>(vec, p, rows, max_taps, stream); break;
+      case kWeightedSum: launch_vec<scalar_t, kWeightedSum>(vec, p, extent, stream); break;
+      case kMaxForward: launch_vec<scalar_t, kMaxForward>(vec, p, extent, stream); break;
+      case kMaxBackward: launch_vec<scalar_t, kMaxBackward>(vec, p, extent, stream); break;
     }
   });
 }
