@@ -1,9 +1,10 @@
 """Runs every CUDA kernel of the extension once on small, odd shapes (forward and backward), for
 compute-sanitizer (memcheck, racecheck, initcheck): see scripts/gpu_check.sh.
 
-Kernels: token pooling (every mode, fwd + bwd), the attention forward on both kernels (the sm90
-wgmma + TMA one, chosen for head dim 128 fp16/bf16 with >= 64 query rows, and the mma.sync one,
-forced per call with CROSSLMM_ATTENTION_SM90=0, which the planner reads at every call), their
+Kernels: token pooling (every mode, fwd + bwd), the attention forward on its three kernels (the
+sm90 wgmma + TMA one, chosen for head dim 128 fp16/bf16 with >= 64 query rows, the GQA-packed
+sm90 one for fewer, and the mma.sync one, forced per call with CROSSLMM_ATTENTION_SM90=0, which
+the planner reads at every call), their
 split-KV combine, the attention backward, and the projection-fused core (direct and through
 projected_cross_attention), with its split combine."""
 
@@ -62,6 +63,8 @@ print("sanitize_kernels: section attention", flush=True)
 attention = getattr(crosslmm_ops, "cross_attention", None)
 ext = crosslmm_ops._backend.extension()
 if attention is not None and ext is not None and hasattr(ext, "attention_forward"):
+    kernels = set()  # the forward kernels that ran (auto: head dim 128 with < 64 queries on sm_90
+    # takes the GQA-packed wgmma kernel, sm90_packed; head dim 64 the mma.sync one)
     for sq, sk in ((1, 339), (9, 129), (113, 203), (70, 33)):
         for hd in (64, 128):
             q = torch.randn(2, sq, 4, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -69,6 +72,7 @@ if attention is not None and ext is not None and hasattr(ext, "attention_forward
             v = torch.randn(2, sk, 2, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for splits in (1, 3):
                 out = attention(q, k, v, num_splits=splits, backend="cuda")
+                kernels.add(ext.attention_forward_kernel_name())
                 out.backward(torch.randn_like(out))
                 runs += 2
     # Many splits (> 16): the CTA-per-row combine; fewer take the warp-per-row one (above).
@@ -76,28 +80,38 @@ if attention is not None and ext is not None and hasattr(ext, "attention_forward
     k = torch.randn(2, 2100, 2, 128, device="cuda", dtype=torch.bfloat16)
     attention(q, k, k, num_splits=24, backend="cuda")
     runs += 2
-    # The sm90 forward (auto: head dim 128 with >= 64 query rows; fp16 and bf16; a key tail, GQA,
-    # varlen with an empty segment, splits) and the same calls on mma.sync (SM90=0).
-    kernels = set()
+    # The sm90 forwards (auto, head dim 128: the sm90 kernel for >= 64 query rows, sm90_packed
+    # for fewer; fp16 and bf16; a key tail, GQA, varlen with an empty segment, splits) and the
+    # same calls on mma.sync (SM90=0).
     print("sanitize_kernels: section attention sm90/mma", flush=True)
     for sm90 in ("auto", "0"):
         os.environ["CROSSLMM_ATTENTION_SM90"] = sm90
         for dtype in (torch.bfloat16, torch.float16):
-            for sq, sk in ((64, 200), (130, 333)):
+            for sq, sk in ((9, 200), (64, 200), (130, 333)):
                 q = torch.randn(1, sq, 4, 128, device="cuda", dtype=dtype)
                 k = torch.randn(1, sk, 2, 128, device="cuda", dtype=dtype)
                 for splits in (1, 3, 0):
                     attention(q, k, k, num_splits=splits, backend="cuda")
                     kernels.add(ext.attention_forward_kernel_name())
                     runs += 1 if splits == 1 else 2
-            lens_q, lens_k = [70, 0, 65], [129, 40, 0]
-            cu_q = torch.tensor([0, 70, 70, 135], dtype=torch.int32, device="cuda")
-            cu_k = torch.tensor([0, 129, 169, 169], dtype=torch.int32, device="cuda")
-            q = torch.randn(135, 4, 128, device="cuda", dtype=dtype)
-            k = torch.randn(169, 2, 128, device="cuda", dtype=dtype)
-            attention(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, num_splits=2, backend="cuda")
-            kernels.add(ext.attention_forward_kernel_name())
-            runs += 2
+            # Varlen with an empty segment: query segments of 70 / 0 / 65 (the sm90 kernel) and
+            # of 9 / 0 / 5 (sm90_packed under auto), keys 129 / 40 / 0.
+            for lens_q in ([70, 0, 65], [9, 0, 5]):
+                cu_q = torch.tensor([0, lens_q[0], lens_q[0], sum(lens_q)], device="cuda")
+                cu_k = torch.tensor([0, 129, 169, 169], device="cuda")
+                q = torch.randn(sum(lens_q), 4, 128, device="cuda", dtype=dtype)
+                k = torch.randn(169, 2, 128, device="cuda", dtype=dtype)
+                attention(
+                    q,
+                    k,
+                    k,
+                    cu_seqlens_q=cu_q.int(),
+                    cu_seqlens_k=cu_k.int(),
+                    num_splits=2,
+                    backend="cuda",
+                )
+                kernels.add(ext.attention_forward_kernel_name())
+                runs += 2
         torch.cuda.synchronize()
     os.environ.pop("CROSSLMM_ATTENTION_SM90", None)
     print(f"sanitize_kernels: attention forward kernels run: {sorted(kernels)}")

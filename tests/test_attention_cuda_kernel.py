@@ -631,7 +631,7 @@ def _bad_input_checks():
         _bad_call(q=torch.randn(9, 4, 64, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="num_splits"):
         _bad_call(num_splits=-1)
-    with pytest.raises(RuntimeError, match="kernel must be 'mma_sync' or 'sm90'"):
+    with pytest.raises(RuntimeError, match="kernel must be 'mma_sync', 'sm90' or 'sm90_packed'"):
         _bad_call(kernel="sm90_dkdv")  # a backward-only choice
     # head dim 96 in the backward too
     q, k, v = t(9, 4, 96), t(9, 2, 96), t(9, 2, 96)

@@ -237,7 +237,7 @@ def test_kernel_choice():
     short, long = (q, k, v, cu_q, cu_k), (q2, k2, v2, cu_q2, cu_k2)
     assert planned("0", *long) == MMA
     assert planned("1", *short) == SM90
-    assert planned("auto", *short) == MMA  # 9 queries
+    assert planned("auto", *short) == "sm90_packed"  # 9 queries: GQA-packed wgmma tiles
     assert planned("auto", *long) == SM90
     assert planned(None, *long) == SM90
     with pytest.raises(ValueError, match=ENV):
