@@ -38,8 +38,9 @@ BACKENDS = ("cuda", "triton", "torch")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 PATHS = ("auto", "fused", "materialized")
 # The sm90 attention kernels tile 128 (forward) or 64/128 (backward) rows of one query head (no
-# GQA packing): shorter query segments (decode, 9 queries per frame) fill the GQA-packed mma.sync
-# tiles better. Measured on an H100 (tests/test_attention_sm90.py, the cuda-marked suite).
+# GQA packing): shorter query segments (decode, 9 queries per frame) fill GQA-packed 64-row tiles
+# better, which the forward runs on wgmma (sm90_packed: 3-7% faster than on mma.sync on the H100,
+# docs/performance.md) and the backward on mma.sync.
 SM90_MIN_SEQLEN_Q = 64
 SM90_HEAD_DIM = 128
 # The extension's kernel argument -> the name it reports for the kernel that ran.
@@ -54,8 +55,8 @@ KERNEL_NAMES = {
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """How one call runs: ``backend``; for :func:`~crosslmm_ops.projected_cross_attention` the
-    ``path`` (``"fused"`` / ``"materialized"``); the ``kernel`` (``"sm90"`` / ``"mma_sync"`` for
-    CUDA attention; ``None`` where a back end has one kernel); ``reasons``, one line per
+    ``path`` (``"fused"`` / ``"materialized"``); the ``kernel`` (``"sm90"`` / ``"sm90_packed"`` /
+    ``"mma_sync"`` for CUDA attention; ``None`` where a back end has one kernel); ``reasons``, one line per
     decision."""
 
     op: str
