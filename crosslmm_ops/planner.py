@@ -56,8 +56,8 @@ KERNEL_NAMES = {
 class Plan:
     """How one call runs: ``backend``; for :func:`~crosslmm_ops.projected_cross_attention` the
     ``path`` (``"fused"`` / ``"materialized"``); the ``kernel`` (``"sm90"`` / ``"sm90_packed"`` /
-    ``"mma_sync"`` for CUDA attention; ``None`` where a back end has one kernel); ``reasons``, one line per
-    decision."""
+    ``"mma_sync"`` for CUDA attention; ``None`` where a back end has one kernel); ``reasons``, one
+    line per decision."""
 
     op: str
     backend: str
