@@ -31,7 +31,7 @@ TRITON_INTERPRET_VAR = "TRITON_INTERPRET"
 # The values each per-call variable takes (the empty string and unset mean the first one).
 BACKEND_VALUES = ("auto", "cuda", "triton", "torch")
 PROJECTED_PATH_VALUES = ("auto", "fused", "materialized")
-ATTENTION_SM90_VALUES = ("auto", "0", "1")
+ATTENTION_SM90_VALUES = ("auto", "0", "1", "packed")
 ATTENTION_BWD_SM90_VALUES = ("auto", "0", "1", "dkdv")
 
 # Read once, at import.
@@ -66,7 +66,9 @@ def projected_path() -> str:
 
 def attention_sm90() -> str:
     """``CROSSLMM_ATTENTION_SM90``: the Hopper attention forward ``"0"`` never, ``"1"`` wherever
-    it can run, ``"auto"`` (unset) where the query segments fill its tiles."""
+    it can run, ``"auto"`` (unset) where the query segments fill its tiles; ``"packed"`` its
+    GQA-packed kernel (sm90_packed) wherever that can run, whatever the query length (to compare
+    the kernels)."""
     return _read(ATTENTION_SM90_VAR, ATTENTION_SM90_VALUES, lower=False)
 
 

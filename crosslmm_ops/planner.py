@@ -264,6 +264,8 @@ def attention_kernel(
         return "mma_sync", f"the sm90 kernel cannot run: {why}"
     if mode == "1":
         return "sm90", f"{var}=1"
+    if mode == "packed":
+        return "sm90_packed", f"{var}=packed"
     if mode == "dkdv":
         return "sm90_dkdv", f"{var}=dkdv"
     if max_seqlen_q >= SM90_MIN_SEQLEN_Q:

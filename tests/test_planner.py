@@ -211,6 +211,11 @@ def test_attention_kernel_choice(monkeypatch):
     assert planner.attention_kernel(cuda, 128, 9, 0.1)[0] == "sm90"
     monkeypatch.setenv(environment.ATTENTION_BWD_SM90_VAR, "dkdv")
     assert planner.attention_kernel(cuda, 128, 9, backward=True)[0] == "sm90_dkdv"
+    monkeypatch.setenv(environment.ATTENTION_SM90_VAR, "packed")
+    assert planner.attention_kernel(cuda, 128, 200, 0.1) == (
+        "sm90_packed",
+        f"{environment.ATTENTION_SM90_VAR}=packed",
+    )
     monkeypatch.setenv(environment.ATTENTION_SM90_VAR, "yes")
     with pytest.raises(ValueError, match=environment.ATTENTION_SM90_VAR):
         planner.attention_kernel(cuda, 128, 9, 0.1)
