@@ -322,40 +322,37 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
   // nothing) when TMA cannot describe the tensors; the mma.sync kernel below then runs.
   // (Its softmax takes the row max of the unscaled scores, which needs a positive scale.)
   const float scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
-  if (attention::attention_forward_sm90_compiled() && head_dim == 128 && scale_log2 > 0.f &&
-      std::isfinite(scale_log2)) {
-    if (choice == KernelChoice::kSm90 && device_is_sm90(q.get_device())) {
-      const int64_t m_blocks = ceil_div64(max_seqlen_q, attention::kSm90BlockM);
-      const int64_t ctas = m_blocks * heads_q * batch;
-      const int64_t key_tiles = ceil_div64(max_seqlen_k, attention::kSm90BlockN);
-      const int64_t splits =
-          num_splits == 0
-              ? sm90_key_splits(ctas, key_tiles, multiprocessor_count())
-              : std::min({num_splits, std::max<int64_t>(1, key_tiles), kMaxSplits});
-      at::Tensor scratch[2];
-      AttentionForwardParams p = forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                batch, max_seqlen_q, splits, scale_log2, scratch);
-      p.rows_per_query = 1;
-      p.head_ctas = static_cast<int>(heads_q);
-      p.num_m_blocks = static_cast<int>(m_blocks);
-      bool launched = false;
-      if (q.scalar_type() == at::kHalf) {
-        launched = attention::run_attention_forward_sm90<__half, 128>(p, stream);
-      } else {
-        launched = attention::run_attention_forward_sm90<__nv_bfloat16, 128>(p, stream);
-      }
-      if (launched) {
-        last_forward_kernel = "sm90_wgmma";
-        return last_forward_kernel;
-      }
+  // Where the Hopper kernels can run (check_qkv already allows fp16/bf16 only).
+  const bool sm90_runs = attention::attention_forward_sm90_compiled() && head_dim == 128 &&
+                         scale_log2 > 0.f && std::isfinite(scale_log2) &&
+                         device_is_sm90(q.get_device());
+  if (choice == KernelChoice::kSm90 && sm90_runs) {
+    const int64_t m_blocks = ceil_div64(max_seqlen_q, attention::kSm90BlockM);
+    const int64_t ctas = m_blocks * heads_q * batch;
+    const int64_t key_tiles = ceil_div64(max_seqlen_k, attention::kSm90BlockN);
+    const int64_t splits =
+        num_splits == 0
+            ? sm90_key_splits(ctas, key_tiles, multiprocessor_count())
+            : std::min({num_splits, std::max<int64_t>(1, key_tiles), kMaxSplits});
+    at::Tensor scratch[2];
+    AttentionForwardParams p = forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                              batch, max_seqlen_q, splits, scale_log2, scratch);
+    p.rows_per_query = 1;
+    p.head_ctas = static_cast<int>(heads_q);
+    p.num_m_blocks = static_cast<int>(m_blocks);
+    bool launched = false;
+    if (q.scalar_type() == at::kHalf) {
+      launched = attention::run_attention_forward_sm90<__half, 128>(p, stream);
+    } else {
+      launched = attention::run_attention_forward_sm90<__nv_bfloat16, 128>(p, stream);
+    }
+    if (launched) {
+      last_forward_kernel = "sm90_wgmma";
+      return last_forward_kernel;
     }
   }
   // The packed sm90 kernel takes the mma.sync kernel's plan with 64-row tiles (it has no other).
-  const bool packed_sm90 = choice == KernelChoice::kSm90Packed &&
-                           attention::attention_forward_sm90_compiled() && head_dim == 128 &&
-                           scale_log2 > 0.f && std::isfinite(scale_log2) &&
-                           (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
-                           device_is_sm90(q.get_device());
+  const bool packed_sm90 = choice == KernelChoice::kSm90Packed && sm90_runs;
   last_forward_kernel = packed_sm90 ? "sm90_packed" : "mma_sync";
 
   // GQA packing: the query heads of a group share one CTA (rows = (token, head in group) pairs), so

@@ -145,18 +145,26 @@ bool run_attention_forward_sm90(const AttentionForwardParams& p, cudaStream_t st
 // Three stages: 112 KB, two CTAs per multiprocessor (attention_fwd_sm90_packed_kernel.cuh).
 constexpr int kSm90PackedStages = 3;
 
+// The packed kernel with its shared memory granted: two CTAs of 113 KB need the whole 228 KB
+// carveout. Set on every use, since function attributes belong to the current device.
+template <typename T, int kHeadDim>
+auto sm90_packed_kernel_configured() {
+  using Cfg = Sm90PackedConfig<kHeadDim, kSm90PackedStages>;
+  auto kernel = attention_forward_sm90_packed_kernel<T, kHeadDim, kSm90PackedStages>;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
+  return kernel;
+}
+
 template <typename T, int kHeadDim>
 void run_attention_forward_sm90_packed(const AttentionForwardParams& p, cudaStream_t stream) {
   static_assert(kHeadDim == 128, "the packed sm90 forward is instantiated for head dim 128 only");
   using Cfg = Sm90PackedConfig<kHeadDim, kSm90PackedStages>;
   if (p.num_m_blocks == 0 || p.head_ctas == 0 || p.batch == 0) return;
   TORCH_CHECK(p.scale_log2 > 0.f, "attention_forward (sm90_packed): softmax_scale must be > 0");
-  auto kernel = attention_forward_sm90_packed_kernel<T, kHeadDim, kSm90PackedStages>;
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-  // Two CTAs of 113 KB need the whole 228 KB carveout.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      cudaSharedmemCarveoutMaxShared));
+  auto kernel = sm90_packed_kernel_configured<T, kHeadDim>();
   const int64_t ctas = static_cast<int64_t>(p.num_m_blocks) * p.head_ctas * p.batch * p.num_splits;
   TORCH_CHECK(ctas <= 0x7fffffff, "attention_forward: grid too large (", ctas, " CTAs)");
   kernel<<<static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
@@ -169,11 +177,7 @@ int attention_forward_sm90_packed_ctas_per_sm() {
   using Cfg = Sm90PackedConfig<kHeadDim, kSm90PackedStages>;
   // Asked once per process (thread-safe static), as for the mma.sync kernel.
   static const int ctas = [] {
-    auto kernel = attention_forward_sm90_packed_kernel<T, kHeadDim, kSm90PackedStages>;
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        cudaSharedmemCarveoutMaxShared));
+    auto kernel = sm90_packed_kernel_configured<T, kHeadDim>();
     int n = 0;
     C10_CUDA_CHECK(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, Cfg::kSmemBytes));
