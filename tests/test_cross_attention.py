@@ -435,11 +435,15 @@ def test_triton_epilogue_cpu(gate_shape):
 def test_num_splits_heuristic():
     from crosslmm_ops.triton.cross_attention import MAX_SPLITS, num_splits_heuristic
 
-    assert num_splits_heuristic(200, 132, 365) == 1  # enough programs: no split
-    assert num_splits_heuristic(36, 132, 365) == 4  # V2V T=32: 3 query blocks x 12 heads
-    assert num_splits_heuristic(12, 132, 2916) == 11  # decoding one query, 12 heads
+    # Whole waves: V2V T=32 at Hk=2 is 28 programs of 365 key blocks on 132 SMs. Five splits (one
+    # wave's worth) would make 140 programs, a second wave of 8; nine make two nearly full waves.
+    assert num_splits_heuristic(28, 132, 365) == 9
+    assert num_splits_heuristic(108, 132, 1458) == 6  # V2V T=128: one wave 82% full, unsplit
+    assert num_splits_heuristic(132, 132, 365) == 1  # one full wave already
+    assert num_splits_heuristic(512, 132, 12) == 1  # per-frame: many programs, few key blocks
+    assert num_splits_heuristic(12, 132, 2916) == 11  # T2V T=256: 6 query blocks x 2 KV heads
     assert num_splits_heuristic(12, 132, 8) == 2  # short keys: at least 4 key blocks a split
-    assert num_splits_heuristic(1, 132, 10**6) == MAX_SPLITS
+    assert 120 <= num_splits_heuristic(1, 132, 10**6) <= MAX_SPLITS
     assert num_splits_heuristic(0, 132, 10) == 1
 
 

@@ -17,6 +17,11 @@ MAX_SPLITS = 128
 # Splitting a segment's keys into ranges shorter than this many key blocks costs more in the merge
 # than it gains in parallelism.
 MIN_BLOCKS_PER_SPLIT = 4
+# The split model's costs in key-block units (one program on one key block: about 2 us on an
+# H100): launching the merge kernel, and one program's fp32 partial output written and merged
+# (128 KB at ~3 TB/s).
+SPLIT_MERGE_LAUNCH_COST = 1.5
+SPLIT_PARTIALS_COST = 0.0225
 INTERPRETER_SM_COUNT = 132  # an H100, so the interpreter exercises the same split decisions
 
 
@@ -43,15 +48,28 @@ def sm_count(device: torch.device) -> int:
 def num_splits_heuristic(programs: int, num_sms: int, num_key_blocks: int) -> int:
     """How many ranges to split each segment's keys into (flash-decoding).
 
-    ``programs`` is the number of (query block, head, segment) programs without splitting. When they
-    already fill about a wave of SMs, one split; otherwise enough splits to fill one wave, keeping
-    at least ``MIN_BLOCKS_PER_SPLIT`` key blocks per split and at most ``MAX_SPLITS`` splits.
+    ``programs`` is the number of (query block, head, segment) programs without splitting. The
+    count minimises a time model in units of one program's work on one key block (the CUDA sm90
+    forward's ``sm90_key_splits`` uses the same model with its own tile): whole waves of
+    ``num_sms`` programs, each doing ``ceil(num_key_blocks / s) + 1`` units (the 1: loading Q,
+    the epilogue), plus for ``s > 1`` the merge launch and the fp32 partials each program writes
+    and the merge reads. Wave quantisation is what it sees that "fill one wave" does not: V2V at
+    T = 32 is 28 programs of 365 key blocks; 5 splits give 140 programs, a second wave of 8 that
+    doubles the time, where 9 splits give 252 in two full waves. A larger count must win by 2%.
+    Each split keeps at least ``MIN_BLOCKS_PER_SPLIT`` key blocks; at most ``MAX_SPLITS``.
     """
-    if programs <= 0 or programs >= 0.8 * num_sms:
+    if programs <= 0 or num_key_blocks <= 0:
         return 1
-    want = math.ceil(num_sms / programs)
-    most = max(1, num_key_blocks // MIN_BLOCKS_PER_SPLIT)
-    return max(1, min(want, most, MAX_SPLITS))
+    most = max(1, min(MAX_SPLITS, num_key_blocks // MIN_BLOCKS_PER_SPLIT))
+    best, best_cost = 1, 0.0
+    for splits in range(1, most + 1):
+        waves = math.ceil(programs * splits / num_sms)
+        cost = waves * (math.ceil(num_key_blocks / splits) + 1)
+        if splits > 1:
+            cost += SPLIT_MERGE_LAUNCH_COST + SPLIT_PARTIALS_COST * programs * splits
+        if splits == 1 or cost < best_cost * 0.98:
+            best, best_cost = splits, cost
+    return best
 
 
 def check_launch(dot_dtype: torch.dtype | None = None, **index: torch.Tensor) -> None:
