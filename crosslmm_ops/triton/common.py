@@ -4,6 +4,7 @@ hands tensors to a kernel."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,11 +19,25 @@ MAX_SPLITS = 128
 # than it gains in parallelism.
 MIN_BLOCKS_PER_SPLIT = 4
 # The split model's costs in key-block units (one program on one key block: about 2 us on an
-# H100): launching the merge kernel, and one program's fp32 partial output written and merged
-# (128 KB at ~3 TB/s).
+# H100): launching the merge kernel; one program's fp32 partial output written and merged (128 KB
+# at ~3 TB/s); and each split in the merge's loop, which walks a row's splits one after another.
+# The last was fitted on the H100 (tools/triton_forward_probe.py): decoding one query against
+# 32 frames' keys took 0.043 ms with 30 splits and 0.056 ms with 61.
 SPLIT_MERGE_LAUNCH_COST = 1.5
 SPLIT_PARTIALS_COST = 0.0225
+SPLIT_MERGE_LOOP_COST = 0.2
 INTERPRETER_SM_COUNT = 132  # an H100, so the interpreter exercises the same split decisions
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for a launch's host side: ``triton.cdiv`` is a constexpr function, about
+    1.6 us a call, and a short call's launch is host-bound."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` on the host, without its constexpr-function overhead."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 @triton.jit
@@ -45,6 +60,7 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)  # on every launch's host path; its arguments are a few ints
 def num_splits_heuristic(programs: int, num_sms: int, num_key_blocks: int) -> int:
     """How many ranges to split each segment's keys into (flash-decoding).
 
@@ -52,11 +68,12 @@ def num_splits_heuristic(programs: int, num_sms: int, num_key_blocks: int) -> in
     count minimises a time model in units of one program's work on one key block (the CUDA sm90
     forward's ``sm90_key_splits`` uses the same model with its own tile): whole waves of
     ``num_sms`` programs, each doing ``ceil(num_key_blocks / s) + 1`` units (the 1: loading Q,
-    the epilogue), plus for ``s > 1`` the merge launch and the fp32 partials each program writes
-    and the merge reads. Wave quantisation is what it sees that "fill one wave" does not: V2V at
-    T = 32 is 28 programs of 365 key blocks; 5 splits give 140 programs, a second wave of 8 that
-    doubles the time, where 9 splits give 252 in two full waves. A larger count must win by 2%.
-    Each split keeps at least ``MIN_BLOCKS_PER_SPLIT`` key blocks; at most ``MAX_SPLITS``.
+    the epilogue), plus for ``s > 1`` the merge launch, the fp32 partials each program writes
+    and the merge reads, and the merge's loop over the splits. Wave quantisation is what it sees
+    that "fill one wave" does not: V2V at T = 64 is 54 programs of 729 key blocks; 3 splits give
+    162 programs, a second wave of 30, where 7 give 378 in three nearly full waves. A larger
+    count must win by 2%. Each split keeps at least ``MIN_BLOCKS_PER_SPLIT`` key blocks; at most
+    ``MAX_SPLITS``.
     """
     if programs <= 0 or num_key_blocks <= 0:
         return 1
@@ -66,7 +83,11 @@ def num_splits_heuristic(programs: int, num_sms: int, num_key_blocks: int) -> in
         waves = math.ceil(programs * splits / num_sms)
         cost = waves * (math.ceil(num_key_blocks / splits) + 1)
         if splits > 1:
-            cost += SPLIT_MERGE_LAUNCH_COST + SPLIT_PARTIALS_COST * programs * splits
+            cost += (
+                SPLIT_MERGE_LAUNCH_COST
+                + SPLIT_PARTIALS_COST * programs * splits
+                + SPLIT_MERGE_LOOP_COST * splits
+            )
         if splits == 1 or cost < best_cost * 0.98:
             best, best_cost = splits, cost
     return best

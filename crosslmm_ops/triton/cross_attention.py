@@ -35,8 +35,10 @@ from crosslmm_ops._backend import triton_interpreted
 from crosslmm_ops.triton.common import (
     LOG2E,
     MAX_SPLITS,
+    cdiv,
     check_launch,
     dot_precision,
+    next_power_of_2,
     num_splits_heuristic,
     segment,
     sm_count,
@@ -403,7 +405,7 @@ def _attn_bwd_dq_kernel(
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _forward_config(packed_rows: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -412,7 +414,7 @@ def _forward_config(packed_rows: int, head_dim: int, dtype: torch.dtype) -> dict
     block_d = _block_d(head_dim)
     wide = block_d > 128 or (dtype == torch.float32 and block_d > 64)
     # Few rows (decode, frame-local V2V) waste most of a 128-row tile: shrink it.
-    block_m = min(64 if wide else 128, max(16, triton.next_power_of_2(packed_rows)))
+    block_m = min(64 if wide else 128, max(16, next_power_of_2(packed_rows)))
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=32 if wide else 64,
@@ -479,8 +481,8 @@ def attention_forward(
     group = Hq // Hk
     packed_rows = max(max_seqlen_q, 1) * group  # a program's rows: (query, head of the group)
     cfg = _forward_config(packed_rows, D, q.dtype)
-    m_blocks = triton.cdiv(packed_rows, cfg["BLOCK_M"])
-    key_blocks = triton.cdiv(max_seqlen_k, cfg["BLOCK_N"])
+    m_blocks = cdiv(packed_rows, cfg["BLOCK_M"])
+    key_blocks = cdiv(max_seqlen_k, cfg["BLOCK_N"])
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch * m_blocks * Hk, sm_count(q.device), key_blocks)
     num_splits = max(1, min(num_splits, max(key_blocks, 1), MAX_SPLITS))
@@ -548,7 +550,7 @@ def attention_forward(
         **common,
     )
     merge_m = 16 if triton_interpreted() else 64
-    _attn_merge_kernel[(triton.cdiv(total_q, merge_m), Hq)](
+    _attn_merge_kernel[(cdiv(total_q, merge_m), Hq)](
         part_out,
         part_lse,
         out,
@@ -613,7 +615,7 @@ def attention_backward(
     delta = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
     if total_q:
         rows = 16 if triton_interpreted() else 64
-        _attn_bwd_preprocess_kernel[(triton.cdiv(total_q, rows), Hq)](
+        _attn_bwd_preprocess_kernel[(cdiv(total_q, rows), Hq)](
             out,
             dout,
             dlse if dlse is not None else lse,
@@ -643,7 +645,7 @@ def attention_backward(
     )
     scale_log2 = softmax_scale * LOG2E
     if total_k:
-        n_blocks = triton.cdiv(max(max_seqlen_k, 1), dkdv_cfg["BLOCK_N"])
+        n_blocks = cdiv(max(max_seqlen_k, 1), dkdv_cfg["BLOCK_N"])
         _attn_bwd_dkdv_kernel[(batch * n_blocks, Hk)](
             q,
             k,
@@ -668,7 +670,7 @@ def attention_backward(
             **dkdv_cfg,
         )
     if total_q:
-        m_blocks = triton.cdiv(max(max_seqlen_q, 1), dq_cfg["BLOCK_M"])
+        m_blocks = cdiv(max(max_seqlen_q, 1), dq_cfg["BLOCK_M"])
         _attn_bwd_dq_kernel[(batch * m_blocks, Hq)](
             q,
             k,

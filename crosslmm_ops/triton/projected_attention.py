@@ -47,8 +47,10 @@ from crosslmm_ops._backend import triton_interpreted
 from crosslmm_ops.triton.common import (
     LOG2E,
     MAX_SPLITS,
+    cdiv,
     check_launch,
     dot_precision,
+    next_power_of_2,
     num_splits_heuristic,
     segment,
     sm_count,
@@ -439,7 +441,7 @@ def width_slabs(dv: int) -> tuple[int, int]:
     two). 1152 -> (1024, 128), 768 -> (512, 256), 1024 -> (1024, 16), 40 -> (32, 16)."""
     hi = max(16, 1 << (max(dv, 1).bit_length() - 1))
     rest = max(dv - hi, 0)
-    return hi, max(16, triton.next_power_of_2(rest) if rest else 16)
+    return hi, max(16, next_power_of_2(rest) if rest else 16)
 
 
 def _tile_rows(dv: int, dtype: torch.dtype, budget: int) -> int:
@@ -528,8 +530,8 @@ def projected_attention_core_forward(
     if total_q == 0 or batch <= 0:
         return
     cfg = _interpreted(forward_config(dv, q.dtype))
-    m_blocks = triton.cdiv(max(max_seqlen_q * hq, 1), cfg["BLOCK_M"])
-    key_blocks = triton.cdiv(max_seqlen_k, cfg["BLOCK_N"])
+    m_blocks = cdiv(max(max_seqlen_q * hq, 1), cfg["BLOCK_M"])
+    key_blocks = cdiv(max_seqlen_k, cfg["BLOCK_N"])
     num_splits = _choose_splits(num_splits, batch, m_blocks, key_blocks, q.device)
     common = dict(HQ=hq, GROUP=group, PRECISION=dot_precision(q.dtype), **cfg)
     grid = (batch * m_blocks, num_splits)
@@ -580,7 +582,7 @@ def projected_attention_core_forward(
     n_rows = hq * total_q
     rows = 16 if triton_interpreted() else 32
     block_d = 128
-    _merge_kernel[(triton.cdiv(n_rows, rows), triton.cdiv(dv, block_d))](
+    _merge_kernel[(cdiv(n_rows, rows), cdiv(dv, block_d))](
         part_out,
         part_lse,
         out,
@@ -633,7 +635,7 @@ def projected_attention_core_backward(
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     if n_rows:
         rows = 16 if triton_interpreted() else 32
-        _bwd_preprocess_kernel[(triton.cdiv(n_rows, rows),)](
+        _bwd_preprocess_kernel[(cdiv(n_rows, rows),)](
             out,
             dout,
             dlse.contiguous() if dlse is not None else lse,
@@ -651,7 +653,7 @@ def projected_attention_core_backward(
     common = dict(HQ=hq, GROUP=group, PRECISION=precision)
     q_strides, do_strides = _grouped_strides(q), _grouped_strides(dout)
     if total_k:
-        n_blocks = triton.cdiv(max(max_seqlen_k, 1), dx_cfg["BLOCK_N"])
+        n_blocks = cdiv(max(max_seqlen_k, 1), dx_cfg["BLOCK_N"])
         _bwd_dx_kernel[(batch * n_blocks,)](
             q,
             x,
@@ -675,8 +677,8 @@ def projected_attention_core_backward(
         )
     if not total_q:
         return
-    m_blocks = triton.cdiv(max(max_seqlen_q * hq, 1), dq_cfg["BLOCK_M"])
-    key_blocks = triton.cdiv(max_seqlen_k, dq_cfg["BLOCK_N"])
+    m_blocks = cdiv(max(max_seqlen_q * hq, 1), dq_cfg["BLOCK_M"])
+    key_blocks = cdiv(max_seqlen_k, dq_cfg["BLOCK_N"])
     num_splits = _choose_splits(num_splits, batch, m_blocks, key_blocks, q.device)
     target = (
         dq

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from crosslmm_ops._backend import triton_interpreted
 from crosslmm_ops.ops.token_pool import csr_table
+from crosslmm_ops.triton.common import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -188,11 +189,11 @@ def token_pool_mix(
     taps, table_w = _padded_table(row_ptr, col_idx, weight)
     width = taps.shape[1]
     channels = src.shape[3]
-    block_d = min(triton.next_power_of_2(channels), 64 if triton_interpreted() else 128)
-    block_j = min(triton.next_power_of_2(width), 16)
+    block_d = min(next_power_of_2(channels), 64 if triton_interpreted() else 128)
+    block_j = min(next_power_of_2(width), 16)
     # Enough rows per program that a tile holds ~32 source rows (fewer, larger programs).
     rows_per_program = max(1, min(32 // block_j, 8))
-    grid = (triton.cdiv(total_rows, rows_per_program), triton.cdiv(channels, block_d))
+    grid = (cdiv(total_rows, rows_per_program), cdiv(channels, block_d))
     _token_mix_kernel[grid](
         src,
         dst,
