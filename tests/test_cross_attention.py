@@ -435,17 +435,21 @@ def test_triton_epilogue_cpu(gate_shape):
 def test_num_splits_heuristic():
     from crosslmm_ops.triton.cross_attention import MAX_SPLITS, num_splits_heuristic
 
-    # Whole waves: V2V T=32 at Hk=2 is 28 programs of 365 key blocks on 132 SMs. Five splits (one
-    # wave's worth) would make 140 programs, a second wave of 8; nine make two nearly full waves.
-    assert num_splits_heuristic(28, 132, 365) == 9
+    # Whole waves: V2V T=64 at Hk=2 is 54 programs of 729 key blocks on 132 SMs. Three splits
+    # (one wave's worth) would make 162 programs, a second wave of 30; seven make three nearly
+    # full waves.
+    assert num_splits_heuristic(54, 132, 729) == 7
+    # V2V T=32: 28 programs. Four splits, one wave 85% full, against nine in two: the merge's
+    # loop over the splits decides it (on the H100, 0.142 ms against 0.149).
+    assert num_splits_heuristic(28, 132, 365) == 4
     assert num_splits_heuristic(108, 132, 1458) == 6  # V2V T=128: one wave 82% full, unsplit
     assert num_splits_heuristic(132, 132, 365) == 1  # one full wave already
     assert num_splits_heuristic(512, 132, 12) == 1  # per-frame: many programs, few key blocks
     assert num_splits_heuristic(12, 132, 2916) == 11  # T2V T=256: 6 query blocks x 2 KV heads
-    assert num_splits_heuristic(12, 132, 8) == 2  # short keys: at least 4 key blocks a split
+    assert num_splits_heuristic(12, 132, 16) == 4  # short keys: at least 4 key blocks a split
     # Decoding one query against 32 frames: 61 splits would fill the SMs once, but the merge walks
-    # a row's splits one by one (on the H100, 30 splits took 0.043 ms and 61 took 0.056).
-    assert num_splits_heuristic(2, 132, 365) == 37
+    # a row's splits one by one (on the H100, 18 splits took 0.042 ms and 61 took 0.056).
+    assert num_splits_heuristic(2, 132, 365) == 16
     assert 120 <= num_splits_heuristic(1, 132, 10**6) <= MAX_SPLITS
     assert num_splits_heuristic(0, 132, 10) == 1
 

@@ -20,12 +20,14 @@ MAX_SPLITS = 128
 MIN_BLOCKS_PER_SPLIT = 4
 # The split model's costs in key-block units (one program on one key block: about 2 us on an
 # H100): launching the merge kernel; one program's fp32 partial output written and merged (128 KB
-# at ~3 TB/s); and each split in the merge's loop, which walks a row's splits one after another.
-# The last was fitted on the H100 (tools/triton_forward_probe.py): decoding one query against
-# 32 frames' keys took 0.043 ms with 30 splits and 0.056 ms with 61.
+# at ~3 TB/s); and each split in the merge's loop, which walks a row's splits one after another
+# (a global load's latency, 1-2 us, per split). The last was fitted on the H100
+# (tools/triton_forward_probe.py, two runs): V2V T=32 at Hk=2 took 0.142 ms with 4 splits and
+# 0.149-0.151 with 9; decoding one query against 32 frames' keys 0.042 ms with 18 splits, 0.045
+# with 37 and 0.056 with 61.
 SPLIT_MERGE_LAUNCH_COST = 1.5
 SPLIT_PARTIALS_COST = 0.0225
-SPLIT_MERGE_LOOP_COST = 0.2
+SPLIT_MERGE_LOOP_COST = 1.0
 INTERPRETER_SM_COUNT = 132  # an H100, so the interpreter exercises the same split decisions
 
 
