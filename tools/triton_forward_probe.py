@@ -5,7 +5,10 @@ Triton forward over a grid of tile shapes, warps, pipeline stages and key-split 
 output checked against the CUDA back end's.
 
     python tools/triton_forward_probe.py [--rows v2v32,v2v64,t2v32,decode32,decode256]
-                                         [--json out.json]
+                                         [--cuda-splits] [--json out.json]
+
+``--cuda-splits`` also times the CUDA back end at a range of explicit key-split counts, to check
+its own split model (``sm90_key_splits`` in csrc/attention/attention.cu) the same way.
 
 It calls ``crosslmm_ops.triton.cross_attention.attention_forward`` with ``_forward_config``
 replaced, so expect to adapt it when that launcher changes.
@@ -42,7 +45,7 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40)
 
 
-def probe_row(name: str, frames: int, hk: int, lq: int) -> dict:
+def probe_row(name: str, frames: int, hk: int, lq: int, cuda_splits: bool = False) -> dict:
     q, k, v = peers._inputs("global", frames, hk, lq, False)
     q, k, v = q[0], k[0], v[0]
     cu_q = torch.tensor([0, lq], device="cuda", dtype=torch.int32)
@@ -59,6 +62,20 @@ def probe_row(name: str, frames: int, hk: int, lq: int) -> dict:
             assert crosslmm_ops.last_backend("cross_attention") == backend
             row["ms"][f"public_{backend}"] = round(bench(fn), 5)
         expect = crosslmm_ops.cross_attention(q[None], k[None], v[None], backend="cuda")[0].float()
+        if cuda_splits:
+            # The CUDA back end's split count (its own model picks it for num_splits=0), swept.
+            row["cuda_splits"] = {}
+            for splits in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
+                out = crosslmm_ops.cross_attention(
+                    q[None], k[None], v[None], num_splits=splits, backend="cuda"
+                )
+                err = (out[0].float() - expect).abs().max().item()
+                ms = bench(
+                    lambda s=splits: crosslmm_ops.cross_attention(
+                        q[None], k[None], v[None], num_splits=s, backend="cuda"
+                    )
+                )
+                row["cuda_splits"][splits] = {"ms": round(ms, 5), "max_abs_err": err}
 
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[1], q.shape[0], device="cuda", dtype=torch.float32)
@@ -130,14 +147,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--cuda-splits", action="store_true", help="also sweep the CUDA back end's key splits"
+    )
     args = parser.parse_args(argv)
     rows = []
     for name in args.rows.split(","):
-        row = probe_row(name, *ROWS[name])
+        row = probe_row(name, *ROWS[name], cuda_splits=args.cuda_splits)
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("row", "ms", "default_vs_cuda", "best_vs_cuda")}))
         for g in row["best"][:3]:
             print("   ", json.dumps(g))
+        if "cuda_splits" in row:
+            print(
+                "    cuda splits:", json.dumps({s: r["ms"] for s, r in row["cuda_splits"].items()})
+            )
     if args.json:
         Path(args.json).write_text(json.dumps({"env": peers.environment(), "rows": rows}, indent=1))
     return 0
