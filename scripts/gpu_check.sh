@@ -2,7 +2,8 @@
 # Build, test, sanitize and benchmark on a GPU machine in one go (what the lent H100 runs):
 #
 #   bash scripts/gpu_check.sh [build] [test] [fuzz] [sanitize] [bench] [bench-attention]
-#                             [bench-projected] [peers] [profile] [probe-sm90] [efficiency] [demo]
+#                             [bench-projected] [peers] [profile] [probe-sm90] [probe-triton]
+#                             [efficiency] [demo]
 #                             (default: build test sanitize bench)
 #
 # Logs and results go to $OUT (default ./gpu_out): gpu_tests.log, sanitizer.log, bench.log and the
@@ -147,6 +148,13 @@ if has probe-sm90; then
     $PY benchmarks/sm90_probe.py --direction "$direction" --json "$OUT/sm90_probe_$direction.json" \
       2>&1 | tail -40 || status=1
   done
+fi
+if has probe-triton; then
+  # The Triton forward (and with --cuda-splits the CUDA one) at explicit launch options on the rows
+  # where Triton trails CUDA: checks both split models (tools/triton_forward_probe.py).
+  step "Triton forward probe"
+  $PY tools/triton_forward_probe.py --cuda-splits --json "$OUT/triton_forward_probe.json" 2>&1 \
+    | grep -v Warning | tail -30 || status=1
 fi
 echo; echo "gpu_check: exit $status"
 exit $status
