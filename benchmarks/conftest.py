@@ -37,6 +37,20 @@ def do_bench_ms(fn, *, rep_ms: int = 200) -> float:
     return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
+def graph_ms(op, *, rep_ms: int = 200) -> float:
+    """GPU time of ``op`` in ms: captured in a CUDA graph and replayed, so none of the host's
+    launch cost (Python, dispatch, the driver) is in it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op()
+    return do_bench_ms(graph.replay, rep_ms=rep_ms)
+
+
 def rotating(make, bytes_each: int, *, at_least_bytes: int = 200 * 2**20):
     """Enough independent inputs from ``make()`` that cycling through them defeats the 50 MB L2."""
     count = max(1, -(-at_least_bytes // max(bytes_each, 1)))

@@ -22,12 +22,16 @@ import pstats
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
-import crosslmm_ops
-from crosslmm_ops import _backend, planner
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import graph_ms  # noqa: E402
+
+import crosslmm_ops  # noqa: E402
+from crosslmm_ops import _backend, planner  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
 CASES = {
@@ -40,19 +44,6 @@ CASES = {
 
 def bench(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
-
-
-def graph_ms(op) -> float:
-    """GPU time of ``op``: captured in a CUDA graph and replayed (no host overhead)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        op()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        op()
-    return bench(graph.replay)
 
 
 def host_ms(op, calls: int = 200) -> float:

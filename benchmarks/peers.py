@@ -6,7 +6,9 @@
 bf16, 12 query heads of 128 (Hk = 2 or 12 key/value heads), keys T*729 original tokens; V2V
 queries T*9, T2V 128, decode 1; per-frame V2V: each frame's 9 queries against its own 729 keys.
 Columns: ``ours`` (the CUDA back end, asserted), ``ours_triton`` (the Triton fallback, asserted;
-not a peer: ``triton_vs_cuda`` is its speed as a share of ``ours``), ``fa4`` (FlashAttention-4,
+not a peer: ``triton_vs_cuda`` is its speed as a share of ``ours``; on the forward rows
+``ms_gpu`` also gives both back ends' GPU time, each call replayed from a CUDA graph, and
+``triton_vs_cuda_gpu_time`` the share on it), ``fa4`` (FlashAttention-4,
 ``flash_attn.cute``, when importable; said to be absent otherwise), ``sdpa_cudnn`` and
 ``sdpa_flash`` (PyTorch SDPA).
 A peer that cannot run a row is left out of it, with the reason under ``skipped``.
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_projected_attention as projected  # noqa: E402
-from conftest import do_bench_ms  # noqa: E402
+from conftest import do_bench_ms, graph_ms  # noqa: E402
 
 import crosslmm_ops  # noqa: E402
 from crosslmm_ops.ops import projected_attention as pa  # noqa: E402
@@ -178,7 +180,8 @@ def run(selected: set[str]) -> dict:
         pairs = (frames if scope == "frame" else 1) * lq * lk
         flops = 4 * pairs * HEADS * HEAD_DIM * (3.5 if backward else 1.0)
         row = {"case": name, "ms": {}, "tflops": {}, "skipped": {}}
-        for peer, fn in _runners(scope, frames, q, k, v).items():
+        runs = _runners(scope, frames, q, k, v)
+        for peer, fn in runs.items():
             try:
                 ms = _timed(fn, backward, (q, k, v))
             except Exception as exc:  # noqa: BLE001 - a peer that cannot run the row
@@ -193,9 +196,23 @@ def run(selected: set[str]) -> dict:
             row["tflops"][peer] = round(flops / ms / 1e9, 1)
         if FA4_ERROR is not None:
             row["skipped"]["fa4"] = f"not importable: {FA4_ERROR[:160]}"
+        if not backward:
+            # Short calls are bound by the host, which varies from process to process (up to 3x
+            # on the lent H100): our two back ends' GPU time too, each call replayed from a CUDA
+            # graph (the peers' are not captured: FA4 compiles on its first calls).
+            row["ms_gpu"] = {}
+            for peer in [p for p in OURS if p in row["ms"]]:
+                try:
+                    with torch.no_grad():
+                        row["ms_gpu"][peer] = round(graph_ms(runs[peer]), 5)
+                except Exception as exc:  # noqa: BLE001 - recorded, not fatal to the table
+                    row["skipped"][f"{peer} (graph)"] = f"{type(exc).__name__}: {str(exc)[:160]}"
         _summarise(row, set(OURS))
         if "ours" in row["ms"] and "ours_triton" in row["ms"]:
             row["triton_vs_cuda"] = round(row["ms"]["ours"] / row["ms"]["ours_triton"], 3)
+        gpu = row.get("ms_gpu", {})
+        if "ours" in gpu and "ours_triton" in gpu:
+            row["triton_vs_cuda_gpu_time"] = round(gpu["ours"] / gpu["ours_triton"], 3)
         if not row["skipped"]:
             del row["skipped"]
         rows.append(row)
@@ -204,7 +221,8 @@ def run(selected: set[str]) -> dict:
             f"{name:42s} "
             + "  ".join(f"{p} {ms:.4f}" for p, ms in row["ms"].items())
             + f"  | ours vs best peer {ratio:.2f}x"
-            + f", triton {row.get('triton_vs_cuda', math.nan):.0%} of cuda",
+            + f", triton {row.get('triton_vs_cuda', math.nan):.0%} of cuda"
+            + f" ({row.get('triton_vs_cuda_gpu_time', math.nan):.0%} on GPU time)",
             flush=True,
         )
         del q, k, v
