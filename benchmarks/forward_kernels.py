@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from conftest import copy_bandwidth_tbs, do_bench_ms  # noqa: E402
 
 import crosslmm_ops  # noqa: E402
 from crosslmm_ops import environment  # noqa: E402
+from crosslmm_ops.testing import env_value  # noqa: E402
 
 # (case, scope, frames, kv heads, queries per frame or in all)
 CASES = [
@@ -54,16 +54,13 @@ def run_row(name, scope, frames, hk, lq, copy_tbs) -> dict:
     outputs = []
     with torch.no_grad():
         for mode in MODES:
-            os.environ[environment.ATTENTION_SM90_VAR] = mode
-            try:
+            with env_value(environment.ATTENTION_SM90_VAR, mode):
                 outputs.append(runs["ours"]().float())
                 assert crosslmm_ops.last_backend("cross_attention") == "cuda"
                 kernel = crosslmm_ops.last_kernel("cross_attention")
                 row["kernel"][mode] = kernel
                 if kernel not in row["ms"]:  # auto is one of the other two
                     row["ms"][kernel] = round(do_bench_ms(runs["ours"]), 5)
-            finally:
-                os.environ.pop(environment.ATTENTION_SM90_VAR)
         row["max_abs_diff_vs_auto"] = max((o - outputs[0]).abs().max().item() for o in outputs)
         for peer in ("fa4", "sdpa_cudnn", "sdpa_flash"):
             if peer not in runs:

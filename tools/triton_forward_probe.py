@@ -27,6 +27,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import peers  # noqa: E402
+from conftest import graph_ms  # noqa: E402
 
 import crosslmm_ops  # noqa: E402
 from crosslmm_ops.triton import common  # noqa: E402
@@ -83,18 +84,10 @@ def probe_row(name: str, frames: int, hk: int, lq: int, cuda_splits: bool = Fals
         def launch(splits: int) -> None:
             tca.attention_forward(q, k, v, out, lse, cu_q, cu_k, lq, k.shape[0], scale, splits)
 
-        # The default launch replayed from a graph: its GPU time alone.
+        # The default launch, and the same replayed from a graph: its GPU time alone.
         launch(0)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            launch(0)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            launch(0)
         row["ms"]["triton_default_eager"] = round(bench(lambda: launch(0)), 5)
-        row["ms"]["triton_default_graph"] = round(bench(graph.replay), 5)
+        row["ms"]["triton_default_graph"] = round(graph_ms(lambda: launch(0), rep_ms=40), 5)
 
         group = q.shape[1] // hk
         packed_rows = lq * group

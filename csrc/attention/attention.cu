@@ -178,8 +178,6 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
               softmax_scale);
 }
 
-int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // ---------------------------------------------------------------------------------------------
 // The Hopper (sm_90a) forward: when to use it and its launch plan.
 // ---------------------------------------------------------------------------------------------
@@ -217,8 +215,8 @@ int64_t sm90_key_splits(int64_t ctas, int64_t key_tiles, int64_t sms) {
   int64_t best = 1;
   double best_cost = 0.0;
   for (int64_t s = 1; s <= max_splits; ++s) {
-    const double waves = static_cast<double>(ceil_div64(ctas * s, sms));
-    double cost = waves * static_cast<double>(ceil_div64(key_tiles, s) + 1);
+    const double waves = static_cast<double>(ceil_div(ctas * s, sms));
+    double cost = waves * static_cast<double>(ceil_div(key_tiles, s) + 1);
     if (s > 1) cost += 1.5 + 0.0225 * static_cast<double>(ctas * s);
     if (s == 1 || cost < best_cost * 0.98) {  // a new split count must win by 2%
       best = s;
@@ -327,9 +325,9 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
                          scale_log2 > 0.f && std::isfinite(scale_log2) &&
                          device_is_sm90(q.get_device());
   if (choice == KernelChoice::kSm90 && sm90_runs) {
-    const int64_t m_blocks = ceil_div64(max_seqlen_q, attention::kSm90BlockM);
+    const int64_t m_blocks = ceil_div(max_seqlen_q, attention::kSm90BlockM);
     const int64_t ctas = m_blocks * heads_q * batch;
-    const int64_t key_tiles = ceil_div64(max_seqlen_k, attention::kSm90BlockN);
+    const int64_t key_tiles = ceil_div(max_seqlen_k, attention::kSm90BlockN);
     const int64_t splits =
         num_splits == 0
             ? sm90_key_splits(ctas, key_tiles, multiprocessor_count())
@@ -362,14 +360,14 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t head_ctas = heads_q / rows_per_query;
   const int64_t rows = max_seqlen_q * rows_per_query;
   TORCH_CHECK(rows <= kInt32Max, op, ": too many rows per segment (", rows, ")");
-  const int64_t key_tiles = ceil_div64(max_seqlen_k, kBlockN);
+  const int64_t key_tiles = ceil_div(max_seqlen_k, kBlockN);
   const int64_t useful_splits = std::max<int64_t>(1, key_tiles / kMinKeyTilesPerSplit);
   const int sms = multiprocessor_count();
 
   // Tile height: 128 rows (8 warps) halves the K/V traffic per row against 64 rows (4 warps), but
   // gives fewer CTAs; use 64 when the rows fit in one 64-row tile, or when even splitting the keys
   // could not give 128-row tiles one CTA per multiprocessor.
-  auto ctas_for = [&](int64_t block_m) { return ceil_div64(rows, block_m) * head_ctas * batch; };
+  auto ctas_for = [&](int64_t block_m) { return ceil_div(rows, block_m) * head_ctas * batch; };
   int block_m = rows > 64 && !packed_sm90 ? 128 : 64;
   if (block_m == 128 && ctas_for(128) * useful_splits < sms) block_m = 64;
   const int64_t ctas = ctas_for(block_m);
@@ -389,7 +387,7 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
       });
     }
     const int64_t wave = static_cast<int64_t>(sms) * ctas_per_sm;
-    if (ctas < wave) splits = ceil_div64(2 * wave, ctas);
+    if (ctas < wave) splits = ceil_div(2 * wave, ctas);
     splits = std::min({splits, useful_splits, kMaxSplits});
   } else {
     splits = std::min({num_splits, std::max<int64_t>(1, key_tiles), kMaxSplits});
@@ -400,7 +398,7 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
                                             max_seqlen_q, splits, scale_log2, scratch);
   p.rows_per_query = static_cast<int>(rows_per_query);
   p.head_ctas = static_cast<int>(head_ctas);
-  p.num_m_blocks = static_cast<int>(ceil_div64(rows, block_m));
+  p.num_m_blocks = static_cast<int>(ceil_div(rows, block_m));
 
   if (packed_sm90) {
     if (q.scalar_type() == at::kHalf) {
@@ -491,8 +489,8 @@ std::string attention_backward(const at::Tensor& dout, const at::Tensor& q, cons
   p.total_k = static_cast<int>(total_k);
   p.rows_per_query = static_cast<int>(rows_per_query);
   p.head_ctas = static_cast<int>(heads_q / rows_per_query);
-  p.num_m_blocks = static_cast<int>(ceil_div64(rows, attention::kBackwardBlockM));
-  p.num_n_blocks = static_cast<int>(ceil_div64(max_seqlen_k, kBlockN));
+  p.num_m_blocks = static_cast<int>(ceil_div(rows, attention::kBackwardBlockM));
+  p.num_n_blocks = static_cast<int>(ceil_div(max_seqlen_k, kBlockN));
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
 

@@ -58,8 +58,6 @@ constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMinTilesPerSplit = 4;
 constexpr int64_t kSplitOverheadTiles = 3;
 
-int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Calls fn.template operator()<T, kDvMax>() for the dtype and Dv bucket.
 template <typename Fn>
 void dispatch_dtype_dv(at::ScalarType dtype, int dv_max, Fn&& fn) {
@@ -137,8 +135,8 @@ int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t key_tiles, int64
   int64_t best = 1;
   double best_cost = -1.0;
   for (int64_t s = 1; s <= max_splits; ++s) {
-    const double waves = static_cast<double>(ceil_div64(ctas * s, wave));
-    const double cost = waves * static_cast<double>(ceil_div64(key_tiles, s) + kSplitOverheadTiles);
+    const double waves = static_cast<double>(ceil_div(ctas * s, wave));
+    const double cost = waves * static_cast<double>(ceil_div(key_tiles, s) + kSplitOverheadTiles);
     if (best_cost < 0 || cost < best_cost) {
       best = s;
       best_cost = cost;
@@ -208,9 +206,9 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   // Dv bucket and column split: round_up(Dv, 16) columns spread evenly over the 8 warps in whole
   // 16-column k-steps (1152 -> 144 per warp; 200 -> 32 per warp, 7 warps busy).
   const int dv_max = dv <= kDvSmall ? kDvSmall : kDvLarge;
-  const int64_t dv16 = ceil_div64(dv, 16) * 16;
-  const int64_t cols_per_warp = ceil_div64(ceil_div64(dv16, kWarps), 16) * 16;
-  const int64_t active_warps = ceil_div64(dv16, cols_per_warp);
+  const int64_t dv16 = ceil_div(dv, 16) * 16;
+  const int64_t cols_per_warp = ceil_div(ceil_div(dv16, kWarps), 16) * 16;
+  const int64_t active_warps = ceil_div(dv16, cols_per_warp);
 
   // Row tile: one m16 tile when a segment has at most 16 rows (decode: 1 token x 12 heads), else
   // two (32 rows: half the re-reads of each frame's x against 16-row tiles) where the registers
@@ -231,9 +229,9 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
               " bytes of shared memory per block, this GPU allows ", smem_limit,
               " (Dv <= ", kDvSmall, " needs ", ProjectedTile<kDvSmall, 1>::smem_bytes(kMinStages),
               ")");
-  const int64_t num_m_blocks = ceil_div64(rows, 16 * m_tiles);
+  const int64_t num_m_blocks = ceil_div(rows, 16 * m_tiles);
 
-  const int64_t key_tiles = ceil_div64(max_seqlen_k, kBlockN);
+  const int64_t key_tiles = ceil_div(max_seqlen_k, kBlockN);
   int ctas_per_sm = 1;
   if (num_splits == 0) {
     dispatch_dtype_dv(q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
