@@ -37,10 +37,11 @@ from crosslmm_ops import _backend, environment
 BACKENDS = ("cuda", "triton", "torch")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 PATHS = ("auto", "fused", "materialized")
-# The sm90 attention kernels tile 128 (forward) or 64/128 (backward) rows of one query head (no
-# GQA packing): shorter query segments (decode, 9 queries per frame) fill GQA-packed 64-row tiles
-# better, which the forward runs on wgmma (sm90_packed: 3-7% faster than on mma.sync on the H100,
-# docs/performance.md) and the backward on mma.sync.
+# The sm90 attention kernels tile 128 (forward: one query head, or a GQA group packed where that
+# gives fewer tiles) or 64/128 (backward: one query head) rows: shorter query segments (decode, 9
+# queries per frame) fill GQA-packed 64-row tiles better, which the forward runs on wgmma
+# (sm90_packed: 3-7% faster than on mma.sync on the H100, docs/performance.md) and the backward
+# on mma.sync.
 SM90_MIN_SEQLEN_Q = 64
 SM90_HEAD_DIM = 128
 # The extension's kernel argument -> the name it reports for the kernel that ran.

@@ -31,6 +31,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double softmax_scale, int64_t num_splits);
 std::string attention_forward_kernel_name();
+int64_t attention_forward_rows_per_query();
 std::string attention_backward_kernel_name();
 std::string attention_backward_sm90_declined();
 }  // namespace crosslmm
@@ -94,6 +95,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward_kernel_name", &crosslmm::attention_forward_kernel_name,
         "Which forward kernel the last attention_forward call on this thread ran (what it "
         "returned): 'sm90_wgmma', 'mma_sync', or 'none' (nothing to compute).");
+  m.def("attention_forward_rows_per_query", &crosslmm::attention_forward_rows_per_query,
+        "Query heads per tile row of the last attention_forward call on this thread: 1 (a tile "
+        "holds one query head's tokens) or the GQA group size (its heads packed into the rows); "
+        "0 when nothing ran.");
   m.def("attention_backward_kernel_name", &crosslmm::attention_backward_kernel_name,
         "Which backward the last attention_backward call on this thread ran: 'sm90_wgmma' (wgmma "
         "dK/dV and dQ kernels), 'sm90_dkdv' (wgmma dK/dV, mma.sync dQ), 'mma_sync', or 'none' "

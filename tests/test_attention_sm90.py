@@ -183,6 +183,37 @@ def test_agrees_with_mma_sync(shape):
     assert e90 <= 2 * e80 + 1e-3
 
 
+@pytest.mark.parametrize(
+    "lens_q,hq,hk,packed",
+    [
+        ([288], 12, 2, 6),  # V2V at T=32: 14 tiles of 21 tokens x 6 heads per group, not 36
+        ([300, 17], 12, 2, 6),  # a partial last tile; a second, short segment
+        ([129], 4, 2, 2),  # 64 tokens x 2 heads fill 128 rows exactly
+        ([128], 12, 2, 1),  # one full tile per head already: not packed
+        ([1152], 12, 2, 1),  # 9 full tiles per head: packing (55 per group) would not help
+    ],
+    ids=lambda x: str(x),
+)
+def test_gqa_packing_where_it_gives_fewer_tiles(lens_q, hq, hk, packed):
+    """The sm90 forward packs a GQA group's heads into a tile's rows (whole tokens per tile)
+    exactly where that gives fewer tiles than one head per tile, and is right either way."""
+    lens_k = [2000] * len(lens_q)
+    q, k, v, cu_q, cu_k = make_inputs(lens_q, lens_k, hq, hk, 128, torch.bfloat16)
+    for splits in (1, 0):
+        out, lse, kernel = run_forward(q, k, v, cu_q, cu_k, 128**-0.5, splits, kernel=SM90)
+        assert kernel == SM90
+        assert extension().attention_forward_rows_per_query() == packed
+        out_ref, lse_ref = oracle.attention(q, k, v, cu_q, cu_k, softmax_scale=128**-0.5)
+        out_pt, lse_pt = oracle.attention(
+            q, k, v, cu_q, cu_k, softmax_scale=128**-0.5, dtype=q.dtype
+        )
+        print(
+            f"\n[sm90 packing {lens_q} {hq}/{hk} splits={splits}]",
+            check_close("out", out, out_pt, out_ref, factor=2),
+            check_lse(lse, lse_pt, lse_ref),
+        )
+
+
 @pytest.mark.parametrize("where", ["k", "v"])
 def test_other_segments_values_do_not_leak(where):
     """The last key tile of segment 0 also covers the first keys of segment 1 (TMA boxes are not

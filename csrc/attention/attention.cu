@@ -271,6 +271,9 @@ AttentionForwardParams forward_params(const at::Tensor& q, const at::Tensor& k, 
 }
 
 thread_local const char* last_forward_kernel = "none";
+// Query heads per tile row of the last forward on this thread: 1 (one head per tile) or the GQA
+// group (its heads packed); 0 when nothing ran.
+thread_local int last_forward_rows_per_query = 0;
 
 // Process-wide, not per thread like the forward's: autograd runs a CUDA backward on its own device
 // thread, so the caller could never read a thread-local value.
@@ -281,6 +284,8 @@ std::atomic<int> last_backward_sm90_declined{-1};
 }  // namespace
 
 std::string attention_forward_kernel_name() { return last_forward_kernel; }
+
+int64_t attention_forward_rows_per_query() { return last_forward_rows_per_query; }
 
 std::string attention_backward_kernel_name() { return last_backward_kernel.load(); }
 
@@ -311,13 +316,15 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
   max_seqlen_q = std::min(max_seqlen_q, total_q);
   max_seqlen_k = std::min(max_seqlen_k, total_k);
   last_forward_kernel = "none";
+  last_forward_rows_per_query = 0;
   if (batch == 0 || total_q == 0 || max_seqlen_q == 0) return "none";  // no query rows to write
 
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  // Hopper: wgmma + TMA kernel, one query head per 128-row CTA. It returns false (launching
-  // nothing) when TMA cannot describe the tensors; the mma.sync kernel below then runs.
+  // Hopper: wgmma + TMA kernel, 128-row CTAs of one query head or of a GQA group. It returns
+  // false (launching nothing) when TMA cannot describe the tensors; the mma.sync kernel below
+  // then runs.
   // (Its softmax takes the row max of the unscaled scores, which needs a positive scale.)
   const float scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   // Where the Hopper kernels can run (check_qkv already allows fp16/bf16 only).
@@ -325,8 +332,18 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
                          scale_log2 > 0.f && std::isfinite(scale_log2) &&
                          device_is_sm90(q.get_device());
   if (choice == KernelChoice::kSm90 && sm90_runs) {
-    const int64_t m_blocks = ceil_div(max_seqlen_q, attention::kSm90BlockM);
-    const int64_t ctas = m_blocks * heads_q * batch;
+    // Tiles of one query head's 128 tokens, or the GQA group's heads packed (whole tokens per
+    // tile) where that gives fewer tiles: V2V at T = 32 (288 queries, groups of 6) is 3 tiles per
+    // head at 75%, 36 in all, against 14 of 126 rows per group, 28 in all.
+    const int64_t group = heads_q / heads_k;
+    const int64_t packed_tokens = attention::kSm90BlockM / group;  // 0 for a group over 128
+    const int64_t head_tiles = ceil_div(max_seqlen_q, attention::kSm90BlockM) * heads_q;
+    const bool pack = group > 1 && packed_tokens > 0 &&
+                      ceil_div(max_seqlen_q, packed_tokens) * heads_k < head_tiles;
+    const int64_t rows_per_query = pack ? group : 1;
+    const int64_t m_blocks = ceil_div(max_seqlen_q, attention::kSm90BlockM / rows_per_query);
+    const int64_t head_ctas = heads_q / rows_per_query;
+    const int64_t ctas = m_blocks * head_ctas * batch;
     const int64_t key_tiles = ceil_div(max_seqlen_k, attention::kSm90BlockN);
     const int64_t splits =
         num_splits == 0
@@ -335,8 +352,8 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
     at::Tensor scratch[2];
     AttentionForwardParams p = forward_params(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                               batch, max_seqlen_q, splits, scale_log2, scratch);
-    p.rows_per_query = 1;
-    p.head_ctas = static_cast<int>(heads_q);
+    p.rows_per_query = static_cast<int>(rows_per_query);
+    p.head_ctas = static_cast<int>(head_ctas);
     p.num_m_blocks = static_cast<int>(m_blocks);
     bool launched = false;
     if (q.scalar_type() == at::kHalf) {
@@ -346,6 +363,7 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
     }
     if (launched) {
       last_forward_kernel = "sm90_wgmma";
+      last_forward_rows_per_query = static_cast<int>(rows_per_query);
       return last_forward_kernel;
     }
   }
@@ -399,6 +417,7 @@ std::string attention_forward(const at::Tensor& q, const at::Tensor& k, const at
   p.rows_per_query = static_cast<int>(rows_per_query);
   p.head_ctas = static_cast<int>(head_ctas);
   p.num_m_blocks = static_cast<int>(ceil_div(rows, block_m));
+  last_forward_rows_per_query = static_cast<int>(rows_per_query);
 
   if (packed_sm90) {
     if (q.scalar_type() == at::kHalf) {

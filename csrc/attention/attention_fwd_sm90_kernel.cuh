@@ -3,7 +3,11 @@
 // GQA by head mapping, out + lse (natural log), or fp32 partial results + partial lse per key split
 // for the combine kernel. Head dim 128, fp16/bf16, non-causal.
 //
-// CTA = (128-row query tile of one query head, head, key split, segment), 3 warpgroups:
+// CTA = (128-row query tile, query head or GQA group, key split, segment), 3 warpgroups. The rows
+// are one query head's 128 tokens, or, where that gives fewer tiles (V2V at T = 32: 288 queries
+// fill three 128-row tiles of each head to 75%), a GQA group's heads packed: (token, head) pairs,
+// token-major, whole tokens per tile (21 tokens x 6 heads = 126 rows), so K/V are read once per
+// group. Q comes in one TMA box of 64 channels x heads x tokens either way.
 //
 //   warpgroup 0, producer: one thread issues TMA loads. Q (128 rows x 128 channels) once; then the
 //       split's K and V tiles (128 keys x 128 channels each) into a kStages-deep ring. Each stage
@@ -110,16 +114,23 @@ __global__ void __launch_bounds__(384, 1)
   int64_t cta = blockIdx.x;
   const int m_block = static_cast<int>(cta % p.num_m_blocks);
   cta /= p.num_m_blocks;
-  const int head = static_cast<int>(cta % p.num_heads_q);
-  cta /= p.num_heads_q;
+  const int head_cta = static_cast<int>(cta % p.head_ctas);
+  cta /= p.head_ctas;
   const int split = static_cast<int>(cta % p.num_splits);
   const int b = static_cast<int>(cta / p.num_splits);
 
+  // Tile rows are (query token, head) pairs, token-major, rows_per_query heads per token: 1 (one
+  // query head per CTA), or the GQA group packed (whole tokens per tile: 21 tokens x 6 heads = 126
+  // of the 128 rows). The Q box fills box_rows rows.
+  const int rows_per_query = p.rows_per_query;
+  const int tokens_per_tile = kBlockM / rows_per_query;
+  const int box_rows = tokens_per_tile * rows_per_query;
   const Segment qs = segment_bounds(p.cu_seqlens_q, b, p.total_q);
-  const int m0 = m_block * kBlockM;
-  if (m0 >= qs.length) return;  // uniform over the CTA, before any barrier exists
+  const int token0 = m_block * tokens_per_tile;  // the tile's first token in the segment
+  if (token0 >= qs.length) return;  // uniform over the CTA, before any barrier exists
   const Segment ks = segment_bounds(p.cu_seqlens_k, b, p.total_k);
-  const int kv_head = head / (p.num_heads_q / p.num_heads_k);
+  const int first_head = head_cta * rows_per_query;
+  const int kv_head = first_head / (p.num_heads_q / p.num_heads_k);
 
   // This split's key tiles (see the mma.sync kernel): some splits of a short segment are empty.
   const int n_blocks_segment = ceil_div_int(ks.length, kBlockN);
@@ -167,10 +178,12 @@ __global__ void __launch_bounds__(384, 1)
       tma_prefetch_descriptor(&tmap_k);
       tma_prefetch_descriptor(&tmap_v);
 
-      const int q_row = qs.begin + m0;
-      mbarrier_arrive_expect_tx(q_full, kTileBytes);
-      tma_load_3d(sQ, &tmap_q, q_full, 0, head, q_row);
-      tma_load_3d(sQ + kHalf, &tmap_q, q_full, 64, head, q_row);
+      // Q: boxes of 64 channels x rows_per_query heads x tokens_per_tile tokens (the host encodes
+      // the map so), rows landing token-major as the tile's rows.
+      const int q_token = qs.begin + token0;
+      mbarrier_arrive_expect_tx(q_full, static_cast<uint32_t>(box_rows) * 2u * 128u);
+      tma_load_3d(sQ, &tmap_q, q_full, 0, first_head, q_token);
+      tma_load_3d(sQ + kHalf, &tmap_q, q_full, 64, first_head, q_token);
 
       // Tile i of the split goes to stage i % kStages; its use u = i / kStages of that stage
       // waits until the consumers released use u - 1 (parity (u & 1) ^ 1: passes at once for
@@ -311,6 +324,20 @@ __global__ void __launch_bounds__(384, 1)
       }
     };
 
+    if (count > 0 && box_rows < kBlockM) {
+      // Rows the Q box does not fill: zero them, so that they compute finite scores (never
+      // stored). Generic-proxy stores, ordered before the consumers' first wgmma.
+      const int chunks = (kBlockM - box_rows) * 16;  // 16-byte chunks: 8 per row per half
+      for (int idx = consumer_tid; idx < chunks; idx += Cfg::kConsumerThreads) {
+        const int row = box_rows + idx / 16;
+        const int chunk = idx % 16;
+        const uint32_t addr = sQ + (chunk / 8) * kHalf + row * 128 + (chunk % 8) * 16;
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u)
+                     : "memory");
+      }
+      fence_proxy_async_shared();
+      named_barrier_sync(Cfg::kConsumersBarrier, Cfg::kConsumerThreads);
+    }
     if (count > 0) {
       if (consumer == 1) pass_turn();  // consumer 0 issues first
       mbarrier_wait(q_full, 0);
@@ -426,15 +453,24 @@ __global__ void __launch_bounds__(384, 1)
       inv_sum[r] = sum != 0.f ? 1.f / sum : 0.f;
       lse[r] = sum != 0.f ? (row_max[r] * scale_log2 + log2f(sum)) * kLn2 : -INFINITY;
     }
-    const int wg_row0 = m0 + consumer * Cfg::kRowsPerWarpgroup;  // segment row of the slab's row 0
+    // Tile row -> its token in the segment, or -1 for a row not to be written (past the
+    // segment's end, or past the rows the Q box fills); and its query head.
+    auto row_token = [&](int tile_row) {
+      const int token = token0 + tile_row / rows_per_query;
+      return tile_row < box_rows && token < qs.length ? token : -1;
+    };
+    auto row_head = [&](int tile_row) { return first_head + tile_row % rows_per_query; };
+    const int wg_row0 = consumer * Cfg::kRowsPerWarpgroup;  // tile row of the slab's row 0
 
     // The lse, from one thread per quad.
     if (quad_col == 0) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int row = wg_row0 + warp * 16 + quad_row + 8 * r;
-        if (row < qs.length) {
-          const int64_t at = static_cast<int64_t>(head) * p.total_q + qs.begin + row;
+        const int tile_row = wg_row0 + warp * 16 + quad_row + 8 * r;
+        const int token = row_token(tile_row);
+        if (token >= 0) {
+          const int64_t at =
+              static_cast<int64_t>(row_head(tile_row)) * p.total_q + qs.begin + token;
           if (p.num_splits == 1) {
             p.lse[at] = lse[r];
           } else {
@@ -445,20 +481,30 @@ __global__ void __launch_bounds__(384, 1)
     }
 
     const AccumulatorLane acc_lane{wg_tid, warp, quad_row, quad_col};
-    const int valid_rows = qs.length - wg_row0;
-    if (p.num_splits > 1) {  // fp32 partial O / l
-      const int64_t partial_row0 =
-          (static_cast<int64_t>(split) * p.num_heads_q + head) * p.total_q + qs.begin + wg_row0;
-      store_accumulator_fp32(p.out_partial + partial_row0 * kHeadDim, o, inv_sum, acc_lane,
-                             valid_rows);
+    if (p.num_splits > 1) {  // fp32 partial O / l, [split][head][token] rows
+      store_accumulator_fp32_rows(
+          [&](int row) -> float* {
+            const int token = row_token(wg_row0 + row);
+            if (token < 0) return nullptr;
+            const int64_t at =
+                (static_cast<int64_t>(split) * p.num_heads_q + row_head(wg_row0 + row)) *
+                    p.total_q +
+                qs.begin + token;
+            return p.out_partial + at * kHeadDim;
+          },
+          o, inv_sum, acc_lane);
     } else {
       // O / l as T through this warpgroup's 64 rows of the Q buffer (its own S GEMMs are all
       // done, and the other warpgroup never reads these rows), swizzled as Q.
-      T* const out = static_cast<T*>(p.out) +
-                     static_cast<int64_t>(qs.begin + wg_row0) * p.out_token_stride +
-                     static_cast<int64_t>(head) * p.out_head_stride;
-      store_accumulator_staged<T>(out, p.out_token_stride, q_rows, kHalf, o, inv_sum, acc_lane,
-                                  valid_rows, Cfg::kWarpgroupBarrier + consumer);
+      T* const out = static_cast<T*>(p.out);
+      store_accumulator_staged_rows<T>(
+          [&](int row) -> T* {
+            const int token = row_token(wg_row0 + row);
+            if (token < 0) return nullptr;
+            return out + static_cast<int64_t>(qs.begin + token) * p.out_token_stride +
+                   static_cast<int64_t>(row_head(wg_row0 + row)) * p.out_head_stride;
+          },
+          q_rows, kHalf, o, inv_sum, acc_lane, Cfg::kWarpgroupBarrier + consumer);
     }
   }
 #elif defined(__CUDA_ARCH__)

@@ -5,7 +5,8 @@
 // (cudaGetDriverEntryPoint*), so the extension does not link libcuda. Each map is 3-D over a
 // [tokens, heads, head_dim] tensor with its own strides (innermost first: channel, head, token), so
 // the head is a coordinate and strided views (slices of a fused qkv tensor) are read in place; the
-// box is 64 channels x 1 head x 128 tokens in the 128-byte swizzle.
+// box is 64 channels x 1 head x 128 tokens in the 128-byte swizzle (K, V, and Q of one head), or
+// 64 channels x the GQA group's heads x 128 / group tokens (Q with the group's heads packed).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -65,11 +66,13 @@ inline void make_context_current() {
 }
 
 // A [tokens, heads, kHeadDim] tensor of T (channel stride 1, other strides in elements) as a TMA
-// map with boxes of 64 channels x 1 head x box_rows tokens. False when TMA cannot describe it
-// (strides not multiples of 16 bytes or too large, base not 16-byte aligned, no tokens).
+// map with boxes of 64 channels x box_heads heads x box_rows tokens. False when TMA cannot
+// describe it (strides not multiples of 16 bytes or too large, base not 16-byte aligned, no
+// tokens).
 template <typename T, int kHeadDim>
 bool encode_token_map(CUtensorMap* map, const void* ptr, int64_t tokens, int64_t heads,
-                      int64_t token_stride, int64_t head_stride, int box_rows) {
+                      int64_t token_stride, int64_t head_stride, int box_rows,
+                      int box_heads = 1) {
   const EncodeTiledFn encode = encode_tiled();
   auto fail = [](int why) {
     sm90_last_encode_failure = why;
@@ -89,7 +92,8 @@ bool encode_token_map(CUtensorMap* map, const void* ptr, int64_t tokens, int64_t
                               static_cast<cuuint64_t>(tokens)};
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_bytes),
                                  static_cast<cuuint64_t>(token_bytes)};
-  const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_heads),
+                             static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t element_strides[3] = {1, 1, 1};
   const CUtensorMapDataType dtype = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                               : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
@@ -110,15 +114,18 @@ bool run_attention_forward_sm90(const AttentionForwardParams& p, cudaStream_t st
   static_assert(kHeadDim == 128, "the sm90 forward is instantiated for head dim 128 only");
   using Cfg = Sm90ForwardConfig<kHeadDim, kSm90Stages>;
   if (p.num_m_blocks == 0 || p.batch == 0) return true;  // nothing to write
-  TORCH_CHECK(p.rows_per_query == 1 && p.head_ctas == p.num_heads_q,
-              "attention_forward (sm90): one query head per CTA expected");
+  // One query head per CTA, or a GQA group's heads packed with whole tokens per tile.
+  TORCH_CHECK(p.rows_per_query >= 1 && p.rows_per_query <= Cfg::kBlockM &&
+                  p.head_ctas * p.rows_per_query == p.num_heads_q,
+              "attention_forward (sm90): a tile's rows must be one head's or one group's");
+  const int tokens_per_tile = Cfg::kBlockM / p.rows_per_query;
   TORCH_CHECK(p.scale_log2 > 0.f, "attention_forward (sm90): softmax_scale must be > 0");
 
   sm90_host::make_context_current();
   CUtensorMap map_q, map_k, map_v;
   if (!sm90_host::encode_token_map<T, kHeadDim>(&map_q, p.q, p.total_q, p.num_heads_q,
                                                 p.q_token_stride, p.q_head_stride,
-                                                Cfg::kBlockM) ||
+                                                tokens_per_tile, p.rows_per_query) ||
       !sm90_host::encode_token_map<T, kHeadDim>(&map_k, p.k, p.total_k, p.num_heads_k,
                                                 p.k_token_stride, p.k_head_stride,
                                                 Cfg::kBlockN) ||
@@ -132,7 +139,7 @@ bool run_attention_forward_sm90(const AttentionForwardParams& p, cudaStream_t st
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const int64_t ctas =
-      static_cast<int64_t>(p.num_m_blocks) * p.num_heads_q * p.batch * p.num_splits;
+      static_cast<int64_t>(p.num_m_blocks) * p.head_ctas * p.batch * p.num_splits;
   TORCH_CHECK(ctas <= 0x7fffffff, "attention_forward: grid too large (", ctas, " CTAs)");
   kernel<<<static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, map_q, map_k,
                                                                                    map_v);

@@ -106,9 +106,11 @@ constexpr int kBackwardBlockM = 64;
 
 // Hopper (sm_90a) forward, wgmma + TMA (attention_fwd_sm90_kernel.cuh), implemented once per T in
 // attention_fwd_sm90_<dtype>_hd128.cu for head dim 128. Takes the same parameters as
-// run_attention_forward with one query head per CTA (rows_per_query = 1, head_ctas = num_heads_q),
-// kSm90BlockM rows per CTA (num_m_blocks counted with it) and key splits over kSm90BlockN-key tiles
-// (out_partial / lse_partial when num_splits > 1; the mma.sync combine kernel merges them).
+// run_attention_forward, with kSm90BlockM rows per CTA: one query head per CTA (rows_per_query =
+// 1, head_ctas = num_heads_q, num_m_blocks counted in kSm90BlockM tokens) or a GQA group per CTA
+// (rows_per_query = group, head_ctas = num_heads_k, num_m_blocks counted in kSm90BlockM / group
+// whole tokens), and key splits over kSm90BlockN-key tiles (out_partial / lse_partial when
+// num_splits > 1; the mma.sync combine kernel merges them).
 // Returns false, having launched nothing, when the tensors cannot be described by TMA tensor maps
 // (the caller then runs the mma.sync kernel); throws (c10::Error) when a launch fails. The caller
 // must have checked that the device is sm_90 and the build has sm_90a code
