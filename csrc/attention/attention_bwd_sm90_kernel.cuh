@@ -593,15 +593,8 @@ __global__ void __launch_bounds__(384, 1)
         const int keys_valid = ks.length - (n_begin + i) * kBlockN;  // >= 1
         if (keys_valid < kBlockN) {
           // Zero K rows past the segment end (both halves), split over both consumer warpgroups.
-          const int chunks = (kBlockN - keys_valid) * 16;
-          for (int idx = consumer_tid; idx < chunks; idx += Cfg::kConsumerThreads) {
-            const int row = keys_valid + idx / 16;
-            const int chunk = idx % 16;
-            const uint32_t addr = k_tile + (chunk / 8) * kKVHalf + row * 128 + (chunk % 8) * 16;
-            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u)
-                         : "memory");
-          }
-          fence_proxy_async_shared();
+          zero_tile_rows(k_tile, kKVHalf, keys_valid, kBlockN, consumer_tid,
+                         Cfg::kConsumerThreads);
           named_barrier_sync(Cfg::kConsumersBarrier, Cfg::kConsumerThreads);
         }
 

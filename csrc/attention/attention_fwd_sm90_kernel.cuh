@@ -326,16 +326,8 @@ __global__ void __launch_bounds__(384, 1)
 
     if (count > 0 && box_rows < kBlockM) {
       // Rows the Q box does not fill: zero them, so that they compute finite scores (never
-      // stored). Generic-proxy stores, ordered before the consumers' first wgmma.
-      const int chunks = (kBlockM - box_rows) * 16;  // 16-byte chunks: 8 per row per half
-      for (int idx = consumer_tid; idx < chunks; idx += Cfg::kConsumerThreads) {
-        const int row = box_rows + idx / 16;
-        const int chunk = idx % 16;
-        const uint32_t addr = sQ + (chunk / 8) * kHalf + row * 128 + (chunk % 8) * 16;
-        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u)
-                     : "memory");
-      }
-      fence_proxy_async_shared();
+      // stored), before the consumers' first wgmma.
+      zero_tile_rows(sQ, kHalf, box_rows, kBlockM, consumer_tid, Cfg::kConsumerThreads);
       named_barrier_sync(Cfg::kConsumersBarrier, Cfg::kConsumerThreads);
     }
     if (count > 0) {
@@ -407,16 +399,7 @@ __global__ void __launch_bounds__(384, 1)
       const int last_valid = ks.length - (n_end - 1) * kBlockN;
       if (last_valid < kBlockN) {
         // Zero V rows past the segment end (both halves), split over the 256 consumer threads.
-        const int chunks = (kBlockN - last_valid) * 16;  // 16-byte chunks: 8 per row per half
-        const uint32_t v_tile = sV(last);
-        for (int idx = consumer_tid; idx < chunks; idx += Cfg::kConsumerThreads) {
-          const int row = last_valid + idx / 16;
-          const int chunk = idx % 16;
-          const uint32_t addr = v_tile + (chunk / 8) * kHalf + row * 128 + (chunk % 8) * 16;
-          asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u)
-                       : "memory");
-        }
-        fence_proxy_async_shared();
+        zero_tile_rows(sV(last), kHalf, last_valid, kBlockN, consumer_tid, Cfg::kConsumerThreads);
         named_barrier_sync(Cfg::kConsumersBarrier, Cfg::kConsumerThreads);
       }
       auto last_pv = [&](uint32_t (&pa)[32]) {

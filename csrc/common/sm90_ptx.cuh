@@ -125,6 +125,22 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// Zeroes rows [first_row, end_row) of a shared-memory tile of 128 channels kept as two 64-channel
+// halves `half_bytes` apart, 128-byte rows (any 128-byte swizzle: a row's chunks stay in the row),
+// with 16-byte stores spread over `threads` threads, this one `tid`; then fences them for the async
+// proxy (wgmma, TMA). The caller's barrier over those threads must follow.
+__device__ __forceinline__ void zero_tile_rows(uint32_t tile, uint32_t half_bytes, int first_row,
+                                               int end_row, int tid, int threads) {
+  const int chunks = (end_row - first_row) * 16;  // 16-byte chunks: 8 per row per half
+  for (int idx = tid; idx < chunks; idx += threads) {
+    const int row = first_row + idx / 16;
+    const int chunk = idx % 16;
+    const uint32_t addr = tile + (chunk / 8) * half_bytes + row * 128 + (chunk % 8) * 16;
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u) : "memory");
+  }
+  fence_proxy_async_shared();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Named barriers (ids 1..15; 0 is __syncthreads). `threads` counts every thread that takes part,
 // syncing or arriving; a multiple of 32, whole warps only.
