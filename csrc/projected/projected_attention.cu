@@ -233,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     }
   }
   // One m16 tile (decode: 1 token x 12 heads against all of x): 32-key x tiles where two stages of
-  // them fit (the H100's 227 KB: 207 KB; an A100's 163 KB does not), half the per-tile barriers
+  // them fit (208 KB of the H100's 227; an A100's 163 KB does not hold them), half the per-tile barriers
   // and cross-warp score sums of 16-key tiles for the same bytes in flight.
   if (m_tiles == 1 && dv_max == kDvSmall) {
     const int stages_wide = stages_that_fit(dv_max, 1, kBlockNWide, smem_limit);
