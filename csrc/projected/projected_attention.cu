@@ -232,9 +232,9 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
       stages = stages2;
     }
   }
-  // One m16 tile (decode: 1 token x 12 heads against all of x): 32-key x tiles where two stages of
-  // them fit (208 KB of the H100's 227; an A100's 163 KB does not hold them), half the per-tile barriers
-  // and cross-warp score sums of 16-key tiles for the same bytes in flight.
+  // One m16 tile (decode: 1 token x 12 heads against all of x): 32-key x tiles where two stages
+  // of them fit (208 KB of the H100's 227; not an A100's 163), half the per-tile barriers and
+  // cross-warp score sums of 16-key tiles.
   if (m_tiles == 1 && dv_max == kDvSmall) {
     const int stages_wide = stages_that_fit(dv_max, 1, kBlockNWide, smem_limit);
     if (stages_wide > 0) {
