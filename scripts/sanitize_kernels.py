@@ -131,6 +131,17 @@ if ext is not None and hasattr(ext, "projected_attention_core_forward"):
             for splits in (1, 3, 0):
                 ext.projected_attention_core_forward(qq, x, cu_q, cu_k, 3, 100, 0.1, splits)
                 runs += 2 if splits == 3 else 1  # 3 splits: forward + combine
+    # One query per segment (12 rows, one m16 tile: the decode launch, 32-key x tiles where two
+    # stages fit), key tails that are not multiples of 32, with and without splits.
+    lens_k = [37, 100, 0, 45]
+    cu_q = torch.arange(0, 5, dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 37, 137, 137, 182], dtype=torch.int32, device="cuda")
+    for dtype, dv in ((torch.bfloat16, 1152), (torch.float16, 200)):
+        x = torch.randn(sum(lens_k), dv, device="cuda", dtype=dtype)
+        q = torch.randn(4, 12, dv, device="cuda", dtype=dtype)
+        for splits in (1, 3, 0):
+            ext.projected_attention_core_forward(q, x, cu_q, cu_k, 1, 100, 0.1, splits)
+            runs += 2 if splits == 3 else 1
     torch.cuda.synchronize()
 print("sanitize_kernels: section projected (public)", flush=True)
 if os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):

@@ -42,6 +42,7 @@ namespace crosslmm {
 namespace {
 
 using projected::kBlockN;
+using projected::kBlockNWide;
 using projected::kDvLarge;
 using projected::kDvSmall;
 using projected::kMaxSplits;
@@ -71,25 +72,31 @@ void dispatch_dtype_dv(at::ScalarType dtype, int dv_max, Fn&& fn) {
   TORCH_CHECK(false, kOp, ": unsupported dtype ", dtype, " / Dv bucket ", dv_max);
 }
 
-int fixed_smem_bytes(int dv_max, int m_tiles) {
+// Shared memory of the kernel instantiations (keys: kBlockN, or kBlockNWide for Dv bucket
+// kDvSmall with one m16 tile, the only wide instantiation).
+int fixed_smem_bytes(int dv_max, int m_tiles, int keys) {
   if (dv_max == kDvSmall) {
-    return m_tiles == 2 ? ProjectedTile<kDvSmall, 2>::kFixedBytes
-                        : ProjectedTile<kDvSmall, 1>::kFixedBytes;
+    if (m_tiles == 2) return ProjectedTile<kDvSmall, 2>::kFixedBytes;
+    return keys == kBlockNWide ? ProjectedTile<kDvSmall, 1, kBlockNWide>::kFixedBytes
+                               : ProjectedTile<kDvSmall, 1>::kFixedBytes;
   }
   return ProjectedTile<kDvLarge, 1>::kFixedBytes;
 }
 
-int stage_smem_bytes(int dv_max) {
-  return dv_max == kDvSmall ? ProjectedTile<kDvSmall, 1>::kStageBytes
-                            : ProjectedTile<kDvLarge, 1>::kStageBytes;
+int stage_smem_bytes(int dv_max, int keys) {
+  if (dv_max == kDvSmall) {
+    return keys == kBlockNWide ? ProjectedTile<kDvSmall, 1, kBlockNWide>::kStageBytes
+                               : ProjectedTile<kDvSmall, 1>::kStageBytes;
+  }
+  return ProjectedTile<kDvLarge, 1>::kStageBytes;
 }
 
 // x tiles that fit in the shared memory a CTA may use, at most kMaxStages (0 when fewer than
 // kMinStages fit).
-int stages_that_fit(int dv_max, int m_tiles, int smem_limit) {
+int stages_that_fit(int dv_max, int m_tiles, int keys, int smem_limit) {
   const int stages =
-      std::min<int>(kMaxStages, (smem_limit - fixed_smem_bytes(dv_max, m_tiles)) /
-                                    stage_smem_bytes(dv_max));
+      std::min<int>(kMaxStages, (smem_limit - fixed_smem_bytes(dv_max, m_tiles, keys)) /
+                                    stage_smem_bytes(dv_max, keys));
   return stages >= kMinStages ? stages : 0;
 }
 
@@ -216,12 +223,23 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   const int smem_limit = max_smem_per_block();
   const int64_t rows = max_seqlen_q * heads;
   int m_tiles = 1;
-  int stages = stages_that_fit(dv_max, 1, smem_limit);
+  int keys = kBlockN;
+  int stages = stages_that_fit(dv_max, 1, kBlockN, smem_limit);
   if (rows > 16 && dv_max == kDvSmall) {
-    const int stages2 = stages_that_fit(dv_max, 2, smem_limit);
+    const int stages2 = stages_that_fit(dv_max, 2, kBlockN, smem_limit);
     if (stages2 > 0) {
       m_tiles = 2;
       stages = stages2;
+    }
+  }
+  // One m16 tile (decode: 1 token x 12 heads against all of x): 32-key x tiles where two stages
+  // of them fit (208 KB of the H100's 227; not an A100's 163), half the per-tile barriers and
+  // cross-warp score sums of 16-key tiles.
+  if (m_tiles == 1 && dv_max == kDvSmall) {
+    const int stages_wide = stages_that_fit(dv_max, 1, kBlockNWide, smem_limit);
+    if (stages_wide > 0) {
+      keys = kBlockNWide;
+      stages = stages_wide;
     }
   }
   TORCH_CHECK(stages > 0, kOp, ": Dv = ", dv, " needs ",
@@ -231,11 +249,11 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
               ")");
   const int64_t num_m_blocks = ceil_div(rows, 16 * m_tiles);
 
-  const int64_t key_tiles = ceil_div(max_seqlen_k, kBlockN);
+  const int64_t key_tiles = ceil_div(max_seqlen_k, keys);
   int ctas_per_sm = 1;
   if (num_splits == 0) {
     dispatch_dtype_dv(q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
-      ctas_per_sm = projected::projected_forward_ctas_per_sm<T, kDvMax>(m_tiles, stages);
+      ctas_per_sm = projected::projected_forward_ctas_per_sm<T, kDvMax>(m_tiles, keys, stages);
     });
   }
   const int64_t wave = static_cast<int64_t>(multiprocessor_count()) * ctas_per_sm;
@@ -273,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   p.max_seqlen_q = static_cast<int>(max_seqlen_q);
   p.num_m_blocks = static_cast<int>(num_m_blocks);
   p.num_splits = static_cast<int>(splits);
+  p.keys_per_tile = keys;
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

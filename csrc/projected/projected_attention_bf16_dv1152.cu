@@ -6,6 +6,6 @@ namespace crosslmm {
 namespace projected {
 template void run_projected_forward<__nv_bfloat16, 1152>(const ProjectedForwardParams&, int,
                                                        cudaStream_t);
-template int projected_forward_ctas_per_sm<__nv_bfloat16, 1152>(int, int);
+template int projected_forward_ctas_per_sm<__nv_bfloat16, 1152>(int, int, int);
 }  // namespace projected
 }  // namespace crosslmm

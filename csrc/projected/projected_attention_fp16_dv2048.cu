@@ -6,6 +6,6 @@ namespace crosslmm {
 namespace projected {
 template void run_projected_forward<__half, 2048>(const ProjectedForwardParams&, int,
                                                        cudaStream_t);
-template int projected_forward_ctas_per_sm<__half, 2048>(int, int);
+template int projected_forward_ctas_per_sm<__half, 2048>(int, int, int);
 }  // namespace projected
 }  // namespace crosslmm

@@ -8,9 +8,10 @@
 // split the Dv columns instead, so each warp keeps O[rows, its Dv/8 columns] (16 x 144 fp32 = 72
 // registers per thread per m16 tile) and every warp reads only its own columns of each x tile:
 //
-//   per x tile of kBlockN = 16 keys (streamed global -> shared by cp.async, `stages` deep):
+//   per x tile of kKeys = 16 keys, or 32 for decode's one-m16-tile CTAs (streamed global -> shared
+//   by cp.async, `stages` deep):
 //   1. partial scores   S_w = Q[:, cols_w] X[:, cols_w]^T   (each warp, tensor cores, fp32)
-//      -> shared memory, one [rows, 16] block per warp;
+//      -> shared memory, one [rows, kKeys] block per warp;
 //   2. softmax          S = scale * sum_w S_w, masked past the segment's end; online softmax in
 //      log2 units (running max m and sum l per row) by all 256 threads, 8 or 16 per row;
 //      P (rounded to T) and each row's rescale factor exp2(m_old - m_new) -> shared memory;
@@ -89,23 +90,24 @@ __device__ __forceinline__ float group_sum(float v) {
   return v;
 }
 
-template <typename T, int kDvMax, int kMTiles>
+template <typename T, int kDvMax, int kMTiles, int kKeys>
 __global__ void __launch_bounds__(kThreads, 1)
     projected_attention_core_forward_kernel(const ProjectedForwardParams p) {
-  using Tile = ProjectedTile<kDvMax, kMTiles>;
+  using Tile = ProjectedTile<kDvMax, kMTiles, kKeys>;
   constexpr int kBlockM = Tile::kBlockM;
   constexpr int kColsMax = Tile::kColsMax;
   constexpr int kKSteps = kColsMax / 16;    // 16-column steps a warp can own
   constexpr int kOutBlocks = kColsMax / 8;  // 8-column accumulator blocks a warp can own
   constexpr int kChunksPerRow = kDvMax / 8;  // 16-byte chunks of a full-width tile row
+  constexpr int kKeySteps = kKeys / 16;       // 16-key halves of an x tile (k-steps of P X)
   // Softmax phase: kThreadsPerRow threads per row, kKeysPerThread keys each.
   constexpr int kThreadsPerRow = kThreads / kBlockM;
-  constexpr int kKeysPerThread = kBlockN / kThreadsPerRow;
-  static_assert(kThreadsPerRow * kKeysPerThread == kBlockN && kKeysPerThread >= 1 &&
+  constexpr int kKeysPerThread = kKeys / kThreadsPerRow;
+  static_assert(kThreadsPerRow * kKeysPerThread == kKeys && kKeysPerThread >= 1 &&
                     kKeysPerThread <= 2 && kThreadsPerRow <= 32,
                 "softmax thread map");
   static_assert((kBlockM * kChunksPerRow) % kThreads == 0 &&
-                    (kBlockN * kChunksPerRow) % kThreads == 0,
+                    (kKeys * kChunksPerRow) % kThreads == 0,
                 "tile chunks must divide evenly over the threads");
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -116,8 +118,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* const sLse = sInvSum + kBlockM;
   T* const sQ = reinterpret_cast<T*>(smem + Tile::kScoreBytes + Tile::kPBytes +
                                      Tile::kRowStatBytes);  // [kBlockM][kRowStride]
-  T* const sX = sQ + kBlockM * Tile::kRowStride;            // [stages][kBlockN][kRowStride]
-  constexpr int kStageElems = kBlockN * Tile::kRowStride;
+  T* const sX = sQ + kBlockM * Tile::kRowStride;            // [stages][kKeys][kRowStride]
+  constexpr int kStageElems = kKeys * Tile::kRowStride;
 
   // The CTA's work. Row tile fastest, then split, then segment: the row tiles of one frame run side
   // by side and share its x through L2; a decode step's splits cover one sequence's keys.
@@ -136,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // This split's key tiles: [split * n / S, (split + 1) * n / S), so splits differ by at most one
   // tile (and are empty only when the segment has fewer tiles than splits).
-  const int n_blocks = ceil_div_int(ks.length, kBlockN);
+  const int n_blocks = ceil_div_int(ks.length, kKeys);
   const int n_begin = static_cast<int>(static_cast<int64_t>(split) * n_blocks / p.num_splits);
   const int n_end = static_cast<int>(static_cast<int64_t>(split + 1) * n_blocks / p.num_splits);
   const int num_tiles = n_end - n_begin;
@@ -174,12 +176,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
   auto load_x = [&](int tile, int stage) {  // tile: index among the segment's key tiles
-    const int key0 = tile * kBlockN;
-    const int valid_keys = min(kBlockN, ks.length - key0);
+    const int key0 = tile * kKeys;
+    const int valid_keys = min(kKeys, ks.length - key0);
     const T* const first = x + (static_cast<int64_t>(ks.begin) + key0) * p.x_token_stride;
     T* const dst = sX + stage * kStageElems;
 #pragma unroll
-    for (int i = 0; i < kBlockN * kChunksPerRow / kThreads; ++i) {
+    for (int i = 0; i < kKeys * kChunksPerRow / kThreads; ++i) {
       const int c = tid + i * kThreads;
       const int r = c / kChunksPerRow;
       const int chunk = c % kChunksPerRow;
@@ -234,26 +236,33 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     const T* const sXs = sX + (it % p.stages) * kStageElems;
 
-    // 1. Partial scores over this warp's columns: S_w[rows, 16 keys].
+    // 1. Partial scores over this warp's columns: S_w[rows, kKeys keys], in 8-key blocks.
     if (warp_cols > 0) {
-      float s[kMTiles][2][4];
+      float s[kMTiles][2 * kKeySteps][4];
 #pragma unroll
       for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[m][0][e] = s[m][1][e] = 0.f;
+        for (int nb = 0; nb < 2 * kKeySteps; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[m][nb][e] = 0.f;
+        }
       }
 #pragma unroll
       for (int kk = 0; kk < kKSteps; ++kk) {
         if (kk * 16 < warp_cols) {  // warp-uniform
           const int col = col_begin + kk * 16;
-          uint32_t bx[2][2];
-          load_b_fragments_nk<kDvMax>(bx, sXs, 0, col);
+          uint32_t a[kMTiles][4];
 #pragma unroll
-          for (int m = 0; m < kMTiles; ++m) {
-            uint32_t a[4];
-            load_a_fragment<kDvMax>(a, sQ, m * 16, col);
-            mma_16816<T>(s[m][0], a, bx[0][0], bx[0][1]);
-            mma_16816<T>(s[m][1], a, bx[1][0], bx[1][1]);
+          for (int m = 0; m < kMTiles; ++m) load_a_fragment<kDvMax>(a[m], sQ, m * 16, col);
+#pragma unroll
+          for (int h = 0; h < kKeySteps; ++h) {
+            uint32_t bx[2][2];
+            load_b_fragments_nk<kDvMax>(bx, sXs, h * 16, col);
+#pragma unroll
+            for (int m = 0; m < kMTiles; ++m) {
+              mma_16816<T>(s[m][2 * h], a[m], bx[0][0], bx[0][1]);
+              mma_16816<T>(s[m][2 * h + 1], a[m], bx[1][0], bx[1][1]);
+            }
           }
         }
       }
@@ -261,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
-        for (int nb = 0; nb < 2; ++nb) {
+        for (int nb = 0; nb < 2 * kKeySteps; ++nb) {
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int r = m * 16 + g + 8 * i;
@@ -275,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // 2. Online softmax of row sm_row over keys sm_key0 .. +kKeysPerThread.
     {
-      const int keys_valid = ks.length - (n_begin + it) * kBlockN;  // > 0
+      const int keys_valid = ks.length - (n_begin + it) * kKeys;  // > 0
       float v[kKeysPerThread];
 #pragma unroll
       for (int e = 0; e < kKeysPerThread; ++e) v[e] = 0.f;
@@ -334,18 +343,24 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-      uint32_t pa[kMTiles][4];
+      uint32_t pa[kMTiles][kKeySteps][4];
 #pragma unroll
-      for (int m = 0; m < kMTiles; ++m) load_a_fragment<kBlockN>(pa[m], sP, m * 16, 0);
+      for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+        for (int h = 0; h < kKeySteps; ++h) load_a_fragment<kKeys>(pa[m][h], sP, m * 16, h * 16);
+      }
 #pragma unroll
       for (int d2 = 0; d2 < kKSteps; ++d2) {
         if (d2 * 16 < warp_cols) {  // warp-uniform
-          uint32_t bx[2][2];
-          load_b_fragments_kn<kDvMax>(bx, sXs, 0, col_begin + d2 * 16);
 #pragma unroll
-          for (int m = 0; m < kMTiles; ++m) {
-            mma_16816<T>(o_acc[m][2 * d2], pa[m], bx[0][0], bx[0][1]);
-            mma_16816<T>(o_acc[m][2 * d2 + 1], pa[m], bx[1][0], bx[1][1]);
+          for (int h = 0; h < kKeySteps; ++h) {
+            uint32_t bx[2][2];
+            load_b_fragments_kn<kDvMax>(bx, sXs, h * 16, col_begin + d2 * 16);
+#pragma unroll
+            for (int m = 0; m < kMTiles; ++m) {
+              mma_16816<T>(o_acc[m][2 * d2], pa[m][h], bx[0][0], bx[0][1]);
+              mma_16816<T>(o_acc[m][2 * d2 + 1], pa[m][h], bx[1][0], bx[1][1]);
+            }
           }
         }
       }

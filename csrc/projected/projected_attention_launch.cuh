@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
-#include <utility>
+#include <tuple>
 
 #include "common/check.h"
 #include "projected/projected_attention_kernel.cuh"
@@ -19,10 +19,10 @@
 namespace crosslmm {
 namespace projected {
 
-template <typename T, int kDvMax, int kMTiles>
+template <typename T, int kDvMax, int kMTiles, int kKeys>
 void launch_projected_forward(const ProjectedForwardParams& p, cudaStream_t stream) {
-  using Tile = ProjectedTile<kDvMax, kMTiles>;
-  auto kernel = projected_attention_core_forward_kernel<T, kDvMax, kMTiles>;
+  using Tile = ProjectedTile<kDvMax, kMTiles, kKeys>;
+  auto kernel = projected_attention_core_forward_kernel<T, kDvMax, kMTiles, kKeys>;
   const int smem = Tile::smem_bytes(p.stages);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int64_t ctas = static_cast<int64_t>(p.num_m_blocks) * p.num_splits * p.batch;
@@ -36,13 +36,20 @@ void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStr
   if (p.num_m_blocks == 0 || p.batch == 0 || p.num_splits == 0) return;
   TORCH_CHECK(p.head_dim <= kDvMax && p.cols_per_warp <= kDvMax / kWarps &&
                   p.cols_per_warp % 16 == 0 && p.stages >= kMinStages && p.stages <= kMaxStages &&
-                  p.num_splits <= kMaxSplits,
+                  p.num_splits <= kMaxSplits &&
+                  (p.keys_per_tile == kBlockN ||
+                   (p.keys_per_tile == kBlockNWide && m_tiles == 1 && kDvMax <= kDvSmall)),
               "projected_attention_core_forward: inconsistent launch plan");
-  if (m_tiles == 1) {
-    launch_projected_forward<T, kDvMax, 1>(p, stream);
+  if (m_tiles == 1 && p.keys_per_tile == kBlockN) {
+    launch_projected_forward<T, kDvMax, 1, kBlockN>(p, stream);
   } else if constexpr (kDvMax <= kDvSmall) {
-    TORCH_CHECK(m_tiles == 2, "projected_attention_core_forward: m_tiles must be 1 or 2");
-    launch_projected_forward<T, kDvMax, 2>(p, stream);
+    TORCH_CHECK(m_tiles == 1 || m_tiles == 2,
+                "projected_attention_core_forward: m_tiles must be 1 or 2");
+    if (m_tiles == 1) {
+      launch_projected_forward<T, kDvMax, 1, kBlockNWide>(p, stream);
+    } else {
+      launch_projected_forward<T, kDvMax, 2, kBlockN>(p, stream);
+    }
   } else {
     TORCH_CHECK(false, "projected_attention_core_forward: Dv > ", kDvSmall,
                 " supports 16-row tiles only");
@@ -62,7 +69,7 @@ void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStr
 }
 
 template <typename T, int kDvMax>
-int projected_forward_ctas_per_sm(int m_tiles, int stages) {
+int projected_forward_ctas_per_sm(int m_tiles, int keys, int stages) {
   auto query = [](auto kernel, int smem) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     int ctas = 0;
@@ -73,20 +80,23 @@ int projected_forward_ctas_per_sm(int m_tiles, int stages) {
   // decode step otherwise. (Stages follow from the device's shared memory, so, as for the
   // attention kernels, this assumes the process's GPUs are all of one kind.)
   static std::mutex mutex;
-  static std::map<std::pair<int, int>, int> cache;
+  static std::map<std::tuple<int, int, int>, int> cache;
   const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(m_tiles, stages);
+  const auto key = std::make_tuple(m_tiles, keys, stages);
   const auto hit = cache.find(key);
   if (hit != cache.end()) return hit->second;
   int ctas = 0;
   if constexpr (kDvMax <= kDvSmall) {
     if (m_tiles == 2) {
-      ctas = query(projected_attention_core_forward_kernel<T, kDvMax, 2>,
+      ctas = query(projected_attention_core_forward_kernel<T, kDvMax, 2, kBlockN>,
                    ProjectedTile<kDvMax, 2>::smem_bytes(stages));
+    } else if (keys == kBlockNWide) {
+      ctas = query(projected_attention_core_forward_kernel<T, kDvMax, 1, kBlockNWide>,
+                   ProjectedTile<kDvMax, 1, kBlockNWide>::smem_bytes(stages));
     }
   }
   if (ctas == 0) {
-    ctas = query(projected_attention_core_forward_kernel<T, kDvMax, 1>,
+    ctas = query(projected_attention_core_forward_kernel<T, kDvMax, 1, kBlockN>,
                  ProjectedTile<kDvMax, 1>::smem_bytes(stages));
   }
   cache.emplace(key, ctas);

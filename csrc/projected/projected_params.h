@@ -21,6 +21,10 @@ namespace crosslmm {
 namespace projected {
 
 constexpr int kBlockN = 16;      // keys per x tile (one k-step of P X)
+// Keys per x tile of one-m16-tile calls (decode: 1 token x 12 heads) where shared memory holds two
+// such stages: half the tiles, so half the per-tile barriers and cross-warp score reductions per
+// byte of x, in the call that is bound by reading x.
+constexpr int kBlockNWide = 32;
 constexpr int kWarps = 8;        // warps per CTA: each owns 1/8 of the Dv columns
 constexpr int kThreads = 32 * kWarps;
 constexpr int kMinStages = 2;    // x tiles in shared memory: one in use, at least one in flight
@@ -54,20 +58,23 @@ struct ProjectedForwardParams {
   int max_seqlen_q;   // query tokens of the longest segment (grid of the combine kernel)
   int num_m_blocks;   // row tiles per segment, for the longest segment
   int num_splits;     // key splits; 1 writes out/lse directly
+  int keys_per_tile;  // kBlockN, or kBlockNWide for one-m16-tile launches (the host's choice)
   float scale_log2;   // softmax_scale * log2(e): the kernels work in log2 units (exp2)
 };
 
-// Shared-memory geometry of the forward kernel for a Dv bucket and a tile of kMTiles m16 tiles.
+// Shared-memory geometry of the forward kernel for a Dv bucket, a tile of kMTiles m16 tiles and
+// x tiles of kKeys keys.
 // All regions are multiples of 16 bytes, so every region starts 16-byte aligned. Rows of Q and x
 // tiles are padded by 16 bytes (as in csrc/common/mma.cuh) so ldmatrix is conflict-free.
-template <int kDvMax, int kMTiles>
+template <int kDvMax, int kMTiles, int kKeys = kBlockN>
 struct ProjectedTile {
+  static_assert(kKeys == kBlockN || kKeys == kBlockNWide, "x tiles of 16 or 32 keys");
   static_assert(kDvMax % (16 * kWarps) == 0, "every warp must own whole 16-column k-steps");
   static constexpr int kBlockM = 16 * kMTiles;
   static constexpr int kColsMax = kDvMax / kWarps;  // most columns one warp can own
   static constexpr int kRowStride = kDvMax + 8;     // elements, Q and x tiles
-  static constexpr int kScoreStride = kBlockN + 8;  // floats: conflict-free float2 stores
-  static constexpr int kPStride = kBlockN + 8;      // elements: conflict-free ldmatrix
+  static constexpr int kScoreStride = kKeys + 8;  // floats: conflict-free float2 stores
+  static constexpr int kPStride = kKeys + 8;      // elements: conflict-free ldmatrix
   // Fixed regions, in order: per-warp partial scores [kWarps][kBlockM][kScoreStride] fp32,
   // P [kBlockM][kPStride] 16-bit, per-row rescale factors and final 1/l and lse (fp32 each),
   // Q [kBlockM][kRowStride] 16-bit. Then `stages` x tiles [kBlockN][kRowStride] 16-bit.
@@ -76,7 +83,7 @@ struct ProjectedTile {
   static constexpr int kRowStatBytes = 3 * kBlockM * 4;
   static constexpr int kQBytes = kBlockM * kRowStride * 2;
   static constexpr int kFixedBytes = kScoreBytes + kPBytes + kRowStatBytes + kQBytes;
-  static constexpr int kStageBytes = kBlockN * kRowStride * 2;
+  static constexpr int kStageBytes = kKeys * kRowStride * 2;
   static_assert(kScoreBytes % 16 == 0 && kPBytes % 16 == 0 && kRowStatBytes % 16 == 0 &&
                     kQBytes % 16 == 0 && kStageBytes % 16 == 0,
                 "shared-memory regions must keep 16-byte alignment");
@@ -84,15 +91,16 @@ struct ProjectedTile {
 };
 
 // Implemented once per (T, kDvMax) in projected_attention_<dtype>_dv<kDvMax>.cu; T is __half or
-// __nv_bfloat16. m_tiles is 1 or 2 (2 only for kDvMax = kDvSmall). Launches the forward kernel and,
-// when p.num_splits > 1, the combine kernel, on `stream`. Throws (c10::Error) when a launch fails.
+// __nv_bfloat16. m_tiles is 1 or 2 (2 only for kDvMax = kDvSmall); p.keys_per_tile is kBlockN, or
+// kBlockNWide with m_tiles 1 and kDvMax = kDvSmall. Launches the forward kernel and, when
+// p.num_splits > 1, the combine kernel, on `stream`. Throws (c10::Error) when a launch fails.
 template <typename T, int kDvMax>
 void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStream_t stream);
 
-// CTAs of the forward kernel that fit on one multiprocessor with `stages` x tiles (for the split
-// heuristic).
+// CTAs of the forward kernel that fit on one multiprocessor with `stages` x tiles of `keys` keys
+// (for the split heuristic).
 template <typename T, int kDvMax>
-int projected_forward_ctas_per_sm(int m_tiles, int stages);
+int projected_forward_ctas_per_sm(int m_tiles, int keys, int stages);
 
 }  // namespace projected
 }  // namespace crosslmm
