@@ -50,37 +50,42 @@ def load_module(path: str):
     return module
 
 
-def probe_row(name, frames, hk, lq, old=None, grid=True) -> dict:
+def probe_row(name, frames, hk, lq, old=None, grid=True, cuda=True) -> dict:
     q, k, v = peers._inputs("global", frames, hk, lq, False)
     q, k, v = q[0], k[0], v[0]
     lk = k.shape[0]
     cu_q = torch.tensor([0, lq], device="cuda", dtype=torch.int32)
     cu_k = torch.tensor([0, lk], device="cuda", dtype=torch.int32)
     scale = q.shape[-1] ** -0.5
-    ext = _backend.extension()
+    ext = _backend.extension() if cuda else None
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], lq, device="cuda", dtype=torch.float32)
-    fwd_kernel = planner.attention_kernel(q.device, q.shape[-1], lq)[0]
-    bwd_kernel = planner.attention_kernel(q.device, q.shape[-1], lq, backward=True)[0]
-    ext.attention_forward(q, k, v, out, lse, cu_q, cu_k, lq, lk, scale, 0, fwd_kernel)
+    if cuda:
+        fwd_kernel = planner.attention_kernel(q.device, q.shape[-1], lq)[0]
+        bwd_kernel = planner.attention_kernel(q.device, q.shape[-1], lq, backward=True)[0]
+        ext.attention_forward(q, k, v, out, lse, cu_q, cu_k, lq, lk, scale, 0, fwd_kernel)
+    else:  # no extension: the Triton forward, and gradients checked against the old launcher's
+        tca.attention_forward(q, k, v, out, lse, cu_q, cu_k, lq, lk, scale, 0)
     dout = torch.randn_like(out)
     grads = [torch.empty_like(t) for t in (q, k, v)]
     flops = 4 * lq * lk * q.shape[1] * q.shape[2] * 2.5
-    row: dict = {"row": name, "cuda_kernels": [fwd_kernel, bwd_kernel], "ms": {}, "tflops": {}}
+    row: dict = {"row": name, "ms": {}, "tflops": {}}
+    if cuda:
+        row["cuda_kernels"] = [fwd_kernel, bwd_kernel]
 
     def cuda_bwd():
         ext.attention_backward(
             dout, q, k, v, out, lse, *grads, cu_q, cu_k, lq, lk, scale, True, bwd_kernel
         )
 
-    cuda_bwd()
-    expect = [g.float().clone() for g in grads]
-
     def triton_bwd(module=tca, splits=0):
         kw = {"num_splits": splits} if module is tca else {}
         module.attention_backward(
             dout, q, k, v, out, lse, *grads, cu_q, cu_k, lq, lk, scale, True, **kw
         )
+
+    (cuda_bwd if cuda else lambda: triton_bwd(old or tca))()
+    expect = [g.float().clone() for g in grads]
 
     def checked(fn) -> tuple[float, float]:
         for g in grads:
@@ -89,7 +94,8 @@ def probe_row(name, frames, hk, lq, old=None, grid=True) -> dict:
         err = max((g.float() - e).abs().max().item() for g, e in zip(grads, expect))
         return bench(fn), err
 
-    row["ms"]["cuda"], _ = checked(cuda_bwd)
+    if cuda:
+        row["ms"]["cuda"], _ = checked(cuda_bwd)
     row["ms"]["triton_default"], row["triton_default_err"] = checked(triton_bwd)
     if old is not None:
         row["ms"]["triton_old"], row["triton_old_err"] = checked(lambda: triton_bwd(old))
@@ -155,12 +161,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--old", default=None, help="an older cross_attention.py to time beside")
     parser.add_argument("--no-grid", action="store_true")
+    parser.add_argument(
+        "--no-cuda",
+        action="store_true",
+        help="without the extension: Triton forward, gradients checked against --old's",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     old = load_module(args.old) if args.old else None
     rows = []
     for name in args.rows.split(","):
-        row = probe_row(name, *ROWS[name], old=old, grid=not args.no_grid)
+        row = probe_row(name, *ROWS[name], old=old, grid=not args.no_grid, cuda=not args.no_cuda)
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in ("row", "ms", "tflops", "triton_default_err")}))
         for which in ("dkdv", "dq"):

@@ -446,7 +446,7 @@ def _attn_bwd_dq_reduce_kernel(
 #   forward   bf16/fp16, D <= 128: BLOCK_M 128 (smaller for short query segments), BLOCK_N 64,
 #             8 warps at 128x128, 3 stages;  D = 256 or fp32 input: BLOCK_M 64, BLOCK_N 32, 2 stages
 #   backward  dK/dV: a key block of 64 (32 at D = 256) against query blocks of 32 (16);
-#             dQ: a query block of 64 (32) against key blocks of 32 (16); 8 warps from D = 128.
+#             dQ: a query block of 64 (32) against key blocks of 32 (16); 8 warps at D = 256.
 # Measure with benchmarks/bench_cross_attention.py and adjust.
 
 
@@ -472,17 +472,22 @@ def _forward_config(packed_rows: int, head_dim: int, dtype: torch.dtype) -> dict
 
 def _backward_config(packed_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
     """(dK/dV kernel, dQ kernel) block sizes and launch options; ``packed_rows`` as in
-    :func:`_forward_config`."""
+    :func:`_forward_config`. At head dim 128 in 16 bits both kernels run 4 warps, the dQ kernel 3
+    stages: on the H100's V2V T=64 rows (tools/triton_backward_probe.py) 4 warps took 1.3-1.4 ms
+    off each kernel against 8, and 3 stages beat 2 in the dQ kernel."""
     block_d = _block_d(head_dim)
-    big, small = (32, 16) if block_d > 128 else (64, 32)
-    launch = dict(
-        num_warps=8 if block_d >= 128 else 4,
-        num_stages=2 if block_d >= 128 or dtype == torch.float32 else 3,
-    )
+    wide = block_d > 128
+    big, small = (32, 16) if wide else (64, 32)
+    warps = 8 if wide else 4
+    two_byte = dtype != torch.float32
+    dkdv_stages = 3 if block_d < 128 and two_byte else 2
+    dq_stages = 3 if not wide and two_byte else 2
     dq_rows = min(big, max(16, next_power_of_2(packed_rows)))
     return (
-        dict(BLOCK_M=small, BLOCK_N=big, BLOCK_D=block_d, **launch),
-        dict(BLOCK_M=dq_rows, BLOCK_N=small, BLOCK_D=block_d, **launch),
+        dict(BLOCK_M=small, BLOCK_N=big, BLOCK_D=block_d, num_warps=warps, num_stages=dkdv_stages),
+        dict(
+            BLOCK_M=dq_rows, BLOCK_N=small, BLOCK_D=block_d, num_warps=warps, num_stages=dq_stages
+        ),
     )
 
 
