@@ -375,7 +375,7 @@ def _attn_bwd_dq_kernel(
     seg = tl.program_id(0) // num_m_blocks
     m_block = tl.program_id(0) % num_m_blocks
     hk = tl.program_id(1)
-    split = tl.program_id(2).to(tl.int64)  # split * (split stride) can pass 2**31
+    split = tl.program_id(2)
     q_start, q_len = segment(cu_q, seg)
     if m_block * BLOCK_M >= q_len * group:
         return
@@ -411,7 +411,14 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    dq_ptrs = dQ + split * sdq_s + qrows[:, None] * sdq_t + heads[:, None] * sdq_h + offs_d[None, :]
+    # split * (split stride) can pass 2**31
+    dq_ptrs = (
+        dQ
+        + split.to(tl.int64) * sdq_s
+        + qrows[:, None] * sdq_t
+        + heads[:, None] * sdq_h
+        + offs_d[None, :]
+    )
     tl.store(dq_ptrs, (dq * scale).to(dQ.dtype.element_ty), mask=q_mask)
 
 
