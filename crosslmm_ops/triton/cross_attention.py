@@ -129,11 +129,7 @@ def _attn_fwd_kernel(
     mask_d = offs_d < head_dim
     rows = (q_start + packed // group).to(tl.int64)
     heads = (hk * group + packed % group).to(tl.int64)
-    q = tl.load(
-        Q + rows[:, None] * sq_t + heads[:, None] * sq_h + offs_d[None, :],
-        mask=mask_m[:, None] & mask_d[None, :],
-        other=0.0,
-    )
+    q = _load_rows(Q, rows, sq_t, heads, sq_h, offs_d, mask_m[:, None] & mask_d[None, :])
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
