@@ -16,9 +16,12 @@ output and log-sum-exp to fp32 scratch and a second small kernel merges them by 
 split the first kernel writes the result directly.
 
 Backward (FlashAttention-2): ``delta = rowsum(dO * O) - dlse`` first, then one kernel per key block
-accumulating dK and dV over every query block and every query head of its GQA group, and one
-kernel per query block accumulating dQ over every key block. Each output element is written by
-exactly one program, with no atomics, so the backward is deterministic by construction.
+accumulating dK and dV over every packed row (query, head) of its GQA group, and one kernel per
+block of packed rows and key split accumulating dQ over the split's key blocks, laid out like the
+forward: short queries against long keys (V2V global: 576 queries, 46,656 keys) would otherwise
+give fewer programs than SMs, each walking every key. With several splits each writes its fp32
+partial dQ and a small kernel sums them in split order. Each output element is written by exactly
+one program, with no atomics, so the backward is deterministic by construction.
 
 Head dims are padded to a power of two (at least 16, for ``tl.dot``) with masks, so 40, 72, 96 or
 odd widths work; ``tl.dot`` accumulates in fp32. Softmax runs in base 2 (``exp2``) with the scale
@@ -56,8 +59,20 @@ def _load_tile(ptr, rows, stride_t, head_offset, offs_d, mask):
 
 
 @triton.jit
+def _load_rows(ptr, rows, stride_t, heads, stride_h, offs_d, mask):
+    """A [rows, D] tile whose row ``i`` is token ``rows[i]`` of head ``heads[i]`` (int64 both): a
+    block of packed (query, head) rows. Zero where masked."""
+    return tl.load(
+        ptr + rows[:, None] * stride_t + heads[:, None] * stride_h + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
+
+
+@triton.jit
 def _load_row_stats(Lse, Delta, h, total_q, rows, mask):
-    """The rows' LSE (in base 2, as the kernels' exp2 wants it) and delta."""
+    """The rows' LSE (in base 2, as the kernels' exp2 wants it) and delta; ``h``, the head, is
+    one for all rows or one per row."""
     lse = tl.load(Lse + h * total_q + rows, mask=mask, other=0.0) * 1.4426950408889634
     return lse, tl.load(Delta + h * total_q + rows, mask=mask, other=0.0)
 
@@ -114,11 +129,7 @@ def _attn_fwd_kernel(
     mask_d = offs_d < head_dim
     rows = (q_start + packed // group).to(tl.int64)
     heads = (hk * group + packed % group).to(tl.int64)
-    q = tl.load(
-        Q + rows[:, None] * sq_t + heads[:, None] * sq_h + offs_d[None, :],
-        mask=mask_m[:, None] & mask_d[None, :],
-        other=0.0,
-    )
+    q = _load_rows(Q, rows, sq_t, heads, sq_h, offs_d, mask_m[:, None] & mask_d[None, :])
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -295,23 +306,24 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # GQA: this program owns its key block for every query head of the group, so dK and dV are
-    # summed over the group here instead of with atomics.
-    for g in range(group):
-        h = hk * group + g
-        for m0 in range(0, q_len, BLOCK_M):
-            cols = m0 + offs_m
-            mask_m = cols < q_len
-            qrows = (q_start + cols).to(tl.int64)
-            q_mask = mask_m[:, None] & mask_d[None, :]
-            q = _load_tile(Q, qrows, sq_t, h * sq_h, offs_d, q_mask)
-            do = _load_tile(dOut, qrows, sdo_t, h * sdo_h, offs_d, q_mask)
-            lse, delta = _load_row_stats(Lse, Delta, h, total_q, qrows, mask_m)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2  # [N, M]
-            pt = tl.where(mask_m[None, :], tl.exp2(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    # summed over the group here instead of with atomics. It walks the group's packed rows
+    # (query, head), query-major as in the forward: 9 queries of a 6-head group are 54 rows, two
+    # 32-row blocks, where a walk head by head would take six blocks of 9 rows.
+    for m0 in range(0, q_len * group, BLOCK_M):
+        packed = m0 + offs_m
+        mask_m = packed < q_len * group
+        qrows = (q_start + packed // group).to(tl.int64)
+        heads = (hk * group + packed % group).to(tl.int64)
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = _load_rows(Q, qrows, sq_t, heads, sq_h, offs_d, q_mask)
+        do = _load_rows(dOut, qrows, sdo_t, heads, sdo_h, offs_d, q_mask)
+        lse, delta = _load_row_stats(Lse, Delta, heads, total_q, qrows, mask_m)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2  # [N, M]
+        pt = tl.where(mask_m[None, :], tl.exp2(st - lse[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
 
     out_off = krows[:, None] * sdk_t + hk * sdk_h + offs_d[None, :]
     tl.store(dK + out_off, (dk * scale).to(dK.dtype.element_ty), mask=kv_mask)
@@ -337,10 +349,12 @@ def _attn_bwd_dq_kernel(
     sv_h,
     sdo_t,
     sdo_h,
+    sdq_s,
     sdq_t,
     sdq_h,
     total_q,
     num_m_blocks,
+    num_splits,
     head_dim,
     group,
     scale,
@@ -350,29 +364,38 @@ def _attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """dQ of one block of a GQA group's packed rows over one split's range of key blocks: the
+    forward's program layout, so each K/V tile serves every head of the group. With one split it
+    writes dQ; with more, each split its fp32 partial (zeros for an empty range), summed in order
+    by ``_attn_bwd_dq_reduce_kernel``."""
     seg = tl.program_id(0) // num_m_blocks
     m_block = tl.program_id(0) % num_m_blocks
-    h = tl.program_id(1)
+    hk = tl.program_id(1)
+    split = tl.program_id(2)
     q_start, q_len = segment(cu_q, seg)
-    if m_block * BLOCK_M >= q_len:
+    if m_block * BLOCK_M >= q_len * group:
         return
     k_start, k_len = segment(cu_k, seg)
+    n_blocks = tl.cdiv(k_len, BLOCK_N)
+    per_split = tl.cdiv(n_blocks, num_splits)
+    blk_lo = split * per_split
+    blk_hi = tl.minimum(blk_lo + per_split, n_blocks)
 
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    packed = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < q_len
+    mask_m = packed < q_len * group
     mask_d = offs_d < head_dim
     q_mask = mask_m[:, None] & mask_d[None, :]
-    qrows = (q_start + offs_m).to(tl.int64)
-    q = _load_tile(Q, qrows, sq_t, h * sq_h, offs_d, q_mask)
-    do = _load_tile(dOut, qrows, sdo_t, h * sdo_h, offs_d, q_mask)
-    lse, delta = _load_row_stats(Lse, Delta, h, total_q, qrows, mask_m)
-    hk = h // group
+    qrows = (q_start + packed // group).to(tl.int64)
+    heads = (hk * group + packed % group).to(tl.int64)
+    q = _load_rows(Q, qrows, sq_t, heads, sq_h, offs_d, q_mask)
+    do = _load_rows(dOut, qrows, sdo_t, heads, sdo_h, offs_d, q_mask)
+    lse, delta = _load_row_stats(Lse, Delta, heads, total_q, qrows, mask_m)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(0, k_len, BLOCK_N):  # no keys: dq stays 0
-        cols = n0 + offs_n
+    for nb in range(blk_lo, blk_hi):  # no keys: dq stays 0
+        cols = nb * BLOCK_N + offs_n
         mask_n = cols < k_len
         kv_mask = mask_n[:, None] & mask_d[None, :]
         krows = (k_start + cols).to(tl.int64)
@@ -384,11 +407,37 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(
-        dQ + qrows[:, None] * sdq_t + h * sdq_h + offs_d[None, :],
-        (dq * scale).to(dQ.dtype.element_ty),
-        mask=q_mask,
+    # split * (split stride) can pass 2**31
+    dq_ptrs = (
+        dQ
+        + split.to(tl.int64) * sdq_s
+        + qrows[:, None] * sdq_t
+        + heads[:, None] * sdq_h
+        + offs_d[None, :]
     )
+    tl.store(dq_ptrs, (dq * scale).to(dQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_reduce_kernel(
+    Part,
+    dQ,
+    numel,
+    num_splits,
+    split_stride,
+    BLOCK: tl.constexpr,
+):
+    """dQ = the sum of the splits' fp32 partials, split 0 first: the same order on every run, so
+    the backward stays bitwise reproducible. ``Part`` is ``[splits, total_q, Hq, D]`` and ``dQ``
+    ``[total_q, Hq, D]``, both contiguous, so elements are flat indices."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros([BLOCK], tl.float32)
+    ptrs = Part + offs
+    for _ in range(num_splits):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += split_stride
+    tl.store(dQ + offs, acc.to(dQ.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +449,7 @@ def _attn_bwd_dq_kernel(
 #   forward   bf16/fp16, D <= 128: BLOCK_M 128 (smaller for short query segments), BLOCK_N 64,
 #             8 warps at 128x128, 3 stages;  D = 256 or fp32 input: BLOCK_M 64, BLOCK_N 32, 2 stages
 #   backward  dK/dV: a key block of 64 (32 at D = 256) against query blocks of 32 (16);
-#             dQ: a query block of 64 (32) against key blocks of 32 (16); 8 warps from D = 128.
+#             dQ: a query block of 64 (32) against key blocks of 32 (16); 8 warps at D = 256.
 # Measure with benchmarks/bench_cross_attention.py and adjust.
 
 
@@ -424,17 +473,24 @@ def _forward_config(packed_rows: int, head_dim: int, dtype: torch.dtype) -> dict
     )
 
 
-def _backward_config(head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
-    """(dK/dV kernel, dQ kernel) block sizes and launch options."""
+def _backward_config(packed_rows: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(dK/dV kernel, dQ kernel) block sizes and launch options; ``packed_rows`` as in
+    :func:`_forward_config`. At head dim 128 in 16 bits both kernels run 4 warps, the dQ kernel 3
+    stages: on the H100's V2V T=64 rows (tools/triton_backward_probe.py) 4 warps took 1.3-1.4 ms
+    off each kernel against 8, and 3 stages beat 2 in the dQ kernel."""
     block_d = _block_d(head_dim)
-    big, small = (32, 16) if block_d > 128 else (64, 32)
-    launch = dict(
-        num_warps=8 if block_d >= 128 else 4,
-        num_stages=2 if block_d >= 128 or dtype == torch.float32 else 3,
-    )
+    wide = block_d > 128
+    big, small = (32, 16) if wide else (64, 32)
+    warps = 8 if wide else 4
+    two_byte = dtype != torch.float32
+    dkdv_stages = 3 if block_d < 128 and two_byte else 2
+    dq_stages = 3 if not wide and two_byte else 2
+    dq_rows = min(big, max(16, next_power_of_2(packed_rows)))
     return (
-        dict(BLOCK_M=small, BLOCK_N=big, BLOCK_D=block_d, **launch),
-        dict(BLOCK_M=big, BLOCK_N=small, BLOCK_D=block_d, **launch),
+        dict(BLOCK_M=small, BLOCK_N=big, BLOCK_D=block_d, num_warps=warps, num_stages=dkdv_stages),
+        dict(
+            BLOCK_M=dq_rows, BLOCK_N=small, BLOCK_D=block_d, num_warps=warps, num_stages=dq_stages
+        ),
     )
 
 
@@ -590,11 +646,14 @@ def attention_backward(
     deterministic: bool,
     kernel: str | None = None,
     dlse: torch.Tensor | None = None,
+    num_splits: int = 0,
 ) -> str:
     """Same contract as ``crosslmm_ops._C.attention_backward`` (see csrc/attention/), plus an
-    optional gradient ``dlse [Hq, total_q]`` on the LSE. Always deterministic (no atomics), so
-    ``deterministic`` changes nothing here; ``kernel`` is taken for the same signature and
-    ignored. Returns ``"triton"``, or ``"none"`` (nothing to compute)."""
+    optional gradient ``dlse [Hq, total_q]`` on the LSE and ``num_splits``, the dQ kernel's key
+    splits (0: :func:`num_splits_heuristic` picks them, as in the forward). Always deterministic
+    (no atomics; split partials are summed in a fixed order), so ``deterministic`` changes
+    nothing here; ``kernel`` is taken for the same signature and ignored. Returns ``"triton"``,
+    or ``"none"`` (nothing to compute)."""
     del deterministic, kernel
     _check_layout(q, k, v)
     check_launch(q.dtype, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
@@ -606,7 +665,8 @@ def attention_backward(
     if batch <= 0 or total_q + total_k == 0:
         return "none"
     group = Hq // Hk
-    dkdv_cfg, dq_cfg = _backward_config(D, q.dtype)
+    packed_rows = max(max_seqlen_q, 1) * group
+    dkdv_cfg, dq_cfg = _backward_config(packed_rows, D, q.dtype)
     if triton_interpreted():
         for cfg in (dkdv_cfg, dq_cfg):
             cfg.update(num_warps=1, num_stages=1)
@@ -670,22 +730,34 @@ def attention_backward(
             **dkdv_cfg,
         )
     if total_q:
-        m_blocks = cdiv(max(max_seqlen_q, 1), dq_cfg["BLOCK_M"])
-        _attn_bwd_dq_kernel[(batch * m_blocks, Hq)](
+        m_blocks = cdiv(packed_rows, dq_cfg["BLOCK_M"])
+        key_blocks = cdiv(max_seqlen_k, dq_cfg["BLOCK_N"])
+        if num_splits <= 0:
+            num_splits = num_splits_heuristic(batch * m_blocks * Hk, sm_count(q.device), key_blocks)
+        num_splits = max(1, min(num_splits, max(key_blocks, 1), MAX_SPLITS))
+        # Split partials in fp32 scratch, written in full: every (row, head) of every split.
+        target = (
+            dq
+            if num_splits == 1
+            else torch.empty((num_splits, *dq.shape), dtype=torch.float32, device=q.device)
+        )
+        _attn_bwd_dq_kernel[(batch * m_blocks, Hk, num_splits)](
             q,
             k,
             v,
             dout,
             lse,
             delta,
-            dq,
+            target,
             cu_seqlens_q,
             cu_seqlens_k,
             *strides,
-            dq.stride(0),
-            dq.stride(1),
+            target.stride(0) if num_splits > 1 else 0,
+            target.stride(-3),
+            target.stride(-2),
             total_q,
             m_blocks,
+            num_splits,
             D,
             group,
             softmax_scale,
@@ -693,4 +765,15 @@ def attention_backward(
             PRECISION=precision,
             **dq_cfg,
         )
+        if num_splits > 1:
+            block = 256 if triton_interpreted() else 1024
+            _attn_bwd_dq_reduce_kernel[(cdiv(dq.numel(), block),)](
+                target,
+                dq,
+                dq.numel(),
+                num_splits,
+                target.stride(0),
+                BLOCK=block,
+                num_warps=1 if triton_interpreted() else 4,
+            )
     return "triton"
