@@ -110,7 +110,7 @@ def _attn_fwd_kernel(
     seg = tl.program_id(0) // num_m_blocks
     m_block = tl.program_id(0) % num_m_blocks
     hk = tl.program_id(1)
-    split = tl.program_id(2).to(tl.int64)  # split * (split stride) can pass 2**31
+    split = tl.program_id(2)  # int32 in the loop bounds; int64 where it scales a stride
     q_start, q_len = segment(cu_q, seg)
     if m_block * BLOCK_M >= q_len * group:
         return
@@ -160,9 +160,15 @@ def _attn_fwd_kernel(
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = tl.where(has_keys[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
-    o_ptrs = Out + split * so_s + rows[:, None] * so_t + heads[:, None] * so_h + offs_d[None, :]
+    o_ptrs = (
+        Out
+        + split.to(tl.int64) * so_s
+        + rows[:, None] * so_t
+        + heads[:, None] * so_h
+        + offs_d[None, :]
+    )
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(Lse + split * sl_s + heads * sl_h + rows, lse, mask=mask_m)
+    tl.store(Lse + split.to(tl.int64) * sl_s + heads * sl_h + rows, lse, mask=mask_m)
 
 
 @triton.jit
