@@ -2,7 +2,7 @@
 # Build, test, sanitize and benchmark on a GPU machine in one go (what the lent H100 runs):
 #
 #   bash scripts/gpu_check.sh [build] [test] [fuzz] [sanitize] [bench] [bench-attention]
-#                             [bench-projected] [peers] [profile] [probe-sm90] [probe-triton]
+#                             [bench-projected] [peers] [paths] [profile] [probe-sm90] [probe-triton]
 #                             [efficiency] [demo]
 #                             (default: build test sanitize bench)
 #
@@ -98,6 +98,12 @@ run_bench() {  # run_bench <file> <log>: one pytest-benchmark file, its summary 
 has bench-attention && run_bench benchmarks/bench_cross_attention.py bench_attention.log
 has bench-projected && [[ -f benchmarks/bench_projected_attention.py ]] && \
   run_bench benchmarks/bench_projected_attention.py bench_projected.log
+
+if has paths; then
+  step "projected_cross_attention: auto's path against the faster one, and the cost model's fit"
+  $PY benchmarks/projected_paths.py --out "$OUT/projected_paths.json" > "$OUT/paths.log" 2>&1 || status=1
+  tail -30 "$OUT/paths.log"
+fi
 
 if has peers; then
   # The peer table of docs/performance.md (FlashAttention-4's column when flash_attn.cute imports).

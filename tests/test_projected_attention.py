@@ -979,6 +979,42 @@ def test_cost_model_choices_at_crosslmm_2b(hk):
     assert f < m
 
 
+def test_cost_model_fit_recovers_the_rates_that_made_the_times():
+    # benchmarks/projected_paths.py fits the cost model's rates to measured times. On times made by
+    # a known model (with the two paths' times close on some rows), the fitted rates must choose as
+    # well as that model: no regret; and the regret of another model is what its choices cost.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "projected_paths.py"
+    spec = importlib.util.spec_from_file_location("crosslmm_benchmarks_projected_paths", path)
+    paths = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paths)
+
+    truth = CostModel(matmul_tflops=700.0, attention_tflops=400.0, fused_tflops=300.0)
+    rows = []
+    for kind, frames, hk, (batch, lq, lk) in paths.cases(quick=False):
+        fused_ms, mat_ms = truth.estimate(paths.layout_of(batch, lq, lk, hk))
+        ms = {"fused": fused_ms, "materialized": mat_ms}
+        rows.append(dict(kind=kind, frames=frames, hk=hk, batch=batch, lq=lq, lk=lk, ms=ms))
+    assert max(paths.regrets(truth, rows)) == 0.0
+    model, worst, mean = paths.fit(rows)
+    assert worst == 0.0 and mean == 0.0
+    assert paths.regrets(model, rows) == [0.0] * len(rows)
+    slow = CostModel(fused_tflops=60.0)  # picks materialised where fused is faster
+    regret = paths.regrets(slow, rows)
+    picked_wrong = [
+        r["ms"]["fused"] < r["ms"]["materialized"]
+        and paths.choice(slow, paths.layout_of(r["batch"], r["lq"], r["lk"], r["hk"]))
+        == "materialized"
+        for r in rows
+    ]
+    assert any(picked_wrong)
+    for r, wrong, x in zip(rows, picked_wrong, regret):
+        expect = r["ms"]["materialized"] / r["ms"]["fused"] - 1 if wrong else x
+        assert x == pytest.approx(expect)
+
+
 def test_path_overrides(monkeypatch):
     t, _ = problem(batch=(1, 2, 9))
     projected_cross_attention(**t, backend="torch", path="materialized")
