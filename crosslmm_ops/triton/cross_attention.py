@@ -741,6 +741,9 @@ def attention_backward(
         if num_splits <= 0:
             num_splits = num_splits_heuristic(batch * m_blocks * Hk, sm_count(q.device), key_blocks)
         num_splits = max(1, min(num_splits, max(key_blocks, 1), MAX_SPLITS))
+        if num_splits > 1 and not dq.is_contiguous():
+            # The split sum walks dq as flat elements (the ops allocate it contiguous).
+            raise ValueError("attention_backward: dq must be contiguous to take key splits")
         # Split partials in fp32 scratch, written in full: every (row, head) of every split.
         target = (
             dq
