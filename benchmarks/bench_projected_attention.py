@@ -67,7 +67,7 @@ KINDS = {
 
 def _layout(kind, frames, hk) -> pa.ProjectedLayout:
     b, lq, lk = KINDS[kind](frames)
-    return pa.ProjectedLayout(True, b, HQ, hk, D, DV, b * lq, b * lk, lq, lk, lq, lk)
+    return pa.ProjectedLayout.of_batched(b, HQ, hk, D, DV, lq, lk)
 
 
 def group_name(kind, frames, hk, path=None) -> str:

@@ -61,7 +61,7 @@ FIT_GRID = {
 
 
 def layout_of(batch: int, lq: int, lk: int, hk: int) -> pa.ProjectedLayout:
-    return pa.ProjectedLayout(True, batch, HQ, hk, D, DV, batch * lq, batch * lk, lq, lk, lq, lk)
+    return pa.ProjectedLayout.of_batched(batch, HQ, hk, D, DV, lq, lk)
 
 
 def choice(model: pa.CostModel, layout: pa.ProjectedLayout) -> str:

@@ -957,7 +957,7 @@ def test_check_public_catches_backward_bugs(kind, path, dtype, monkeypatch):
 
 
 def _layout(b, sq, sk, hk, hq=12, d=128, dv=1152):
-    return ProjectedLayout(True, b, hq, hk, d, dv, b * sq, b * sk, sq, sk, sq, sk)
+    return ProjectedLayout.of_batched(b, hq, hk, d, dv, sq, sk)
 
 
 @pytest.mark.parametrize("hk", [2, 12])

@@ -85,6 +85,25 @@ class ProjectedLayout:
     lens_q: tuple | None = None
     lens_k: tuple | None = None
 
+    @classmethod
+    def of_batched(cls, batch, heads_q, heads_k, head_dim, width, seqlen_q, seqlen_k):
+        """The layout of batched input: ``batch`` sequences of ``seqlen_q`` queries against
+        ``seqlen_k`` tokens each."""
+        return cls(
+            True,
+            batch,
+            heads_q,
+            heads_k,
+            head_dim,
+            width,
+            batch * seqlen_q,
+            batch * seqlen_k,
+            seqlen_q,
+            seqlen_k,
+            seqlen_q,
+            seqlen_k,
+        )
+
     @property
     def group(self) -> int:
         return self.heads_q // self.heads_k
@@ -191,7 +210,7 @@ def check_inputs(
                     "input takes its lengths from the shapes"
                 )
         B, Sq, Sk = q.shape[0], q.shape[1], x.shape[1]
-        return ProjectedLayout(True, B, Hq, Hk, d, Dv, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
+        return ProjectedLayout.of_batched(B, Hq, Hk, d, Dv, Sq, Sk)
     batch, lens_q, lens_k, max_q, max_k = validation.packed(
         cu_seqlens_q, cu_seqlens_k, q.shape[0], x.shape[0], max_seqlen_q, max_seqlen_k, q.device
     )
