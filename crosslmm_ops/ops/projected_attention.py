@@ -20,7 +20,8 @@ Everything about the op lives here, side by side:
 * the core ``crosslmm::projected_attention_core`` / ``..._backward`` custom ops (+ fake
   kernels + autograd, and an eager ``autograd.Function`` with the same code for eager calls), whose
   back ends are CUDA (``_C.projected_attention_core_forward`` / ``..._backward``, csrc/projected/;
-  :func:`crosslmm_ops.planner.projected_backward_backend` picks the backward's), Triton (crosslmm_ops/triton/projected_attention.py) and the reference
+  :func:`crosslmm_ops.planner.projected_backward_backend` picks the backward's), Triton
+  (crosslmm_ops/triton/projected_attention.py) and the reference
   (:func:`_core_reference_forward` / :func:`_core_reference_backward`, segment runs of equal size
   batched with ``bmm``);
 * :class:`CostModel` / :func:`choose_path` - fused or materialised, per call, from the shapes;
