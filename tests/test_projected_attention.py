@@ -670,9 +670,8 @@ def check_core(backend, q, x, cu_q, cu_k, *, num_splits=0, scale=0.2, lse_grad=T
     expected, lowg = grads(ref_out, ref_lse, ref), grads(low_out, low_lse, low)
     with poison_outputs():
         actual = grads(out, lse, leaves)
-    assert crosslmm_ops.last_backend(CORE + "_backward") == (
-        crosslmm_ops.planner.projected_backward_backend(backend, q.device)[0]
-    )
+    expected_backward = crosslmm_ops.planner.projected_backward_backend(backend, q.device)[0]
+    assert crosslmm_ops.last_backend(CORE + "_backward") == expected_backward
     for name, a, e, lo in zip(("dq", "dx"), actual, expected, lowg):
         check_close(name, a, lo, e, factor=3, floor=rounding(e, dtype))
 
