@@ -50,7 +50,6 @@ using projected::kMaxStages;
 using projected::kMinStages;
 using projected::ProjectedForwardParams;
 using projected::ProjectedTile;
-using projected::check_cu_seqlens;
 using projected::choose_splits;
 using projected::max_smem_per_block;
 
@@ -92,41 +91,10 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double softmax_scale, int64_t num_splits) {
   // ---- checks -------------------------------------------------------------------------------
-  CROSSLMM_CHECK_CUDA(q);
-  CROSSLMM_CHECK_CUDA(x);
-  CROSSLMM_CHECK_SAME_DEVICE(q, x);
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
-              ": q must have dtype float16 or bfloat16, got ", q.scalar_type());
-  CROSSLMM_CHECK_DTYPE(x, q.scalar_type());
-  CROSSLMM_CHECK_DIM(q, 3);
-  CROSSLMM_CHECK_DIM(x, 2);
+  projected::check_core_inputs(kOp, q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               softmax_scale, num_splits);
   const int64_t total_q = q.size(0), heads = q.size(1), dv = q.size(2);
   const int64_t total_k = x.size(0);
-  TORCH_CHECK(x.size(1) == dv, kOp, ": x must have q's width Dv = q.size(2) = ", dv,
-              " in its last dimension, got x of shape ", x.sizes());
-  TORCH_CHECK(dv > 0 && dv % 8 == 0 && dv <= kDvLarge, kOp,
-              ": Dv (q.size(2)) must be a positive multiple of 8 and at most ", kDvLarge, ", got ",
-              dv);
-  TORCH_CHECK(heads >= 1, kOp, ": q must have at least one head (q.size(1)), got shape ",
-              q.sizes());
-  TORCH_CHECK(q.stride(2) == 1, kOp,
-              ": q must have channel (last-dim) stride 1, got strides ", q.strides());
-  TORCH_CHECK(x.stride(1) == 1, kOp,
-              ": x must have channel (last-dim) stride 1, got strides ", x.strides());
-  check_cu_seqlens(kOp, "cu_seqlens_q", cu_seqlens_q, q);
-  check_cu_seqlens(kOp, "cu_seqlens_k", cu_seqlens_k, q);
-  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(), kOp,
-              ": cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got ",
-              cu_seqlens_q.numel(), " and ", cu_seqlens_k.numel());
-  TORCH_CHECK(total_q * heads <= kInt32Max && total_k <= kInt32Max, kOp,
-              ": too many rows (total_q * num_heads = ", total_q * heads, ", total_k = ", total_k,
-              "; at most 2^31 - 1 each)");
-  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, kOp,
-              ": max_seqlen_q and max_seqlen_k must be >= 0, got ", max_seqlen_q, " and ",
-              max_seqlen_k);
-  TORCH_CHECK(std::isfinite(softmax_scale), kOp, ": softmax_scale must be finite, got ",
-              softmax_scale);
-  TORCH_CHECK(num_splits >= 0, kOp, ": num_splits must be >= 0 (0 = heuristic), got ", num_splits);
 
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({total_q, heads, dv}, q.options());

@@ -222,6 +222,60 @@ __device__ __forceinline__ ProbGrad prob_and_grad(const float* sScore, const flo
   return {prob, prob * (dp - sStat[kBwdBlockM + r]) * p.scale};
 }
 
+// The loop of both kernels over their streamed tiles 0 .. num_tiles-1 (dq: x tiles; dx: q/dO row
+// tiles), through a cp.async ring of `stages` stages: load(tile, stage) issues a tile's copies,
+// body(tile, stage) computes on it once every thread's copies have landed. The caller has committed
+// its resident operands as one group before. With one stage, each tile is loaded once every warp is
+// done with the previous one (no overlap); with more, tiles stages-1 ahead are in flight (empty
+// groups past the last tile keep the count the loop waits on fixed).
+template <typename Load, typename Body>
+__device__ __forceinline__ void stream_tiles(int num_tiles, int stages, Load&& load, Body&& body) {
+#pragma unroll 1
+  for (int i = 0; i < stages - 1; ++i) {
+    if (i < num_tiles) load(i, i);
+    cp_async_commit();
+  }
+#pragma unroll 1
+  for (int it = 0; it < num_tiles; ++it) {
+    if (stages == 1) {
+      __syncthreads();  // every warp is done with the one stage
+      load(it, 0);
+      cp_async_commit();
+    }
+    // Tile `it` has landed (at most stages-2 newer groups pending); after the barrier every thread
+    // sees every thread's copies and every warp has finished iteration it-1, so the stage that
+    // iteration read can be refilled.
+    cp_async_wait_pending(max(stages - 2, 0));
+    __syncthreads();
+    if (stages > 1) {
+      const int next = it + stages - 1;
+      if (next < num_tiles) load(next, next % stages);
+      cp_async_commit();
+    }
+    body(it, it % stages);
+  }
+  cp_async_wait<0>();  // only empty groups can be pending; none may land after the CTA exits
+}
+
+// The epilogue of both kernels: fragment row half i (rows g + 8i) of the calling lane's [16,
+// cols_w] fp32 accumulator, to `out` (rounded to T) or, with key/row splits, to `partial` (fp32);
+// each points at the lane's first column (col_begin + 2t) of that row, and exactly one is non-null.
+template <typename T, int kAccBlocks>
+__device__ __forceinline__ void store_accumulator_row(const float (&acc)[kAccBlocks][4], int i,
+                                                      T* out, float* partial, int col_begin,
+                                                      int warp_cols, int dv) {
+#pragma unroll
+  for (int d = 0; d < kAccBlocks; ++d) {
+    if (d * 8 < warp_cols && col_begin + d * 8 < dv) {
+      if (partial != nullptr) {
+        *reinterpret_cast<float2*>(partial + d * 8) = make_float2(acc[d][2 * i], acc[d][2 * i + 1]);
+      } else {
+        store2(out + d * 8, acc[d][2 * i], acc[d][2 * i + 1]);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // dq: one CTA per (16-row tile, key split, segment).
 // ---------------------------------------------------------------------------------------------
@@ -270,13 +324,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int col_begin = warp * p.cols_per_warp;
   const int warp_cols = max(0, min(p.cols_per_warp, dv16 - col_begin));
   const T* const x = static_cast<const T*>(p.x);
-  const int stages = p.dq_stages;
-
-  auto load_x = [&](int tile, int stage) {
-    const int key0 = tile * kBwdBlockN;
-    load_key_tile_async<T, kDvMax>(sX + stage * kTileElems, x, p.x_token_stride, ks, key0,
-                                   min(kBwdBlockN, ks.length - key0), dv);
-  };
 
   float acc[kAccBlocks][4];
 #pragma unroll
@@ -285,8 +332,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int e = 0; e < 4; ++e) acc[d][e] = 0.f;
   }
 
-  // Prologue: q, dO and the row stats as one commit group, then x tiles 0 .. stages-2 one group
-  // each (empty groups past the last tile, so the count the loop waits on is always the same).
+  // q, dO and the row stats: resident, one commit group ahead of the x tiles.
   if (num_tiles > 0) {
     load_row_tile_async<T, kDvMax>(sQ, static_cast<const T*>(p.q), p.q_token_stride,
                                    p.q_head_stride, qs, m0, rows_in_tile, p.num_heads, dv);
@@ -295,31 +341,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     load_row_stats_async(sStat, p, qs, m0, rows_in_tile);
   }
   cp_async_commit();
-#pragma unroll 1
-  for (int i = 0; i < stages - 1; ++i) {
-    if (i < num_tiles) load_x(n_begin + i, i);
-    cp_async_commit();
-  }
 
-#pragma unroll 1
-  for (int it = 0; it < num_tiles; ++it) {
-    if (stages == 1) {
-      __syncthreads();  // every warp is done with the one stage (previous iteration's step 3)
-      load_x(n_begin + it, 0);
-      cp_async_commit();
-    }
-    // Tile `it` has landed (at most stages-2 newer groups pending); after the barrier every thread
-    // sees every thread's copies and every warp has finished iteration it-1, so the stage it read
-    // can be refilled.
-    cp_async_wait_pending(max(stages - 2, 0));
-    __syncthreads();
-    if (stages > 1) {
-      const int next = it + stages - 1;
-      if (next < num_tiles) load_x(n_begin + next, next % stages);
-      cp_async_commit();
-    }
-    const T* const sXs = sX + (it % stages) * kTileElems;
-
+  auto load_x = [&](int it, int stage) {
+    const int key0 = (n_begin + it) * kBwdBlockN;
+    load_key_tile_async<T, kDvMax>(sX + stage * kTileElems, x, p.x_token_stride, ks, key0,
+                                   min(kBwdBlockN, ks.length - key0), dv);
+  };
+  stream_tiles(num_tiles, p.dq_stages, load_x, [&](int it, int stage) {
+    const T* const sXs = sX + stage * kTileElems;
     if (warp_cols > 0) partial_scores<T, kDvMax>(sScore, sQ, sDO, sXs, col_begin, warp_cols);
     __syncthreads();
 
@@ -330,7 +359,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
 
-    // dq[:, cols_w] += (scale dS) x[:, cols_w]
+    // dq[:, cols_w] += (scale dS) x[:, cols_w]. The next tile's barriers order these reads of sDS
+    // and the x stage before they are overwritten.
     if (warp_cols > 0) {
       uint32_t a[4];
       load_a_fragment<kBwdBlockN>(a, sDS, 0, 0);
@@ -344,10 +374,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-    // The next iteration's barriers order these reads of sDS and the x stage before they are
-    // overwritten.
-  }
-  cp_async_wait<0>();  // only empty groups can be pending; none may land after the CTA exits
+  });
 
   if (warp_cols == 0) return;
   const int g = lane / 4;
@@ -360,22 +387,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int row = m0 + r;
     const int64_t flat =
         static_cast<int64_t>(qs.begin + row / p.num_heads) * p.num_heads + row % p.num_heads;
+    const int64_t col = col_begin + 2 * t;
     if (p.dq_splits == 1) {
-      T* const dst = static_cast<T*>(p.dq) + flat * dv + col_begin + 2 * t;
-#pragma unroll
-      for (int d = 0; d < kAccBlocks; ++d) {
-        if (d * 8 < warp_cols && col_begin + d * 8 < dv) {
-          store2(dst + d * 8, acc[d][2 * i], acc[d][2 * i + 1]);
-        }
-      }
+      store_accumulator_row<T>(acc, i, static_cast<T*>(p.dq) + flat * dv + col, nullptr,
+                               col_begin, warp_cols, dv);
     } else {
-      float* const dst = p.dq_partial + (split * rows_total + flat) * dv + col_begin + 2 * t;
-#pragma unroll
-      for (int d = 0; d < kAccBlocks; ++d) {
-        if (d * 8 < warp_cols && col_begin + d * 8 < dv) {
-          *reinterpret_cast<float2*>(dst + d * 8) = make_float2(acc[d][2 * i], acc[d][2 * i + 1]);
-        }
-      }
+      store_accumulator_row<T>(acc, i, nullptr,
+                               p.dq_partial + (split * rows_total + flat) * dv + col, col_begin,
+                               warp_cols, dv);
     }
   }
 }
@@ -431,10 +450,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lane = tid % 32;
   const int col_begin = warp * p.cols_per_warp;
   const int warp_cols = max(0, min(p.cols_per_warp, dv16 - col_begin));
-  const int stages = p.dx_stages;
 
-  auto load_rows = [&](int tile, int stage) {  // tile: index among the segment's row tiles
-    const int m0 = tile * kBwdBlockM;
+  auto load_rows = [&](int it, int stage) {  // it: index among this split's row tiles
+    const int m0 = (m_begin + it) * kBwdBlockM;
     const int valid_rows = min(kBwdBlockM, rows - m0);
     load_row_tile_async<T, kDvMax>(stage_q(stage), static_cast<const T*>(p.q), p.q_token_stride,
                                    p.q_head_stride, qs, m0, valid_rows, p.num_heads, dv);
@@ -451,36 +469,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int e = 0; e < 4; ++e) acc[d][e] = 0.f;
   }
 
-  // Prologue: the x tile as one commit group, then row tiles 0 .. stages-2 one group each.
+  // The x tile: resident, one commit group ahead of the row tiles.
   if (num_tiles > 0) {
     load_key_tile_async<T, kDvMax>(sX, static_cast<const T*>(p.x), p.x_token_stride, ks, n0,
                                    keys_in_tile, dv);
   }
   cp_async_commit();
-#pragma unroll 1
-  for (int i = 0; i < stages - 1; ++i) {
-    if (i < num_tiles) load_rows(m_begin + i, i);
-    cp_async_commit();
-  }
 
-#pragma unroll 1
-  for (int it = 0; it < num_tiles; ++it) {
-    if (stages == 1) {
-      __syncthreads();  // every warp is done with the one stage (previous iteration's step 3)
-      load_rows(m_begin + it, 0);
-      cp_async_commit();
-    }
-    cp_async_wait_pending(max(stages - 2, 0));
-    __syncthreads();
-    if (stages > 1) {
-      const int next = it + stages - 1;
-      if (next < num_tiles) load_rows(m_begin + next, next % stages);
-      cp_async_commit();
-    }
-    const int stage = it % stages;
+  stream_tiles(num_tiles, p.dx_stages, load_rows, [&](int it, int stage) {
     const T* const sQs = stage_q(stage);
     const T* const sDOs = stage_do(stage);
-
     if (warp_cols > 0) partial_scores<T, kDvMax>(sScore, sQs, sDOs, sX, col_begin, warp_cols);
     __syncthreads();
 
@@ -515,8 +513,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-  }
-  cp_async_wait<0>();
+  });
 
   if (warp_cols == 0) return;
   const int g = lane / 4;
@@ -526,23 +523,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int k = g + 8 * i;
     if (k >= keys_in_tile) continue;
     const int64_t key = static_cast<int64_t>(ks.begin) + n0 + k;
+    const int64_t col = col_begin + 2 * t;
     if (p.dx_splits == 1) {
-      T* const dst = static_cast<T*>(p.dx) + key * dv + col_begin + 2 * t;
-#pragma unroll
-      for (int d = 0; d < kAccBlocks; ++d) {
-        if (d * 8 < warp_cols && col_begin + d * 8 < dv) {
-          store2(dst + d * 8, acc[d][2 * i], acc[d][2 * i + 1]);
-        }
-      }
+      store_accumulator_row<T>(acc, i, static_cast<T*>(p.dx) + key * dv + col, nullptr, col_begin,
+                               warp_cols, dv);
     } else {
-      float* const dst =
-          p.dx_partial + (split * static_cast<int64_t>(p.total_k) + key) * dv + col_begin + 2 * t;
-#pragma unroll
-      for (int d = 0; d < kAccBlocks; ++d) {
-        if (d * 8 < warp_cols && col_begin + d * 8 < dv) {
-          *reinterpret_cast<float2*>(dst + d * 8) = make_float2(acc[d][2 * i], acc[d][2 * i + 1]);
-        }
-      }
+      store_accumulator_row<T>(
+          acc, i, nullptr,
+          p.dx_partial + (split * static_cast<int64_t>(p.total_k) + key) * dv + col, col_begin,
+          warp_cols, dv);
     }
   }
 }

@@ -9,7 +9,9 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "common/check.h"
 #include "projected/projected_params.h"
@@ -80,6 +82,50 @@ inline void check_cu_seqlens(const char* op, const char* name, const at::Tensor&
   TORCH_CHECK(t.dim() == 1 && t.numel() >= 1, op, ": ", name,
               " must be 1-D with batch + 1 entries, got shape ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// The checks both entry points make of q [total_q, H, Dv], x [total_k, Dv], the segments and the
+// scalars (each error names the argument and `op`).
+inline void check_core_inputs(const char* op, const at::Tensor& q, const at::Tensor& x,
+                              const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                              int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                              int64_t num_splits) {
+  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+  CROSSLMM_CHECK_CUDA(q);
+  CROSSLMM_CHECK_CUDA(x);
+  CROSSLMM_CHECK_SAME_DEVICE(q, x);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": q must have dtype float16 or bfloat16, got ", q.scalar_type());
+  CROSSLMM_CHECK_DTYPE(x, q.scalar_type());
+  CROSSLMM_CHECK_DIM(q, 3);
+  CROSSLMM_CHECK_DIM(x, 2);
+  const int64_t total_q = q.size(0), heads = q.size(1), dv = q.size(2);
+  const int64_t total_k = x.size(0);
+  TORCH_CHECK(x.size(1) == dv, op, ": x must have q's width Dv = q.size(2) = ", dv,
+              " in its last dimension, got x of shape ", x.sizes());
+  TORCH_CHECK(dv > 0 && dv % 8 == 0 && dv <= kDvLarge, op,
+              ": Dv (q.size(2)) must be a positive multiple of 8 and at most ", kDvLarge, ", got ",
+              dv);
+  TORCH_CHECK(heads >= 1, op, ": q must have at least one head (q.size(1)), got shape ",
+              q.sizes());
+  TORCH_CHECK(q.stride(2) == 1, op,
+              ": q must have channel (last-dim) stride 1, got strides ", q.strides());
+  TORCH_CHECK(x.stride(1) == 1, op,
+              ": x must have channel (last-dim) stride 1, got strides ", x.strides());
+  check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q);
+  check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, q);
+  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(), op,
+              ": cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got ",
+              cu_seqlens_q.numel(), " and ", cu_seqlens_k.numel());
+  TORCH_CHECK(total_q * heads <= kInt32Max && total_k <= kInt32Max, op,
+              ": too many rows (total_q * num_heads = ", total_q * heads, ", total_k = ", total_k,
+              "; at most 2^31 - 1 each)");
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, op,
+              ": max_seqlen_q and max_seqlen_k must be >= 0, got ", max_seqlen_q, " and ",
+              max_seqlen_k);
+  TORCH_CHECK(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ",
+              softmax_scale);
+  TORCH_CHECK(num_splits >= 0, op, ": num_splits must be >= 0 (0 = heuristic), got ", num_splits);
 }
 
 // Split heuristic: a split keeps at least this many tiles, and costs about this many tiles of
