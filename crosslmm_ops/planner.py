@@ -12,6 +12,9 @@ Every decision about *how* a call runs is taken here, in one place:
 * the **CUDA attention kernel** (:func:`attention_kernel`): the Hopper wgmma + TMA kernels or the
   mma.sync ones, passed to ``crosslmm_ops._C`` as an argument (``CROSSLMM_ATTENTION_SM90`` /
   ``CROSSLMM_ATTENTION_BWD_SM90`` override).
+* the **back end of the projection-fused core's backward** (:func:`projected_backward_backend`):
+  the forward's, with the CUDA one's on Triton (else torch) where the extension lacks it
+  (``CROSSLMM_PROJECTED_BWD_CUDA=0`` forces that).
 
 What ran is recorded once, in this module (:func:`note`; read with :func:`last_backend`,
 :func:`last_path`, :func:`last_kernel`, :func:`last_record`, :func:`record_backends`), and
@@ -143,6 +146,24 @@ def resolve(
 ) -> str:
     """The back end for one call (:func:`choose_backend` without the reason)."""
     return choose_backend(op, backend, device, cuda_ok=cuda_ok, triton_ok=triton_ok)[0]
+
+
+def projected_backward_backend(backend: str, device: torch.device) -> tuple[str, str]:
+    """``(back end, reason)`` of the projection-fused core's backward after its forward ran on
+    ``backend``: the same back end, except a CUDA forward's backward on Triton (torch without
+    Triton) where the extension has no ``projected_attention_core_backward`` or
+    ``CROSSLMM_PROJECTED_BWD_CUDA=0``. The CUDA backward takes every call its forward took (the
+    same dtypes, widths and devices)."""
+    if backend != "cuda":
+        return backend, f"the forward ran on {backend}"
+    if environment.projected_bwd_cuda() == "0":
+        why = f"{environment.PROJECTED_BWD_CUDA_VAR}=0"
+    elif not hasattr(_backend.extension(), "projected_attention_core_backward"):
+        why = "the CUDA extension was built without the projected-attention backward"
+    else:
+        return "cuda", "the forward ran on cuda, and the extension has its backward"
+    fallback = "triton" if _backend.triton_runnable(device)[0] else "torch"
+    return fallback, f"the forward ran on cuda, but {why}"
 
 
 # ----------------------------------------------------------------------------------------------

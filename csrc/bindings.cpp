@@ -30,6 +30,11 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& q, const at::Tensor& x, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double softmax_scale, int64_t num_splits);
+std::tuple<at::Tensor, at::Tensor> projected_attention_core_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& x, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t num_splits,
+    const c10::optional<at::Tensor>& dlse);
 std::string attention_forward_kernel_name();
 int64_t attention_forward_rows_per_query();
 std::string attention_backward_kernel_name();
@@ -125,4 +130,14 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("cu_seqlens_k"), pybind11::arg("max_seqlen_q"),
         pybind11::arg("max_seqlen_k"), pybind11::arg("softmax_scale"),
         pybind11::arg("num_splits"));
+  m.def("projected_attention_core_backward",
+        guarded(&crosslmm::projected_attention_core_backward),
+        "Backward of projected_attention_core_forward (csrc/projected/): returns (dq [total_q, H, "
+        "Dv], dx [total_k, Dv]) from dout, q, x, out, lse (and dlse [H, total_q], optional); "
+        "deterministic; num_splits 0 = heuristic key/row split.",
+        pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("x"), pybind11::arg("out"),
+        pybind11::arg("lse"), pybind11::arg("cu_seqlens_q"), pybind11::arg("cu_seqlens_k"),
+        pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"),
+        pybind11::arg("softmax_scale"), pybind11::arg("num_splits"),
+        pybind11::arg("dlse") = pybind11::none());
 }

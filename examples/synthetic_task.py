@@ -693,8 +693,9 @@ def _expected_ops(setting: str, kv_path: str, backend: str) -> set[str]:
 
 
 def _allowed_elsewhere(pair: str, backend: str) -> bool:
-    # The CUDA binding of the projection-fused core is forward only: its backward runs on Triton
-    # by design (crosslmm_ops/ops/projected_attention.py), and is recorded as such.
+    # The projection-fused core's backward runs on Triton after a CUDA forward where the
+    # extension has no CUDA backward or CROSSLMM_PROJECTED_BWD_CUDA=0
+    # (crosslmm_ops.planner.projected_backward_backend), and is recorded as such.
     return backend == "cuda" and pair == "projected_attention_core_backward:triton"
 
 

@@ -6,7 +6,7 @@ sm90 wgmma + TMA one, chosen for head dim 128 fp16/bf16 with >= 64 query rows, t
 sm90 one for fewer, and the mma.sync one, forced per call with CROSSLMM_ATTENTION_SM90=0, which
 the planner reads at every call), their
 split-KV combine, the attention backward, and the projection-fused core (direct and through
-projected_cross_attention), with its split combine."""
+projected_cross_attention), with its split combine, and its backward (direct)."""
 
 import os
 
@@ -143,6 +143,29 @@ if ext is not None and hasattr(ext, "projected_attention_core_forward"):
             ext.projected_attention_core_forward(q, x, cu_q, cu_k, 1, 100, 0.1, splits)
             runs += 2 if splits == 3 else 1
     torch.cuda.synchronize()
+print("sanitize_kernels: section projected (core backward)", flush=True)
+if ext is not None and hasattr(ext, "projected_attention_core_backward"):
+    # The core's backward called directly (delta, dx, dq and, with splits, the split-sum kernels):
+    # 16-row tiles with row and key tails, a segment without keys and one without queries, Dv with
+    # idle warps (200), the large-Dv bucket (1160, one pipeline stage), splits 1 / 3 / heuristic,
+    # dlse given and not, a non-contiguous q.
+    lens_q, lens_k = [1, 3, 0, 2], [37, 100, 5, 0]
+    cu_q = torch.tensor([0, 1, 4, 4, 6], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 37, 137, 142, 142], dtype=torch.int32, device="cuda")
+    for dtype, dv in ((torch.bfloat16, 1152), (torch.float16, 200), (torch.bfloat16, 1160)):
+        x = torch.randn(sum(lens_k), dv, device="cuda", dtype=dtype)
+        q = torch.randn(sum(lens_q), 12, dv, device="cuda", dtype=dtype)
+        out, lse = ext.projected_attention_core_forward(q, x, cu_q, cu_k, 3, 100, 0.1, 1)
+        dout = torch.randn_like(out)
+        dlse = torch.randn_like(lse)
+        for qq in (q, non_contiguous(q, dim=1)):
+            for splits in (1, 3, 0):
+                for g in (None, dlse):
+                    ext.projected_attention_core_backward(
+                        dout, qq, x, out, lse, cu_q, cu_k, 3, 100, 0.1, splits, dlse=g
+                    )
+                    runs += 5 if splits == 3 else 3  # delta, dx, dq (+ 2 split sums)
+    torch.cuda.synchronize()
 print("sanitize_kernels: section projected (public)", flush=True)
 if os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):
     # The public call below runs our core (checked above, called directly) between cuBLAS GEMMs,
@@ -157,7 +180,8 @@ if os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):
         flush=True,
     )
 elif ext is not None and hasattr(ext, "projected_attention_core_forward"):
-    # Through the public op: the fused path's forward on CUDA (its backward runs on Triton),
+    # Through the public op: the fused path's forward on CUDA (its backward on CUDA where the
+    # extension has it, else Triton),
     # frame-local segments and a decode row against a long segment, with splits.
     lens_q, lens_k = [9, 9, 1], [729, 729, 3000]
     cu_q = torch.tensor([0, 9, 18, 19], dtype=torch.int32, device="cuda")

@@ -958,9 +958,10 @@ def test_cuda_dcal_bf16(kw, kv_path):
     if kv_path == "materialized":
         assert ("cross_attention", "cuda") in log
         assert crosslmm_ops.last_backend("cross_attention_backward") == "cuda"
-    else:  # the fused core's backward runs on Triton (the CUDA binding is forward only)
+    else:  # the fused core's backward: CUDA where the extension has it (the planner says)
         assert ("projected_attention_core", "cuda") in log
-        assert crosslmm_ops.last_backend("projected_attention_core_backward") == "triton"
+        expected = crosslmm_ops.planner.projected_backward_backend("cuda", dev)[0]
+        assert crosslmm_ops.last_backend("projected_attention_core_backward") == expected
     assert not torch.isnan(out).any() and not torch.isnan(dx).any()
     eps = torch.finfo(torch.bfloat16).eps
     err = (out - ref_out).abs().max().item()

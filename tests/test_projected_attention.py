@@ -670,9 +670,8 @@ def check_core(backend, q, x, cu_q, cu_k, *, num_splits=0, scale=0.2, lse_grad=T
     expected, lowg = grads(ref_out, ref_lse, ref), grads(low_out, low_lse, low)
     with poison_outputs():
         actual = grads(out, lse, leaves)
-    assert crosslmm_ops.last_backend(CORE + "_backward") == (
-        "triton" if backend == "cuda" else backend
-    )
+    expected_backward = crosslmm_ops.planner.projected_backward_backend(backend, q.device)[0]
+    assert crosslmm_ops.last_backend(CORE + "_backward") == expected_backward
     for name, a, e, lo in zip(("dq", "dx"), actual, expected, lowg):
         check_close(name, a, lo, e, factor=3, floor=rounding(e, dtype))
 
@@ -1059,11 +1058,29 @@ def test_auto_on_cpu_is_torch_and_recorded():
     assert log == [("cross_attention", "torch"), (OP, "torch")]
 
 
-def test_cuda_backward_routing():
+def test_cuda_backward_routing(monkeypatch):
+    from crosslmm_ops import _backend, planner
+
     cpu = torch.device("cpu")
-    assert pa._backward_backend("cuda", cpu) == ("triton" if triton_cpu() else "torch")
-    assert pa._backward_backend("triton", cpu) == "triton"
-    assert pa._backward_backend("torch", cpu) == "torch"
+    fallback = "triton" if triton_cpu() else "torch"
+    assert planner.projected_backward_backend("triton", cpu)[0] == "triton"
+    assert planner.projected_backward_backend("torch", cpu)[0] == "torch"
+
+    class WithBackward:
+        def projected_attention_core_backward(self, *args, **kwargs):
+            raise AssertionError("not called")
+
+    monkeypatch.setattr(_backend, "extension", lambda: None)
+    backend, why = planner.projected_backward_backend("cuda", cpu)
+    assert backend == fallback and "without the projected-attention backward" in why
+    monkeypatch.setattr(_backend, "extension", WithBackward)
+    assert planner.projected_backward_backend("cuda", cpu)[0] == "cuda"
+    monkeypatch.setenv("CROSSLMM_PROJECTED_BWD_CUDA", "0")
+    backend, why = planner.projected_backward_backend("cuda", cpu)
+    assert backend == fallback and "CROSSLMM_PROJECTED_BWD_CUDA=0" in why
+    monkeypatch.setenv("CROSSLMM_PROJECTED_BWD_CUDA", "1")
+    with pytest.raises(ValueError, match="CROSSLMM_PROJECTED_BWD_CUDA"):
+        planner.projected_backward_backend("cuda", cpu)
 
 
 def test_width_slabs():

@@ -19,8 +19,9 @@ Everything about the op lives here, side by side:
   weights (``W diag(gamma)``) and the biases (``b + W beta``) with differentiable torch ops;
 * the core ``crosslmm::projected_attention_core`` / ``..._backward`` custom ops (+ fake
   kernels + autograd, and an eager ``autograd.Function`` with the same code for eager calls), whose
-  back ends are CUDA (``_C.projected_attention_core_forward``, csrc/projected/; its backward runs on
-  Triton or torch), Triton (crosslmm_ops/triton/projected_attention.py) and the reference
+  back ends are CUDA (``_C.projected_attention_core_forward`` / ``..._backward``, csrc/projected/;
+  :func:`crosslmm_ops.planner.projected_backward_backend` picks the backward's), Triton
+  (crosslmm_ops/triton/projected_attention.py) and the reference
   (:func:`_core_reference_forward` / :func:`_core_reference_backward`, segment runs of equal size
   batched with ``bmm``);
 * :class:`CostModel` / :func:`choose_path` - fused or materialised, per call, from the shapes;
@@ -450,14 +451,6 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
     return out, lse
 
 
-def _backward_backend(backend: str, device: torch.device) -> str:
-    """The CUDA binding is forward only: its backward runs on Triton, or the reference without
-    Triton (recorded as ``projected_attention_core_backward``)."""
-    if backend == "cuda":
-        return "triton" if _backend.triton_runnable(device)[0] else "torch"
-    return backend
-
-
 def _core_backward(
     backend, dout, dlse, q, x, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits
 ):
@@ -467,6 +460,24 @@ def _core_backward(
         return dq.to(q.dtype), dx.to(x.dtype)
     q, x, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, x, dout))
     cu_q, cu_k = _backend.kernel_index(cu_q), _backend.kernel_index(cu_k)
+    if backend == "cuda":
+        # The binding takes [total_q, Hq, Dv] like the forward's (copies when 1 < Hk < Hq).
+        hk = q.shape[0]
+        dq, dx = _backend.extension().projected_attention_core_backward(
+            _cuda_input(_rows_view(dout)),
+            _cuda_input(_rows_view(q)),
+            _cuda_input(x),
+            _cuda_input(_rows_view(out)),
+            lse.contiguous(),
+            cu_q,
+            cu_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            scale,
+            num_splits,
+            dlse=None if dlse is None else dlse.float().contiguous(),
+        )
+        return _grouped(dq, hk), dx
     dq = _backend.new_output(q.shape, q.dtype, q.device)
     dx = _backend.new_output(x.shape, x.dtype, x.device)
     _triton_kernels().projected_attention_core_backward(
@@ -597,7 +608,7 @@ def _core_backward_impl(
     backend,
 ):
     """The backward custom op's implementation (also the eager function's backward)."""
-    backend = _backward_backend(backend, q.device)
+    backend = planner.projected_backward_backend(backend, q.device)[0]
     grads = _core_backward(
         backend,
         dout,
@@ -1050,7 +1061,8 @@ def projected_cross_attention(
     * ``backend``: ``"auto"`` (default; env ``CROSSLMM_BACKEND``), ``"cuda"``, ``"triton"`` or
       ``"torch"``, for the fused core
       (``crosslmm_ops.last_backend("projected_attention_core")``: CUDA
-      fp16/bf16 with ``Dv`` a multiple of 8 up to 2048, its backward on Triton; Triton
+      fp16/bf16 with ``Dv`` a multiple of 8 up to 2048, its backward on CUDA too where the
+      extension has it, else Triton; Triton
       fp16/bf16/fp32 up to 2048) or for ``cross_attention`` on the materialised path;
       ``last_backend("projected_cross_attention")`` is the one that ran either;
     * ``num_splits``: key splits of the attention (0 = heuristic); ``return_lse``: also return the

@@ -36,6 +36,7 @@
 #include <tuple>
 
 #include "common/check.h"
+#include "projected/projected_host.h"
 #include "projected/projected_params.h"
 
 namespace crosslmm {
@@ -45,32 +46,15 @@ using projected::kBlockN;
 using projected::kBlockNWide;
 using projected::kDvLarge;
 using projected::kDvSmall;
-using projected::kMaxSplits;
 using projected::kMaxStages;
 using projected::kMinStages;
-using projected::kWarps;
 using projected::ProjectedForwardParams;
 using projected::ProjectedTile;
+using projected::choose_splits;
+using projected::max_smem_per_block;
 
 constexpr const char* kOp = "projected_attention_core_forward";
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-// Split heuristic: a split keeps at least this many key tiles, and costs about this many key tiles
-// of fixed work (loading Q, filling the pipeline, writing and merging its partial result).
-constexpr int64_t kMinTilesPerSplit = 4;
-constexpr int64_t kSplitOverheadTiles = 3;
-
-// Calls fn.template operator()<T, kDvMax>() for the dtype and Dv bucket.
-template <typename Fn>
-void dispatch_dtype_dv(at::ScalarType dtype, int dv_max, Fn&& fn) {
-  if (dtype == at::kHalf) {
-    if (dv_max == kDvSmall) return fn.template operator()<__half, kDvSmall>();
-    if (dv_max == kDvLarge) return fn.template operator()<__half, kDvLarge>();
-  } else if (dtype == at::kBFloat16) {
-    if (dv_max == kDvSmall) return fn.template operator()<__nv_bfloat16, kDvSmall>();
-    if (dv_max == kDvLarge) return fn.template operator()<__nv_bfloat16, kDvLarge>();
-  }
-  TORCH_CHECK(false, kOp, ": unsupported dtype ", dtype, " / Dv bucket ", dv_max);
-}
 
 // Shared memory of the kernel instantiations (keys: kBlockN, or kBlockNWide for Dv bucket
 // kDvSmall with one m16 tile, the only wide instantiation).
@@ -100,58 +84,6 @@ int stages_that_fit(int dv_max, int m_tiles, int keys, int smem_limit) {
   return stages >= kMinStages ? stages : 0;
 }
 
-int max_smem_per_block() {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes;
-}
-
-// True when the kernel can read t in place: the 16-byte loads need every stride of a dimension of
-// size > 1 (other than the channels) to be a multiple of 8 elements and a 16-byte aligned base.
-bool loads_16_byte_aligned(const at::Tensor& t) {
-  if (t.numel() == 0) return true;
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
-  }
-  return true;
-}
-
-void check_cu_seqlens(const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), kOp, ": ", name, " must be on ", q.device(),
-              " like q, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kInt, kOp, ": ", name, " must have dtype int32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.numel() >= 1, kOp, ": ", name,
-              " must be 1-D with batch + 1 entries, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
-}
-
-// Key splits per segment. With num_splits = 0: the number that minimises the estimated time,
-// waves(s) * (key tiles per split + fixed cost per split), where waves(s) = ceil(ctas * s / wave):
-// one split when the row tiles already fill the GPU, about one CTA per SM per sequence for decode
-// (a batch-1 decode step at T = 256 frames runs 132 splits of ~88 tiles on 132 SMs).
-int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t key_tiles, int64_t wave) {
-  if (num_splits > 0) {
-    return std::min<int64_t>({num_splits, std::max<int64_t>(1, key_tiles), kMaxSplits});
-  }
-  const int64_t max_splits =
-      std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, key_tiles / kMinTilesPerSplit));
-  int64_t best = 1;
-  double best_cost = -1.0;
-  for (int64_t s = 1; s <= max_splits; ++s) {
-    const double waves = static_cast<double>(ceil_div(ctas * s, wave));
-    const double cost = waves * static_cast<double>(ceil_div(key_tiles, s) + kSplitOverheadTiles);
-    if (best_cost < 0 || cost < best_cost) {
-      best = s;
-      best_cost = cost;
-    }
-  }
-  return best;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
@@ -159,41 +91,10 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double softmax_scale, int64_t num_splits) {
   // ---- checks -------------------------------------------------------------------------------
-  CROSSLMM_CHECK_CUDA(q);
-  CROSSLMM_CHECK_CUDA(x);
-  CROSSLMM_CHECK_SAME_DEVICE(q, x);
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
-              ": q must have dtype float16 or bfloat16, got ", q.scalar_type());
-  CROSSLMM_CHECK_DTYPE(x, q.scalar_type());
-  CROSSLMM_CHECK_DIM(q, 3);
-  CROSSLMM_CHECK_DIM(x, 2);
+  projected::check_core_inputs(kOp, q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               softmax_scale, num_splits);
   const int64_t total_q = q.size(0), heads = q.size(1), dv = q.size(2);
   const int64_t total_k = x.size(0);
-  TORCH_CHECK(x.size(1) == dv, kOp, ": x must have q's width Dv = q.size(2) = ", dv,
-              " in its last dimension, got x of shape ", x.sizes());
-  TORCH_CHECK(dv > 0 && dv % 8 == 0 && dv <= kDvLarge, kOp,
-              ": Dv (q.size(2)) must be a positive multiple of 8 and at most ", kDvLarge, ", got ",
-              dv);
-  TORCH_CHECK(heads >= 1, kOp, ": q must have at least one head (q.size(1)), got shape ",
-              q.sizes());
-  TORCH_CHECK(q.stride(2) == 1, kOp,
-              ": q must have channel (last-dim) stride 1, got strides ", q.strides());
-  TORCH_CHECK(x.stride(1) == 1, kOp,
-              ": x must have channel (last-dim) stride 1, got strides ", x.strides());
-  check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q);
-  check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q);
-  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(), kOp,
-              ": cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got ",
-              cu_seqlens_q.numel(), " and ", cu_seqlens_k.numel());
-  TORCH_CHECK(total_q * heads <= kInt32Max && total_k <= kInt32Max, kOp,
-              ": too many rows (total_q * num_heads = ", total_q * heads, ", total_k = ", total_k,
-              "; at most 2^31 - 1 each)");
-  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, kOp,
-              ": max_seqlen_q and max_seqlen_k must be >= 0, got ", max_seqlen_q, " and ",
-              max_seqlen_k);
-  TORCH_CHECK(std::isfinite(softmax_scale), kOp, ": softmax_scale must be finite, got ",
-              softmax_scale);
-  TORCH_CHECK(num_splits >= 0, kOp, ": num_splits must be >= 0 (0 = heuristic), got ", num_splits);
 
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({total_q, heads, dv}, q.options());
@@ -206,16 +107,12 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
 
   // Strides the 16-byte loads cannot follow: one contiguous copy (the common callers pass
   // contiguous tensors, and slices at multiples of 8 elements are read in place).
-  const at::Tensor q_read = loads_16_byte_aligned(q) ? q : q.clone(at::MemoryFormat::Contiguous);
-  const at::Tensor x_read = loads_16_byte_aligned(x) ? x : x.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor q_read = projected::readable_16_byte(q);
+  const at::Tensor x_read = projected::readable_16_byte(x);
 
   // ---- launch plan --------------------------------------------------------------------------
-  // Dv bucket and column split: round_up(Dv, 16) columns spread evenly over the 8 warps in whole
-  // 16-column k-steps (1152 -> 144 per warp; 200 -> 32 per warp, 7 warps busy).
-  const int dv_max = dv <= kDvSmall ? kDvSmall : kDvLarge;
-  const int64_t dv16 = ceil_div(dv, 16) * 16;
-  const int64_t cols_per_warp = ceil_div(ceil_div(dv16, kWarps), 16) * 16;
-  const int64_t active_warps = ceil_div(dv16, cols_per_warp);
+  const projected::ColumnSplit columns = projected::column_split(dv);
+  const int dv_max = columns.dv_max;
 
   // Row tile: one m16 tile when a segment has at most 16 rows (decode: 1 token x 12 heads), else
   // two (32 rows: half the re-reads of each frame's x against 16-row tiles) where the registers
@@ -252,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   const int64_t key_tiles = ceil_div(max_seqlen_k, keys);
   int ctas_per_sm = 1;
   if (num_splits == 0) {
-    dispatch_dtype_dv(q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
+    projected::dispatch_dtype_dv(kOp, q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
       ctas_per_sm = projected::projected_forward_ctas_per_sm<T, kDvMax>(m_tiles, keys, stages);
     });
   }
@@ -285,8 +182,8 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   p.head_dim = static_cast<int>(dv);
   p.total_q = static_cast<int>(total_q);
   p.total_k = static_cast<int>(total_k);
-  p.cols_per_warp = static_cast<int>(cols_per_warp);
-  p.active_warps = static_cast<int>(active_warps);
+  p.cols_per_warp = columns.cols_per_warp;
+  p.active_warps = columns.active_warps;
   p.stages = stages;
   p.max_seqlen_q = static_cast<int>(max_seqlen_q);
   p.num_m_blocks = static_cast<int>(num_m_blocks);
@@ -295,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype_dv(q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
+  projected::dispatch_dtype_dv(kOp, q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
     projected::run_projected_forward<T, kDvMax>(p, m_tiles, stream);
   });
   return {out, lse};
