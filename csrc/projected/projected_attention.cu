@@ -32,7 +32,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "common/check.h"
@@ -152,6 +154,14 @@ int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t key_tiles, int64
   return best;
 }
 
+// CROSSLMM_PROJECTED_DECODE: "0" keeps the general 32-key kernel where the decode kernel would run
+// (a comparison switch, read on every call like the attention kernels' overrides); anything else
+// or unset lets the plan pick the decode kernel.
+bool decode_kernel_enabled() {
+  const char* v = std::getenv("CROSSLMM_PROJECTED_DECODE");
+  return v == nullptr || std::string(v) != "0";
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
@@ -242,6 +252,17 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
       stages = stages_wide;
     }
   }
+  // The decode kernel (projected_decode_kernel.cuh) replaces the 32-key one-tile launch wherever
+  // its ring of kDecodeSlots 16-key slots fits (207.5 KB: H100/H200, not an A100, which keeps the
+  // general kernel with 16-key tiles): same tiles and results, but q in registers and a 5-slot ring
+  // keep x's loads in flight across tile boundaries, which the 2-stage 32-key kernel cannot (it is
+  // bound by reading x: decode). CROSSLMM_PROJECTED_DECODE=0 keeps the 32-key general kernel (to
+  // compare the two in one process; read on every call).
+  int decode_slots = 0;
+  if (m_tiles == 1 && dv_max == kDvSmall && keys == kBlockNWide &&
+      projected::DecodeTile::kSmemBytes <= smem_limit && decode_kernel_enabled()) {
+    decode_slots = projected::kDecodeSlots;
+  }
   TORCH_CHECK(stages > 0, kOp, ": Dv = ", dv, " needs ",
               ProjectedTile<kDvLarge, 1>::smem_bytes(kMinStages),
               " bytes of shared memory per block, this GPU allows ", smem_limit,
@@ -250,8 +271,8 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   const int64_t num_m_blocks = ceil_div(rows, 16 * m_tiles);
 
   const int64_t key_tiles = ceil_div(max_seqlen_k, keys);
-  int ctas_per_sm = 1;
-  if (num_splits == 0) {
+  int ctas_per_sm = 1;  // the decode kernel: one CTA per SM (DecodeTile's static_assert)
+  if (num_splits == 0 && decode_slots == 0) {
     dispatch_dtype_dv(q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
       ctas_per_sm = projected::projected_forward_ctas_per_sm<T, kDvMax>(m_tiles, keys, stages);
     });
@@ -293,6 +314,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   p.num_splits = static_cast<int>(splits);
   p.keys_per_tile = keys;
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.decode_slots = decode_slots;
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype_dv(q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {

@@ -14,6 +14,7 @@
 
 #include "common/check.h"
 #include "projected/projected_attention_kernel.cuh"
+#include "projected/projected_decode_kernel.cuh"
 #include "projected/projected_params.h"
 
 namespace crosslmm {
@@ -31,9 +32,47 @@ void launch_projected_forward(const ProjectedForwardParams& p, cudaStream_t stre
   CROSSLMM_CHECK_LAUNCH();
 }
 
+// The split combine (nothing with one split).
+template <typename T>
+void launch_projected_combine(const ProjectedForwardParams& p, cudaStream_t stream) {
+  if (p.num_splits > 1) {
+    const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * p.num_heads;
+    const int64_t channel_tiles = (p.head_dim + kCombineChannels - 1) / kCombineChannels;
+    const int64_t ctas = rows * channel_tiles * p.batch;
+    TORCH_CHECK(rows <= 0x7fffffff && ctas <= 0x7fffffff,
+                "projected_attention_core_forward: combine grid too large (", ctas, " CTAs)");
+    if (ctas == 0) return;
+    projected_forward_combine_kernel<T>
+        <<<static_cast<unsigned>(ctas), kCombineThreads, 0, stream>>>(
+            p, static_cast<int>(rows), static_cast<int>(channel_tiles));
+    CROSSLMM_CHECK_LAUNCH();
+  }
+}
+
+template <typename T>
+void launch_projected_decode(const ProjectedForwardParams& p, cudaStream_t stream) {
+  auto kernel = projected_decode_kernel<T>;
+  constexpr int smem = DecodeTile::kSmemBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int64_t ctas = static_cast<int64_t>(p.num_m_blocks) * p.num_splits * p.batch;
+  TORCH_CHECK(ctas <= 0x7fffffff, "projected_attention_core_forward: grid too large (", ctas, " CTAs)");
+  kernel<<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(p);
+  CROSSLMM_CHECK_LAUNCH();
+}
+
 template <typename T, int kDvMax>
 void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStream_t stream) {
   if (p.num_m_blocks == 0 || p.batch == 0 || p.num_splits == 0) return;
+  if (p.decode_slots > 0) {  // the host's plan chose the decode kernel (projected_attention.cu)
+    TORCH_CHECK(kDvMax == kDvSmall && m_tiles == 1 && p.decode_slots == kDecodeSlots &&
+                    p.keys_per_tile == kBlockNWide && p.head_dim <= kDvSmall &&
+                    p.cols_per_warp <= kDvSmall / kWarps && p.cols_per_warp % 16 == 0 &&
+                    p.num_splits <= kMaxSplits,
+                "projected_attention_core_forward: inconsistent decode launch plan");
+    if constexpr (kDvMax == kDvSmall) launch_projected_decode<T>(p, stream);
+    launch_projected_combine<T>(p, stream);
+    return;
+  }
   TORCH_CHECK(p.head_dim <= kDvMax && p.cols_per_warp <= kDvMax / kWarps &&
                   p.cols_per_warp % 16 == 0 && p.stages >= kMinStages && p.stages <= kMaxStages &&
                   p.num_splits <= kMaxSplits &&
@@ -54,18 +93,7 @@ void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStr
     TORCH_CHECK(false, "projected_attention_core_forward: Dv > ", kDvSmall,
                 " supports 16-row tiles only");
   }
-  if (p.num_splits > 1) {
-    const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * p.num_heads;
-    const int64_t channel_tiles = (p.head_dim + kCombineChannels - 1) / kCombineChannels;
-    const int64_t ctas = rows * channel_tiles * p.batch;
-    TORCH_CHECK(rows <= 0x7fffffff && ctas <= 0x7fffffff,
-                "projected_attention_core_forward: combine grid too large (", ctas, " CTAs)");
-    if (ctas == 0) return;
-    projected_forward_combine_kernel<T>
-        <<<static_cast<unsigned>(ctas), kCombineThreads, 0, stream>>>(
-            p, static_cast<int>(rows), static_cast<int>(channel_tiles));
-    CROSSLMM_CHECK_LAUNCH();
-  }
+  launch_projected_combine<T>(p, stream);
 }
 
 template <typename T, int kDvMax>
