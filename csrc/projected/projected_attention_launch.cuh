@@ -32,6 +32,19 @@ void launch_projected_forward(const ProjectedForwardParams& p, cudaStream_t stre
   CROSSLMM_CHECK_LAUNCH();
 }
 
+// True when this process's combine kernel runs code compiled from sm_90+ PTX (so it executes
+// griddepcontrol.wait and may be launched as a programmatic dependent). Asked once per process
+// (as projected_forward_ctas_per_sm, this assumes the process's GPUs are all of one kind).
+template <typename T>
+bool combine_waits_on_grid() {
+  static const bool waits = [] {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, projected_forward_combine_kernel<T>));
+    return attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90;
+  }();
+  return waits;
+}
+
 // The split combine (nothing with one split).
 template <typename T>
 void launch_projected_combine(const ProjectedForwardParams& p, cudaStream_t stream) {
@@ -42,9 +55,25 @@ void launch_projected_combine(const ProjectedForwardParams& p, cudaStream_t stre
     TORCH_CHECK(rows <= 0x7fffffff && ctas <= 0x7fffffff,
                 "projected_attention_core_forward: combine grid too large (", ctas, " CTAs)");
     if (ctas == 0) return;
-    projected_forward_combine_kernel<T>
-        <<<static_cast<unsigned>(ctas), kCombineThreads, 0, stream>>>(
-            p, static_cast<int>(rows), static_cast<int>(channel_tiles));
+    auto kernel = projected_forward_combine_kernel<T>;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(ctas));
+    config.blockDim = dim3(kCombineThreads);
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    // Programmatic dependent launch where the combine kernel was compiled from sm_90+ PTX (then it
+    // begins with griddepcontrol.wait, which orders it after the forward grid): its launch overlaps
+    // the forward kernel's tail. Elsewhere (sm_80 code, or an sm_80 build running on an H100) a
+    // plain stream-ordered launch.
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    if (combine_waits_on_grid<T>()) {
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+    }
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, static_cast<int>(rows),
+                                      static_cast<int>(channel_tiles)));
     CROSSLMM_CHECK_LAUNCH();
   }
 }

@@ -155,6 +155,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int g = lane / 4;
   const int t = lane % 4;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Let the combine grid (a programmatic dependent launch, launch_projected_combine) be scheduled
+  // once every CTA of this grid has started: its CTAs (5 KB of shared memory, 38 registers a
+  // thread) fit next to this kernel's and wait in griddepcontrol.wait for this grid to complete, so
+  // the combine starts without a launch gap. (Triggering only lets the dependent launch early; its
+  // wait still covers all of this grid's writes.)
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+
   // Prologue: q (one group), then slots 0, 1, 2 (one group each; empty past the split's keys, so
   // the group counts below hold for any number of tiles).
   if (num_tiles > 0) load_q();
