@@ -377,6 +377,87 @@ def test_long_query_prefill_t256():
 
 
 # ----------------------------------------------------------------------------------------------
+# The decode kernel (csrc/projected/projected_decode_kernel.cuh): one m16 row tile, Dv <= 1152,
+# chosen by the launch plan where its 207.5 KB fit (H100/H200); CROSSLMM_PROJECTED_DECODE=0 keeps
+# the general 32-key kernel, read on every call.
+# ----------------------------------------------------------------------------------------------
+
+DECODE_VAR = "CROSSLMM_PROJECTED_DECODE"
+# Key counts around the 16-key slots and 32-key tiles: one key, a slot's tail, one and two tiles
+# and one key either side of them, and a long tail.
+DECODE_KEYS = [1, 31, 32, 33, 63, 64, 65, 1000]
+
+
+def _run_kernel(monkeypatch, decode: bool, *args, **kwargs):
+    monkeypatch.setenv(DECODE_VAR, "1" if decode else "0")
+    try:
+        return run(*args, **kwargs)
+    finally:
+        monkeypatch.delenv(DECODE_VAR)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 0])
+@pytest.mark.parametrize("keys", DECODE_KEYS)
+@pytest.mark.parametrize("heads", [1, 5, 12])
+@pytest.mark.parametrize("dv", [1152, 200])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@gpu
+def test_decode_kernel_shapes(dtype, dv, heads, keys, num_splits):
+    """One query x 1..12 heads (one m16 tile) against 1..1000 keys, with Dv 1152 (8 busy warps)
+    and 200 (7 warps, a half k-step), explicit and heuristic splits (more splits than tiles leave
+    empty splits), against the float64 oracle; a second segment shifts the keys off 32-key
+    alignment in x."""
+    q, x, cu_q, cu_k = make_inputs([1, 1], [keys, 7], heads, dv, dtype)
+    check(q, x, cu_q, cu_k, num_splits=num_splits, label=f"decode {keys} keys")
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@gpu
+def test_decode_kernel_matches_general(monkeypatch, dtype, num_splits):
+    """The decode kernel and the general 32-key kernel do the same operations in the same order:
+    their results agree to rounding (and both match the oracle), on a batch of decode steps with
+    empty and short segments."""
+    lens_k = [5000, 0, 33, 1, 729]
+    q, x, cu_q, cu_k = make_inputs([1] * len(lens_k), lens_k, HQ, DV, dtype)
+    new, new_lse = _run_kernel(monkeypatch, True, q, x, cu_q, cu_k, num_splits=num_splits)
+    old, old_lse = _run_kernel(monkeypatch, False, q, x, cu_q, cu_k, num_splits=num_splits)
+    err = (new.float() - old.float()).abs().max().item()
+    ulp = torch.finfo(dtype).eps * old.float().abs().max().item()
+    assert err <= 2 * ulp, f"decode vs general kernel: out differs by {err:.3e} (ulp {ulp:.3e})"
+    same_inf = torch.isneginf(new_lse) == torch.isneginf(old_lse)
+    assert same_inf.all(), "decode vs general kernel: -inf lse rows differ"
+    finite = ~torch.isneginf(old_lse)
+    assert torch.allclose(new_lse[finite], old_lse[finite], rtol=0, atol=1e-5)
+    check(q, x, cu_q, cu_k, num_splits=num_splits, label="decode batch")
+
+
+@pytest.mark.parametrize("num_splits", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@gpu
+def test_decode_kernel_t256(dtype, num_splits):
+    """CrossLMM-2B's decode step at T = 256: 12 rows against 186,624 keys (132 splits on an
+    H100 with the heuristic, one long split with 1), against the oracle, and bitwise repeatable."""
+    q, x, cu_q, cu_k = make_inputs([1], [256 * FRAME], HQ, DV, dtype)
+    out, lse = check(q, x, cu_q, cu_k, num_splits=num_splits, label="decode T=256")
+    for _ in range(2):
+        again, again_lse = run(q, x, cu_q, cu_k, num_splits=num_splits)
+        assert torch.equal(out, again) and torch.equal(lse, again_lse), "not deterministic"
+
+
+@gpu
+def test_decode_kernel_deterministic():
+    """Repeated calls give the same bits (splits combine in a fixed order; the combine's
+    programmatic dependent launch on sm_90 must not change that)."""
+    q, x, cu_q, cu_k = make_inputs([1, 1, 1], [20000, 65, 1], HQ, DV, torch.bfloat16)
+    for splits in (0, 3):
+        first = run(q, x, cu_q, cu_k, num_splits=splits)
+        for _ in range(3):
+            again = run(q, x, cu_q, cu_k, num_splits=splits)
+            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), splits
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------
 

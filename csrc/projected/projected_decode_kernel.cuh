@@ -257,7 +257,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       row_max = new_max;
       const float p0 = exp2f(v0 - new_max);
       const float p1 = exp2f(v1 - new_max);
-      row_sum = row_sum * correction + p0 + p1;
+      row_sum *= correction;  // the general kernel's operations, in its order
+      row_sum += p0;
+      row_sum += p1;
       store2(sP + sm_row * Tile::kPStride + sm_key0, p0, p1);
       if (sm_key0 == 0) sCorr[sm_row] = correction;
     }
