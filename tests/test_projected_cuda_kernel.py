@@ -378,8 +378,9 @@ def test_long_query_prefill_t256():
 
 # ----------------------------------------------------------------------------------------------
 # The decode kernel (csrc/projected/projected_decode_kernel.cuh): one m16 row tile, Dv <= 1152,
-# chosen by the launch plan where its 207.5 KB fit (H100/H200); CROSSLMM_PROJECTED_DECODE=0 keeps
-# the general 32-key kernel, read on every call.
+# chosen by the launch plan where its 207.6 KB fit (H100/H200), with cp.async loads by default;
+# CROSSLMM_PROJECTED_DECODE (read on every call) = "bulk" gives it bulk-copy (TMA) loads, "0" keeps
+# the general 32-key kernel.
 # ----------------------------------------------------------------------------------------------
 
 DECODE_VAR = "CROSSLMM_PROJECTED_DECODE"
@@ -388,12 +389,15 @@ DECODE_VAR = "CROSSLMM_PROJECTED_DECODE"
 DECODE_KEYS = [1, 31, 32, 33, 63, 64, 65, 1000]
 
 
-def _run_kernel(monkeypatch, decode: bool, *args, **kwargs):
-    monkeypatch.setenv(DECODE_VAR, "1" if decode else "0")
-    try:
-        return run(*args, **kwargs)
-    finally:
-        monkeypatch.delenv(DECODE_VAR)
+# The decode kernel's load paths: cp.async (the default) and bulk copies.
+DECODE_LOADS = ["cpasync", "bulk"]
+
+
+@pytest.fixture(params=DECODE_LOADS)
+def decode_loads(request, monkeypatch):
+    """Each decode test runs on both of the decode kernel's load paths."""
+    monkeypatch.setenv(DECODE_VAR, request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 0])
@@ -402,40 +406,43 @@ def _run_kernel(monkeypatch, decode: bool, *args, **kwargs):
 @pytest.mark.parametrize("dv", [1152, 200])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @gpu
-def test_decode_kernel_shapes(dtype, dv, heads, keys, num_splits):
+def test_decode_kernel_shapes(decode_loads, dtype, dv, heads, keys, num_splits):
     """One query x 1..12 heads (one m16 tile) against 1..1000 keys, with Dv 1152 (8 busy warps)
-    and 200 (7 warps, a half k-step), explicit and heuristic splits (more splits than tiles leave
-    empty splits), against the float64 oracle; a second segment shifts the keys off 32-key
-    alignment in x."""
+    and 200 (7 warps, a half k-step, zero columns [200, 208)), explicit and heuristic splits (more
+    splits than tiles leave empty splits), against the float64 oracle; a second segment shifts
+    the keys off 32-key alignment in x."""
     q, x, cu_q, cu_k = make_inputs([1, 1], [keys, 7], heads, dv, dtype)
-    check(q, x, cu_q, cu_k, num_splits=num_splits, label=f"decode {keys} keys")
+    check(q, x, cu_q, cu_k, num_splits=num_splits, label=f"decode {decode_loads} {keys} keys")
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 0])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @gpu
 def test_decode_kernel_matches_general(monkeypatch, dtype, num_splits):
-    """The decode kernel and the general 32-key kernel do the same operations in the same order:
-    their results agree to rounding (and both match the oracle), on a batch of decode steps with
-    empty and short segments."""
+    """The decode kernel (both load paths) and the general 32-key kernel do the same operations
+    in the same order: their results agree to rounding (and match the oracle), on a batch of
+    decode steps with empty and short segments and poisoned outputs."""
     lens_k = [5000, 0, 33, 1, 729]
     q, x, cu_q, cu_k = make_inputs([1] * len(lens_k), lens_k, HQ, DV, dtype)
-    new, new_lse = _run_kernel(monkeypatch, True, q, x, cu_q, cu_k, num_splits=num_splits)
-    old, old_lse = _run_kernel(monkeypatch, False, q, x, cu_q, cu_k, num_splits=num_splits)
-    err = (new.float() - old.float()).abs().max().item()
-    ulp = torch.finfo(dtype).eps * old.float().abs().max().item()
-    assert err <= 2 * ulp, f"decode vs general kernel: out differs by {err:.3e} (ulp {ulp:.3e})"
-    same_inf = torch.isneginf(new_lse) == torch.isneginf(old_lse)
-    assert same_inf.all(), "decode vs general kernel: -inf lse rows differ"
-    finite = ~torch.isneginf(old_lse)
-    assert torch.allclose(new_lse[finite], old_lse[finite], rtol=0, atol=1e-5)
-    check(q, x, cu_q, cu_k, num_splits=num_splits, label="decode batch")
+    monkeypatch.setenv(DECODE_VAR, "0")
+    old, old_lse = run(q, x, cu_q, cu_k, num_splits=num_splits)
+    for loads in DECODE_LOADS:
+        monkeypatch.setenv(DECODE_VAR, loads)
+        new, new_lse = run(q, x, cu_q, cu_k, num_splits=num_splits)
+        err = (new.float() - old.float()).abs().max().item()
+        ulp = torch.finfo(dtype).eps * old.float().abs().max().item()
+        assert err <= 2 * ulp, f"decode ({loads}) vs general: out differs by {err:.3e}"
+        same_inf = torch.isneginf(new_lse) == torch.isneginf(old_lse)
+        assert same_inf.all(), f"decode ({loads}) vs general: -inf lse rows differ"
+        finite = ~torch.isneginf(old_lse)
+        assert torch.allclose(new_lse[finite], old_lse[finite], rtol=0, atol=1e-5), loads
+        check(q, x, cu_q, cu_k, num_splits=num_splits, label=f"decode batch {loads}")
 
 
 @pytest.mark.parametrize("num_splits", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @gpu
-def test_decode_kernel_t256(dtype, num_splits):
+def test_decode_kernel_t256(decode_loads, dtype, num_splits):
     """CrossLMM-2B's decode step at T = 256: 12 rows against 186,624 keys (132 splits on an
     H100 with the heuristic, one long split with 1), against the oracle, and bitwise repeatable."""
     q, x, cu_q, cu_k = make_inputs([1], [256 * FRAME], HQ, DV, dtype)
@@ -446,7 +453,7 @@ def test_decode_kernel_t256(dtype, num_splits):
 
 
 @gpu
-def test_decode_kernel_deterministic():
+def test_decode_kernel_deterministic(decode_loads):
     """Repeated calls give the same bits (splits combine in a fixed order; the combine's
     programmatic dependent launch on sm_90 must not change that)."""
     q, x, cu_q, cu_k = make_inputs([1, 1, 1], [20000, 65, 1], HQ, DV, torch.bfloat16)
@@ -455,6 +462,18 @@ def test_decode_kernel_deterministic():
         for _ in range(3):
             again = run(q, x, cu_q, cu_k, num_splits=splits)
             assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), splits
+
+
+@gpu
+def test_decode_kernel_switch_rejects_unknown(monkeypatch):
+    """The switch is read where the plan would pick the decode kernel (its 207.6 KB fit)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    if getattr(props, "shared_memory_per_block_optin", 0) < 207_600:
+        pytest.skip("the decode kernel does not fit this GPU's shared memory")
+    monkeypatch.setenv(DECODE_VAR, "tma")
+    q, x, cu_q, cu_k = make_inputs([1], [100], HQ, DV, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="CROSSLMM_PROJECTED_DECODE"):
+        run(q, x, cu_q, cu_k)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,11 +3,11 @@ its bandwidth floor).
 
 For each T (default 32 and 256): the projection-fused core alone (``_C.projected_attention_core_
 forward``: 1 query x 12 heads against T * 729 keys of width 1152) on the decode kernel
-(csrc/projected/projected_decode_kernel.cuh) and on the general 32-key kernel
-(``CROSSLMM_PROJECTED_DECODE=0``, read by the extension on every call), both in this process; then
-the public op as benchmarks/peers.py's ``projected decode`` row times it (q~ fold, core, combine,
-Wv, bias, lse shift), on both kernels; then the GPU kernels of one public call (torch.profiler), so
-the time outside the core is visible.
+(csrc/projected/projected_decode_kernel.cuh) with cp.async loads, with bulk-copy loads
+(``CROSSLMM_PROJECTED_DECODE=bulk``) and on the general 32-key kernel (``=0``; the extension reads
+the variable on every call), all in this process; then the public op as benchmarks/peers.py's
+``projected decode`` row times it (q~ fold, core, combine, Wv, bias, lse shift) on the three; then
+the GPU kernels of 5 public calls (torch.profiler), so the time outside the core is visible.
 
 Floor: bytes of x / the copy bandwidth measured now with a device-to-device copy of x's size
 (bandwidth = (read + written bytes) / time, as benchmarks/conftest.py). Times are
@@ -41,9 +41,12 @@ def copy_tbs(nbytes: int) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e12
 
 
-def with_kernel(decode: bool, fn, *args):
+KERNELS = (("decode, cp.async", "cpasync"), ("decode, bulk", "bulk"), ("general 32-key", "0"))
+
+
+def with_kernel(value: str, fn, *args):
     """fn(*args) with the extension's kernel switch set (the extension reads it on every call)."""
-    os.environ[VAR] = "1" if decode else "0"
+    os.environ[VAR] = value
     try:
         return fn(*args)
     finally:
@@ -94,16 +97,17 @@ def main():
         def core():
             return ext.projected_attention_core_forward(*next(core_args))
 
-        for name, decode in (("decode kernel", True), ("general 32-key", False)):
-            ms = with_kernel(decode, bench, core, args.rep_ms)
-            print(f"  core, {name:15s}: {ms:.4f} ms = {floor / ms:6.1%} of the floor")
-        # Same function: the two kernels agree to rounding.
+        for name, value in KERNELS:
+            ms = with_kernel(value, bench, core, args.rep_ms)
+            print(f"  core, {name:16s}: {ms:.4f} ms = {floor / ms:6.1%} of the floor")
+        # Same function: the kernels agree to rounding.
         one = (qs[0], xs[0], cu_q, cu_k, 1, keys, D**-0.5, 0)
-        a = with_kernel(True, ext.projected_attention_core_forward, *one)
-        b = with_kernel(False, ext.projected_attention_core_forward, *one)
-        diff = (a[0].float() - b[0].float()).abs().max().item()
-        same = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-        print(f"  decode vs general: max |out diff| {diff:.3e}, bitwise equal {same}")
+        b = with_kernel("0", ext.projected_attention_core_forward, *one)
+        for name, value in KERNELS[:2]:
+            a = with_kernel(value, ext.projected_attention_core_forward, *one)
+            diff = (a[0].float() - b[0].float()).abs().max().item()
+            same = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+            print(f"  {name} vs general: max |out diff| {diff:.3e}, bitwise equal {same}")
 
         # The public op (benchmarks/peers.py's projected decode row, with rotated inputs).
         ts = []
@@ -120,13 +124,14 @@ def main():
             return pa.projected_cross_attention(**next(public_args), path="fused", backend="cuda")
 
         with torch.no_grad():
-            for name, decode in (("decode kernel", True), ("general 32-key", False)):
-                ms = with_kernel(decode, bench, public, args.rep_ms)
+            for name, value in KERNELS:
+                ms = with_kernel(value, bench, public, args.rep_ms)
                 assert crosslmm_ops.last_path("projected_cross_attention") == "fused"
                 print(
-                    f"  public op, {name:15s}: {ms:.4f} ms = {floor / ms:6.1%} of the floor "
+                    f"  public op, {name:16s}: {ms:.4f} ms = {floor / ms:6.1%} of the floor "
                     "(x only; peers.py's floor adds q, weights, out)"
                 )
+            os.environ.pop(VAR, None)
             if not args.no_profile:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -136,7 +141,7 @@ def main():
                     for _ in range(5):
                         public()
                     torch.cuda.synchronize()
-                print("  GPU kernels of 5 public calls (decode kernel):")
+                print("  GPU kernels of 5 public calls (default decode kernel):")
                 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
                 print("\n".join("    " + line for line in table.splitlines()))
         del xs, qs, ts

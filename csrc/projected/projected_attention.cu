@@ -154,12 +154,19 @@ int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t key_tiles, int64
   return best;
 }
 
-// CROSSLMM_PROJECTED_DECODE: "0" keeps the general 32-key kernel where the decode kernel would run
-// (a comparison switch, read on every call like the attention kernels' overrides); anything else
-// or unset lets the plan pick the decode kernel.
-bool decode_kernel_enabled() {
+// CROSSLMM_PROJECTED_DECODE, read on every call (a switch to compare the kernels in one process,
+// like the attention kernels' overrides): "0" keeps the general 32-key kernel where the decode
+// kernel would run; "bulk" gives the decode kernel bulk-copy (TMA) loads (sm_90 code; elsewhere
+// they are its cp.async loads); "cpasync", "1" or unset its default, cp.async loads.
+int decode_kernel_choice() {
   const char* v = std::getenv("CROSSLMM_PROJECTED_DECODE");
-  return v == nullptr || std::string(v) != "0";
+  if (v == nullptr) return projected::kDecodeCpAsync;
+  const std::string value(v);
+  if (value == "0") return projected::kDecodeNone;
+  if (value == "bulk") return projected::kDecodeBulk;
+  TORCH_CHECK(value.empty() || value == "1" || value == "cpasync", kOp,
+              ": CROSSLMM_PROJECTED_DECODE must be 0, 1, cpasync or bulk, got '", value, "'");
+  return projected::kDecodeCpAsync;
 }
 
 }  // namespace
@@ -253,15 +260,15 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     }
   }
   // The decode kernel (projected_decode_kernel.cuh) replaces the 32-key one-tile launch wherever
-  // its ring of kDecodeSlots 16-key slots fits (207.5 KB: H100/H200, not an A100, which keeps the
+  // its ring of kDecodeSlots 16-key slots fits (207.6 KB: H100/H200, not an A100, which keeps the
   // general kernel with 16-key tiles): same tiles and results, but q in registers and a 5-slot ring
   // keep x's loads in flight across tile boundaries, which the 2-stage 32-key kernel cannot (it is
-  // bound by reading x: decode). CROSSLMM_PROJECTED_DECODE=0 keeps the 32-key general kernel (to
-  // compare the two in one process; read on every call).
-  int decode_slots = 0;
+  // bound by reading x: decode). Its load path: cp.async by default; CROSSLMM_PROJECTED_DECODE
+  // picks another (decode_kernel_choice).
+  int decode_kernel = projected::kDecodeNone;
   if (m_tiles == 1 && dv_max == kDvSmall && keys == kBlockNWide &&
-      projected::DecodeTile::kSmemBytes <= smem_limit && decode_kernel_enabled()) {
-    decode_slots = projected::kDecodeSlots;
+      projected::DecodeTile::kSmemBytes <= smem_limit) {
+    decode_kernel = decode_kernel_choice();
   }
   TORCH_CHECK(stages > 0, kOp, ": Dv = ", dv, " needs ",
               ProjectedTile<kDvLarge, 1>::smem_bytes(kMinStages),
@@ -272,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
 
   const int64_t key_tiles = ceil_div(max_seqlen_k, keys);
   int ctas_per_sm = 1;  // the decode kernel: one CTA per SM (DecodeTile's static_assert)
-  if (num_splits == 0 && decode_slots == 0) {
+  if (num_splits == 0 && decode_kernel == projected::kDecodeNone) {
     dispatch_dtype_dv(q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
       ctas_per_sm = projected::projected_forward_ctas_per_sm<T, kDvMax>(m_tiles, keys, stages);
     });
@@ -314,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   p.num_splits = static_cast<int>(splits);
   p.keys_per_tile = keys;
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
-  p.decode_slots = decode_slots;
+  p.decode_kernel = decode_kernel;
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype_dv(q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {

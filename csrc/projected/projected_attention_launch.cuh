@@ -78,9 +78,9 @@ void launch_projected_combine(const ProjectedForwardParams& p, cudaStream_t stre
   }
 }
 
-template <typename T>
+template <typename T, bool kBulk>
 void launch_projected_decode(const ProjectedForwardParams& p, cudaStream_t stream) {
-  auto kernel = projected_decode_kernel<T>;
+  auto kernel = projected_decode_kernel<T, kBulk>;
   constexpr int smem = DecodeTile::kSmemBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int64_t ctas = static_cast<int64_t>(p.num_m_blocks) * p.num_splits * p.batch;
@@ -92,13 +92,20 @@ void launch_projected_decode(const ProjectedForwardParams& p, cudaStream_t strea
 template <typename T, int kDvMax>
 void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStream_t stream) {
   if (p.num_m_blocks == 0 || p.batch == 0 || p.num_splits == 0) return;
-  if (p.decode_slots > 0) {  // the host's plan chose the decode kernel (projected_attention.cu)
-    TORCH_CHECK(kDvMax == kDvSmall && m_tiles == 1 && p.decode_slots == kDecodeSlots &&
+  if (p.decode_kernel != kDecodeNone) {  // the host's plan chose the decode kernel
+    TORCH_CHECK(kDvMax == kDvSmall && m_tiles == 1 &&
+                    (p.decode_kernel == kDecodeCpAsync || p.decode_kernel == kDecodeBulk) &&
                     p.keys_per_tile == kBlockNWide && p.head_dim <= kDvSmall &&
                     p.cols_per_warp <= kDvSmall / kWarps && p.cols_per_warp % 16 == 0 &&
                     p.num_splits <= kMaxSplits,
                 "projected_attention_core_forward: inconsistent decode launch plan");
-    if constexpr (kDvMax == kDvSmall) launch_projected_decode<T>(p, stream);
+    if constexpr (kDvMax == kDvSmall) {
+      if (p.decode_kernel == kDecodeBulk) {
+        launch_projected_decode<T, true>(p, stream);
+      } else {
+        launch_projected_decode<T, false>(p, stream);
+      }
+    }
     launch_projected_combine<T>(p, stream);
     return;
   }

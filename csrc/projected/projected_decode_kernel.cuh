@@ -35,15 +35,35 @@
 #include "common/mma.cuh"
 #include "common/ptx.cuh"
 #include "common/segments.cuh"
+#include "common/sm90_ptx.cuh"
 #include "projected/projected_attention_kernel.cuh"
 #include "projected/projected_params.h"
 
 namespace crosslmm {
 namespace projected {
 
-template <typename T>
+// One bulk copy (the TMA engine, no tensor map) of `bytes` (a multiple of 16, both addresses 16-byte
+// aligned) global -> shared, completing its bytes on the mbarrier `bar`. sm_90 only.
+__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes,
+                                              uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(dst),
+      "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+// kBulk: fill the slots with bulk copies (one per key row, issued by warp 0, completing on the
+// slot's mbarrier) instead of cp.async by every thread; only where the code is compiled for sm_90
+// (the sm_80 pass of a kBulk instantiation is the cp.async kernel).
+template <typename T, bool kBulk>
 __global__ void __launch_bounds__(kThreads, 1)
     projected_decode_kernel(const ProjectedForwardParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kTma = kBulk;
+#else
+  constexpr bool kTma = false;
+#endif
   using Tile = DecodeTile;
   constexpr int kDvMax = kDvSmall;
   constexpr int kKeys = kBlockNWide;           // keys per compute tile (two slots)
@@ -66,6 +86,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* const sCorr = reinterpret_cast<float*>(smem + Tile::kScoreBytes + Tile::kPBytes);
   float* const sInvSum = sCorr + 16;
   float* const sLse = sInvSum + 16;
+  uint64_t* const sBar = reinterpret_cast<uint64_t*>(smem + Tile::kScoreBytes + Tile::kPBytes +
+                                                     Tile::kRowStatBytes);  // [kDecodeSlots]
   T* const sSlots = reinterpret_cast<T*>(smem + Tile::kFixedBytes);  // [kDecodeSlots][16][stride]
 
   // The CTA's work, as in the general kernel: row tile fastest, then split, then segment.
@@ -142,6 +164,39 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
+  // The same with bulk copies, by warp 0: lane r < valid copies key row r (dv * 2 bytes), lane 0
+  // announces the slot's bytes on its mbarrier first; rows past the segment's end are zeroed with
+  // ordinary stores (only in a segment's last tile: no bulk copy writes that slot again, and the
+  // consumers see the zeros after the barrier that precedes their use). Columns [dv, dv16) of every
+  // slot are zeroed once at the start and never written by a bulk copy.
+  auto issue_sub_bulk = [&](int j) {
+    const int key0 = n_begin * kKeys + j * kDecodeSlotKeys;
+    const int valid = max(0, min(kDecodeSlotKeys, ks.length - key0));
+    T* const dst = slot(j);
+    const uint32_t bar = sm90::smem_u32(sBar + j % kDecodeSlots);
+    if (valid < kDecodeSlotKeys) {
+      const int chunks16 = dv16 / 8;
+      for (int idx = lane; idx < (kDecodeSlotKeys - valid) * chunks16; idx += 32) {
+        const int r = valid + idx / chunks16;
+        *reinterpret_cast<Vec8<T>*>(dst + tile_offset<kDvMax>(r, idx % chunks16)) = Vec8<T>{};
+      }
+    }
+    if (lane == 0) sm90::mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(valid * dv * 2));
+    __syncwarp();
+    if (lane < valid) {
+      const T* const src = x + (static_cast<int64_t>(ks.begin) + key0 + lane) * p.x_token_stride;
+      bulk_copy_g2s(sm90::smem_u32(dst + tile_offset<kDvMax>(lane, 0)), src,
+                    static_cast<uint32_t>(dv * 2), bar);
+    }
+  };
+  auto issue_sub = [&](int j) {  // all threads call it (cp.async) / warp 0 acts (bulk)
+    if constexpr (kTma) {
+      if (warp == 0) issue_sub_bulk(j);
+    } else {
+      load_sub(j);
+    }
+  };
+
   float o_acc[kOutBlocks][4];
 #pragma unroll
   for (int d = 0; d < kOutBlocks; ++d) {
@@ -164,20 +219,47 @@ __global__ void __launch_bounds__(kThreads, 1)
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 
-  // Prologue: q (one group), then slots 0, 1, 2 (one group each; empty past the split's keys, so
-  // the group counts below hold for any number of tiles).
+  if constexpr (kTma) {
+    // mbarriers (one arrival: warp 0's lane 0 with the slot's byte count) and the zero columns
+    // [dv, dv16) of the slots other than q's (q's load zero-fills them there).
+    if (num_tiles > 0) {
+      if (tid == 0) {
+#pragma unroll
+        for (int i = 0; i < kDecodeSlots; ++i) sm90::mbarrier_init(sm90::smem_u32(sBar + i), 1);
+        sm90::fence_barrier_init();
+      }
+      if (dv < dv16) {
+        for (int idx = tid; idx < kDecodeSlots * kDecodeSlotKeys; idx += kThreads) {
+          const int s_idx = idx / kDecodeSlotKeys;
+          if (s_idx == kQSlot) continue;
+          *reinterpret_cast<Vec8<T>*>(sSlots + s_idx * kSlotElems +
+                                      tile_offset<kDvMax>(idx % kDecodeSlotKeys, dv / 8)) =
+              Vec8<T>{};
+        }
+      }
+      __syncthreads();  // barriers initialised before warp 0 arrives on them
+    }
+  }
+
+  // Prologue: q (one cp.async group), then slots 0, 1, 2 (one group each with cp.async, empty past
+  // the split's keys, so the group counts below hold for any number of tiles).
   if (num_tiles > 0) load_q();
   cp_async_commit();
 #pragma unroll
   for (int j = 0; j < kDecodeSlots - 2; ++j) {
-    if (j < num_subs) load_sub(j);
-    cp_async_commit();
+    if (j < num_subs) issue_sub(j);
+    if constexpr (!kTma) cp_async_commit();
   }
   // q's fragments of this warp's columns into registers (CTA-uniform branch: a split without keys
   // never reads the staging slot).
   uint32_t qa[kKSteps][4];
   if (num_tiles > 0) {
-    cp_async_wait<kDecodeSlots - 2>();  // q landed; slots 0..2 may still be in flight
+    if constexpr (kTma) {
+      cp_async_wait<0>();  // q landed (the slots come on their mbarriers)
+      sm90::fence_proxy_async_shared();  // q's writes before the bulk copy into its slot (it = 0)
+    } else {
+      cp_async_wait<kDecodeSlots - 2>();  // q landed; slots 0..2 may still be in flight
+    }
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk) {
@@ -193,12 +275,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     // the barrier every thread sees every thread's copies, and every warp is done with tile it-1
     // (slots 2it-2, 2it-1) and, at it = 0, with q's staging slot: refill them with slots 2it+3 and
     // 2it+4 ((2it+3) % 5 = (2it-2) % 5, and slot 3 = kQSlot at it = 0).
-    cp_async_wait<1>();
+    if constexpr (kTma) {
+      // Slot uses j = 2it, 2it+1: the (j / kDecodeSlots)-th phase of slot j % kDecodeSlots.
+#pragma unroll
+      for (int j = 2 * it; j < 2 * it + 2; ++j) {
+        sm90::mbarrier_wait(sm90::smem_u32(sBar + j % kDecodeSlots), (j / kDecodeSlots) & 1);
+      }
+    } else {
+      cp_async_wait<1>();
+    }
     __syncthreads();
 #pragma unroll
     for (int j = 2 * it + kDecodeSlots - 2; j < 2 * it + kDecodeSlots; ++j) {
-      if (j < num_subs) load_sub(j);
-      cp_async_commit();
+      if (j < num_subs) issue_sub(j);
+      if constexpr (!kTma) cp_async_commit();
     }
     const T* const xs[2] = {slot(2 * it), slot(2 * it + 1)};
 
@@ -295,7 +385,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The next iteration's barrier orders these reads of sP, sCorr and the slots before they are
     // overwritten.
   }
-  cp_async_wait<0>();  // only empty groups can be pending; none may land after the CTA exits
+  // Only empty cp.async groups can be pending (none may land after the CTA exits); every bulk copy
+  // was waited for (each issued slot is consumed).
+  cp_async_wait<0>();
 
   // Epilogue (the general kernel's): 1 / l and lse per row; a row without keys gets out 0, lse -inf.
   {
