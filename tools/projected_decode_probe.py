@@ -3,11 +3,12 @@ its bandwidth floor).
 
 For each T (default 32 and 256): the projection-fused core alone (``_C.projected_attention_core_
 forward``: 1 query x 12 heads against T * 729 keys of width 1152) on the decode kernel
-(csrc/projected/projected_decode_kernel.cuh) with cp.async loads, with bulk-copy loads
-(``CROSSLMM_PROJECTED_DECODE=bulk``) and on the general 32-key kernel (``=0``; the extension reads
-the variable on every call), all in this process; then the public op as benchmarks/peers.py's
-``projected decode`` row times it (q~ fold, core, combine, Wv, bias, lse shift) on the three; then
-the GPU kernels of 5 public calls (torch.profiler), so the time outside the core is visible.
+(csrc/projected/projected_decode_kernel.cuh) with cp.async loads (``kernel="decode"``, what
+``"auto"`` picks), with bulk-copy loads (``"decode_bulk"``) and on the general 32-key kernel
+(``"mma_sync"``), all in this process; then the public op as benchmarks/peers.py's ``projected
+decode`` row times it (q~ fold, core, combine, Wv, bias, lse shift) on the three
+(``CROSSLMM_PROJECTED_KERNEL``, read on every call); then the GPU kernels of 5 public calls
+(torch.profiler), so the time outside the core is visible.
 
 Floor: bytes of x / the copy bandwidth measured now with a device-to-device copy of x's size
 (bandwidth = (read + written bytes) / time, as benchmarks/conftest.py). Times are
@@ -24,7 +25,7 @@ import os
 
 import torch
 
-VAR = "CROSSLMM_PROJECTED_DECODE"
+VAR = "CROSSLMM_PROJECTED_KERNEL"
 HQ, D, DV, TOKENS, HK = 12, 128, 1152, 729, 2
 
 
@@ -41,11 +42,11 @@ def copy_tbs(nbytes: int) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e12
 
 
-KERNELS = (("decode, cp.async", "cpasync"), ("decode, bulk", "bulk"), ("general 32-key", "0"))
+KERNELS = (("decode, cp.async", "decode"), ("decode, bulk", "decode_bulk"), ("general", "mma_sync"))
 
 
 def with_kernel(value: str, fn, *args):
-    """fn(*args) with the extension's kernel switch set (the extension reads it on every call)."""
+    """fn(*args) with CROSSLMM_PROJECTED_KERNEL set (the op reads it on every call)."""
     os.environ[VAR] = value
     try:
         return fn(*args)
@@ -90,21 +91,24 @@ def main():
             f"({copies} rotated inputs)"
         )
 
-        core_args = itertools.cycle(
-            [(q, x, cu_q, cu_k, 1, keys, D**-0.5, 0) for q, x in zip(qs, xs, strict=True)]
-        )
-
-        def core():
-            return ext.projected_attention_core_forward(*next(core_args))
-
         for name, value in KERNELS:
-            ms = with_kernel(value, bench, core, args.rep_ms)
+            core_args = itertools.cycle(
+                [
+                    (q, x, cu_q, cu_k, 1, keys, D**-0.5, 0, value)
+                    for q, x in zip(qs, xs, strict=True)
+                ]
+            )
+
+            def core():
+                return ext.projected_attention_core_forward(*next(core_args))
+
+            ms = bench(core, args.rep_ms)
             print(f"  core, {name:16s}: {ms:.4f} ms = {floor / ms:6.1%} of the floor")
         # Same function: the kernels agree to rounding.
         one = (qs[0], xs[0], cu_q, cu_k, 1, keys, D**-0.5, 0)
-        b = with_kernel("0", ext.projected_attention_core_forward, *one)
+        b = ext.projected_attention_core_forward(*one, "mma_sync")
         for name, value in KERNELS[:2]:
-            a = with_kernel(value, ext.projected_attention_core_forward, *one)
+            a = ext.projected_attention_core_forward(*one, value)
             diff = (a[0].float() - b[0].float()).abs().max().item()
             same = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
             print(f"  {name} vs general: max |out diff| {diff:.3e}, bitwise equal {same}")
@@ -141,7 +145,7 @@ def main():
                     for _ in range(5):
                         public()
                     torch.cuda.synchronize()
-                print("  GPU kernels of 5 public calls (default decode kernel):")
+                print("  GPU kernels of 5 public calls (kernel auto):")
                 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
                 print("\n".join("    " + line for line in table.splitlines()))
         del xs, qs, ts

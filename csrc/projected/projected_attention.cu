@@ -3,7 +3,7 @@
 // kernel files.
 //
 //   projected_attention_core_forward(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-//                               softmax_scale, num_splits) -> (out, lse)
+//                               softmax_scale, num_splits, kernel = "auto") -> (out, lse)
 //
 // For every segment b (queries cu_seqlens_q[b] .. cu_seqlens_q[b+1], keys cu_seqlens_k[b] ..
 // cu_seqlens_k[b+1]) and head h:
@@ -21,7 +21,10 @@
 // lse = -inf; a segment without queries is skipped; query tokens outside every segment are left
 // unwritten. max_seqlen_q / max_seqlen_k are trusted bounds on the segment lengths, as in
 // flash-attn (a longer segment is not fully computed; the Python layer computes them).
-// num_splits: 0 = heuristic, else that many key splits per segment (at most 256).
+// num_splits: 0 = heuristic, else that many key splits per segment (at most 256). kernel: "auto"
+// (the launch plan below picks), "mma_sync" (the general kernels only), "decode" / "decode_bulk"
+// (the decode kernel with cp.async / bulk-copy loads where it can run, else the general kernels);
+// every choice computes the same function.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -32,7 +35,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -154,19 +156,15 @@ int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t key_tiles, int64
   return best;
 }
 
-// CROSSLMM_PROJECTED_DECODE, read on every call (a switch to compare the kernels in one process,
-// like the attention kernels' overrides): "0" keeps the general 32-key kernel where the decode
-// kernel would run; "bulk" gives the decode kernel bulk-copy (TMA) loads (sm_90 code; elsewhere
-// they are its cp.async loads); "cpasync", "1" or unset its default, cp.async loads.
-int decode_kernel_choice() {
-  const char* v = std::getenv("CROSSLMM_PROJECTED_DECODE");
-  if (v == nullptr) return projected::kDecodeCpAsync;
-  const std::string value(v);
-  if (value == "0") return projected::kDecodeNone;
-  if (value == "bulk") return projected::kDecodeBulk;
-  TORCH_CHECK(value.empty() || value == "1" || value == "cpasync", kOp,
-              ": CROSSLMM_PROJECTED_DECODE must be 0, 1, cpasync or bulk, got '", value, "'");
-  return projected::kDecodeCpAsync;
+// The decode kernel's load path for the binding's `kernel` argument where the decode kernel can
+// run: "auto" and "decode" cp.async, "decode_bulk" bulk copies, "mma_sync" none (the general
+// kernels).
+int decode_kernel_for(const std::string& kernel) {
+  if (kernel == "auto" || kernel == "decode") return projected::kDecodeCpAsync;
+  if (kernel == "decode_bulk") return projected::kDecodeBulk;
+  TORCH_CHECK(kernel == "mma_sync", kOp,
+              ": kernel must be 'auto', 'mma_sync', 'decode' or 'decode_bulk', got '", kernel, "'");
+  return projected::kDecodeNone;
 }
 
 }  // namespace
@@ -174,7 +172,7 @@ int decode_kernel_choice() {
 std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& q, const at::Tensor& x, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double softmax_scale, int64_t num_splits) {
+    double softmax_scale, int64_t num_splits, const std::string& kernel) {
   // ---- checks -------------------------------------------------------------------------------
   CROSSLMM_CHECK_CUDA(q);
   CROSSLMM_CHECK_CUDA(x);
@@ -211,6 +209,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   TORCH_CHECK(std::isfinite(softmax_scale), kOp, ": softmax_scale must be finite, got ",
               softmax_scale);
   TORCH_CHECK(num_splits >= 0, kOp, ": num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+  const int decode_load_path = decode_kernel_for(kernel);
 
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({total_q, heads, dv}, q.options());
@@ -263,12 +262,12 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   // its ring of kDecodeSlots 16-key slots fits (207.6 KB: H100/H200, not an A100, which keeps the
   // general kernel with 16-key tiles): same tiles and results, but q in registers and a 5-slot ring
   // keep x's loads in flight across tile boundaries, which the 2-stage 32-key kernel cannot (it is
-  // bound by reading x: decode). Its load path: cp.async by default; CROSSLMM_PROJECTED_DECODE
-  // picks another (decode_kernel_choice).
+  // bound by reading x: decode). Its load path: cp.async unless the call's `kernel` asks for bulk
+  // copies; kernel = "mma_sync" keeps the general kernel (decode_kernel_for).
   int decode_kernel = projected::kDecodeNone;
   if (m_tiles == 1 && dv_max == kDvSmall && keys == kBlockNWide &&
       projected::DecodeTile::kSmemBytes <= smem_limit) {
-    decode_kernel = decode_kernel_choice();
+    decode_kernel = decode_load_path;
   }
   TORCH_CHECK(stages > 0, kOp, ": Dv = ", dv, " needs ",
               ProjectedTile<kDvLarge, 1>::smem_bytes(kMinStages),

@@ -450,8 +450,9 @@ __global__ void __launch_bounds__(kCombineThreads)
   __shared__ float warp_reduce[kCombineWarps];
   __shared__ float4 warp_sums[kCombineWarps][32];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Launched as a programmatic dependent of the forward kernel (launch_projected_combine, sm_90
-  // builds): wait until that grid has completed and its partials are visible. A no-op otherwise.
+  // Launched as a programmatic dependent of the forward kernel (launch_projected_forward_combine,
+  // sm_90 builds): wait until that grid has completed and its partials are visible. A no-op
+  // otherwise.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
   int64_t cta = blockIdx.x;

@@ -45,37 +45,36 @@ bool combine_waits_on_grid() {
   return waits;
 }
 
-// The split combine (nothing with one split).
+// Merges the splits' partial results (p.out_partial, p.lse_partial) into p.out and p.lse; called
+// when p.num_splits > 1.
 template <typename T>
-void launch_projected_combine(const ProjectedForwardParams& p, cudaStream_t stream) {
-  if (p.num_splits > 1) {
-    const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * p.num_heads;
-    const int64_t channel_tiles = (p.head_dim + kCombineChannels - 1) / kCombineChannels;
-    const int64_t ctas = rows * channel_tiles * p.batch;
-    TORCH_CHECK(rows <= 0x7fffffff && ctas <= 0x7fffffff,
-                "projected_attention_core_forward: combine grid too large (", ctas, " CTAs)");
-    if (ctas == 0) return;
-    auto kernel = projected_forward_combine_kernel<T>;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(ctas));
-    config.blockDim = dim3(kCombineThreads);
-    config.dynamicSmemBytes = 0;
-    config.stream = stream;
-    // Programmatic dependent launch where the combine kernel was compiled from sm_90+ PTX (then it
-    // begins with griddepcontrol.wait, which orders it after the forward grid): its launch overlaps
-    // the forward kernel's tail. Elsewhere (sm_80 code, or an sm_80 build running on an H100) a
-    // plain stream-ordered launch.
-    cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute.val.programmaticStreamSerializationAllowed = 1;
-    if (combine_waits_on_grid<T>()) {
-      config.attrs = &attribute;
-      config.numAttrs = 1;
-    }
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, static_cast<int>(rows),
-                                      static_cast<int>(channel_tiles)));
-    CROSSLMM_CHECK_LAUNCH();
+void launch_projected_forward_combine(const ProjectedForwardParams& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * p.num_heads;
+  const int64_t channel_tiles = (p.head_dim + kCombineChannels - 1) / kCombineChannels;
+  const int64_t ctas = rows * channel_tiles * p.batch;
+  TORCH_CHECK(rows <= 0x7fffffff && ctas <= 0x7fffffff,
+              "projected_attention_core_forward: combine grid too large (", ctas, " CTAs)");
+  if (ctas == 0) return;
+  auto kernel = projected_forward_combine_kernel<T>;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(ctas));
+  config.blockDim = dim3(kCombineThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  // Programmatic dependent launch where the combine kernel was compiled from sm_90+ PTX (then it
+  // begins with griddepcontrol.wait, which orders it after the forward grid): its launch overlaps
+  // the forward kernel's tail. Elsewhere (sm_80 code, or an sm_80 build running on an H100) a
+  // plain stream-ordered launch.
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (combine_waits_on_grid<T>()) {
+    config.attrs = &attribute;
+    config.numAttrs = 1;
   }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, static_cast<int>(rows),
+                                    static_cast<int>(channel_tiles)));
+  CROSSLMM_CHECK_LAUNCH();
 }
 
 template <typename T, bool kBulk>
@@ -84,7 +83,8 @@ void launch_projected_decode(const ProjectedForwardParams& p, cudaStream_t strea
   constexpr int smem = DecodeTile::kSmemBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int64_t ctas = static_cast<int64_t>(p.num_m_blocks) * p.num_splits * p.batch;
-  TORCH_CHECK(ctas <= 0x7fffffff, "projected_attention_core_forward: grid too large (", ctas, " CTAs)");
+  TORCH_CHECK(ctas <= 0x7fffffff, "projected_attention_core_forward: grid too large (", ctas,
+              " CTAs)");
   kernel<<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(p);
   CROSSLMM_CHECK_LAUNCH();
 }
@@ -106,7 +106,7 @@ void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStr
         launch_projected_decode<T, false>(p, stream);
       }
     }
-    launch_projected_combine<T>(p, stream);
+    if (p.num_splits > 1) launch_projected_forward_combine<T>(p, stream);
     return;
   }
   TORCH_CHECK(p.head_dim <= kDvMax && p.cols_per_warp <= kDvMax / kWarps &&
@@ -129,7 +129,7 @@ void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStr
     TORCH_CHECK(false, "projected_attention_core_forward: Dv > ", kDvSmall,
                 " supports 16-row tiles only");
   }
-  launch_projected_combine<T>(p, stream);
+  if (p.num_splits > 1) launch_projected_forward_combine<T>(p, stream);
 }
 
 template <typename T, int kDvMax>

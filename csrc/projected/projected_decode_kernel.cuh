@@ -42,8 +42,8 @@
 namespace crosslmm {
 namespace projected {
 
-// One bulk copy (the TMA engine, no tensor map) of `bytes` (a multiple of 16, both addresses 16-byte
-// aligned) global -> shared, completing its bytes on the mbarrier `bar`. sm_90 only.
+// One bulk copy (the TMA engine, no tensor map) of `bytes` (a multiple of 16, both addresses
+// 16-byte aligned) global -> shared, completing its bytes on the mbarrier `bar`. sm_90 only.
 __device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes,
                                               uint32_t bar) {
   asm volatile(
@@ -211,11 +211,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int t = lane % 4;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Let the combine grid (a programmatic dependent launch, launch_projected_combine) be scheduled
-  // once every CTA of this grid has started: its CTAs (5 KB of shared memory, 38 registers a
-  // thread) fit next to this kernel's and wait in griddepcontrol.wait for this grid to complete, so
-  // the combine starts without a launch gap. (Triggering only lets the dependent launch early; its
-  // wait still covers all of this grid's writes.)
+  // Let the combine grid (a programmatic dependent launch, launch_projected_forward_combine) be
+  // scheduled once every CTA of this grid has started: its CTAs (5 KB of shared memory, 38
+  // registers a thread) fit next to this kernel's and wait in griddepcontrol.wait for this grid to
+  // complete, so the combine starts without a launch gap. (Triggering only lets the dependent
+  // launch early; its wait still covers all of this grid's writes.)
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 
@@ -389,7 +389,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // was waited for (each issued slot is consumed).
   cp_async_wait<0>();
 
-  // Epilogue (the general kernel's): 1 / l and lse per row; a row without keys gets out 0, lse -inf.
+  // Epilogue (the general kernel's): 1 / l and lse per row; a row without keys gets out 0 and
+  // lse -inf.
   {
     const float sum = group_sum<kThreadsPerRow>(row_sum);
     if (sm_key0 == 0) {

@@ -99,8 +99,8 @@ struct ProjectedTile {
 constexpr int kDecodeSlots = 5;
 constexpr int kDecodeSlotKeys = 16;
 // ProjectedForwardParams::decode_kernel: the general kernel, or the decode kernel filling its slots
-// with cp.async (16 bytes per thread), or with one bulk copy (cp.async.bulk, the TMA engine) per key
-// row completing on a per-slot mbarrier (sm_90 code; code compiled for sm_80 uses cp.async).
+// with cp.async (16 bytes per thread), or with one bulk copy (cp.async.bulk, the TMA engine) per
+// key row completing on a per-slot mbarrier (sm_90 code; code compiled for sm_80 uses cp.async).
 constexpr int kDecodeNone = 0;
 constexpr int kDecodeCpAsync = 1;
 constexpr int kDecodeBulk = 2;
@@ -128,9 +128,9 @@ struct DecodeTile {
 // Implemented once per (T, kDvMax) in projected_attention_<dtype>_dv<kDvMax>.cu; T is __half or
 // __nv_bfloat16. m_tiles is 1 or 2 (2 only for kDvMax = kDvSmall); p.keys_per_tile is kBlockN, or
 // kBlockNWide with m_tiles 1 and kDvMax = kDvSmall; p.decode_kernel != kDecodeNone (m_tiles 1,
-// kDvMax = kDvSmall, keys_per_tile kBlockNWide) runs the decode kernel instead. Launches the forward
-// kernel and, when p.num_splits > 1, the combine kernel, on `stream`. Throws (c10::Error) when a
-// launch fails.
+// kDvMax = kDvSmall, keys_per_tile kBlockNWide) runs the decode kernel instead. Launches the
+// forward kernel and, when p.num_splits > 1, the combine kernel, on `stream`. Throws (c10::Error)
+// when a launch fails.
 template <typename T, int kDvMax>
 void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStream_t stream);
 
