@@ -410,8 +410,9 @@ def test_decode_kernel_shapes(kernel, dtype, dv, heads, keys, num_splits):
 @gpu
 def test_decode_kernel_matches_general(dtype, num_splits):
     """The decode kernel (both load paths, and "auto") and the general 32-key kernel do the same
-    operations in the same order: their results agree to rounding (and match the oracle), on a
-    batch of decode steps with empty and short segments."""
+    operations in the same order within a split (the decode kernel cuts splits at 16 keys, the
+    general one at 32): their results agree to rounding (and match the oracle), on a batch of
+    decode steps with empty and short segments."""
     lens_k = [5000, 0, 33, 1, 729]
     q, x, cu_q, cu_k = make_inputs([1] * len(lens_k), lens_k, HQ, DV, dtype)
     old, old_lse = run(q, x, cu_q, cu_k, num_splits=num_splits, kernel="mma_sync")

@@ -137,17 +137,22 @@ void check_cu_seqlens(const char* name, const at::Tensor& t, const at::Tensor& q
 // waves(s) * (key tiles per split + fixed cost per split), where waves(s) = ceil(ctas * s / wave):
 // one split when the row tiles already fill the GPU, about one CTA per SM per sequence for decode
 // (a batch-1 decode step at T = 256 frames runs 132 splits of ~88 tiles on 132 SMs).
-int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t key_tiles, int64_t wave) {
+// key_tiles counts the units a split is cut in, `units_per_tile` of them per key tile (the decode
+// kernel cuts splits at 16 keys and computes 32-key tiles: 2).
+int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t key_tiles, int64_t wave,
+                      int64_t units_per_tile = 1) {
   if (num_splits > 0) {
     return std::min<int64_t>({num_splits, std::max<int64_t>(1, key_tiles), kMaxSplits});
   }
+  const int64_t min_units = kMinTilesPerSplit * units_per_tile;
+  const int64_t overhead_units = kSplitOverheadTiles * units_per_tile;
   const int64_t max_splits =
-      std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, key_tiles / kMinTilesPerSplit));
+      std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, key_tiles / min_units));
   int64_t best = 1;
   double best_cost = -1.0;
   for (int64_t s = 1; s <= max_splits; ++s) {
     const double waves = static_cast<double>(ceil_div(ctas * s, wave));
-    const double cost = waves * static_cast<double>(ceil_div(key_tiles, s) + kSplitOverheadTiles);
+    const double cost = waves * static_cast<double>(ceil_div(key_tiles, s) + overhead_units);
     if (best_cost < 0 || cost < best_cost) {
       best = s;
       best_cost = cost;
@@ -276,7 +281,10 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
               ")");
   const int64_t num_m_blocks = ceil_div(rows, 16 * m_tiles);
 
-  const int64_t key_tiles = ceil_div(max_seqlen_k, keys);
+  // Split units: key tiles, or the decode kernel's 16-key slots (it cuts splits at 16 keys, so
+  // they differ by at most 16 keys: 88 or 89 slots each at T = 256 on 132 SMs, not 44 or 45 tiles).
+  const int64_t units_per_tile = decode_kernel != projected::kDecodeNone ? 2 : 1;
+  const int64_t key_tiles = ceil_div(max_seqlen_k, keys / units_per_tile);
   int ctas_per_sm = 1;  // the decode kernel: one CTA per SM (DecodeTile's static_assert)
   if (num_splits == 0 && decode_kernel == projected::kDecodeNone) {
     dispatch_dtype_dv(q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
@@ -284,7 +292,8 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     });
   }
   const int64_t wave = static_cast<int64_t>(multiprocessor_count()) * ctas_per_sm;
-  const int64_t splits = choose_splits(num_splits, num_m_blocks * batch, key_tiles, wave);
+  const int64_t splits =
+      choose_splits(num_splits, num_m_blocks * batch, key_tiles, wave, units_per_tile);
   TORCH_CHECK(num_m_blocks * batch * splits <= kInt32Max, kOp, ": grid too large (",
               num_m_blocks * batch * splits, " CTAs)");
 

@@ -18,7 +18,9 @@
 // Per tile: partial scores per warp over its columns (q from registers), the cross-warp sum and
 // online softmax by all 256 threads (16 per row, 2 keys each), P X per warp on its columns; three
 // barriers per 32-key tile, as in the general kernel. The epilogue (1/l, lse, direct output or fp32
-// split partials for projected_forward_combine_kernel) is the general kernel's.
+// split partials for projected_forward_combine_kernel) is the general kernel's. Splits are cut at
+// 16 keys (the general kernel cuts at its 32-key tiles), so at T = 256 the 132 splits get 88 or 89
+// units of 16 keys rather than 44 or 45 tiles; a split's last tile can be half masked.
 //
 // Shared memory: DecodeTile::kSmemBytes = 207,552 bytes (projected_params.h): one CTA per SM on an
 // H100/H200 (227 KB per block); it does not fit an A100 (163 KB), whose host plan keeps the general
@@ -104,12 +106,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int rows_in_tile = min(16, rows - m0);
   const Segment ks = segment_bounds(p.cu_seqlens_k, b, p.total_k);
 
-  // This split's 32-key tiles [n_begin, n_end) (as the general kernel), i.e. slots' worth of 16
-  // keys j = 0 .. 2 * num_tiles - 1 from key n_begin * 32.
-  const int n_blocks = ceil_div_int(ks.length, kKeys);
-  const int n_begin = static_cast<int>(static_cast<int64_t>(split) * n_blocks / p.num_splits);
-  const int n_end = static_cast<int>(static_cast<int64_t>(split + 1) * n_blocks / p.num_splits);
-  const int num_tiles = n_end - n_begin;
+  // This split's keys [key_begin, key_end): its 16-key units [u_begin, u_end) of the segment's
+  // ceil(len / 16) (splits differ by at most 16 keys: at T = 256, 88 or 89 units on 132 SMs, where
+  // 32-key units would give 44 or 45 tiles), computed as 32-key tiles from key_begin, the last
+  // one's second half past key_end when the split has an odd number of units (zero-filled and
+  // masked like keys past the segment's end). Slots j = 0 .. 2 * num_tiles - 1.
+  const int n_units = ceil_div_int(ks.length, kDecodeSlotKeys);
+  const int u_begin = static_cast<int>(static_cast<int64_t>(split) * n_units / p.num_splits);
+  const int u_end = static_cast<int>(static_cast<int64_t>(split + 1) * n_units / p.num_splits);
+  const int key_begin = u_begin * kDecodeSlotKeys;
+  const int key_end = min(ks.length, u_end * kDecodeSlotKeys);
+  const int num_tiles = (u_end - u_begin + 1) / 2;
   const int num_subs = 2 * num_tiles;
 
   const int dv = p.head_dim;
@@ -145,10 +152,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       cp_async_16(dst + tile_offset<kDvMax>(r, chunk), src, valid);
     }
   };
-  // 16 keys j * 16 .. of this split -> slot j % kDecodeSlots (keys past the segment zero-filled).
+  // 16 keys j * 16 .. of this split -> slot j % kDecodeSlots (keys past the split zero-filled).
   auto load_sub = [&](int j) {
-    const int key0 = n_begin * kKeys + j * kDecodeSlotKeys;
-    const int valid_keys = ks.length - key0;  // may be <= 0 in the last tile's second half
+    const int key0 = key_begin + j * kDecodeSlotKeys;
+    const int valid_keys = key_end - key0;  // may be <= 0 in the last tile's second half
     const T* const first = x + (static_cast<int64_t>(ks.begin) + key0) * p.x_token_stride;
     T* const dst = slot(j);
 #pragma unroll
@@ -165,13 +172,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   // The same with bulk copies, by warp 0: lane r < valid copies key row r (dv * 2 bytes), lane 0
-  // announces the slot's bytes on its mbarrier first; rows past the segment's end are zeroed with
-  // ordinary stores (only in a segment's last tile: no bulk copy writes that slot again, and the
+  // announces the slot's bytes on its mbarrier first; rows past the split's end are zeroed with
+  // ordinary stores (only in a split's last tile: no bulk copy writes that slot again, and the
   // consumers see the zeros after the barrier that precedes their use). Columns [dv, dv16) of every
   // slot are zeroed once at the start and never written by a bulk copy.
   auto issue_sub_bulk = [&](int j) {
-    const int key0 = n_begin * kKeys + j * kDecodeSlotKeys;
-    const int valid = max(0, min(kDecodeSlotKeys, ks.length - key0));
+    const int key0 = key_begin + j * kDecodeSlotKeys;
+    const int valid = max(0, min(kDecodeSlotKeys, key_end - key0));
     T* const dst = slot(j);
     const uint32_t bar = sm90::smem_u32(sBar + j % kDecodeSlots);
     if (valid < kDecodeSlotKeys) {
@@ -328,7 +335,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // 2. Online softmax of row sm_row over keys sm_key0, sm_key0 + 1 (log2 units).
     {
-      const int keys_valid = ks.length - (n_begin + it) * kKeys;  // > 0
+      const int keys_valid = key_end - (key_begin + it * kKeys);  // > 0: slot 2it has a key
       float v0 = 0.f, v1 = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
