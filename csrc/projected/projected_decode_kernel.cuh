@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Let the combine grid (a programmatic dependent launch, launch_projected_forward_combine) be
-  // scheduled once every CTA of this grid has started: its CTAs (5 KB of shared memory, 38
+  // scheduled once every CTA of this grid has started: its CTAs (5 KB of shared memory, 48
   // registers a thread) fit next to this kernel's and wait in griddepcontrol.wait for this grid to
   // complete, so the combine starts without a launch gap. (Triggering only lets the dependent
   // launch early; its wait still covers all of this grid's writes.)
