@@ -32,16 +32,20 @@ void launch_projected_forward(const ProjectedForwardParams& p, cudaStream_t stre
   CROSSLMM_CHECK_LAUNCH();
 }
 
-// True when this process's combine kernel runs code compiled from sm_90+ PTX (so it executes
-// griddepcontrol.wait and may be launched as a programmatic dependent). Asked once per process
-// (as projected_forward_ctas_per_sm, this assumes the process's GPUs are all of one kind).
+// True when `kernel` runs code compiled from sm_90+ PTX here (so it executes griddepcontrol.wait
+// before touching global memory and may be launched as a programmatic dependent). Asked once per
+// kernel and process through the static in each caller (as projected_forward_ctas_per_sm, this
+// assumes the process's GPUs are all of one kind).
+template <typename Kernel>
+bool compiled_for_sm90(Kernel kernel) {
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90;
+}
+
 template <typename T>
 bool combine_waits_on_grid() {
-  static const bool waits = [] {
-    cudaFuncAttributes attributes{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, projected_forward_combine_kernel<T>));
-    return attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90;
-  }();
+  static const bool waits = compiled_for_sm90(projected_forward_combine_kernel<T>);
   return waits;
 }
 
@@ -77,6 +81,8 @@ void launch_projected_forward_combine(const ProjectedForwardParams& p, cudaStrea
   CROSSLMM_CHECK_LAUNCH();
 }
 
+// The decode kernel, as a programmatic dependent of the stream's previous kernel where its code is
+// sm_90 (it begins with griddepcontrol.wait): its launch overlaps that kernel's tail.
 template <typename T, bool kBulk>
 void launch_projected_decode(const ProjectedForwardParams& p, cudaStream_t stream) {
   auto kernel = projected_decode_kernel<T, kBulk>;
@@ -85,7 +91,20 @@ void launch_projected_decode(const ProjectedForwardParams& p, cudaStream_t strea
   const int64_t ctas = static_cast<int64_t>(p.num_m_blocks) * p.num_splits * p.batch;
   TORCH_CHECK(ctas <= 0x7fffffff, "projected_attention_core_forward: grid too large (", ctas,
               " CTAs)");
-  kernel<<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(p);
+  static const bool waits = compiled_for_sm90(kernel);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(ctas));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (waits) {
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
   CROSSLMM_CHECK_LAUNCH();
 }
 

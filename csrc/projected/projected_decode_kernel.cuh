@@ -66,6 +66,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #else
   constexpr bool kTma = false;
 #endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of whatever ran before it on the stream
+  // (launch_projected_decode, sm_90 code): its launch and CTA dispatch overlap that kernel's tail,
+  // and nothing here touches global memory (cu_seqlens, q, x may all be that kernel's outputs)
+  // before that grid has completed and its writes are visible. A no-op when launched plainly.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   using Tile = DecodeTile;
   constexpr int kDvMax = kDvSmall;
   constexpr int kKeys = kBlockNWide;           // keys per compute tile (two slots)
