@@ -5,7 +5,8 @@ Two kinds:
 * **per call** (a test or a user may change them between calls): :func:`backend`
   (``CROSSLMM_BACKEND``), :func:`projected_path` (``CROSSLMM_PROJECTED_PATH``),
   :func:`attention_sm90` (``CROSSLMM_ATTENTION_SM90``), :func:`attention_bwd_sm90`
-  (``CROSSLMM_ATTENTION_BWD_SM90``), :func:`projected_bwd_cuda` (``CROSSLMM_PROJECTED_BWD_CUDA``),
+  (``CROSSLMM_ATTENTION_BWD_SM90``), :func:`projected_kernel` (``CROSSLMM_PROJECTED_KERNEL``),
+  :func:`projected_bwd_cuda` (``CROSSLMM_PROJECTED_BWD_CUDA``),
   :func:`triton_interpret` (``TRITON_INTERPRET``, Triton's own);
 * **once, at import** (each read was measurable host time in short calls): :data:`EAGER_FUNCTION`
   (``CROSSLMM_EAGER_FUNCTION``), :data:`POISON_OUTPUTS` (``CROSSLMM_POISON_OUTPUTS``),
@@ -28,6 +29,7 @@ PROJECTED_BWD_CUDA_VAR = "CROSSLMM_PROJECTED_BWD_CUDA"
 EAGER_FUNCTION_VAR = "CROSSLMM_EAGER_FUNCTION"
 POISON_OUTPUTS_VAR = "CROSSLMM_POISON_OUTPUTS"
 CHECK_REPLICAS_VAR = "CROSSLMM_CHECK_REPLICAS"
+PROJECTED_KERNEL_VAR = "CROSSLMM_PROJECTED_KERNEL"
 TRITON_INTERPRET_VAR = "TRITON_INTERPRET"
 
 # The values each per-call variable takes (the empty string and unset mean the first one).
@@ -36,6 +38,7 @@ PROJECTED_PATH_VALUES = ("auto", "fused", "materialized")
 ATTENTION_SM90_VALUES = ("auto", "0", "1", "packed")
 ATTENTION_BWD_SM90_VALUES = ("auto", "0", "1", "dkdv")
 PROJECTED_BWD_CUDA_VALUES = ("auto", "0")
+PROJECTED_KERNEL_VALUES = ("auto", "mma_sync", "decode", "decode_bulk")
 
 # Read once, at import.
 EAGER_FUNCTION = os.environ.get(EAGER_FUNCTION_VAR, "1") != "0"
@@ -86,6 +89,12 @@ def projected_bwd_cuda() -> str:
     core on CUDA where the extension has it; ``"0"`` on Triton (or torch) instead (to compare
     them)."""
     return _read(PROJECTED_BWD_CUDA_VAR, PROJECTED_BWD_CUDA_VALUES)
+def projected_kernel() -> str:
+    """``CROSSLMM_PROJECTED_KERNEL``: the projected core's CUDA forward kernel, passed to
+    ``_C.projected_attention_core_forward`` as ``kernel``: ``"auto"`` (unset: the extension's launch
+    plan picks), ``"mma_sync"`` (the general kernels, never the decode kernel), ``"decode"`` /
+    ``"decode_bulk"`` (the decode kernel with cp.async / bulk-copy loads, where it can run)."""
+    return _read(PROJECTED_KERNEL_VAR, PROJECTED_KERNEL_VALUES)
 
 
 def triton_interpret() -> bool:
@@ -101,6 +110,7 @@ def overrides() -> dict[str, str]:
         ATTENTION_SM90_VAR,
         ATTENTION_BWD_SM90_VAR,
         PROJECTED_BWD_CUDA_VAR,
+        PROJECTED_KERNEL_VAR,
         EAGER_FUNCTION_VAR,
         POISON_OUTPUTS_VAR,
         CHECK_REPLICAS_VAR,

@@ -29,7 +29,7 @@ std::string attention_backward(const at::Tensor& dout, const at::Tensor& q, cons
 std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& q, const at::Tensor& x, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double softmax_scale, int64_t num_splits);
+    double softmax_scale, int64_t num_splits, const std::string& kernel);
 std::tuple<at::Tensor, at::Tensor> projected_attention_core_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& x, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
@@ -125,11 +125,13 @@ PYBIND11_MODULE(_C, m) {
         "Projection-fused attention core (csrc/projected/): per segment and head, "
         "out = softmax(q x^T * scale) x with q [total_q, H, Dv] and x [total_k, Dv] (keys = values "
         "= x); returns (out [total_q, H, Dv], lse [H, total_q] fp32, natural log); num_splits 0 = "
-        "heuristic key split.",
+        "heuristic key split. kernel: 'auto' (the launch plan picks), 'mma_sync' (the general "
+        "kernels), 'decode' / 'decode_bulk' (the decode kernel with cp.async / bulk-copy loads, "
+        "where it can run).",
         pybind11::arg("q"), pybind11::arg("x"), pybind11::arg("cu_seqlens_q"),
         pybind11::arg("cu_seqlens_k"), pybind11::arg("max_seqlen_q"),
         pybind11::arg("max_seqlen_k"), pybind11::arg("softmax_scale"),
-        pybind11::arg("num_splits"));
+        pybind11::arg("num_splits"), pybind11::arg("kernel") = std::string("auto"));
   m.def("projected_attention_core_backward",
         guarded(&crosslmm::projected_attention_core_backward),
         "Backward of projected_attention_core_forward (csrc/projected/): returns (dq [total_q, H, "

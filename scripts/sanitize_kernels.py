@@ -6,7 +6,8 @@ sm90 wgmma + TMA one, chosen for head dim 128 fp16/bf16 with >= 64 query rows, t
 sm90 one for fewer, and the mma.sync one, forced per call with CROSSLMM_ATTENTION_SM90=0, which
 the planner reads at every call), their
 split-KV combine, the attention backward, and the projection-fused core (direct and through
-projected_cross_attention), with its split combine, and its backward (direct)."""
+projected_cross_attention), with its split combine, on its decode kernel (cp.async and bulk-copy
+loads) and its general one, and its backward (direct)."""
 
 import os
 
@@ -142,6 +143,23 @@ if ext is not None and hasattr(ext, "projected_attention_core_forward"):
         for splits in (1, 3, 0):
             ext.projected_attention_core_forward(q, x, cu_q, cu_k, 1, 100, 0.1, splits)
             runs += 2 if splits == 3 else 1
+    # The decode kernel (projected_decode_kernel.cuh: one m16 tile, Dv <= 1152, where its 207.6 KB
+    # fit) with cp.async and with bulk-copy loads, and the general 32-key kernel (kernel
+    # "mma_sync") on the same calls: 12 and 5 heads, keys around its 16-key slots and 32-key tiles
+    # (1, 31, 33, 65) and a long segment (1000), an empty segment, one split, 3 (empty splits in
+    # the short segments) and the heuristic, whose combine is a programmatic dependent launch on
+    # sm_90.
+    lens_k = [1, 31, 33, 0, 65, 1000]
+    cu_q = torch.arange(0, len(lens_k) + 1, dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0] + lens_k, device="cuda").cumsum(0).to(torch.int32)
+    for kernel in ("decode", "decode_bulk", "mma_sync"):
+        for dtype, dv, heads in ((torch.bfloat16, 1152, 12), (torch.float16, 200, 5)):
+            x = torch.randn(sum(lens_k), dv, device="cuda", dtype=dtype)
+            q = torch.randn(len(lens_k), heads, dv, device="cuda", dtype=dtype)
+            for splits in (1, 3, 0):
+                ext.projected_attention_core_forward(q, x, cu_q, cu_k, 1, 1000, 0.1, splits, kernel)
+                runs += 1 if splits == 1 else 2
+        torch.cuda.synchronize()
     torch.cuda.synchronize()
 print("sanitize_kernels: section projected (core backward)", flush=True)
 if ext is not None and hasattr(ext, "projected_attention_core_backward"):

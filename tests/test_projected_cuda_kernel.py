@@ -84,7 +84,7 @@ def poison_allocator(*shapes_dtypes) -> None:
     del blocks
 
 
-def run(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, max_q=None, max_k=None):
+def run(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, max_q=None, max_k=None, kernel="auto"):
     """The kernel, with NaN-poisoned memory offered for its outputs; returns (out, lse)."""
     total_q, heads, dv = q.shape
     # (The fp32 split scratch is not poisoned here: compute-sanitizer's initcheck covers it, see
@@ -93,7 +93,7 @@ def run(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, max_q=None, max_k=None):
     max_q = max_seqlen(cu_q) if max_q is None else max_q
     max_k = max_seqlen(cu_k) if max_k is None else max_k
     out, lse = _extension().projected_attention_core_forward(
-        q, x, cu_q, cu_k, max_q, max_k, scale, num_splits
+        q, x, cu_q, cu_k, max_q, max_k, scale, num_splits, kernel
     )
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), (
         f"out: shape {tuple(out.shape)} dtype {out.dtype}, expected {tuple(q.shape)} {q.dtype}"
@@ -129,10 +129,10 @@ def _describe(where: int, shape, cu_q: torch.Tensor) -> str:
     return f"token {token} (segment {seg}), head {head}, channel {chan}"
 
 
-def check(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, label=""):
+def check(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, label="", kernel="auto"):
     """Kernel vs the float64 oracle, bounded by plain PyTorch's error in q's dtype (the oracle in
     q's dtype). Returns the kernel's (out, lse)."""
-    out, lse = run(q, x, cu_q, cu_k, scale, num_splits)
+    out, lse = run(q, x, cu_q, cu_k, scale, num_splits, kernel=kernel)
     torch.cuda.synchronize()
     with torch.no_grad():
         ref_out, ref_lse = reference(q, x, cu_q, cu_k, scale, torch.float64)
@@ -140,7 +140,7 @@ def check(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, label=""):
     ctx = (
         f"[{label} q {tuple(q.shape)} {q.dtype}, x {tuple(x.shape)}, segments q "
         f"{(cu_q[1:] - cu_q[:-1]).tolist()[:12]} k {(cu_k[1:] - cu_k[:-1]).tolist()[:12]}, "
-        f"scale {scale:.4g}, num_splits {num_splits}]"
+        f"scale {scale:.4g}, num_splits {num_splits}, kernel {kernel}]"
     )
 
     nan = torch.isnan(out)
@@ -377,6 +377,96 @@ def test_long_query_prefill_t256():
 
 
 # ----------------------------------------------------------------------------------------------
+# The decode kernel (csrc/projected/projected_decode_kernel.cuh): one m16 row tile, Dv <= 1152,
+# picked by the launch plan (kernel "auto") where its 207.6 KB fit (H100/H200), with cp.async
+# loads; kernel "decode_bulk" gives it bulk-copy (TMA) loads, "mma_sync" keeps the general 32-key
+# kernel. Where the decode kernel does not fit (an A100), every choice runs the general kernels.
+# ----------------------------------------------------------------------------------------------
+
+# Key counts around the 16-key slots and 32-key tiles: one key, a slot's tail, one and two tiles
+# and one key either side of them, and a long tail.
+DECODE_KEYS = [1, 31, 32, 33, 63, 64, 65, 1000]
+DECODE_KERNELS = ["decode", "decode_bulk"]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 0])
+@pytest.mark.parametrize("keys", DECODE_KEYS)
+@pytest.mark.parametrize("heads", [1, 5, 12])
+@pytest.mark.parametrize("dv", [1152, 200])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kernel", DECODE_KERNELS)
+@gpu
+def test_decode_kernel_shapes(kernel, dtype, dv, heads, keys, num_splits):
+    """One query x 1..12 heads (one m16 tile) against 1..1000 keys, with Dv 1152 (8 busy warps)
+    and 200 (7 warps, a half k-step, zero columns [200, 208)), explicit and heuristic splits (more
+    splits than tiles leave empty splits), against the float64 oracle; a second segment shifts
+    the keys off 32-key alignment in x."""
+    q, x, cu_q, cu_k = make_inputs([1, 1], [keys, 7], heads, dv, dtype)
+    check(q, x, cu_q, cu_k, num_splits=num_splits, label=f"{keys} keys", kernel=kernel)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@gpu
+def test_decode_kernel_matches_general(dtype, num_splits):
+    """The decode kernel (both load paths, and "auto") and the general 32-key kernel do the same
+    operations in the same order within a split (the decode kernel cuts splits at 16 keys, the
+    general one at 32): their results agree to rounding (the bounds of test_splits_agree) and
+    match the oracle, on a batch of decode steps with empty and short segments."""
+    lens_k = [5000, 0, 33, 1, 729]
+    q, x, cu_q, cu_k = make_inputs([1] * len(lens_k), lens_k, HQ, DV, dtype)
+    old, old_lse = run(q, x, cu_q, cu_k, num_splits=num_splits, kernel="mma_sync")
+    for kernel in ["auto", *DECODE_KERNELS]:
+        new, new_lse = run(q, x, cu_q, cu_k, num_splits=num_splits, kernel=kernel)
+        err = (new.float() - old.float()).abs().max().item()
+        ulp = torch.finfo(dtype).eps * old.float().abs().max().item()
+        assert err <= 4 * ulp + 1e-3, f"{kernel} vs mma_sync: out differs by {err:.3e}"
+        same_inf = torch.isneginf(new_lse) == torch.isneginf(old_lse)
+        assert same_inf.all(), f"{kernel} vs mma_sync: -inf lse rows differ"
+        finite = ~torch.isneginf(old_lse)
+        assert torch.allclose(new_lse[finite], old_lse[finite], rtol=0, atol=1e-4), kernel
+        check(q, x, cu_q, cu_k, num_splits=num_splits, label="decode batch", kernel=kernel)
+
+
+@pytest.mark.parametrize("num_splits", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kernel", DECODE_KERNELS)
+@gpu
+def test_decode_kernel_t256(kernel, dtype, num_splits):
+    """CrossLMM-2B's decode step at T = 256: 12 rows against 186,624 keys (132 splits on an
+    H100 with the heuristic, one long split with 1), against the oracle, and bitwise repeatable."""
+    q, x, cu_q, cu_k = make_inputs([1], [256 * FRAME], HQ, DV, dtype)
+    out, lse = check(q, x, cu_q, cu_k, num_splits=num_splits, label="T=256", kernel=kernel)
+    for _ in range(2):
+        again, again_lse = run(q, x, cu_q, cu_k, num_splits=num_splits, kernel=kernel)
+        assert torch.equal(out, again) and torch.equal(lse, again_lse), "not deterministic"
+
+
+@pytest.mark.parametrize("kernel", DECODE_KERNELS)
+@gpu
+def test_decode_kernel_deterministic(kernel):
+    """Repeated calls give the same bits (splits combine in a fixed order; the combine's
+    programmatic dependent launch on sm_90 must not change that)."""
+    q, x, cu_q, cu_k = make_inputs([1, 1, 1], [20000, 65, 1], HQ, DV, torch.bfloat16)
+    for splits in (0, 3):
+        first = run(q, x, cu_q, cu_k, num_splits=splits, kernel=kernel)
+        for _ in range(3):
+            again = run(q, x, cu_q, cu_k, num_splits=splits, kernel=kernel)
+            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), splits
+
+
+@pytest.mark.parametrize("kernel", ["mma_sync", *DECODE_KERNELS])
+@gpu
+def test_kernel_choice_on_other_shapes(kernel):
+    """Every kernel choice computes the same function where the decode kernel cannot run (several
+    row tiles, the 2048 bucket): the general kernels run."""
+    q, x, cu_q, cu_k = make_inputs([1, 9], [1000, 729], HQ, DV, torch.bfloat16)
+    check(q, x, cu_q, cu_k, label="two row tiles", kernel=kernel)
+    q, x, cu_q, cu_k = make_inputs([1], [1000], HQ, 2048, torch.bfloat16)
+    check(q, x, cu_q, cu_k, label="Dv 2048", kernel=kernel)
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------
 
@@ -445,6 +535,7 @@ def _bad_input_checks():
         (dict(num_splits=-1), "num_splits"),
         (dict(softmax_scale=math.inf), "softmax_scale"),
         (dict(max_seqlen_k=-1), "max_seqlen"),
+        (dict(kernel="tma"), "kernel must be"),
     ]
     for changes, match in cases:
         with pytest.raises(RuntimeError, match=match):

@@ -439,6 +439,7 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
             max_seqlen_k,
             scale,
             num_splits,
+            environment.projected_kernel(),
         )
         return _grouped(out, hk), lse
     if q.stride(-1) != 1:

@@ -3,7 +3,7 @@
 // kernel files.
 //
 //   projected_attention_core_forward(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-//                               softmax_scale, num_splits) -> (out, lse)
+//                               softmax_scale, num_splits, kernel = "auto") -> (out, lse)
 //
 // For every segment b (queries cu_seqlens_q[b] .. cu_seqlens_q[b+1], keys cu_seqlens_k[b] ..
 // cu_seqlens_k[b+1]) and head h:
@@ -21,7 +21,10 @@
 // lse = -inf; a segment without queries is skipped; query tokens outside every segment are left
 // unwritten. max_seqlen_q / max_seqlen_k are trusted bounds on the segment lengths, as in
 // flash-attn (a longer segment is not fully computed; the Python layer computes them).
-// num_splits: 0 = heuristic, else that many key splits per segment (at most 256).
+// num_splits: 0 = heuristic, else that many key splits per segment (at most 256). kernel: "auto"
+// (the launch plan below picks), "mma_sync" (the general kernels only), "decode" / "decode_bulk"
+// (the decode kernel with cp.async / bulk-copy loads where it can run, else the general kernels);
+// every choice computes the same function.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -33,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "common/check.h"
@@ -84,17 +88,29 @@ int stages_that_fit(int dv_max, int m_tiles, int keys, int smem_limit) {
   return stages >= kMinStages ? stages : 0;
 }
 
+// The decode kernel's load path for the binding's `kernel` argument where the decode kernel can
+// run: "auto" and "decode" cp.async, "decode_bulk" bulk copies, "mma_sync" none (the general
+// kernels).
+int decode_kernel_for(const std::string& kernel) {
+  if (kernel == "auto" || kernel == "decode") return projected::kDecodeCpAsync;
+  if (kernel == "decode_bulk") return projected::kDecodeBulk;
+  TORCH_CHECK(kernel == "mma_sync", kOp,
+              ": kernel must be 'auto', 'mma_sync', 'decode' or 'decode_bulk', got '", kernel, "'");
+  return projected::kDecodeNone;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& q, const at::Tensor& x, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double softmax_scale, int64_t num_splits) {
+    double softmax_scale, int64_t num_splits, const std::string& kernel) {
   // ---- checks -------------------------------------------------------------------------------
   projected::check_core_inputs(kOp, q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                softmax_scale, num_splits);
   const int64_t total_q = q.size(0), heads = q.size(1), dv = q.size(2);
   const int64_t total_k = x.size(0);
+  const int decode_load_path = decode_kernel_for(kernel);
 
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({total_q, heads, dv}, q.options());
@@ -139,6 +155,17 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
       stages = stages_wide;
     }
   }
+  // The decode kernel (projected_decode_kernel.cuh) replaces the 32-key one-tile launch wherever
+  // its ring of kDecodeSlots 16-key slots fits (207.6 KB: H100/H200, not an A100, which keeps the
+  // general kernel with 16-key tiles): same tiles and results, but q in registers and a 5-slot ring
+  // keep x's loads in flight across tile boundaries, which the 2-stage 32-key kernel cannot (it is
+  // bound by reading x: decode). Its load path: cp.async unless the call's `kernel` asks for bulk
+  // copies; kernel = "mma_sync" keeps the general kernel (decode_kernel_for).
+  int decode_kernel = projected::kDecodeNone;
+  if (m_tiles == 1 && dv_max == kDvSmall && keys == kBlockNWide &&
+      projected::DecodeTile::kSmemBytes <= smem_limit) {
+    decode_kernel = decode_load_path;
+  }
   TORCH_CHECK(stages > 0, kOp, ": Dv = ", dv, " needs ",
               ProjectedTile<kDvLarge, 1>::smem_bytes(kMinStages),
               " bytes of shared memory per block, this GPU allows ", smem_limit,
@@ -146,15 +173,19 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
               ")");
   const int64_t num_m_blocks = ceil_div(rows, 16 * m_tiles);
 
-  const int64_t key_tiles = ceil_div(max_seqlen_k, keys);
-  int ctas_per_sm = 1;
-  if (num_splits == 0) {
+  // Split units: key tiles, or the decode kernel's 16-key slots (it cuts splits at 16 keys, so
+  // they differ by at most 16 keys: 88 or 89 slots each at T = 256 on 132 SMs, not 44 or 45 tiles).
+  const int64_t units_per_tile = decode_kernel != projected::kDecodeNone ? 2 : 1;
+  const int64_t key_tiles = ceil_div(max_seqlen_k, keys / units_per_tile);
+  int ctas_per_sm = 1;  // the decode kernel: one CTA per SM (DecodeTile's static_assert)
+  if (num_splits == 0 && decode_kernel == projected::kDecodeNone) {
     projected::dispatch_dtype_dv(kOp, q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
       ctas_per_sm = projected::projected_forward_ctas_per_sm<T, kDvMax>(m_tiles, keys, stages);
     });
   }
   const int64_t wave = static_cast<int64_t>(multiprocessor_count()) * ctas_per_sm;
-  const int64_t splits = choose_splits(num_splits, num_m_blocks * batch, key_tiles, wave);
+  const int64_t splits =
+      choose_splits(num_splits, num_m_blocks * batch, key_tiles, wave, units_per_tile);
   TORCH_CHECK(num_m_blocks * batch * splits <= kInt32Max, kOp, ": grid too large (",
               num_m_blocks * batch * splits, " CTAs)");
 
@@ -190,6 +221,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   p.num_splits = static_cast<int>(splits);
   p.keys_per_tile = keys;
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.decode_kernel = decode_kernel;
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   projected::dispatch_dtype_dv(kOp, q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {

@@ -440,6 +440,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 constexpr int kCombineWarps = 8;
 constexpr int kCombineThreads = 32 * kCombineWarps;
 constexpr int kCombineChannels = 128;  // 32 lanes x 4 channels
+// Partials per warp loaded before the lse merge (8 x 8 warps = 64 splits; a decode step at T = 256
+// has 132 on an H100).
+constexpr int kCombinePrefetch = 8;
 static_assert(kMaxSplits <= kCombineThreads, "one split's lse per thread");
 
 template <typename T>
@@ -449,6 +452,12 @@ __global__ void __launch_bounds__(kCombineThreads)
   __shared__ float weights[kMaxSplits];
   __shared__ float warp_reduce[kCombineWarps];
   __shared__ float4 warp_sums[kCombineWarps][32];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the forward kernel (launch_projected_forward_combine,
+  // sm_90 builds): wait until that grid has completed and its partials are visible. A no-op
+  // otherwise.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   int64_t cta = blockIdx.x;
   const int channel_tile = static_cast<int>(cta % channel_tiles);
   cta /= channel_tiles;
@@ -463,6 +472,19 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32;
   const int lane = tid % 32;
+
+  // This warp's first kCombinePrefetch splits' partials, loaded before the lse merge below so
+  // their latency overlaps it (the merge's weights are applied later, in the same order).
+  const int dv = p.head_dim;
+  const int c = channel_tile * kCombineChannels + lane * 4;  // dv is a multiple of 8: whole float4s
+  const float* const src = p.out_partial + row * dv + c;
+  float4 first[kCombinePrefetch];
+#pragma unroll
+  for (int i = 0; i < kCombinePrefetch; ++i) {
+    const int s = warp + i * kCombineWarps;
+    first[i] = c < dv && s < splits ? *reinterpret_cast<const float4*>(src + s * rows_total * dv)
+                                    : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
 
   // lse over the splits (thread s holds split s), block-wide max then sum.
   const float lse_s = tid < splits ? p.lse_partial[tid * rows_total + row] : -INFINITY;
@@ -485,13 +507,22 @@ __global__ void __launch_bounds__(kCombineThreads)
   if (tid < splits) weights[tid] = lse == -INFINITY ? 0.f : expf(lse_s - lse);
   __syncthreads();
 
-  const int dv = p.head_dim;
-  const int c = channel_tile * kCombineChannels + lane * 4;  // dv is a multiple of 8: whole float4s
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   if (c < dv) {
-    const float* const src = p.out_partial + row * dv + c;
+    // Warp w adds splits w, w + 8, ... in that order: the prefetched ones, then the rest.
+#pragma unroll
+    for (int i = 0; i < kCombinePrefetch; ++i) {
+      const int s = warp + i * kCombineWarps;
+      if (s < splits) {
+        const float w = weights[s];
+        acc.x = fmaf(w, first[i].x, acc.x);
+        acc.y = fmaf(w, first[i].y, acc.y);
+        acc.z = fmaf(w, first[i].z, acc.z);
+        acc.w = fmaf(w, first[i].w, acc.w);
+      }
+    }
 #pragma unroll 4
-    for (int s = warp; s < splits; s += kCombineWarps) {
+    for (int s = warp + kCombinePrefetch * kCombineWarps; s < splits; s += kCombineWarps) {
       const float w = weights[s];
       const float4 x = *reinterpret_cast<const float4*>(src + s * rows_total * dv);
       acc.x = fmaf(w, x.x, acc.x);

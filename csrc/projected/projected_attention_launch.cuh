@@ -14,6 +14,7 @@
 
 #include "common/check.h"
 #include "projected/projected_attention_kernel.cuh"
+#include "projected/projected_decode_kernel.cuh"
 #include "projected/projected_params.h"
 
 namespace crosslmm {
@@ -31,9 +32,102 @@ void launch_projected_forward(const ProjectedForwardParams& p, cudaStream_t stre
   CROSSLMM_CHECK_LAUNCH();
 }
 
+// True when `kernel` runs code compiled from sm_90+ PTX here (so it executes griddepcontrol.wait
+// before touching global memory and may be launched as a programmatic dependent). Asked once per
+// kernel and process through the static in each caller (as projected_forward_ctas_per_sm, this
+// assumes the process's GPUs are all of one kind).
+template <typename Kernel>
+bool compiled_for_sm90(Kernel kernel) {
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90;
+}
+
+template <typename T>
+bool combine_waits_on_grid() {
+  static const bool waits = compiled_for_sm90(projected_forward_combine_kernel<T>);
+  return waits;
+}
+
+// Merges the splits' partial results (p.out_partial, p.lse_partial) into p.out and p.lse; called
+// when p.num_splits > 1.
+template <typename T>
+void launch_projected_forward_combine(const ProjectedForwardParams& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * p.num_heads;
+  const int64_t channel_tiles = (p.head_dim + kCombineChannels - 1) / kCombineChannels;
+  const int64_t ctas = rows * channel_tiles * p.batch;
+  TORCH_CHECK(rows <= 0x7fffffff && ctas <= 0x7fffffff,
+              "projected_attention_core_forward: combine grid too large (", ctas, " CTAs)");
+  if (ctas == 0) return;
+  auto kernel = projected_forward_combine_kernel<T>;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(ctas));
+  config.blockDim = dim3(kCombineThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  // Programmatic dependent launch where the combine kernel was compiled from sm_90+ PTX (then it
+  // begins with griddepcontrol.wait, which orders it after the forward grid): its launch overlaps
+  // the forward kernel's tail. Elsewhere (sm_80 code, or an sm_80 build running on an H100) a
+  // plain stream-ordered launch.
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (combine_waits_on_grid<T>()) {
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, static_cast<int>(rows),
+                                    static_cast<int>(channel_tiles)));
+  CROSSLMM_CHECK_LAUNCH();
+}
+
+// The decode kernel, as a programmatic dependent of the stream's previous kernel where its code is
+// sm_90 (it begins with griddepcontrol.wait): its launch overlaps that kernel's tail.
+template <typename T, bool kBulk>
+void launch_projected_decode(const ProjectedForwardParams& p, cudaStream_t stream) {
+  auto kernel = projected_decode_kernel<T, kBulk>;
+  constexpr int smem = DecodeTile::kSmemBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int64_t ctas = static_cast<int64_t>(p.num_m_blocks) * p.num_splits * p.batch;
+  TORCH_CHECK(ctas <= 0x7fffffff, "projected_attention_core_forward: grid too large (", ctas,
+              " CTAs)");
+  static const bool waits = compiled_for_sm90(kernel);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(ctas));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (waits) {
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  CROSSLMM_CHECK_LAUNCH();
+}
+
 template <typename T, int kDvMax>
 void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStream_t stream) {
   if (p.num_m_blocks == 0 || p.batch == 0 || p.num_splits == 0) return;
+  if (p.decode_kernel != kDecodeNone) {  // the host's plan chose the decode kernel
+    TORCH_CHECK(kDvMax == kDvSmall && m_tiles == 1 &&
+                    (p.decode_kernel == kDecodeCpAsync || p.decode_kernel == kDecodeBulk) &&
+                    p.keys_per_tile == kBlockNWide && p.head_dim <= kDvSmall &&
+                    p.cols_per_warp <= kDvSmall / kWarps && p.cols_per_warp % 16 == 0 &&
+                    p.num_splits <= kMaxSplits,
+                "projected_attention_core_forward: inconsistent decode launch plan");
+    if constexpr (kDvMax == kDvSmall) {
+      if (p.decode_kernel == kDecodeBulk) {
+        launch_projected_decode<T, true>(p, stream);
+      } else {
+        launch_projected_decode<T, false>(p, stream);
+      }
+    }
+    if (p.num_splits > 1) launch_projected_forward_combine<T>(p, stream);
+    return;
+  }
   TORCH_CHECK(p.head_dim <= kDvMax && p.cols_per_warp <= kDvMax / kWarps &&
                   p.cols_per_warp % 16 == 0 && p.stages >= kMinStages && p.stages <= kMaxStages &&
                   p.num_splits <= kMaxSplits &&
@@ -54,18 +148,7 @@ void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStr
     TORCH_CHECK(false, "projected_attention_core_forward: Dv > ", kDvSmall,
                 " supports 16-row tiles only");
   }
-  if (p.num_splits > 1) {
-    const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * p.num_heads;
-    const int64_t channel_tiles = (p.head_dim + kCombineChannels - 1) / kCombineChannels;
-    const int64_t ctas = rows * channel_tiles * p.batch;
-    TORCH_CHECK(rows <= 0x7fffffff && ctas <= 0x7fffffff,
-                "projected_attention_core_forward: combine grid too large (", ctas, " CTAs)");
-    if (ctas == 0) return;
-    projected_forward_combine_kernel<T>
-        <<<static_cast<unsigned>(ctas), kCombineThreads, 0, stream>>>(
-            p, static_cast<int>(rows), static_cast<int>(channel_tiles));
-    CROSSLMM_CHECK_LAUNCH();
-  }
+  if (p.num_splits > 1) launch_projected_forward_combine<T>(p, stream);
 }
 
 template <typename T, int kDvMax>

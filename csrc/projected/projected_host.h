@@ -139,17 +139,22 @@ constexpr int64_t kSplitOverheadTiles = 3;
 // waves(s) * (tiles per split + fixed cost per split), where waves(s) = ceil(ctas * s / wave): one
 // split when the CTAs already fill the GPU, about one CTA per SM per sequence for decode (a
 // batch-1 decode step at T = 256 frames runs 132 splits of ~88 tiles on 132 SMs).
-inline int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t tiles, int64_t wave) {
+// `units_per_tile`: the units a split is cut in per tile (the forward's decode kernel cuts splits at
+// 16 keys and computes 32-key tiles: 2; `tiles` then counts units).
+inline int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t tiles, int64_t wave,
+                             int64_t units_per_tile = 1) {
   if (num_splits > 0) {
     return std::min<int64_t>({num_splits, std::max<int64_t>(1, tiles), kMaxSplits});
   }
+  const int64_t min_units = kMinTilesPerSplit * units_per_tile;
+  const int64_t overhead_units = kSplitOverheadTiles * units_per_tile;
   const int64_t max_splits =
-      std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, tiles / kMinTilesPerSplit));
+      std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, tiles / min_units));
   int64_t best = 1;
   double best_cost = -1.0;
   for (int64_t s = 1; s <= max_splits; ++s) {
     const double waves = static_cast<double>(ceil_div(ctas * s, wave));
-    const double cost = waves * static_cast<double>(ceil_div(tiles, s) + kSplitOverheadTiles);
+    const double cost = waves * static_cast<double>(ceil_div(tiles, s) + overhead_units);
     if (best_cost < 0 || cost < best_cost) {
       best = s;
       best_cost = cost;

@@ -60,6 +60,7 @@ struct ProjectedForwardParams {
   int num_splits;     // key splits; 1 writes out/lse directly
   int keys_per_tile;  // kBlockN, or kBlockNWide for one-m16-tile launches (the host's choice)
   float scale_log2;   // softmax_scale * log2(e): the kernels work in log2 units (exp2)
+  int decode_kernel;  // kDecodeNone, or the decode kernel's load path (projected_decode_kernel.cuh)
 };
 
 // Shared-memory geometry of the forward kernel for a Dv bucket, a tile of kMTiles m16 tiles and
@@ -90,10 +91,46 @@ struct ProjectedTile {
   static constexpr int smem_bytes(int stages) { return kFixedBytes + stages * kStageBytes; }
 };
 
+// The decode kernel (projected_decode_kernel.cuh): one m16 row tile, Dv bucket kDvSmall, 32-key
+// compute tiles read from a ring of kDecodeSlots 16-key x slots (a tile is two consecutive slots),
+// q held in registers (it is staged once through a slot), so the ring is 5 slots deep where the
+// general kernel fits 2 stages of 32 keys next to q: while a tile is being computed, the next 3
+// slots (48 keys) are in flight, and while waiting for a tile one more slot still is.
+constexpr int kDecodeSlots = 5;
+constexpr int kDecodeSlotKeys = 16;
+// ProjectedForwardParams::decode_kernel: the general kernel, or the decode kernel filling its slots
+// with cp.async (16 bytes per thread), or with one bulk copy (cp.async.bulk, the TMA engine) per
+// key row completing on a per-slot mbarrier (sm_90 code; code compiled for sm_80 uses cp.async).
+constexpr int kDecodeNone = 0;
+constexpr int kDecodeCpAsync = 1;
+constexpr int kDecodeBulk = 2;
+struct DecodeTile {
+  static constexpr int kRowStride = kDvSmall + 8;      // elements, the q staging and x slots
+  static constexpr int kScoreStride = kBlockNWide + 8;  // floats, per-warp partial scores
+  static constexpr int kPStride = kBlockNWide + 8;      // elements
+  // Regions, in order: partial scores [kWarps][16][kScoreStride] fp32, P [16][kPStride] 16-bit,
+  // per-row rescale factors, 1 / l and lse (fp32, 16 each), one mbarrier per slot (bulk copies),
+  // then kDecodeSlots x slots [kDecodeSlotKeys][kRowStride] 16-bit (slot kDecodeSlots - 2 holds q
+  // before the first tile).
+  static constexpr int kScoreBytes = kWarps * 16 * kScoreStride * 4;
+  static constexpr int kPBytes = 16 * kPStride * 2;
+  static constexpr int kRowStatBytes = 3 * 16 * 4;
+  static constexpr int kBarrierBytes = (kDecodeSlots * 8 + 15) / 16 * 16;
+  static constexpr int kFixedBytes = kScoreBytes + kPBytes + kRowStatBytes + kBarrierBytes;
+  static constexpr int kSlotBytes = kDecodeSlotKeys * kRowStride * 2;
+  static constexpr int kSmemBytes = kFixedBytes + kDecodeSlots * kSlotBytes;  // 207,600
+  static_assert(kScoreBytes % 16 == 0 && kPBytes % 16 == 0 && kRowStatBytes % 16 == 0 &&
+                    kBarrierBytes % 16 == 0 && kSlotBytes % 16 == 0,
+                "shared-memory regions must keep 16-byte alignment");
+  static_assert(2 * kSmemBytes > 233472, "one CTA per SM (228 KB per SM on sm_80 and sm_90)");
+};
+
 // Implemented once per (T, kDvMax) in projected_attention_<dtype>_dv<kDvMax>.cu; T is __half or
 // __nv_bfloat16. m_tiles is 1 or 2 (2 only for kDvMax = kDvSmall); p.keys_per_tile is kBlockN, or
-// kBlockNWide with m_tiles 1 and kDvMax = kDvSmall. Launches the forward kernel and, when
-// p.num_splits > 1, the combine kernel, on `stream`. Throws (c10::Error) when a launch fails.
+// kBlockNWide with m_tiles 1 and kDvMax = kDvSmall; p.decode_kernel != kDecodeNone (m_tiles 1,
+// kDvMax = kDvSmall, keys_per_tile kBlockNWide) runs the decode kernel instead. Launches the
+// forward kernel and, when p.num_splits > 1, the combine kernel, on `stream`. Throws (c10::Error)
+// when a launch fails.
 template <typename T, int kDvMax>
 void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStream_t stream);
 
