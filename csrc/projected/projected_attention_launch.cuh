@@ -31,6 +31,21 @@ void launch_projected_forward(const ProjectedForwardParams& p, cudaStream_t stre
   CROSSLMM_CHECK_LAUNCH();
 }
 
+// Merges the splits' partial results (p.out_partial, p.lse_partial) into p.out and p.lse; both
+// forward kernels write that format.
+template <typename T>
+void launch_projected_forward_combine(const ProjectedForwardParams& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * p.num_heads;
+  const int64_t channel_tiles = (p.head_dim + kCombineChannels - 1) / kCombineChannels;
+  const int64_t ctas = rows * channel_tiles * p.batch;
+  TORCH_CHECK(rows <= 0x7fffffff && ctas <= 0x7fffffff,
+              "projected_attention_core_forward: combine grid too large (", ctas, " CTAs)");
+  if (ctas == 0) return;
+  projected_forward_combine_kernel<T><<<static_cast<unsigned>(ctas), kCombineThreads, 0, stream>>>(
+      p, static_cast<int>(rows), static_cast<int>(channel_tiles));
+  CROSSLMM_CHECK_LAUNCH();
+}
+
 template <typename T, int kDvMax>
 void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStream_t stream) {
   if (p.num_m_blocks == 0 || p.batch == 0 || p.num_splits == 0) return;
@@ -54,18 +69,7 @@ void run_projected_forward(const ProjectedForwardParams& p, int m_tiles, cudaStr
     TORCH_CHECK(false, "projected_attention_core_forward: Dv > ", kDvSmall,
                 " supports 16-row tiles only");
   }
-  if (p.num_splits > 1) {
-    const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * p.num_heads;
-    const int64_t channel_tiles = (p.head_dim + kCombineChannels - 1) / kCombineChannels;
-    const int64_t ctas = rows * channel_tiles * p.batch;
-    TORCH_CHECK(rows <= 0x7fffffff && ctas <= 0x7fffffff,
-                "projected_attention_core_forward: combine grid too large (", ctas, " CTAs)");
-    if (ctas == 0) return;
-    projected_forward_combine_kernel<T>
-        <<<static_cast<unsigned>(ctas), kCombineThreads, 0, stream>>>(
-            p, static_cast<int>(rows), static_cast<int>(channel_tiles));
-    CROSSLMM_CHECK_LAUNCH();
-  }
+  if (p.num_splits > 1) launch_projected_forward_combine<T>(p, stream);
 }
 
 template <typename T, int kDvMax>
