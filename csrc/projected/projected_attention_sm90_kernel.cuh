@@ -55,13 +55,13 @@
 namespace crosslmm {
 namespace projected {
 
+// Launched with clusters of Sm90Cluster::kClusterSize CTAs along x (a launch attribute: the
+// __cluster_dims__ attribute does not compile for the build's other targets).
 template <typename T>
-__global__ void __cluster_dims__(Sm90Cluster::kClusterSize, 1, 1)
-    __launch_bounds__(Sm90Cluster::kThreads, 1)
-        projected_attention_core_forward_sm90_kernel(const __grid_constant__ ProjectedForwardParams
-                                                         p,
-                                                     const __grid_constant__ CUtensorMap tmap_q,
-                                                     const __grid_constant__ CUtensorMap tmap_x) {
+__global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
+    projected_attention_core_forward_sm90_kernel(const __grid_constant__ ProjectedForwardParams p,
+                                                 const __grid_constant__ CUtensorMap tmap_q,
+                                                 const __grid_constant__ CUtensorMap tmap_x) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = Sm90Cluster;
   using namespace sm90;
@@ -102,7 +102,6 @@ __global__ void __cluster_dims__(Sm90Cluster::kClusterSize, 1, 1)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw_addr = smem_u32(smem_raw);
   const uint32_t base = (raw_addr + 1023u) & ~1023u;  // swizzle atoms need 1024-byte alignment
-  unsigned char* const smem = smem_raw + (base - raw_addr);
   auto sQ = [&](int atom) { return base + Cfg::kQOffset + atom * Cfg::kQAtomBytes; };
   auto sX = [&](int stage, int atom) {
     return base + Cfg::kXOffset + stage * Cfg::kXStageBytes + atom * Cfg::kXAtomBytes;
@@ -191,8 +190,9 @@ __global__ void __cluster_dims__(Sm90Cluster::kClusterSize, 1, 1)
 
     auto consume = [&]<int kMyAtoms>() {
       float o[kMyAtoms > 0 ? kMyAtoms : 1][32];
-      float s_part[16];  // this consumer's partial S
-      float s[16];       // S summed over the cluster, then P (fp32)
+      // S of a key tile: this consumer's partial (the wgmma accumulator), then the cluster's sum,
+      // then P in fp32. One array: registers are what bounds the atoms a consumer can own.
+      float s[16];
       uint32_t p_even[8], p_odd[8];
 #pragma unroll
       for (int a = 0; a < kMyAtoms; ++a) {
@@ -200,38 +200,44 @@ __global__ void __cluster_dims__(Sm90Cluster::kClusterSize, 1, 1)
         for (int e = 0; e < 32; ++e) o[a][e] = 0.f;
       }
 #pragma unroll
-      for (int e = 0; e < 16; ++e) s_part[e] = 0.f;  // stays 0 without atoms
+      for (int e = 0; e < 16; ++e) s[e] = 0.f;  // the partial stays 0 without atoms
 #pragma unroll
       for (int e = 0; e < 8; ++e) p_even[e] = p_odd[e] = 0u;
       float row_max[2] = {-INFINITY, -INFINITY};  // log2 units, scale applied
       float row_sum[2] = {0.f, 0.f};              // this thread's 8 keys' share
 
+      // Descriptors as one base per operand plus a compile-time offset (address >> 4 in the low
+      // bits; every address stays below 256 KB, so the 14-bit field never carries). The q base
+      // goes through an empty asm at every use: otherwise ptxas hoists all 20 loop-invariant q
+      // descriptors (40 registers) out of the key loop, and the 5-atom consumer spills.
+      const uint64_t desc_q_base = make_smem_desc_sw128(sQ(my_atom0), 16, 1024);
       auto issue_s = [&](int stage) {
+        uint64_t desc_q0 = desc_q_base;
+        asm volatile("" : "+l"(desc_q0));
+        const uint64_t desc_x0 = make_smem_desc_sw128(sX(stage, my_atom0), 16, 1024);
 #pragma unroll
         for (int a = 0; a < kMyAtoms; ++a) {
-          const uint32_t q_atom = sQ(my_atom0 + a);
-          const uint32_t x_atom = sX(stage, my_atom0 + a);
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) {  // 16 channels = 32 bytes per k-step
-            const uint64_t desc_q = make_smem_desc_sw128(q_atom + kk * 32, 16, 1024);
-            const uint64_t desc_x = make_smem_desc_sw128(x_atom + kk * 32, 16, 1024);
-            wgmma_m64n32k16_ss<T>(s_part, desc_q, desc_x, a > 0 || kk > 0 ? 1 : 0);
+            wgmma_m64n32k16_ss<T>(s, desc_q0 + ((a * Cfg::kQAtomBytes + kk * 32) >> 4),
+                                  desc_x0 + ((a * Cfg::kXAtomBytes + kk * 32) >> 4),
+                                  a > 0 || kk > 0 ? 1 : 0);
           }
         }
       };
       auto issue_pv = [&](int stage, const uint32_t (&pa)[8]) {
+        // Keys 16kk.. are rows 16kk.. of an atom; x is the MN-major B operand (channels
+        // contiguous), 8-key groups 1024 bytes apart; N = 64 is one atom (the leading offset,
+        // between 64-channel blocks, is not used).
+        const uint64_t desc_x0 =
+            make_smem_desc_sw128(sX(stage, my_atom0), Cfg::kXAtomBytes, 1024);
 #pragma unroll
         for (int a = 0; a < kMyAtoms; ++a) {
-          const uint32_t x_atom = sX(stage, my_atom0 + a);
 #pragma unroll
           for (int kk = 0; kk < kKeys / 16; ++kk) {
-            // Keys 16kk.. are rows 16kk.. of the atom; x is the MN-major B operand (channels
-            // contiguous), 8-key groups 1024 bytes apart; N = 64 is one atom (the leading
-            // offset, between 64-channel blocks, is not used).
-            const uint64_t desc_x =
-                make_smem_desc_sw128(x_atom + kk * 16 * 128, Cfg::kXAtomBytes, 1024);
             const uint32_t pk[4] = {pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3]};
-            wgmma_m64n64k16_rs_tb<T>(o[a], pk, desc_x);
+            wgmma_m64n64k16_rs_tb<T>(o[a], pk,
+                                     desc_x0 + ((a * Cfg::kXAtomBytes + kk * 16 * 128) >> 4));
           }
         }
       };
@@ -255,32 +261,39 @@ __global__ void __cluster_dims__(Sm90Cluster::kClusterSize, 1, 1)
           named_barrier_sync(kConsumerBarrier + consumer, 128);
         }
       };
-      // s_part (this consumer's, complete) -> s (the cluster's sum), for the n-th exchange.
+      // s: this consumer's partial S (complete) -> the cluster's sum, for the n-th exchange.
       auto exchange = [&](int n) {
         mbarrier_wait_cluster(s_empty, (n & 1) ^ 1);  // every reader is done with exchange n - 1
+        uint32_t local = base + slot_offset;
+        uint32_t remote = own_slot_remote;
+        asm volatile("" : "+r"(local), "+r"(remote));  // not hoisted: see the loads below
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const float4 v = make_float4(s_part[4 * j], s_part[4 * j + 1], s_part[4 * j + 2],
-                                       s_part[4 * j + 3]);
-          *reinterpret_cast<float4*>(smem + slot_offset + j * 128 * 16) = v;
-          st_cluster_v4(own_slot_remote + j * 128 * 16, v);
+          const float4 v = make_float4(s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3]);
+          asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(local + j * 128 * 16),
+                       "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+                       : "memory");
+          st_cluster_v4(remote + j * 128 * 16, v);
         }
         mbarrier_arrive(s_full);
         mbarrier_arrive_cluster(s_full_remote);
         mbarrier_wait_cluster(s_full, n & 1);
-        const unsigned char* const slots = smem + Cfg::kScoreOffset + wg_tid * 16;
+        // Loads in asm volatile stay in j order, so at most one j's 16 floats are in flight; the
+        // base goes through an empty asm so the 16 addresses are not hoisted out of the key loop.
+        uint32_t slots = base + Cfg::kScoreOffset + wg_tid * 16;
+        asm volatile("" : "+r"(slots));
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          float4 v[Cfg::kScoreSlots];
+          float v[Cfg::kScoreSlots][4];
 #pragma unroll
           for (int k = 0; k < Cfg::kScoreSlots; ++k) {
-            v[k] = *reinterpret_cast<const float4*>(slots + k * Cfg::kScoreSlotBytes +
-                                                    j * 128 * 16);
+            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=f"(v[k][0]), "=f"(v[k][1]), "=f"(v[k][2]), "=f"(v[k][3])
+                         : "r"(slots + k * Cfg::kScoreSlotBytes + j * 128 * 16)
+                         : "memory");
           }
-          s[4 * j + 0] = (v[0].x + v[1].x) + (v[2].x + v[3].x);
-          s[4 * j + 1] = (v[0].y + v[1].y) + (v[2].y + v[3].y);
-          s[4 * j + 2] = (v[0].z + v[1].z) + (v[2].z + v[3].z);
-          s[4 * j + 3] = (v[0].w + v[1].w) + (v[2].w + v[3].w);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[4 * j + e] = (v[0][e] + v[1][e]) + (v[2][e] + v[3][e]);
         }
         mbarrier_arrive(s_empty);
         mbarrier_arrive_cluster(s_empty_remote);
@@ -357,7 +370,7 @@ __global__ void __cluster_dims__(Sm90Cluster::kClusterSize, 1, 1)
           issue_s(0);
           wgmma_commit();
           wgmma_wait<0>();
-          fence_operands(s_part);
+          fence_operands(s);
         }
         exchange(0);
         {
@@ -376,7 +389,7 @@ __global__ void __cluster_dims__(Sm90Cluster::kClusterSize, 1, 1)
             issue_pv(i % kStages, cur);
             wgmma_commit();
             wgmma_wait<1>();  // S_{i+1} done; P_i x_i may still run
-            fence_operands(s_part);
+            fence_operands(s);
           }
           float corr[2];
           exchange(i + 1);
@@ -464,14 +477,10 @@ __global__ void __cluster_dims__(Sm90Cluster::kClusterSize, 1, 1)
         }
       }
     };
-    static_assert(kAtomsMax == 5, "extend the dispatch below");
-    switch (my_atoms) {
-      case 5: consume.template operator()<5>(); break;
-      case 4: consume.template operator()<4>(); break;
-      case 3: consume.template operator()<3>(); break;
-      case 2: consume.template operator()<2>(); break;
-      case 1: consume.template operator()<1>(); break;
-      default: consume.template operator()<0>(); break;
+    if (consumer == 0) {
+      consume.template operator()<kAtomsMax>();
+    } else {
+      consume.template operator()<Cfg::kAtomsPerCta - kAtomsMax>();
     }
   }
   // No CTA leaves while the other may still arrive on its barriers or write its score slots.

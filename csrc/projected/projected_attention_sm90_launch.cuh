@@ -75,9 +75,19 @@ bool run_projected_forward_sm90(const ProjectedForwardParams& p, cudaStream_t st
                        Cfg::kClusterSize;
   TORCH_CHECK(ctas <= 0x7fffffff, "projected_attention_core_forward: grid too large (", ctas,
               " CTAs)");
-  // The cluster shape is the kernel's (__cluster_dims__): the grid is a multiple of it.
-  kernel<<<static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, map_q,
-                                                                                   map_x);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(ctas), 1, 1);
+  config.blockDim = dim3(Cfg::kThreads, 1, 1);
+  config.dynamicSmemBytes = Cfg::kSmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = Cfg::kClusterSize;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, map_q, map_x));
   CROSSLMM_CHECK_LAUNCH();
   if (p.num_splits > 1) launch_projected_forward_combine<T>(p, stream);
   return true;
