@@ -5,7 +5,8 @@ Two kinds:
 * **per call** (a test or a user may change them between calls): :func:`backend`
   (``CROSSLMM_BACKEND``), :func:`projected_path` (``CROSSLMM_PROJECTED_PATH``),
   :func:`attention_sm90` (``CROSSLMM_ATTENTION_SM90``), :func:`attention_bwd_sm90`
-  (``CROSSLMM_ATTENTION_BWD_SM90``), :func:`triton_interpret` (``TRITON_INTERPRET``, Triton's own);
+  (``CROSSLMM_ATTENTION_BWD_SM90``), :func:`projected_sm90` (``CROSSLMM_PROJECTED_SM90``),
+  :func:`triton_interpret` (``TRITON_INTERPRET``, Triton's own);
 * **once, at import** (each read was measurable host time in short calls): :data:`EAGER_FUNCTION`
   (``CROSSLMM_EAGER_FUNCTION``), :data:`POISON_OUTPUTS` (``CROSSLMM_POISON_OUTPUTS``),
   :data:`CHECK_REPLICAS` (``CROSSLMM_CHECK_REPLICAS``).
@@ -23,6 +24,7 @@ BACKEND_VAR = "CROSSLMM_BACKEND"
 PROJECTED_PATH_VAR = "CROSSLMM_PROJECTED_PATH"
 ATTENTION_SM90_VAR = "CROSSLMM_ATTENTION_SM90"
 ATTENTION_BWD_SM90_VAR = "CROSSLMM_ATTENTION_BWD_SM90"
+PROJECTED_SM90_VAR = "CROSSLMM_PROJECTED_SM90"
 EAGER_FUNCTION_VAR = "CROSSLMM_EAGER_FUNCTION"
 POISON_OUTPUTS_VAR = "CROSSLMM_POISON_OUTPUTS"
 CHECK_REPLICAS_VAR = "CROSSLMM_CHECK_REPLICAS"
@@ -33,6 +35,7 @@ BACKEND_VALUES = ("auto", "cuda", "triton", "torch")
 PROJECTED_PATH_VALUES = ("auto", "fused", "materialized")
 ATTENTION_SM90_VALUES = ("auto", "0", "1", "packed")
 ATTENTION_BWD_SM90_VALUES = ("auto", "0", "1", "dkdv")
+PROJECTED_SM90_VALUES = ("auto", "0", "1")
 
 # Read once, at import.
 EAGER_FUNCTION = os.environ.get(EAGER_FUNCTION_VAR, "1") != "0"
@@ -78,6 +81,13 @@ def attention_bwd_sm90() -> str:
     return _read(ATTENTION_BWD_SM90_VAR, ATTENTION_BWD_SM90_VALUES, lower=False)
 
 
+def projected_sm90() -> str:
+    """``CROSSLMM_PROJECTED_SM90``: the Hopper kernel of the projection-fused attention core
+    (sm90_cluster) ``"0"`` never, ``"1"`` wherever it can run, ``"auto"`` (unset) where the
+    planner prefers it (:func:`crosslmm_ops.planner.projected_core_kernel`)."""
+    return _read(PROJECTED_SM90_VAR, PROJECTED_SM90_VALUES)
+
+
 def triton_interpret() -> bool:
     """``TRITON_INTERPRET``: Triton kernels run in the CPU interpreter."""
     return os.environ.get(TRITON_INTERPRET_VAR, "0") not in ("", "0")
@@ -90,6 +100,7 @@ def overrides() -> dict[str, str]:
         PROJECTED_PATH_VAR,
         ATTENTION_SM90_VAR,
         ATTENTION_BWD_SM90_VAR,
+        PROJECTED_SM90_VAR,
         EAGER_FUNCTION_VAR,
         POISON_OUTPUTS_VAR,
         CHECK_REPLICAS_VAR,

@@ -11,7 +11,9 @@ Every decision about *how* a call runs is taken here, in one place:
   call or ``CROSSLMM_PROJECTED_PATH`` names one;
 * the **CUDA attention kernel** (:func:`attention_kernel`): the Hopper wgmma + TMA kernels or the
   mma.sync ones, passed to ``crosslmm_ops._C`` as an argument (``CROSSLMM_ATTENTION_SM90`` /
-  ``CROSSLMM_ATTENTION_BWD_SM90`` override).
+  ``CROSSLMM_ATTENTION_BWD_SM90`` override);
+* the **CUDA kernel of the projection-fused core** (:func:`projected_core_kernel`): the Hopper
+  2-CTA-cluster kernel or the mma.sync one (``CROSSLMM_PROJECTED_SM90`` overrides).
 
 What ran is recorded once, in this module (:func:`note`; read with :func:`last_backend`,
 :func:`last_path`, :func:`last_kernel`, :func:`last_record`, :func:`record_backends`), and
@@ -282,6 +284,66 @@ def attention_kernel(
     return "mma_sync", (
         f"max_seqlen_q {max_seqlen_q} < {SM90_MIN_SEQLEN_Q}: the GQA-packed "
         "mma.sync tiles fill better"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA kernel of the projection-fused attention core
+# ----------------------------------------------------------------------------------------------
+
+# sm90_cluster (csrc/projected/projected_attention_sm90_kernel.cuh): a 2-CTA cluster per 64-row
+# tile, each CTA a fixed half (9 atoms of 64 channels) of Dv <= 1152.
+PROJECTED_SM90_MAX_WIDTH = 1152
+PROJECTED_SM90_ATOM = 64
+PROJECTED_SM90_BLOCK_M = 64
+
+
+def projected_sm90_usable(device: torch.device, width: int) -> tuple[bool, str]:
+    """Whether the sm90_cluster core kernel can run a call with x's width ``width`` (Dv) on
+    ``device`` (the extension checks again, and runs mma_sync where TMA cannot describe the
+    tensors)."""
+    if "90a" not in _backend.extension_archs():
+        return False, "the extension holds no sm_90a code"
+    if device.type != "cuda":
+        return False, f"not a CUDA device ({device})"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if not _is_sm90(index):
+        return False, "the GPU is not sm_90"
+    if width % PROJECTED_SM90_ATOM or width > PROJECTED_SM90_MAX_WIDTH:
+        return False, (
+            f"Dv {width} (sm90_cluster takes multiples of {PROJECTED_SM90_ATOM} up to "
+            f"{PROJECTED_SM90_MAX_WIDTH})"
+        )
+    return True, ""
+
+
+def projected_core_kernel(device: torch.device, width: int, rows: int) -> tuple[str, str]:
+    """``(kernel, reason)`` of the CUDA projection-fused core for one call: ``"sm90_cluster"``
+    or ``"mma_sync"``, what ``crosslmm_ops._C.projected_attention_core_forward`` takes as
+    ``kernel``. ``width``: Dv; ``rows``: (query, head) rows of the longest segment
+    (``max_seqlen_q * heads``)."""
+    var = environment.PROJECTED_SM90_VAR
+    mode = environment.projected_sm90()
+    if mode == "0":
+        return "mma_sync", f"{var}=0"
+    usable, why = projected_sm90_usable(device, width)
+    if not usable:
+        return "mma_sync", f"the sm90_cluster kernel cannot run: {why}"
+    if mode == "1":
+        return "sm90_cluster", f"{var}=1"
+    if 2 * width <= PROJECTED_SM90_MAX_WIDTH:
+        return "mma_sync", (
+            f"Dv {width} <= {PROJECTED_SM90_MAX_WIDTH // 2}: one CTA of sm90_cluster's pair would "
+            "only multiply TMA's zero fill"
+        )
+    if rows < PROJECTED_SM90_BLOCK_M:
+        return "mma_sync", (
+            f"{rows} rows per segment < {PROJECTED_SM90_BLOCK_M}: sm90_cluster's 64-row tiles "
+            "would be mostly empty (decode); the mma.sync kernel's 16-row tiles with key splits "
+            "are the measured decode path"
+        )
+    return "sm90_cluster", (
+        f"{rows} rows per segment >= {PROJECTED_SM90_BLOCK_M} fill sm90_cluster's 64-row tiles"
     )
 
 

@@ -29,7 +29,8 @@ std::string attention_backward(const at::Tensor& dout, const at::Tensor& q, cons
 std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& q, const at::Tensor& x, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double softmax_scale, int64_t num_splits);
+    double softmax_scale, int64_t num_splits, const std::string& kernel);
+std::string projected_attention_core_forward_kernel_name();
 std::string attention_forward_kernel_name();
 int64_t attention_forward_rows_per_query();
 std::string attention_backward_kernel_name();
@@ -120,9 +121,14 @@ PYBIND11_MODULE(_C, m) {
         "Projection-fused attention core (csrc/projected/): per segment and head, "
         "out = softmax(q x^T * scale) x with q [total_q, H, Dv] and x [total_k, Dv] (keys = values "
         "= x); returns (out [total_q, H, Dv], lse [H, total_q] fp32, natural log); num_splits 0 = "
-        "heuristic key split.",
+        "heuristic key split. kernel: 'mma_sync' or 'sm90_cluster' (where it can run; "
+        "crosslmm_ops.planner chooses).",
         pybind11::arg("q"), pybind11::arg("x"), pybind11::arg("cu_seqlens_q"),
         pybind11::arg("cu_seqlens_k"), pybind11::arg("max_seqlen_q"),
         pybind11::arg("max_seqlen_k"), pybind11::arg("softmax_scale"),
-        pybind11::arg("num_splits"));
+        pybind11::arg("num_splits"), pybind11::arg("kernel") = std::string("mma_sync"));
+  m.def("projected_attention_core_forward_kernel_name",
+        &crosslmm::projected_attention_core_forward_kernel_name,
+        "Which kernel the last projected_attention_core_forward call on this thread ran: "
+        "'sm90_cluster', 'mma_sync', or 'none' (nothing to compute).");
 }

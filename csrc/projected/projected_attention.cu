@@ -3,7 +3,7 @@
 // kernel files.
 //
 //   projected_attention_core_forward(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-//                               softmax_scale, num_splits) -> (out, lse)
+//                               softmax_scale, num_splits, kernel = "mma_sync") -> (out, lse)
 //
 // For every segment b (queries cu_seqlens_q[b] .. cu_seqlens_q[b+1], keys cu_seqlens_k[b] ..
 // cu_seqlens_k[b+1]) and head h:
@@ -22,6 +22,12 @@
 // unwritten. max_seqlen_q / max_seqlen_k are trusted bounds on the segment lengths, as in
 // flash-attn (a longer segment is not fully computed; the Python layer computes them).
 // num_splits: 0 = heuristic, else that many key splits per segment (at most 256).
+//
+// kernel (crosslmm_ops/planner.py's projected_core_kernel decides; nothing here reads the
+// environment): "mma_sync", the kernel of projected_attention_kernel.cuh, every GPU; or
+// "sm90_cluster", the Hopper kernel of projected_attention_sm90_kernel.cuh, where it can run (an
+// sm_90 GPU, a 90a build, Dv a multiple of 64 up to 1152, tensors TMA can describe), else the
+// mma.sync kernel. projected_attention_core_forward_kernel_name() says which one ran.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -33,10 +39,13 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <tuple>
 
+#include "attention/attention_params.h"  // attention_forward_sm90_compiled: the build has 90a
 #include "common/check.h"
 #include "projected/projected_params.h"
+#include "projected/projected_sm90.h"
 
 namespace crosslmm {
 namespace {
@@ -152,12 +161,73 @@ int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t key_tiles, int64
   return best;
 }
 
+// The sm90_cluster launch plan: 64-row tiles of (query, head) rows, 32-key x tiles, key splits by
+// choose_splits with one 2-CTA cluster per two multiprocessors per wave. q is made row-flat (one
+// stride between consecutive (token, head) rows: the kernel reads a tile as one TMA box). False
+// when TMA cannot describe the tensors (nothing launched; the caller runs mma_sync).
+bool run_sm90_cluster(const at::Tensor& q, const at::Tensor& x, at::Tensor& out, at::Tensor& lse,
+                      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                      int64_t batch, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                      double softmax_scale, int64_t num_splits) {
+  using Cfg = projected::Sm90Cluster;
+  const int64_t total_q = q.size(0), heads = q.size(1), dv = q.size(2);
+  const bool row_flat = heads == 1 || total_q <= 1 || q.stride(0) == heads * q.stride(1);
+  const at::Tensor q_rows = row_flat ? q : q.contiguous();
+  const int64_t rows = max_seqlen_q * heads;
+  const int64_t num_m_blocks = ceil_div(rows, Cfg::kBlockM);
+  const int64_t key_tiles = ceil_div(max_seqlen_k, Cfg::kKeys);
+  const int64_t wave = std::max<int64_t>(1, multiprocessor_count() / Cfg::kClusterSize);
+  const int64_t splits = choose_splits(num_splits, num_m_blocks * batch, key_tiles, wave);
+  TORCH_CHECK(num_m_blocks * batch * splits * Cfg::kClusterSize <= kInt32Max, kOp,
+              ": grid too large (", num_m_blocks * batch * splits, " clusters)");
+  at::Tensor out_partial, lse_partial;
+  if (splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    out_partial = at::empty({splits, total_q * heads, dv}, f32);
+    lse_partial = at::empty({splits, total_q * heads}, f32);
+  }
+  ProjectedForwardParams p{};
+  p.q = q_rows.data_ptr();
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.out_partial = splits > 1 ? out_partial.data_ptr<float>() : nullptr;
+  p.lse_partial = splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.q_token_stride = q_rows.stride(0);
+  p.q_head_stride = q_rows.stride(1);
+  p.x_token_stride = x.stride(0);
+  p.batch = static_cast<int>(batch);
+  p.num_heads = static_cast<int>(heads);
+  p.head_dim = static_cast<int>(dv);
+  p.total_q = static_cast<int>(total_q);
+  p.total_k = static_cast<int>(x.size(0));
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.num_m_blocks = static_cast<int>(num_m_blocks);
+  p.num_splits = static_cast<int>(splits);
+  p.keys_per_tile = Cfg::kKeys;
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  return q.scalar_type() == at::kHalf
+             ? projected::run_projected_forward_sm90<__half>(p, stream)
+             : projected::run_projected_forward_sm90<__nv_bfloat16>(p, stream);
+}
+
+// The kernel the last call on this thread ran: "mma_sync", "sm90_cluster" or "none".
+thread_local const char* last_kernel = "none";
+
 }  // namespace
+
+std::string projected_attention_core_forward_kernel_name() { return last_kernel; }
 
 std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& q, const at::Tensor& x, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double softmax_scale, int64_t num_splits) {
+    double softmax_scale, int64_t num_splits, const std::string& kernel) {
+  last_kernel = "none";
+  TORCH_CHECK(kernel == "mma_sync" || kernel == "sm90_cluster", kOp,
+              ": kernel must be 'mma_sync' or 'sm90_cluster', got '", kernel, "'");
   // ---- checks -------------------------------------------------------------------------------
   CROSSLMM_CHECK_CUDA(q);
   CROSSLMM_CHECK_CUDA(x);
@@ -208,6 +278,16 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   // contiguous tensors, and slices at multiples of 8 elements are read in place).
   const at::Tensor q_read = loads_16_byte_aligned(q) ? q : q.clone(at::MemoryFormat::Contiguous);
   const at::Tensor x_read = loads_16_byte_aligned(x) ? x : x.clone(at::MemoryFormat::Contiguous);
+
+  if (kernel == "sm90_cluster" && attention::attention_forward_sm90_compiled() && dv % 64 == 0 &&
+      dv <= projected::Sm90Cluster::kDvMax && device_is_sm90(q.get_device())) {
+    if (run_sm90_cluster(q_read, x_read, out, lse, cu_seqlens_q, cu_seqlens_k, batch,
+                         max_seqlen_q, max_seqlen_k, softmax_scale, num_splits)) {
+      last_kernel = "sm90_cluster";
+      return {out, lse};
+    }
+  }
+  last_kernel = "mma_sync";
 
   // ---- launch plan --------------------------------------------------------------------------
   // Dv bucket and column split: round_up(Dv, 16) columns spread evenly over the 8 warps in whole

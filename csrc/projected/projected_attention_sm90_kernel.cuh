@@ -93,11 +93,10 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
   const int n_end = static_cast<int>(static_cast<int64_t>(split + 1) * n_blocks / p.num_splits);
   const int count = n_end - n_begin;  // uniform over the cluster
 
-  // This CTA's atoms [cta_atom0, cta_atom0 + cta_atoms) of the dv / 64.
-  const int atoms = p.head_dim / Cfg::kAtom;
-  const int atoms_per_cta = (atoms + 1) / 2;
-  const int cta_atom0 = static_cast<int>(rank) * atoms_per_cta;
-  const int cta_atoms = max(0, min(atoms_per_cta, atoms - cta_atom0));
+  // This CTA's atoms: [cta_atom0, cta_atom0 + kAtomsPerCta) of the 18 of Dv = 1152. A smaller Dv
+  // runs the same tiles: TMA zero-fills the atoms past Dv (boxes outside the tensor), so they add
+  // 0 to S, and their O is not stored.
+  const int cta_atom0 = static_cast<int>(rank) * Cfg::kAtomsPerCta;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw_addr = smem_u32(smem_raw);
@@ -140,8 +139,8 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
       tma_prefetch_descriptor(&tmap_q);
       tma_prefetch_descriptor(&tmap_x);
       const int q_row = qs.begin * p.num_heads + m0;  // flat row, < total_q * H
-      mbarrier_arrive_expect_tx(q_full, static_cast<uint32_t>(cta_atoms * Cfg::kQAtomBytes));
-      for (int a = 0; a < cta_atoms; ++a) {
+      mbarrier_arrive_expect_tx(q_full, Cfg::kAtomsPerCta * Cfg::kQAtomBytes);
+      for (int a = 0; a < Cfg::kAtomsPerCta; ++a) {
         tma_load_2d(sQ(a), &tmap_q, q_full, (cta_atom0 + a) * Cfg::kAtom, q_row);
       }
       // Tile i goes to stage i % kStages; its use u = i / kStages of the stage waits until the
@@ -149,10 +148,9 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
       for (int i = 0; i < count; ++i) {
         const int stage = i % kStages;
         mbarrier_wait(x_empty(stage), ((i / kStages) & 1) ^ 1);
-        mbarrier_arrive_expect_tx(x_full(stage),
-                                  static_cast<uint32_t>(cta_atoms * Cfg::kXAtomBytes));
+        mbarrier_arrive_expect_tx(x_full(stage), Cfg::kXStageBytes);
         const int key_row = ks.begin + (n_begin + i) * kKeys;
-        for (int a = 0; a < cta_atoms; ++a) {
+        for (int a = 0; a < Cfg::kAtomsPerCta; ++a) {
           tma_load_2d(sX(stage, a), &tmap_x, x_full(stage), (cta_atom0 + a) * Cfg::kAtom,
                       key_row);
         }
@@ -172,12 +170,10 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
     const int quad_row = lane / 4;  // g: rows g and g + 8 of the warp's 16-row slab
     const float scale_log2 = p.scale_log2;
 
-    // My atoms, as indices among the CTA's: [my_atom0, my_atom0 + my_atoms). The consumer's work
-    // is compiled per atom count (kMyAtoms, 0..kAtomsMax): wgmmas under a run-time condition
+    // My atoms, as indices among the CTA's: consumer 0 the first kAtomsMax (5), consumer 1 the
+    // other 4. The counts are compile-time (kMyAtoms below): wgmmas under a run-time condition
     // would make ptxas serialise them.
-    const int atoms_per_consumer = (cta_atoms + 1) / 2;
-    const int my_atom0 = consumer * atoms_per_consumer;
-    const int my_atoms = max(0, min(atoms_per_consumer, cta_atoms - my_atom0));
+    const int my_atom0 = consumer * kAtomsMax;
 
     // Score slots: slot k = 2 * rank + consumer; a thread's float4 j at (j * 128 + wg_tid) * 16.
     const uint32_t peer = rank ^ 1u;
@@ -462,6 +458,7 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
         }
 #pragma unroll
         for (int a = 0; a < kMyAtoms; ++a) {
+          if ((cta_atom0 + my_atom0 + a) * Cfg::kAtom >= dv) continue;  // zero-filled atom
           const int col0 = (cta_atom0 + my_atom0 + a) * Cfg::kAtom + 2 * quad_col;
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
