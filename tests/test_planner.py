@@ -231,6 +231,38 @@ def test_sm90_usable_needs_head_dim_128_and_a_positive_scale(monkeypatch):
     assert not planner.sm90_usable(torch.device("cpu"), 128, 0.1)[0]
 
 
+def test_projected_core_kernel_choice(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    var = environment.PROJECTED_SM90_VAR
+    monkeypatch.delenv(var, raising=False)
+    here = cuda if torch.cuda.is_available() else torch.device("cpu")
+    if not planner.projected_sm90_usable(here, 1152)[0]:
+        monkeypatch.setenv(var, "1")
+        kernel, why = planner.projected_core_kernel(here, 1152, 108)
+        assert kernel == "mma_sync" and "cannot run" in why
+        monkeypatch.delenv(var)
+    # The rule itself, with the GPU facts stubbed.
+    monkeypatch.setattr(_backend, "extension_archs", lambda: ["80", "90a"])
+    monkeypatch.setattr(planner, "_is_sm90", lambda index: True)
+    assert planner.projected_core_kernel(cuda, 1152, 108)[0] == "sm90_cluster"  # V2V frame
+    assert planner.projected_core_kernel(cuda, 1152, 12)[0] == "mma_sync"  # decode
+    assert planner.projected_core_kernel(cuda, 512, 108)[0] == "mma_sync"  # half a cluster
+    kernel, why = planner.projected_core_kernel(cuda, 1160, 108)
+    assert kernel == "mma_sync" and "multiples of 64" in why
+    assert planner.projected_core_kernel(cuda, 2048, 108)[0] == "mma_sync"
+    monkeypatch.setenv(var, "1")
+    assert planner.projected_core_kernel(cuda, 512, 12) == ("sm90_cluster", f"{var}=1")
+    assert planner.projected_core_kernel(cuda, 1160, 108)[0] == "mma_sync"
+    monkeypatch.setenv(var, "0")
+    assert planner.projected_core_kernel(cuda, 1152, 108) == ("mma_sync", f"{var}=0")
+    monkeypatch.setenv(var, "yes")
+    with pytest.raises(ValueError, match=var):
+        planner.projected_core_kernel(cuda, 1152, 108)
+    monkeypatch.setattr(planner, "_is_sm90", lambda index: False)
+    monkeypatch.delenv(var)
+    assert "not sm_90" in planner.projected_core_kernel(cuda, 1152, 108)[1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Structure: the environment read in one module, the kernel choice an argument of the extension
 # ----------------------------------------------------------------------------------------------
