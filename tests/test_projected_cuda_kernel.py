@@ -83,12 +83,12 @@ def kernel(request):
     return request.param
 
 
-def expected_kernel(kernel: str, q: torch.Tensor, max_q: int) -> str:
+def expected_kernel(kernel: str, q: torch.Tensor, max_q: int, max_k: int) -> str:
     """The kernel the binding must report for a call asking for ``kernel``."""
     if q.shape[0] == 0 or max_q == 0:
         return "none"
     dv = q.shape[2]
-    if kernel == "sm90_cluster" and dv % 64 == 0 and dv <= 1152:
+    if kernel == "sm90_cluster" and dv % 64 == 0 and dv <= 1152 and max_k > 0:
         return "sm90_cluster"
     return "mma_sync"
 
@@ -142,7 +142,9 @@ def run(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, max_q=None, max_k=None, ker
         q, x, cu_q, cu_k, max_q, max_k, scale, num_splits, kernel
     )
     ran = _extension().projected_attention_core_forward_kernel_name()
-    assert ran == expected_kernel(kernel, q, max_q), f"asked for {kernel}, {ran} ran"
+    assert ran == expected_kernel(kernel, q, max_q, min(max_k, x.shape[0])), (
+        f"asked for {kernel}, {ran} ran"
+    )
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), (
         f"out: shape {tuple(out.shape)} dtype {out.dtype}, expected {tuple(q.shape)} {q.dtype}"
     )

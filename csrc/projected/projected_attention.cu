@@ -26,8 +26,8 @@
 // kernel (crosslmm_ops/planner.py's projected_core_kernel decides; nothing here reads the
 // environment): "mma_sync", the kernel of projected_attention_kernel.cuh, every GPU; or
 // "sm90_cluster", the Hopper kernel of projected_attention_sm90_kernel.cuh, where it can run (an
-// sm_90 GPU, a 90a build, Dv a multiple of 64 up to 1152, tensors TMA can describe), else the
-// mma.sync kernel. projected_attention_core_forward_kernel_name() says which one ran.
+// sm_90 GPU, a 90a build, Dv a multiple of 64 up to 1152, at least one key, tensors TMA can
+// describe), else the mma.sync kernel. projected_attention_core_forward_kernel_name() says which one ran.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -279,8 +279,11 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   const at::Tensor q_read = loads_16_byte_aligned(q) ? q : q.clone(at::MemoryFormat::Contiguous);
   const at::Tensor x_read = loads_16_byte_aligned(x) ? x : x.clone(at::MemoryFormat::Contiguous);
 
+  // (Without any key, every row is out 0 / lse -inf: the mma.sync kernel writes that, and TMA
+  // cannot describe an x without rows.)
   if (kernel == "sm90_cluster" && attention::attention_forward_sm90_compiled() && dv % 64 == 0 &&
-      dv <= projected::Sm90Cluster::kDvMax && device_is_sm90(q.get_device())) {
+      dv <= projected::Sm90Cluster::kDvMax && total_k > 0 && max_seqlen_k > 0 &&
+      device_is_sm90(q.get_device())) {
     if (run_sm90_cluster(q_read, x_read, out, lse, cu_seqlens_q, cu_seqlens_k, batch,
                          max_seqlen_q, max_seqlen_k, softmax_scale, num_splits)) {
       last_kernel = "sm90_cluster";
