@@ -13,8 +13,9 @@
 //   warpgroup 0, producer: one thread issues TMA. q's atoms of this CTA once (64 rows x 64 channels
 //       per box), then per key tile of the split this CTA's atoms of x (32 keys x 64 channels per
 //       box) into a kStages-deep ring: x_full (bytes landed) / x_empty (8 consumer warps done).
-//   warpgroups 1 and 2, consumers: consumer w owns atoms [w * ceil(n / 2), ...) of the CTA's n (5
-//       and 4 of 9 for Dv = 1152) for all 64 rows of O (160 or 128 fp32 registers a thread).
+//   warpgroups 1 and 2, consumers: consumer 0 owns the CTA's atoms 0-4, consumer 1 atoms 5-8, for
+//       all 64 rows of O (160 or 128 fp32 registers a thread). A Dv below 1152 runs the same
+//       tiles: TMA zero-fills the atoms past Dv.
 //       Per key tile i:
 //         partial S  = q[:, my atoms] x_i[:, my atoms]^T      wgmma m64n32k16 SS, 4 per atom
 //         exchange   partial S -> score slot (c, w) of both CTAs (st.shared / st.shared::cluster,
