@@ -430,7 +430,9 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
         # The binding takes [total_q, Hq, Dv]: a copy of q~ and of the output when 1 < Hk < Hq.
         hk = q.shape[0]
         rows = _rows_view(q)
-        kernel = planner.projected_core_kernel(q.device, x.shape[-1], max_seqlen_q * rows.shape[1])
+        kernel, _ = planner.projected_core_kernel(
+            q.device, x.shape[-1], max_seqlen_q * rows.shape[1]
+        )
         out, lse = _backend.extension().projected_attention_core_forward(
             _cuda_input(rows),
             _cuda_input(x),
@@ -440,7 +442,7 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
             max_seqlen_k,
             scale,
             num_splits,
-            kernel[0],
+            kernel,
         )
         return _grouped(out, hk), lse
     if q.stride(-1) != 1:
