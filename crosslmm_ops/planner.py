@@ -334,7 +334,7 @@ def projected_core_kernel(device: torch.device, width: int, rows: int) -> tuple[
     if 2 * width <= PROJECTED_SM90_MAX_WIDTH:
         return "mma_sync", (
             f"Dv {width} <= {PROJECTED_SM90_MAX_WIDTH // 2}: one CTA of sm90_cluster's pair would "
-            "only multiply TMA's zero fill"
+            "only multiply zeros"
         )
     if rows < PROJECTED_SM90_BLOCK_M:
         return "mma_sync", (

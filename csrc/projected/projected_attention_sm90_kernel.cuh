@@ -15,7 +15,7 @@
 //       box) into a kStages-deep ring: x_full (bytes landed) / x_empty (8 consumer warps done).
 //   warpgroups 1 and 2, consumers: consumer 0 owns the CTA's atoms 0-4, consumer 1 atoms 5-8, for
 //       all 64 rows of O (160 or 128 fp32 registers a thread). A Dv below 1152 runs the same
-//       tiles: TMA zero-fills the atoms past Dv.
+//       tiles, with the atoms past Dv zeroed in shared memory once (never loaded).
 //       Per key tile i:
 //         partial S  = q[:, my atoms] x_i[:, my atoms]^T      wgmma m64n32k16 SS, 4 per atom
 //         exchange   partial S -> score slot (c, w) of both CTAs (st.shared / st.shared::cluster,
@@ -95,9 +95,12 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
   const int count = n_end - n_begin;  // uniform over the cluster
 
   // This CTA's atoms: [cta_atom0, cta_atom0 + kAtomsPerCta) of the 18 of Dv = 1152. A smaller Dv
-  // runs the same tiles: TMA zero-fills the atoms past Dv (boxes outside the tensor), so they add
-  // 0 to S, and their O is not stored.
+  // runs the same tiles: the atoms past Dv (at and after cta_atoms_loaded) are never loaded, their
+  // shared memory is zeroed once by the consumers that own them, so they add 0 to S, and their O
+  // is not stored.
   const int cta_atom0 = static_cast<int>(rank) * Cfg::kAtomsPerCta;
+  const int cta_atoms_loaded =
+      max(0, min(Cfg::kAtomsPerCta, p.head_dim / Cfg::kAtom - cta_atom0));
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw_addr = smem_u32(smem_raw);
@@ -140,8 +143,8 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
       tma_prefetch_descriptor(&tmap_q);
       tma_prefetch_descriptor(&tmap_x);
       const int q_row = qs.begin * p.num_heads + m0;  // flat row, < total_q * H
-      mbarrier_arrive_expect_tx(q_full, Cfg::kAtomsPerCta * Cfg::kQAtomBytes);
-      for (int a = 0; a < Cfg::kAtomsPerCta; ++a) {
+      mbarrier_arrive_expect_tx(q_full, cta_atoms_loaded * Cfg::kQAtomBytes);
+      for (int a = 0; a < cta_atoms_loaded; ++a) {
         tma_load_2d(sQ(a), &tmap_q, q_full, (cta_atom0 + a) * Cfg::kAtom, q_row);
       }
       // Tile i goes to stage i % kStages; its use u = i / kStages of the stage waits until the
@@ -149,9 +152,9 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
       for (int i = 0; i < count; ++i) {
         const int stage = i % kStages;
         mbarrier_wait(x_empty(stage), ((i / kStages) & 1) ^ 1);
-        mbarrier_arrive_expect_tx(x_full(stage), Cfg::kXStageBytes);
+        mbarrier_arrive_expect_tx(x_full(stage), cta_atoms_loaded * Cfg::kXAtomBytes);
         const int key_row = ks.begin + (n_begin + i) * kKeys;
-        for (int a = 0; a < Cfg::kAtomsPerCta; ++a) {
+        for (int a = 0; a < cta_atoms_loaded; ++a) {
           tma_load_2d(sX(stage, a), &tmap_x, x_full(stage), (cta_atom0 + a) * Cfg::kAtom,
                       key_row);
         }
@@ -359,6 +362,26 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
       };
 
       if (count > 0) {
+        // Atoms past Dv: zero this consumer's q and x stages once (TMA never writes them).
+        const int unloaded = kMyAtoms - max(0, min(kMyAtoms, cta_atoms_loaded - my_atom0));
+        if (unloaded > 0) {
+          const int first = kMyAtoms - unloaded;
+          constexpr int kChunksPerAtom = (Cfg::kQAtomBytes + kStages * Cfg::kXAtomBytes) / 16;
+          for (int idx = wg_tid; idx < unloaded * kChunksPerAtom; idx += 128) {
+            const int a = my_atom0 + first + idx / kChunksPerAtom;
+            const int chunk = idx % kChunksPerAtom;
+            constexpr int kQChunks = Cfg::kQAtomBytes / 16;
+            constexpr int kXChunks = Cfg::kXAtomBytes / 16;
+            const uint32_t addr = chunk < kQChunks
+                                      ? sQ(a) + chunk * 16
+                                      : sX((chunk - kQChunks) / kXChunks, a) +
+                                            ((chunk - kQChunks) % kXChunks) * 16;
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u)
+                         : "memory");
+          }
+          fence_proxy_async_shared();
+          named_barrier_sync(kConsumerBarrier + consumer, 128);
+        }
         mbarrier_wait(q_full, 0);
         // Key tile 0: S only.
         wait_x(0);
@@ -424,11 +447,15 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
           step(i, p_even, p_odd);
           step(i + 1, p_odd, p_even);
         }
-        if (i + 1 < count) {
-          step(i, p_even, p_odd);
-          last(i + 1, p_odd);
+        // (The tail as two separate branches: a branch holding both a step and the last P x
+        // made ptxas serialise every wgmma of the kernel.)
+        const bool odd_tail = i + 1 < count;
+        if (odd_tail) step(i, p_even, p_odd);
+        const int last_tile = odd_tail ? i + 1 : i;
+        if (odd_tail) {
+          last(last_tile, p_odd);
         } else {
-          last(i, p_even);
+          last(last_tile, p_even);
         }
       }
 
