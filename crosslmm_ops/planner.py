@@ -227,11 +227,8 @@ def _is_sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
 
 
-def sm90_usable(
-    device: torch.device, head_dim: int, softmax_scale: float | None = None
-) -> tuple[bool, str]:
-    """Whether the Hopper attention kernels can run a call (the extension checks again, and runs
-    the mma.sync kernel where TMA cannot describe the tensors)."""
+def _sm90_device(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` can run any of the extension's Hopper (sm_90a) kernels."""
     if "90a" not in _backend.extension_archs():
         return False, "the extension holds no sm_90a code"
     if device.type != "cuda":
@@ -239,6 +236,17 @@ def sm90_usable(
     index = device.index if device.index is not None else torch.cuda.current_device()
     if not _is_sm90(index):
         return False, "the GPU is not sm_90"
+    return True, ""
+
+
+def sm90_usable(
+    device: torch.device, head_dim: int, softmax_scale: float | None = None
+) -> tuple[bool, str]:
+    """Whether the Hopper attention kernels can run a call (the extension checks again, and runs
+    the mma.sync kernel where TMA cannot describe the tensors)."""
+    ready, why = _sm90_device(device)
+    if not ready:
+        return False, why
     if head_dim != SM90_HEAD_DIM:
         return False, f"head dim {head_dim} (the sm90 kernels take {SM90_HEAD_DIM})"
     if softmax_scale is not None and not softmax_scale > 0:
@@ -302,13 +310,9 @@ def projected_sm90_usable(device: torch.device, width: int) -> tuple[bool, str]:
     """Whether the sm90_cluster core kernel can run a call with x's width ``width`` (Dv) on
     ``device`` (the extension checks again, and runs mma_sync where TMA cannot describe the
     tensors)."""
-    if "90a" not in _backend.extension_archs():
-        return False, "the extension holds no sm_90a code"
-    if device.type != "cuda":
-        return False, f"not a CUDA device ({device})"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if not _is_sm90(index):
-        return False, "the GPU is not sm_90"
+    ready, why = _sm90_device(device)
+    if not ready:
+        return False, why
     if width % PROJECTED_SM90_ATOM or width > PROJECTED_SM90_MAX_WIDTH:
         return False, (
             f"Dv {width} (sm90_cluster takes multiples of {PROJECTED_SM90_ATOM} up to "

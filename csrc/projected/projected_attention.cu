@@ -161,6 +161,46 @@ int64_t choose_splits(int64_t num_splits, int64_t ctas, int64_t key_tiles, int64
   return best;
 }
 
+// The parameters both kernels share, and the split-KV scratch they write when `splits` > 1,
+// allocated into `scratch` (the caller keeps it until the launches are queued). The caller adds
+// its kernel's own fields (the mma.sync kernel's column split and stages).
+ProjectedForwardParams forward_params(const at::Tensor& q, const at::Tensor& x, at::Tensor& out,
+                                      at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+                                      const at::Tensor& cu_seqlens_k, int64_t batch,
+                                      int64_t max_seqlen_q, int64_t num_m_blocks, int64_t splits,
+                                      int keys, double softmax_scale,
+                                      at::Tensor (&scratch)[2]) {
+  const int64_t total_q = q.size(0), heads = q.size(1), dv = q.size(2);
+  if (splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    scratch[0] = at::empty({splits, total_q * heads, dv}, f32);
+    scratch[1] = at::empty({splits, total_q * heads}, f32);
+  }
+  ProjectedForwardParams p{};
+  p.q = q.data_ptr();
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.out_partial = splits > 1 ? scratch[0].data_ptr<float>() : nullptr;
+  p.lse_partial = splits > 1 ? scratch[1].data_ptr<float>() : nullptr;
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.q_token_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.x_token_stride = x.stride(0);
+  p.batch = static_cast<int>(batch);  // <= the grid size, checked by the caller
+  p.num_heads = static_cast<int>(heads);
+  p.head_dim = static_cast<int>(dv);
+  p.total_q = static_cast<int>(total_q);
+  p.total_k = static_cast<int>(x.size(0));
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.num_m_blocks = static_cast<int>(num_m_blocks);
+  p.num_splits = static_cast<int>(splits);
+  p.keys_per_tile = keys;
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  return p;
+}
+
 // The sm90_cluster launch plan: 64-row tiles of (query, head) rows, 32-key x tiles, key splits by
 // choose_splits with one 2-CTA cluster per two multiprocessors per wave. q is made row-flat (one
 // stride between consecutive (token, head) rows: the kernel reads a tile as one TMA box). False
@@ -170,7 +210,7 @@ bool run_sm90_cluster(const at::Tensor& q, const at::Tensor& x, at::Tensor& out,
                       int64_t batch, int64_t max_seqlen_q, int64_t max_seqlen_k,
                       double softmax_scale, int64_t num_splits) {
   using Cfg = projected::Sm90Cluster;
-  const int64_t total_q = q.size(0), heads = q.size(1), dv = q.size(2);
+  const int64_t total_q = q.size(0), heads = q.size(1);
   const bool row_flat = heads == 1 || total_q <= 1 || q.stride(0) == heads * q.stride(1);
   const at::Tensor q_rows = row_flat ? q : q.contiguous();
   const int64_t rows = max_seqlen_q * heads;
@@ -180,34 +220,10 @@ bool run_sm90_cluster(const at::Tensor& q, const at::Tensor& x, at::Tensor& out,
   const int64_t splits = choose_splits(num_splits, num_m_blocks * batch, key_tiles, wave);
   TORCH_CHECK(num_m_blocks * batch * splits * Cfg::kClusterSize <= kInt32Max, kOp,
               ": grid too large (", num_m_blocks * batch * splits, " clusters)");
-  at::Tensor out_partial, lse_partial;
-  if (splits > 1) {
-    const auto f32 = q.options().dtype(at::kFloat);
-    out_partial = at::empty({splits, total_q * heads, dv}, f32);
-    lse_partial = at::empty({splits, total_q * heads}, f32);
-  }
-  ProjectedForwardParams p{};
-  p.q = q_rows.data_ptr();
-  p.x = x.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.out_partial = splits > 1 ? out_partial.data_ptr<float>() : nullptr;
-  p.lse_partial = splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
-  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
-  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-  p.q_token_stride = q_rows.stride(0);
-  p.q_head_stride = q_rows.stride(1);
-  p.x_token_stride = x.stride(0);
-  p.batch = static_cast<int>(batch);
-  p.num_heads = static_cast<int>(heads);
-  p.head_dim = static_cast<int>(dv);
-  p.total_q = static_cast<int>(total_q);
-  p.total_k = static_cast<int>(x.size(0));
-  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
-  p.num_m_blocks = static_cast<int>(num_m_blocks);
-  p.num_splits = static_cast<int>(splits);
-  p.keys_per_tile = Cfg::kKeys;
-  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  at::Tensor scratch[2];
+  const ProjectedForwardParams p =
+      forward_params(q_rows, x, out, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q,
+                     num_m_blocks, splits, Cfg::kKeys, softmax_scale, scratch);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   return q.scalar_type() == at::kHalf
              ? projected::run_projected_forward_sm90<__half>(p, stream)
@@ -344,38 +360,13 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   TORCH_CHECK(num_m_blocks * batch * splits <= kInt32Max, kOp, ": grid too large (",
               num_m_blocks * batch * splits, " CTAs)");
 
-  at::Tensor out_partial, lse_partial;
-  if (splits > 1) {
-    const auto f32 = q.options().dtype(at::kFloat);
-    out_partial = at::empty({splits, total_q * heads, dv}, f32);
-    lse_partial = at::empty({splits, total_q * heads}, f32);
-  }
-
-  ProjectedForwardParams p{};
-  p.q = q_read.data_ptr();
-  p.x = x_read.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.out_partial = splits > 1 ? out_partial.data_ptr<float>() : nullptr;
-  p.lse_partial = splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
-  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
-  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-  p.q_token_stride = q_read.stride(0);
-  p.q_head_stride = q_read.stride(1);
-  p.x_token_stride = x_read.stride(0);
-  p.batch = static_cast<int>(batch);  // <= the grid size, checked above
-  p.num_heads = static_cast<int>(heads);
-  p.head_dim = static_cast<int>(dv);
-  p.total_q = static_cast<int>(total_q);
-  p.total_k = static_cast<int>(total_k);
+  at::Tensor scratch[2];
+  ProjectedForwardParams p = forward_params(q_read, x_read, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                            batch, max_seqlen_q, num_m_blocks, splits, keys,
+                                            softmax_scale, scratch);
   p.cols_per_warp = static_cast<int>(cols_per_warp);
   p.active_warps = static_cast<int>(active_warps);
   p.stages = stages;
-  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
-  p.num_m_blocks = static_cast<int>(num_m_blocks);
-  p.num_splits = static_cast<int>(splits);
-  p.keys_per_tile = keys;
-  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype_dv(q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
