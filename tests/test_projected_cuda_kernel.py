@@ -99,6 +99,7 @@ HQ = 12  # CrossLMM-2B: 12 query heads
 DV = 1152  # SigLIP width
 SCALE = 128**-0.5  # the softmax scale of the original head dim (d = 128), not Dv's
 FRAME = 729  # SigLIP tokens per frame
+POOLED = 9  # pooled queries per frame (frame-local V2V)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,6 +304,37 @@ def test_sm90_cluster_agrees_with_mma_sync():
     ulp = torch.finfo(torch.bfloat16).eps * a.float().abs().max().item()
     assert (a.float() - b.float()).abs().max().item() <= 4 * ulp
     assert torch.allclose(a_lse, b_lse, rtol=0, atol=1e-4)
+
+
+@gpu
+def test_public_op_records_the_planned_kernel():
+    """projected_cross_attention on the CUDA back end runs the kernel the planner chose for the
+    core and records it (planner.last_kernel); explain() names the same one."""
+    import crosslmm_ops
+    from crosslmm_ops import planner
+
+    frames, hk, group, d = 4, 2, 6, 128
+    q = torch.randn(frames, POOLED, hk * group, d, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(frames, FRAME, DV, device="cuda", dtype=torch.bfloat16)
+    w_k = torch.randn(hk * d, DV, device="cuda", dtype=torch.bfloat16) / DV**0.5
+    w_v = torch.randn(hk * d, DV, device="cuda", dtype=torch.bfloat16) / DV**0.5
+    plan = crosslmm_ops.explain(
+        crosslmm_ops.projected_cross_attention,
+        q,
+        x,
+        w_k,
+        w_v,
+        path="fused",
+        backend="cuda",
+        print_plan=False,
+    )
+    crosslmm_ops.projected_cross_attention(q, x, w_k, w_v, path="fused", backend="cuda")
+    torch.cuda.synchronize()
+    chosen = planner.projected_core_kernel(x.device, DV, POOLED * hk * group)[0]
+    assert plan.kernel == chosen
+    assert planner.last_kernel("projected_attention_core") == chosen
+    if not _sm90_cluster_missing():
+        assert chosen == "sm90_cluster", "frame-local V2V (108 rows, Dv 1152) on sm_90"
 
 
 # ----------------------------------------------------------------------------------------------
