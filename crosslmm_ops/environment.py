@@ -38,7 +38,7 @@ PROJECTED_PATH_VALUES = ("auto", "fused", "materialized")
 ATTENTION_SM90_VALUES = ("auto", "0", "1", "packed")
 ATTENTION_BWD_SM90_VALUES = ("auto", "0", "1", "dkdv")
 PROJECTED_BWD_CUDA_VALUES = ("auto", "0")
-PROJECTED_KERNEL_VALUES = ("auto", "mma_sync", "decode", "decode_bulk")
+PROJECTED_KERNEL_VALUES = ("auto", "mma_sync", "decode", "decode_bulk", "sm90_cluster")
 
 # Read once, at import.
 EAGER_FUNCTION = os.environ.get(EAGER_FUNCTION_VAR, "1") != "0"
@@ -89,11 +89,14 @@ def projected_bwd_cuda() -> str:
     core on CUDA where the extension has it; ``"0"`` on Triton (or torch) instead (to compare
     them)."""
     return _read(PROJECTED_BWD_CUDA_VAR, PROJECTED_BWD_CUDA_VALUES)
+
+
 def projected_kernel() -> str:
-    """``CROSSLMM_PROJECTED_KERNEL``: the projected core's CUDA forward kernel, passed to
-    ``_C.projected_attention_core_forward`` as ``kernel``: ``"auto"`` (unset: the extension's launch
-    plan picks), ``"mma_sync"`` (the general kernels, never the decode kernel), ``"decode"`` /
-    ``"decode_bulk"`` (the decode kernel with cp.async / bulk-copy loads, where it can run)."""
+    """``CROSSLMM_PROJECTED_KERNEL``: the projected core's CUDA forward kernel. ``"auto"`` (unset):
+    :func:`crosslmm_ops.planner.projected_core_kernel` decides; ``"sm90_cluster"`` (the Hopper
+    kernel), ``"mma_sync"`` (the general mma.sync kernels, never the decode kernel), ``"decode"`` /
+    ``"decode_bulk"`` (the decode kernel with cp.async / bulk-copy loads): that kernel wherever
+    it can run."""
     return _read(PROJECTED_KERNEL_VAR, PROJECTED_KERNEL_VALUES)
 
 

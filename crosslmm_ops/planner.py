@@ -11,7 +11,10 @@ Every decision about *how* a call runs is taken here, in one place:
   call or ``CROSSLMM_PROJECTED_PATH`` names one;
 * the **CUDA attention kernel** (:func:`attention_kernel`): the Hopper wgmma + TMA kernels or the
   mma.sync ones, passed to ``crosslmm_ops._C`` as an argument (``CROSSLMM_ATTENTION_SM90`` /
-  ``CROSSLMM_ATTENTION_BWD_SM90`` override).
+  ``CROSSLMM_ATTENTION_BWD_SM90`` override);
+* the **CUDA kernel of the projection-fused core** (:func:`projected_core_kernel`): the Hopper
+  2-CTA-cluster kernel, or the mma.sync kernels with the decode kernel for one-tile calls
+  (``CROSSLMM_PROJECTED_KERNEL`` overrides);
 * the **back end of the projection-fused core's backward** (:func:`projected_backward_backend`):
   the forward's, with the CUDA one's on Triton (else torch) where the extension lacks it
   (``CROSSLMM_PROJECTED_BWD_CUDA=0`` forces that).
@@ -246,11 +249,8 @@ def _is_sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
 
 
-def sm90_usable(
-    device: torch.device, head_dim: int, softmax_scale: float | None = None
-) -> tuple[bool, str]:
-    """Whether the Hopper attention kernels can run a call (the extension checks again, and runs
-    the mma.sync kernel where TMA cannot describe the tensors)."""
+def _sm90_device(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` can run any of the extension's Hopper (sm_90a) kernels."""
     if "90a" not in _backend.extension_archs():
         return False, "the extension holds no sm_90a code"
     if device.type != "cuda":
@@ -258,6 +258,17 @@ def sm90_usable(
     index = device.index if device.index is not None else torch.cuda.current_device()
     if not _is_sm90(index):
         return False, "the GPU is not sm_90"
+    return True, ""
+
+
+def sm90_usable(
+    device: torch.device, head_dim: int, softmax_scale: float | None = None
+) -> tuple[bool, str]:
+    """Whether the Hopper attention kernels can run a call (the extension checks again, and runs
+    the mma.sync kernel where TMA cannot describe the tensors)."""
+    ready, why = _sm90_device(device)
+    if not ready:
+        return False, why
     if head_dim != SM90_HEAD_DIM:
         return False, f"head dim {head_dim} (the sm90 kernels take {SM90_HEAD_DIM})"
     if softmax_scale is not None and not softmax_scale > 0:
@@ -303,6 +314,65 @@ def attention_kernel(
     return "mma_sync", (
         f"max_seqlen_q {max_seqlen_q} < {SM90_MIN_SEQLEN_Q}: the GQA-packed "
         "mma.sync tiles fill better"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA kernel of the projection-fused attention core
+# ----------------------------------------------------------------------------------------------
+
+# sm90_cluster (csrc/projected/projected_attention_sm90_kernel.cuh): a 2-CTA cluster per 64-row
+# tile, each CTA a fixed half (9 atoms of 64 channels) of Dv <= 1152.
+PROJECTED_SM90_MAX_WIDTH = 1152
+PROJECTED_SM90_ATOM = 64
+PROJECTED_SM90_BLOCK_M = 64
+
+
+def projected_sm90_usable(device: torch.device, width: int) -> tuple[bool, str]:
+    """Whether the sm90_cluster core kernel can run a call with x's width ``width`` (Dv) on
+    ``device`` (the extension checks again, and runs mma_sync where TMA cannot describe the
+    tensors)."""
+    ready, why = _sm90_device(device)
+    if not ready:
+        return False, why
+    if width % PROJECTED_SM90_ATOM or width > PROJECTED_SM90_MAX_WIDTH:
+        return False, (
+            f"Dv {width} (sm90_cluster takes multiples of {PROJECTED_SM90_ATOM} up to "
+            f"{PROJECTED_SM90_MAX_WIDTH})"
+        )
+    return True, ""
+
+
+def projected_core_kernel(device: torch.device, width: int, rows: int) -> tuple[str, str]:
+    """``(kernel, reason)`` of the CUDA projection-fused core for one call, what
+    ``crosslmm_ops._C.projected_attention_core_forward`` takes as ``kernel``: ``"sm90_cluster"``
+    (the Hopper kernel), or ``"auto"``: the mma.sync kernels, whose launch plan in the extension
+    takes the decode kernel for one-tile calls where its shared memory fits (what ran:
+    ``projected_attention_core_forward_kernel_name()``, recorded by the op). ``CROSSLMM_PROJECTED_KERNEL``
+    names one instead. ``width``: Dv; ``rows``: (query, head) rows of the longest segment
+    (``max_seqlen_q * heads``)."""
+    var = environment.PROJECTED_KERNEL_VAR
+    mode = environment.projected_kernel()
+    if mode != "auto" and mode != "sm90_cluster":
+        return mode, f"{var}={mode}"
+    usable, why = projected_sm90_usable(device, width)
+    if not usable:
+        return "auto", f"the sm90_cluster kernel cannot run: {why}"
+    if mode == "sm90_cluster":
+        return "sm90_cluster", f"{var}=sm90_cluster"
+    if 2 * width <= PROJECTED_SM90_MAX_WIDTH:
+        return "auto", (
+            f"Dv {width} <= {PROJECTED_SM90_MAX_WIDTH // 2}: one CTA of sm90_cluster's pair would "
+            "only multiply zeros"
+        )
+    if rows < PROJECTED_SM90_BLOCK_M:
+        return "auto", (
+            f"{rows} rows per segment < {PROJECTED_SM90_BLOCK_M}: sm90_cluster's 64-row tiles "
+            "would be mostly empty (decode); the mma.sync kernels' 16-row tiles (the decode "
+            "kernel where it fits) with key splits read x at the bandwidth instead"
+        )
+    return "sm90_cluster", (
+        f"{rows} rows per segment >= {PROJECTED_SM90_BLOCK_M} fill sm90_cluster's 64-row tiles"
     )
 
 

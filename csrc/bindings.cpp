@@ -35,6 +35,7 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_backward(
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t num_splits,
     const c10::optional<at::Tensor>& dlse);
+std::string projected_attention_core_forward_kernel_name();
 std::string attention_forward_kernel_name();
 int64_t attention_forward_rows_per_query();
 std::string attention_backward_kernel_name();
@@ -125,9 +126,10 @@ PYBIND11_MODULE(_C, m) {
         "Projection-fused attention core (csrc/projected/): per segment and head, "
         "out = softmax(q x^T * scale) x with q [total_q, H, Dv] and x [total_k, Dv] (keys = values "
         "= x); returns (out [total_q, H, Dv], lse [H, total_q] fp32, natural log); num_splits 0 = "
-        "heuristic key split. kernel: 'auto' (the launch plan picks), 'mma_sync' (the general "
-        "kernels), 'decode' / 'decode_bulk' (the decode kernel with cp.async / bulk-copy loads, "
-        "where it can run).",
+        "heuristic key split. kernel: 'auto' (the mma.sync kernels, the decode kernel for one-tile "
+        "calls where it fits), 'mma_sync' (the general kernels), 'decode' / 'decode_bulk' (the "
+        "decode kernel with cp.async / bulk-copy loads), 'sm90_cluster' (the Hopper kernel), each "
+        "where it can run; crosslmm_ops.planner chooses.",
         pybind11::arg("q"), pybind11::arg("x"), pybind11::arg("cu_seqlens_q"),
         pybind11::arg("cu_seqlens_k"), pybind11::arg("max_seqlen_q"),
         pybind11::arg("max_seqlen_k"), pybind11::arg("softmax_scale"),
@@ -142,4 +144,8 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"),
         pybind11::arg("softmax_scale"), pybind11::arg("num_splits"),
         pybind11::arg("dlse") = pybind11::none());
+  m.def("projected_attention_core_forward_kernel_name",
+        &crosslmm::projected_attention_core_forward_kernel_name,
+        "Which kernel the last projected_attention_core_forward call on this thread ran: "
+        "'sm90_cluster', 'decode', 'decode_bulk', 'mma_sync', or 'none' (nothing to compute).");
 }

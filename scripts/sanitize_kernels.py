@@ -6,8 +6,8 @@ sm90 wgmma + TMA one, chosen for head dim 128 fp16/bf16 with >= 64 query rows, t
 sm90 one for fewer, and the mma.sync one, forced per call with CROSSLMM_ATTENTION_SM90=0, which
 the planner reads at every call), their
 split-KV combine, the attention backward, and the projection-fused core (direct and through
-projected_cross_attention), with its split combine, on its decode kernel (cp.async and bulk-copy
-loads) and its general one, and its backward (direct)."""
+projected_cross_attention) on its kernels (mma_sync; the decode kernel with cp.async and bulk-copy
+loads; sm90_cluster on an sm_90 GPU), with its split combine, and its backward (direct)."""
 
 import os
 
@@ -161,6 +161,27 @@ if ext is not None and hasattr(ext, "projected_attention_core_forward"):
                 runs += 1 if splits == 1 else 2
         torch.cuda.synchronize()
     torch.cuda.synchronize()
+    # The Hopper core (sm90_cluster), where it can run: rows per segment 1..129 around its 64-row
+    # tiles, key tails around its 32-key tiles, a segment without keys, Dv 1152 and 512 (atoms
+    # past Dv: TMA zero fill), key splits 1, 3 and the heuristic.
+    sm90 = "90a" in ext.cuda_archs().split(",") and torch.cuda.get_device_capability() == (9, 0)
+    print(f"sanitize_kernels: sm90_cluster {'runs' if sm90 else 'skipped (not sm_90/90a)'}")
+    if sm90 and hasattr(ext, "projected_attention_core_forward_kernel_name"):
+        lens_q, lens_k = [1, 0, 9, 63, 65, 129, 4], [33, 7, 1, 31, 729, 100, 0]
+        cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+        cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+        cu_q, cu_k = cu_q.cuda(), cu_k.cuda()
+        for dtype, dv in ((torch.bfloat16, 1152), (torch.float16, 512)):
+            x = torch.randn(sum(lens_k), dv, device="cuda", dtype=dtype)
+            q = torch.randn(sum(lens_q), 1, dv, device="cuda", dtype=dtype)
+            for splits in (1, 3, 0):
+                ext.projected_attention_core_forward(
+                    q, x, cu_q, cu_k, max(lens_q), max(lens_k), 0.1, splits, "sm90_cluster"
+                )
+                ran = ext.projected_attention_core_forward_kernel_name()
+                assert ran == "sm90_cluster", ran
+                runs += 2 if splits == 3 else 1
+        torch.cuda.synchronize()
 print("sanitize_kernels: section projected (core backward)", flush=True)
 if ext is not None and hasattr(ext, "projected_attention_core_backward"):
     # The core's backward called directly (delta, dx, dq and, with splits, the split-sum kernels):

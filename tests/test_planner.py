@@ -231,6 +231,37 @@ def test_sm90_usable_needs_head_dim_128_and_a_positive_scale(monkeypatch):
     assert not planner.sm90_usable(torch.device("cpu"), 128, 0.1)[0]
 
 
+def test_projected_core_kernel_choice(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    var = environment.PROJECTED_KERNEL_VAR
+    monkeypatch.delenv(var, raising=False)
+    here = cuda if torch.cuda.is_available() else torch.device("cpu")
+    if not planner.projected_sm90_usable(here, 1152)[0]:
+        monkeypatch.setenv(var, "sm90_cluster")
+        kernel, why = planner.projected_core_kernel(here, 1152, 108)
+        assert kernel == "auto" and "cannot run" in why
+        monkeypatch.delenv(var)
+    # The rule itself, with the GPU facts stubbed. "auto" leaves the mma.sync kernels' launch plan
+    # to choose between the decode kernel and the general one.
+    monkeypatch.setattr(_backend, "extension_archs", lambda: ["80", "90a"])
+    monkeypatch.setattr(planner, "_is_sm90", lambda index: True)
+    assert planner.projected_core_kernel(cuda, 1152, 108)[0] == "sm90_cluster"  # V2V frame
+    assert planner.projected_core_kernel(cuda, 1152, 12)[0] == "auto"  # decode
+    assert planner.projected_core_kernel(cuda, 512, 108)[0] == "auto"  # half a cluster
+    kernel, why = planner.projected_core_kernel(cuda, 1160, 108)
+    assert kernel == "auto" and "multiples of 64" in why
+    assert planner.projected_core_kernel(cuda, 2048, 108)[0] == "auto"
+    monkeypatch.setenv(var, "sm90_cluster")
+    assert planner.projected_core_kernel(cuda, 512, 12) == ("sm90_cluster", f"{var}=sm90_cluster")
+    assert planner.projected_core_kernel(cuda, 1160, 108)[0] == "auto"
+    for named in ("mma_sync", "decode", "decode_bulk"):
+        monkeypatch.setenv(var, named)
+        assert planner.projected_core_kernel(cuda, 1152, 108) == (named, f"{var}={named}")
+    monkeypatch.setenv(var, "yes")
+    with pytest.raises(ValueError, match=var):
+        planner.projected_core_kernel(cuda, 1152, 108)
+
+
 # ----------------------------------------------------------------------------------------------
 # Structure: the environment read in one module, the kernel choice an argument of the extension
 # ----------------------------------------------------------------------------------------------

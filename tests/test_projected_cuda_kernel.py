@@ -1,6 +1,6 @@
-"""The CUDA kernel of the projection-fused attention core (csrc/projected/), called directly through
+"""The CUDA kernels of the projection-fused attention core (csrc/projected/), called through
 ``crosslmm_ops._C.projected_attention_core_forward(q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-max_seqlen_k, softmax_scale, num_splits) -> (out, lse)``, against the float64 oracle of
+max_seqlen_k, softmax_scale, num_splits, kernel) -> (out, lse)``, against the float64 oracle of
 tests/attention_oracle.py: ``softmax(q x^T * scale) x`` is attention with one key head that is
 also the value head, ``x``, shared by every query head.
 
@@ -12,6 +12,11 @@ outputs, so they cannot be pre-filled with NaN; instead the caching allocator is
 freed NaN-filled blocks of the outputs' sizes just before each call (``poison_allocator``), and
 every comparison covers every element, with inputs that differ from call to call, so stale values
 of an earlier call cannot pass for a result.
+
+Tests that take the ``kernel`` fixture run on both kernels: ``mma_sync`` and ``sm90_cluster`` (the
+Hopper kernel, skipped with the reason where it cannot run); every call asserts which kernel ran
+(``projected_attention_core_forward_kernel_name``): sm90_cluster where Dv is a multiple of 64 up to
+1152, else the binding's mma.sync fallback.
 
 Every test needs a GPU and an extension built with ``projected_attention_core_forward``.
 """
@@ -48,12 +53,68 @@ def gpu(test):
     return pytest.mark.cuda(_needs_gpu(test))
 
 
+def _sm90_cluster_missing() -> str:
+    """Why the sm90_cluster kernel cannot run here ("" when it can)."""
+    ext = _extension()
+    if ext is None or not torch.cuda.is_available():
+        return "needs a CUDA GPU and the extension"
+    if not hasattr(ext, "projected_attention_core_forward_kernel_name"):
+        return "the extension predates the kernel argument; rebuild it"
+    if "90a" not in ext.cuda_archs().split(","):
+        return "the extension holds no sm_90a code (CROSSLMM_CUDA_ARCHS=90a)"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "the GPU is not sm_90"
+    return ""
+
+
+KERNELS = [
+    pytest.param("mma_sync", id="mma_sync"),
+    pytest.param(
+        "sm90_cluster",
+        id="sm90_cluster",
+        marks=pytest.mark.skipif(bool(_sm90_cluster_missing()), reason=_sm90_cluster_missing()),
+    ),
+]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    """The core kernel a test runs on (the binding's ``kernel`` argument)."""
+    return request.param
+
+
+# The decode kernel's shared memory (csrc/projected/projected_params.h, DecodeTile::kSmemBytes).
+DECODE_SMEM_BYTES = 207_600
+
+
+def _decode_kernel_fits() -> bool:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.shared_memory_per_block_optin >= DECODE_SMEM_BYTES
+
+
+def expected_kernel(kernel: str, q: torch.Tensor, max_q: int, max_k: int) -> str:
+    """The kernel the binding must report for a call asking for ``kernel``: sm90_cluster where
+    asked for and able to run; else, unless "mma_sync" is asked for, the decode kernel for calls
+    of one m16 row tile (at most 16 rows a segment) with Dv <= 1152 where its shared memory fits;
+    else the general mma.sync kernels."""
+    total_q, heads, dv = q.shape
+    if total_q == 0 or max_q == 0:
+        return "none"
+    if kernel == "sm90_cluster" and dv % 64 == 0 and dv <= 1152 and max_k > 0:
+        return "sm90_cluster"
+    one_tile = min(max_q, total_q) * heads <= 16 and dv <= 1152
+    if kernel == "mma_sync" or not one_tile or not _decode_kernel_fits():
+        return "mma_sync"
+    return "decode_bulk" if kernel == "decode_bulk" else "decode"
+
+
 DTYPES = [torch.bfloat16, torch.float16]
 DTYPE_IDS = ["bf16", "fp16"]
 HQ = 12  # CrossLMM-2B: 12 query heads
 DV = 1152  # SigLIP width
 SCALE = 128**-0.5  # the softmax scale of the original head dim (d = 128), not Dv's
 FRAME = 729  # SigLIP tokens per frame
+POOLED = 9  # pooled queries per frame (frame-local V2V)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,8 +145,9 @@ def poison_allocator(*shapes_dtypes) -> None:
     del blocks
 
 
-def run(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, max_q=None, max_k=None, kernel="auto"):
-    """The kernel, with NaN-poisoned memory offered for its outputs; returns (out, lse)."""
+def run(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, max_q=None, max_k=None, kernel="mma_sync"):
+    """The kernel, with NaN-poisoned memory offered for its outputs; returns (out, lse) after
+    checking that the expected kernel ran."""
     total_q, heads, dv = q.shape
     # (The fp32 split scratch is not poisoned here: compute-sanitizer's initcheck covers it, see
     # scripts/sanitize_kernels.py.)
@@ -94,6 +156,10 @@ def run(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, max_q=None, max_k=None, ker
     max_k = max_seqlen(cu_k) if max_k is None else max_k
     out, lse = _extension().projected_attention_core_forward(
         q, x, cu_q, cu_k, max_q, max_k, scale, num_splits, kernel
+    )
+    ran = _extension().projected_attention_core_forward_kernel_name()
+    assert ran == expected_kernel(kernel, q, max_q, min(max_k, x.shape[0])), (
+        f"asked for {kernel}, {ran} ran"
     )
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), (
         f"out: shape {tuple(out.shape)} dtype {out.dtype}, expected {tuple(q.shape)} {q.dtype}"
@@ -129,10 +195,11 @@ def _describe(where: int, shape, cu_q: torch.Tensor) -> str:
     return f"token {token} (segment {seg}), head {head}, channel {chan}"
 
 
-def check(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, label="", kernel="auto"):
+def check(q, x, cu_q, cu_k, scale=SCALE, num_splits=0, label="", kernel="mma_sync"):
     """Kernel vs the float64 oracle, bounded by plain PyTorch's error in q's dtype (the oracle in
     q's dtype). Returns the kernel's (out, lse)."""
     out, lse = run(q, x, cu_q, cu_k, scale, num_splits, kernel=kernel)
+    label = f"{kernel} {label}"
     torch.cuda.synchronize()
     with torch.no_grad():
         ref_out, ref_lse = reference(q, x, cu_q, cu_k, scale, torch.float64)
@@ -184,41 +251,107 @@ VARLEN_K = [729, 17, 1, 15, 300, 2000]
 @pytest.mark.parametrize("dv", [64, 200, 1152, 1160, 2048])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @gpu
-def test_forward_odd_sizes(dtype, dv):
+def test_forward_odd_sizes(dtype, dv, kernel):
     """Dv 64 and 200 (fewer than 8 busy warps, 200 % 16 = 8: a half-filled last k-step), 1152
     (SigLIP), 1160 and 2048 (the large-Dv bucket, 16-row tiles only)."""
     q, x, cu_q, cu_k = make_inputs(VARLEN_Q, VARLEN_K, HQ, dv, dtype)
-    check(q, x, cu_q, cu_k, label=f"Dv {dv}")
+    check(q, x, cu_q, cu_k, label=f"Dv {dv}", kernel=kernel)
 
 
 @pytest.mark.parametrize("heads", [1, 5, 12, 16])
 @pytest.mark.parametrize("lq", [1, 2, 3, 7])
 @gpu
-def test_forward_rows_per_segment(heads, lq):
+def test_forward_rows_per_segment(heads, lq, kernel):
     """Rows per segment = lq * heads from 1 to 112: one 16-row tile, just over it (17..), two
     32-row tiles and a partial one."""
     lens_q, lens_k = [lq, lq, lq], [333, 16, 1000]
     q, x, cu_q, cu_k = make_inputs(lens_q, lens_k, heads, DV, torch.bfloat16)
-    check(q, x, cu_q, cu_k, label=f"{heads} heads x {lq} queries")
+    check(q, x, cu_q, cu_k, label=f"{heads} heads x {lq} queries", kernel=kernel)
 
 
 @pytest.mark.parametrize("scale", [1152**-0.5, 1.0, -0.05])
 @gpu
-def test_forward_scales(scale):
+def test_forward_scales(scale, kernel):
     """A flat softmax (1/sqrt(Dv)), a near one-hot one (logits ~ 30) and a negative scale."""
     q, x, cu_q, cu_k = make_inputs([1, 9], [5000, 729], HQ, DV, torch.float16)
-    check(q, x, cu_q, cu_k, scale=scale, label=f"scale {scale}")
+    check(q, x, cu_q, cu_k, scale=scale, label=f"scale {scale}", kernel=kernel)
 
 
 @gpu
-def test_forward_late_maximum():
+def test_forward_late_maximum(kernel):
     """The largest score of each row lies in the last key tile of a long segment, so the online
     softmax must rescale everything accumulated before it."""
     q, x, cu_q, cu_k = make_inputs([1, 2], [4000, 3001], HQ, DV, torch.bfloat16)
     heads = q[0, :10].float()
     x[3990:4000] = (8 * heads / heads.norm(dim=-1, keepdim=True)).to(x.dtype)
     x[-1] = q[-1, 0]
-    check(q, x, cu_q, cu_k, label="late maximum")
+    check(q, x, cu_q, cu_k, label="late maximum", kernel=kernel)
+
+
+# Tile edges of both kernels: rows per segment around sm90_cluster's 64-row tiles (and the mma.sync
+# kernel's 16/32) with one head, keys around the 32-key tiles; the same with 3 heads (rows = 3 x
+# queries: 3, 27, 63, 66, 129, 195).
+EDGE_Q = [1, 9, 63, 64, 65, 129]
+EDGE_K = [1, 31, 32, 33, 729, 1000]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 0])
+@pytest.mark.parametrize("dv", [1152, 512])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@gpu
+def test_tile_edges(dtype, dv, num_splits, kernel):
+    q, x, cu_q, cu_k = make_inputs(EDGE_Q, EDGE_K, 1, dv, dtype)
+    check(q, x, cu_q, cu_k, num_splits=num_splits, label="edges, 1 head", kernel=kernel)
+    lens_q = [1, 9, 21, 22, 43, 65]
+    q, x, cu_q, cu_k = make_inputs(lens_q, EDGE_K[::-1], 3, dv, dtype)
+    check(q, x, cu_q, cu_k, num_splits=num_splits, label="edges, 3 heads", kernel=kernel)
+
+
+@gpu
+def test_sm90_cluster_agrees_with_mma_sync():
+    """Both kernels compute the same function on frame-local V2V (within the bf16 rounding of
+    their different summation orders)."""
+    if _sm90_cluster_missing():
+        pytest.skip(_sm90_cluster_missing())
+    q, x, cu_q, cu_k = make_inputs([9] * 16, [FRAME] * 16, HQ, DV, torch.bfloat16)
+    a, a_lse = run(q, x, cu_q, cu_k, kernel="mma_sync")
+    b, b_lse = run(q, x, cu_q, cu_k, kernel="sm90_cluster")
+    ulp = torch.finfo(torch.bfloat16).eps * a.float().abs().max().item()
+    assert (a.float() - b.float()).abs().max().item() <= 4 * ulp
+    assert torch.allclose(a_lse, b_lse, rtol=0, atol=1e-4)
+
+
+@gpu
+def test_public_op_records_the_planned_kernel():
+    """projected_cross_attention on the CUDA back end runs the kernel the planner chose for the
+    core and records it (planner.last_kernel); explain() names the same one."""
+    import crosslmm_ops
+    from crosslmm_ops import planner
+
+    frames, hk, group, d = 4, 2, 6, 128
+    q = torch.randn(frames, POOLED, hk * group, d, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(frames, FRAME, DV, device="cuda", dtype=torch.bfloat16)
+    w_k = torch.randn(hk * d, DV, device="cuda", dtype=torch.bfloat16) / DV**0.5
+    w_v = torch.randn(hk * d, DV, device="cuda", dtype=torch.bfloat16) / DV**0.5
+    plan = crosslmm_ops.explain(
+        crosslmm_ops.projected_cross_attention,
+        q,
+        x,
+        w_k,
+        w_v,
+        path="fused",
+        backend="cuda",
+        print_plan=False,
+    )
+    crosslmm_ops.projected_cross_attention(q, x, w_k, w_v, path="fused", backend="cuda")
+    torch.cuda.synchronize()
+    chosen = planner.projected_core_kernel(x.device, DV, POOLED * hk * group)[0]
+    assert plan.kernel == chosen
+    # "auto": the mma.sync kernels' launch plan, the general kernel for 108-row segments.
+    ran = planner.last_kernel("projected_attention_core")
+    assert ran == (chosen if chosen != "auto" else "mma_sync")
+    if not _sm90_cluster_missing():
+        assert chosen == "sm90_cluster", "frame-local V2V (108 rows, Dv 1152) on sm_90"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,20 +361,20 @@ def test_forward_late_maximum():
 
 @pytest.mark.parametrize("num_splits", [0, 1, 2, 3, 7, 64, 256, 5000])
 @gpu
-def test_num_splits(num_splits):
+def test_num_splits(num_splits, kernel):
     """Explicit splits (clamped to the key tiles and to 256), including more splits than a short
     segment has tiles (empty splits must merge as nothing)."""
     q, x, cu_q, cu_k = make_inputs([1, 1, 9, 1], [20000, 40, 729, 1], HQ, DV, torch.bfloat16)
-    check(q, x, cu_q, cu_k, num_splits=num_splits, label="splits")
+    check(q, x, cu_q, cu_k, num_splits=num_splits, label="splits", kernel=kernel)
 
 
 @gpu
-def test_splits_agree():
+def test_splits_agree(kernel):
     """Any split count computes the same function: results within a few ulps of each other."""
     q, x, cu_q, cu_k = make_inputs([1, 3], [30000, 7000], HQ, DV, torch.bfloat16)
-    base, base_lse = run(q, x, cu_q, cu_k, num_splits=1)
+    base, base_lse = run(q, x, cu_q, cu_k, num_splits=1, kernel=kernel)
     for splits in (2, 5, 33, 0):
-        out, lse = run(q, x, cu_q, cu_k, num_splits=splits)
+        out, lse = run(q, x, cu_q, cu_k, num_splits=splits, kernel=kernel)
         err = (out.float() - base.float()).abs().max().item()
         ulp = torch.finfo(torch.bfloat16).eps * base.float().abs().max().item()
         assert err <= 4 * ulp + 1e-3, f"num_splits {splits} vs 1: out differs by {err:.3e}"
@@ -262,9 +395,9 @@ EMPTY_K = [100, 50, 0, 0, 32, 1]
 @pytest.mark.parametrize("num_splits", [0, 1, 3])
 @pytest.mark.parametrize("dv", [64, 1152])
 @gpu
-def test_empty_segments(dv, num_splits):
+def test_empty_segments(dv, num_splits, kernel):
     q, x, cu_q, cu_k = make_inputs(EMPTY_Q, EMPTY_K, HQ, dv, torch.bfloat16)
-    out, lse = check(q, x, cu_q, cu_k, num_splits=num_splits, label="empty segments")
+    out, lse = check(q, x, cu_q, cu_k, num_splits=num_splits, label="empty segments", kernel=kernel)
     no_keys = slice(sum(EMPTY_Q[:2]), sum(EMPTY_Q[:3]))  # 7 queries without keys
     assert torch.all(out[no_keys] == 0), "a segment without keys must give out = 0 exactly"
     assert torch.all(torch.isneginf(lse[:, no_keys])), "a segment without keys must give lse = -inf"
@@ -272,29 +405,29 @@ def test_empty_segments(dv, num_splits):
 
 @pytest.mark.parametrize("num_splits", [0, 4])
 @gpu
-def test_no_keys_at_all(num_splits):
+def test_no_keys_at_all(num_splits, kernel):
     for lens_k in ([0, 0], []):
         lens_q = [3, 4] if lens_k else []
         q = torch.randn(sum(lens_q) or 5, HQ, 64, device="cuda", dtype=torch.float16)
         x = torch.randn(0, 64, device="cuda", dtype=torch.float16)
         cu_q = cu_seqlens(lens_q if lens_q else [5])
         cu_k = cu_seqlens(lens_k if lens_k else [0])
-        out, lse = run(q, x, cu_q, cu_k, num_splits=num_splits)
+        out, lse = run(q, x, cu_q, cu_k, num_splits=num_splits, kernel=kernel)
         assert torch.all(out == 0) and torch.all(torch.isneginf(lse)), "no keys: out 0, lse -inf"
 
 
 @gpu
-def test_no_queries():
+def test_no_queries(kernel):
     q = torch.randn(0, HQ, 64, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(30, 64, device="cuda", dtype=torch.bfloat16)
-    out, lse = run(q, x, cu_seqlens([0, 0]), cu_seqlens([10, 20]))
+    out, lse = run(q, x, cu_seqlens([0, 0]), cu_seqlens([10, 20]), kernel=kernel)
     assert out.shape == (0, HQ, 64) and lse.shape == (HQ, 0)
 
 
 @pytest.mark.parametrize("num_splits", [0, 3])
 @pytest.mark.parametrize("dv", [200, 1152])
 @gpu
-def test_non_contiguous(dv, num_splits):
+def test_non_contiguous(dv, num_splits, kernel):
     """q with heads outermost in memory ([H, tokens, Dv] transposed), q at an odd channel offset of
     a wider tensor (strides not multiples of 8: copied once), x every other row of a buffer: the
     same bits as contiguous inputs, and correct."""
@@ -307,32 +440,34 @@ def test_non_contiguous(dv, num_splits):
     q_odd = torch.randn(tq, HQ, dv + 3, device="cuda", dtype=torch.bfloat16)[..., 3:]
     assert not (x.is_contiguous() or q_heads_outer.is_contiguous() or q_odd.is_contiguous())
     for q in (q_heads_outer, q_odd):
-        out, lse = run(q, x, cu_q, cu_k, num_splits=num_splits)
-        out_c, lse_c = run(q.contiguous(), x.contiguous(), cu_q, cu_k, num_splits=num_splits)
+        out, lse = run(q, x, cu_q, cu_k, num_splits=num_splits, kernel=kernel)
+        out_c, lse_c = run(
+            q.contiguous(), x.contiguous(), cu_q, cu_k, num_splits=num_splits, kernel=kernel
+        )
         assert torch.equal(out, out_c), "non-contiguous inputs must give the contiguous bits"
         assert torch.equal(lse, lse_c)
-        check(q, x, cu_q, cu_k, num_splits=num_splits, label="non-contiguous")
+        check(q, x, cu_q, cu_k, num_splits=num_splits, label="non-contiguous", kernel=kernel)
 
 
 @gpu
-def test_deterministic():
+def test_deterministic(kernel):
     q, x, cu_q, cu_k = make_inputs([1, 9, 40], [20000, 729, 1000], HQ, DV, torch.bfloat16)
-    first = run(q, x, cu_q, cu_k)
+    first = run(q, x, cu_q, cu_k, kernel=kernel)
     for _ in range(2):
-        again = run(q, x, cu_q, cu_k)
+        again = run(q, x, cu_q, cu_k, kernel=kernel)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), (
             "repeated calls must give the same bits"
         )
 
 
 @gpu
-def test_loose_max_seqlen():
+def test_loose_max_seqlen(kernel):
     """max_seqlen_q / max_seqlen_k larger than any segment (even than the totals) are allowed."""
     q, x, cu_q, cu_k = make_inputs([3, 5], [100, 40], HQ, 64, torch.float16)
     # The split heuristic reads max_seqlen_k, so fix the splits: then the results are bitwise equal.
     for splits in (1, 3):
-        out, lse = run(q, x, cu_q, cu_k, num_splits=splits, max_q=1000, max_k=10**6)
-        ref, ref_lse = run(q, x, cu_q, cu_k, num_splits=splits)
+        out, lse = run(q, x, cu_q, cu_k, num_splits=splits, max_q=1000, max_k=10**6, kernel=kernel)
+        ref, ref_lse = run(q, x, cu_q, cu_k, num_splits=splits, kernel=kernel)
         assert torch.equal(out, ref) and torch.equal(lse, ref_lse), splits
 
 
@@ -346,34 +481,34 @@ def test_loose_max_seqlen():
     "frames", [[256], [32, 64, 5, 128, 1, 200, 97, 256]], ids=["T256-batch1", "batch8"]
 )
 @gpu
-def test_decode_real_size(frames, dtype):
+def test_decode_real_size(frames, dtype, kernel):
     """T2V decode: one query (12 rows) per sequence against all T * 729 tokens of its video."""
     lens_k = [t * FRAME for t in frames]
     q, x, cu_q, cu_k = make_inputs([1] * len(frames), lens_k, HQ, DV, dtype)
-    check(q, x, cu_q, cu_k, label="decode")
+    check(q, x, cu_q, cu_k, label="decode", kernel=kernel)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("frames", [32, 256])
 @gpu
-def test_frame_local_real_size(frames, dtype):
+def test_frame_local_real_size(frames, dtype, kernel):
     """Frame-local V2V: 9 pooled queries (108 rows) per frame against the frame's 729 tokens."""
     q, x, cu_q, cu_k = make_inputs([9] * frames, [FRAME] * frames, HQ, DV, dtype)
-    check(q, x, cu_q, cu_k, label="frame-local")
+    check(q, x, cu_q, cu_k, label="frame-local", kernel=kernel)
 
 
 @gpu
-def test_long_query_prefill():
+def test_long_query_prefill(kernel):
     """T2V prefill: 128 text queries (1536 rows) against T = 32 frames of tokens."""
     q, x, cu_q, cu_k = make_inputs([128], [32 * FRAME], HQ, DV, torch.bfloat16)
-    check(q, x, cu_q, cu_k, label="prefill")
+    check(q, x, cu_q, cu_k, label="prefill", kernel=kernel)
 
 
 @pytest.mark.slow
 @gpu
-def test_long_query_prefill_t256():
+def test_long_query_prefill_t256(kernel):
     q, x, cu_q, cu_k = make_inputs([128], [256 * FRAME], HQ, DV, torch.bfloat16)
-    check(q, x, cu_q, cu_k, label="prefill T=256")
+    check(q, x, cu_q, cu_k, label="prefill T=256", kernel=kernel)
 
 
 # ----------------------------------------------------------------------------------------------

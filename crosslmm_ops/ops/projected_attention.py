@@ -430,8 +430,12 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
     if backend == "cuda":
         # The binding takes [total_q, Hq, Dv]: a copy of q~ and of the output when 1 < Hk < Hq.
         hk = q.shape[0]
+        rows = _rows_view(q)
+        kernel, _ = planner.projected_core_kernel(
+            q.device, x.shape[-1], max_seqlen_q * rows.shape[1]
+        )
         out, lse = _backend.extension().projected_attention_core_forward(
-            _cuda_input(_rows_view(q)),
+            _cuda_input(rows),
             _cuda_input(x),
             cu_q,
             cu_k,
@@ -439,7 +443,7 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
             max_seqlen_k,
             scale,
             num_splits,
-            environment.projected_kernel(),
+            kernel,
         )
         return _grouped(out, hk), lse
     if q.stride(-1) != 1:
@@ -545,8 +549,16 @@ def _core_forward_impl(
         softmax_scale,
         num_splits,
     )
-    planner.note(CORE_OP_NAME, backend)
+    planner.note(CORE_OP_NAME, backend, kernel=_core_kernel_that_ran(backend))
     return out, lse
+
+
+def _core_kernel_that_ran(backend: str) -> str:
+    """The kernel of the core call that just ran: the CUDA binding's ("sm90_cluster", "decode",
+    "decode_bulk", "mma_sync", "none"), else "triton" / "reference"."""
+    if backend == "cuda":
+        return _backend.extension().projected_attention_core_forward_kernel_name()
+    return {"triton": "triton", "torch": "reference"}[backend]
 
 
 @_projected_attention_core_op.register_fake
@@ -1249,8 +1261,14 @@ def plan_layout(
         return dataclasses.replace(inner, path=path, reasons=(f"path: {reason}",) + inner.reasons)
     cuda_ok, triton_ok = core_backends(layout, dtype, device)
     core, why = planner.choose_backend(op, backend, device, cuda_ok=cuda_ok, triton_ok=triton_ok)
-    kernel = {"cuda": "projected_core", "triton": "triton", "torch": "reference"}[core]
-    return planner.Plan(op, core, path, kernel, (f"path: {reason}", why))
+    reasons = (f"path: {reason}", why)
+    if core == "cuda":
+        rows = layout.max_seqlen_q * layout.heads_q
+        kernel, kernel_why = planner.projected_core_kernel(device, layout.width, rows)
+        reasons += (f"kernel: {kernel_why}",)
+    else:
+        kernel = {"triton": "triton", "torch": "reference"}[core]
+    return planner.Plan(op, core, path, kernel, reasons)
 
 
 planner.register(OP_NAME, projected_cross_attention, plan)

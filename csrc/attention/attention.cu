@@ -197,13 +197,6 @@ KernelChoice kernel_choice(const char* op, const std::string& kernel, bool backw
   return KernelChoice::kMmaSync;
 }
 
-bool device_is_sm90(int device) {
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major == 9 && minor == 0;
-}
-
 // Key splits for the sm90 kernel (num_splits == 0): the count that minimises a simple time model
 // in units of one CTA's work on one 128-key tile (about 2 us on an H100): full waves of
 // ceil(key_tiles / s) + 1 tiles each (the + 1: loading Q, the epilogue), plus for s > 1 the fp32

@@ -1,12 +1,12 @@
 // Host side of the Hopper (sm_90a) attention forward: TMA tensor maps and the launch. Included by
 // the per-dtype attention_fwd_sm90_<dtype>_hd128.cu files that instantiate it.
 //
-// The tensor maps are built with the driver's cuTensorMapEncodeTiled, reached through the runtime
-// (cudaGetDriverEntryPoint*), so the extension does not link libcuda. Each map is 3-D over a
-// [tokens, heads, head_dim] tensor with its own strides (innermost first: channel, head, token), so
-// the head is a coordinate and strided views (slices of a fused qkv tensor) are read in place; the
-// box is 64 channels x 1 head x 128 tokens in the 128-byte swizzle (K, V, and Q of one head), or
-// 64 channels x the GQA group's heads x 128 / group tokens (Q with the group's heads packed).
+// The tensor maps are built with the driver's cuTensorMapEncodeTiled (common/sm90_tma_host.h).
+// Each map is 3-D over a [tokens, heads, head_dim] tensor with its own strides (innermost first:
+// channel, head, token), so the head is a coordinate and strided views (slices of a fused qkv
+// tensor) are read in place; the box is 64 channels x 1 head x 128 tokens in the 128-byte swizzle
+// (K, V, and Q of one head), or 64 channels x the GQA group's heads x 128 / group tokens (Q with
+// the group's heads packed).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -22,48 +22,15 @@
 #include "attention/attention_fwd_sm90_packed_kernel.cuh"
 #include "attention/attention_params.h"
 #include "common/check.h"
+#include "common/sm90_tma_host.h"
 
 namespace crosslmm {
 namespace attention {
 namespace sm90_host {
 
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-// cuTensorMapEncodeTiled from the driver, or nullptr when the driver does not provide it.
-inline EncodeTiledFn encode_tiled() {
-  static const EncodeTiledFn fn = []() -> EncodeTiledFn {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
-#if CUDART_VERSION >= 12050
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
-                                                             cudaEnableDefault, &status);
-#else
-    const cudaError_t err =
-        cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &status);
-#endif
-    if (err != cudaSuccess || status != cudaDriverEntryPointSuccess || ptr == nullptr) {
-      (void)cudaGetLastError();  // not sticky, but leave no error behind for the next check
-      return nullptr;
-    }
-    return reinterpret_cast<EncodeTiledFn>(ptr);
-  }();
-  return fn;
-}
-
-// cuTensorMapEncodeTiled is a driver call and needs a current context on the calling thread.
-// A thread that has made no CUDA runtime call yet has none, and c10's device guard does not set one
-// when the device already matches: autograd's device thread, running a backward whose buffers all
-// came from the caching allocator, got CUDA_ERROR_INVALID_CONTEXT (201) and the backward fell back
-// to mma.sync (tests/test_attention_bwd_sm90.py::test_through_public_api). cudaSetDevice makes
-// the device's primary context current (CUDA >= 12); cheap, so called before every encode batch.
-inline void make_context_current() {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaSetDevice(device));
-}
+using sm90_tma::encode_tiled;
+using sm90_tma::EncodeTiledFn;
+using sm90_tma::make_context_current;
 
 // A [tokens, heads, kHeadDim] tensor of T (channel stride 1, other strides in elements) as a TMA
 // map with boxes of 64 channels x box_heads heads x box_rows tokens. False when TMA cannot

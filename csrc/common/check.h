@@ -41,4 +41,12 @@ inline int multiprocessor_count() {
   return count;
 }
 
+// Whether `device` is an sm_90 GPU (Hopper: wgmma, TMA, clusters).
+inline bool device_is_sm90(int device) {
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
+}
+
 }  // namespace crosslmm

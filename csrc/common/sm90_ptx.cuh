@@ -1,14 +1,16 @@
-// PTX wrappers for the Hopper (sm_90a) kernels: mbarriers, TMA tensor loads, wgmma (m64n128k16
-// and m64n64k16) and its shared-memory matrix descriptors, named barriers, setmaxnreg. Device
-// code only; each wrapper is one instruction or a short fixed sequence, written from the PTX ISA
-// (sections "mbarrier", "cp.async.bulk.tensor", "Asynchronous Warpgroup Level Matrix
-// Multiply-Accumulate", "setmaxnreg"). Only the sm_90a pass of a kernel calls them, so nothing
+// PTX wrappers for the Hopper (sm_90a) kernels: mbarriers, TMA tensor loads, clusters and
+// distributed shared memory, wgmma (m64n128k16, m64n64k16, m64n32k16) and its shared-memory matrix
+// descriptors, named barriers, setmaxnreg. Device code only; each wrapper is one instruction or a
+// short fixed sequence, written from the PTX ISA (sections "mbarrier", "cp.async.bulk.tensor",
+// "mapa", "barrier.cluster", "Asynchronous Warpgroup Level Matrix Multiply-Accumulate",
+// "setmaxnreg"). Only the sm_90a pass of a kernel calls them, so nothing
 // here is emitted for other targets.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -65,10 +67,26 @@ __device__ __forceinline__ bool mbarrier_try_wait(uint32_t bar, uint32_t parity)
   return done != 0;
 }
 
-// Debugging aid: CROSSLMM_SM90_WAIT_TIMEOUT_S=N (> 0) makes a wait that lasts N seconds trap (an
-// error the host sees) instead of hanging the GPU; a legitimate wait here lasts microseconds, so
-// only a protocol bug trips it. Off by default: a trap on the consumers' path makes ptxas drop
-// their setmaxnreg register budget (the consumers then spill and their wgmmas are serialised).
+// The same wait with acquire semantics at cluster scope: for barriers that threads of the other
+// CTA of a cluster arrive on (mbarrier_arrive_cluster) after writing this CTA's shared memory, so
+// those writes are visible once the wait returns.
+__device__ __forceinline__ bool mbarrier_try_wait_cluster(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// Debugging aid: CROSSLMM_SM90_WAIT_TIMEOUT_S=N (> 0) makes a wait that lasts N seconds print its
+// block, thread, barrier (shared address) and parity and trap (an error the host sees) instead of
+// hanging the GPU; a legitimate wait here lasts microseconds, so only a protocol bug trips it. Off
+// by default: a trap on the consumers' path makes ptxas drop their setmaxnreg register budget (the
+// consumers then spill and their wgmmas are serialised).
 #ifndef CROSSLMM_SM90_WAIT_TIMEOUT_S
 #define CROSSLMM_SM90_WAIT_TIMEOUT_S 0
 #endif
@@ -79,16 +97,24 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return t;
 }
 
+template <bool kCluster>
 __device__ __forceinline__ void mbarrier_wait_slow(uint32_t bar, uint32_t parity) {
+  auto ready = [&] {
+    return kCluster ? mbarrier_try_wait_cluster(bar, parity) : mbarrier_try_wait(bar, parity);
+  };
 #if CROSSLMM_SM90_WAIT_TIMEOUT_S > 0
   const uint64_t start = global_timer_ns();
-  while (!mbarrier_try_wait(bar, parity)) {
+  while (!ready()) {
     if (global_timer_ns() - start > uint64_t{CROSSLMM_SM90_WAIT_TIMEOUT_S} * 1000000000ull) {
+      printf("crosslmm sm90: mbarrier wait timed out after %d s: block %d thread %d barrier 0x%x "
+             "parity %u\n",
+             CROSSLMM_SM90_WAIT_TIMEOUT_S, static_cast<int>(blockIdx.x),
+             static_cast<int>(threadIdx.x), bar, parity);
       __trap();
     }
   }
 #else
-  while (!mbarrier_try_wait(bar, parity)) {
+  while (!ready()) {
   }
 #endif
 }
@@ -96,7 +122,52 @@ __device__ __forceinline__ void mbarrier_wait_slow(uint32_t bar, uint32_t parity
 // Blocks until the phase with the given parity has completed. (try_wait itself suspends the
 // thread for a while in hardware; the slow path only loops and watches the clock.)
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
-  if (!mbarrier_try_wait(bar, parity)) mbarrier_wait_slow(bar, parity);
+  if (!mbarrier_try_wait(bar, parity)) mbarrier_wait_slow<false>(bar, parity);
+}
+
+__device__ __forceinline__ void mbarrier_wait_cluster(uint32_t bar, uint32_t parity) {
+  if (!mbarrier_try_wait_cluster(bar, parity)) mbarrier_wait_slow<true>(bar, parity);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread-block clusters and distributed shared memory (PTX ISA "mapa", "barrier.cluster",
+// "st.shared::cluster"). A shared::cluster address names a byte of any CTA of the cluster; mapa
+// turns this CTA's shared::cta address into the same offset in CTA `rank`.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+
+__device__ __forceinline__ uint32_t map_to_cta(uint32_t smem_addr, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr), "r"(rank));
+  return remote;
+}
+
+__device__ __forceinline__ void st_cluster_v4(uint32_t cluster_addr, float4 v) {
+  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(cluster_addr),
+               "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+}
+
+// One arrival on an mbarrier of any CTA of the cluster (cluster_addr from map_to_cta), releasing
+// this thread's earlier memory operations at cluster scope (its st_cluster_v4 writes, its reads).
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t cluster_addr) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(
+                   cluster_addr)
+               : "memory");
+}
+
+// Every thread of every CTA of the cluster: arrive (releasing its memory operations) and wait for
+// all (acquiring theirs).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;\n" ::
+          : "memory");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -116,6 +187,16 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tensor_map
       "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+
+// One box of a 2-D tensor map (coordinates innermost first: channel, row).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tensor_map, uint32_t bar,
+                                            int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
 
@@ -326,13 +407,7 @@ __device__ __forceinline__ void fence_operands(uint32_t (&x)[N]) {
   for (int i = 0; i < N; ++i) fence_operand(x[i]);
 }
 
-// wgmma m64n64k16, fp32 accumulators, A and B from shared memory, both K-major:
-// D[64 x 64] (+)= A[64 x 16] * B[16 x 64]. Accumulator layout (32 floats per thread): d[4j + q]
-// holds row 16 * warp + lane / 4 + 8 * (q / 2), column 8 j + 2 (lane % 4) + (q % 2), j = 0..7 (the
-// m64n128 layout above cut to 8 column blocks). scale_d = 0: D = A B.
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a,
-                                                   uint64_t desc_b, int scale_d) {
+// The 32 accumulator operands of the m64n64 wgmmas below.
 #define CROSSLMM_WGMMA_D32                                                                   \
   "{"                                                                                        \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                   \
@@ -345,6 +420,14 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc
       "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),        \
       "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),        \
       "+f"(d[31])
+
+// wgmma m64n64k16, fp32 accumulators, A and B from shared memory, both K-major:
+// D[64 x 64] (+)= A[64 x 16] * B[16 x 64]. Accumulator layout (32 floats per thread): d[4j + q]
+// holds row 16 * warp + lane / 4 + 8 * (q / 2), column 8 j + 2 (lane % 4) + (q % 2), j = 0..7 (the
+// m64n128 layout above cut to 8 column blocks). scale_d = 0: D = A B.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a,
+                                                   uint64_t desc_b, int scale_d) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
@@ -361,9 +444,67 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc
         : CROSSLMM_WGMMA_D32_OPERANDS(d)
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
   }
+}
+
+// wgmma m64n64k16, fp32 accumulators, A from registers (the mma.m16n8k16 A layout per warp, as for
+// wgmma_m64n128k16_rs_tb), B from shared memory MN-major (imm-trans-b = 1): O[64 x 64] += P V with V
+// stored [key][channel], one 64-channel (128-byte) swizzle row per key.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n64k16_rs_tb(float (&d)[32], const uint32_t (&a)[4],
+                                                      uint64_t desc_b) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " CROSSLMM_WGMMA_D32
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : CROSSLMM_WGMMA_D32_OPERANDS(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "T must be __half or __nv_bfloat16");
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " CROSSLMM_WGMMA_D32
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : CROSSLMM_WGMMA_D32_OPERANDS(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+  }
+}
+
 #undef CROSSLMM_WGMMA_D32
 #undef CROSSLMM_WGMMA_D32_OPERANDS
+
+// wgmma m64n32k16, fp32 accumulators, A and B from shared memory, both K-major:
+// D[64 x 32] (+)= A[64 x 16] * B[16 x 32]. Accumulator layout (16 floats per thread): d[4j + q]
+// holds row 16 * warp + lane / 4 + 8 * (q / 2), column 8 j + 2 (lane % 4) + (q % 2), j = 0..3.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a,
+                                                   uint64_t desc_b, int scale_d) {
+#define CROSSLMM_WGMMA_D16 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define CROSSLMM_WGMMA_D16_OPERANDS(d)                                                       \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),      \
+      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),           \
+      "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " CROSSLMM_WGMMA_D16
+        ", %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : CROSSLMM_WGMMA_D16_OPERANDS(d)
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "T must be __half or __nv_bfloat16");
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " CROSSLMM_WGMMA_D16
+        ", %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : CROSSLMM_WGMMA_D16_OPERANDS(d)
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  }
+#undef CROSSLMM_WGMMA_D16
+#undef CROSSLMM_WGMMA_D16_OPERANDS
 }
+
 
 }  // namespace sm90
 }  // namespace crosslmm

@@ -21,10 +21,18 @@
 // lse = -inf; a segment without queries is skipped; query tokens outside every segment are left
 // unwritten. max_seqlen_q / max_seqlen_k are trusted bounds on the segment lengths, as in
 // flash-attn (a longer segment is not fully computed; the Python layer computes them).
-// num_splits: 0 = heuristic, else that many key splits per segment (at most 256). kernel: "auto"
-// (the launch plan below picks), "mma_sync" (the general kernels only), "decode" / "decode_bulk"
-// (the decode kernel with cp.async / bulk-copy loads where it can run, else the general kernels);
-// every choice computes the same function.
+// num_splits: 0 = heuristic, else that many key splits per segment (at most 256).
+//
+// kernel (crosslmm_ops/planner.py's projected_core_kernel decides; nothing here reads the
+// environment); every choice computes the same function:
+// * "sm90_cluster": the Hopper kernel of projected_attention_sm90_kernel.cuh where it can run (an
+//   sm_90 GPU, a 90a build, Dv a multiple of 64 up to 1152, at least one key, tensors TMA can
+//   describe), else as "auto";
+// * "auto": the mma.sync kernels, with the decode kernel (projected_decode_kernel.cuh, cp.async
+//   loads) for one-tile calls where it fits (the launch plan below);
+// * "mma_sync": the general mma.sync kernels only; "decode" / "decode_bulk": the decode kernel with
+//   cp.async / bulk-copy loads where it can run, else the general kernels.
+// projected_attention_core_forward_kernel_name() says which kernel ran.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -39,9 +47,11 @@
 #include <string>
 #include <tuple>
 
+#include "attention/attention_params.h"  // attention_forward_sm90_compiled: the build has 90a
 #include "common/check.h"
 #include "projected/projected_host.h"
 #include "projected/projected_params.h"
+#include "projected/projected_sm90.h"
 
 namespace crosslmm {
 namespace {
@@ -89,22 +99,101 @@ int stages_that_fit(int dv_max, int m_tiles, int keys, int smem_limit) {
 }
 
 // The decode kernel's load path for the binding's `kernel` argument where the decode kernel can
-// run: "auto" and "decode" cp.async, "decode_bulk" bulk copies, "mma_sync" none (the general
-// kernels).
+// run: "auto", "decode" and "sm90_cluster" (where that kernel cannot run) cp.async, "decode_bulk"
+// bulk copies, "mma_sync" none (the general kernels).
 int decode_kernel_for(const std::string& kernel) {
-  if (kernel == "auto" || kernel == "decode") return projected::kDecodeCpAsync;
+  if (kernel == "auto" || kernel == "decode" || kernel == "sm90_cluster") {
+    return projected::kDecodeCpAsync;
+  }
   if (kernel == "decode_bulk") return projected::kDecodeBulk;
   TORCH_CHECK(kernel == "mma_sync", kOp,
-              ": kernel must be 'auto', 'mma_sync', 'decode' or 'decode_bulk', got '", kernel, "'");
+              ": kernel must be 'auto', 'mma_sync', 'decode', 'decode_bulk' or 'sm90_cluster', got '",
+              kernel, "'");
   return projected::kDecodeNone;
 }
 
+// The parameters both kernels share, and the split-KV scratch they write when `splits` > 1,
+// allocated into `scratch` (the caller keeps it until the launches are queued). The caller adds
+// its kernel's own fields (the mma.sync kernel's column split and stages).
+ProjectedForwardParams forward_params(const at::Tensor& q, const at::Tensor& x, at::Tensor& out,
+                                      at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+                                      const at::Tensor& cu_seqlens_k, int64_t batch,
+                                      int64_t max_seqlen_q, int64_t num_m_blocks, int64_t splits,
+                                      int keys, double softmax_scale,
+                                      at::Tensor (&scratch)[2]) {
+  const int64_t total_q = q.size(0), heads = q.size(1), dv = q.size(2);
+  if (splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    scratch[0] = at::empty({splits, total_q * heads, dv}, f32);
+    scratch[1] = at::empty({splits, total_q * heads}, f32);
+  }
+  ProjectedForwardParams p{};
+  p.q = q.data_ptr();
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.out_partial = splits > 1 ? scratch[0].data_ptr<float>() : nullptr;
+  p.lse_partial = splits > 1 ? scratch[1].data_ptr<float>() : nullptr;
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.q_token_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.x_token_stride = x.stride(0);
+  p.batch = static_cast<int>(batch);  // <= the grid size, checked by the caller
+  p.num_heads = static_cast<int>(heads);
+  p.head_dim = static_cast<int>(dv);
+  p.total_q = static_cast<int>(total_q);
+  p.total_k = static_cast<int>(x.size(0));
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.num_m_blocks = static_cast<int>(num_m_blocks);
+  p.num_splits = static_cast<int>(splits);
+  p.keys_per_tile = keys;
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  return p;
+}
+
+// The sm90_cluster launch plan: 64-row tiles of (query, head) rows, 32-key x tiles, key splits by
+// choose_splits with one 2-CTA cluster per two multiprocessors per wave. q is made row-flat (one
+// stride between consecutive (token, head) rows: the kernel reads a tile as one TMA box). False
+// when TMA cannot describe the tensors (nothing launched; the caller runs mma_sync).
+bool run_sm90_cluster(const at::Tensor& q, const at::Tensor& x, at::Tensor& out, at::Tensor& lse,
+                      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                      int64_t batch, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                      double softmax_scale, int64_t num_splits) {
+  using Cfg = projected::Sm90Cluster;
+  const int64_t total_q = q.size(0), heads = q.size(1);
+  const bool row_flat = heads == 1 || total_q <= 1 || q.stride(0) == heads * q.stride(1);
+  const at::Tensor q_rows = row_flat ? q : q.contiguous();
+  const int64_t rows = max_seqlen_q * heads;
+  const int64_t num_m_blocks = ceil_div(rows, Cfg::kBlockM);
+  const int64_t key_tiles = ceil_div(max_seqlen_k, Cfg::kKeys);
+  const int64_t wave = std::max<int64_t>(1, multiprocessor_count() / Cfg::kClusterSize);
+  const int64_t splits = choose_splits(num_splits, num_m_blocks * batch, key_tiles, wave);
+  TORCH_CHECK(num_m_blocks * batch * splits * Cfg::kClusterSize <= kInt32Max, kOp,
+              ": grid too large (", num_m_blocks * batch * splits, " clusters)");
+  at::Tensor scratch[2];
+  const ProjectedForwardParams p =
+      forward_params(q_rows, x, out, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q,
+                     num_m_blocks, splits, Cfg::kKeys, softmax_scale, scratch);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  return q.scalar_type() == at::kHalf
+             ? projected::run_projected_forward_sm90<__half>(p, stream)
+             : projected::run_projected_forward_sm90<__nv_bfloat16>(p, stream);
+}
+
+// The kernel the last call on this thread ran: "sm90_cluster", "decode", "decode_bulk", "mma_sync"
+// or "none".
+thread_local const char* last_kernel = "none";
+
 }  // namespace
+
+std::string projected_attention_core_forward_kernel_name() { return last_kernel; }
 
 std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
     const at::Tensor& q, const at::Tensor& x, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double softmax_scale, int64_t num_splits, const std::string& kernel) {
+  last_kernel = "none";
   // ---- checks -------------------------------------------------------------------------------
   projected::check_core_inputs(kOp, q, x, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                softmax_scale, num_splits);
@@ -125,6 +214,18 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   // contiguous tensors, and slices at multiples of 8 elements are read in place).
   const at::Tensor q_read = projected::readable_16_byte(q);
   const at::Tensor x_read = projected::readable_16_byte(x);
+
+  // (Without any key, every row is out 0 / lse -inf: the mma.sync kernel writes that, and TMA
+  // cannot describe an x without rows.)
+  if (kernel == "sm90_cluster" && attention::attention_forward_sm90_compiled() && dv % 64 == 0 &&
+      dv <= projected::Sm90Cluster::kDvMax && total_k > 0 && max_seqlen_k > 0 &&
+      device_is_sm90(q.get_device())) {
+    if (run_sm90_cluster(q_read, x_read, out, lse, cu_seqlens_q, cu_seqlens_k, batch,
+                         max_seqlen_q, max_seqlen_k, softmax_scale, num_splits)) {
+      last_kernel = "sm90_cluster";
+      return {out, lse};
+    }
+  }
 
   // ---- launch plan --------------------------------------------------------------------------
   const projected::ColumnSplit columns = projected::column_split(dv);
@@ -189,39 +290,17 @@ std::tuple<at::Tensor, at::Tensor> projected_attention_core_forward(
   TORCH_CHECK(num_m_blocks * batch * splits <= kInt32Max, kOp, ": grid too large (",
               num_m_blocks * batch * splits, " CTAs)");
 
-  at::Tensor out_partial, lse_partial;
-  if (splits > 1) {
-    const auto f32 = q.options().dtype(at::kFloat);
-    out_partial = at::empty({splits, total_q * heads, dv}, f32);
-    lse_partial = at::empty({splits, total_q * heads}, f32);
-  }
-
-  ProjectedForwardParams p{};
-  p.q = q_read.data_ptr();
-  p.x = x_read.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.out_partial = splits > 1 ? out_partial.data_ptr<float>() : nullptr;
-  p.lse_partial = splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
-  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
-  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-  p.q_token_stride = q_read.stride(0);
-  p.q_head_stride = q_read.stride(1);
-  p.x_token_stride = x_read.stride(0);
-  p.batch = static_cast<int>(batch);  // <= the grid size, checked above
-  p.num_heads = static_cast<int>(heads);
-  p.head_dim = static_cast<int>(dv);
-  p.total_q = static_cast<int>(total_q);
-  p.total_k = static_cast<int>(total_k);
+  at::Tensor scratch[2];
+  ProjectedForwardParams p = forward_params(q_read, x_read, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                            batch, max_seqlen_q, num_m_blocks, splits, keys,
+                                            softmax_scale, scratch);
   p.cols_per_warp = columns.cols_per_warp;
   p.active_warps = columns.active_warps;
   p.stages = stages;
-  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
-  p.num_m_blocks = static_cast<int>(num_m_blocks);
-  p.num_splits = static_cast<int>(splits);
-  p.keys_per_tile = keys;
-  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   p.decode_kernel = decode_kernel;
+  last_kernel = decode_kernel == projected::kDecodeNone   ? "mma_sync"
+                : decode_kernel == projected::kDecodeBulk ? "decode_bulk"
+                                                          : "decode";
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   projected::dispatch_dtype_dv(kOp, q.scalar_type(), dv_max, [&]<typename T, int kDvMax>() {
