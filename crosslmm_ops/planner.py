@@ -348,9 +348,9 @@ def projected_core_kernel(device: torch.device, width: int, rows: int) -> tuple[
     ``crosslmm_ops._C.projected_attention_core_forward`` takes as ``kernel``: ``"sm90_cluster"``
     (the Hopper kernel), or ``"auto"``: the mma.sync kernels, whose launch plan in the extension
     takes the decode kernel for one-tile calls where its shared memory fits (what ran:
-    ``projected_attention_core_forward_kernel_name()``, recorded by the op). ``CROSSLMM_PROJECTED_KERNEL``
-    names one instead. ``width``: Dv; ``rows``: (query, head) rows of the longest segment
-    (``max_seqlen_q * heads``)."""
+    ``projected_attention_core_forward_kernel_name()``, recorded by the op).
+    ``CROSSLMM_PROJECTED_KERNEL`` names one instead. ``width``: Dv; ``rows``: (query, head) rows
+    of the longest segment (``max_seqlen_q * heads``)."""
     var = environment.PROJECTED_KERNEL_VAR
     mode = environment.projected_kernel()
     if mode != "auto" and mode != "sm90_cluster":
