@@ -7,7 +7,8 @@
 #                             (default: build test sanitize bench)
 #
 # Logs and results go to $OUT (default ./gpu_out): gpu_tests.log, sanitizer.log, bench.log and the
-# benchmark JSON files. A short summary is printed last.
+# benchmark JSON files. A short summary is printed last. GPU_TEST_TIMEOUT (default 1500 s) and
+# SANITIZE_TIMEOUT (900 s per tool) kill a run that hangs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -16,6 +17,8 @@ STAGES="${*:-build test sanitize bench}"
 export MAX_JOBS="${MAX_JOBS:-16}" CROSSLMM_CUDA_ARCHS="${CROSSLMM_CUDA_ARCHS:-90a}"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Output reaches the logs as it is written, so a run killed for a hang still shows how far it got.
+export PYTHONUNBUFFERED=1
 status=0
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 step() { echo; echo "=== $* ($(date +%T))"; }
@@ -58,8 +61,12 @@ if has test; then
     fi
   fi
   step "GPU tests"
-  $PY -m pytest tests -m cuda -q --maxfail="${MAXFAIL:-25}" -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
+  # A kernel that hangs is killed after GPU_TEST_TIMEOUT seconds (exit 137), not left to eat the
+  # machine's time.
+  timeout -s KILL "${GPU_TEST_TIMEOUT:-1500}" \
+    $PY -m pytest tests -m cuda -q --maxfail="${MAXFAIL:-25}" -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
   rc=$?; [[ $rc -ne 0 ]] && status=1
+  [[ $rc -eq 137 ]] && echo "GPU tests: killed after ${GPU_TEST_TIMEOUT:-1500} s (a hang?); the log shows how far they got"
   grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -40; tail -3 "$OUT/gpu_tests.log"
 fi
 
@@ -74,6 +81,7 @@ if has sanitize; then
     # (sanitize_kernels.py reads CROSSLMM_SANITIZE_TOOL: it skips the one section whose reports
     # under initcheck and racecheck are all inside cuBLAS.)
     env CROSSLMM_SANITIZE_TOOL="$tool" "${nocache[@]}" \
+      timeout -s KILL "${SANITIZE_TIMEOUT:-900}" \
       compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
       $PY scripts/sanitize_kernels.py >> "$OUT/sanitizer.log" 2>&1
     rc=$?; echo "$tool: exit $rc"; [[ $rc -ne 0 ]] && status=1
