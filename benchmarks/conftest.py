@@ -30,6 +30,19 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+def warm_up_gpu(ms: float = 500.0) -> None:
+    """Keep the GPU busy with bf16 matmuls for about ``ms``: a GPU left idle (a machine just
+    started, a JIT compile, host-side setup) runs at low clocks for a while, and the first cases
+    timed after that came out up to 2x slow."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while (time.perf_counter() - start) * 1e3 < ms:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
 def do_bench_ms(fn, *, rep_ms: int = 200) -> float:
     """Median time of ``fn`` in ms from CUDA events (triton.testing.do_bench), after warm-up."""
     from triton.testing import do_bench

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_projected_attention as projected  # noqa: E402
-from conftest import do_bench_ms, graph_ms  # noqa: E402
+from conftest import do_bench_ms, graph_ms, warm_up_gpu  # noqa: E402
 
 import crosslmm_ops  # noqa: E402
 from crosslmm_ops.ops import projected_attention as pa  # noqa: E402
@@ -404,6 +404,7 @@ def main(argv=None) -> int:
     if FA4_ERROR is not None:
         print(f"FlashAttention-4 is not importable here ({FA4_ERROR}); its column is absent")
     cases = set(args.cases.split(","))
+    warm_up_gpu()
     rows = run(cases)
     if "projected" in cases:
         rows += run_projected()

@@ -131,7 +131,7 @@ def measure(kind: str, frames: int, hk: int, batch: int, lq: int, lk: int) -> di
             if path == "auto":
                 row["auto"] = took
             else:
-                row["ms"][path] = round(triton.testing.do_bench(call, warmup=5, rep=50), 5)
+                row["ms"][path] = round(triton.testing.do_bench(call, warmup=25, rep=100), 5)
             assert crosslmm_ops.last_backend("projected_cross_attention") == "cuda"
     fused_ms, mat_ms = pa.COST_MODEL.estimate(layout_of(batch, lq, lk, hk))
     row["model_ms"] = {"fused": round(fused_ms, 5), "materialized": round(mat_ms, 5)}
@@ -180,6 +180,10 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
     }
     print(json.dumps(env))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import warm_up_gpu
+
+    warm_up_gpu()
     rows = []
     for kind, frames, hk, (batch, lq, lk) in cases(args.quick):
         row = measure(kind, frames, hk, batch, lq, lk)

@@ -30,8 +30,8 @@ OPS = {
     "token_pool": "fp16, bf16, fp32 on cuda/triton; fp64 on torch",
     "cross_attention": "cuda: fp16/bf16, head dim 64/128; triton: fp16/bf16/fp32, head dim <= 256; "
     "torch: any",
-    "projected_attention_core": "the core of projected_cross_attention; cuda: fp16/bf16 forward "
-    "(backward on triton); triton: fp16/bf16/fp32; torch: any",
+    "projected_attention_core": "the core of projected_cross_attention; cuda: fp16/bf16, Dv a "
+    "multiple of 8 up to 2048, forward and backward; triton: fp16/bf16/fp32; torch: any",
 }
 
 
