@@ -20,6 +20,7 @@ import functools
 import threading
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from crosslmm_ops import environment
 
@@ -162,6 +163,8 @@ def kernel_index(t: torch.Tensor) -> torch.Tensor:
 # functions. CROSSLMM_EAGER_FUNCTION=0 sends every call through the custom ops.
 EAGER_FUNCTION = environment.EAGER_FUNCTION
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+# Looked up once: each eager_function_ok runs in every call of an op.
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def eager_function_ok(*tensors) -> bool:
@@ -171,14 +174,14 @@ def eager_function_ok(*tensors) -> bool:
     tensors: the custom op's meta kernel is its fake kernel)."""
     if not EAGER_FUNCTION or torch.compiler.is_compiling():
         return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     if _get_current_dispatch_mode() is not None:
         return False
-    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if transforms_active is not None and transforms_active():
+    if _transforms_active is not None and _transforms_active():
         return False
-    return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and not t.is_meta) for t in tensors)
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta):
+            return False
+    return True
 
 
 def eager_function(name: str, forward, setup_context, backward_formula):

@@ -99,7 +99,13 @@ def requested_backend(backend: str | None) -> str:
 
 
 def choose_backend(
-    op: str, backend: str | None, device: torch.device, *, cuda_ok=None, triton_ok=None
+    op: str,
+    backend: str | None,
+    device: torch.device,
+    *,
+    cuda_ok=None,
+    triton_ok=None,
+    explain: bool = True,
 ) -> tuple[str, str]:
     """``(back end, reason)`` for one call of ``op`` on ``device``.
 
@@ -108,27 +114,19 @@ def choose_backend(
     zero-argument callable returning that pair, evaluated only when the back end is considered
     (a call that asks for ``cuda`` never pays for the Triton check: host time of short calls).
     On the meta device any back end is accepted as asked (``auto``: ``torch``): nothing runs, the
-    custom ops' fake kernels give the shapes."""
+    custom ops' fake kernels give the shapes. ``explain=False``: the reason is ``""`` (the op
+    running the call discards it; formatting it is host time of every short call)."""
     wanted = requested_backend(backend)
-    source = "backend=" if backend is not None else f"{environment.BACKEND_VAR}="
     if device.type == "meta":
         chosen = "torch" if wanted == "auto" else wanted
         return chosen, "meta tensors: nothing runs, the fake kernels give the shapes"
-    defaults = {"cuda": _backend.cuda_runnable, "triton": _backend.triton_runnable}
-    given = {"cuda": cuda_ok, "triton": triton_ok}
-
-    def check(name: str) -> tuple[bool, str]:
-        if name == "torch":
-            return True, ""
-        ok = given[name]
-        if ok is None:
-            return defaults[name](device)
-        return ok() if callable(ok) else ok
-
     if wanted != "auto":
-        ok, why = check(wanted)
+        ok, why = _runnable(wanted, device, cuda_ok, triton_ok)
         if not ok:
             raise RuntimeError(f"{op}: backend={wanted!r} cannot run this call: {why}")
+        if not explain:
+            return wanted, ""
+        source = "backend=" if backend is not None else f"{environment.BACKEND_VAR}="
         return wanted, f"{source}{wanted!r} asked for it"
     skipped = []
     for name in BACKENDS:
@@ -136,19 +134,33 @@ def choose_backend(
         if name == "triton" and device.type == "cpu":
             skipped.append("triton: auto does not take the CPU interpreter")
             continue
-        ok, why = check(name)
+        ok, why = _runnable(name, device, cuda_ok, triton_ok)
         if ok:
+            if not explain:
+                return name, ""
             head = "auto: the first of cuda -> triton -> torch that runs this call"
             return name, "; ".join([head] + [f"not {s}" for s in skipped])
         skipped.append(f"{name}: {why}")
     raise AssertionError("unreachable: the torch back end always runs")
 
 
+def _runnable(name: str, device: torch.device, cuda_ok, triton_ok) -> tuple[bool, str]:
+    """Whether back end ``name`` can run a call (see :func:`choose_backend`)."""
+    if name == "torch":
+        return True, ""
+    ok = cuda_ok if name == "cuda" else triton_ok
+    if ok is None:
+        return (_backend.cuda_runnable if name == "cuda" else _backend.triton_runnable)(device)
+    return ok() if callable(ok) else ok
+
+
 def resolve(
     op: str, backend: str | None, device: torch.device, *, cuda_ok=None, triton_ok=None
 ) -> str:
     """The back end for one call (:func:`choose_backend` without the reason)."""
-    return choose_backend(op, backend, device, cuda_ok=cuda_ok, triton_ok=triton_ok)[0]
+    return choose_backend(op, backend, device, cuda_ok=cuda_ok, triton_ok=triton_ok, explain=False)[
+        0
+    ]
 
 
 def projected_backward_backend(backend: str, device: torch.device) -> tuple[str, str]:
@@ -193,6 +205,7 @@ def choose_path(
     unfused_reason: str | None = None,
     fused_fast: Callable[[], tuple[bool, str]] | None = None,
     tracing: bool = False,
+    explain: bool = True,
 ) -> tuple[str, str]:
     """``("fused" | "materialized", reason)`` for one call.
 
@@ -205,10 +218,11 @@ def choose_path(
     * ``fused_fast()``: whether the fused core runs on a kernel for this call (the cost model
       assumes kernels on both paths): ``auto`` stays materialised where it does not;
     * ``tracing``: under torch.compile ``auto`` is materialised (the cost model reads counts that
-      a traced graph only knows at run time)."""
+      a traced graph only knows at run time);
+    * ``explain=False``: the reason is ``""`` (see :func:`choose_backend`)."""
     forced = path_override(path)
     if forced == "materialized":
-        return forced, _forced_reason(path)
+        return forced, _forced_reason(path) if explain else ""
     if unfused_reason is not None:
         if forced == "fused" and path == "fused":
             raise ValueError(
@@ -217,18 +231,20 @@ def choose_path(
             )
         return "materialized", f"the fused path cannot stand in: {unfused_reason}"
     if forced == "fused":
-        return forced, _forced_reason(path)
+        return forced, _forced_reason(path) if explain else ""
     if tracing:
         return "materialized", (
             "traced by torch.compile: the cost model reads query counts known only at run time"
         )
     fused_ms, mat_ms = estimate()
-    costs = f"cost model: fused {fused_ms:.3g} ms, materialized {mat_ms:.3g} ms"
+    costs = f"cost model: fused {fused_ms:.3g} ms, materialized {mat_ms:.3g} ms" if explain else ""
     if fused_ms > mat_ms:
         return "materialized", costs
     if fused_fast is not None:
         fast, why = fused_fast()
         if not fast:
+            if not explain:
+                return "materialized", ""
             return "materialized", f"{costs}, but the fused core would not run on a kernel: {why}"
     return "fused", costs
 
@@ -283,11 +299,13 @@ def attention_kernel(
     softmax_scale: float | None = None,
     *,
     backward: bool = False,
+    explain: bool = True,
 ) -> tuple[str, str]:
     """``(kernel, reason)`` of the CUDA attention forward (or ``backward``) for one call:
     ``"sm90"``, ``"sm90_packed"`` (forward, short query sets), ``"sm90_dkdv"`` (backward,
     diagnostic) or ``"mma_sync"``; what
-    ``crosslmm_ops._C.attention_forward / attention_backward`` take as ``kernel``."""
+    ``crosslmm_ops._C.attention_forward / attention_backward`` take as ``kernel``.
+    ``explain=False``: the reason of the usual choices (by the query length) is ``""``."""
     var = environment.ATTENTION_BWD_SM90_VAR if backward else environment.ATTENTION_SM90_VAR
     mode = environment.attention_bwd_sm90() if backward else environment.attention_sm90()
     if mode == "0":
@@ -301,17 +319,21 @@ def attention_kernel(
         return "sm90_packed", f"{var}=packed"
     if mode == "dkdv":
         return "sm90_dkdv", f"{var}=dkdv"
-    if max_seqlen_q >= SM90_MIN_SEQLEN_Q:
-        return "sm90", (
+    fills = max_seqlen_q >= SM90_MIN_SEQLEN_Q
+    kernel = "sm90" if fills else "mma_sync" if backward else "sm90_packed"
+    if not explain:
+        return kernel, ""
+    if fills:
+        return kernel, (
             f"max_seqlen_q {max_seqlen_q} >= {SM90_MIN_SEQLEN_Q} fills the sm90 "
             "kernel's head-major tiles"
         )
     if not backward:
-        return "sm90_packed", (
+        return kernel, (
             f"max_seqlen_q {max_seqlen_q} < {SM90_MIN_SEQLEN_Q}: GQA-packed 64-row tiles "
             "(query x head of a group) fill better than head-major ones; wgmma on them"
         )
-    return "mma_sync", (
+    return kernel, (
         f"max_seqlen_q {max_seqlen_q} < {SM90_MIN_SEQLEN_Q}: the GQA-packed "
         "mma.sync tiles fill better"
     )
@@ -343,14 +365,17 @@ def projected_sm90_usable(device: torch.device, width: int) -> tuple[bool, str]:
     return True, ""
 
 
-def projected_core_kernel(device: torch.device, width: int, rows: int) -> tuple[str, str]:
+def projected_core_kernel(
+    device: torch.device, width: int, rows: int, *, explain: bool = True
+) -> tuple[str, str]:
     """``(kernel, reason)`` of the CUDA projection-fused core for one call, what
     ``crosslmm_ops._C.projected_attention_core_forward`` takes as ``kernel``: ``"sm90_cluster"``
     (the Hopper kernel), or ``"auto"``: the mma.sync kernels, whose launch plan in the extension
     takes the decode kernel for one-tile calls where its shared memory fits (what ran:
     ``projected_attention_core_forward_kernel_name()``, recorded by the op).
     ``CROSSLMM_PROJECTED_KERNEL`` names one instead. ``width``: Dv; ``rows``: (query, head) rows
-    of the longest segment (``max_seqlen_q * heads``)."""
+    of the longest segment (``max_seqlen_q * heads``). ``explain=False``: the reason of the usual
+    choices (by width and rows) is ``""``."""
     var = environment.PROJECTED_KERNEL_VAR
     mode = environment.projected_kernel()
     if mode != "auto" and mode != "sm90_cluster":
@@ -360,18 +385,23 @@ def projected_core_kernel(device: torch.device, width: int, rows: int) -> tuple[
         return "auto", f"the sm90_cluster kernel cannot run: {why}"
     if mode == "sm90_cluster":
         return "sm90_cluster", f"{var}=sm90_cluster"
-    if 2 * width <= PROJECTED_SM90_MAX_WIDTH:
-        return "auto", (
+    pair_used = 2 * width > PROJECTED_SM90_MAX_WIDTH
+    rows_fill = rows >= PROJECTED_SM90_BLOCK_M
+    kernel = "sm90_cluster" if pair_used and rows_fill else "auto"
+    if not explain:
+        return kernel, ""
+    if not pair_used:
+        return kernel, (
             f"Dv {width} <= {PROJECTED_SM90_MAX_WIDTH // 2}: one CTA of sm90_cluster's pair would "
             "only multiply zeros"
         )
-    if rows < PROJECTED_SM90_BLOCK_M:
-        return "auto", (
+    if not rows_fill:
+        return kernel, (
             f"{rows} rows per segment < {PROJECTED_SM90_BLOCK_M}: sm90_cluster's 64-row tiles "
             "would be mostly empty (decode); the mma.sync kernels' 16-row tiles (the decode "
             "kernel where it fits) with key splits read x at the bandwidth instead"
         )
-    return "sm90_cluster", (
+    return kernel, (
         f"{rows} rows per segment >= {PROJECTED_SM90_BLOCK_M} fill sm90_cluster's 64-row tiles"
     )
 
@@ -392,13 +422,20 @@ class Record:
 
 _records: dict[str, Record] = {}
 _recorders = threading.local()
+# One Record per (backend, path, kernel), shared (they are frozen): building a frozen dataclass
+# is host time in every call, and a call notes one or two of them.
+_record_of: dict[tuple, Record] = {}
 
 
 def note(
     op: str, backend: str | None, *, path: str | None = None, kernel: str | None = None
 ) -> None:
     """Record that ``op`` just ran on ``backend`` (and ``path``, ``kernel`` where it has them)."""
-    _records[op] = Record(backend, path, kernel)
+    key = (backend, path, kernel)
+    record = _record_of.get(key)
+    if record is None:
+        record = _record_of[key] = Record(backend, path, kernel)
+    _records[op] = record
     for log in getattr(_recorders, "stack", ()):
         log.append((op, backend))
 

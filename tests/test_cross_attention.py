@@ -949,6 +949,21 @@ def test_bad_input_raises_clear_error(call, exc, match):
         call()
 
 
+def test_batched_calls_in_inference_mode_then_training():
+    """Batched calls share their uniform cu_seqlens, kept between calls: those kept by a call under
+    torch.inference_mode (decoding) must serve a later training call of the same shapes, which
+    saves them for the backward (an inference tensor cannot be saved)."""
+    q, k, v = torch.randn(3, 5, 2, 8), torch.randn(3, 7, 2, 8), torch.randn(3, 7, 2, 8)
+    x, w = torch.randn(3, 7, 24), torch.randn(16, 24)
+    with torch.inference_mode():
+        crosslmm_ops.cross_attention(q, k, v)
+        crosslmm_ops.projected_cross_attention(q, x, w, w, path="fused")
+    q = q.clone().requires_grad_()
+    crosslmm_ops.cross_attention(q, k, v).sum().backward()
+    crosslmm_ops.projected_cross_attention(q, x, w, w, path="fused").sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
 def test_torch_back_end_refuses_a_cuda_graph_capture(monkeypatch):
     """The torch back end loops over segments in Python, reading cu_seqlens on the host: inside a
     CUDA graph capture that read cannot happen, and the error says which back ends can."""

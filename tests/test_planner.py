@@ -262,6 +262,64 @@ def test_projected_core_kernel_choice(monkeypatch):
         planner.projected_core_kernel(cuda, 1152, 108)
 
 
+def test_choices_without_reasons_are_the_same(monkeypatch):
+    """The ops ask without reasons (``explain=False``: formatting them is host time of every short
+    call) and must get the very choices :func:`crosslmm_ops.explain` reports."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(_backend, "extension_archs", lambda: ["80", "90a"])
+    monkeypatch.setattr(planner, "_is_sm90", lambda index: True)
+    fwd, bwd = environment.ATTENTION_SM90_VAR, environment.ATTENTION_BWD_SM90_VAR
+    for mode in ("", "0", "1", "packed", "dkdv"):
+        monkeypatch.setenv(fwd, mode if mode != "dkdv" else "")
+        monkeypatch.setenv(bwd, mode if mode != "packed" else "")
+        for head_dim in (64, 128):
+            for max_q in (1, 9, 63, 64, 200):
+                for scale in (0.1, -0.1):
+                    for backward in (False, True):
+                        args = (cuda, head_dim, max_q, scale)
+                        kernel = planner.attention_kernel(*args, backward=backward)[0]
+                        quiet = planner.attention_kernel(*args, backward=backward, explain=False)
+                        assert quiet[0] == kernel, (mode, args, backward)
+    var = environment.PROJECTED_KERNEL_VAR
+    for mode in ("", "sm90_cluster", "mma_sync", "decode"):
+        monkeypatch.setenv(var, mode)
+        for device in (cuda, torch.device("cpu")):
+            for width in (64, 512, 576, 640, 1152, 1160, 2048):
+                for rows in (1, 12, 63, 64, 108):
+                    kernel = planner.projected_core_kernel(device, width, rows)[0]
+                    quiet = planner.projected_core_kernel(device, width, rows, explain=False)[0]
+                    assert quiet == kernel, (mode, device, width, rows)
+    monkeypatch.delenv(environment.BACKEND_VAR, raising=False)
+    oks = (None, (True, ""), (False, "no"), lambda: (False, "no"))
+    for device in (torch.device("cpu"), torch.device("meta")):
+        for backend in (None, "auto", "torch", "triton", "cuda"):
+            for cuda_ok in oks:
+                for triton_ok in oks:
+                    kw = dict(cuda_ok=cuda_ok, triton_ok=triton_ok)
+                    try:
+                        chosen = planner.choose_backend("op", backend, device, **kw)[0]
+                    except RuntimeError as error:
+                        with pytest.raises(RuntimeError, match=re.escape(str(error))):
+                            planner.choose_backend("op", backend, device, explain=False, **kw)
+                        continue
+                    quiet = planner.choose_backend("op", backend, device, explain=False, **kw)
+                    assert quiet[0] == chosen
+                    assert planner.resolve("op", backend, device, **kw) == chosen
+    for path in ("auto", "fused", "materialized"):
+        for costs in ((1.0, 2.0), (2.0, 1.0), (1.0, 1.0)):
+            for fast in (None, (True, ""), (False, "no kernel")):
+                for tracing in (False, True):
+                    kw = dict(
+                        fused_fast=None if fast is None else (lambda fast=fast: fast),
+                        tracing=tracing,
+                    )
+                    chosen = planner.choose_path(path, lambda costs=costs: costs, **kw)[0]
+                    quiet = planner.choose_path(
+                        path, lambda costs=costs: costs, explain=False, **kw
+                    )
+                    assert quiet[0] == chosen
+
+
 # ----------------------------------------------------------------------------------------------
 # Structure: the environment read in one module, the kernel choice an argument of the extension
 # ----------------------------------------------------------------------------------------------

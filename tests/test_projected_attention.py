@@ -1448,3 +1448,39 @@ def test_gpu_torch_compile_fullgraph():
     y = torch.compile(f, fullgraph=True)(**leaves)
     y.backward()
     assert math.isfinite(y.item()) and torch.isfinite(leaves["x"].grad).all()
+
+
+def test_cuda_input_copies_what_the_kernel_cannot_read():
+    """The CUDA core's input check (16-byte moves: channels contiguous, other strides multiples
+    of 8 elements, an aligned base) has a fast path for contiguous tensors; it must copy exactly
+    the tensors the full rule copies. (A contiguous tensor on a misaligned base is not copied by
+    either: ``contiguous()`` returns it as it is.)"""
+
+    def readable(t):
+        return (
+            t.stride(-1) == 1
+            and t.data_ptr() % 16 == 0
+            and all(t.shape[d] <= 1 or t.stride(d) % 8 == 0 for d in range(t.dim() - 1))
+        )
+
+    base = torch.randn(4, 6, 40, dtype=torch.float16)
+    cases = [
+        base,
+        base[:, :, :16],
+        base[:, :, :12],
+        base[:, :, 1:17],
+        base.reshape(-1)[1:161].view(4, 40),
+        base.transpose(0, 1),
+        base[:1],
+        torch.randn(3, 1, dtype=torch.float16),
+        torch.randn(3, 8, dtype=torch.float16),
+        torch.randn(0, 8, dtype=torch.float16),
+        torch.randn(1, 7, dtype=torch.float16),
+        torch.randn(2, 1, 8, dtype=torch.float16).expand(2, 5, 8),
+    ]
+    for t in cases:
+        out = pa._cuda_input(t)
+        # The full rule: t where readable, else t.contiguous() (t itself when contiguous already)
+        kept = readable(t) or t.is_contiguous()
+        assert (out is t) == kept, (t.shape, t.stride())
+        assert torch.equal(out, t) and out.is_contiguous() or kept

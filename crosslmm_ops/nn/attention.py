@@ -675,7 +675,7 @@ class CrossAttention(nn.Module):
         device: torch.device,
     ) -> str:
         """``"fused"`` or ``"materialized"`` for this call (see ``kv_path``)."""
-        return self.path_and_reason(source, memory, queries, dtype, device)[0]
+        return self.path_and_reason(source, memory, queries, dtype, device, explain=False)[0]
 
     def path_and_reason(
         self,
@@ -684,11 +684,12 @@ class CrossAttention(nn.Module):
         queries: Queries,
         dtype: torch.dtype,
         device: torch.device,
+        explain: bool = True,
     ) -> tuple[str, str]:
         """The path of this call (see ``kv_path``) and why, decided by the planner through the
         op's interface (:func:`~crosslmm_ops.ops.projected_attention.plan_path`): the op's cost
         model, ``CROSSLMM_PROJECTED_PATH``, and whether the fused path can stand in for these
-        modules."""
+        modules. ``explain=False``: the reason is ``""``."""
         # Only asked when no path is forced (the reason reads the modules' types and hooks).
         reason = (
             None
@@ -705,6 +706,7 @@ class CrossAttention(nn.Module):
             self.backend,
             unfused_reason=reason,
             tracing=torch.compiler.is_compiling(),
+            explain=explain,
         )
 
     def plan(

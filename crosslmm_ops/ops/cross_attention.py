@@ -22,9 +22,11 @@ Everything about the op lives here, side by side:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from crosslmm_ops import _backend, planner
@@ -114,12 +116,28 @@ def check_inputs(
                     f"{name} is for the packed layout (with cu_seqlens); batched "
                     "input takes its lengths from the shapes"
                 )
-        B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
-        return AttentionLayout(True, B, Hq, Hk, D, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
+        return _batched_layout(q.shape[0], Hq, Hk, D, q.shape[1], k.shape[1])
     batch, _, _, max_q, max_k = validation.packed(
         cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, q.device
     )
     return AttentionLayout(False, batch, Hq, Hk, D, q.shape[0], k.shape[0], max_q, max_k)
+
+
+def _batched_layout(B, Hq, Hk, D, Sq, Sk) -> AttentionLayout:
+    """The layout of batched input, one shared instance per shape (building a frozen dataclass of
+    11 fields is host time in every call), except under torch.compile (whose trace holds no
+    cache) and for symbolic sizes (fake tensors), which cannot be hashed."""
+    if not torch.compiler.is_compiling():
+        try:
+            return _shared_batched_layout(B, Hq, Hk, D, Sq, Sk)
+        except TypeError:  # a SymInt's hash raises it
+            pass
+    return AttentionLayout(True, B, Hq, Hk, D, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_batched_layout(B: int, Hq: int, Hk: int, D: int, Sq: int, Sk: int) -> AttentionLayout:
+    return AttentionLayout(True, B, Hq, Hk, D, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
 
 
 def _check_epilogue(gate, residual, q: torch.Tensor, out_shape: tuple, heads_q: int) -> None:
@@ -157,9 +175,13 @@ def _check_epilogue(gate, residual, q: torch.Tensor, out_shape: tuple, heads_q: 
 
 # Uniform cu_seqlens of batched calls, kept per (batch, seqlen, device, stream): building them is
 # two kernel launches each, a good part of the host time of a short call (decode, T2V) whose GPU
-# time is tens of microseconds. Per stream, so a cached tensor is always written earlier on the
-# stream that reads it. Never cached under compilation (traced) or CUDA graph capture (the tensor
-# would only be written when the graph is replayed). Nothing writes these tensors afterwards.
+# time is tens of microseconds (on the CPU, two operators each: as long as the rest of a short
+# call's checks). Per stream, so a cached tensor is always written earlier on the stream that
+# reads it. Never cached under compilation (traced), CUDA graph capture (the tensor would only be
+# written when the graph is replayed) or a dispatch mode (fake tensors: not real ones to keep).
+# Built outside inference mode: a tensor made in it cannot be saved for backward, and a training
+# call may reuse what a decode step under torch.inference_mode built. Nothing writes these
+# tensors afterwards.
 _UNIFORM_CU_SEQLENS: dict[tuple, torch.Tensor] = {}
 _UNIFORM_CU_SEQLENS_MAX = 64
 
@@ -176,22 +198,25 @@ def uniform_cu_seqlens_pair(batch: int, seqlen_q: int, seqlen_k: int, device: to
     def build(seqlen: int) -> torch.Tensor:
         return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
 
-    if (
-        device.type != "cuda"
-        or torch.compiler.is_compiling()
-        or torch.cuda.is_current_stream_capturing()
-    ):
+    if device.type not in ("cuda", "cpu") or torch.compiler.is_compiling():
         return build(seqlen_q), build(seqlen_k)
-    key = (batch, seqlen_q, seqlen_k, device.index, torch.cuda.current_stream(device).cuda_stream)
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return build(seqlen_q), build(seqlen_k)
+        stream = torch.cuda.current_stream(device).cuda_stream
+    else:
+        stream = None
+    if _get_current_dispatch_mode() is not None:
+        return build(seqlen_q), build(seqlen_k)
+    key = (batch, seqlen_q, seqlen_k, device.type, device.index, stream)
     cached = _UNIFORM_CU_SEQLENS.get(key)
     if cached is None:
         if len(_UNIFORM_CU_SEQLENS) >= _UNIFORM_CU_SEQLENS_MAX:
             _UNIFORM_CU_SEQLENS.clear()
-        cu_q = build(seqlen_q)
-        cached = _UNIFORM_CU_SEQLENS[key] = (
-            cu_q,
-            cu_q if seqlen_k == seqlen_q else build(seqlen_k),
-        )
+        with torch.inference_mode(False):
+            cu_q = build(seqlen_q)
+            cu_k = cu_q if seqlen_k == seqlen_q else build(seqlen_k)
+        cached = _UNIFORM_CU_SEQLENS[key] = (cu_q, cu_k)
     return cached
 
 
@@ -371,7 +396,9 @@ def _forward(backend, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, nu
     lse = _backend.new_output((q.shape[1], q.shape[0]), torch.float32, q.device)
     args = (q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits)
     if backend == "cuda":
-        kernel = planner.attention_kernel(q.device, q.shape[-1], max_seqlen_q, scale)[0]
+        kernel = planner.attention_kernel(
+            q.device, q.shape[-1], max_seqlen_q, scale, explain=False
+        )[0]
         ran = _kernels(backend).attention_forward(*args, kernel)
     else:
         ran = _kernels(backend).attention_forward(*args)
@@ -429,7 +456,9 @@ def _backward(
         deterministic,
     )
     if backend == "cuda":  # dlse is None here (see _backward_backend)
-        kernel = planner.attention_kernel(q.device, q.shape[-1], max_seqlen_q, backward=True)[0]
+        kernel = planner.attention_kernel(
+            q.device, q.shape[-1], max_seqlen_q, backward=True, explain=False
+        )[0]
         ran = _kernels(backend).attention_backward(*args, kernel)
     else:  # only the Triton kernels take dlse
         ran = _kernels(backend).attention_backward(*args, dlse=dlse)
@@ -886,6 +915,38 @@ def cross_attention(
         residual=residual,
         backend=backend,
     )
+    return run(
+        call,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        num_splits=num_splits,
+        return_lse=return_lse,
+        deterministic=deterministic,
+        gate=gate,
+        residual=residual,
+    )
+
+
+def run(
+    call: AttentionCall,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    *,
+    num_splits: int = 0,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    gate: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+):
+    """What :func:`cross_attention` returns for a call whose arguments are checked and whose
+    back end is chosen (``call``, from :func:`prepare` or :func:`call_for`): the materialised
+    path of projected attention checks its own arguments and runs here without a second check."""
     layout = call.layout
     out, lse = _cross_attention_fwd(
         *packed_inputs(layout, q, k, v, cu_seqlens_q, cu_seqlens_k),

@@ -33,6 +33,7 @@ Everything about the op lives here, side by side:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -89,21 +90,16 @@ class ProjectedLayout:
     @classmethod
     def of_batched(cls, batch, heads_q, heads_k, head_dim, width, seqlen_q, seqlen_k):
         """The layout of batched input: ``batch`` sequences of ``seqlen_q`` queries against
-        ``seqlen_k`` tokens each."""
-        return cls(
-            True,
-            batch,
-            heads_q,
-            heads_k,
-            head_dim,
-            width,
-            batch * seqlen_q,
-            batch * seqlen_k,
-            seqlen_q,
-            seqlen_k,
-            seqlen_q,
-            seqlen_k,
-        )
+        ``seqlen_k`` tokens each; one shared instance per shape (building a frozen dataclass of
+        14 fields is host time in every call), except under torch.compile (whose trace holds no
+        cache) and for symbolic sizes (fake tensors), which cannot be hashed."""
+        sizes = (batch, heads_q, heads_k, head_dim, width, seqlen_q, seqlen_k)
+        if torch.compiler.is_compiling():
+            return _batched_layout(cls, *sizes)
+        try:
+            return _shared_batched_layout(cls, *sizes)
+        except TypeError:  # a SymInt's hash raises it
+            return _batched_layout(cls, *sizes)
 
     @property
     def group(self) -> int:
@@ -122,6 +118,26 @@ class ProjectedLayout:
         if self.lens_k is not None:
             return all(n > 0 for n, m in zip(self.lens_k, self.lens_q) if m > 0)
         return None
+
+
+def _batched_layout(cls, batch, heads_q, heads_k, head_dim, width, seqlen_q, seqlen_k):
+    return cls(
+        True,
+        batch,
+        heads_q,
+        heads_k,
+        head_dim,
+        width,
+        batch * seqlen_q,
+        batch * seqlen_k,
+        seqlen_q,
+        seqlen_k,
+        seqlen_q,
+        seqlen_k,
+    )
+
+
+_shared_batched_layout = functools.lru_cache(maxsize=256)(_batched_layout)
 
 
 def _check_vector(name: str, t, size: int, device: torch.device, what: str) -> None:
@@ -149,69 +165,71 @@ def check_inputs(
     norm_eps,
 ) -> ProjectedLayout:
     q, x = validation.tensor("q", q), validation.tensor("x", x)
-    if q.dtype not in _SUPPORTED_DTYPES:
+    dtype, device = q.dtype, q.device
+    if dtype not in _SUPPORTED_DTYPES:
         raise ValueError(
             f"q must be a floating tensor (float16, bfloat16, float32 or float64), "
-            f"got dtype {q.dtype}"
+            f"got dtype {dtype}"
         )
-    if x.dtype != q.dtype:
-        raise ValueError(f"x must have q's dtype {q.dtype}, got {x.dtype}")
-    if x.device != q.device:
-        raise ValueError(f"x must be on q's device {q.device}, got {x.device}")
+    if x.dtype != dtype:
+        raise ValueError(f"x must have q's dtype {dtype}, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"x must be on q's device {device}, got {x.device}")
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError(
             "cu_seqlens_q and cu_seqlens_k must be given together (packed layout) or "
             "both left out (batched layout)"
         )
     packed = cu_seqlens_q is not None
-    q_text, x_text = (
-        ("(total_q, Hq, d)", "(total_k, Dv)") if packed else ("(B, Sq, Hq, d)", "(B, Sk, Dv)")
-    )
-    with_cu = " with cu_seqlens" if packed else ""
-    if q.dim() != (3 if packed else 4):
-        raise ValueError(f"q must have shape {q_text}{with_cu}, got {tuple(q.shape)}")
-    if x.dim() != (2 if packed else 3):
-        raise ValueError(f"x must have shape {x_text}{with_cu}, got {tuple(x.shape)}")
-    Hq, d = q.shape[-2:]
-    Dv = x.shape[-1]
+    q_shape, x_shape = q.shape, x.shape
+    if len(q_shape) != (3 if packed else 4) or len(x_shape) != (2 if packed else 3):
+        q_text, x_text = (
+            ("(total_q, Hq, d)", "(total_k, Dv)") if packed else ("(B, Sq, Hq, d)", "(B, Sk, Dv)")
+        )
+        with_cu = " with cu_seqlens" if packed else ""
+        if len(q_shape) != (3 if packed else 4):
+            raise ValueError(f"q must have shape {q_text}{with_cu}, got {tuple(q_shape)}")
+        raise ValueError(f"x must have shape {x_text}{with_cu}, got {tuple(x_shape)}")
+    Hq, d = q_shape[-2:]
+    Dv = x_shape[-1]
     if Hq == 0 or d == 0 or Dv == 0:
         raise ValueError(
             f"q needs at least one head of width >= 1 and x a width >= 1, got q "
-            f"{tuple(q.shape)}, x {tuple(x.shape)}"
+            f"{tuple(q_shape)}, x {tuple(x_shape)}"
         )
-    w_k = validation.floating("w_k", w_k, q.device)
-    w_v = validation.floating("w_v", w_v, q.device)
-    if w_k.dim() != 2 or w_k.shape[1] != Dv or w_k.shape[0] == 0 or w_k.shape[0] % d != 0:
+    w_k = validation.floating("w_k", w_k, device)
+    w_v = validation.floating("w_v", w_v, device)
+    w_shape = w_k.shape
+    if len(w_shape) != 2 or w_shape[1] != Dv or w_shape[0] == 0 or w_shape[0] % d != 0:
         raise ValueError(
             f"w_k must have shape (Hk * d, Dv) = (Hk * {d}, {Dv}) (nn.Linear.weight), "
-            f"got {tuple(w_k.shape)}"
+            f"got {tuple(w_shape)}"
         )
-    if w_v.shape != w_k.shape:
-        raise ValueError(f"w_v must have w_k's shape {tuple(w_k.shape)}, got {tuple(w_v.shape)}")
-    Hk = w_k.shape[0] // d
+    if w_v.shape != w_shape:
+        raise ValueError(f"w_v must have w_k's shape {tuple(w_shape)}, got {tuple(w_v.shape)}")
+    Hk = w_shape[0] // d
     if Hq % Hk != 0:
         raise ValueError(
             f"the number of query heads ({Hq}) must be a multiple of the number of "
             f"key/value heads (w_k rows / head dim = {Hk})"
         )
-    _check_vector("b_k", b_k, Hk * d, q.device, "Hk * d")
-    _check_vector("b_v", b_v, Hk * d, q.device, "Hk * d")
+    _check_vector("b_k", b_k, Hk * d, device, "Hk * d")
+    _check_vector("b_v", b_v, Hk * d, device, "Hk * d")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    _check_vector("norm_weight", norm_weight, Dv, q.device, "Dv")
-    _check_vector("norm_bias", norm_bias, Dv, q.device, "Dv")
+    _check_vector("norm_weight", norm_weight, Dv, device, "Dv")
+    _check_vector("norm_bias", norm_bias, Dv, device, "Dv")
     validation.eps("norm_eps", norm_eps)
     if not packed:
-        if x.shape[0] != q.shape[0]:
-            raise ValueError(f"x must have q's batch size {q.shape[0]}, got {x.shape[0]}")
+        if x_shape[0] != q_shape[0]:
+            raise ValueError(f"x must have q's batch size {q_shape[0]}, got {x_shape[0]}")
         for name, given in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
             if given is not None:
                 raise ValueError(
                     f"{name} is for the packed layout (with cu_seqlens); batched "
                     "input takes its lengths from the shapes"
                 )
-        B, Sq, Sk = q.shape[0], q.shape[1], x.shape[1]
-        return ProjectedLayout.of_batched(B, Hq, Hk, d, Dv, Sq, Sk)
+        return ProjectedLayout.of_batched(q_shape[0], Hq, Hk, d, Dv, q_shape[1], x_shape[1])
     batch, lens_q, lens_k, max_q, max_k = validation.packed(
         cu_seqlens_q, cu_seqlens_k, q.shape[0], x.shape[0], max_seqlen_q, max_seqlen_k, q.device
     )
@@ -257,11 +275,24 @@ def normalize_tokens(
     x = validation.tensor("x", x)
     if not x.dtype.is_floating_point:
         raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
+    return _normalized(x, norm, eps)
+
+
+def _normalized(x: torch.Tensor, norm: str | None, eps: float) -> torch.Tensor:
+    """:func:`normalize_tokens` of arguments already checked (the op's own call)."""
     if norm is None:
         return x
     if norm == "layernorm":
         return F.layer_norm(x, (x.shape[-1],), eps=eps)
     return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def _cast(t, dtype):
+    """``t.to(dtype)``; ``t`` itself, as ``to`` returns it, when it has that dtype already,
+    without the call (the weights of a bf16 model: host time of every short call)."""
+    if t is None or t.dtype == dtype:
+        return t
+    return t.to(dtype)
 
 
 def _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, dtype, need_b_k: bool = True):
@@ -270,8 +301,12 @@ def _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, dtype, need_b_k: bool = Tr
     with differentiable ops. ``b_k'`` (``None`` without ``b_k`` and ``beta``) is skipped unless
     ``need_b_k``: it only moves the LSE."""
     if norm_weight is None and norm_bias is None:
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        return cast(w_k), cast(w_v), cast(b_k) if need_b_k else None, cast(b_v)
+        return (
+            _cast(w_k, dtype),
+            _cast(w_v, dtype),
+            _cast(b_k, dtype) if need_b_k else None,
+            _cast(b_v, dtype),
+        )
     cdt = accumulation_dtype(dtype)
     wk, wv = w_k.to(cdt), w_v.to(cdt)
     bk = b_k.to(cdt) if b_k is not None and need_b_k else None
@@ -284,8 +319,7 @@ def _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, dtype, need_b_k: bool = Tr
     if norm_weight is not None:
         gamma = norm_weight.to(cdt)
         wk, wv = wk * gamma, wv * gamma
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    return cast(wk), cast(wv), cast(bk), cast(bv)
+    return _cast(wk, dtype), _cast(wv, dtype), _cast(bk, dtype), _cast(bv, dtype)
 
 
 class _ZeroGradFor(torch.autograd.Function):
@@ -410,6 +444,8 @@ def _triton_kernels():
 def _cuda_input(t: torch.Tensor) -> torch.Tensor:
     """The CUDA kernel moves 16 bytes at a time: channels contiguous, other strides multiples of
     8 elements, a 16-byte aligned base; anything else is copied once."""
+    if t.is_contiguous() and t.shape[-1] % 8 == 0 and t.data_ptr() % 16 == 0:
+        return t  # every stride a multiple of the last dim's 8: decided in three cheap calls
     ok = (
         t.stride(-1) == 1
         and t.data_ptr() % 16 == 0
@@ -432,7 +468,7 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
         hk = q.shape[0]
         rows = _rows_view(q)
         kernel, _ = planner.projected_core_kernel(
-            q.device, x.shape[-1], max_seqlen_q * rows.shape[1]
+            q.device, x.shape[-1], max_seqlen_q * rows.shape[1], explain=False
         )
         out, lse = _backend.extension().projected_attention_core_forward(
             _cuda_input(rows),
@@ -904,13 +940,14 @@ def choose_path(layout: ProjectedLayout, dtype: torch.dtype, path: str = "auto")
 
 
 def fused_core_fast(
-    layout: ProjectedLayout, dtype: torch.dtype, device: torch.device, backend
+    layout: ProjectedLayout, dtype: torch.dtype, device: torch.device, backend, cores=None
 ) -> tuple[bool, str]:
     """Whether the fused core can run on the back end this call asks for, and on a GPU on a
     kernel: the cost model assumes kernels on both paths, and the core has limits the
     materialised attention does not (e.g. a token width above 2048) where ``auto`` would fall to
-    the plain-PyTorch reference."""
-    cuda_ok, triton_ok = core_backends(layout, dtype, device)
+    the plain-PyTorch reference. ``cores``: :func:`core_backends` of this call where the caller
+    has them."""
+    cuda_ok, triton_ok = core_backends(layout, dtype, device) if cores is None else cores
     wanted = planner.requested_backend(backend)
     if wanted == "auto":
         if device.type != "cuda" or cuda_ok[0] or triton_ok[0]:
@@ -928,13 +965,16 @@ def plan_path(
     *,
     unfused_reason: str | None = None,
     tracing: bool = False,
+    cores=None,
+    explain: bool = True,
 ) -> tuple[str, str]:
     """``(path, reason)`` of one call, by :func:`crosslmm_ops.planner.choose_path` with this op's
     cost model (:data:`COST_MODEL`, read at each call) and the fused core's limits
     (:func:`fused_core_fast`). The op and the DCAL modules both ask here; the modules add why the
     fused path cannot stand in for theirs (``unfused_reason``) and whether they are traced, and
     pass ``layout`` as a callable (their layout reads query counts, needed only by the cost
-    model)."""
+    model). ``cores``: a callable giving :func:`core_backends` of this call, where the caller
+    needs them too (asked once); ``explain=False``: the reason is ``""``."""
     known = []
 
     def shapes() -> ProjectedLayout:  # ``layout`` may be a callable: built only when needed
@@ -946,8 +986,11 @@ def plan_path(
         path,
         lambda: COST_MODEL.estimate(shapes(), dtype.itemsize),
         unfused_reason=unfused_reason,
-        fused_fast=lambda: fused_core_fast(shapes(), dtype, device, backend),
+        fused_fast=lambda: fused_core_fast(
+            shapes(), dtype, device, backend, None if cores is None else cores()
+        ),
         tracing=tracing,
+        explain=explain,
     )
 
 
@@ -964,6 +1007,12 @@ def attend_materialized(q, k, v, *, attend=cross_attention, **kwargs):
     ``last_backend("projected_cross_attention")`` describe every projected attention, the op's
     and the DCAL modules' (which project K/V themselves, to share or cache them)."""
     result = attend(q, k, v, **kwargs)
+    _note_materialized(q)
+    return result
+
+
+def _note_materialized(q: torch.Tensor) -> None:
+    """Record the cross_attention call that just ran as a materialised projected one."""
     if not (torch.compiler.is_compiling() or q.is_meta):  # meta: no back end ran
         planner.note(
             OP_NAME,
@@ -971,7 +1020,6 @@ def attend_materialized(q, k, v, *, attend=cross_attention, **kwargs):
             path="materialized",
             kernel=planner.last_kernel(attention.OP_NAME),
         )
-    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -995,7 +1043,7 @@ def _fused(q, xhat, wk, wv, bk, bv, layout, scale, cu_q, cu_k, num_splits, backe
     # must have it (a no-op outside autocast).
     o_tilde, lse = _projected_attention_core(
         q_tilde,
-        xhat.to(q_tilde.dtype),
+        _cast(xhat, q_tilde.dtype),
         cu_q,
         cu_k,
         layout.max_seqlen_q,
@@ -1081,7 +1129,7 @@ def projected_cross_attention(
     * ``num_splits``: key splits of the attention (0 = heuristic); ``return_lse``: also return the
       natural-log LSE of the projected scores (``b_k`` included), float32 (float64 for float64).
     """
-    layout, scale, chosen_path, _ = _prepare(
+    layout, scale, chosen_path, _, cores = _prepare(
         q,
         x,
         w_k,
@@ -1101,13 +1149,31 @@ def projected_cross_attention(
         path,
         return_lse,
         backend,
+        explain=False,
     )
-    xhat = normalize_tokens(x, norm, norm_eps)
+    xhat = _normalized(x, norm, norm_eps)  # checked with the other arguments
     if chosen_path == "materialized":
         wk, wv, bk, bv = _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, q.dtype)
         kv_shape = (*x.shape[:-1], layout.heads_k, layout.head_dim)
         k = F.linear(xhat, wk, bk).view(kv_shape)
         v = F.linear(xhat, wv, bv).view(kv_shape)
+        if k.dtype == q.dtype:
+            # Every argument of this cross_attention call was checked above, and its layout is
+            # this call's: run it without checking them again (host time of short calls).
+            # Under autocast k and v can have another dtype: cross_attention says what is wrong.
+            call = attention.call_for(kv_layout(layout), scale, q.dtype, q.device, backend)
+            result = attention.run(
+                call,
+                q,
+                k,
+                v,
+                cu_seqlens_q,
+                cu_seqlens_k,
+                num_splits=num_splits,
+                return_lse=return_lse,
+            )
+            _note_materialized(q)
+            return result
         return attend_materialized(
             q,
             k,
@@ -1121,7 +1187,7 @@ def projected_cross_attention(
             return_lse=return_lse,
             backend=backend,
         )
-    cuda_ok, triton_ok = core_backends(layout, q.dtype, q.device)
+    cuda_ok, triton_ok = cores()
     core_backend = planner.resolve(OP_NAME, backend, q.device, cuda_ok=cuda_ok, triton_ok=triton_ok)
     wk, wv, bk, bv = _fold(w_k, w_v, b_k, b_v, norm_weight, norm_bias, q.dtype, need_b_k=return_lse)
     qp, xp, cu_q, cu_k = _packed(layout, q, xhat, cu_seqlens_q, cu_seqlens_k)
@@ -1159,8 +1225,12 @@ def _prepare(
     path,
     return_lse,
     backend,
+    *,
+    explain: bool = True,
 ):
-    """One call validated, its path chosen: ``(layout, scale, path, reason)``."""
+    """One call validated, its path chosen: ``(layout, scale, path, reason, cores)``, ``cores`` a
+    callable giving :func:`core_backends` of the call (asked once, by whichever needs it first);
+    ``explain=False``: the reason is ``""``."""
     layout = check_inputs(
         q,
         x,
@@ -1179,8 +1249,17 @@ def _prepare(
     )
     scale = validation.softmax_scale(softmax_scale, layout.head_dim)
     _check_flags(num_splits, return_lse)
-    chosen, reason = plan_path(layout, q.dtype, q.device, path, backend)
-    return layout, scale, chosen, reason
+    known = []
+
+    def cores():
+        if not known:
+            known.append(core_backends(layout, q.dtype, q.device))
+        return known[0]
+
+    chosen, reason = plan_path(
+        layout, q.dtype, q.device, path, backend, cores=cores, explain=explain
+    )
+    return layout, scale, chosen, reason, cores
 
 
 def plan(
@@ -1207,7 +1286,7 @@ def plan(
 ) -> planner.Plan:
     """How :func:`projected_cross_attention` would run this call (:func:`crosslmm_ops.explain`):
     the path, then the back end and kernel of that path."""
-    layout, scale, chosen, reason = _prepare(
+    layout, scale, chosen, reason, _ = _prepare(
         q,
         x,
         w_k,
@@ -1244,20 +1323,8 @@ def plan_layout(
     """The plan of a call whose path is chosen (``reason``: why): the back end and kernel of
     that path (the op's and the DCAL modules' plans)."""
     if path == "materialized":
-        kv_layout = attention.AttentionLayout(
-            layout.batched,
-            layout.batch,
-            layout.heads_q,
-            layout.heads_k,
-            layout.head_dim,
-            layout.total_q,
-            layout.total_k,
-            layout.max_seqlen_q,
-            layout.max_seqlen_k,
-            layout.seqlen_q,
-            layout.seqlen_k,
-        )
-        inner = attention.call_for(kv_layout, scale, dtype, device, backend, op).plan(op, device)
+        inner = attention.call_for(kv_layout(layout), scale, dtype, device, backend, op)
+        inner = inner.plan(op, device)
         return dataclasses.replace(inner, path=path, reasons=(f"path: {reason}",) + inner.reasons)
     cuda_ok, triton_ok = core_backends(layout, dtype, device)
     core, why = planner.choose_backend(op, backend, device, cuda_ok=cuda_ok, triton_ok=triton_ok)
@@ -1269,6 +1336,24 @@ def plan_layout(
     else:
         kernel = {"triton": "triton", "torch": "reference"}[core]
     return planner.Plan(op, core, path, kernel, reasons)
+
+
+def kv_layout(layout: ProjectedLayout) -> attention.AttentionLayout:
+    """The layout of the materialised path's cross_attention call: the same queries against K
+    and V of ``layout.heads_k`` heads of ``layout.head_dim``, one key per token of ``x``."""
+    return attention.AttentionLayout(
+        layout.batched,
+        layout.batch,
+        layout.heads_q,
+        layout.heads_k,
+        layout.head_dim,
+        layout.total_q,
+        layout.total_k,
+        layout.max_seqlen_q,
+        layout.max_seqlen_k,
+        layout.seqlen_q,
+        layout.seqlen_k,
+    )
 
 
 planner.register(OP_NAME, projected_cross_attention, plan)

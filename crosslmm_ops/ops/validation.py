@@ -58,6 +58,8 @@ def softmax_scale(value, head_dim: int) -> float:
     """``value`` as a float, ``1 / sqrt(head_dim)`` when ``None``."""
     if value is None:
         return 1.0 / math.sqrt(head_dim)
+    if type(value) is float and math.isfinite(value):
+        return value  # the common case, without the numbers.Real check (host time)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"softmax_scale must be a finite number, got {value!r}")
     return float(value)
@@ -65,6 +67,8 @@ def softmax_scale(value, head_dim: int) -> float:
 
 def eps(name: str, value) -> None:
     """A norm's epsilon: NaN, infinite or negative would turn every token's statistics to NaN."""
+    if type(value) is float and math.isfinite(value) and value >= 0:
+        return  # the common case, without the numbers.Real check (host time)
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
