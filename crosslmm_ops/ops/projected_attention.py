@@ -870,10 +870,10 @@ class CostModel:
       ``x`` is a (T*729) x 1152 x (2*Hk*d) GEMM, as large);
     * ``attention_tflops`` 300: materialised attention on CrossLMM's shapes (SDPA flash
       250-310, cuDNN up to 557, our kernels 126-345 TFLOP/s);
-    * ``fused_tflops`` 90: the fused core's CUDA kernel as measured on an H100 (bf16,
-      benchmarks/results/projected_attention_h100.json): 82-92 TFLOP/s on frame-local V2V, 112-125
-      on 128-query T2V prefill. Its 16/32-row tiles re-read each frame's keys from L2 and split
-      the Dv reduction across warps, far from cuBLAS's rate;
+    * ``fused_tflops`` 90: the rate that predicts the whole fused call on an H100 (bf16). The
+      Hopper core (``sm90_cluster``) alone runs frame-local V2V at 141 TFLOP/s, but the call
+      adds the q~ and output GEMMs through memory, the combine and the bias (about 0.28 ms at
+      256 frames); fits of the measured grid (benchmarks/projected_paths.py) keep 90;
     * ``bandwidth_tbs`` 2.8: 93% of the measured device copy (2.97-3.02 TB/s).
 
     Per key, the fused core costs ``4 * Dv * Hq * Lq_seg`` FLOPs (``Lq_seg`` queries per key
@@ -891,8 +891,9 @@ class CostModel:
     T2V prefill, 128 queries      14.7        0.80 / 2.4       materialised
     ============================  ==========  ===============  =========
 
-    Measured at T = 256 (H100): frame-local V2V fused 1.19 ms against cuBLAS projection + SDPA
-    cuDNN 0.70 ms (Hk = 2) and 2.41 ms (Hk = 12), so the model's choices are the faster ones.
+    Measured at T = 256 (H100, benchmarks/results/projected_paths_h100.json): frame-local V2V
+    fused 0.97 ms against the materialised path's 0.47 ms (Hk = 2) and 2.19 ms (Hk = 12), so the
+    model's choices are the faster ones.
     Frame-local V2V with 2 KV heads stays materialised: the fused core does 93 GFLOP against the
     projections' 220 but at a fraction of cuBLAS's rate; with 12 KV heads the
     projections cost 1.3 TFLOP and the fused path wins 2x.
