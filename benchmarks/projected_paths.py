@@ -4,7 +4,9 @@ CrossLMM shapes, and which cost-model rates would choose best on this GPU (issue
 Per case, the public op on both paths (``path="fused"``: the projection-fused core;
 ``path="materialized"``: cuBLAS projections of ``x`` into K and V, then our attention), then
 ``path="auto"``: the path it took (``crosslmm_ops.last_path``), and its *regret*, the time of the
-path auto took over the better path's, minus 1 (the target: at most 5%). CrossLMM-2B's widths
+path auto took over the better path's, minus 1 (the target: at most 5%); each path also replayed
+from a CUDA graph (``gpu_ms``, ``regret_gpu``: GPU time without the host's, which decides where
+both calls are host-bound, as a captured decode step runs). CrossLMM-2B's widths
 (Dv 1152, 12 query heads of 128), bf16, the CUDA back end, random inputs:
 
 * ``frame-local``: 9 pooled queries per frame against the frame's 729 tokens (V2V per frame);
@@ -109,6 +111,7 @@ def cases(quick: bool):
 
 def measure(kind: str, frames: int, hk: int, batch: int, lq: int, lk: int) -> dict:
     import triton
+    from conftest import graph_ms  # benchmarks/ is on sys.path (main)
 
     import crosslmm_ops
 
@@ -141,10 +144,21 @@ def measure(kind: str, frames: int, hk: int, batch: int, lq: int, lk: int) -> di
                     triton.testing.do_bench(lambda p=path: call(p), warmup=10, rep=40)
                 )
         row["ms"] = {path: round(statistics.median(t), 5) for path, t in times.items()}
+        # GPU time alone (each call replayed from a CUDA graph): where both paths are host-bound,
+        # the wall times above measure the host, and this says which path the GPU prefers (the
+        # one a captured decode step runs).
+        row["gpu_ms"] = {}
+        for path in times:
+            try:
+                row["gpu_ms"][path] = round(graph_ms(lambda p=path: call(p), rep_ms=40), 5)
+            except Exception as exc:  # noqa: BLE001 - a path that cannot be captured
+                row.setdefault("gpu_skipped", {})[path] = f"{type(exc).__name__}: {exc}"[:160]
     fused_ms, mat_ms = pa.COST_MODEL.estimate(layout_of(batch, lq, lk, hk))
     row["model_ms"] = {"fused": round(fused_ms, 5), "materialized": round(mat_ms, 5)}
     best = min(row["ms"].values())
     row["regret"] = round(row["ms"][row["auto"]] / best - 1.0, 4)
+    if len(row["gpu_ms"]) == 2:
+        row["regret_gpu"] = round(row["gpu_ms"][row["auto"]] / min(row["gpu_ms"].values()) - 1, 4)
     return row
 
 
@@ -197,10 +211,17 @@ def main(argv=None) -> int:
         row = measure(kind, frames, hk, batch, lq, lk)
         rows.append(row)
         torch.cuda.empty_cache()
+        gpu_ms = row["gpu_ms"]
+        on_gpu = (
+            f"  GPU time fused {gpu_ms['fused']:.4f} materialized {gpu_ms['materialized']:.4f} "
+            f"regret {row['regret_gpu']:.1%}"
+            if "regret_gpu" in row
+            else f"  GPU time: {row.get('gpu_skipped')}"
+        )
         print(
             f"{kind:12s} T={frames:<5d} Hk={hk:<3d} fused {row['ms']['fused']:.4f} "
             f"materialized {row['ms']['materialized']:.4f} ms  auto -> {row['auto']:12s} "
-            f"regret {row['regret']:.1%}",
+            f"regret {row['regret']:.1%}{on_gpu}",
             flush=True,
         )
     fitted = report_fit(rows)
