@@ -32,8 +32,8 @@ def pytest_collection_modifyitems(config, items):
 
 def warm_up_gpu(ms: float = 500.0) -> None:
     """Keep the GPU busy with bf16 matmuls for about ``ms``: a GPU left idle (a machine just
-    started, a JIT compile, host-side setup) runs at low clocks for a while, and the first cases
-    timed after that came out up to 2x slow."""
+    started, a JIT compile, host-side setup) runs at low clocks for a while, which would slow the
+    first cases timed after it."""
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
     start = time.perf_counter()
