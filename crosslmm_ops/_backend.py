@@ -152,6 +152,29 @@ def kernel_index(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# Shared instances of per-shape objects
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=512)
+def _shared(build, args: tuple):
+    return build(*args)
+
+
+def shared_instance(build, *args):
+    """``build(*args)``, one shared instance per ``(build, args)``: building a frozen layout
+    dataclass is host time in every short call. Built anew under torch.compile (its trace holds
+    no cache) and for symbolic sizes (fake tensors), which cannot be hashed. ``build`` must
+    return an immutable object."""
+    if torch.compiler.is_compiling():
+        return build(*args)
+    try:
+        return _shared(build, args)
+    except TypeError:  # a SymInt's hash raises it
+        return build(*args)
+
+
+# ----------------------------------------------------------------------------------------------
 # Eager calls without torch.library's Python dispatch
 # ----------------------------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ Everything about the op lives here, side by side:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import torch
@@ -116,7 +115,9 @@ def check_inputs(
                     f"{name} is for the packed layout (with cu_seqlens); batched "
                     "input takes its lengths from the shapes"
                 )
-        return _batched_layout(q.shape[0], Hq, Hk, D, q.shape[1], k.shape[1])
+        return _backend.shared_instance(
+            _batched_layout, q.shape[0], Hq, Hk, D, q.shape[1], k.shape[1]
+        )
     batch, _, _, max_q, max_k = validation.packed(
         cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, q.device
     )
@@ -124,19 +125,7 @@ def check_inputs(
 
 
 def _batched_layout(B, Hq, Hk, D, Sq, Sk) -> AttentionLayout:
-    """The layout of batched input, one shared instance per shape (building a frozen dataclass of
-    11 fields is host time in every call), except under torch.compile (whose trace holds no
-    cache) and for symbolic sizes (fake tensors), which cannot be hashed."""
-    if not torch.compiler.is_compiling():
-        try:
-            return _shared_batched_layout(B, Hq, Hk, D, Sq, Sk)
-        except TypeError:  # a SymInt's hash raises it
-            pass
-    return AttentionLayout(True, B, Hq, Hk, D, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
-
-
-@functools.lru_cache(maxsize=256)
-def _shared_batched_layout(B: int, Hq: int, Hk: int, D: int, Sq: int, Sk: int) -> AttentionLayout:
+    """The layout of batched input (shared per shape: see ``_backend.shared_instance``)."""
     return AttentionLayout(True, B, Hq, Hk, D, B * Sq, B * Sk, Sq, Sk, Sq, Sk)
 
 

@@ -33,7 +33,6 @@ Everything about the op lives here, side by side:
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -90,16 +89,10 @@ class ProjectedLayout:
     @classmethod
     def of_batched(cls, batch, heads_q, heads_k, head_dim, width, seqlen_q, seqlen_k):
         """The layout of batched input: ``batch`` sequences of ``seqlen_q`` queries against
-        ``seqlen_k`` tokens each; one shared instance per shape (building a frozen dataclass of
-        14 fields is host time in every call), except under torch.compile (whose trace holds no
-        cache) and for symbolic sizes (fake tensors), which cannot be hashed."""
-        sizes = (batch, heads_q, heads_k, head_dim, width, seqlen_q, seqlen_k)
-        if torch.compiler.is_compiling():
-            return _batched_layout(cls, *sizes)
-        try:
-            return _shared_batched_layout(cls, *sizes)
-        except TypeError:  # a SymInt's hash raises it
-            return _batched_layout(cls, *sizes)
+        ``seqlen_k`` tokens each; one shared instance per shape (``_backend.shared_instance``)."""
+        return _backend.shared_instance(
+            _batched_layout, cls, batch, heads_q, heads_k, head_dim, width, seqlen_q, seqlen_k
+        )
 
     @property
     def group(self) -> int:
@@ -135,9 +128,6 @@ def _batched_layout(cls, batch, heads_q, heads_k, head_dim, width, seqlen_q, seq
         seqlen_q,
         seqlen_k,
     )
-
-
-_shared_batched_layout = functools.lru_cache(maxsize=256)(_batched_layout)
 
 
 def _check_vector(name: str, t, size: int, device: torch.device, what: str) -> None:
