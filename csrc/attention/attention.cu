@@ -120,16 +120,6 @@ void check_no_self_overlap(const char* op, const char* name, const at::Tensor& t
               " and strides ", t.strides());
 }
 
-void check_cu_seqlens(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), op, ": ", name, " must be on ", q.device(),
-              " like q, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must have dtype int32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.numel() >= 1, op, ": ", name,
-              " must be 1-D with batch + 1 entries, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
 void check_lse(const char* op, const at::Tensor& lse, const at::Tensor& q) {
   TORCH_CHECK(lse.is_cuda() && lse.device() == q.device(), op, ": lse must be on ", q.device(),
               " like q, got ", lse.device());

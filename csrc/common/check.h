@@ -49,4 +49,17 @@ inline bool device_is_sm90(int device) {
   return major == 9 && minor == 0;
 }
 
+// cu_seqlens_q / cu_seqlens_k of a packed call (`name`) of op `op`: int32, 1-D with batch + 1
+// entries, contiguous, on q's device.
+inline void check_cu_seqlens(const char* op, const char* name, const at::Tensor& t,
+                             const at::Tensor& q) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), op, ": ", name, " must be on ", q.device(),
+              " like q, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must have dtype int32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.numel() >= 1, op, ": ", name,
+              " must be 1-D with batch + 1 entries, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
 }  // namespace crosslmm

@@ -73,17 +73,6 @@ inline at::Tensor readable_16_byte(const at::Tensor& t) {
   return loads_16_byte_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-inline void check_cu_seqlens(const char* op, const char* name, const at::Tensor& t,
-                             const at::Tensor& q) {
-  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), op, ": ", name, " must be on ", q.device(),
-              " like q, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must have dtype int32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.numel() >= 1, op, ": ", name,
-              " must be 1-D with batch + 1 entries, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
 // The checks both entry points make of q [total_q, H, Dv], x [total_k, Dv], the segments and the
 // scalars (each error names the argument and `op`).
 inline void check_core_inputs(const char* op, const at::Tensor& q, const at::Tensor& x,
