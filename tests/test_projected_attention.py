@@ -1379,6 +1379,30 @@ def test_per_head_matmul_matches_float64(heads, call):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [2, 9], ids=["regrouped", "expanded"])
+@pytest.mark.parametrize("heads", HEAD_GROUPS, ids=head_ids)
+def test_per_head_projection_both_forms(heads, tokens, monkeypatch):
+    """Both forms of ``_per_head_projection`` (regrouped rows below ``a b / (a + b)`` tokens,
+    expanded weights above: 2.4 here) give ``y[t, h] = x[t, h] @ w[h // G]`` token-major, values
+    and gradients against float64; the form taken is the one the size rule names."""
+    hk, group = heads
+    x = non_contiguous(torch.randn(tokens, hk * group, 4), dim=0).requires_grad_(True)
+    w = torch.randn(hk, 4, 6, requires_grad=True)
+    expanded = []
+    per_query_head = pa._per_query_head
+    monkeypatch.setattr(pa, "_per_query_head", lambda *a: expanded.append(1) or per_query_head(*a))
+    y = pa._per_head_projection(x, w, group)
+    assert bool(expanded) == (tokens == 9 or hk == 1 or group == 1)
+    x64, w64 = (t.detach().double().requires_grad_(True) for t in (x, w))
+    expected = torch.einsum("thk,hkm->thm", x64, w64.repeat_interleave(group, dim=0))
+    assert y.shape == (tokens, hk * group, 6) and y.is_contiguous()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(expected)
+    actual = torch.autograd.grad(y, [x, w], g.float())
+    for a, e in zip(actual, torch.autograd.grad(expected, [x64, w64], g)):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
+
+
 def test_per_head_matmul_opcheck_and_flops():
     from torch.utils.flop_counter import FlopCounterMode
 

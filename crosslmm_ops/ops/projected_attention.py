@@ -1108,6 +1108,27 @@ def _per_query_head(w: torch.Tensor, group: int) -> torch.Tensor:
     return w.unsqueeze(1).expand(hk, group, a, b).reshape(hk * group, a, b)
 
 
+def _per_head_projection(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
+    """``y (T, Hq, b)``, ``y[t, h] = x[t, h] @ w[h // G]``, token-major, for ``x (T, Hq, a)`` and
+    per-kv-head ``w (Hk, a, b)``. Two forms of the same function; each copies something when
+    ``1 < Hk < Hq``, and the smaller copy wins:
+
+    * weights expanded per query head, then one GEMM that writes ``y`` in place: copies
+      ``Hq * a * b`` weight elements (a view when ``Hk`` or ``G`` is 1);
+    * one GEMM per kv head on the rows regrouped by kv head: copies ``x`` in and ``y`` out,
+      ``T * Hq * (a + b)`` elements.
+
+    For q~ and the output (a, b = d, Dv or Dv, d) the expansion wins from ``T > a b / (a + b)``
+    (115 tokens at d = 128, Dv = 1152): prefill expands, a decode step regroups."""
+    hk, a, b = w.shape
+    tokens, hq, _ = x.shape
+    if hk == 1 or group == 1 or a * b <= tokens * (a + b):
+        return _per_head_matmul(x, _per_query_head(w, group))
+    rows = x.reshape(tokens, hk, group, a).transpose(0, 1).reshape(hk, tokens * group, a)
+    y = torch.bmm(rows, w)
+    return y.view(hk, tokens, group, b).transpose(0, 1).reshape(tokens, hq, b)
+
+
 def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a matmul of ``t`` runs in: autocast's where it is on for ``t``'s device (float64
     is not cast), else ``t``'s."""
@@ -1127,10 +1148,9 @@ def _fused(q, xhat, wk, wv, bk, bv, layout, scale, cu_q, cu_k, num_splits, backe
     # The projections are matmuls: under autocast they run in its dtype, as nn.Linear does, and
     # the core then multiplies q~ with x in that dtype (a no-op outside autocast).
     dtype = _matmul_dtype(q)
-    # q~ = Wk_h^T q_h, one GEMM per query head written token-major: rows [total_q, Hq, Dv], which
-    # the core reads as grouped [Hk, total_q, G, Dv] without a copy.
-    wk_heads = _per_query_head(_cast(wk, dtype).reshape(hk, d, dv), group)
-    q_tilde = _per_head_matmul(_cast(q, dtype), wk_heads)
+    # q~ = Wk_h^T q_h, token-major: rows [total_q, Hq, Dv], which the core reads as grouped [Hk,
+    # total_q, G, Dv] without a copy.
+    q_tilde = _per_head_projection(_cast(q, dtype), _cast(wk, dtype).reshape(hk, d, dv), group)
     o_tilde, lse = _projected_attention_core(
         _grouped(q_tilde, hk),
         _cast(xhat, dtype),
@@ -1142,9 +1162,9 @@ def _fused(q, xhat, wk, wv, bk, bv, layout, scale, cu_q, cu_k, num_splits, backe
         num_splits,
         backend,
     )
-    # out = Wv_h o~ per query head, written token-major: the op's (total_q, Hq, d).
-    wv_heads = _per_query_head(_cast(wv, dtype).reshape(hk, d, dv).transpose(1, 2), group)
-    out = _per_head_matmul(_rows_view(o_tilde), wv_heads)
+    # out = Wv_h o~, token-major: the op's (total_q, Hq, d).
+    wv_t = _cast(wv, dtype).reshape(hk, d, dv).transpose(1, 2)
+    out = _per_head_projection(_rows_view(o_tilde), wv_t, group)
     if bv is not None:
         bias = bv.view(hk, 1, d)
         if not layout.every_segment_has_keys():
