@@ -39,6 +39,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils.flop_counter import register_flop_formula
 
 from crosslmm_ops import _backend, environment, planner
@@ -1119,10 +1120,11 @@ def _per_head_projection(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.
       ``T * Hq * (a + b)`` elements.
 
     For q~ and the output (a, b = d, Dv or Dv, d) the expansion wins from ``T > a b / (a + b)``
-    (115 tokens at d = 128, Dv = 1152): prefill expands, a decode step regroups."""
+    (115 tokens at d = 128, Dv = 1152): prefill expands, a decode step regroups. A token count
+    unknown while tracing (torch.compile, data-dependent) expands."""
     hk, a, b = w.shape
     tokens, hq, _ = x.shape
-    if hk == 1 or group == 1 or a * b <= tokens * (a + b):
+    if hk == 1 or group == 1 or not guard_or_false(tokens * (a + b) < a * b):
         return _per_head_matmul(x, _per_query_head(w, group))
     rows = x.reshape(tokens, hk, group, a).transpose(0, 1).reshape(hk, tokens * group, a)
     y = torch.bmm(rows, w)
