@@ -144,6 +144,17 @@ def triton_dot_dtype_ok(dtype: torch.dtype) -> tuple[bool, str]:
     return True, ""
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on ``device``'s type where it is on there, else
+    ``None`` (also for device types without autocast)."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (TypeError, RuntimeError):  # device types without autocast
+        pass
+    return None
+
+
 def kernel_index(t: torch.Tensor) -> torch.Tensor:
     """An index tensor (``cu_seqlens``) as a kernel reads it: contiguous. Kernels index its
     storage directly, without strides, so a strided view holding valid values (as validation

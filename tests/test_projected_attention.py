@@ -1320,6 +1320,236 @@ def test_torch_compile_fullgraph():
     assert all(v.grad is not None for v in leaves.values())
 
 
+def test_torch_compile_inductor_cpu():
+    """Inductor checks every custom op's outputs against its fake kernel's sizes and strides
+    (assert_tensor_metadata in the generated code) and passes q~, o~ and their gradients between
+    the per-head GEMMs and the core as views: the fused path compiled equals it eager."""
+    t, packed = problem(lens=([3, 0, 4], [5, 6, 2]), hq=6, hk=2, d=8, dv=16)
+    leaves = {n: v.requires_grad_(True) for n, v in t.items()}
+
+    def f(**ts):
+        out, lse = projected_cross_attention(
+            **ts,
+            **packed,
+            max_seqlen_q=4,
+            max_seqlen_k=6,
+            norm="layernorm",
+            path="fused",
+            return_lse=True,
+            backend="torch",
+        )
+        return out.square().sum() + lse.where(torch.isfinite(lse), 0).sum()
+
+    y = torch.compile(f, fullgraph=True)(**leaves)
+    grads = torch.autograd.grad(y, list(leaves.values()))
+    y_eager = f(**leaves)
+    torch.testing.assert_close(y, y_eager)
+    for a, e in zip(grads, torch.autograd.grad(y_eager, list(leaves.values()))):
+        torch.testing.assert_close(a, e)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token-major storage: the per-head projections and the core's output strides
+# ----------------------------------------------------------------------------------------------
+
+HEAD_GROUPS = [(2, 1), (2, 3), (1, 4)]  # (Hk, G): G = 1, 1 < Hk < Hq, Hk = 1
+head_ids = lambda c: f"hk{c[0]}-g{c[1]}"  # noqa: E731
+
+
+@pytest.mark.parametrize("call", ["eager", "custom-op"])
+@pytest.mark.parametrize("heads", HEAD_GROUPS, ids=head_ids)
+def test_per_head_matmul_matches_float64(heads, call):
+    """``y[t, h] = x[t, h] @ w[h]`` and its gradients against einsum in float64, for strided
+    ``x`` and weights per kv head expanded per query head (``w`` transposed, as the output
+    projection's); ``y`` comes out token-major (contiguous ``[T, H, m]``)."""
+    hk, group = heads
+    x = non_contiguous(torch.randn(7, hk * group, 5), dim=0).requires_grad_(True)
+    w_kv = torch.randn(hk, 6, 5).transpose(1, 2).requires_grad_(True)  # [Hk, 5, 6], strided
+    matmul = pa._per_head_matmul if call == "eager" else pa._per_head_matmul_op
+    y = matmul(x, pa._per_query_head(w_kv, group))
+    x64, w64 = (t.detach().double().requires_grad_(True) for t in (x, w_kv))
+    w64_heads = w64.repeat_interleave(group, dim=0)  # query head h reads kv head h // G
+    expected = torch.einsum("thk,hkm->thm", x64, w64_heads)
+    assert y.shape == (7, hk * group, 6) and y.is_contiguous()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn(6, 7, hk * group).permute(1, 2, 0)  # a strided output gradient
+    actual = torch.autograd.grad(y, [x, w_kv], g)
+    wanted = torch.autograd.grad(expected, [x64, w64], g.double())
+    for a, e in zip(actual, wanted):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [2, 9], ids=["regrouped", "expanded"])
+@pytest.mark.parametrize("heads", HEAD_GROUPS, ids=head_ids)
+def test_per_head_projection_both_forms(heads, tokens, monkeypatch):
+    """Both forms of ``_per_head_projection`` (regrouped rows below ``a b / (a + b)`` tokens,
+    expanded weights above: 2.4 here) give ``y[t, h] = x[t, h] @ w[h // G]`` token-major, values
+    and gradients against float64; the form taken is the one the size rule names."""
+    hk, group = heads
+    x = non_contiguous(torch.randn(tokens, hk * group, 4), dim=0).requires_grad_(True)
+    w = torch.randn(hk, 4, 6, requires_grad=True)
+    expanded = []
+    per_query_head = pa._per_query_head
+    monkeypatch.setattr(pa, "_per_query_head", lambda *a: expanded.append(1) or per_query_head(*a))
+    y = pa._per_head_projection(x, w, group)
+    assert bool(expanded) == (tokens == 9 or hk == 1 or group == 1)
+    x64, w64 = (t.detach().double().requires_grad_(True) for t in (x, w))
+    expected = torch.einsum("thk,hkm->thm", x64, w64.repeat_interleave(group, dim=0))
+    assert y.shape == (tokens, hk * group, 6) and y.is_contiguous()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(expected)
+    actual = torch.autograd.grad(y, [x, w], g.float())
+    for a, e in zip(actual, torch.autograd.grad(expected, [x64, w64], g)):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_per_head_matmul_opcheck_and_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(5, 6, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(pa._per_head_matmul_op, (x, w))
+    assert torch.autograd.gradcheck(pa._per_head_matmul_op, (x, w))
+    with FlopCounterMode(display=False) as counter:
+        pa._per_head_matmul(x, w).sum().backward()
+    assert counter.get_total_flops() == 3 * 2 * 5 * 6 * 4 * 3  # y, dx, dw: one GEMM's each
+
+
+def significant_strides(t: torch.Tensor):
+    """The strides that address memory: of dims longer than 1 (none for an empty tensor)."""
+    return tuple(s if n > 1 else None for s, n in zip(t.stride(), t.shape)) if t.numel() else ()
+
+
+def token_major(t: torch.Tensor) -> bool:
+    return t.permute(1, 0, 2, 3).is_contiguous()
+
+
+@pytest.mark.parametrize("q_layout", ["token-major", "grouped-contiguous"])
+@pytest.mark.parametrize("heads", HEAD_GROUPS + [(3, 1), (1, 1)], ids=head_ids)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_core_outputs_token_major_as_the_fake(backend, heads, q_layout):
+    """Every back end returns out and dq with the fake kernels' strides (torch.compile plans
+    with the fake's), token-major whatever q's strides; dx and lse contiguous as in the fake."""
+    if backend == "triton" and not triton_cpu():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    hk, group = heads
+    lens = ([3, 0, 4], [5, 6, 0])
+    tq = sum(lens[0])
+    if q_layout == "token-major":
+        q = torch.randn(tq, hk, group, 16).permute(1, 0, 2, 3)
+    else:
+        q = torch.randn(hk, tq, group, 16)
+    x = torch.randn(sum(lens[1]), 16)
+    args = (q, x, cu_seqlens(lens[0]), cu_seqlens(lens[1]), 4, 6, 0.3, 2, backend)
+    out, lse = pa._projected_attention_core_op(*args)
+    dq, dx = pa._projected_attention_core_backward_op(
+        out.clone(), lse.clone(), q, x, out, lse, *args[2:]
+    )
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        f_out, f_lse = pa._projected_attention_core_op(*fake)
+        f_q = fake[0]
+        f_dq, f_dx = pa._projected_attention_core_backward_op(
+            f_out, f_lse, f_q, fake[1], f_out, f_lse, *fake[2:]
+        )
+    assert crosslmm_ops.last_backend(CORE) == backend
+    assert token_major(out) and token_major(dq) and token_major(f_out) and token_major(f_dq)
+    for real, faked in ((out, f_out), (lse, f_lse), (dq, f_dq), (dx, f_dx)):
+        assert real.shape == faked.shape and real.dtype == faked.dtype
+        assert significant_strides(real) == significant_strides(faked)
+    assert out.stride() == f_out.stride() and dq.stride() == f_dq.stride()
+
+
+class _RowsExtension:
+    """A stand-in for ``crosslmm_ops._C`` on the CPU: the CUDA binding's contract (rows
+    ``[total_q, Hq, Dv]`` in and out, contiguous results) computed by the reference, recording
+    every tensor it is handed and returns."""
+
+    def __init__(self):
+        self.forward_in, self.forward_out, self.backward_in, self.backward_out = [], [], [], []
+
+    def cuda_archs(self):
+        return ""
+
+    def projected_attention_core_forward_kernel_name(self):
+        return "rows-stand-in"
+
+    def projected_attention_core_forward(self, q, x, cu_q, cu_k, mq, mk, scale, splits, kernel):
+        self.forward_in.append(q)
+        out, lse = pa._core_reference_forward(q.unsqueeze(0), x, cu_q, cu_k, scale, q.dtype)
+        out = out[0].clone()
+        self.forward_out.append(out)
+        return out, lse.float()
+
+    def projected_attention_core_backward(
+        self, dout, q, x, out, lse, cu_q, cu_k, mq, mk, scale, splits, dlse=None
+    ):
+        self.backward_in.append((dout, q, out))
+        dq, dx = pa._core_reference_backward(
+            dout.unsqueeze(0), dlse, q.unsqueeze(0), x, out.unsqueeze(0), lse, cu_q, cu_k, scale
+        )
+        dq = dq[0].clone()
+        self.backward_out.append(dq)
+        return dq, dx
+
+
+@pytest.mark.parametrize("heads", HEAD_GROUPS + [(3, 1)], ids=head_ids)
+def test_cuda_branch_moves_q_tilde_and_o_tilde_without_copies(heads, monkeypatch):
+    """The CUDA core's binding reads and writes rows ``[total_q, Hq, Dv]``; the fused path's
+    q~, o~ (forward) and dout~, dq~ (backward) are in that storage already: the binding gets
+    the per-head GEMMs' own tensors and its results reach the next GEMM as views. Checked on
+    the CPU with a stand-in binding, values against the torch back end."""
+    hk, group = heads
+    _backend.extension_archs()  # cached before the stand-in replaces the extension
+    ext = _RowsExtension()
+    t, packed = problem(lens=([3, 0, 4], [5, 6, 2]), hq=hk * group, hk=hk, d=8, dv=16)
+    t = {n: t[n].requires_grad_(True) for n in ("q", "x", "w_k", "w_v", "b_v")}
+    given = (t["q"], t["x"], t["w_k"], t["w_v"], None, t["b_v"])  # no norm, no b_k
+    layout = pa.check_inputs(*given, *packed.values(), None, None, None, None, None, 1e-6)
+    grad = torch.randn(layout.total_q, layout.heads_q, layout.head_dim)
+
+    def run(backend):
+        out, _ = pa._fused(*given, layout, 0.3, *packed.values(), 0, backend)
+        return [out, *torch.autograd.grad(out, list(t.values()), grad)]
+
+    expected = run("torch")
+    gemms, rows_views = [], []  # (x, y) of every per-head GEMM, in order; (q, rows)
+    differentiable, matmul, rows_view = pa._per_head_matmul, pa._per_head_matmul_impl, pa._rows_view
+
+    def spy(function):
+        def call(x, w):
+            gemms.append((x, function(x, w)))
+            return gemms[-1][1]
+
+        return call
+
+    def spy_rows_view(q):
+        rows_views.append((q, rows_view(q)))
+        return rows_views[-1][1]
+
+    monkeypatch.setattr(_backend, "extension", lambda: ext)
+    monkeypatch.setattr(pa, "_per_head_matmul", spy(differentiable))  # the forward's GEMMs
+    monkeypatch.setattr(pa, "_per_head_matmul_impl", spy(matmul))  # the backward's dx GEMMs
+    monkeypatch.setattr(pa, "_rows_view", spy_rows_view)
+    actual = run("cuda")
+    assert crosslmm_ops.last_backend(CORE) == "cuda"
+    assert crosslmm_ops.last_backend(CORE + "_backward") == "cuda"
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+    for q, rows in rows_views:
+        assert rows.data_ptr() == q.data_ptr() and rows.is_contiguous(), "a copy of q~ or o~"
+    (q_rows,), (o_rows,) = ext.forward_in, ext.forward_out
+    ((dout_rows, q_saved, out_saved),), (dq_rows,) = ext.backward_in, ext.backward_out
+    # Forward: q~ as the GEMM wrote it; the binding's output is what the output GEMM reads.
+    # Backward (the GEMMs in order: the output projection's dx, then q~'s): its dx is dout~,
+    # and the binding's dq is what q~'s backward GEMM reads.
+    q_gemm, out_gemm, dout_gemm, dq_gemm = gemms
+    assert q_rows.data_ptr() == q_gemm[1].data_ptr() == q_saved.data_ptr()
+    assert out_gemm[0].data_ptr() == o_rows.data_ptr() == out_saved.data_ptr()
+    assert dout_rows.data_ptr() == dout_gemm[1].data_ptr()
+    assert dq_gemm[0].data_ptr() == dq_rows.data_ptr()
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: CUDA and Triton at CrossLMM-2B's sizes (Dv 1152, 12 query heads of 128, 2 KV heads)
 # ----------------------------------------------------------------------------------------------

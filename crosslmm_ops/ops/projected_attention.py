@@ -24,6 +24,9 @@ Everything about the op lives here, side by side:
   (crosslmm_ops/triton/projected_attention.py) and the reference
   (:func:`_core_reference_forward` / :func:`_core_reference_backward`, segment runs of equal size
   batched with ``bmm``);
+* :func:`_per_head_matmul` (custom op ``crosslmm::per_head_matmul`` + autograd, and its eager
+  twin) - the per-head projections ``q~ = Wk_h^T q_h`` and ``Wv_h o~_h``, one batched GEMM each,
+  written token-major: the storage the core's tensors have on every back end;
 * :class:`CostModel` / :func:`choose_path` - fused or materialised, per call, from the shapes;
 * :func:`projected_cross_attention`, the public function, and
   :func:`projected_cross_attention_reference`, the plain-PyTorch oracle (project, then
@@ -36,6 +39,8 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.utils.flop_counter import register_flop_formula
 
 from crosslmm_ops import _backend, environment, planner
 from crosslmm_ops.ops import cross_attention as attention
@@ -330,21 +335,34 @@ class _ZeroGradFor(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # The core: multi-query attention with K = V = x (reference)
 # ----------------------------------------------------------------------------------------------
-# Layout (shared by every back end): q [Hk, total_q, G, Dv] ("grouped": what one batched GEMM per
-# kv head produces, so q~ is never copied), x [total_k, Dv], out [Hk, total_q, G, Dv] contiguous,
-# lse [Hq, total_q] with head h = k * G + g.
+# Layout (shared by every back end): q and out (dout and dq too) have the "grouped" shape [Hk,
+# total_q, G, Dv], head h = k * G + g, in token-major storage: they are permuted views of rows
+# [total_q, Hq, Dv] (contiguous [total_q, Hk, G, Dv]). The per-head GEMMs write q~ and read o~ in
+# that storage and the CUDA binding reads and writes rows, so nothing is copied between them.
+# Every back end's outputs and the fake kernels' have these strides (_new_grouped): torch.compile
+# plans with the fake's. Inputs of other strides work (copied where a back end needs it).
+# x [total_k, Dv], lse [Hq, total_q].
 
 
 def _rows_view(q: torch.Tensor) -> torch.Tensor:
-    """Grouped ``[Hk, total_q, G, Dv]`` -> ``[total_q, Hq, Dv]`` (a copy unless Hk or G is 1)."""
+    """Grouped ``[Hk, total_q, G, Dv]`` -> rows ``[total_q, Hq, Dv]``: a view when ``q`` is in
+    token-major storage, else a copy."""
     hk, total_q, group, dv = q.shape
     return q.permute(1, 0, 2, 3).reshape(total_q, hk * group, dv)
 
 
 def _grouped(t: torch.Tensor, hk: int) -> torch.Tensor:
-    """``[total_q, Hq, Dv]`` -> grouped ``[Hk, total_q, G, Dv]``, contiguous."""
+    """Rows ``[total_q, Hq, Dv]`` -> grouped ``[Hk, total_q, G, Dv]``, a view (token-major
+    storage when ``t`` is contiguous)."""
     total_q, hq, dv = t.shape
-    return t.reshape(total_q, hk, hq // hk, dv).permute(1, 0, 2, 3).contiguous()
+    return t.view(total_q, hk, hq // hk, dv).permute(1, 0, 2, 3)
+
+
+def _new_grouped(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised grouped ``[Hk, total_q, G, Dv]`` output in token-major storage (poisoned
+    like :func:`crosslmm_ops._backend.new_output`)."""
+    hk, total_q, group, dv = shape
+    return _backend.new_output((total_q, hk, group, dv), dtype, device).permute(1, 0, 2, 3)
 
 
 def _runs(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
@@ -403,7 +421,8 @@ def _core_reference_backward(dout, dlse, q, x, out, lse, cu_seqlens_q, cu_seqlen
     if dlse is not None:
         delta = delta - dlse.to(cdt)
     lse = lse.to(cdt)
-    dq, dx = torch.zeros_like(qr), torch.zeros_like(xc)
+    # Contiguous rows, whatever the strides of q: dq comes out token-major like every output.
+    dq, dx = qr.new_zeros(qr.shape), torch.zeros_like(xc)
     for n, q0, lq, k0, lk in _runs(cu_seqlens_q, cu_seqlens_k):
         if lq == 0 or lk == 0:
             continue
@@ -454,7 +473,7 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
         x = x.contiguous()
     cu_q, cu_k = _backend.kernel_index(cu_q), _backend.kernel_index(cu_k)
     if backend == "cuda":
-        # The binding takes [total_q, Hq, Dv]: a copy of q~ and of the output when 1 < Hk < Hq.
+        # The binding takes and returns rows [total_q, Hq, Dv]: views of token-major q and out.
         hk = q.shape[0]
         rows = _rows_view(q)
         kernel, _ = planner.projected_core_kernel(
@@ -474,7 +493,7 @@ def _core_forward(backend, q, x, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, 
         return _grouped(out, hk), lse
     if q.stride(-1) != 1:
         q = q.contiguous()
-    out = _backend.new_output(q.shape, q.dtype, q.device)
+    out = _new_grouped(q.shape, q.dtype, q.device)
     lse = _backend.new_output((q.shape[0] * q.shape[2], q.shape[1]), torch.float32, q.device)
     _triton_kernels().projected_attention_core_forward(
         q, x, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, num_splits
@@ -489,10 +508,10 @@ def _core_backward(
         with torch.no_grad():
             dq, dx = _core_reference_backward(dout, dlse, q, x, out, lse, cu_q, cu_k, scale)
         return dq.to(q.dtype), dx.to(x.dtype)
-    q, x, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, x, dout))
+    q, x, dout, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, x, dout, out))
     cu_q, cu_k = _backend.kernel_index(cu_q), _backend.kernel_index(cu_k)
     if backend == "cuda":
-        # The binding takes [total_q, Hq, Dv] like the forward's (copies when 1 < Hk < Hq).
+        # Rows [total_q, Hq, Dv] like the forward's: views of token-major dout, q, out and dq.
         hk = q.shape[0]
         dq, dx = _backend.extension().projected_attention_core_backward(
             _cuda_input(_rows_view(dout)),
@@ -509,13 +528,13 @@ def _core_backward(
             dlse=None if dlse is None else dlse.float().contiguous(),
         )
         return _grouped(dq, hk), dx
-    dq = _backend.new_output(q.shape, q.dtype, q.device)
+    dq = _new_grouped(q.shape, q.dtype, q.device)
     dx = _backend.new_output(x.shape, x.dtype, x.device)
     _triton_kernels().projected_attention_core_backward(
         dout,
         q,
         x,
-        out.contiguous(),
+        out,
         lse.contiguous(),
         dq,
         dx,
@@ -593,7 +612,7 @@ def _(
 ):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return (
-        q.new_empty(q.shape),
+        _new_grouped(q.shape, q.dtype, q.device),
         q.new_empty((q.shape[0] * q.shape[2], q.shape[1]), dtype=lse_dtype),
     )
 
@@ -683,7 +702,7 @@ def _(
     num_splits,
     backend,
 ):
-    return q.new_empty(q.shape), x.new_empty(x.shape)
+    return _new_grouped(q.shape, q.dtype, q.device), x.new_empty(x.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -813,7 +832,7 @@ def projected_attention_core(
     chosen = planner.resolve(CORE_OP_NAME, backend, q.device, cuda_ok=cuda_ok, triton_ok=triton_ok)
     qp, xp, cu_q, cu_k = _packed(layout, q, x, cu_seqlens_q, cu_seqlens_k)
     out, lse = _projected_attention_core(
-        qp.unsqueeze(0),
+        _grouped(qp, 1),
         xp,
         cu_q,
         cu_k,
@@ -823,7 +842,7 @@ def projected_attention_core(
         num_splits,
         chosen,
     )
-    out = out.squeeze(0)
+    out = _rows_view(out)
     if layout.batched:
         out = out.reshape(q.shape)
         if return_lse:  # a copy (flash-attn's layout): only when asked for
@@ -1014,27 +1033,129 @@ def _note_materialized(q: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The public function and the reference
+# The per-head projections q~ = Wk_h^T q_h and out = Wv_h o~_h, token-major
 # ----------------------------------------------------------------------------------------------
 
 
-def _per_kv_head(w: torch.Tensor, hk: int, d: int) -> torch.Tensor:
-    return w.reshape(hk, d, w.shape[-1])
+def _per_head_matmul_impl(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``y (T, H, m)`` with ``y[t, h] = x[t, h] @ w[h]``, for ``x (T, H, k)`` and ``w (H, k,
+    m)`` of one dtype: one batched GEMM over the heads that writes the token-major ``y`` in
+    place (``bmm`` takes a result whose rows are strided as it is), so the caller never copies
+    a head-major result into token-major order."""
+    y = x.new_empty((x.shape[0], x.shape[1], w.shape[2]))
+    torch.bmm(x.transpose(0, 1), w, out=y.transpose(0, 1))
+    return y
+
+
+@torch.library.custom_op("crosslmm::per_head_matmul", mutates_args=())
+def _per_head_matmul_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # A custom op under torch.compile: Dynamo does not trace bmm into a non-contiguous out=.
+    return _per_head_matmul_impl(x, w)
+
+
+@_per_head_matmul_op.register_fake
+def _(x, w):
+    return x.new_empty((x.shape[0], x.shape[1], w.shape[2]))
+
+
+# FLOPs for torch.utils.flop_counter.FlopCounterMode, which cannot see inside a custom op: the
+# projections count as the GEMMs they are.
+@register_flop_formula(torch.ops.crosslmm.per_head_matmul, get_raw=True)
+def _per_head_matmul_flops(x, w, *args, out_val=None, **kwargs) -> int:
+    return 2 * x.shape[0] * x.shape[1] * x.shape[2] * w.shape[2]
+
+
+def _per_head_matmul_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _per_head_matmul_backward(ctx, dy):
+    """``dx[t, h] = dy[t, h] @ w[h]^T`` (the same per-head GEMM), ``dw[h] = x[:, h]^T dy[:, h]``."""
+    x, w = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        matmul = _per_head_matmul_impl if getattr(ctx, "eager", False) else _per_head_matmul_op
+        dx = matmul(dy, w.transpose(1, 2))
+    if ctx.needs_input_grad[1]:
+        dw = torch.bmm(x.transpose(0, 1).transpose(1, 2), dy.transpose(0, 1))
+    return dx, dw
+
+
+_per_head_matmul_op.register_autograd(
+    _per_head_matmul_backward, setup_context=_per_head_matmul_setup_context
+)
+_PerHeadMatmulFunction = _backend.eager_function(
+    "_PerHeadMatmulFunction",
+    _per_head_matmul_impl,
+    _per_head_matmul_setup_context,
+    _per_head_matmul_backward,
+)
+
+
+def _per_head_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``y (T, H, m)``, ``y[t, h] = x[t, h] @ w[h]``, contiguous (token-major), differentiable:
+    the custom op, or in plain eager mode its autograd.Function twin."""
+    if not _backend.eager_function_ok(x, w):
+        return _per_head_matmul_op(x, w)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return _PerHeadMatmulFunction.apply(x, w)
+    return _per_head_matmul_impl(x, w)  # no graph to record: skip apply's host cost
+
+
+def _per_query_head(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Per kv head ``[Hk, a, b]`` -> per query head ``[Hk * G, a, b]`` (head ``h`` reads kv head
+    ``h // G``): a copy of the weights when ``1 < Hk`` and ``1 < G``, else a view."""
+    hk, a, b = w.shape
+    return w.unsqueeze(1).expand(hk, group, a, b).reshape(hk * group, a, b)
+
+
+def _per_head_projection(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
+    """``y (T, Hq, b)``, ``y[t, h] = x[t, h] @ w[h // G]``, token-major, for ``x (T, Hq, a)`` and
+    per-kv-head ``w (Hk, a, b)``. Two forms of the same function; each copies something when
+    ``1 < Hk < Hq``, and the smaller copy wins:
+
+    * weights expanded per query head, then one GEMM that writes ``y`` in place: copies
+      ``Hq * a * b`` weight elements (a view when ``Hk`` or ``G`` is 1);
+    * one GEMM per kv head on the rows regrouped by kv head: copies ``x`` in and ``y`` out,
+      ``T * Hq * (a + b)`` elements.
+
+    For q~ and the output (a, b = d, Dv or Dv, d) the expansion wins from ``T > a b / (a + b)``
+    (115 tokens at d = 128, Dv = 1152): prefill expands, a decode step regroups. A token count
+    unknown while tracing (torch.compile, data-dependent) expands."""
+    hk, a, b = w.shape
+    tokens, hq, _ = x.shape
+    if hk == 1 or group == 1 or not guard_or_false(tokens * (a + b) < a * b):
+        return _per_head_matmul(x, _per_query_head(w, group))
+    rows = x.reshape(tokens, hk, group, a).transpose(0, 1).reshape(hk, tokens * group, a)
+    y = torch.bmm(rows, w)
+    return y.view(hk, tokens, group, b).transpose(0, 1).reshape(tokens, hq, b)
+
+
+def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``t`` runs in: autocast's where it is on for ``t``'s device (float64
+    is not cast), else ``t``'s."""
+    low = _backend.autocast_dtype(t.device)
+    return t.dtype if low is None or t.dtype == torch.float64 else low
+
+
+# ----------------------------------------------------------------------------------------------
+# The public function and the reference
+# ----------------------------------------------------------------------------------------------
 
 
 def _fused(q, xhat, wk, wv, bk, bv, layout, scale, cu_q, cu_k, num_splits, backend):
     """``(out (total_q, Hq, d), lse (Hq, total_q))`` through the core."""
     hk, group, d, dv = layout.heads_k, layout.group, layout.head_dim, layout.width
-    tq = layout.total_q
-    # q~ = Wk_h^T q_h: one GEMM per kv head, [Hk, total_q * G, d] x [Hk, d, Dv], which lands in
-    # the grouped layout the core reads.
-    qg = q.reshape(tq, hk, group, d).transpose(0, 1).reshape(hk, tq * group, d)
-    q_tilde = torch.bmm(qg, _per_kv_head(wk, hk, d)).view(hk, tq, group, dv)
-    # Under autocast the GEMM returns its lower dtype: the core multiplies q~ with x, so both
-    # must have it (a no-op outside autocast).
+    tq, hq = layout.total_q, layout.heads_q
+    # The projections are matmuls: under autocast they run in its dtype, as nn.Linear does, and
+    # the core then multiplies q~ with x in that dtype (a no-op outside autocast).
+    dtype = _matmul_dtype(q)
+    # q~ = Wk_h^T q_h, token-major: rows [total_q, Hq, Dv], which the core reads as grouped [Hk,
+    # total_q, G, Dv] without a copy.
+    q_tilde = _per_head_projection(_cast(q, dtype), _cast(wk, dtype).reshape(hk, d, dv), group)
     o_tilde, lse = _projected_attention_core(
-        q_tilde,
-        _cast(xhat, q_tilde.dtype),
+        _grouped(q_tilde, hk),
+        _cast(xhat, dtype),
         cu_q,
         cu_k,
         layout.max_seqlen_q,
@@ -1043,22 +1164,21 @@ def _fused(q, xhat, wk, wv, bk, bv, layout, scale, cu_q, cu_k, num_splits, backe
         num_splits,
         backend,
     )
-    # out = Wv_h o~ + bv_h: [Hk, total_q * G, Dv] x [Hk, Dv, d]
-    out = torch.bmm(o_tilde.view(hk, tq * group, dv), _per_kv_head(wv, hk, d).transpose(1, 2))
-    out = out.view(hk, tq, group, d)
+    # out = Wv_h o~, token-major: the op's (total_q, Hq, d).
+    wv_t = _cast(wv, dtype).reshape(hk, d, dv).transpose(1, 2)
+    out = _per_head_projection(_rows_view(o_tilde), wv_t, group)
     if bv is not None:
-        bias = bv.view(hk, 1, 1, d)
+        bias = bv.view(hk, 1, d)
         if not layout.every_segment_has_keys():
             # A query without keys outputs 0, as cross_attention does, not the bias.
-            has_keys = torch.isfinite(lse).view(hk, group, tq).transpose(1, 2).unsqueeze(-1)
+            has_keys = torch.isfinite(lse).t().reshape(tq, hk, group, 1)
             bias = bias * has_keys.to(bias.dtype)
-        out = out + bias
-    out = out.transpose(0, 1).reshape(tq, hk * group, d)
+        out = (out.view(tq, hk, group, d) + bias).view(tq, hq, d)
     if bk is not None:
         # The term q . bk_h cancels in the softmax but not in the LSE of the projected scores.
         qc = q.reshape(tq, hk, group, d).to(lse.dtype)
         shift = torch.einsum("tkgd,kd->kgt", qc, bk.reshape(hk, d).to(lse.dtype))
-        lse = lse + scale * shift.reshape(hk * group, tq)
+        lse = lse + scale * shift.reshape(hq, tq)
     return out, lse
 
 

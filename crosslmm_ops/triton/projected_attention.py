@@ -7,11 +7,11 @@ row of segment ``i`` attends to the tokens ``x`` of key segment ``i`` (non-causa
 
 Layouts (see crosslmm_ops/ops/projected_attention.py, which owns the contract):
 
-* ``q`` ``[Hk, total_q, G, Dv]`` ("grouped": the per-head queries ``q~ = Wk_h^T q_h`` come out
-  of one batched GEMM per kv head in this order, so no copy is needed) with any strides and the
-  channels contiguous; ``Hq = Hk * G`` rows per query token, head ``h = k * G + g``;
+* ``q``, ``out`` (and ``dout``, ``dq``) ``[Hk, total_q, G, Dv]`` ("grouped"; the op keeps them in
+  token-major storage, rows ``[total_q, Hq, Dv]``) with any strides and the channels contiguous;
+  ``Hq = Hk * G`` rows per query token, head ``h = k * G + g``;
 * ``x`` ``[total_k, Dv]``, channels contiguous, any token stride;
-* ``out`` ``[Hk, total_q, G, Dv]`` contiguous; ``lse`` ``[Hq, total_q]`` float32, natural log;
+* ``lse`` ``[Hq, total_q]`` float32 contiguous, natural log;
 * int32 ``cu_seqlens_q / cu_seqlens_k`` ``[B + 1]`` (in tokens, not rows).
 
 ``Dv`` (1152 for SigLIP) is wide and not a power of two. A program keeps its rows' accumulator for
@@ -204,20 +204,24 @@ def _merge_kernel(
     num_splits,
     dv,
     sp_s,
+    sp_k,
+    sp_t,
+    sp_g,
+    so_k,
+    so_t,
+    so_g,
     spl_s,
+    HQ: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Merge the splits' partial outputs by their LSE. Rows ``i`` in ``[Hk, total_q, G]`` order
-    (partials and output are contiguous); one program per (row block, channel block)."""
-    i = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    """Merge the splits' partial outputs by their LSE. Rows in token-major order, as the op
+    stores them; one program per (row block, channel block)."""
+    mask_r, t, h, kh, g = _rows(tl.program_id(0) * BLOCK_R, 0, n_rows, HQ, GROUP, BLOCK_R)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_r = i < n_rows
     mask = mask_r[:, None] & (offs_d < dv)[None, :]
-    kh = i // (total_q * GROUP)
-    t = (i // GROUP) % total_q
-    lse_off = (kh * GROUP + i % GROUP) * total_q + t
+    lse_off = h * total_q + t
 
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     for s in range(num_splits):
@@ -225,7 +229,7 @@ def _merge_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: every weight is 0
     w_sum = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    o_ptrs = PartOut + i[:, None] * dv + offs_d[None, :]
+    o_ptrs = PartOut + (kh * sp_k + t * sp_t + g * sp_g)[:, None] + offs_d[None, :]
     for s in range(num_splits):
         lse_s = tl.load(PartLse + s * spl_s + lse_off, mask=mask_r, other=float("-inf"))
         w = tl.exp(lse_s - m_safe)
@@ -235,7 +239,8 @@ def _merge_kernel(
     has_keys = w_sum > 0.0
     w_safe = tl.where(has_keys, w_sum, 1.0)
     out = tl.where(has_keys[:, None], acc / w_safe[:, None], 0.0)
-    tl.store(Out + i[:, None] * dv + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask)
+    out_row = kh * so_k + t * so_t + g * so_g
+    tl.store(Out + out_row[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask)
     if tl.program_id(1) == 0:
         tl.store(
             Lse + lse_off, tl.where(has_keys, m_safe + tl.log(w_safe), float("-inf")), mask=mask_r
@@ -251,27 +256,28 @@ def _bwd_preprocess_kernel(
     total_q,
     n_rows,
     dv,
+    so_k,
+    so_t,
+    so_g,
     sdo_k,
     sdo_t,
     sdo_g,
     HAS_DLSE: tl.constexpr,
+    HQ: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``delta = rowsum(dO * O) - dlse`` for rows ``i`` in ``[Hk, total_q, G]`` order."""
-    i = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    mask_r = i < n_rows
-    kh = i // (total_q * GROUP)
-    t = (i // GROUP) % total_q
-    g = i % GROUP
-    lse_off = (kh * GROUP + g) * total_q + t
+    """``delta = rowsum(dO * O) - dlse`` for rows in token-major order."""
+    mask_r, t, h, kh, g = _rows(tl.program_id(0) * BLOCK_R, 0, n_rows, HQ, GROUP, BLOCK_R)
+    lse_off = h * total_q + t
+    o_row = kh * so_k + t * so_t + g * so_g
     do_row = kh * sdo_k + t * sdo_t + g * sdo_g
     acc = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, dv, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = mask_r[:, None] & (offs_d < dv)[None, :]
-        o = tl.load(Out + i[:, None] * dv + offs_d[None, :], mask=mask, other=0.0)
+        o = tl.load(Out + o_row[:, None] + offs_d[None, :], mask=mask, other=0.0)
         do = tl.load(dOut + do_row[:, None] + offs_d[None, :], mask=mask, other=0.0)
         acc += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
@@ -494,6 +500,16 @@ def _grouped_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _grouped_scratch(num_splits: int, q: torch.Tensor) -> torch.Tensor:
+    """Float32 per-split partials ``[num_splits, Hk, total_q, G, Dv]`` of ``q``'s grouped shape,
+    token-major within a split like the op's tensors (the merge reads rows in that order)."""
+    hk, total_q, group, dv = q.shape
+    scratch = torch.empty(
+        (num_splits, total_q, hk, group, dv), dtype=torch.float32, device=q.device
+    )
+    return scratch.permute(0, 2, 1, 3, 4)
+
+
 def _check(
     q: torch.Tensor, x: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor
 ) -> None:
@@ -520,10 +536,11 @@ def projected_attention_core_forward(
     softmax_scale: float,
     num_splits: int,
 ) -> None:
-    """Writes ``out [Hk, total_q, G, Dv]`` (contiguous) and the natural-log ``lse`` (float32,
-    contiguous ``[Hq, total_q]``). ``num_splits=0`` picks the split count from the occupancy."""
+    """Writes ``out [Hk, total_q, G, Dv]`` (any strides, channels contiguous) and the natural-log
+    ``lse`` (float32, contiguous ``[Hq, total_q]``). ``num_splits=0`` picks the split count from
+    the occupancy."""
     _check(q, x, cu_seqlens_q, cu_seqlens_k)
-    assert out.is_contiguous() and lse.is_contiguous() and lse.dtype == torch.float32
+    assert out.stride(-1) == 1 and lse.is_contiguous() and lse.dtype == torch.float32
     hk, total_q, group, dv = q.shape
     hq = hk * group
     batch = cu_seqlens_q.shape[0] - 1
@@ -558,7 +575,7 @@ def projected_attention_core_forward(
         )
         return
     # Scratch is written in full by the split programs (an empty split writes lse = -inf).
-    part_out = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
+    part_out = _grouped_scratch(num_splits, q)
     part_lse = torch.empty((num_splits, hq, total_q), dtype=torch.float32, device=q.device)
     _fwd_kernel[grid](
         q,
@@ -592,7 +609,10 @@ def projected_attention_core_forward(
         num_splits,
         dv,
         part_out.stride(0),
+        *_grouped_strides(part_out[0]),
+        *_grouped_strides(out),
         part_lse.stride(0),
+        HQ=hq,
         GROUP=group,
         BLOCK_R=rows,
         BLOCK_D=block_d,
@@ -616,12 +636,12 @@ def projected_attention_core_backward(
     num_splits: int = 0,
     dlse: torch.Tensor | None = None,
 ) -> None:
-    """Writes ``dq`` (``q``'s shape, contiguous) and ``dx`` (``x``'s shape, contiguous); ``dlse``
-    (``[Hq, total_q]``) is an optional gradient on the LSE. Deterministic: no atomics, and the
-    key splits of ``dq`` are summed in a fixed order."""
+    """Writes ``dq`` (``q``'s shape, any strides with the channels contiguous) and ``dx``
+    (``x``'s shape, contiguous); ``dlse`` (``[Hq, total_q]``) is an optional gradient on the LSE.
+    Deterministic: no atomics, and the key splits of ``dq`` are summed in a fixed order."""
     _check(q, x, cu_seqlens_q, cu_seqlens_k)
-    assert dout.stride(-1) == 1 and out.is_contiguous() and lse.is_contiguous()
-    assert dq.is_contiguous() and dx.is_contiguous()
+    assert dout.stride(-1) == 1 and out.stride(-1) == 1 and lse.is_contiguous()
+    assert dq.stride(-1) == 1 and dx.is_contiguous()
     hk, total_q, group, dv = q.shape
     hq = hk * group
     total_k = x.shape[0]
@@ -643,8 +663,10 @@ def projected_attention_core_backward(
             total_q,
             n_rows,
             dv,
+            *_grouped_strides(out),
             *_grouped_strides(dout),
             HAS_DLSE=dlse is not None,
+            HQ=hq,
             GROUP=group,
             BLOCK_R=rows,
             BLOCK_D=128,
@@ -680,11 +702,7 @@ def projected_attention_core_backward(
     m_blocks = cdiv(max(max_seqlen_q * hq, 1), dq_cfg["BLOCK_M"])
     key_blocks = cdiv(max_seqlen_k, dq_cfg["BLOCK_N"])
     num_splits = _choose_splits(num_splits, batch, m_blocks, key_blocks, q.device)
-    target = (
-        dq
-        if num_splits == 1
-        else torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
-    )
+    target = dq if num_splits == 1 else _grouped_scratch(num_splits, q)
     split_stride = 0 if num_splits == 1 else target.stride(0)
     _bwd_dq_kernel[(batch * m_blocks, num_splits)](
         q,
