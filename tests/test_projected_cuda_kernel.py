@@ -307,6 +307,24 @@ def test_tile_edges(dtype, dv, num_splits, kernel):
     check(q, x, cu_q, cu_k, num_splits=num_splits, label="edges, 3 heads", kernel=kernel)
 
 
+# Keys per segment giving 1 to 6 key tiles of 32 (full and partial last tiles): with one split each
+# count the kernels' pipelines have a separate path for (sm90_cluster: 1, 2, then odd and even
+# counts with and without a steady iteration); with two splits also 0 and every split of them.
+TILE_COUNT_K = [31, 64, 65, 128, 160, 161]
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+@pytest.mark.parametrize("dv", [1152, 640])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@gpu
+def test_key_tile_counts(dtype, dv, num_splits, kernel):
+    """Every key-tile count from 0 to 6 per split, with 70 rows a segment (two 64-row tiles), at
+    Dv 1152 and 640 (sm90_cluster: 10 of 18 atoms loaded, CTA 1's consumer 1 all zero fill)."""
+    lens_q = [70] * len(TILE_COUNT_K)
+    q, x, cu_q, cu_k = make_inputs(lens_q, TILE_COUNT_K, 1, dv, dtype)
+    check(q, x, cu_q, cu_k, num_splits=num_splits, label="key tile counts", kernel=kernel)
+
+
 @gpu
 def test_sm90_cluster_agrees_with_mma_sync():
     """Both kernels compute the same function on frame-local V2V (within the bf16 rounding of

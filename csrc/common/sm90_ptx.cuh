@@ -67,21 +67,6 @@ __device__ __forceinline__ bool mbarrier_try_wait(uint32_t bar, uint32_t parity)
   return done != 0;
 }
 
-// The same wait with acquire semantics at cluster scope: for barriers that threads of the other
-// CTA of a cluster arrive on (mbarrier_arrive_cluster) after writing this CTA's shared memory, so
-// those writes are visible once the wait returns.
-__device__ __forceinline__ bool mbarrier_try_wait_cluster(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-
 // Debugging aid: CROSSLMM_SM90_WAIT_TIMEOUT_S=N (> 0) makes a wait that lasts N seconds print its
 // block, thread, barrier (shared address) and parity and trap (an error the host sees) instead of
 // hanging the GPU; a legitimate wait here lasts microseconds, so only a protocol bug trips it. Off
@@ -97,11 +82,8 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return t;
 }
 
-template <bool kCluster>
 __device__ __forceinline__ void mbarrier_wait_slow(uint32_t bar, uint32_t parity) {
-  auto ready = [&] {
-    return kCluster ? mbarrier_try_wait_cluster(bar, parity) : mbarrier_try_wait(bar, parity);
-  };
+  auto ready = [&] { return mbarrier_try_wait(bar, parity); };
 #if CROSSLMM_SM90_WAIT_TIMEOUT_S > 0
   const uint64_t start = global_timer_ns();
   while (!ready()) {
@@ -122,16 +104,12 @@ __device__ __forceinline__ void mbarrier_wait_slow(uint32_t bar, uint32_t parity
 // Blocks until the phase with the given parity has completed. (try_wait itself suspends the
 // thread for a while in hardware; the slow path only loops and watches the clock.)
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
-  if (!mbarrier_try_wait(bar, parity)) mbarrier_wait_slow<false>(bar, parity);
-}
-
-__device__ __forceinline__ void mbarrier_wait_cluster(uint32_t bar, uint32_t parity) {
-  if (!mbarrier_try_wait_cluster(bar, parity)) mbarrier_wait_slow<true>(bar, parity);
+  if (!mbarrier_try_wait(bar, parity)) mbarrier_wait_slow(bar, parity);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Thread-block clusters and distributed shared memory (PTX ISA "mapa", "barrier.cluster",
-// "st.shared::cluster"). A shared::cluster address names a byte of any CTA of the cluster; mapa
+// "st.async"). A shared::cluster address names a byte of any CTA of the cluster; mapa
 // turns this CTA's shared::cta address into the same offset in CTA `rank`.
 // ---------------------------------------------------------------------------------------------
 
@@ -147,18 +125,19 @@ __device__ __forceinline__ uint32_t map_to_cta(uint32_t smem_addr, uint32_t rank
   return remote;
 }
 
-__device__ __forceinline__ void st_cluster_v4(uint32_t cluster_addr, float4 v) {
-  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(cluster_addr),
-               "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
-               : "memory");
-}
-
-// One arrival on an mbarrier of any CTA of the cluster (cluster_addr from map_to_cta), releasing
-// this thread's earlier memory operations at cluster scope (its st_cluster_v4 writes, its reads).
-__device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t cluster_addr) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(
-                   cluster_addr)
-               : "memory");
+// Stores 16 bytes into the shared memory of a CTA of the cluster (cluster_addr from map_to_cta)
+// and, once they have landed, completes 16 bytes of transactions on that CTA's mbarrier
+// (remote_bar, mapped the same way). The receiver announces the bytes (expect_tx) and waits on
+// its barrier like on a TMA load: no fence and no remote arrival, which ptxas would compile into
+// a GPU-scope memory barrier per arrival.
+__device__ __forceinline__ void st_async_v4(uint32_t cluster_addr, const float (&v)[4],
+                                            uint32_t remote_bar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, "
+      "[%5];\n" ::"r"(cluster_addr),
+      "r"(__float_as_uint(v[0])), "r"(__float_as_uint(v[1])), "r"(__float_as_uint(v[2])),
+      "r"(__float_as_uint(v[3])), "r"(remote_bar)
+      : "memory");
 }
 
 // Every thread of every CTA of the cluster: arrive (releasing its memory operations) and wait for

@@ -18,13 +18,15 @@
 //       tiles, with the atoms past Dv zeroed in shared memory once (never loaded).
 //       Per key tile i:
 //         partial S  = q[:, my atoms] x_i[:, my atoms]^T      wgmma m64n32k16 SS, 4 per atom
-//         exchange   partial S -> score slot (c, w) of both CTAs (st.shared / st.shared::cluster,
-//                    16 floats a thread in its own accumulator layout), one arrival per thread
-//                    on s_full of both CTAs (release.cluster for the remote one); wait s_full
-//                    (acquire.cluster); S = (slot(0,0) + slot(0,1)) + (slot(1,0) + slot(1,1)),
-//                    the same order in all four consumers of the cluster, so all four get
-//                    bitwise the same S, hence the same softmax; then one arrival per thread on
-//                    s_empty of both CTAs (the slots may be overwritten by tile i + 1).
+//         exchange   partial S -> the cluster's S in two hops, 16 floats a thread in its own
+//                    accumulator layout: (1) the CTA's sum, through a score slot per consumer
+//                    (st.shared, named barriers between the two consumers); (2) the other CTA's
+//                    sum, which each consumer half sends with st.async into this CTA's receive
+//                    buffer i % 2, completing bytes on its s_full (expected by one thread here),
+//                    as a TMA load would. No remote arrivals, no fences, no s_empty: the buffer
+//                    is written again two exchanges later, after the other CTA has received this
+//                    one's next sum. Both sums are of two terms, hence commutative: every
+//                    consumer of the cluster gets bitwise the same S = (c00 + c01) + (c10 + c11).
 //         softmax    online, log2 units, in registers (the wgmma accumulator layout: a thread
 //                    holds 2 rows x 8 keys, rows reduced over the quad)
 //         O += P x_i[:, my atoms]   wgmma m64n64k16 RS per atom (2 k-steps), P from registers
@@ -74,6 +76,8 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
   constexpr uint32_t kProducerRegs = 24;
   constexpr uint32_t kConsumerRegs = 240;
   constexpr uint32_t kConsumerBarrier = 1;  // named barrier of consumer w alone: 1 + w
+  constexpr uint32_t kPartialsBarrier = 3;  // both consumers: both partials are in their slots
+  constexpr uint32_t kSlotFreeBarrier = 4;  // 4 + w: the other consumer has read w's partial
 
   // The cluster's tile: m-block fastest, then split, then segment (both CTAs agree on it).
   const uint32_t rank = cluster_ctarank();
@@ -113,8 +117,7 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
   const uint32_t q_full = bars;
   auto x_full = [&](int stage) { return bars + 8u * (1 + stage); };
   auto x_empty = [&](int stage) { return bars + 8u * (1 + kStages + stage); };
-  const uint32_t s_full = bars + 8u * (1 + 2 * kStages);
-  const uint32_t s_empty = bars + 8u * (2 + 2 * kStages);
+  auto s_full = [&](int buffer) { return bars + 8u * (1 + 2 * kStages + buffer); };
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warpgroup = tid / 128;
@@ -126,9 +129,8 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
       mbarrier_init(x_full(s), 1);  // the producer's arrive.expect_tx, then the TMA bytes
       mbarrier_init(x_empty(s), 8);  // one arrival per consumer warp of this CTA
     }
-    // One arrival per consumer thread of the cluster (256 local, 256 from the other CTA).
-    mbarrier_init(s_full, Cfg::kScoreSlots * 128);
-    mbarrier_init(s_empty, Cfg::kScoreSlots * 128);
+    // Receive buffer b: this CTA's arrive.expect_tx, then the other CTA's st.async bytes.
+    for (int b = 0; b < Cfg::kReceiveBuffers; ++b) mbarrier_init(s_full(b), 1);
     fence_barrier_init();
   }
   // Both CTAs' barriers exist before either CTA arrives on the other's.
@@ -179,14 +181,13 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
     // would make ptxas serialise them.
     const int my_atom0 = consumer * kAtomsMax;
 
-    // Score slots: slot k = 2 * rank + consumer; a thread's float4 j at (j * 128 + wg_tid) * 16.
+    // Score slots: consumer w's partial in slot w, receive buffer b in slot kConsumers + b; a
+    // thread's float4 j of a slot at (j * 128 + wg_tid) * 16.
     const uint32_t peer = rank ^ 1u;
-    const int own_slot = static_cast<int>(rank) * Cfg::kConsumers + consumer;
-    const uint32_t slot_offset =
-        Cfg::kScoreOffset + own_slot * Cfg::kScoreSlotBytes + wg_tid * 16;
-    const uint32_t own_slot_remote = map_to_cta(base + slot_offset, peer);
-    const uint32_t s_full_remote = map_to_cta(s_full, peer);
-    const uint32_t s_empty_remote = map_to_cta(s_empty, peer);
+    const uint32_t thread_offset = Cfg::kScoreOffset + wg_tid * 16;
+    const uint32_t receive_offset = thread_offset + Cfg::kConsumers * Cfg::kScoreSlotBytes;
+    const uint32_t receive_remote = map_to_cta(base + receive_offset, peer);
+    const uint32_t s_full_remote = map_to_cta(s_full(0), peer);
 
     auto consume = [&]<int kMyAtoms>() {
       float o[kMyAtoms > 0 ? kMyAtoms : 1][32];
@@ -262,41 +263,64 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
         }
       };
       // s: this consumer's partial S (complete) -> the cluster's sum, for the n-th exchange.
+      // First the CTA's sum through the two partial slots, then the other CTA's sum through
+      // receive buffer n % 2. Both sums are commutative, so all four consumers of the cluster get
+      // bitwise the same S = (c00 + c01) + (c10 + c11), hence the same softmax.
       auto exchange = [&](int n) {
-        mbarrier_wait_cluster(s_empty, (n & 1) ^ 1);  // every reader is done with exchange n - 1
-        uint32_t local = base + slot_offset;
-        uint32_t remote = own_slot_remote;
-        asm volatile("" : "+r"(local), "+r"(remote));  // not hoisted: see the loads below
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float4 v = make_float4(s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3]);
-          asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(local + j * 128 * 16),
-                       "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
-                       : "memory");
-          st_cluster_v4(remote + j * 128 * 16, v);
-        }
-        mbarrier_arrive(s_full);
-        mbarrier_arrive_cluster(s_full_remote);
-        mbarrier_wait_cluster(s_full, n & 1);
-        // Loads in asm volatile stay in j order, so at most one j's 16 floats are in flight; the
-        // base goes through an empty asm so the 16 addresses are not hoisted out of the key loop.
-        uint32_t slots = base + Cfg::kScoreOffset + wg_tid * 16;
+        constexpr int kFloat4Stride = 128 * 16;
+        // Not hoisted out of the key loop: 16 addresses would stay live across it.
+        uint32_t slots = base + thread_offset;
         asm volatile("" : "+r"(slots));
+        const uint32_t mine = slots + consumer * Cfg::kScoreSlotBytes;
+        const uint32_t theirs = slots + (consumer ^ 1) * Cfg::kScoreSlotBytes;
+        if (n > 0) named_barrier_sync(kSlotFreeBarrier + consumer, 256);  // read n - 1
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          float v[Cfg::kScoreSlots][4];
-#pragma unroll
-          for (int k = 0; k < Cfg::kScoreSlots; ++k) {
-            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                         : "=f"(v[k][0]), "=f"(v[k][1]), "=f"(v[k][2]), "=f"(v[k][3])
-                         : "r"(slots + k * Cfg::kScoreSlotBytes + j * 128 * 16)
-                         : "memory");
-          }
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[4 * j + e] = (v[0][e] + v[1][e]) + (v[2][e] + v[3][e]);
+          asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(mine + j * kFloat4Stride),
+                       "f"(s[4 * j]), "f"(s[4 * j + 1]), "f"(s[4 * j + 2]), "f"(s[4 * j + 3])
+                       : "memory");
         }
-        mbarrier_arrive(s_empty);
-        mbarrier_arrive_cluster(s_empty_remote);
+        named_barrier_sync(kPartialsBarrier, 256);
+        // Loads in asm volatile stay in j order, so at most one j's floats are in flight.
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float v[4];
+          asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                       : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+                       : "r"(theirs + j * kFloat4Stride)
+                       : "memory");
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[4 * j + e] += v[e];
+        }
+        if (n + 1 < count) named_barrier_arrive(kSlotFreeBarrier + (consumer ^ 1), 256);
+        // The CTA's sum to the other CTA: consumer w sends float4s 2w and 2w + 1 (both consumers
+        // hold all four), 8 KB in all, which the other CTA's receive buffer expects.
+        const int buffer = n & 1;
+        const uint32_t buffer_offset = buffer * Cfg::kScoreSlotBytes;
+        if (consumer == 0 && wg_tid == 0) {
+          mbarrier_arrive_expect_tx(s_full(buffer), Cfg::kScoreSlotBytes);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int j = 2 * consumer + h;
+          const float v[4] = {s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3]};
+          st_async_v4(receive_remote + buffer_offset + j * kFloat4Stride, v,
+                      s_full_remote + 8u * buffer);
+        }
+        mbarrier_wait(s_full(buffer), (n >> 1) & 1);
+        // Buffer n % 2 is written again at exchange n + 2, which the other CTA sends only after
+        // its exchange n + 1 received this CTA's sum n + 1, sent after these loads.
+        const uint32_t received = slots + Cfg::kConsumers * Cfg::kScoreSlotBytes + buffer_offset;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float v[4];
+          asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                       : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+                       : "r"(received + j * kFloat4Stride)
+                       : "memory");
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[4 * j + e] += v[e];
+        }
       };
       // Online softmax of s for key tile i; the rescale factors of O in corr.
       auto softmax = [&](int i, float (&corr)[2]) {

@@ -25,12 +25,15 @@ struct Sm90Cluster {
   static constexpr int kClusterSize = 2;
   static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
   static constexpr int kConsumers = 2;
-  // Partial score slots: one per consumer warpgroup of the cluster (2 CTAs x 2), each
-  // [4 float4][128 threads] fp32 (a thread's 16 accumulator values of S = 64 rows x 32 keys).
-  static constexpr int kScoreSlots = kClusterSize * kConsumers;
+  // Score slots, each [4 float4][128 threads] fp32 (a thread's 16 accumulator values of S = 64
+  // rows x 32 keys): one per consumer warpgroup for its partial (the CTA's two partials are summed
+  // through them), then two receive buffers that the other CTA's sum lands in, alternately.
   static constexpr int kScoreSlotBytes = kBlockM * kKeys * 4;  // 8 KB
+  static constexpr int kReceiveBuffers = 2;
+  static constexpr int kScoreSlots = kConsumers + kReceiveBuffers;
   // Shared memory, from a 1024-byte aligned base (swizzle atoms): Q atoms [9][64 rows][128 B],
-  // x stages [3][9 atoms][32 keys][128 B], score slots [4][8 KB], then the mbarriers.
+  // x stages [3][9 atoms][32 keys][128 B], score slots [2 partials + 2 receive buffers][8 KB],
+  // then the mbarriers.
   static constexpr int kQAtomBytes = kBlockM * 128;  // 8 KB
   static constexpr int kXAtomBytes = kKeys * 128;    // 4 KB
   static constexpr int kQOffset = 0;
@@ -38,8 +41,8 @@ struct Sm90Cluster {
   static constexpr int kXStageBytes = kAtomsPerCta * kXAtomBytes;
   static constexpr int kScoreOffset = kXOffset + kStages * kXStageBytes;
   static constexpr int kBarrierOffset = kScoreOffset + kScoreSlots * kScoreSlotBytes;
-  // q_full, x_full[kStages], x_empty[kStages], s_full, s_empty.
-  static constexpr int kNumBarriers = 3 + 2 * kStages;
+  // q_full, x_full[kStages], x_empty[kStages], s_full[kReceiveBuffers].
+  static constexpr int kNumBarriers = 1 + 2 * kStages + kReceiveBuffers;
   // + 1024: the dynamic shared memory base is only 16-byte aligned; the kernel rounds it up.
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kNumBarriers + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "must fit an H100's 227 KB per block");
