@@ -273,6 +273,20 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
         asm volatile("" : "+r"(slots));
         const uint32_t mine = slots + consumer * Cfg::kScoreSlotBytes;
         const uint32_t theirs = slots + (consumer ^ 1) * Cfg::kScoreSlotBytes;
+        // s += this thread's 16 floats of the slot at `slot`. Loads in asm volatile stay in j
+        // order, so at most one j's floats are in flight.
+        auto add_slot = [&](uint32_t slot) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            float v[4];
+            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+                         : "r"(slot + j * kFloat4Stride)
+                         : "memory");
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[4 * j + e] += v[e];
+          }
+        };
         if (n > 0) named_barrier_sync(kSlotFreeBarrier + consumer, 256);  // read n - 1
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -281,17 +295,7 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
                        : "memory");
         }
         named_barrier_sync(kPartialsBarrier, 256);
-        // Loads in asm volatile stay in j order, so at most one j's floats are in flight.
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          float v[4];
-          asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                       : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
-                       : "r"(theirs + j * kFloat4Stride)
-                       : "memory");
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[4 * j + e] += v[e];
-        }
+        add_slot(theirs);
         if (n + 1 < count) named_barrier_arrive(kSlotFreeBarrier + (consumer ^ 1), 256);
         // The CTA's sum to the other CTA: consumer w sends float4s 2w and 2w + 1 (both consumers
         // hold all four), 8 KB in all, which the other CTA's receive buffer expects.
@@ -310,17 +314,7 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
         mbarrier_wait(s_full(buffer), (n >> 1) & 1);
         // Buffer n % 2 is written again at exchange n + 2, which the other CTA sends only after
         // its exchange n + 1 received this CTA's sum n + 1, sent after these loads.
-        const uint32_t received = slots + Cfg::kConsumers * Cfg::kScoreSlotBytes + buffer_offset;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          float v[4];
-          asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                       : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
-                       : "r"(received + j * kFloat4Stride)
-                       : "memory");
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[4 * j + e] += v[e];
-        }
+        add_slot(slots + Cfg::kConsumers * Cfg::kScoreSlotBytes + buffer_offset);
       };
       // Online softmax of s for key tile i; the rescale factors of O in corr.
       auto softmax = [&](int i, float (&corr)[2]) {
