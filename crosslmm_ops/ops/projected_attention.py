@@ -881,10 +881,10 @@ class CostModel:
       250-310, cuDNN up to 557, our kernels 126-345 TFLOP/s);
     * ``fused_tflops`` 90: the rate that predicts the whole fused call on an H100 (bf16). The
       Hopper core (``sm90_cluster``) alone runs frame-local V2V at 142 TFLOP/s, but the call
-      adds the q~ and output GEMMs through memory, the combine and the bias; fits of the measured
-      grid (benchmarks/projected_paths.py) kept 90 while these added 0.28 ms at 256 frames. They
-      add 0.12 ms since q~ and o~ stay token-major (the call: 120 TFLOP/s there), and the grid
-      has not been measured again, so the rate stays 90: it errs towards the materialised path;
+      adds the q~ and output GEMMs through memory, the combine and the bias (0.12 ms at 256
+      frames; the whole call runs at 120 TFLOP/s there). 90 is the rate fitted to the grid of
+      benchmarks/projected_paths.py (results/projected_paths_h100.json), measured when the call
+      cost more; below the call's rate, it errs towards the materialised path;
     * ``bandwidth_tbs`` 2.8: 93% of the measured device copy (2.97-3.02 TB/s).
 
     Per key, the fused core costs ``4 * Dv * Hq * Lq_seg`` FLOPs (``Lq_seg`` queries per key

@@ -23,7 +23,7 @@
 //                    (st.shared, named barriers between the two consumers); (2) the other CTA's
 //                    sum, which each consumer half sends with st.async into this CTA's receive
 //                    buffer i % 2, completing bytes on its s_full (expected by one thread here),
-//                    as a TMA load would. No remote arrivals, no fences, no s_empty: the buffer
+//                    as a TMA load would. No barrier marks the buffer free: it
 //                    is written again two exchanges later, after the other CTA has received this
 //                    one's next sum. Both sums are of two terms, hence commutative: every
 //                    consumer of the cluster gets bitwise the same S = (c00 + c01) + (c10 + c11).
