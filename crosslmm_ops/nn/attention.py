@@ -47,7 +47,7 @@ import math
 import torch
 from torch import nn
 
-from crosslmm_ops import planner
+from crosslmm_ops import _backend, planner
 from crosslmm_ops.nn.memory import VisionMemory, tensor_version
 from crosslmm_ops.ops import projected_attention as projected
 from crosslmm_ops.ops import validation
@@ -164,12 +164,10 @@ def _project_kv(
     cached = memory.cache_kv and not torch.is_grad_enabled()
     if cached:
         modules = [m for m in (vision_norm, k_proj, v_proj) if m is not None]
-        autocast = _autocasting(memory.device)
         state = (
             tensor_version(memory.tokens),
             memory.tokens.dtype,
-            autocast,
-            torch.get_autocast_dtype(memory.device.type) if autocast else None,
+            _backend.autocast_dtype(memory.device),
         ) + tuple((p.data_ptr(), tensor_version(p)) for m in modules for p in m.parameters())
         hit = memory.kv_cache.get(id(k_proj))
         if hit is not None and hit[0] is k_proj and hit[1] == state:
@@ -185,13 +183,6 @@ def _project_kv(
     if cached:  # the entry holds k_proj, so its id is not reused while the entry lives
         memory.kv_cache[id(k_proj)] = (k_proj, state, kv)
     return kv
-
-
-def _autocasting(device: torch.device) -> bool:
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except (TypeError, RuntimeError):  # device types without autocast
-        return False
 
 
 def check_kv_path(value) -> str:
@@ -340,7 +331,10 @@ def check_call(hidden_states, memory, hidden_size: int, vision_size: int) -> Non
             "move the memory with memory.to(device)"
         )
     # Under autocast the two may legitimately differ (the projections cast both).
-    if memory.dtype != hidden_states.dtype and not _autocasting(hidden_states.device):
+    if (
+        memory.dtype != hidden_states.dtype
+        and _backend.autocast_dtype(hidden_states.device) is None
+    ):
         raise ValueError(
             f"memory.tokens are {memory.dtype}, hidden_states {hidden_states.dtype}; "
             "convert the memory with memory.to(dtype)"
