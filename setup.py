@@ -110,7 +110,13 @@ class CMakeBuild(build_ext):
         import torch
 
         cuda_home = find_cuda_home()
-        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+        # An editable install imports _C from the source tree, so CMake writes it there: a later
+        # `cmake --build build/cmake-<tag>` then updates the module Python loads. (setuptools'
+        # own path is a temporary folder that it copies from, and which is gone after the
+        # install; a rebuild into it would leave the imported module stale.)
+        editable = getattr(self, "editable_mode", False)
+        out_dir = ROOT / "crosslmm_ops" if editable else ext_path.parent
         # A persistent build folder (ignored by git), so a reinstall recompiles only what changed;
         # setuptools' build_temp is a fresh folder for every editable install. `rm -rf build` forces
         # a clean build.
@@ -142,6 +148,9 @@ class CMakeBuild(build_ext):
         subprocess.run(
             ["cmake", "--build", str(build_dir), "--parallel", jobs], check=True, env=env
         )
+        if out_dir != ext_path.parent:  # where setuptools copies the module from
+            ext_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(out_dir / ext_path.name, ext_path)
 
 
 def ext_modules() -> list[Extension]:

@@ -145,12 +145,55 @@ def test_a_package_without_the_extension_declares_no_extension_module(monkeypatc
     setup = _setup_module()
     assert setup["ext_modules"]() == []
     monkeypatch.delenv("CROSSLMM_SKIP_CUDA_BUILD")
-    setup["build_plan"] = lambda: (True, "a toolchain")
+    module = setup["ext_modules"].__globals__  # run_path returns a copy of the module's globals
+    module["build_plan"] = lambda: (True, "a toolchain")
     assert [e.name for e in setup["ext_modules"]()] == ["crosslmm_ops._C"]
+    # Not possible here: none declared (a pure-Python wheel).
+    module["build_plan"] = lambda: (False, "no CUDA toolkit found")
+    assert setup["ext_modules"]() == []
     # Forced but impossible: declared, so that build_ext runs and says why it cannot build.
-    setup["build_plan"] = lambda: (False, "no CUDA toolkit found")
     monkeypatch.setenv("CROSSLMM_FORCE_BUILD", "1")
     assert [e.name for e in setup["ext_modules"]()] == ["crosslmm_ops._C"]
+
+
+@pytest.mark.parametrize("editable", [True, False])
+def test_the_extension_is_built_where_python_will_import_it(tmp_path, editable):
+    """An editable install imports _C from the source package, so CMake must write it there: a
+    later incremental `cmake --build` of the persistent build folder then updates the imported
+    module. (setuptools' own target is a temporary folder it copies from; a rebuild into that
+    folder left the import on the old build.) A regular install builds into setuptools' folder."""
+    from setuptools import Distribution
+
+    setup = _setup_module()
+    # The names build_extension looks up (run_path returns a copy of the module's globals).
+    module = setup["CMakeBuild"].build_extension.__globals__
+    module["ROOT"] = tmp_path / "src"  # never the real package: a stray _C there is imported
+    module["find_cuda_home"] = lambda: tmp_path / "cuda"
+    commands = []
+
+    def run(cmd, check, env):  # CMake stands in: it writes _C where it was configured to
+        commands.append(cmd)
+        if cmd[:2] == ["cmake", "--build"]:
+            flag = "-DCROSSLMM_OUTPUT_DIR="
+            (out,) = [Path(a[len(flag) :]) for a in commands[0] if a.startswith(flag)]
+            out.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(b"built")
+
+    module["subprocess"] = type("FakeSubprocess", (), {"run": staticmethod(run)})
+    ext = setup["CMakeExtension"]("crosslmm_ops._C")
+    command = setup["CMakeBuild"](Distribution({"name": "crosslmm-ops", "ext_modules": [ext]}))
+    command.initialize_options()
+    command.build_lib = str(tmp_path / "build_lib")
+    command.finalize_options()
+    command.editable_mode = editable
+    target = Path(command.get_ext_fullpath(ext.name))
+    name = target.name
+    command.build_extension(ext)
+
+    expected = tmp_path / "src" / "crosslmm_ops" if editable else target.parent.resolve()
+    assert f"-DCROSSLMM_OUTPUT_DIR={expected}" in commands[0]
+    assert (expected / name).read_bytes() == b"built"
+    assert target.read_bytes() == b"built"  # where setuptools copies from, in both cases
 
 
 # ----------------------------------------------------------------------------------------------
