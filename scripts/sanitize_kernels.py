@@ -7,7 +7,8 @@ sm90 one for fewer, and the mma.sync one, forced per call with CROSSLMM_ATTENTIO
 the planner reads at every call), their
 split-KV combine, the attention backward, and the projection-fused core (direct and through
 projected_cross_attention) on its kernels (mma_sync; the decode kernel with cp.async and bulk-copy
-loads; sm90_cluster on an sm_90 GPU), with its split combine, and its backward (direct)."""
+loads; sm90_cluster on an sm_90 GPU), with its split combine, and its backward (direct).
+CROSSLMM_SANITIZE_SECTIONS (comma-separated section names) runs some sections only."""
 
 import os
 
@@ -19,6 +20,20 @@ from crosslmm_ops.testing import non_contiguous
 assert torch.cuda.is_available(), "needs a GPU"
 torch.manual_seed(0)
 runs = 0
+# CROSSLMM_SANITIZE_SECTIONS="projected sm90_cluster,attention" runs only those sections (names as
+# the section lines print them); unset, every section runs.
+SECTIONS = os.environ.get("CROSSLMM_SANITIZE_SECTIONS")
+REQUESTED = None if SECTIONS is None else {n.strip() for n in SECTIONS.split(",")}
+seen = set()
+
+
+def section(name: str) -> bool:
+    """Whether section ``name`` runs; its header line either way."""
+    seen.add(name)
+    wanted = REQUESTED is None or name in REQUESTED
+    print(f"sanitize_kernels: section {name}{'' if wanted else ' skipped'}", flush=True)
+    return wanted
+
 
 POOL_CASES = [
     ("avg", dict(kernel_size=3)),
@@ -38,32 +53,31 @@ POOL_CASES = [
     ("adaptive", dict(output_size=4)),
     ("bilinear", dict(output_size=(5, 4), align_corners=True)),
 ]
-print("sanitize_kernels: section token_pool", flush=True)
-for dtype in (torch.bfloat16, torch.float32):
-    for channels in (64, 37):  # 37: the narrow-vector path
-        base = torch.randn(2, 5, 81, channels, device="cuda", dtype=dtype)
-        for x in (base, non_contiguous(base, dim=2)):
-            for mode, kw in POOL_CASES:
-                x = x.detach().requires_grad_(True)
-                out = crosslmm_ops.token_pool(x, 9, mode, backend="cuda", **kw)
-                out.backward(torch.randn_like(out))
-                with torch.no_grad():  # max without winners: its own kernel path
-                    crosslmm_ops.token_pool(x, 9, mode, backend="cuda", **kw)
-                runs += 3
-# Long rows, few of them (the mean over a 27x27 frame, over one and over two frames).
-for temporal_stride in (1, 2):
-    x = torch.randn(1, 3, 729, 64, device="cuda", requires_grad=True)
-    out = crosslmm_ops.token_pool(
-        x, 27, "adaptive", output_size=1, temporal_stride=temporal_stride, backend="cuda"
-    )
-    out.backward(torch.randn_like(out))
-    runs += 2
-torch.cuda.synchronize()
+if section("token_pool"):
+    for dtype in (torch.bfloat16, torch.float32):
+        for channels in (64, 37):  # 37: the narrow-vector path
+            base = torch.randn(2, 5, 81, channels, device="cuda", dtype=dtype)
+            for x in (base, non_contiguous(base, dim=2)):
+                for mode, kw in POOL_CASES:
+                    x = x.detach().requires_grad_(True)
+                    out = crosslmm_ops.token_pool(x, 9, mode, backend="cuda", **kw)
+                    out.backward(torch.randn_like(out))
+                    with torch.no_grad():  # max without winners: its own kernel path
+                        crosslmm_ops.token_pool(x, 9, mode, backend="cuda", **kw)
+                    runs += 3
+    # Long rows, few of them (the mean over a 27x27 frame, over one and over two frames).
+    for temporal_stride in (1, 2):
+        x = torch.randn(1, 3, 729, 64, device="cuda", requires_grad=True)
+        out = crosslmm_ops.token_pool(
+            x, 27, "adaptive", output_size=1, temporal_stride=temporal_stride, backend="cuda"
+        )
+        out.backward(torch.randn_like(out))
+        runs += 2
+    torch.cuda.synchronize()
 
-print("sanitize_kernels: section attention", flush=True)
 attention = getattr(crosslmm_ops, "cross_attention", None)
 ext = crosslmm_ops._backend.extension()
-if attention is not None and ext is not None and hasattr(ext, "attention_forward"):
+if section("attention") and attention is not None and hasattr(ext, "attention_forward"):
     kernels = set()  # the forward kernels that ran (auto: head dim 128 with < 64 queries on sm_90
     # takes the GQA-packed wgmma kernel, sm90_packed; head dim 64 the mma.sync one)
     for sq, sk in ((1, 339), (9, 129), (113, 203), (70, 33)):
@@ -116,8 +130,7 @@ if attention is not None and ext is not None and hasattr(ext, "attention_forward
         torch.cuda.synchronize()
     os.environ.pop("CROSSLMM_ATTENTION_SM90", None)
     print(f"sanitize_kernels: attention forward kernels run: {sorted(kernels)}")
-print("sanitize_kernels: section projected (core)", flush=True)
-if ext is not None and hasattr(ext, "projected_attention_core_forward"):
+if section("projected core") and hasattr(ext, "projected_attention_core_forward"):
     # The projection-fused attention core (csrc/projected/), called directly: 16- and 32-row tiles
     # (1 and 3 queries x 12 heads), Dv with idle warps and a half k-step (64, 200) and the large-Dv
     # bucket (1160), key tails, a segment without keys, one without queries, key splits (3 and the
@@ -161,6 +174,7 @@ if ext is not None and hasattr(ext, "projected_attention_core_forward"):
                 runs += 1 if splits == 1 else 2
         torch.cuda.synchronize()
     torch.cuda.synchronize()
+if section("projected sm90_cluster") and hasattr(ext, "projected_attention_core_forward"):
     # The Hopper core (sm90_cluster), where it can run: rows per segment 1..129 around its 64-row
     # tiles, key tails around its 32-key tiles, a segment without keys, Dv 1152 and 512 (atoms
     # past Dv: TMA zero fill), key splits 1, 3 and the heuristic.
@@ -182,8 +196,7 @@ if ext is not None and hasattr(ext, "projected_attention_core_forward"):
                 assert ran == "sm90_cluster", ran
                 runs += 2 if splits == 3 else 1
         torch.cuda.synchronize()
-print("sanitize_kernels: section projected (core backward)", flush=True)
-if ext is not None and hasattr(ext, "projected_attention_core_backward"):
+if section("projected core backward") and hasattr(ext, "projected_attention_core_backward"):
     # The core's backward called directly (delta, dx, dq and, with splits, the split-sum kernels):
     # 16-row tiles with row and key tails, a segment without keys and one without queries, Dv with
     # idle warps (200), the large-Dv bucket (1160, one pipeline stage), splits 1 / 3 / heuristic,
@@ -205,8 +218,9 @@ if ext is not None and hasattr(ext, "projected_attention_core_backward"):
                     )
                     runs += 5 if splits == 3 else 3  # delta, dx, dq (+ 2 split sums)
     torch.cuda.synchronize()
-print("sanitize_kernels: section projected (public)", flush=True)
-if os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):
+if not section("projected public"):
+    pass
+elif os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):
     # The public call below runs our core (checked above, called directly) between cuBLAS GEMMs,
     # and both tools report inside cuBLAS's Hopper GEMMs (nvjet_sm90_*), not in our code:
     # initcheck flags every read of memory such a GEMM wrote (it stores through TMA, which
@@ -218,7 +232,7 @@ if os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):
         f"{os.environ['CROSSLMM_SANITIZE_TOOL']} (cuBLAS GEMMs; see the comment)",
         flush=True,
     )
-elif ext is not None and hasattr(ext, "projected_attention_core_forward"):
+elif hasattr(ext, "projected_attention_core_forward"):
     # Through the public op: the fused path's forward on CUDA (its backward on CUDA where the
     # extension has it, else Triton),
     # frame-local segments and a decode row against a long segment, with splits.
@@ -244,3 +258,5 @@ elif ext is not None and hasattr(ext, "projected_attention_core_forward"):
         runs += 1 if splits == 1 else 2
     torch.cuda.synchronize()
 print(f"sanitize_kernels: {runs} kernels run")
+if REQUESTED is not None and REQUESTED - seen:
+    raise SystemExit(f"CROSSLMM_SANITIZE_SECTIONS: no section {sorted(REQUESTED - seen)}")
