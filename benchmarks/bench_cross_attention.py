@@ -35,7 +35,7 @@ except ImportError:
         "(SDPA's flash back end is FlashAttention-2's kernel)"
     )
 
-try:  # FlashAttention-4 (CuTe DSL), the strongest peer on Hopper; ../shared/fa4 says how to install
+try:  # FlashAttention-4 (CuTe DSL; pip install flash-attn-4), the strongest peer on Hopper
     from flash_attn.cute import flash_attn_func as _fa4_func  # type: ignore
 
     HAVE_FA4 = True
