@@ -161,7 +161,8 @@ def test_the_extension_is_built_where_python_will_import_it(tmp_path, editable):
     """An editable install imports _C from the source package, so CMake must write it there: a
     later incremental `cmake --build` of the persistent build folder then updates the imported
     module. (setuptools' own target is a temporary folder it copies from; a rebuild into that
-    folder left the import on the old build.) A regular install builds into setuptools' folder."""
+    folder would leave the import on the old build.) A regular install builds into setuptools'
+    folder."""
     from setuptools import Distribution
 
     setup = _setup_module()
