@@ -100,8 +100,8 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
 
   // This CTA's atoms: [cta_atom0, cta_atom0 + kAtomsPerCta) of the 18 of Dv = 1152. A smaller Dv
   // runs the same tiles: the atoms past Dv (at and after cta_atoms_loaded) are never loaded, their
-  // shared memory is zeroed once by the consumers that own them, so they add 0 to S, and their O
-  // is not stored.
+  // shared memory is zeroed once, by the whole CTA before its first barrier, so they add 0 to S,
+  // and their O is not stored.
   const int cta_atom0 = static_cast<int>(rank) * Cfg::kAtomsPerCta;
   const int cta_atoms_loaded =
       max(0, min(Cfg::kAtomsPerCta, p.head_dim / Cfg::kAtom - cta_atom0));
@@ -132,6 +132,24 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
     // Receive buffer b: this CTA's arrive.expect_tx, then the other CTA's st.async bytes.
     for (int b = 0; b < Cfg::kReceiveBuffers; ++b) mbarrier_init(s_full(b), 1);
     fence_barrier_init();
+  }
+  // Atoms past Dv (from cta_atoms_loaded on): their q and x stages are zeroed here, once, by the
+  // whole CTA, since TMA never writes them. The cluster barrier below orders these writes (made
+  // visible to the async proxy by the fence) before every wgmma that reads them.
+  if (count > 0 && cta_atoms_loaded < Cfg::kAtomsPerCta) {
+    constexpr int kQChunks = Cfg::kQAtomBytes / 16;
+    constexpr int kXChunks = Cfg::kXAtomBytes / 16;
+    constexpr int kChunksPerAtom = kQChunks + kStages * kXChunks;
+    const int unloaded = Cfg::kAtomsPerCta - cta_atoms_loaded;
+    for (int idx = tid; idx < unloaded * kChunksPerAtom; idx += Cfg::kThreads) {
+      const int a = cta_atoms_loaded + idx / kChunksPerAtom;
+      const int chunk = idx % kChunksPerAtom;
+      const uint32_t addr = chunk < kQChunks ? sQ(a) + chunk * 16
+                                             : sX((chunk - kQChunks) / kXChunks, a) +
+                                                   ((chunk - kQChunks) % kXChunks) * 16;
+      asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u) : "memory");
+    }
+    fence_proxy_async_shared();
   }
   // Both CTAs' barriers exist before either CTA arrives on the other's.
   cluster_sync();
@@ -380,26 +398,6 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
       };
 
       if (count > 0) {
-        // Atoms past Dv: zero this consumer's q and x stages once (TMA never writes them).
-        const int unloaded = kMyAtoms - max(0, min(kMyAtoms, cta_atoms_loaded - my_atom0));
-        if (unloaded > 0) {
-          const int first = kMyAtoms - unloaded;
-          constexpr int kChunksPerAtom = (Cfg::kQAtomBytes + kStages * Cfg::kXAtomBytes) / 16;
-          for (int idx = wg_tid; idx < unloaded * kChunksPerAtom; idx += 128) {
-            const int a = my_atom0 + first + idx / kChunksPerAtom;
-            const int chunk = idx % kChunksPerAtom;
-            constexpr int kQChunks = Cfg::kQAtomBytes / 16;
-            constexpr int kXChunks = Cfg::kXAtomBytes / 16;
-            const uint32_t addr = chunk < kQChunks
-                                      ? sQ(a) + chunk * 16
-                                      : sX((chunk - kQChunks) / kXChunks, a) +
-                                            ((chunk - kQChunks) % kXChunks) * 16;
-            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u)
-                         : "memory");
-          }
-          fence_proxy_async_shared();
-          named_barrier_sync(kConsumerBarrier + consumer, 128);
-        }
         mbarrier_wait(q_full, 0);
         // Key tile 0: S only.
         wait_x(0);
