@@ -78,6 +78,9 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
   constexpr uint32_t kConsumerBarrier = 1;  // named barrier of consumer w alone: 1 + w
   constexpr uint32_t kPartialsBarrier = 3;  // both consumers: both partials are in their slots
   constexpr uint32_t kSlotFreeBarrier = 4;  // 4 + w: the other consumer has read w's partial
+  // How far (log2 units) a row's running max may pass the reference that P and O are kept
+  // against before both move: P <= 2^8.
+  constexpr float kMaxLag = 8.f;
 
   // The cluster's tile: m-block fastest, then split, then segment (both CTAs agree on it).
   const uint32_t rank = cluster_ctarank();
@@ -351,16 +354,21 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
             }
           }
           tile_max = quad_max(tile_max);
-          const float new_max = fmaxf(row_max[r], tile_max);  // finite: the tile has a valid key
-          corr[r] = exp2f(row_max[r] - new_max);              // 0 on the first tile
-          row_max[r] = new_max;
+          // The reference max moves only when the tile's max exceeds it by more than
+          // kMaxLag: P stays below 2^kMaxLag (exact in fp32, bf16 and fp16 alike, and the final
+          // O / l cancels the reference), and O is rescaled only on those tiles. Every consumer
+          // of the cluster holds the same S, so all take the same decisions.
+          const float ahead = tile_max - row_max[r];  // +inf on the first tile; tile_max finite
+          const float ref = ahead > kMaxLag ? tile_max : row_max[r];
+          corr[r] = exp2f(row_max[r] - ref);  // 0 on the first tile, else 1 unless moved
+          row_max[r] = ref;
           float sum = 0.f;
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               float& v = s[4 * j + 2 * r + e];
-              v = exp2f(v - new_max);
+              v = exp2f(v - ref);
               sum += v;
             }
           }
@@ -377,6 +385,9 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
         }
       };
       auto rescale_o = [&](const float (&corr)[2]) {
+        // Most tiles move no row's reference max (see softmax): then the warp skips the
+        // kMyAtoms * 32 multiplies.
+        if (!__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) return;
 #pragma unroll
         for (int a = 0; a < kMyAtoms; ++a) {
 #pragma unroll
