@@ -327,9 +327,12 @@ __global__ void __launch_bounds__(Sm90Cluster::kThreads, 1)
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int j = 2 * consumer + h;
-          const float v[4] = {s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3]};
-          st_async_v4(receive_remote + buffer_offset + j * kFloat4Stride, v,
+          // Selects, not s[4 * (2 * consumer + h) + e]: an index known only at run time would
+          // put s in local memory.
+          float v[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) v[e] = consumer == 0 ? s[4 * h + e] : s[8 + 4 * h + e];
+          st_async_v4(receive_remote + buffer_offset + (2 * consumer + h) * kFloat4Stride, v,
                       s_full_remote + 8u * buffer);
         }
         mbarrier_wait(s_full(buffer), (n >> 1) & 1);
