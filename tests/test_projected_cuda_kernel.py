@@ -288,6 +288,33 @@ def test_forward_late_maximum(kernel):
     check(q, x, cu_q, cu_k, label="late maximum", kernel=kernel)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@gpu
+def test_forward_rising_maximum(dtype, num_splits, kernel):
+    """Scores that climb tile after tile at a different rate per head. sm90_cluster moves a
+    row's reference max only when a tile's max passes it by more than 2^8 (log2 units 8): heads
+    climbing 2 per 32-key tile keep their reference for four tiles while P grows to 2^8 exactly,
+    then move it; heads climbing 10 move it on every tile; heads climbing 0.5 never after the
+    first. One warp's rows mix all three, so some rows rescale O where others keep it."""
+    q, x, cu_q, cu_k = make_inputs([2, 9], [1500, FRAME], HQ, DV, dtype)
+    # Key 32 t + 2 h + 1 of the first segment scores 20 + slope_h * t * ln 2 for the first
+    # query's head h and 0 for its other heads (x's row made orthogonal to those queries, then
+    # moved along the dual basis), so each head's running max climbs by exactly slope_h per tile.
+    first = q[0].float()  # [H, Dv]
+    dual = torch.linalg.pinv(first)  # [Dv, H]: first[h] . dual[:, g] = (h == g)
+    xf = x.float()
+    for h in range(HQ):
+        slope = (2.0, 10.0, 0.5)[h % 3]
+        for t in range(16):
+            logits = torch.zeros(HQ, device="cuda")
+            logits[h] = 20.0 + slope * t * math.log(2)
+            k = 32 * t + 2 * h + 1
+            xf[k] += dual @ (logits / SCALE - first @ xf[k])
+    x = xf.to(dtype)
+    check(q, x, cu_q, cu_k, num_splits=num_splits, label="rising maximum", kernel=kernel)
+
+
 # Tile edges of both kernels: rows per segment around sm90_cluster's 64-row tiles (and the mma.sync
 # kernel's 16/32) with one head, keys around the 32-key tiles; the same with 3 heads (rows = 3 x
 # queries: 3, 27, 63, 66, 129, 195).
