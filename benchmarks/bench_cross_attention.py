@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import copy_bandwidth_tbs, do_bench_ms, gpu_synced, matmul_tflops
+from conftest import copy_bandwidth_tbs, do_bench_ms, gpu_synced, load_fa4, matmul_tflops
 
 import crosslmm_ops
 from crosslmm_ops.testing import fast_backends
@@ -35,16 +35,8 @@ except ImportError:
         "(SDPA's flash back end is FlashAttention-2's kernel)"
     )
 
-try:  # FlashAttention-4 (CuTe DSL; pip install flash-attn-4), the strongest peer on Hopper
-    from flash_attn.cute import flash_attn_func as _fa4_func  # type: ignore
-
-    HAVE_FA4 = True
-except Exception as _exc:  # noqa: BLE001 - any import failure means "not available here"
-    HAVE_FA4 = False
-    print(
-        f"bench_cross_attention: FlashAttention-4 (flash_attn.cute) is not importable here "
-        f"({type(_exc).__name__}); its column is skipped"
-    )
+_fa4_func = load_fa4("bench_cross_attention")[0]
+HAVE_FA4 = _fa4_func is not None
 
 CASES = {  # name: (batch, Lq, Lk, frames)
     **{

@@ -1,5 +1,6 @@
 """Projection-fused attention (``projected_cross_attention``) against the way a user does it today:
-cuBLAS projections of ``x`` into K and V (``F.linear``), then the best SDPA back end. CrossLMM-2B
+cuBLAS projections of ``x`` into K and V (``F.linear``), then the best attention kernel (SDPA's back
+ends, and FlashAttention-4 where it is importable). CrossLMM-2B
 shapes: SigLIP tokens of width Dv = 1152 (729 per frame), 12 query heads of 128, bf16,
 T = 32..256 frames, with **Hk = 2** KV heads (the real Qwen2.5-1.5B of CrossLMM-2B) and **Hk = 12**
 (the shape of the peers' rows in docs/performance.md, 12 KV heads).
@@ -10,19 +11,22 @@ Cases (each group holds ours and the peers, timed in one process on the same inp
 
 * ``v2v-frame`` - frame-local V2V *including the projections*: the 9 pooled queries of each frame
   against its 729 tokens, every frame in one call. Ours: ``path="fused"`` (no K/V at all). Peers:
-  ``F.linear`` K and V, then SDPA (flash / cuDNN / efficient) batched over frames. Target:
-  >= 8x the best peer.
+  ``F.linear`` K and V, then SDPA (flash / cuDNN / efficient) or FlashAttention-4, batched over
+  frames. Target: >= 8x the best peer.
 * ``decode`` - one T2V decode step from the cached ``x``: 1 text query against all T * 729 tokens.
   Ours reads ``x`` (the cache every DCAL layer shares); the peers read cached K/V (SDPA flash and
-  cuDNN; no projection timed). Target: >= 2.5x SDPA flash. The group name carries both caches'
-  memory per layer, measured with ``torch.cuda.max_memory_allocated``: ``x`` (once for the model)
-  against this layer's K + V (once per DCAL layer: x7 for CrossLMM-2B's 28 layers, K = 4).
+  cuDNN, FlashAttention-4; no projection timed). Target: >= 2.5x SDPA flash. The group name
+  carries both caches' memory per layer, measured with ``torch.cuda.max_memory_allocated``: ``x``
+  (once for the model) against this layer's K + V (once per DCAL layer: x7 for CrossLMM-2B's 28
+  layers, K = 4).
 * ``t2v-prefill`` - 128 text queries against all tokens, ours on both paths (``path=fused`` and
   ``path=materialized`` groups) so the cost model's choice, named in the group (``auto: ...``,
   with its predicted ms for both paths), can be checked against the measurements.
 
 GQA peers use SDPA's ``enable_gqa=True`` where the back end takes it, else HF's ``repeat_kv``
-(expand + reshape, timed) - the row's ``gqa`` field says which. FLOPs: ours ``4 * pairs * Hq * Dv``
+(expand + reshape, timed) - the row's ``gqa`` field says which; FlashAttention-4 takes fewer K/V
+heads natively. When FlashAttention-4 is not importable the benchmark prints so and has no
+``fa4`` columns. FLOPs: ours ``4 * pairs * Hq * Dv``
 (core) ``+ 4 * Lq * Hq * d * Dv`` (q~ and output GEMMs); the peers ``4 * Lk * Dv * Hk * d``
 (projections) ``+ 4 * pairs * Hq * d`` (attention). Floor = ours: max(FLOPs / matmul rate, bytes /
 copy bandwidth) with bytes = x, q, the weights read and the output written once, both rates
@@ -41,6 +45,7 @@ from conftest import (
     copy_bandwidth_tbs,
     do_bench_ms,
     gpu_synced,
+    load_fa4,
     matmul_tflops,
     rotating,
 )
@@ -49,11 +54,17 @@ import crosslmm_ops
 from crosslmm_ops.ops import projected_attention as pa
 from crosslmm_ops.testing import fast_backends
 
+_fa4_func = load_fa4("bench_projected_attention")[0]
+HAVE_FA4 = _fa4_func is not None
+
 SUITE = "projected_attention"
 HQ, D, DV, TOKENS, POOLED, TEXT = 12, 128, 1152, 729, 9, 128
 DCAL_LAYERS = 7  # CrossLMM-2B: 28 decoder layers, a DCAL every 4
 OURS = ["cuda", "triton"]
 SDPA_PEERS = ["flash", "cudnn", "efficient"]
+# Attention peers after the projections (and on cached K/V for decode), by name.
+ATTENTION_PEERS = [f"sdpa-{p}" for p in SDPA_PEERS] + (["fa4"] if HAVE_FA4 else [])
+DECODE_PEERS = ["sdpa-flash", "sdpa-cudnn"] + (["fa4"] if HAVE_FA4 else [])
 FRAMES = [32, 64, 128, 256]
 KV_HEADS = [2, 12]
 
@@ -122,7 +133,7 @@ def make_inputs(kind, frames, hk, device="cuda", dtype=torch.bfloat16):
 
 
 # ----------------------------------------------------------------------------------------------
-# The peers: projection + SDPA, or SDPA on cached K/V
+# The peers: projection + attention, or attention on cached K/V
 # ----------------------------------------------------------------------------------------------
 
 
@@ -156,9 +167,28 @@ def sdpa(name, gqa):
     return run
 
 
-def projected_then_sdpa(name, gqa):
-    """The user's way today: cuBLAS projections of x into K and V, then SDPA."""
-    attend = sdpa(name, gqa)
+def fa4(gqa):
+    """FlashAttention-4 on ``q (B, Lq, Hq, d)``, ``k, v (B, Lk, Hk, d)``: fewer K/V heads natively
+    (``gqa="native"``), or expanded as transformers' ``repeat_kv`` does."""
+
+    def run(q, k, v):
+        group = q.shape[2] // k.shape[2]
+        if group > 1 and gqa != "native":
+            k, v = (t[:, :, :, None].expand(-1, -1, -1, group, -1).flatten(2, 3) for t in (k, v))
+        return _fa4_func(q, k, v)[0]  # (out, lse)
+
+    return run
+
+
+def attention_peer(name, gqa):
+    """The attention of peer ``name`` ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "fa4")."""
+    return fa4(gqa) if name == "fa4" else sdpa(name.removeprefix("sdpa-"), gqa)
+
+
+def projected_then(peer, gqa):
+    """The user's way today: cuBLAS projections of x into K and V, then the attention of ``peer``
+    (see attention_peer)."""
+    attend = attention_peer(peer, gqa)
 
     def run(t):
         k = F.linear(t["x"], t["w_k"], t["b_k"]).unflatten(-1, (-1, D))
@@ -283,7 +313,7 @@ def _record(record, benchmark, group, impl, ms, flops, moved, floor, unit, **ext
     )
 
 
-@pytest.mark.parametrize("impl", OURS + [f"proj+sdpa-{p}" for p in SDPA_PEERS])
+@pytest.mark.parametrize("impl", OURS + [f"proj+{p}" for p in ATTENTION_PEERS])
 @pytest.mark.parametrize("hk", KV_HEADS)
 @pytest.mark.parametrize("frames", FRAMES)
 def bench_v2v_frame_local(benchmark, record, frames, hk, impl):
@@ -300,7 +330,7 @@ def bench_v2v_frame_local(benchmark, record, frames, hk, impl):
         flops, moved = fused_counts("v2v-frame", frames, hk)
     else:
         fn, gqa, error = first_working(
-            lambda g: projected_then_sdpa(impl.split("-")[-1], g), inputs
+            lambda g: projected_then(impl.removeprefix("proj+"), g), inputs
         )
         if fn is None:
             record(
@@ -329,7 +359,7 @@ def bench_v2v_frame_local(benchmark, record, frames, hk, impl):
     )
 
 
-@pytest.mark.parametrize("impl", OURS + ["sdpa-flash", "sdpa-cudnn"])
+@pytest.mark.parametrize("impl", OURS + DECODE_PEERS)
 @pytest.mark.parametrize("hk", KV_HEADS)
 @pytest.mark.parametrize("frames", FRAMES)
 def bench_t2v_decode(benchmark, record, frames, hk, impl):
@@ -353,7 +383,7 @@ def bench_t2v_decode(benchmark, record, frames, hk, impl):
     else:
         inputs = _inputs("decode", frames, hk, with_kv=True)
         fn, gqa, error = first_working(
-            lambda g: lambda t, a=sdpa(impl.split("-")[-1], g): a(t["q"], t["k"], t["v"]), inputs
+            lambda g: lambda t, a=attention_peer(impl, g): a(t["q"], t["k"], t["v"]), inputs
         )
         if fn is None:
             record(
@@ -387,7 +417,7 @@ def bench_t2v_decode(benchmark, record, frames, hk, impl):
 PREFILL_FRAMES = [32, 256]
 
 
-@pytest.mark.parametrize("impl", OURS + [f"proj+sdpa-{p}" for p in SDPA_PEERS])
+@pytest.mark.parametrize("impl", OURS + [f"proj+{p}" for p in ATTENTION_PEERS])
 @pytest.mark.parametrize("path", ["fused", "materialized"])
 @pytest.mark.parametrize("hk", KV_HEADS)
 @pytest.mark.parametrize("frames", PREFILL_FRAMES)
@@ -408,7 +438,7 @@ def bench_t2v_prefill(benchmark, record, frames, hk, path, impl):
         )
     else:
         fn, gqa, error = first_working(
-            lambda g: projected_then_sdpa(impl.split("-")[-1], g), inputs
+            lambda g: projected_then(impl.removeprefix("proj+"), g), inputs
         )
         if fn is None:
             record(

@@ -22,6 +22,23 @@ RESULTS: list[dict] = []
 _CEILINGS: dict[str, float] = {}
 
 
+def load_fa4(user: str | None = None):
+    """FlashAttention-4 (CuTe DSL; ``pip install flash-attn-4``), the strongest attention peer on
+    Hopper: ``(flash_attn_func, flash_attn_varlen_func, None)``, or ``(None, None, why)`` where it
+    is not importable, which is printed on behalf of benchmark ``user`` when given (its FA4
+    columns are left out)."""
+    try:
+        from flash_attn.cute import flash_attn_func, flash_attn_varlen_func  # type: ignore
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available here"
+        if user:
+            print(
+                f"{user}: FlashAttention-4 (flash_attn.cute) is not importable here "
+                f"({type(exc).__name__}); its columns are skipped"
+            )
+        return None, None, f"{type(exc).__name__}: {exc}"
+    return flash_attn_func, flash_attn_varlen_func, None
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_projected_attention as projected  # noqa: E402
-from conftest import do_bench_ms, graph_ms, warm_up_gpu  # noqa: E402
+from conftest import do_bench_ms, graph_ms, load_fa4, warm_up_gpu  # noqa: E402
 
 import crosslmm_ops  # noqa: E402
 from crosslmm_ops.ops import projected_attention as pa  # noqa: E402
@@ -52,14 +52,7 @@ from crosslmm_ops.ops import projected_attention as pa  # noqa: E402
 HEADS, HEAD_DIM, N, n = 12, 128, 729, 9
 OURS = {"ours": "cuda", "ours_triton": "triton"}  # column: the back end it must run on
 
-try:
-    from flash_attn.cute import flash_attn_func as fa4_func  # type: ignore
-    from flash_attn.cute import flash_attn_varlen_func as fa4_varlen_func  # type: ignore
-
-    FA4_ERROR = None
-except Exception as exc:  # noqa: BLE001 - any import failure means "not available here"
-    fa4_func = fa4_varlen_func = None
-    FA4_ERROR = f"{type(exc).__name__}: {exc}"
+fa4_func, fa4_varlen_func, FA4_ERROR = load_fa4()
 
 
 def _case_table():
@@ -258,19 +251,14 @@ def _projected_frame_local_row(frames: int, hk: int) -> dict:
         with torch.no_grad():
             row["ms"][name] = round(do_bench_ms(lambda fn=fn: fn(t)), 5)
 
-    def project(t):
-        k = F.linear(t["x"], t["w_k"], t["b_k"]).unflatten(-1, (hk, HEAD_DIM))
-        v = F.linear(t["x"], t["w_v"], t["b_v"]).unflatten(-1, (hk, HEAD_DIM))
-        return k, v
-
     peers = {}
     if fa4_func is not None:
-        peers["cublas+fa4"] = lambda t: fa4_func(t["q"], *project(t))[0]
+        peers["cublas+fa4"] = projected.projected_then("fa4", "native")
     else:
         row["skipped"]["cublas+fa4"] = f"not importable: {FA4_ERROR[:160]}"
     for sdpa in ("cudnn", "flash"):
         fn, _, error = projected.first_working(
-            lambda g, sdpa=sdpa: projected.projected_then_sdpa(sdpa, g), [t]
+            lambda g, sdpa=sdpa: projected.projected_then(f"sdpa-{sdpa}", g), [t]
         )
         if fn is None:
             row["skipped"][f"cublas+sdpa_{sdpa}"] = error
