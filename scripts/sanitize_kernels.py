@@ -218,9 +218,8 @@ if section("projected core backward") and hasattr(ext, "projected_attention_core
                     )
                     runs += 5 if splits == 3 else 3  # delta, dx, dq (+ 2 split sums)
     torch.cuda.synchronize()
-if not section("projected public"):
-    pass
-elif os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):
+public = section("projected public")
+if public and os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):
     # The public call below runs our core (checked above, called directly) between cuBLAS GEMMs,
     # and both tools report inside cuBLAS's Hopper GEMMs (nvjet_sm90_*), not in our code:
     # initcheck flags every read of memory such a GEMM wrote (it stores through TMA, which
@@ -232,7 +231,7 @@ elif os.environ.get("CROSSLMM_SANITIZE_TOOL") in ("initcheck", "racecheck"):
         f"{os.environ['CROSSLMM_SANITIZE_TOOL']} (cuBLAS GEMMs; see the comment)",
         flush=True,
     )
-elif hasattr(ext, "projected_attention_core_forward"):
+elif public and hasattr(ext, "projected_attention_core_forward"):
     # Through the public op: the fused path's forward on CUDA (its backward on CUDA where the
     # extension has it, else Triton),
     # frame-local segments and a decode row against a long segment, with splits.

@@ -303,14 +303,15 @@ def test_forward_rising_maximum(dtype, num_splits, kernel):
     # moved along the dual basis), so each head's running max climbs by exactly slope_h per tile.
     first = q[0].float()  # [H, Dv]
     dual = torch.linalg.pinv(first)  # [Dv, H]: first[h] . dual[:, g] = (h == g)
+    t, h = torch.meshgrid(torch.arange(16), torch.arange(HQ), indexing="ij")
+    keys = (32 * t + 2 * h + 1).flatten().cuda()
+    slopes = torch.tensor([2.0, 10.0, 0.5]).repeat(HQ // 3)
+    logits = torch.zeros(keys.numel(), HQ, device="cuda")  # the first query's, per planted key
+    logits[torch.arange(keys.numel()), h.flatten()] = (
+        (20.0 + slopes * t * math.log(2)).flatten().cuda()
+    )
     xf = x.float()
-    for h in range(HQ):
-        slope = (2.0, 10.0, 0.5)[h % 3]
-        for t in range(16):
-            logits = torch.zeros(HQ, device="cuda")
-            logits[h] = 20.0 + slope * t * math.log(2)
-            k = 32 * t + 2 * h + 1
-            xf[k] += dual @ (logits / SCALE - first @ xf[k])
+    xf[keys] += (logits / SCALE - xf[keys] @ first.T) @ dual.T
     x = xf.to(dtype)
     check(q, x, cu_q, cu_k, num_splits=num_splits, label="rising maximum", kernel=kernel)
 
