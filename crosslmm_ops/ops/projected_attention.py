@@ -873,18 +873,21 @@ def _packed(layout: ProjectedLayout, q, x, cu_seqlens_q, cu_seqlens_k):
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     """Time estimates of the two paths from the shapes, each stage ``max(FLOPs / rate, bytes /
-    bandwidth)``. Defaults: an H100 in bf16, from the measurements in docs/performance.md:
+    bandwidth)``: GPU time, which a captured decode step runs and which decides wherever the GPU
+    is behind the host. A call shorter than its own host time (tens to hundreds of microseconds,
+    by the machine) is host-bound on either path. Defaults: an H100 in bf16, from the
+    measurements in docs/performance.md:
 
     * ``matmul_tflops`` 700: cuBLAS bf16 (731-802 TFLOP/s at 8192^3; the projection of
       ``x`` is a (T*729) x 1152 x (2*Hk*d) GEMM, as large);
     * ``attention_tflops`` 300: materialised attention on CrossLMM's shapes (SDPA flash
       250-310, cuDNN up to 557, our kernels 126-345 TFLOP/s);
-    * ``fused_tflops`` 90: the rate that predicts the whole fused call on an H100 (bf16). The
-      Hopper core (``sm90_cluster``) alone runs frame-local V2V at 142 TFLOP/s, but the call
-      adds the q~ and output GEMMs through memory, the combine and the bias (0.12 ms at 256
-      frames; the whole call runs at 120 TFLOP/s there). 90 is the rate fitted to the grid of
-      benchmarks/projected_paths.py (results/projected_paths_h100.json), measured when the call
-      cost more; below the call's rate, it errs towards the materialised path;
+    * ``fused_tflops`` 165: the rate that predicts the whole fused call's GPU time on an H100
+      (bf16): the Hopper core (``sm90_cluster``) alone runs frame-local V2V at 210 TFLOP/s, and
+      the call adds the q~ and output GEMMs through memory, the combine and the bias (at 256
+      frames the whole call takes 0.555 ms for 93 GFLOP, 167 TFLOP/s). Fitted on GPU time to
+      the grid of benchmarks/projected_paths.py (results/projected_paths_h100.json): every rate
+      from 135 to 250 chooses the faster path on all 63 cases there;
     * ``bandwidth_tbs`` 2.8: 93% of the measured device copy (2.97-3.02 TB/s).
 
     Per key, the fused core costs ``4 * Dv * Hq * Lq_seg`` FLOPs (``Lq_seg`` queries per key
@@ -894,27 +897,26 @@ class CostModel:
     ``Lq_seg = Hk * d * Dv / ((Dv - d) * Hq)`` = 24 queries per key for Hk = 2 and 144 for
     Hk = 12; with the rates above (T = 256 frames):
 
-    ============================  ==========  ===============  =========
-    call (Hk = 2 / Hk = 12)       fused ms    materialised ms  choice
-    ============================  ==========  ===============  =========
-    T2V decode, 1 query           0.15        0.38 / 2.3       fused
-    V2V frame-local, 9 q/frame    1.15        0.39 / 2.3       materialised / fused
-    T2V prefill, 128 queries      14.7        0.80 / 2.4       materialised
-    ============================  ==========  ===============  =========
+    ============================  ==========  ======================  ==============
+    call (Hk = 2 / 4 / 12)        fused ms    materialised ms         choice
+    ============================  ==========  ======================  ==============
+    T2V decode, 1 query           0.15        0.38 / 0.77 / 2.3       fused
+    V2V frame-local, 9 q/frame    0.61        0.39 / 0.77 / 2.3       materialised at
+                                                                      Hk = 2, else fused
+    T2V prefill, 128 queries      8.0         0.80 / 1.1 / 2.4        materialised
+    ============================  ==========  ======================  ==============
 
-    Measured at T = 256 (H100, benchmarks/results/projected_paths_h100.json): frame-local V2V
-    fused 0.97 ms against the materialised path's 0.47 ms (Hk = 2) and 2.19 ms (Hk = 12), so the
-    model's choices are the faster ones.
-    Frame-local V2V with 2 KV heads stays materialised: the fused core does 93 GFLOP against the
-    projections' 220 but at a fraction of cuBLAS's rate; with 12 KV heads the
-    projections cost 1.3 TFLOP and the fused path wins 2x.
+    Measured at T = 256 (H100, GPU time, benchmarks/results/projected_paths_h100.json):
+    frame-local V2V fused 0.555 ms against the materialised path's 0.479 ms (Hk = 2), 0.845 ms
+    (Hk = 4) and 2.40 ms (Hk = 12). With 2 KV heads the projections (220 GFLOP at cuBLAS's rate)
+    still beat the fused core's 93 GFLOP at its rate; from 4 KV heads on, the fused path wins.
 
     Replace ``crosslmm_ops.ops.projected_attention.COST_MODEL`` (or pass ``path=``, or set
     ``CROSSLMM_PROJECTED_PATH``) to change the choice."""
 
     matmul_tflops: float = 700.0
     attention_tflops: float = 300.0
-    fused_tflops: float = 90.0
+    fused_tflops: float = 165.0
     bandwidth_tbs: float = 2.8
 
     def estimate(self, layout: ProjectedLayout, element_size: int = 2) -> tuple[float, float]:
