@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from crosslmm_ops import planner
 from crosslmm_ops.ops import projected_attention as pa
 
 HQ, D, DV, TOKENS, POOLED, TEXT = 12, 128, 1152, 729, 9, 128
@@ -70,8 +71,10 @@ def layout_of(batch: int, lq: int, lk: int, hk: int) -> pa.ProjectedLayout:
 
 
 def choice(model: pa.CostModel, layout: pa.ProjectedLayout) -> str:
-    """The path ``model`` picks (ties to fused, as the planner does)."""
-    fused_ms, mat_ms = model.estimate(layout)
+    """The path ``model`` picks (ties to fused, as the planner does) on the GPU of the grid,
+    where the Hopper core runs wherever the planner prefers it."""
+    hopper = planner.projected_sm90_preferred(layout.width, layout.max_seqlen_q * layout.heads_q)
+    fused_ms, mat_ms = model.estimate(layout, 2, hopper)
     return "fused" if fused_ms <= mat_ms else "materialized"
 
 
@@ -164,7 +167,11 @@ def measure(kind: str, frames: int, hk: int, batch: int, lq: int, lk: int) -> di
                 row["gpu_ms"][path] = round(graph_ms(lambda p=path: call(p), rep_ms=40), 5)
             except Exception as exc:  # noqa: BLE001 - a path that cannot be captured
                 row.setdefault("gpu_skipped", {})[path] = f"{type(exc).__name__}: {exc}"[:160]
-    fused_ms, mat_ms = pa.COST_MODEL.estimate(layout_of(batch, lq, lk, hk))
+    layout = layout_of(batch, lq, lk, hk)
+    hopper = pa.fused_core_on_hopper(
+        layout, q.device, "cuda", pa.core_backends(layout, q.dtype, q.device)[0]
+    )
+    fused_ms, mat_ms = pa.COST_MODEL.estimate(layout, q.element_size(), hopper)
     row["model_ms"] = {"fused": round(fused_ms, 5), "materialized": round(mat_ms, 5)}
     best = min(row["ms"].values())
     row["regret"] = round(row["ms"][row["auto"]] / best - 1.0, 4)

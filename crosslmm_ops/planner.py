@@ -365,6 +365,13 @@ def projected_sm90_usable(device: torch.device, width: int) -> tuple[bool, str]:
     return True, ""
 
 
+def projected_sm90_preferred(width: int, rows: int) -> bool:
+    """Whether ``sm90_cluster`` is the core kernel for a call of x's width ``width`` (Dv) and
+    ``rows`` (query, head) rows in its longest segment, where it can run: both CTAs of its pair
+    hold channels (Dv above half its width) and the rows fill its 64-row tiles."""
+    return 2 * width > PROJECTED_SM90_MAX_WIDTH and rows >= PROJECTED_SM90_BLOCK_M
+
+
 def projected_core_kernel(
     device: torch.device, width: int, rows: int, *, explain: bool = True
 ) -> tuple[str, str]:
@@ -385,17 +392,16 @@ def projected_core_kernel(
         return "auto", f"the sm90_cluster kernel cannot run: {why}"
     if mode == "sm90_cluster":
         return "sm90_cluster", f"{var}=sm90_cluster"
-    pair_used = 2 * width > PROJECTED_SM90_MAX_WIDTH
-    rows_fill = rows >= PROJECTED_SM90_BLOCK_M
-    kernel = "sm90_cluster" if pair_used and rows_fill else "auto"
+    kernel = "sm90_cluster" if projected_sm90_preferred(width, rows) else "auto"
     if not explain:
         return kernel, ""
+    pair_used = 2 * width > PROJECTED_SM90_MAX_WIDTH
     if not pair_used:
         return kernel, (
             f"Dv {width} <= {PROJECTED_SM90_MAX_WIDTH // 2}: one CTA of sm90_cluster's pair would "
             "only multiply zeros"
         )
-    if not rows_fill:
+    if kernel != "sm90_cluster":
         return kernel, (
             f"{rows} rows per segment < {PROJECTED_SM90_BLOCK_M}: sm90_cluster's 64-row tiles "
             "would be mostly empty (decode); the mma.sync kernels' 16-row tiles (the decode "

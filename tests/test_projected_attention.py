@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from attention_oracle import check_close, check_lse, lse_err, rounding
 
 import crosslmm_ops
-from crosslmm_ops import _backend, cross_attention_reference
+from crosslmm_ops import _backend, cross_attention_reference, planner
 from crosslmm_ops.ops import projected_attention as pa
 from crosslmm_ops.ops.cross_attention import _segments
 from crosslmm_ops.ops.projected_attention import (
@@ -1017,6 +1017,36 @@ def test_cost_model_fit_recovers_the_rates_that_made_the_times():
     for r, wrong, x in zip(rows, picked_wrong, regret):
         expect = r["ms"]["materialized"] / r["ms"]["fused"] - 1 if wrong else x
         assert x == pytest.approx(expect)
+
+
+def test_cost_model_takes_the_rate_of_the_core_kernel_that_would_run(monkeypatch):
+    # The fused rate of 165 TFLOP/s is the Hopper core's; a call whose core runs on the mma.sync
+    # kernels (sm_80, Dv above 1152 such as ViT-G's 1408, decode) or Triton takes 90, so such a
+    # frame-local V2V at 4 KV heads stays materialised.
+    frame_local = _layout(256, 9, 729, 4)
+    assert choose_path(frame_local, torch.bfloat16) == "fused"
+    f, m = pa.COST_MODEL.estimate(frame_local, 2, hopper_core=False)
+    assert f > m
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(planner, "_sm90_device", lambda device: (True, ""))
+    runs = (True, "")
+    assert pa.fused_core_on_hopper(frame_local, gpu, "auto", runs)
+    assert pa.fused_core_on_hopper(frame_local, gpu, "cuda", runs)
+    assert not pa.fused_core_on_hopper(frame_local, gpu, "triton", runs)
+    assert not pa.fused_core_on_hopper(frame_local, gpu, "auto", (False, "not built"))
+    assert not pa.fused_core_on_hopper(frame_local, torch.device("cpu"), "auto", runs)
+    vit_g = _layout(256, 9, 729, 4, dv=1408)
+    assert not pa.fused_core_on_hopper(vit_g, gpu, "auto", runs)
+    decode = _layout(1, 1, 256 * 729, 4)  # 12 rows: the mma.sync decode kernel
+    assert not pa.fused_core_on_hopper(decode, gpu, "auto", runs)
+    # and the op's planner asks it: the same call on a Hopper GPU is fused, elsewhere not
+    cores = lambda: (runs, runs)  # noqa: E731
+    plan = pa.plan_path(frame_local, torch.bfloat16, gpu, "auto", "cuda", cores=cores)
+    assert plan[0] == "fused"
+    monkeypatch.setattr(planner, "_sm90_device", lambda device: (False, "the GPU is not sm_90"))
+    assert not pa.fused_core_on_hopper(frame_local, gpu, "auto", runs)
+    plan = pa.plan_path(frame_local, torch.bfloat16, gpu, "auto", "cuda", cores=cores)
+    assert plan[0] == "materialized"
 
 
 def test_cost_model_chooses_the_faster_path_on_the_measured_grid():

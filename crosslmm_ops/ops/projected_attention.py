@@ -883,11 +883,16 @@ class CostModel:
     * ``attention_tflops`` 300: materialised attention on CrossLMM's shapes (SDPA flash
       250-310, cuDNN up to 557, our kernels 126-345 TFLOP/s);
     * ``fused_tflops`` 165: the rate that predicts the whole fused call's GPU time on an H100
-      (bf16): the Hopper core (``sm90_cluster``) alone runs frame-local V2V at 210 TFLOP/s, and
-      the call adds the q~ and output GEMMs through memory, the combine and the bias (at 256
-      frames the whole call takes 0.555 ms for 93 GFLOP, 167 TFLOP/s). Fitted on GPU time to
-      the grid of benchmarks/projected_paths.py (results/projected_paths_h100.json): every rate
-      from 135 to 250 chooses the faster path on all 63 cases there;
+      (bf16) where its core runs on the Hopper kernel (``sm90_cluster``), which alone runs
+      frame-local V2V at 210 TFLOP/s; the call adds the q~ and output GEMMs through memory, the
+      combine and the bias (at 256 frames the whole call takes 0.555 ms for 93 GFLOP, 167
+      TFLOP/s). Fitted on GPU time to the grid of benchmarks/projected_paths.py
+      (results/projected_paths_h100.json): every rate from 135 to 250 chooses the faster path on
+      all 63 cases there;
+    * ``fused_mma_sync_tflops`` 90: the same where the core runs on any other kernel: the
+      mma.sync kernels (sm_80, Dv above 1152, decode steps, where the rate hardly matters
+      beside the read of ``x``) or Triton. Fitted the same way when mma.sync was the only core
+      (84-125 TFLOP/s alone);
     * ``bandwidth_tbs`` 2.8: 93% of the measured device copy (2.97-3.02 TB/s).
 
     Per key, the fused core costs ``4 * Dv * Hq * Lq_seg`` FLOPs (``Lq_seg`` queries per key
@@ -918,15 +923,20 @@ class CostModel:
     attention_tflops: float = 300.0
     fused_tflops: float = 165.0
     bandwidth_tbs: float = 2.8
+    fused_mma_sync_tflops: float = 90.0
 
-    def estimate(self, layout: ProjectedLayout, element_size: int = 2) -> tuple[float, float]:
-        """``(fused_ms, materialized_ms)`` for one call."""
+    def estimate(
+        self, layout: ProjectedLayout, element_size: int = 2, hopper_core: bool = True
+    ) -> tuple[float, float]:
+        """``(fused_ms, materialized_ms)`` for one call; ``hopper_core``: whether the fused core
+        runs on ``sm90_cluster`` (:func:`fused_core_on_hopper`)."""
         e = element_size
         pairs = layout.pairs()
         hq, hk, d, dv = layout.heads_q, layout.heads_k, layout.head_dim, layout.width
         tq, tk = layout.total_q, layout.total_k
+        core_tflops = self.fused_tflops if hopper_core else self.fused_mma_sync_tflops
         mm, attn, fused = (
-            r * 1e12 for r in (self.matmul_tflops, self.attention_tflops, self.fused_tflops)
+            r * 1e12 for r in (self.matmul_tflops, self.attention_tflops, core_tflops)
         )
         bw = self.bandwidth_tbs * 1e12
         x_bytes = tk * dv * e
@@ -949,8 +959,25 @@ COST_MODEL = CostModel()
 def choose_path(layout: ProjectedLayout, dtype: torch.dtype, path: str = "auto") -> str:
     """``"fused"`` or ``"materialized"`` by the planner from the shapes alone: ``path`` when it
     names one, else ``CROSSLMM_PROJECTED_PATH`` when it does, else the cheaper path by
-    :data:`COST_MODEL` (ties go to fused, which needs less memory)."""
+    :data:`COST_MODEL` with the Hopper core's rate (ties go to fused, which needs less memory)."""
     return planner.choose_path(path, lambda: COST_MODEL.estimate(layout, dtype.itemsize))[0]
+
+
+def fused_core_on_hopper(
+    layout: ProjectedLayout, device: torch.device, backend, cuda_ok: tuple[bool, str]
+) -> bool:
+    """Whether the fused core of a call would run on ``sm90_cluster``, the kernel whose rate the
+    cost model takes (``CostModel.fused_tflops``; any other core: ``fused_mma_sync_tflops``):
+    the CUDA back end runs it (``cuda_ok``, from :func:`core_backends`; ``auto`` takes CUDA
+    first) and the planner picks that kernel for the call's width and rows."""
+    if device.type != "cuda" or not cuda_ok[0]:
+        return False
+    if planner.requested_backend(backend) not in ("auto", "cuda"):
+        return False
+    rows = layout.max_seqlen_q * layout.heads_q
+    return planner.projected_core_kernel(device, layout.width, rows, explain=False)[0] == (
+        "sm90_cluster"
+    )
 
 
 def fused_core_fast(
@@ -996,12 +1023,25 @@ def plan_path(
             known.append(layout() if callable(layout) else layout)
         return known[0]
 
+    asked = []
+
+    def core_backends_of_call():  # asked once, by whichever needs it first
+        if not asked:
+            asked.append(core_backends(shapes(), dtype, device) if cores is None else cores())
+        return asked[0]
+
+    def estimate() -> tuple[float, float]:
+        hopper = device.type == "cuda" and fused_core_on_hopper(
+            shapes(), device, backend, core_backends_of_call()[0]
+        )
+        return COST_MODEL.estimate(shapes(), dtype.itemsize, hopper)
+
     return planner.choose_path(
         path,
-        lambda: COST_MODEL.estimate(shapes(), dtype.itemsize),
+        estimate,
         unfused_reason=unfused_reason,
         fused_fast=lambda: fused_core_fast(
-            shapes(), dtype, device, backend, None if cores is None else cores()
+            shapes(), dtype, device, backend, core_backends_of_call()
         ),
         tracing=tracing,
         explain=explain,
