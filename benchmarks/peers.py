@@ -6,11 +6,12 @@
 bf16, 12 query heads of 128 (Hk = 2 or 12 key/value heads), keys T*729 original tokens; V2V
 queries T*9, T2V 128, decode 1; per-frame V2V: each frame's 9 queries against its own 729 keys.
 Columns: ``ours`` (the CUDA back end, asserted), ``ours_triton`` (the Triton fallback, asserted;
-not a peer: ``triton_vs_cuda`` is its speed as a share of ``ours``; on the forward rows
-``ms_gpu`` also gives both back ends' GPU time, each call replayed from a CUDA graph, and
-``triton_vs_cuda_gpu_time`` the share on it), ``fa4`` (FlashAttention-4,
+not a peer: ``triton_vs_cuda`` is its speed as a share of ``ours``, and
+``triton_vs_cuda_gpu_time`` the share on GPU time), ``fa4`` (FlashAttention-4,
 ``flash_attn.cute``, when importable; said to be absent otherwise), ``sdpa_cudnn`` and
-``sdpa_flash`` (PyTorch SDPA).
+``sdpa_flash`` (PyTorch SDPA). On the forward rows ``ms_gpu`` holds every runner's GPU time
+(CUDA-graph replay) and ``ours_vs_best_peer_gpu_time`` the ratio on it: the shortest calls are
+bound by the host, whose speed moves between machines and processes.
 A peer that cannot run a row is left out of it, with the reason under ``skipped``.
 
 The ``projected`` rows (issue 19) time the projection-fused path against what a user does today:
@@ -191,10 +192,11 @@ def run(selected: set[str]) -> dict:
             row["skipped"]["fa4"] = f"not importable: {FA4_ERROR[:160]}"
         if not backward:
             # Short calls are bound by the host, which varies from process to process (up to 3x
-            # on the lent H100): our two back ends' GPU time too, each call replayed from a CUDA
-            # graph (the peers' are not captured: FA4 compiles on its first calls).
+            # on the lent H100): every runner's GPU time too, each call replayed from a CUDA
+            # graph (after do_bench's calls, so FA4 has compiled). A runner that cannot be
+            # captured is said so under ``skipped``.
             row["ms_gpu"] = {}
-            for peer in [p for p in OURS if p in row["ms"]]:
+            for peer in row["ms"]:
                 try:
                     with torch.no_grad():
                         row["ms_gpu"][peer] = round(graph_ms(runs[peer]), 5)
@@ -214,6 +216,7 @@ def run(selected: set[str]) -> dict:
             f"{name:42s} "
             + "  ".join(f"{p} {ms:.4f}" for p, ms in row["ms"].items())
             + f"  | ours vs best peer {ratio:.2f}x"
+            + f" ({row.get('ours_vs_best_peer_gpu_time', math.nan):.2f}x on GPU time)"
             + f", triton {row.get('triton_vs_cuda', math.nan):.0%} of cuda"
             + f" ({row.get('triton_vs_cuda_gpu_time', math.nan):.0%} on GPU time)",
             flush=True,
@@ -224,12 +227,14 @@ def run(selected: set[str]) -> dict:
 
 
 def _summarise(row: dict, ours: set[str]) -> None:
-    """Best peer and our ratio against it, for a row whose ``ms`` holds ours and the peers."""
-    peers = [p for p in row["ms"] if p not in ours]
-    if "ours" in row["ms"] and peers:
-        best = min(peers, key=lambda p: row["ms"][p])
-        row["best_peer"] = best
-        row["ours_vs_best_peer"] = round(row["ms"][best] / row["ms"]["ours"], 3)
+    """Best peer and our ratio against it, for a row whose ``ms`` holds ours and the peers; the
+    same on GPU time (``ms_gpu``) where the row has it for ours and a peer."""
+    for times, suffix in ((row["ms"], ""), (row.get("ms_gpu", {}), "_gpu_time")):
+        peers = [p for p in times if p not in ours]
+        if "ours" in times and peers:
+            best = min(peers, key=lambda p: times[p])
+            row["best_peer" + suffix] = best
+            row["ours_vs_best_peer" + suffix] = round(times[best] / times["ours"], 3)
 
 
 def _projected_frame_local_row(frames: int, hk: int) -> dict:
