@@ -1,7 +1,7 @@
 """The efficiency study's own pieces, shared by ``efficiency.py`` and ``end_to_end.py`` beside it:
-the analytical FLOP model of a prefill (checked against ``torch.utils.flop_counter``) and the
-consistency checks of one run's measurements. The models, the synthetic video and the measurement
-are the demo's (:mod:`crosslmm_ops.demo`), so the study and ``crosslmm-ops demo`` measure the same
+the analytical FLOP model of a prefill (checked against ``torch.utils.flop_counter``). The models,
+the synthetic video, the measurement and its consistency checks are the demo's
+(:mod:`crosslmm_ops.demo`), so the study and ``crosslmm-ops demo`` measure and check the same
 thing.
 """
 
@@ -9,34 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from crosslmm_ops.demo import Measurement, build_models, synthetic_video, video_prompt
-
-
-def consistency_problems(
-    results: list[Measurement], *, tower_tolerance: float = 0.15, part_tolerance: float = 0.05
-) -> list[str]:
-    """What makes a set of measurements of one run untrustworthy (empty: none found):
-
-    * the vision towers of the variants are the same network on the same video, so their times
-      must agree within ``tower_tolerance`` (a cold first call breaks this);
-    * a prefill from pixels runs the tower and the prefill from its tokens, so it cannot be
-      faster than the slower of the two (by more than ``part_tolerance`` of noise)."""
-    problems = []
-    towers = [m.vision_ms for m in results]
-    if len(towers) > 1 and max(towers) > (1 + tower_tolerance) * min(towers):
-        problems.append(
-            "the same vision tower took "
-            + ", ".join(f"{m.vision_ms:.1f} ms ({m.variant})" for m in results)
-            + f": more than {tower_tolerance:.0%} apart"
-        )
-    for m in results:
-        slowest = max(m.vision_ms, m.llm_prefill_ms)
-        if m.prefill_ms < (1 - part_tolerance) * slowest:
-            problems.append(
-                f"{m.variant}: the prefill from pixels ({m.prefill_ms:.1f} ms) is "
-                f"faster than one of its parts ({slowest:.1f} ms)"
-            )
-    return problems
+from crosslmm_ops.demo import (  # noqa: F401  (consistency_problems: the study's, as the demo's)
+    Measurement,
+    build_models,
+    consistency_problems,
+    synthetic_video,
+    video_prompt,
+)
 
 
 def prefill_flops(config, frames: int, sequence_length: int, *, causal: bool = True) -> dict:

@@ -185,7 +185,14 @@ def _size(n_bytes) -> str:
 
 
 def demo(args) -> int:
-    from crosslmm_ops.demo import build_models, measure, synthetic_video, video_prompt
+    from crosslmm_ops.demo import (
+        build_models,
+        consistency_problems,
+        measure,
+        measurement_plan,
+        synthetic_video,
+        video_prompt,
+    )
 
     try:
         from tqdm.auto import tqdm
@@ -207,7 +214,10 @@ def demo(args) -> int:
         f"{config.tokens_per_frame} encoder tokens per frame "
         f"({args.frames * config.tokens_per_frame} in all), width {vc.hidden_size}"
     )
-    steps_per_model = args.repeats * 3 + max(args.new_tokens - 2, 0)
+    repeats, warmup = measurement_plan(device)
+    repeats = repeats if args.repeats is None else args.repeats
+    # Progress: each of the three prefill measurements' calls, then the timed decode steps.
+    steps_per_model = (warmup + repeats) * 3 + max(args.new_tokens - 2, 0)
     bar = (
         tqdm(
             total=steps_per_model * len(variants),
@@ -231,7 +241,8 @@ def demo(args) -> int:
                 video,
                 ids,
                 new_tokens=args.new_tokens,
-                repeats=args.repeats,
+                repeats=repeats,
+                warmup=warmup,
                 progress=(lambda _stage: bar.update(1)) if bar else None,
             )
         )
@@ -278,10 +289,26 @@ def demo(args) -> int:
     for label, fmt in rows:
         print(f"{label:<{width}}  " + "  |  ".join(fmt(m) for m in results))
     print(
-        "\n(Random weights: the generated ids show the pipeline runs end to end, not an answer. "
-        "Timings on this device only; see README for GPU numbers.)"
+        f"\n(Times: the median of {repeats} timed runs after {warmup} untimed. Random weights: "
+        "the generated ids show the pipeline runs end to end, not an answer. Timings on this "
+        "device only; see README for GPU numbers.)"
     )
-    return 0
+    problems = consistency_problems(results)
+    if not problems:
+        return 0
+    fail = (args.on_inconsistent or ("fail" if device.type == "cuda" else "warn")) == "fail"
+    print(
+        "\nThese measurements are not consistent, so the times above cannot be trusted:",
+        file=sys.stderr,
+    )
+    for problem in problems:
+        print(f"  - {problem}", file=sys.stderr)
+    print(
+        "  (run again, with more --repeats, on an idle machine"
+        + ("; exit status 3)" if fail else "; a warning on the CPU, --on-inconsistent fail)"),
+        file=sys.stderr,
+    )
+    return 3 if fail else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,7 +532,19 @@ def build_parser() -> argparse.ArgumentParser:
         "the first two)",
     )
     d.add_argument(
-        "--repeats", type=_int_at_least(1), default=1, help="prefill runs (the best is reported)"
+        "--repeats",
+        type=_int_at_least(1),
+        default=None,
+        help="timed runs of each prefill measurement after 1 untimed, the median reported "
+        "(default: 5 on a GPU, 3 on the CPU)",
+    )
+    d.add_argument(
+        "--on-inconsistent",
+        choices=["fail", "warn"],
+        default=None,
+        help="when the measurements contradict each other (the same vision tower timed more "
+        "than 15%% apart, a prefill from pixels faster than one of its parts): exit with "
+        "status 3 (default on a GPU) or only warn (default on the CPU)",
     )
     d.add_argument("--frame-scope", action="store_true", help="also run V2V per frame")
     d.add_argument("--seed", type=int, default=0)

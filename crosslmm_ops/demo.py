@@ -203,6 +203,40 @@ def _tensor_bytes(obj) -> int:
     return total
 
 
+def measurement_plan(device: torch.device | str) -> tuple[int, int]:
+    """``(repeats, warmup)`` that :func:`measure` takes by default on ``device``: the median of
+    5 timed calls on a GPU and of 3 on the CPU, each after 1 untimed call (a first call pays for
+    kernel selection, compilation and allocation, which are not the model's speed)."""
+    return (5, 1) if torch.device(device).type == "cuda" else (3, 1)
+
+
+def consistency_problems(
+    results: list[Measurement], *, tower_tolerance: float = 0.15, part_tolerance: float = 0.05
+) -> list[str]:
+    """What makes a set of measurements of one run untrustworthy (empty: none found):
+
+    * the vision towers of the variants are the same network on the same video, so their times
+      must agree within ``tower_tolerance`` (a cold first call breaks this);
+    * a prefill from pixels runs the tower and the prefill from its tokens, so it cannot be
+      faster than the slower of the two (by more than ``part_tolerance`` of noise)."""
+    problems = []
+    towers = [m.vision_ms for m in results]
+    if len(towers) > 1 and max(towers) > (1 + tower_tolerance) * min(towers):
+        problems.append(
+            "the same vision tower took "
+            + ", ".join(f"{m.vision_ms:.1f} ms ({m.variant})" for m in results)
+            + f": more than {tower_tolerance:.0%} apart"
+        )
+    for m in results:
+        slowest = max(m.vision_ms, m.llm_prefill_ms)
+        if m.prefill_ms < (1 - part_tolerance) * slowest:
+            problems.append(
+                f"{m.variant}: the prefill from pixels ({m.prefill_ms:.1f} ms) is "
+                f"faster than one of its parts ({slowest:.1f} ms)"
+            )
+    return problems
+
+
 @torch.no_grad()
 def measure(
     model,
@@ -226,13 +260,13 @@ def measure(
     step captured in a CUDA graph (:func:`graph_decode_ms`: its own prefill into a static cache,
     the warm-up steps and the capture untimed, then the same number of timed tokens).
 
-    Defaults: on a GPU 1 warm-up and 5 repeats (a first call pays for kernel selection and
-    compilation, which is not the model's speed); on the CPU none and 1."""
+    Defaults: :func:`measurement_plan` of the device."""
     device = input_ids.device
     cuda = device.type == "cuda"
     frames = video.shape[1]
-    repeats = (5 if cuda else 1) if repeats is None else repeats
-    warmup = (1 if cuda else 0) if warmup is None else warmup
+    default_repeats, default_warmup = measurement_plan(device)
+    repeats = default_repeats if repeats is None else repeats
+    warmup = default_warmup if warmup is None else warmup
     graph = cuda if graph is None else graph
     if not isinstance(graph, bool):
         raise ValueError(f"graph must be a bool or None, got {graph!r}")

@@ -95,3 +95,50 @@ def test_command_line_version_and_usage_errors_in_a_process():
         assert proc.returncode == 2, (argv, proc.stderr)
         assert "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("crosslmm-ops demo: error: argument")
+
+
+def _demo_with_times(monkeypatch, capsys, towers, argv=()):
+    """``crosslmm-ops demo`` on the CPU with the measurement replaced by fixed times (vision
+    tower per variant as given): its exit status, stdout and stderr, and the repeats and warm-up
+    the measurement was asked for."""
+    from crosslmm_ops import demo
+
+    asked = []
+
+    def measure(model, variant, video, ids, *, new_tokens, repeats, warmup, progress):
+        asked.append((repeats, warmup))
+        vision = towers[variant]
+        return demo.Measurement(
+            variant, 1, 9, 40, vision, 50.0, vision + 50.0, 1.0, None, None, None, 0, [1, 2], {}
+        )
+
+    monkeypatch.setattr(demo, "measure", measure)
+    status = cli.main(["demo", "--frames", "1", "--device", "cpu", "--quiet", *argv])
+    out, err = capsys.readouterr()
+    return status, out, err, asked
+
+
+def test_demo_checks_its_measurements(monkeypatch, capsys):
+    # Consistent times: exit 0, nothing on stderr; the CPU's plan (3 timed after 1 untimed).
+    status, out, err, asked = _demo_with_times(
+        monkeypatch, capsys, {"baseline": 100.0, "crosslmm": 105.0}
+    )
+    assert status == 0 and "not consistent" not in err
+    assert asked == [(3, 1), (3, 1)]
+    assert "the median of 3 timed runs after 1 untimed" in out
+    # The same tower 2.3x apart (a cold first call): a warning on the CPU by default...
+    cold = {"baseline": 1233.1, "crosslmm": 526.3}
+    status, out, err, asked = _demo_with_times(monkeypatch, capsys, cold, ["--repeats", "7"])
+    assert status == 0 and asked == [(7, 1), (7, 1)]
+    assert "not consistent" in err and "same vision tower took 1233.1 ms" in err
+    # ... and a failure when asked for (the default on a GPU)
+    status, _, err, _ = _demo_with_times(monkeypatch, capsys, cold, ["--on-inconsistent", "fail"])
+    assert status == 3 and "exit status 3" in err
+
+
+def test_demo_measurement_plan():
+    from crosslmm_ops import demo
+
+    assert demo.measurement_plan("cuda") == (5, 1)
+    assert demo.measurement_plan(torch.device("cuda", 1)) == (5, 1)
+    assert demo.measurement_plan("cpu") == (3, 1)
