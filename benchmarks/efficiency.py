@@ -10,6 +10,9 @@ the decode latency per token from the prefill's cache, and analytical FLOPs by p
 against ``torch.utils.flop_counter`` on a short video first). Variants: ``baseline`` (196 bilinear
 tokens per frame, no DCAL), ``crosslmm`` (9 tokens per frame, DCAL every 4 layers, V2V global),
 ``crosslmm-frame`` (V2V per frame). Writes ``efficiency_<gpu>.json`` and PNG plots to ``--out``.
+The variants' measurements at each preset and length are checked against each other
+(``demo.consistency_problems``): what they find is printed as ``INCONSISTENT``, kept under
+``inconsistent`` in the JSON, and makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def run(args) -> dict:
             )
             gc.collect()
             torch.cuda.empty_cache() if device.type == "cuda" else None
+    measured = {}  # (preset, frames) -> the variants' measurements, checked against each other
     for preset in args.presets:
         for variant in args.variants:
             model = demo.build_models(preset, [variant], device=device, dtype=dtype)[variant]
@@ -72,6 +76,7 @@ def run(args) -> dict:
                     m = demo.measure(
                         model, variant, video, ids, new_tokens=args.new_tokens, repeats=args.repeats
                     )
+                    measured.setdefault((preset, frames), []).append(m)
                 except torch.cuda.OutOfMemoryError as error:
                     print(f"[oom] {preset} {variant} T={frames}: {str(error)[:120]}", flush=True)
                     result["runs"].append(
@@ -99,6 +104,11 @@ def run(args) -> dict:
             del model
             gc.collect()
             torch.cuda.empty_cache() if device.type == "cuda" else None
+    result["inconsistent"] = [
+        f"{preset} {frames} frames: {problem}"
+        for (preset, frames), ms in measured.items()
+        for problem in demo.consistency_problems(ms)
+    ]
     return result
 
 
@@ -190,7 +200,12 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=["baseline", "crosslmm", "crosslmm-frame"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per number, the median kept (default: demo.measurement_plan's)",
+    )
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--out", default=os.environ.get("CROSSLMM_BENCH_DIR", "benchmarks/results"))
     args = parser.parse_args(argv)
@@ -205,7 +220,9 @@ def main(argv=None) -> int:
     print("\n" + table + f"\n\nresults written to {path}")
     for p in plot(result, out):
         print(f"plot written to {p}")
-    return 0
+    for problem in result["inconsistent"]:
+        print(f"INCONSISTENT: {problem}", flush=True)
+    return 1 if result["inconsistent"] else 0
 
 
 if __name__ == "__main__":

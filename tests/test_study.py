@@ -95,3 +95,40 @@ def test_measure_takes_warmup_and_repeats_and_checks_them():
         demo.measure(model, "crosslmm", video, ids, repeats=0)
     with pytest.raises(ValueError, match="warmup must be"):
         demo.measure(model, "crosslmm", video, ids, warmup=-1)
+
+
+def test_efficiency_study_reports_inconsistent_measurements(monkeypatch):
+    # benchmarks/efficiency.py checks the variants' measurements at each length against each
+    # other with the demo's checks, and keeps what they find (main prints it and exits 1).
+    import argparse
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location(
+        "crosslmm_benchmarks_efficiency", bench / "efficiency.py"
+    )
+    efficiency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(efficiency)
+    towers = {"baseline": 1233.1, "crosslmm": 526.3}  # a cold first call
+
+    def measure(model, variant, video, ids, *, new_tokens, repeats):
+        return _measurement(variant, towers[variant], 300.0, towers[variant] + 300.0)
+
+    monkeypatch.setattr(efficiency, "flop_check", lambda *a, **k: {"ratio": 1.0})
+    monkeypatch.setattr(efficiency.study, "prefill_flops", lambda *a, **k: {})
+    monkeypatch.setattr(demo, "measure", measure)
+    args = argparse.Namespace(
+        presets=["demo"],
+        variants=["baseline", "crosslmm"],
+        frames=[1],
+        device="cpu",
+        dtype="float32",
+        repeats=None,
+        new_tokens=2,
+    )
+    result = efficiency.run(args)
+    assert len(result["runs"]) == 2
+    assert len(result["inconsistent"]) == 1
+    assert result["inconsistent"][0].startswith("demo 1 frames: the same vision tower took 1233.1")
+    towers["crosslmm"] = 1200.0
+    assert efficiency.run(args)["inconsistent"] == []
