@@ -9,7 +9,7 @@ activation memory of that prefill (beyond weights and inputs), and the decode ti
 its cache, eager (``decode_ms_per_token``) and with the step captured in a CUDA graph
 (``decode_ms_per_token_graph``, on a GPU); medians after a warm-up, decode means over
 ``--new-tokens`` - 2 timed tokens (:func:`crosslmm_ops.demo.measure`), checked for consistency
-(``study.consistency_problems``). Training rows (``"train-stage1"`` / ``"train-stage2"``, with
+(``demo.consistency_problems``). Training rows (``"train-stage1"`` / ``"train-stage2"``, with
 and without activation checkpointing): one optimizer step (forward with the loss, backward, AdamW)
 from pixels, its time, peak memory and frames per second. A row that runs out of GPU memory is
 recorded with ``"oom": true``. Random weights, synthetic video. ``--vision-compile`` runs the
@@ -30,8 +30,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import study  # noqa: E402  (benchmarks/study.py, beside this script)
 
 from crosslmm_ops import demo  # noqa: E402
 
@@ -255,7 +253,7 @@ def main(argv=None) -> int:
             for r in rows
             if r.get("mode") == "inference" and r["frames"] == frames and "_measurement" in r
         ]
-        for problem in study.consistency_problems(measured):
+        for problem in demo.consistency_problems(measured):
             problems.append(f"{frames} frames: {problem}")
     for r in rows:
         r.pop("_measurement", None)

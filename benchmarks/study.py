@@ -9,13 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from crosslmm_ops.demo import (  # noqa: F401  (consistency_problems: the study's, as the demo's)
-    Measurement,
-    build_models,
-    consistency_problems,
-    synthetic_video,
-    video_prompt,
-)
+from crosslmm_ops.demo import build_models, synthetic_video, video_prompt
 
 
 def prefill_flops(config, frames: int, sequence_length: int, *, causal: bool = True) -> dict:

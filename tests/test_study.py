@@ -67,12 +67,12 @@ def test_consistency_checks_catch_a_cold_tower_and_an_impossible_prefill():
         _measurement("baseline", 100.0, 300.0, 390.0),
         _measurement("crosslmm", 110.0, 50.0, 160.0),
     ]
-    assert study.consistency_problems(fine) == []
+    assert demo.consistency_problems(fine) == []
     cold = [
         _measurement("baseline", 1233.1, 1469.5, 1239.1),
         _measurement("crosslmm", 526.3, 244.2, 602.0),
     ]
-    problems = study.consistency_problems(cold)
+    problems = demo.consistency_problems(cold)
     assert any("same vision tower" in p for p in problems)
     assert any("baseline: the prefill from pixels" in p for p in problems)
 
