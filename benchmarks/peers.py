@@ -191,17 +191,7 @@ def run(selected: set[str]) -> dict:
         if FA4_ERROR is not None:
             row["skipped"]["fa4"] = f"not importable: {FA4_ERROR[:160]}"
         if not backward:
-            # Short calls are bound by the host, which varies from process to process (up to 3x
-            # on the lent H100): every runner's GPU time too, each call replayed from a CUDA
-            # graph (after do_bench's calls, so FA4 has compiled). A runner that cannot be
-            # captured is said so under ``skipped``.
-            row["ms_gpu"] = {}
-            for peer in row["ms"]:
-                try:
-                    with torch.no_grad():
-                        row["ms_gpu"][peer] = round(graph_ms(runs[peer]), 5)
-                except Exception as exc:  # noqa: BLE001 - recorded, not fatal to the table
-                    row["skipped"][f"{peer} (graph)"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            _record_gpu_times(row, runs)
         _summarise(row, set(OURS))
         if "ours" in row["ms"] and "ours_triton" in row["ms"]:
             row["triton_vs_cuda"] = round(row["ms"]["ours"] / row["ms"]["ours_triton"], 3)
@@ -226,6 +216,22 @@ def run(selected: set[str]) -> dict:
     return rows
 
 
+def _record_gpu_times(row: dict, runs: dict) -> None:
+    """``row["ms_gpu"]``: the GPU time of every runner timed in ``row["ms"]``, each call replayed
+    from a CUDA graph (after do_bench's calls, so FA4 has compiled). Short calls are bound by the
+    host, whose speed varies from process to process and machine to machine (up to 3x on the lent
+    H100s). A runner that cannot be captured is said so under ``skipped``."""
+    row["ms_gpu"] = {}
+    for name in row["ms"]:
+        try:
+            with torch.no_grad():
+                row["ms_gpu"][name] = round(graph_ms(runs[name]), 5)
+        except Exception as exc:  # noqa: BLE001 - recorded, not fatal to the table
+            row.setdefault("skipped", {})[f"{name} (graph)"] = (
+                f"{type(exc).__name__}: {str(exc)[:160]}"
+            )
+
+
 def _summarise(row: dict, ours: set[str]) -> None:
     """Best peer and our ratio against it, for a row whose ``ms`` holds ours and the peers; the
     same on GPU time (``ms_gpu``) where the row has it for ours and a peer."""
@@ -246,8 +252,9 @@ def _projected_frame_local_row(frames: int, hk: int) -> dict:
         "ours": ("fused", "projected_attention_core"),
         "ours_materialized": ("materialized", "cross_attention"),
     }
+    runs = {}
     for name, (path, op) in ours.items():
-        fn = projected.ours("cuda", path)
+        fn = runs[name] = projected.ours("cuda", path)
         with torch.no_grad():
             fn(t)
         ran = crosslmm_ops.last_path("projected_cross_attention")
@@ -274,8 +281,10 @@ def _projected_frame_local_row(frames: int, hk: int) -> dict:
             with torch.no_grad():
                 fn(t)
                 row["ms"][name] = round(do_bench_ms(lambda fn=fn: fn(t)), 5)
+            runs[name] = fn
         except Exception as exc:  # noqa: BLE001 - a peer that cannot run the row
             row["skipped"][name] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    _record_gpu_times(row, {name: lambda fn=fn: fn(t) for name, fn in runs.items()})
     flops = projected.fused_counts(kind, frames, hk)[0]
     row["tflops"] = {"ours": round(flops / row["ms"]["ours"] / 1e9, 1)}
     _summarise(row, set(ours))
@@ -291,12 +300,16 @@ def _projected_decode_row(frames: int, hk: int) -> dict:
         assert crosslmm_ops.last_backend("projected_attention_core") == "cuda"
         ms = do_bench_ms(lambda: fn(t))
     floor = projected.floor_ms("decode", frames, hk)
-    return {
+    row = {
         "case": f"projected decode T={frames} Hk={hk}",
         "ms": {"ours": round(ms, 5)},
         "floor_ms": round(floor, 5),
         "share_of_floor": round(floor / ms, 3),
     }
+    _record_gpu_times(row, {"ours": lambda: fn(t)})
+    if "ours" in row["ms_gpu"]:
+        row["share_of_floor_gpu_time"] = round(floor / row["ms_gpu"]["ours"], 3)
+    return row
 
 
 def _fused_core_rows(frames: int, hk: int) -> list[dict]:
@@ -341,12 +354,13 @@ def run_projected() -> list[dict]:
     for row in rows:
         if "skipped" in row and not row["skipped"]:
             del row["skipped"]
-        extra = {k: row[k] for k in ("floor_ms", "backend", "tflops") if k in row}
+        extra = {k: row[k] for k in ("floor_ms", "backend", "tflops", "ms_gpu") if k in row}
         print(
             f"{row['case']:42s} "
             + "  ".join(f"{p} {ms:.4f}" for p, ms in row["ms"].items())
             + (
                 f"  | ours vs best peer {row['ours_vs_best_peer']:.2f}x"
+                f" ({row.get('ours_vs_best_peer_gpu_time', math.nan):.2f}x on GPU time)"
                 if "best_peer" in row
                 else ""
             )
