@@ -252,16 +252,16 @@ def _projected_frame_local_row(frames: int, hk: int) -> dict:
         "ours": ("fused", "projected_attention_core"),
         "ours_materialized": ("materialized", "cross_attention"),
     }
-    runs = {}
+    runs = {}  # column: the call on this row's inputs
     for name, (path, op) in ours.items():
-        fn = runs[name] = projected.ours("cuda", path)
+        run = runs[name] = lambda fn=projected.ours("cuda", path): fn(t)
         with torch.no_grad():
-            fn(t)
+            run()
         ran = crosslmm_ops.last_path("projected_cross_attention")
         assert ran == path, f"{name} took the {ran} path, not {path}"
         assert crosslmm_ops.last_backend(op) == "cuda", f"{name}: {op} did not run on cuda"
         with torch.no_grad():
-            row["ms"][name] = round(do_bench_ms(lambda fn=fn: fn(t)), 5)
+            row["ms"][name] = round(do_bench_ms(run), 5)
 
     peers = {}
     if fa4_func is not None:
@@ -277,14 +277,14 @@ def _projected_frame_local_row(frames: int, hk: int) -> dict:
         else:
             peers[f"cublas+sdpa_{sdpa}"] = fn
     for name, fn in peers.items():
+        run = runs[name] = lambda fn=fn: fn(t)
         try:
             with torch.no_grad():
-                fn(t)
-                row["ms"][name] = round(do_bench_ms(lambda fn=fn: fn(t)), 5)
-            runs[name] = fn
+                run()
+                row["ms"][name] = round(do_bench_ms(run), 5)
         except Exception as exc:  # noqa: BLE001 - a peer that cannot run the row
             row["skipped"][name] = f"{type(exc).__name__}: {str(exc)[:160]}"
-    _record_gpu_times(row, {name: lambda fn=fn: fn(t) for name, fn in runs.items()})
+    _record_gpu_times(row, runs)
     flops = projected.fused_counts(kind, frames, hk)[0]
     row["tflops"] = {"ours": round(flops / row["ms"]["ours"] / 1e9, 1)}
     _summarise(row, set(ours))
