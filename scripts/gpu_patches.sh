@@ -16,7 +16,8 @@
 #   PATCH_SANITIZE scripts/sanitize_kernels.py's sections run under compute-sanitizer memcheck and
 #                  racecheck (default: "projected sm90_cluster"; empty: skipped)
 # A rebuild that leaves crosslmm_ops/_C*.so unchanged stops the run: whatever ran next would be the
-# old module.
+# old module. A patch that touches no C++ (no source under csrc/, nor setup.py or CMakeLists.txt) is
+# measured without a rebuild.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -77,7 +78,12 @@ for p in "$@"; do
   saved="$(mktemp -d)"
   for f in "${touched[@]}"; do [[ -f $f ]] && install -D "$f" "$saved/$f"; done
   if patch -p1 -s --forward < "$p"; then
-    rebuild && { measure patch; check; }
+    # A patch that changes no C++ (Python and Triton only) leaves the module as it is.
+    if printf '%s\n' "${touched[@]}" | grep -qE '^(csrc/.*\.(cu|cuh|h|hpp|cpp)|setup\.py|CMakeLists\.txt)$'; then
+      rebuild && { measure patch; check; }
+    else
+      say "no C++ in this patch: no rebuild"; measure patch; check
+    fi
   else
     say "does not apply"
   fi
