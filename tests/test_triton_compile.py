@@ -1,0 +1,111 @@
+"""Every Triton kernel of the package compiled for an H100 (sm_90a) on a machine without a GPU.
+
+The kernels are launched as the CPU tests launch them (the public ops on small shapes, float16
+and float32, in the interpreter, with its launch configurations), each distinct launch signature
+is recorded, and each is compiled by Triton's compiler and ptxas, in float16 and bfloat16 where
+it ran in float16 (tests/triton_compile.py says why the interpreter alone is not enough). Whether
+the kernels are right and fast is for the GPU tests; this catches what would not build there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_compile import compile_for_gpu, record_launches, with_bf16_twins
+
+import crosslmm_ops
+from crosslmm_ops.ops.projected_attention import projected_attention_core
+from crosslmm_ops.testing import cu_seqlens
+
+pytest.importorskip("triton")
+if not crosslmm_ops._backend.triton_runnable(torch.device("cpu"))[0]:
+    pytest.skip(
+        "needs TRITON_INTERPRET=1 (launches are recorded in the interpreter)",
+        allow_module_level=True,
+    )
+
+
+def exercise() -> None:
+    """The public ops on small shapes, forward and backward, on the Triton back end."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.float32):
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(True)
+
+        # cross_attention: batched GQA with the LSE and its gradient, and the gated epilogue
+        q, k, v = randn(2, 5, 4, 64), randn(2, 300, 2, 64), randn(2, 300, 2, 64)
+        out, lse = crosslmm_ops.cross_attention(q, k, v, return_lse=True, backend="triton")
+        (out.float().sum() + lse.sum()).backward()
+        gate, residual = randn(4), randn(2, 5, 4, 64)
+        out = crosslmm_ops.cross_attention(
+            q, k, v, gate=gate, residual=residual, num_splits=3, backend="triton"
+        )
+        out.float().sum().backward()
+        # packed segments, split keys (the backward's dq too), head dim 40
+        lens_q, lens_k = [3, 0, 2], [200, 5, 0]
+        q, k, v = randn(5, 2, 40), randn(205, 1, 40), randn(205, 1, 40)
+        out = crosslmm_ops.cross_attention(
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_seqlens(lens_q),
+            cu_seqlens_k=cu_seqlens(lens_k),
+            num_splits=2,
+            deterministic=True,
+            backend="triton",
+        )
+        out.float().sum().backward()
+        # the projection-fused core, with and without key splits
+        q, x = randn(4, 6, 40), randn(320, 40)  # 6 query heads
+        for splits in (1, 3):
+            out, lse = projected_attention_core(
+                q,
+                x,
+                cu_seqlens_q=cu_seqlens([1, 3]),
+                cu_seqlens_k=cu_seqlens([300, 20]),
+                num_splits=splits,
+                return_lse=True,
+                backend="triton",
+            )
+            (out.float().sum() + lse.sum()).backward()
+        # token_pool, every mode
+        x = randn(1, 4, 36, 24)
+        for mode, extra in (
+            ("avg", dict(kernel_size=3)),
+            ("max", dict(kernel_size=3, temporal_stride=2)),
+            ("adaptive", dict(output_size=1)),
+            ("bilinear", dict(output_size=4)),
+        ):
+            out = crosslmm_ops.token_pool(x, (6, 6), mode, backend="triton", **extra)
+            out.float().sum().backward()
+
+
+@pytest.fixture(scope="module")
+def launches():
+    with record_launches() as seen:
+        exercise()
+    return list(seen.values())
+
+
+def test_every_kernel_is_launched(launches):
+    """The exercise reaches every Triton kernel of the package (a new one needs a call above)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import crosslmm_ops.triton.cross_attention as attention
+    import crosslmm_ops.triton.projected_attention as projected
+    import crosslmm_ops.triton.token_pool as pool
+
+    kernels = {
+        name
+        for module in (attention, projected, pool)
+        for name, value in vars(module).items()
+        if isinstance(value, InterpretedFunction) and name.endswith("_kernel")
+    }
+    launched = {name for _, name, *_ in launches}
+    assert kernels <= launched, f"never launched: {sorted(kernels - launched)}"
+
+
+def test_kernels_compile_for_sm90(launches):
+    specs = with_bf16_twins(launches)
+    failures = compile_for_gpu(specs)
+    assert not failures, f"{len(failures)} of {len(specs)} failed:\n" + "\n".join(failures)
