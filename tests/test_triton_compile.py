@@ -1,10 +1,12 @@
 """Every Triton kernel of the package compiled for an H100 (sm_90a) on a machine without a GPU.
 
-The kernels are launched as the CPU tests launch them (the public ops on small shapes, float16
-and float32, in the interpreter, with its launch configurations), each distinct launch signature
-is recorded, and each is compiled by Triton's compiler and ptxas, in float16 and bfloat16 where
-it ran in float16 (tests/triton_compile.py says why the interpreter alone is not enough). Whether
-the kernels are right and fast is for the GPU tests; this catches what would not build there."""
+The kernels are launched through the public ops on small shapes (float16 and float32, head dims
+40, 64 and 128, token widths 40 and 1152) in the interpreter, with the launch configurations a
+GPU gets (warps, pipeline stages), each distinct launch signature is recorded, and each is
+compiled by Triton's compiler and ptxas, in float16 and bfloat16 where it ran in float16
+(tests/triton_compile.py says why the interpreter alone is not enough), and must fit an H100's
+shared memory. Whether the kernels are right and fast is for the GPU tests; this catches what
+would not build or launch there."""
 
 from __future__ import annotations
 
@@ -55,6 +57,19 @@ def exercise() -> None:
             backend="triton",
         )
         out.float().sum().backward()
+        # CrossLMM-2B's head dim, GQA 12 / 2
+        q, k, v = randn(1, 9, 12, 128), randn(1, 70, 2, 128), randn(1, 70, 2, 128)
+        crosslmm_ops.cross_attention(q, k, v, backend="triton").float().sum().backward()
+        # the projection-fused core at SigLIP's width 1152 (a decode row of 6 heads)
+        q, x = randn(1, 6, 1152), randn(40, 1152)
+        out = projected_attention_core(
+            q,
+            x,
+            cu_seqlens_q=cu_seqlens([1]),
+            cu_seqlens_k=cu_seqlens([40]),
+            backend="triton",
+        )
+        out.float().sum().backward()
         # the projection-fused core, with and without key splits
         q, x = randn(4, 6, 40), randn(320, 40)  # 6 query heads
         for splits in (1, 3):
@@ -82,8 +97,21 @@ def exercise() -> None:
 
 @pytest.fixture(scope="module")
 def launches():
-    with record_launches() as seen:
-        exercise()
+    import crosslmm_ops.triton.cross_attention as attention
+    import crosslmm_ops.triton.projected_attention as projected
+    import crosslmm_ops.triton.token_pool as pool
+
+    # The launchers pick the GPU's launch options, not the interpreter's (one warp, one stage).
+    modules = (attention, projected, pool)
+    interpreted = [module.triton_interpreted for module in modules]
+    for module in modules:
+        module.triton_interpreted = lambda: False
+    try:
+        with record_launches() as seen:
+            exercise()
+    finally:
+        for module, value in zip(modules, interpreted):
+            module.triton_interpreted = value
     return list(seen.values())
 
 

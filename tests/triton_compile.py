@@ -81,8 +81,12 @@ def record_launches() -> Iterator[dict]:
         InterpretedFunction.run = run
 
 
+# An H100's shared memory for one block (227 KB, what a kernel can opt in to).
+SHARED_MEMORY = 232448
+
 _WORKER = """
 import pickle, sys
+SHARED_MEMORY = int(sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -92,7 +96,13 @@ failures = []
 for module, name, types, constants, options in pickle.load(sys.stdin.buffer):
     kernel = getattr(importlib.import_module(module), name)
     try:
-        triton.compile(ASTSource(kernel, types, constants), target=target, options=options)
+        source = ASTSource(kernel, types, constants)
+        compiled = triton.compile(source, target=target, options=options)
+        if compiled.metadata.shared > SHARED_MEMORY:
+            failures.append(
+                f"{name} {types} {options}: {compiled.metadata.shared} bytes of shared memory, "
+                f"more than an H100 gives a block ({SHARED_MEMORY})"
+            )
     except Exception as error:
         lines = [line for line in str(error).splitlines() if line.strip()][-3:]
         failures.append(f"{name} {types} {options}: {type(error).__name__}: " + " | ".join(lines))
@@ -107,7 +117,7 @@ def compile_for_gpu(specs, processes: int = 2, timeout: float = 900) -> list[str
     specs = list(specs)
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER],
+            [sys.executable, "-c", _WORKER, str(SHARED_MEMORY)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
