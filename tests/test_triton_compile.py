@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_compile import compile_for_gpu, record_launches, with_bf16_twins
+from triton_compile import compile_for_gpu, gpu_launch_options, record_launches, with_bf16_twins
 
 import crosslmm_ops
 from crosslmm_ops.ops.projected_attention import projected_attention_core
@@ -101,17 +101,8 @@ def launches():
     import crosslmm_ops.triton.projected_attention as projected
     import crosslmm_ops.triton.token_pool as pool
 
-    # The launchers pick the GPU's launch options, not the interpreter's (one warp, one stage).
-    modules = (attention, projected, pool)
-    interpreted = [module.triton_interpreted for module in modules]
-    for module in modules:
-        module.triton_interpreted = lambda: False
-    try:
-        with record_launches() as seen:
-            exercise()
-    finally:
-        for module, value in zip(modules, interpreted):
-            module.triton_interpreted = value
+    with gpu_launch_options(attention, projected, pool), record_launches() as seen:
+        exercise()
     return list(seen.values())
 
 

@@ -84,6 +84,21 @@ def record_launches() -> Iterator[dict]:
 # An H100's shared memory for one block (227 KB, what a kernel can opt in to).
 SHARED_MEMORY = 232448
 
+
+@contextlib.contextmanager
+def gpu_launch_options(*modules) -> Iterator[None]:
+    """Inside the block, the launchers of ``modules`` (crosslmm_ops.triton.*) pick the launch
+    options a GPU gets (warps, pipeline stages), not the interpreter's (one warp, one stage)."""
+    saved = [module.triton_interpreted for module in modules]
+    for module in modules:
+        module.triton_interpreted = lambda: False
+    try:
+        yield
+    finally:
+        for module, value in zip(modules, saved):
+            module.triton_interpreted = value
+
+
 _WORKER = """
 import pickle, sys
 SHARED_MEMORY = int(sys.argv[1])
