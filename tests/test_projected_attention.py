@@ -1325,6 +1325,53 @@ def test_triton_width_limit_named():
         )
 
 
+H100_SHARED_MEMORY, A100_SHARED_MEMORY = 232448, 166912
+
+
+@pytest.mark.parametrize(
+    "width,dtype,capacity,fits",
+    [
+        (1152, torch.float32, H100_SHARED_MEMORY, True),
+        (1216, torch.float32, H100_SHARED_MEMORY, False),
+        (1408, torch.float32, H100_SHARED_MEMORY, False),
+        (768, torch.float32, A100_SHARED_MEMORY, True),
+        (1152, torch.float32, A100_SHARED_MEMORY, False),
+        (2048, torch.bfloat16, H100_SHARED_MEMORY, True),
+        (1536, torch.float16, A100_SHARED_MEMORY, True),
+        (2048, torch.float16, A100_SHARED_MEMORY, False),
+        (2048, torch.float32, None, True),  # the interpreter: no limit
+    ],
+)
+def test_triton_core_shared_memory_limits(width, dtype, capacity, fits):
+    """The Triton core keeps whole [rows, width] tiles in shared memory: where they do not fit
+    the GPU (float32 at the widest widths, and more on an A100) it says so instead of failing at
+    launch. The estimate behind it is checked against Triton's compiler in
+    tests/test_triton_compile.py."""
+    pytest.importorskip("triton")
+    ok, why = pa.triton_shared_memory_ok(width, dtype, capacity)
+    assert ok == fits
+    if not fits:
+        assert f"width {width}" in why and "shared memory" in why and "KB" in why
+
+
+def test_triton_core_shared_memory_decides_the_back_end(monkeypatch):
+    """On a GPU whose blocks cannot hold the tiles, the core's Triton back end is not runnable
+    (auto takes the torch reference; asking for Triton is an error that says why)."""
+    pytest.importorskip("triton")
+    from crosslmm_ops.triton import common
+
+    monkeypatch.setattr(_backend, "cuda_runnable", lambda device: (False, "no extension"))
+    monkeypatch.setattr(_backend, "triton_runnable", lambda device: (True, ""))
+    monkeypatch.setattr(common, "shared_memory_per_block", lambda device: H100_SHARED_MEMORY)
+    monkeypatch.setattr(pa, "_TRITON_SHARED_MEMORY", {})
+    cuda = torch.device("cuda", 0)
+    wide = pa.ProjectedLayout.of_batched(1, 12, 2, 128, 1408, 9, 729)
+    _, triton_ok = pa.core_backends(wide, torch.float32, cuda)
+    assert not triton_ok[0] and "width 1408" in triton_ok[1]
+    _, triton_ok = pa.core_backends(wide, torch.float16, cuda)
+    assert triton_ok == (True, "")
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library integration: fake kernels, autograd registration, torch.compile
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_compile import compile_for_gpu, gpu_launch_options, record_launches, with_bf16_twins
+from triton_compile import (
+    A100_SHARED_MEMORY,
+    H100_SHARED_MEMORY,
+    compile_failures,
+    compile_for_gpu,
+    gpu_launch_options,
+    record_launches,
+    with_bf16_twins,
+)
 
 import crosslmm_ops
 from crosslmm_ops.ops.projected_attention import projected_attention_core
@@ -126,5 +134,50 @@ def test_every_kernel_is_launched(launches):
 
 def test_kernels_compile_for_sm90(launches):
     specs = with_bf16_twins(launches)
-    failures = compile_for_gpu(specs)
+    failures = compile_failures(specs)
     assert not failures, f"{len(failures)} of {len(specs)} failed:\n" + "\n".join(failures)
+
+
+def test_projected_core_shared_memory_estimate():
+    """The projected core's shared-memory estimate (what decides whether its Triton kernels can
+    run on a GPU, crosslmm_ops.ops.projected_attention.triton_shared_memory_ok) is at least what
+    Triton's compiler reports for each of its kernels, and decides as the compiled sizes do on an
+    H100 and an A100, at the widths on either side of each decision (the padded widths DV_HI +
+    DV_LO 768 / 1040 in float32 on an A100, 1152 / 1280 on an H100; 1536 / 2064 in float16 on
+    an A100). Every width bucket from 512 agreed when the estimate was written."""
+    import crosslmm_ops.triton.projected_attention as projected
+
+    widths = (768, 1024, 1152, 1280, 1536, 2048)
+    cases, specs = [], []
+    for dv in widths:
+        for dtype in (torch.float16, torch.float32):
+            with gpu_launch_options(projected), record_launches() as seen:
+                q = torch.randn(2, 6, dv, dtype=dtype, requires_grad=True)
+                x = torch.randn(40, dv, dtype=dtype, requires_grad=True)
+                out = projected_attention_core(
+                    q,
+                    x,
+                    cu_seqlens_q=cu_seqlens([2]),
+                    cu_seqlens_k=cu_seqlens([40]),
+                    backend="triton",
+                )
+                out.float().sum().backward()
+            kernels = [
+                s
+                for s in seen.values()
+                if s[1] in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dx_kernel")
+            ]
+            assert len(kernels) == 3
+            cases.append((dv, dtype, len(kernels)))
+            specs += kernels
+    results = iter(compile_for_gpu(specs))
+    wrong = []
+    for dv, dtype, count in cases:
+        compiled = [next(results) for _ in range(count)]
+        assert all(error is None for error, _ in compiled), compiled
+        need = max(shared for _, shared in compiled)
+        estimate = projected.shared_memory_bytes(dv, dtype)
+        for capacity in (H100_SHARED_MEMORY, A100_SHARED_MEMORY):
+            if need > estimate or (need <= capacity) != (estimate <= capacity):
+                wrong.append(f"width {dv} {dtype}: compiled {need}, estimated {estimate}")
+    assert not wrong, "\n".join(sorted(set(wrong)))

@@ -81,10 +81,6 @@ def record_launches() -> Iterator[dict]:
         InterpretedFunction.run = run
 
 
-# An H100's shared memory for one block (227 KB, what a kernel can opt in to).
-SHARED_MEMORY = 232448
-
-
 @contextlib.contextmanager
 def gpu_launch_options(*modules) -> Iterator[None]:
     """Inside the block, the launchers of ``modules`` (crosslmm_ops.triton.*) pick the launch
@@ -99,65 +95,78 @@ def gpu_launch_options(*modules) -> Iterator[None]:
             module.triton_interpreted = value
 
 
+# An H100's shared memory for one block (227 KB, what a kernel can opt in to), and an A100's.
+H100_SHARED_MEMORY = 232448
+A100_SHARED_MEMORY = 166912
+
 _WORKER = """
-import pickle, sys
-SHARED_MEMORY = int(sys.argv[1])
+import importlib, pickle, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import importlib
 target = GPUTarget("cuda", 90, 32)
-failures = []
+results = []
 for module, name, types, constants, options in pickle.load(sys.stdin.buffer):
     kernel = getattr(importlib.import_module(module), name)
     try:
         source = ASTSource(kernel, types, constants)
         compiled = triton.compile(source, target=target, options=options)
-        if compiled.metadata.shared > SHARED_MEMORY:
-            failures.append(
-                f"{name} {types} {options}: {compiled.metadata.shared} bytes of shared memory, "
-                f"more than an H100 gives a block ({SHARED_MEMORY})"
-            )
+        results.append((None, compiled.metadata.shared))
     except Exception as error:
         lines = [line for line in str(error).splitlines() if line.strip()][-3:]
-        failures.append(f"{name} {types} {options}: {type(error).__name__}: " + " | ".join(lines))
-pickle.dump(failures, sys.stdout.buffer)
+        results.append((f"{type(error).__name__}: " + " | ".join(lines), None))
+pickle.dump(results, sys.stdout.buffer)
 """
 
 
-def compile_for_gpu(specs, processes: int = 2, timeout: float = 900) -> list[str]:
+def compile_for_gpu(specs, processes: int = 2, timeout: float = 900) -> list[tuple]:
     """Compiles each ``(module, kernel name, types, constants, options)`` for sm_90a in fresh
-    processes (``processes`` at once, each a share of ``specs``); returns one line per failure."""
+    processes (``processes`` at once, each a share of ``specs``): ``(error, shared memory
+    bytes)`` for each, in order, one of the two ``None``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     specs = list(specs)
+    n = max(1, min(processes, len(specs)))
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(SHARED_MEMORY)],
+            [sys.executable, "-c", _WORKER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
         )
-        for _ in range(max(1, min(processes, len(specs))))
+        for _ in range(n)
     ]
-    failures = []
     try:
-        with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
             outputs = list(
                 pool.map(
-                    lambda i: workers[i].communicate(
-                        pickle.dumps(specs[i :: len(workers)]), timeout=timeout
-                    ),
-                    range(len(workers)),
+                    lambda i: workers[i].communicate(pickle.dumps(specs[i::n]), timeout=timeout),
+                    range(n),
                 )
             )
     finally:
         for worker in workers:
             worker.kill()
-    for worker, (out, err) in zip(workers, outputs):
+    results = [None] * len(specs)
+    for i, (worker, (out, err)) in enumerate(zip(workers, outputs)):
         if worker.returncode != 0:
             raise RuntimeError(f"a compiler process failed:\n{err.decode()[-3000:]}")
-        failures += pickle.loads(out)
+        results[i::n] = pickle.loads(out)
+    return results
+
+
+def compile_failures(specs) -> list[str]:
+    """One line for each spec that does not compile for sm_90a or needs more shared memory than
+    an H100 gives a block."""
+    failures = []
+    for (_, name, types, _, options), (error, shared) in zip(specs, compile_for_gpu(specs)):
+        if error is not None:
+            failures.append(f"{name} {types} {options}: {error}")
+        elif shared > H100_SHARED_MEMORY:
+            failures.append(
+                f"{name} {types} {options}: {shared} bytes of shared memory, more than an "
+                f"H100 gives a block ({H100_SHARED_MEMORY})"
+            )
     return failures
 
 

@@ -758,7 +758,39 @@ def core_backends(layout: ProjectedLayout, dtype: torch.dtype, device: torch.dev
             False,
             f"x's width {layout.width} is not supported (at most {_TRITON_MAX_WIDTH})",
         )
+    if triton_ok[0] and device.type == "cuda":
+        triton_ok = _triton_shared_memory_ok(layout.width, dtype, device)
     return cuda, triton_ok
+
+
+# (width, dtype, device) -> triton_shared_memory_ok's answer: asked by every call on the GPU.
+_TRITON_SHARED_MEMORY: dict = {}
+
+
+def _triton_shared_memory_ok(width: int, dtype: torch.dtype, device: torch.device):
+    key = (width, dtype, device.index)
+    if key not in _TRITON_SHARED_MEMORY:
+        from crosslmm_ops.triton.common import shared_memory_per_block
+
+        capacity = shared_memory_per_block(device)
+        _TRITON_SHARED_MEMORY[key] = triton_shared_memory_ok(width, dtype, capacity)
+    return _TRITON_SHARED_MEMORY[key]
+
+
+def triton_shared_memory_ok(width: int, dtype: torch.dtype, capacity: int | None):
+    """``(ok, why not)``: whether the Triton core's kernels (forward and backward) fit a GPU
+    block's ``capacity`` bytes of shared memory (``None``: no limit) at this width and dtype.
+    They keep whole ``[rows, width]`` tiles on chip: float32 fits an H100 up to width 1152 and
+    an A100 up to 768; float16 and bfloat16 fit an H100 up to 2048 and an A100 up to 1536."""
+    if capacity is None:
+        return True, ""
+    need = _triton_kernels().shared_memory_bytes(width, dtype)
+    if need <= capacity:
+        return True, ""
+    return False, (
+        f"at width {width} in {dtype} its kernels need about {need >> 10} KB of shared memory "
+        f"per block, more than this GPU's {capacity >> 10} KB (float16 and bfloat16 need half)"
+    )
 
 
 def _projected_attention_core(
@@ -1279,7 +1311,8 @@ def projected_cross_attention(
       (``crosslmm_ops.last_backend("projected_attention_core")``: CUDA
       fp16/bf16 with ``Dv`` a multiple of 8 up to 2048, its backward on CUDA too where the
       extension has it, else Triton; Triton
-      fp16/bf16/fp32 up to 2048) or for ``cross_attention`` on the materialised path;
+      fp16/bf16/fp32 up to 2048 where its tiles fit the GPU's shared memory:
+      :func:`triton_shared_memory_ok`) or for ``cross_attention`` on the materialised path;
       ``last_backend("projected_cross_attention")`` is the one that ran either;
     * ``num_splits``: key splits of the attention (0 = heuristic); ``return_lse``: also return the
       natural-log LSE of the projected scores (``b_k`` included), float32 (float64 for float64).

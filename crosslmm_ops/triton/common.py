@@ -62,6 +62,15 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def shared_memory_per_block(device: torch.device) -> int | None:
+    """Bytes of shared memory a kernel's block can have on ``device`` (opting in beyond 48 KB,
+    as Triton does); ``None`` off the GPU (the interpreter has no limit) or where torch does not
+    say."""
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
 @functools.lru_cache(maxsize=4096)  # on every launch's host path; its arguments are a few ints
 def num_splits_heuristic(programs: int, num_sms: int, num_key_blocks: int) -> int:
     """How many ranges to split each segment's keys into (flash-decoding).

@@ -481,6 +481,23 @@ def backward_config(dv: int, dtype: torch.dtype) -> tuple[dict, dict]:
     return dq, dx
 
 
+# What Triton adds to the dot operands' tiles in shared memory, at most, by element size (its
+# layouts pad 16-bit tiles more): the largest gap between shared_memory_bytes' tiles and what
+# Triton's compiler reports, over every width bucket from 512 (tests/test_triton_compile.py).
+_SHARED_MEMORY_SLACK = {2: 16 * 1024, 4: 2176}
+
+
+def shared_memory_bytes(dv: int, dtype: torch.dtype) -> int:
+    """Shared memory per block that the core's kernels need at width ``dv``, the most of the
+    forward's and the backward's: their dot operands' tiles, ``[rows, DV_HI + DV_LO]`` each (the
+    forward's q and x tiles; the backward's q, dO and x tiles), and Triton's slack. float32 at the
+    widest widths needs more than a GPU has (the backward at Dv 1408: about 297 KB)."""
+    width = sum(width_slabs(dv))
+    fwd, (dq, _) = forward_config(dv, dtype), backward_config(dv, dtype)
+    rows = max(fwd["BLOCK_M"] + fwd["BLOCK_N"], 2 * dq["BLOCK_M"] + dq["BLOCK_N"])
+    return rows * width * dtype.itemsize + _SHARED_MEMORY_SLACK[dtype.itemsize]
+
+
 def _interpreted(cfg: dict) -> dict:
     if triton_interpreted():
         cfg = dict(cfg, num_warps=1, num_stages=1)
