@@ -491,7 +491,7 @@ def shared_memory_bytes(dv: int, dtype: torch.dtype) -> int:
     """Shared memory per block that the core's kernels need at width ``dv``, the most of the
     forward's and the backward's: their dot operands' tiles, ``[rows, DV_HI + DV_LO]`` each (the
     forward's q and x tiles; the backward's q, dO and x tiles), and Triton's slack. float32 at the
-    widest widths needs more than a GPU has (the backward at Dv 1408: about 297 KB)."""
+    widest widths needs more than a GPU has (the backward at Dv 1408: 290 KB)."""
     width = sum(width_slabs(dv))
     fwd, (dq, _) = forward_config(dv, dtype), backward_config(dv, dtype)
     rows = max(fwd["BLOCK_M"] + fwd["BLOCK_N"], 2 * dq["BLOCK_M"] + dq["BLOCK_N"])
