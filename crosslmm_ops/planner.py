@@ -163,12 +163,14 @@ def resolve(
     ]
 
 
-def projected_backward_backend(backend: str, device: torch.device) -> tuple[str, str]:
+def projected_backward_backend(
+    backend: str, device: torch.device, triton_ok: Callable[[], tuple[bool, str]] | None = None
+) -> tuple[str, str]:
     """``(back end, reason)`` of the projection-fused core's backward after its forward ran on
     ``backend``: the same back end, except a CUDA forward's backward on Triton (torch without
-    Triton) where the extension has no ``projected_attention_core_backward`` or
-    ``CROSSLMM_PROJECTED_BWD_CUDA=0``. The CUDA backward takes every call its forward took (the
-    same dtypes, widths and devices)."""
+    Triton, or where ``triton_ok()`` says the call's Triton kernels cannot run it) where the
+    extension has no ``projected_attention_core_backward`` or ``CROSSLMM_PROJECTED_BWD_CUDA=0``.
+    The CUDA backward takes every call its forward took (the same dtypes, widths and devices)."""
     if backend != "cuda":
         return backend, f"the forward ran on {backend}"
     if environment.projected_bwd_cuda() == "0":
@@ -177,8 +179,12 @@ def projected_backward_backend(backend: str, device: torch.device) -> tuple[str,
         why = "the CUDA extension was built without the projected-attention backward"
     else:
         return "cuda", "the forward ran on cuda, and the extension has its backward"
-    fallback = "triton" if _backend.triton_runnable(device)[0] else "torch"
-    return fallback, f"the forward ran on cuda, but {why}"
+    triton, no_triton = _backend.triton_runnable(device)
+    if triton and triton_ok is not None:
+        triton, no_triton = triton_ok()
+    if triton:
+        return "triton", f"the forward ran on cuda, but {why}"
+    return "torch", f"the forward ran on cuda, but {why}; triton: {no_triton}"
 
 
 # ----------------------------------------------------------------------------------------------

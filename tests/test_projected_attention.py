@@ -1126,6 +1126,15 @@ def test_cuda_backward_routing(monkeypatch):
     monkeypatch.setattr(_backend, "extension", lambda: None)
     backend, why = planner.projected_backward_backend("cuda", cpu)
     assert backend == fallback and "without the projected-attention backward" in why
+    # The fallback's Triton kernels cannot run this call (e.g. its tiles exceed shared memory).
+    monkeypatch.setattr(_backend, "triton_runnable", lambda device: (True, ""))
+    backend, why = planner.projected_backward_backend(
+        "cuda", cpu, lambda: (False, "at width 2048 its kernels need 210 KB")
+    )
+    assert backend == "torch" and "without the projected-attention backward" in why
+    assert "at width 2048 its kernels need 210 KB" in why
+    assert planner.projected_backward_backend("cuda", cpu, lambda: (True, ""))[0] == "triton"
+    monkeypatch.undo()
     monkeypatch.setattr(_backend, "extension", WithBackward)
     assert planner.projected_backward_backend("cuda", cpu)[0] == "cuda"
     monkeypatch.setenv("CROSSLMM_PROJECTED_BWD_CUDA", "0")

@@ -666,7 +666,14 @@ def _core_backward_impl(
     backend,
 ):
     """The backward custom op's implementation (also the eager function's backward)."""
-    backend = planner.projected_backward_backend(backend, q.device)[0]
+    # Where the backward falls back to Triton, its kernels must fit the GPU's shared memory.
+    backend = planner.projected_backward_backend(
+        backend,
+        q.device,
+        lambda: (
+            _triton_shared_memory_ok(q.shape[-1], q.dtype, q.device) if q.is_cuda else (True, "")
+        ),
+    )[0]
     grads = _core_backward(
         backend,
         dout,
