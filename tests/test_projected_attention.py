@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attention_oracle import check_close, check_lse, lse_err, rounding
+from triton_compile import A100_SHARED_MEMORY, H100_SHARED_MEMORY
 
 import crosslmm_ops
 from crosslmm_ops import _backend, cross_attention_reference, planner
@@ -1332,9 +1333,6 @@ def test_triton_width_limit_named():
         projected_cross_attention(
             **{k: v for k, v in t.items() if v is not None}, backend="triton", path="fused"
         )
-
-
-H100_SHARED_MEMORY, A100_SHARED_MEMORY = 232448, 166912
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,7 @@ def test_projected_core_shared_memory_estimate():
     import crosslmm_ops.triton.projected_attention as projected
 
     widths = (768, 1024, 1152, 1280, 1536, 2048)
+    kernel_names = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dx_kernel")
     cases, specs = [], []
     for dv in widths:
         for dtype in (torch.float16, torch.float32):
@@ -162,18 +163,14 @@ def test_projected_core_shared_memory_estimate():
                     backend="triton",
                 )
                 out.float().sum().backward()
-            kernels = [
-                s
-                for s in seen.values()
-                if s[1] in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dx_kernel")
-            ]
-            assert len(kernels) == 3
-            cases.append((dv, dtype, len(kernels)))
+            kernels = [s for s in seen.values() if s[1] in kernel_names]
+            assert len(kernels) == len(kernel_names)
+            cases.append((dv, dtype))
             specs += kernels
     results = iter(compile_for_gpu(specs))
     wrong = []
-    for dv, dtype, count in cases:
-        compiled = [next(results) for _ in range(count)]
+    for dv, dtype in cases:
+        compiled = [next(results) for _ in kernel_names]
         assert all(error is None for error, _ in compiled), compiled
         need = max(shared for _, shared in compiled)
         estimate = projected.shared_memory_bytes(dv, dtype)

@@ -66,10 +66,13 @@ def record_launches() -> Iterator[dict]:
     from triton.runtime.jit import JITFunction
 
     seen: dict = {}
+    compiled_form: dict = {}  # kernel function -> its JITFunction (parsing it once)
     run = InterpretedFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        types, constants, options = signature(JITFunction(self.fn), args, kwargs)
+        if self.fn not in compiled_form:
+            compiled_form[self.fn] = JITFunction(self.fn)
+        types, constants, options = signature(compiled_form[self.fn], args, kwargs)
         spec = (self.fn.__module__, self.fn.__name__, types, constants, options)
         seen.setdefault(repr(spec), spec)
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
